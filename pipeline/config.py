@@ -1,0 +1,307 @@
+"""The typed config: every default lives here, once.
+
+A YAML file holds only what differs from these defaults. Dotted overrides (`--data.dataset_name custom`,
+`--set training.batch_size=8`) are applied on top, then the whole tree is validated and *every* problem is
+reported at once, each with its dotted key. This module imports no torch, so `ditpipe --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (with a suggestion), never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DataConfig(_Section):
+    dataset_name: Literal["coco", "custom", "shapes"] = "coco"
+    dataset_path: str = "./data"  # COCO root or custom folder; unused for shapes
+    split: Literal["train", "val"] = "train"  # COCO split: train2017 / val2017
+    image_size: int = Field(256, ge=8, le=4096)
+    num_samples: Optional[int] = Field(5000, ge=1)  # deterministic subset; null = all
+    seed: int = Field(0, ge=0)  # picks the subset and generates `shapes`; separate from training.seed
+    captions: bool = False
+    source: Literal["shards", "images"] = "shards"  # images = online VAE every step (the baseline)
+    num_workers: int = Field(4, ge=0, le=256)
+    download: bool = False  # COCO only: fetch the official archives first
+    download_url: str = "http://images.cocodataset.org"  # COCO mirror (tests point it at 127.0.0.1)
+
+
+class ShardsConfig(_Section):
+    path: Optional[str] = None  # default: shards/<dataset>-<split>-<size>px-<codec>-<num_samples|all>
+    format: Literal["wds", "parquet"] = "wds"
+    samples_per_shard: int = Field(1000, ge=1)
+    store: Literal["mean_std", "mean"] = "mean_std"
+    flip: bool = True
+
+
+class VaeConfig(_Section):
+    name: str = "stabilityai/sd-vae-ft-ema"  # diffusers id, local folder, or "pixel"
+    dtype: Literal["fp32", "bf16"] = "fp32"  # never fp16: SD VAEs overflow to NaN there
+    use_slicing: bool = False
+    batch_size: int = Field(32, ge=1)  # encode batch; halved on out-of-memory
+
+
+class ModelConfig(_Section):
+    name: str = "DiT-B/2"
+    hidden_size: Optional[int] = Field(None, ge=1)
+    depth: Optional[int] = Field(None, ge=1)
+    num_heads: Optional[int] = Field(None, ge=1)
+    patch_size: Optional[int] = Field(None, ge=1)
+    conditioning: Literal["auto", "class", "none", "caption"] = "auto"
+    learn_sigma: bool = True
+    class_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
+    qk_norm: bool = False
+    gradient_checkpointing: bool = False
+    compile: bool = False
+
+
+class DiffusionConfig(_Section):
+    objective: Literal["ddpm", "flow"] = "ddpm"
+
+
+class TrainingConfig(_Section):
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    num_epochs: int = Field(50, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    mixed_precision: Literal["fp16", "bf16", "no"] = "fp16"
+    max_grad_norm: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    use_ema: bool = True
+    ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
+    ema_warmup: bool = True
+
+
+class LrSchedulerConfig(_Section):
+    type: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_steps: int = Field(500, ge=0)
+
+
+class CheckpointingConfig(_Section):
+    steps: int = Field(500, ge=1)
+    every_epoch: bool = True
+    total_limit: Optional[int] = Field(None, ge=1)
+
+
+class LoggingConfig(_Section):
+    steps: int = Field(50, ge=1)
+    output_dir: str = "./outputs"
+    run_name: Optional[str] = None  # default: the config file's stem
+    tensorboard: bool = True
+
+
+class ValidationConfig(_Section):
+    every_steps: int = Field(0, ge=0)  # 0 turns validation grids off
+    num_samples: int = Field(16, ge=1)
+    cfg_scale: float = Field(4.0, ge=1.0)
+    sampling_steps: int = Field(50, ge=1)
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    shards: ShardsConfig = ShardsConfig()
+    vae: VaeConfig = VaeConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    training: TrainingConfig = TrainingConfig()
+    lr_scheduler: LrSchedulerConfig = LrSchedulerConfig()
+    checkpointing: CheckpointingConfig = CheckpointingConfig()
+    logging: LoggingConfig = LoggingConfig()
+    validation: ValidationConfig = ValidationConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        problems = []
+        if self.data.dataset_name == "shapes" and self.data.num_samples is None:
+            problems.append("data.num_samples: the shapes dataset is generated, so it needs a number (got null)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # ---- derived values (computed, never stored, so they cannot disagree with the keys) ----
+
+    @property
+    def codec_short_name(self) -> str:
+        name = self.vae.name.rstrip("/\\")
+        return "pixel" if name == "pixel" else Path(name).name.lower()
+
+    @property
+    def shards_path(self) -> Path:
+        if self.shards.path:
+            return Path(self.shards.path)
+        n = "all" if self.data.num_samples is None else str(self.data.num_samples)
+        split = f"-{self.data.split}" if self.data.dataset_name == "coco" else ""
+        stem = f"{self.data.dataset_name}{split}-{self.data.image_size}px-{self.codec_short_name}-{n}"
+        return Path("shards") / stem
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+SHIPPED_CONFIGS_PACKAGE = "ditpipe_configs"
+
+
+def known_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. `training.batch_size`."""
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += known_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs installed with ditpipe, by name (`train_config`, `quickstart`)."""
+    root = resources.files(SHIPPED_CONFIGS_PACKAGE)
+    return {Path(str(p.name)).stem: Path(str(p)) for p in root.iterdir() if str(p.name).endswith(".yaml")}
+
+
+def resolve_config_path(spec: str) -> Path:
+    """A path that exists wins; otherwise a shipped config's name (`quickstart`, `train_config.yaml`,
+    `configs/quickstart.yaml`) resolves to the installed copy, so it works outside the repo too."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    if name in shipped and (path.parent == Path(".") or path.parent.name == "configs"):
+        return shipped[name]
+    raise ConfigError(
+        [("--config", f"no file '{spec}'; shipped configs are: {', '.join(sorted(shipped))}")],
+        header="config file not found",
+    )
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value, read the way YAML reads it (`null`, `true`, `8`, `[1, 2]`), but numbers written like
+    `1e-4` stay numbers (PyYAML's YAML 1.1 reads them as strings; pydantic coerces strings later anyway)."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+    return float(value) if isinstance(value, str) and _is_number(value) else value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--data.dataset_name custom`, `--data.dataset_name=custom`, `--set data.dataset_name=custom` → {key: value}.
+    Anything else is a problem reported with the rest."""
+    out: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--set":
+            if i + 1 >= len(args) or "=" not in args[i + 1]:
+                problems.append(("--set", "expects KEY=VALUE, e.g. --set training.batch_size=8"))
+                i += 1
+                continue
+            key, _, value = args[i + 1].partition("=")
+            out[key.strip()] = parse_value(value)
+            i += 2
+        elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(args) or (args[i + 1].startswith("--") and not _is_number(args[i + 1])):
+                    problems.append((key, "needs a value, e.g. --" + key + " VALUE"))
+                    i += 1
+                    continue
+                value = args[i + 1]
+                i += 1
+            out[key] = parse_value(value)
+            i += 1
+        else:
+            problems.append((arg, "unexpected argument; overrides look like --section.key VALUE or --set section.key=VALUE"))
+            i += 1
+    if problems:
+        raise ConfigError(problems, header="bad command-line overrides")
+    return out
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _is_number(text: str) -> bool:
+    return bool(_NUMBER.match(text.strip()))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults ← YAML file ← overrides, validated at once. Raises ConfigError with every problem."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        file = resolve_config_path(str(path))
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError([(str(file), f"is not valid YAML: {e}")], header="cannot read config") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([(str(file), "must hold a mapping of sections (data:, training:, ...)")])
+        tree = loaded or {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    return validate_tree(tree)
+
+
+def validate_tree(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def _describe(err: ValidationError) -> list[tuple[str, str]]:
+    keys = known_keys()
+    problems = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            # A known key under another section first (`training.image_size` → `data.image_size`), then spelling.
+            leaf = key.rsplit(".", 1)[-1]
+            close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
+            close = close or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append((key, f"unknown key{hint}"))
+        elif item["type"] == "value_error" and not key:
+            for part in str(item["msg"]).removeprefix("Value error, ").split("; "):
+                k, _, msg = part.partition(": ")
+                problems.append((k, msg))
+        else:
+            got = item.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            problems.append((key or "<root>", f"{item['msg']}{got_text}"))
+    return problems

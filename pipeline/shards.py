@@ -1,0 +1,378 @@
+"""The on-disk format between the stages: latent shards, their sidecars, and the manifest.
+
+    shards/<name>/manifest.json          the contract: source, codec, latent layout, labels, shards + sha256, skips
+    shards/<name>/shard-00000.tar        WebDataset tar: <key>.latent.npy (fp16, (k, C, H, W)) + <key>.json
+    shards/<name>/part-00000.parquet     or Parquet: key, latent (fixed_size_binary), json
+    shards/<name>/shard-00000.meta.json  sidecar: count, keys, labels, member offsets, skips, per-channel sums
+
+Shard i holds inputs [i·n, (i+1)·n) of the source's input list. A shard is complete when its sidecar exists and
+records the shard file's size and sha256; the manifest is the merge of the sidecars in shard order, so a resumed or
+multi-process encode gives the same manifest as one uninterrupted process. Readers never unpickle: arrays come
+from `np.load(allow_pickle=False)` or `np.frombuffer`, metadata from JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import mmap
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.errors import ShardError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARAMS = "encode-params.json"  # written first, so even a half-finished folder refuses other parameters
+LATENT_DTYPE = "float16"
+SAMPLE_MEMBERS = ("latent.npy", "json")  # the only tar members a sample may have (+ text.npy with captions)
+_SHARD_RE = re.compile(r"^(shard-\d{5}\.tar|part-\d{5}\.parquet)$")
+
+
+def shard_name(fmt: str, i: int) -> str:
+    return f"shard-{i:05d}.tar" if fmt == "wds" else f"part-{i:05d}.parquet"
+
+
+def sidecar_name(shard: str) -> str:
+    return shard.rsplit(".", 1)[0] + ".meta.json"
+
+
+def latent_slices(stores_std: bool, store: str, flip: bool) -> list[str]:
+    """The named slices of `latent.npy`'s first axis (DESIGN.md, shard schema)."""
+    if not stores_std:  # pixel codec: the image alone; its flip is exact at load time
+        return ["image"]
+    names = ["mean", "std"] if store == "mean_std" else ["mean"]
+    return names + [f"{n}_flip" for n in names] if flip else names
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def json_bytes(meta: dict) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name; `close()` fsyncs, renames, then writes the sidecar."""
+
+    def __init__(self, path: Path, fmt: str, latent_shape: tuple[int, ...]):
+        self.path, self.fmt, self.latent_shape = Path(path), fmt, tuple(latent_shape)
+        self._ctx = atomic.atomic_path(self.path)
+        self.tmp = self._ctx.__enter__()
+        self.keys: list[str] = []
+        self.labels: list[int | None] = []
+        self.index: list[list[int]] = []  # tar only: [latent offset, latent size, json offset, json size]
+        self._rows: list[tuple[str, bytes, str]] = []
+        if fmt == "wds":
+            self._file = open(self.tmp, "wb")
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            nbytes = int(np.prod(self.latent_shape)) * np.dtype(LATENT_DTYPE).itemsize
+            meta = {"ditpipe.latent_shape": json.dumps(list(self.latent_shape)), "ditpipe.latent_dtype": LATENT_DTYPE}
+            self._schema = pa.schema([("key", pa.string()), ("latent", pa.binary(nbytes)), ("json", pa.string())],
+                                     metadata=meta)
+            self._pq = pq.ParquetWriter(self.tmp, self._schema, compression="none")
+
+    def add(self, key: str, latent: np.ndarray, meta: dict) -> None:
+        assert latent.dtype == np.float16 and latent.shape == self.latent_shape, (latent.dtype, latent.shape)
+        self.keys.append(key)
+        self.labels.append(meta.get("label"))
+        if self.fmt == "wds":
+            self.index.append(self._member(f"{key}.latent.npy", npy_bytes(latent))
+                              + self._member(f"{key}.json", json_bytes(meta)))
+        else:
+            self._rows.append((key, np.ascontiguousarray(latent).tobytes(), json_bytes(meta).decode()))
+            if len(self._rows) >= 256:
+                self._flush_rows()
+
+    def _member(self, name: str, data: bytes) -> list[int]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+        offset = self._tar.offset + len(info.tobuf(tarfile.USTAR_FORMAT))  # data follows the 512-byte header
+        self._tar.addfile(info, io.BytesIO(data))
+        return [offset, len(data)]
+
+    def _flush_rows(self) -> None:
+        import pyarrow as pa
+
+        if self._rows:
+            cols = list(zip(*self._rows))
+            self._pq.write_table(pa.Table.from_arrays([pa.array(c, t) for c, t in zip(cols, self._schema.types)],
+                                                      schema=self._schema))
+            self._rows = []
+
+    def close(self, sidecar: dict) -> dict:
+        """Finish the shard atomically, then its sidecar (which marks it complete). Returns the sidecar."""
+        if self.fmt == "wds":
+            self._tar.close()
+            self._file.close()
+        else:
+            self._flush_rows()
+            self._pq.close()
+        self._ctx.__exit__(None, None, None)  # fsync + rename
+        sidecar = {"shard": self.path.name, "format": self.fmt, "samples": len(self.keys),
+                   "bytes": self.path.stat().st_size, "sha256": atomic.sha256_file(self.path),
+                   "keys": self.keys, "labels": self.labels, **sidecar}
+        if self.fmt == "wds":
+            sidecar["index"] = self.index
+        atomic.write_json(self.path.parent / sidecar_name(self.path.name), sidecar)
+        return sidecar
+
+    def abort(self) -> None:
+        for closer in (getattr(self, "_tar", None), getattr(self, "_file", None)):
+            if closer is not None:
+                closer.close()
+        if self.fmt == "parquet":
+            self._pq.close()
+        self._ctx.__exit__(RuntimeError, None, None)  # removes the temporary file
+
+
+def load_sidecar(folder: Path, shard: str) -> dict | None:
+    """The sidecar of a complete shard, or None when the shard is missing, partial or does not match it."""
+    side, path = folder / sidecar_name(shard), folder / shard
+    try:
+        meta = json.loads(side.read_text())
+        if path.stat().st_size != meta["bytes"] or atomic.sha256_file(path) != meta["sha256"]:
+            return None
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build_manifest(folder: Path, header: dict, num_shards: int, fmt: str) -> dict:
+    """Merge the sidecars, in shard order, under `header` (source, codec, latent, labels, ...)."""
+    shards, skipped, converted = [], [], []
+    total, sums, sumsq, count = 0, None, None, 0
+    for i in range(num_shards):
+        name = shard_name(fmt, i)
+        side = json.loads((folder / sidecar_name(name)).read_text())
+        side_bytes = (folder / sidecar_name(name)).read_bytes()
+        shards.append({"name": name, "samples": side["samples"], "bytes": side["bytes"], "sha256": side["sha256"],
+                       "sidecar": sidecar_name(name), "sidecar_sha256": _sha(side_bytes)})
+        total += side["samples"]
+        skipped += side["skipped"]
+        converted += side["converted"]
+        if side["count_px"]:
+            s, q = np.array(side["sum"]), np.array(side["sumsq"])
+            sums, sumsq = (s, q) if sums is None else (sums + s, sumsq + q)
+            count += side["count_px"]
+    stats = None
+    if count:
+        mean = sums / count
+        stats = {"channel_mean": mean.tolist(), "channel_std": np.sqrt(np.maximum(sumsq / count - mean**2, 0)).tolist(),
+                 "of": "the unscaled posterior mean (or image), over every encoded sample and pixel"}
+    return {"format_version": FORMAT_VERSION, **header, "format": fmt, "num_samples": total,
+            "num_shards": num_shards, "shards": shards, "skipped": skipped, "converted": converted, "stats": stats}
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def load_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"no {MANIFEST} in '{folder}': not a finished ditpipe shard folder; run `ditpipe encode` "
+                         "(rerunning the same command finishes an interrupted encode)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ShardError(f"'{path}' is not valid JSON ({e}); re-encode with `ditpipe encode ... --overwrite`") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"'{path}' has format_version {manifest.get('format_version')!r}; this ditpipe reads "
+                         f"{FORMAT_VERSION}. Re-encode with this version (`--overwrite`)")
+    return manifest
+
+
+@dataclass
+class Sample:
+    key: str
+    latent: np.ndarray  # (k, C, H, W) float16, read-only view
+    meta: dict
+
+
+def iter_shard(folder: Path, shard: str, manifest: dict, sidecar: dict | None = None) -> Iterator[Sample]:
+    """Fast read of one shard: tar through its offset index + mmap, Parquet through binary columns."""
+    folder = Path(folder)
+    shape = tuple(manifest["latent"]["shape"])
+    sidecar = sidecar or json.loads((folder / sidecar_name(shard)).read_text())
+    if manifest["format"] == "wds":
+        with open(folder / shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for key, (lo, ln, jo, jn) in zip(sidecar["keys"], sidecar["index"]):
+                header = _npy_header_len(mm, lo)
+                latent = np.frombuffer(mm, dtype=LATENT_DTYPE, count=int(np.prod(shape)), offset=lo + header)
+                yield Sample(key, latent.reshape(shape).copy(), json.loads(bytes(mm[jo : jo + jn])))
+    else:
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(folder / shard).iter_batches(batch_size=256, columns=["key", "latent", "json"]):
+            keys, jsons = batch.column(0).to_pylist(), batch.column(2).to_pylist()
+            flat = np.frombuffer(batch.column(1).buffers()[1], dtype=LATENT_DTYPE)
+            nper = int(np.prod(shape))
+            start = batch.column(1).offset * nper
+            for i, key in enumerate(keys):
+                yield Sample(key, flat[start + i * nper : start + (i + 1) * nper].reshape(shape).copy(),
+                             json.loads(jsons[i]))
+
+
+def _npy_header_len(buf, offset: int) -> int:
+    """Length of the .npy header at `offset` (magic, version, header length field, header)."""
+    major = buf[offset + 6]
+    if major == 1:
+        return 10 + int.from_bytes(buf[offset + 8 : offset + 10], "little")
+    return 12 + int.from_bytes(buf[offset + 8 : offset + 12], "little")
+
+
+def iter_samples(folder: Path) -> Iterator[Sample]:
+    manifest = load_manifest(folder)
+    for shard in manifest["shards"]:
+        yield from iter_shard(folder, shard["name"], manifest)
+
+
+# ---------------------------------------------------------------------------------------------------- verify
+
+
+def verify(folder: Path, progress=None) -> tuple[list[str], int]:
+    """Check every shard's size and sha256, then decode every sample independently of the fast path (plain tar
+    parsing, np.load without pickle) and check its members, shape, dtype, finiteness and JSON. Returns
+    (problems, samples checked). `progress(n)` is called with the samples checked so far."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    problems: list[str] = []
+    shape, checked = tuple(manifest["latent"]["shape"]), 0
+    allowed = set(SAMPLE_MEMBERS) | ({"text.npy"} if (manifest.get("captions") or {}).get("encoder") else set())
+    listed = {s["name"] for s in manifest["shards"]}
+    for p in sorted(folder.iterdir()):
+        if _SHARD_RE.match(p.name) and p.name not in listed:
+            problems.append(f"{p.name}: shard file not listed in the manifest")
+    for entry in manifest["shards"]:
+        name, path = entry["name"], folder / entry["name"]
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{name}: {size} bytes, the manifest says {entry['bytes']} (truncated or altered)")
+        if atomic.sha256_file(path) != entry["sha256"]:
+            problems.append(f"{name}: sha256 does not match the manifest (corrupted or tampered)")
+        side_path = folder / entry["sidecar"]
+        if not side_path.is_file() or _sha(side_path.read_bytes()) != entry["sidecar_sha256"]:
+            problems.append(f"{entry['sidecar']}: missing or does not match the manifest's sha256")
+            side = None
+        else:
+            side = json.loads(side_path.read_text())
+        try:
+            reader = _decode_tar if manifest["format"] == "wds" else _decode_parquet
+            n = reader(path, shape, allowed, side, problems)
+        except Exception as e:  # a truncated or garbled file: report it, check the rest
+            problems.append(f"{name}: cannot be read ({type(e).__name__}: {e})")
+            n = 0
+        if n != entry["samples"]:
+            problems.append(f"{name}: {n} readable samples, the manifest says {entry['samples']}")
+        checked += n
+        if progress:
+            progress(checked)
+    if checked != manifest["num_samples"] and not any("missing" in p for p in problems):
+        problems.append(f"{checked} samples in all, the manifest says {manifest['num_samples']}")
+    return problems, checked
+
+
+def _check_sample(where: str, key: str, latent_bytes: bytes | None, meta_text: str | None, shape, problems,
+                  from_npy: bool) -> bool:
+    ok = True
+    if latent_bytes is None or meta_text is None:
+        problems.append(f"{where}: sample '{key}' lacks its {'latent' if latent_bytes is None else 'json'} member")
+        return False
+    try:
+        arr = (np.load(io.BytesIO(latent_bytes), allow_pickle=False) if from_npy
+               else np.frombuffer(latent_bytes, dtype=LATENT_DTYPE).reshape(shape))
+        if arr.dtype != np.dtype(LATENT_DTYPE) or tuple(arr.shape) != shape:
+            problems.append(f"{where}: sample '{key}' latent is {arr.dtype}{tuple(arr.shape)}, expected "
+                            f"{LATENT_DTYPE}{shape}")
+            ok = False
+        elif not np.isfinite(arr).all():
+            problems.append(f"{where}: sample '{key}' latent has NaN or Inf")
+            ok = False
+    except (ValueError, OSError) as e:
+        problems.append(f"{where}: sample '{key}' latent does not decode ({e})")
+        ok = False
+    try:
+        meta = json.loads(meta_text)
+        if meta.get("key") != key:
+            problems.append(f"{where}: sample '{key}' json names key {meta.get('key')!r}")
+            ok = False
+    except ValueError as e:
+        problems.append(f"{where}: sample '{key}' json does not parse ({e})")
+        ok = False
+    return ok
+
+
+def _decode_tar(path: Path, shape, allowed: set[str], side: dict | None, problems: list[str]) -> int:
+    samples: dict[str, dict[str, tuple[int, bytes]]] = {}
+    order: list[str] = []
+    with tarfile.open(path, mode="r:") as tar:  # plain parsing, deliberately not our offset index
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            if not info.isfile() or ext not in allowed or "/" in info.name:
+                problems.append(f"{path.name}: unexpected member '{info.name}' (only <key>.latent.npy and "
+                                "<key>.json belong in a shard; it was not read)")
+                continue
+            if key not in samples:
+                samples[key] = {}
+                order.append(key)
+            samples[key][ext] = (info.offset_data, tar.extractfile(info).read())
+    good = 0
+    for key in order:
+        members = samples[key]
+        latent, meta = members.get("latent.npy"), members.get("json")
+        if _check_sample(path.name, key, latent and latent[1], meta and meta[1].decode("utf-8", "replace"), shape,
+                         problems, from_npy=True):
+            good += 1
+    if side is not None:
+        if side.get("keys") != order:
+            problems.append(f"{path.name}: member keys differ from its sidecar's")
+        else:
+            for key, (lo, ln, jo, jn) in zip(order, side["index"]):
+                if samples[key].get("latent.npy", (None,))[0] != lo or samples[key].get("json", (None,))[0] != jo:
+                    problems.append(f"{path.name}: sidecar offset index is wrong for '{key}'")
+                    break
+    return good
+
+
+def _decode_parquet(path: Path, shape, allowed, side: dict | None, problems: list[str]) -> int:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if table.column_names != ["key", "latent", "json"]:
+        problems.append(f"{path.name}: columns {table.column_names}, expected ['key', 'latent', 'json']")
+        return 0
+    meta = table.schema.metadata or {}
+    if json.loads(meta.get(b"ditpipe.latent_shape", b"null")) != list(shape):
+        problems.append(f"{path.name}: schema latent shape does not match the manifest's {list(shape)}")
+    good = 0
+    keys = table.column("key").to_pylist()
+    for key, latent, text in zip(keys, table.column("latent").to_pylist(), table.column("json").to_pylist()):
+        good += _check_sample(path.name, key, latent, text, shape, problems, from_npy=False)
+    if side is not None and side.get("keys") != keys:
+        problems.append(f"{path.name}: keys differ from its sidecar's")
+    return good

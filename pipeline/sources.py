@@ -1,0 +1,322 @@
+"""Image sources: COCO 2017, a custom folder, or the built-in `shapes` → an index-addressable list of inputs.
+
+A source lists its inputs up front (cheap: paths, labels, captions), in a deterministic order. Decoding happens
+later, per input, in DataLoader workers (`Source.load`). Shards are cut from this list by input index, so the list
+must be a pure function of the data on disk and the config.
+
+Preprocessing is the ADM/DiT center crop. Odd images are converted, not dropped, and each conversion is noted:
+  - EXIF orientation is applied;
+  - CMYK, grayscale, palette → RGB; 16-bit → 8-bit by scaling (PIL would clip it to white);
+  - transparency (RGBA, LA, palette+transparency) is composited onto white;
+  - images smaller than the target are upscaled (bicubic), as ADM's crop does; noted as "upscaled from WxH".
+Inputs that cannot be used are skipped with a reason: unreadable, empty, not an image, corrupt or truncated, a
+decompression bomb (PIL's guard stays on), or an aspect ratio beyond MAX_ASPECT (its crop would be meaningless).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+from pipeline.config import DataConfig
+from pipeline.download import download_coco, recorded_archives
+from pipeline.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_ASPECT = 50.0
+SHAPES_COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+SHAPES_KINDS = ("circle", "square")
+SHAPES_CLASS_NAMES = [f"{c}_{k}" for c in SHAPES_COLORS for k in SHAPES_KINDS]  # class = 2·color + shape
+
+
+class BadImage(Exception):
+    """This input is skipped; the message is the reason recorded in the manifest."""
+
+
+@dataclass(frozen=True)
+class InputItem:
+    key: str  # stable and dot-free (webdataset splits keys at dots)
+    file: str | None  # relative to the dataset root; None for generated inputs
+    label: int | None = None
+    captions: tuple[str, ...] = ()
+    problem: str | None = None  # known before decoding (e.g. outside any class folder): skipped with this reason
+
+
+@dataclass
+class Loaded:
+    """One decoded, preprocessed input: RGB uint8 (size, size, 3), the source bytes' sha256, conversion notes."""
+
+    pixels: np.ndarray
+    sha256: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Source:
+    name: str  # coco | custom | shapes
+    root: Path | None
+    image_size: int
+    items: list[InputItem]
+    class_names: list[str] | None  # None: no labels (unconditional)
+    params: dict  # what defines the input list; recorded in the manifest
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> Loaded:
+        item = self.items[index]
+        if item.problem:
+            raise BadImage(item.problem)
+        if self.name == "shapes":
+            return render_shape(self.seed, index, self.image_size)
+        return load_image(self.root / item.file, self.image_size)
+
+    def sample_meta(self, index: int) -> dict:
+        """The per-sample JSON fields that come from the source (the label, captions and the source file)."""
+        item = self.items[index]
+        meta = {"key": item.key, "index": index, "file": item.file or f"shapes:{self.seed}:{index}"}
+        if self.class_names is not None:
+            meta["label"] = item.label
+            meta["class_name"] = self.class_names[item.label]
+        if item.captions:
+            meta["captions"] = list(item.captions)
+        return meta
+
+
+def make_source(data: DataConfig, download_progress=None) -> Source:
+    """The source `data` describes. `download_progress(name, done, total)` reports a COCO download's bytes."""
+    if data.dataset_name == "coco":
+        return _coco(data, download_progress)
+    return _custom(data) if data.dataset_name == "custom" else _shapes(data)
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+
+
+def load_image(path: Path, size: int) -> Loaded:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadImage(f"unreadable: {e.strerror or e}") from None
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    sha = hashlib.sha256(data).hexdigest()
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # EXIF and palette warnings are noise here; bombs still raise
+            img = Image.open(io.BytesIO(data))
+            if img.format == "JPEG":
+                img.draft("RGB", (size, size))  # decode at a reduced DCT scale that still covers the target
+            img.load()
+            if getattr(img, "n_frames", 1) > 1:
+                notes.append("first frame of an animation")
+            orientation = _orientation(img)
+            if orientation not in (None, 1):
+                img = ImageOps.exif_transpose(img)
+                notes.append(f"EXIF orientation {orientation} applied")
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"decompression bomb refused: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image PIL can identify") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"corrupt or truncated image: {e}") from None
+    w, h = img.size
+    if max(w, h) / max(1, min(w, h)) > MAX_ASPECT:
+        raise BadImage(f"extreme aspect ratio {w}x{h} (more than {MAX_ASPECT:g}:1)")
+    return Loaded(center_crop(to_rgb(img, notes), size, notes), sha, notes)
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        return img.getexif().get(0x0112)
+    except Exception:  # a broken EXIF block is not worth skipping the image for
+        return None
+
+
+def to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        notes.append(f"{mode} scaled to 8-bit")
+        return Image.fromarray(np.clip(np.rint(arr * 255.0 / top), 0, 255).astype(np.uint8), "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        notes.append(f"{mode} with transparency composited on white")
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    notes.append(f"{mode} converted to RGB")
+    return img.convert("RGB")
+
+
+def center_crop(img: Image.Image, size: int, notes: list[str]) -> np.ndarray:
+    """ADM's center crop (guided-diffusion, used by DiT): halve with BOX while large, bicubic to the short side, crop."""
+    if min(img.size) < size:
+        notes.append(f"upscaled from {img.size[0]}x{img.size[1]}")
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)  # (H, W, 3) uint8
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return np.ascontiguousarray(arr[top : top + size, left : left + size])
+
+
+# ---------------------------------------------------------------------------------------------------- shapes
+
+
+def shape_params(seed: int, index: int, size: int) -> tuple[int, int, float, float, float]:
+    """(color, kind, extent, x0, y0) for input `index`: a pure function of (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    color, kind = int(rng.integers(4)), int(rng.integers(2))
+    extent = rng.uniform(size / 4, 3 * size / 4)  # diameter or side
+    x0, y0 = rng.uniform(0, size - extent, size=2)  # fully inside the image
+    return color, kind, float(extent), float(x0), float(y0)
+
+
+def render_shape(seed: int, index: int, size: int) -> Loaded:
+    color, kind, extent, x0, y0 = shape_params(seed, index, size)
+    ss = 4  # draw 4× larger, then box-downsample: anti-aliased edges keep circles round at 16 px
+    img = Image.new("RGB", (size * ss, size * ss), (0, 0, 0))
+    box = [x0 * ss, y0 * ss, (x0 + extent) * ss - 1, (y0 + extent) * ss - 1]
+    fill = list(SHAPES_COLORS.values())[color]
+    (ImageDraw.Draw(img).ellipse if kind == 0 else ImageDraw.Draw(img).rectangle)(box, fill=fill)
+    pixels = np.asarray(img.resize((size, size), resample=Image.BOX))
+    return Loaded(np.ascontiguousarray(pixels), hashlib.sha256(pixels.tobytes()).hexdigest())
+
+
+def _shapes(data: DataConfig) -> Source:
+    n = data.num_samples
+    kinds = (shape_params(data.seed, i, data.image_size)[:2] for i in range(n))
+    items = [InputItem(f"{i:08d}", None, 2 * color + kind) for i, (color, kind) in enumerate(kinds)]
+    params = {"dataset": "shapes", "num_samples": n, "seed": data.seed, "image_size": data.image_size,
+              "crop": "generated at size"}
+    return Source("shapes", None, data.image_size, items, list(SHAPES_CLASS_NAMES), params, data.seed)
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def _subset(files: list, num_samples: int | None, seed: int) -> list:
+    """A deterministic subset, spread over the whole set (not the first N in name order), kept in name order.
+    Nested: the subset for N is contained in the subset for any larger N with the same seed."""
+    if num_samples is None or num_samples >= len(files):
+        return files
+    pick = np.random.default_rng(seed).permutation(len(files))[:num_samples]
+    return [files[i] for i in sorted(pick)]
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _under(root: Path, rel: str, what: str) -> str:
+    """`rel` resolved under `root`, refused when it escapes (paths from metadata files are untrusted)."""
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise DataError(f"{what}: path '{rel}' escapes the dataset root {root}; refusing it")
+    return target.relative_to(root.resolve()).as_posix()
+
+
+def _file_params(data: DataConfig, root: Path, total: int) -> dict:
+    return {"dataset": data.dataset_name, "path": str(root.resolve()), "num_samples": data.num_samples,
+            "num_inputs_available": total, "seed": data.seed, "image_size": data.image_size,
+            "crop": "ADM center crop (BOX halving, bicubic, center)", "upscale": "bicubic, noted per sample"}
+
+
+def _custom(data: DataConfig) -> Source:
+    root = Path(data.dataset_path)
+    if not root.is_dir():
+        raise DataError(f"custom dataset folder '{root}' does not exist; pass --data-path to a folder of images "
+                        "(class subfolders for labels, or a flat folder for unconditional)")
+    files = sorted((p for p in root.rglob("*") if p.is_file() and _is_image(p)
+                    and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under '{root}'")
+    rels = [p.relative_to(root).as_posix() for p in files]
+    class_dirs = sorted({r.split("/", 1)[0] for r in rels if "/" in r})
+    class_names = class_dirs or None
+    captions = _custom_captions(root, rels)
+    chosen = _subset(rels, data.num_samples, data.seed)
+    items = []
+    for i, rel in enumerate(chosen):
+        label, problem = None, None
+        if class_names is not None:
+            if "/" in rel:
+                label = class_names.index(rel.split("/", 1)[0])
+            else:
+                problem = "outside the class folders (labels come from first-level subfolders); move it into one"
+        items.append(InputItem(f"{i:08d}", rel, label, tuple(captions.get(rel, ())), problem))
+    return Source("custom", root, data.image_size, items, class_names, _file_params(data, root, len(rels)))
+
+
+def _custom_captions(root: Path, rels: list[str]) -> dict[str, list[str]]:
+    """Captions from `metadata.jsonl` at the root ({"file_name": ..., "text" | "caption" | "captions": ...}),
+    or else from a sidecar `<stem>.txt` beside the image (one caption per non-empty line)."""
+    out: dict[str, list[str]] = {}
+    meta = root / "metadata.jsonl"
+    if meta.is_file():
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                rel = _under(root, rec["file_name"], f"{meta}:{n}")
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text' ({e})") from None
+            text = rec.get("captions", rec.get("text", rec.get("caption")))
+            out.setdefault(rel, []).extend([text] if isinstance(text, str) else [str(t) for t in text or []])
+    for rel in rels:
+        sidecar = (root / rel).with_suffix(".txt")
+        if rel not in out and sidecar.is_file():
+            out[rel] = [ln.strip() for ln in sidecar.read_text(encoding="utf-8", errors="replace").splitlines()
+                        if ln.strip()]
+    return out
+
+
+def _coco(data: DataConfig, download_progress=None) -> Source:
+    root = Path(data.dataset_path)
+    folder = root / f"{data.split}2017"
+    ann = root / "annotations" / f"captions_{data.split}2017.json"
+    if data.download and not (folder.is_dir() and ann.is_file()):
+        download_coco(root, data.split, base_url=data.download_url, progress=download_progress)
+    if not folder.is_dir():
+        raise DataError(
+            f"COCO images not found: '{folder}' does not exist. Put COCO 2017 at {root}/ "
+            f"({data.split}2017/*.jpg and annotations/captions_{data.split}2017.json), point --data-path at "
+            f"your copy, or pass --download to fetch the official archives")
+    captions: dict[str, list[str]] = {}
+    if ann.is_file():
+        try:
+            doc = json.loads(ann.read_text(encoding="utf-8"))
+            by_id = {im["id"]: _under(folder, im["file_name"], str(ann)) for im in doc["images"]}
+            for a in doc.get("annotations", []):
+                if a.get("image_id") in by_id:
+                    captions.setdefault(by_id[a["image_id"]], []).append(str(a["caption"]).strip())
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"'{ann}' is not a COCO captions file ({e}); replace it or remove it") from None
+        names = sorted(by_id.values())
+    else:
+        names = sorted(p.name for p in folder.iterdir() if p.is_file() and _is_image(p))
+    if not names:
+        raise DataError(f"no images in '{folder}'")
+    chosen = _subset(names, data.num_samples, data.seed)
+    prefix = f"{data.split}2017/"
+    items = [InputItem(f"{i:08d}", prefix + name, None, tuple(captions.get(name, ())))
+             for i, name in enumerate(chosen)]
+    params = _file_params(data, root, len(names)) | {"split": data.split, "captions_file": ann.is_file(),
+                                                      "archives_sha256": recorded_archives(root, data.split)}
+    return Source("coco", root, data.image_size, items, None, params)

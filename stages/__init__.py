@@ -1,0 +1,1 @@
+"""ditpipe's verbs: one module per stage, plus the typer CLI (`stages.cli`)."""

@@ -1,0 +1,135 @@
+"""The typer app: the only module that knows typer, and the one place errors become messages and exit codes.
+
+Imports stay light (no torch) so `ditpipe --help` is fast; each verb imports its stage when it runs.
+Dotted overrides in the training guide's spelling (`--data.dataset_name custom`) and `--set key=value` work on
+every verb that takes a config.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from pipeline import __version__
+from pipeline.errors import DitpipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="ditpipe: encode images to latent shards once, then train DiT models on them.")
+err = Console(stderr=True)
+out = Console()
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+OVERRIDES_HELP = "Any config key as --section.key VALUE (e.g. --data.dataset_name custom), or --set section.key=VALUE."
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"ditpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+def build_config(config: Optional[str], shorthands: dict[str, Any], extra: list[str]):
+    """Defaults ← --config file ← shorthand flags ← dotted overrides (the most specific wins)."""
+    from pipeline.config import load_config, parse_overrides
+
+    overrides = {k: v for k, v in shorthands.items() if v is not None}
+    overrides.update(parse_overrides(extra))
+    return load_config(config, overrides)
+
+
+@app.command(context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
+def encode(
+    ctx: typer.Context,
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped name: "
+                                                                       "train_config, quickstart)."),
+    dataset: Optional[str] = typer.Option(None, help="coco | custom | shapes  [data.dataset_name]"),
+    data_path: Optional[str] = typer.Option(None, help="COCO root or custom folder  [data.dataset_path]"),
+    split: Optional[str] = typer.Option(None, help="COCO split: train | val  [data.split]"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Shard folder  [shards.path]"),
+    image_size: Optional[int] = typer.Option(None, help="Pixels  [data.image_size]"),
+    num_samples: Optional[int] = typer.Option(None, help="Deterministic subset size  [data.num_samples]"),
+    seed: Optional[int] = typer.Option(None, help="Subset and shapes seed  [data.seed]"),
+    vae: Optional[str] = typer.Option(None, help="diffusers AutoencoderKL id or local folder, or 'pixel'  [vae.name]"),
+    vae_dtype: Optional[str] = typer.Option(None, help="fp32 | bf16  [vae.dtype]"),
+    batch_size: Optional[int] = typer.Option(None, help="Encode batch, halved on OOM  [vae.batch_size]"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="wds | parquet  [shards.format]"),
+    store: Optional[str] = typer.Option(None, help="mean_std | mean  [shards.store]"),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Also encode the mirror  [shards.flip]"),
+    samples_per_shard: Optional[int] = typer.Option(None, help="[shards.samples_per_shard]"),
+    num_workers: Optional[int] = typer.Option(None, help="Decode workers  [data.num_workers]"),
+    download: Optional[bool] = typer.Option(None, "--download", help="COCO: fetch the official archives first"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards made with other parameters."),
+) -> None:
+    """Encode images once through the VAE (or the pixel codec) into latent shards plus a manifest.
+
+    Example: ditpipe encode --dataset shapes --vae pixel --image-size 32 --num-samples 2000 --out shards/shapes
+    """
+    cfg = build_config(config, {
+        "data.dataset_name": dataset, "data.dataset_path": data_path, "data.split": split, "shards.path": out_dir,
+        "data.image_size": image_size, "data.num_samples": num_samples, "data.seed": seed, "vae.name": vae,
+        "vae.dtype": vae_dtype, "vae.batch_size": batch_size, "shards.format": fmt, "shards.store": store,
+        "shards.flip": flip, "shards.samples_per_shard": samples_per_shard, "data.num_workers": num_workers,
+        "data.download": download}, ctx.args)
+    from stages.encode import encode as run_encode
+
+    run_encode(cfg, overwrite=overwrite, console=err)
+
+
+@app.command()
+def inspect(shards_dir: Path = typer.Argument(..., metavar="SHARDS", help="A shard folder."),
+            as_json: bool = typer.Option(False, "--json", help="Print the raw manifest.")) -> None:
+    """Summarise a shard folder's manifest: source, codec, latent layout, labels, shards, skips.
+
+    Example: ditpipe inspect shards/shapes
+    """
+    from stages.shardtools import inspect as run_inspect
+
+    run_inspect(shards_dir, as_json, out)
+
+
+@app.command()
+def verify(shards_dir: Path = typer.Argument(..., metavar="SHARDS", help="A shard folder.")) -> None:
+    """Check every shard's sha256 and decode every sample; exit 1 on any problem.
+
+    Example: ditpipe verify shards/shapes
+    """
+    from stages.shardtools import verify as run_verify
+
+    run_verify(shards_dir, err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: maps every error to one message and an exit code, here and nowhere else."""
+    try:
+        rv = app(args=argv, prog_name="ditpipe", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except DitpipeError as e:  # ConfigError (exit 2) included: every problem, no traceback
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print("[yellow]interrupted[/]: rerun the same command to continue where it stopped")
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,256 @@
+"""`ditpipe encode`: every input through the codec once, into verified latent shards and a manifest.
+
+Shard i holds inputs [i·n, (i+1)·n). Shards already complete (sidecar present, size and sha256 matching) are kept,
+so rerunning the same command after a crash or kill -9 finishes the job and gives the same bytes. Decoding and
+resizing run in DataLoader workers; the codec runs in this process; an encode batch never crosses a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.table import Table
+from rich.text import Text
+
+from pipeline import __version__, atomic, shards
+from pipeline.codec import encode_with_backoff, load_codec
+from pipeline.config import Config
+from pipeline.errors import ConfigError, ShardError
+from pipeline.sources import BadImage, Source, make_source
+
+
+class RateColumn(ProgressColumn):
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} {self.unit}/s", style="cyan")
+
+
+def progress_bar(console: Console, unit: str = "img") -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+@dataclass
+class ShardTally:
+    """What one shard's encode produced, beyond its samples: the sidecar's extra fields."""
+
+    skipped: list = field(default_factory=list)
+    converted: list = field(default_factory=list)
+    sums: np.ndarray | None = None
+    sumsq: np.ndarray | None = None
+    count_px: int = 0
+
+    def add_stats(self, first_slice: np.ndarray) -> None:  # (N, C, H, W) float32
+        s = first_slice.astype(np.float64).sum(axis=(0, 2, 3))
+        q = np.square(first_slice.astype(np.float64)).sum(axis=(0, 2, 3))
+        self.sums, self.sumsq = (s, q) if self.sums is None else (self.sums + s, self.sumsq + q)
+        self.count_px += first_slice.shape[0] * first_slice.shape[2] * first_slice.shape[3]
+
+    def sidecar(self, start: int, stop: int) -> dict:
+        return {"inputs": [start, stop], "skipped": self.skipped, "converted": self.converted,
+                "sum": None if self.sums is None else self.sums.tolist(),
+                "sumsq": None if self.sumsq is None else self.sumsq.tolist(), "count_px": self.count_px}
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Runs in DataLoader workers: decode + preprocess one input, or say why it is skipped."""
+
+    def __init__(self, source: Source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.source.load(i), None
+        except BadImage as e:
+            return i, None, str(e)
+
+
+def _first(batch):
+    return batch
+
+
+def encode(cfg: Config, overwrite: bool = False, console: Console | None = None) -> dict:
+    """Encode what `cfg.data` describes into `cfg.shards_path`. Returns the manifest."""
+    console = console or Console(stderr=True)
+    t0 = time.time()
+    with Progress(TextColumn("download {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=console, transient=True) as dl:
+        tasks: dict[str, int] = {}
+
+        def report(name: str, done: int, total: int | None) -> None:
+            tasks.setdefault(name, dl.add_task(name, total=total))
+            dl.update(tasks[name], completed=done)
+
+        source = make_source(cfg.data, download_progress=report)
+    codec = load_codec(cfg.vae.name, cfg.vae.dtype, use_slicing=cfg.vae.use_slicing)
+    if cfg.data.image_size % codec.downsample:
+        raise ConfigError([("data.image_size", f"{cfg.data.image_size} is not a multiple of the codec's downsample "
+                                               f"factor {codec.downsample} ({cfg.vae.name})")])
+    out = cfg.shards_path
+    n_per, fmt = cfg.shards.samples_per_shard, cfg.shards.format
+    slices = shards.latent_slices(codec.stores_std, cfg.shards.store, cfg.shards.flip)
+    side = cfg.data.image_size // codec.downsample
+    latent_shape = (len(slices), codec.latent_channels, side, side)
+    header = {
+        "created_by": f"ditpipe {__version__}",
+        "source": source.params,
+        "codec": codec.identity(),
+        "latent": {"shape": list(latent_shape), "dtype": shards.LATENT_DTYPE, "slices": slices,
+                   "std_stored": "std" in slices, "flip_stored": "mean_flip" in slices or "std_flip" in slices,
+                   "flip_at_load": not codec.stores_std and cfg.shards.flip},
+        "labels": None if source.class_names is None else {"num_classes": len(source.class_names),
+                                                           "names": source.class_names},
+        "captions": {"text": True, "encoder": None} if any(it.captions for it in source.items) else None,
+        "samples_per_shard": n_per,
+        "num_inputs": len(source),
+    }
+    _prepare_folder(out, header, overwrite)
+    num_shards = max(1, math.ceil(len(source) / n_per))
+    loader_state = {"batch": cfg.vae.batch_size}
+    done_before = 0
+    with progress_bar(console) as bar:
+        task = bar.add_task(f"encode → {out}", total=len(source))
+        for i in range(num_shards):
+            start, stop = i * n_per, min((i + 1) * n_per, len(source))
+            name = shards.shard_name(fmt, i)
+            if shards.load_sidecar(out, name) is not None:  # complete and verified: keep it
+                done_before += stop - start
+                bar.update(task, advance=stop - start)
+                continue
+            _encode_shard(source, codec, cfg, out / name, latent_shape, start, stop, loader_state,
+                          lambda n: bar.update(task, advance=n))
+    manifest = shards.build_manifest(out, header, num_shards, fmt)
+    atomic.write_json(out / shards.MANIFEST, manifest)
+    _summary(console, manifest, out, time.time() - t0, done_before, loader_state)
+    return manifest
+
+
+def _prepare_folder(out: Path, header: dict, overwrite: bool) -> None:
+    """Refuse an existing folder made with other parameters (unless --overwrite), then record ours."""
+    params = {k: header[k] for k in ("source", "codec", "latent", "samples_per_shard")}
+    params["format_version"] = shards.FORMAT_VERSION
+    params_file = out / shards.PARAMS
+    if out.exists() and any(out.iterdir()):
+        if not params_file.is_file():
+            raise ShardError(f"'{out}' exists and is not a ditpipe shard folder; choose another --out")
+        old = json.loads(params_file.read_text())
+        if old != params and not overwrite:
+            diff = _diff(old, params)
+            raise ShardError(f"'{out}' holds shards made with other parameters ({diff}); pass --overwrite to replace "
+                             "them, or choose another --out")
+        if old != params:
+            _remove_ours(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f".*{atomic.TMP_SUFFIX}"):  # temporaries of a killed run
+        stale.unlink()
+    if not params_file.is_file():
+        atomic.write_json(params_file, params)
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if a != b:
+                return _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            return f"{prefix}{key}: {a!r} there, {b!r} now"
+    return "no difference"
+
+
+def _remove_ours(out: Path) -> None:
+    """--overwrite deletes only files ditpipe writes in a shard folder, nothing else."""
+    for p in out.iterdir():
+        if shards._SHARD_RE.match(p.name) or p.name.endswith(".meta.json") or p.name in (shards.MANIFEST,
+                                                                                          shards.PARAMS):
+            p.unlink()
+
+
+def _encode_shard(source, codec, cfg: Config, path: Path, latent_shape, start: int, stop: int, state: dict,
+                  advance) -> None:
+    writer = shards.ShardWriter(path, cfg.shards.format, latent_shape)
+    tally = ShardTally()
+    batches = [list(range(b, min(b + cfg.vae.batch_size, stop))) for b in range(start, stop, cfg.vae.batch_size)]
+    loader = torch.utils.data.DataLoader(_Decode(source), batch_sampler=batches, collate_fn=_first,
+                                         num_workers=min(cfg.data.num_workers, len(os.sched_getaffinity(0))))
+    try:
+        for batch in loader:
+            _encode_batch(batch, source, codec, cfg, writer, tally, state)
+            advance(len(batch))
+        writer.close(tally.sidecar(start, stop))
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _encode_batch(batch, source, codec, cfg: Config, writer, tally: ShardTally, state: dict) -> None:
+    good = [(i, loaded) for i, loaded, _ in batch if loaded is not None]
+    for i, _, reason in batch:
+        if reason is not None:
+            tally.skipped.append({"index": i, "file": source.sample_meta(i)["file"], "reason": reason})
+    if not good:
+        return
+    images = torch.from_numpy(np.stack([loaded.pixels for _, loaded in good]))  # (N, H, W, 3) uint8
+    with_flip = codec.stores_std and cfg.shards.flip
+    if with_flip:
+        images = torch.cat([images, images.flip(2)])  # (2N, H, W, 3): mirror along W
+    mean, std = encode_with_backoff(codec, images, state)  # (2N | N, C, h, w) float32
+    parts = [mean] if std is None or cfg.shards.store == "mean" else [mean, std]
+    if with_flip:
+        parts = [p[: len(good)] for p in parts] + [p[len(good):] for p in parts]
+    latents = torch.stack(parts, dim=1).cpu().numpy()  # (N, k, C, h, w) float32
+    half = latents.astype(np.float16)
+    finite = np.isfinite(half).reshape(len(good), -1).all(axis=1)
+    tally.add_stats(latents[finite, 0])
+    for (i, loaded), lat, ok in zip(good, half, finite):
+        meta = source.sample_meta(i)
+        if not ok:
+            tally.skipped.append({"index": i, "file": meta["file"], "reason": "non-finite latent (codec overflow)"})
+            continue
+        meta["sha256"] = loaded.sha256
+        if loaded.notes:
+            meta["notes"] = loaded.notes
+            tally.converted.append({"index": i, "file": meta["file"], "notes": loaded.notes})
+        writer.add(meta["key"], lat, meta)
+
+
+def _summary(console: Console, manifest: dict, out: Path, seconds: float, reused: int, state: dict) -> None:
+    encoded = manifest["num_samples"]
+    table = Table(title=f"encoded into {out}", show_header=False)
+    table.add_row("encoded", f"{encoded:,}")
+    table.add_row("skipped", f"{len(manifest['skipped']):,}")
+    table.add_row("converted", f"{len(manifest['converted']):,}")
+    table.add_row("shards", f"{manifest['num_shards']} ({manifest['format']})")
+    table.add_row("bytes", f"{sum(s['bytes'] for s in manifest['shards']):,}")
+    table.add_row("time", f"{seconds:.1f} s" + (f" ({reused:,} inputs reused from complete shards)" if reused else ""))
+    fresh = max(1, manifest["num_inputs"] - reused)
+    table.add_row("rate", f"{fresh / max(seconds, 1e-9):,.1f} inputs/s")
+    if state.get("halvings"):
+        table.add_row("batch", f"halved {state['halvings']}× on out-of-memory, now {state['batch']}")
+    console.print(table)
+    if manifest["skipped"]:
+        reasons: dict[str, int] = {}
+        for s in manifest["skipped"]:
+            reasons[s["reason"].split(":")[0]] = reasons.get(s["reason"].split(":")[0], 0) + 1
+        console.print("[yellow]skipped:[/] " + ", ".join(f"{n} × {r}" for r, n in sorted(reasons.items())))
+        for s in manifest["skipped"][:10]:
+            console.print(f"  {s['file']}: {s['reason']}")
+        if len(manifest["skipped"]) > 10:
+            console.print(f"  … and {len(manifest['skipped']) - 10} more in {out / shards.MANIFEST}")

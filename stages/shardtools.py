@@ -1,0 +1,58 @@
+"""`ditpipe inspect` and `ditpipe verify`: read a shard folder's manifest, and check every byte of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import shards
+from pipeline.errors import ShardError
+
+
+def inspect(folder: Path, as_json: bool, console: Console) -> None:
+    m = shards.load_manifest(folder)
+    if as_json:
+        console.print_json(json.dumps(m))
+        return
+    src, codec, lat = m["source"], m["codec"], m["latent"]
+    t = Table(title=f"{folder}", show_header=False, title_justify="left")
+    t.add_row("source", ", ".join(f"{k}={v}" for k, v in src.items()))
+    t.add_row("codec", f"{codec['name']} ({codec['kind']}, {codec['dtype']}, ×{codec['downsample']} down), "
+                       f"scaling {codec['scaling_factor']:g}, shift {codec['shift_factor']:g}, hash {codec['hash'][:12]}")
+    t.add_row("latent", f"{lat['dtype']} {tuple(lat['shape'])}: {', '.join(lat['slices'])}"
+                        + ("; flipped at load time" if lat.get("flip_at_load") else ""))
+    labels = m.get("labels")
+    t.add_row("labels", "none (unconditional)" if not labels else
+              f"{labels['num_classes']} classes: {', '.join(labels['names'][:12])}"
+              + (" …" if labels["num_classes"] > 12 else ""))
+    t.add_row("captions", "none" if not m.get("captions") else json.dumps(m["captions"]))
+    t.add_row("samples", f"{m['num_samples']:,} of {m['num_inputs']:,} inputs "
+                         f"({len(m['skipped']):,} skipped, {len(m['converted']):,} converted)")
+    t.add_row("shards", f"{m['num_shards']} × {m['format']}, {sum(s['bytes'] for s in m['shards']):,} bytes, "
+                        f"≤ {m['samples_per_shard']} samples each")
+    if m.get("stats"):
+        fmt = lambda xs: "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"  # noqa: E731
+        t.add_row("channel mean", fmt(m["stats"]["channel_mean"]))
+        t.add_row("channel std", fmt(m["stats"]["channel_std"]))
+    console.print(t)
+    for s in m["skipped"][:5]:
+        console.print(f"  skipped {s['file']}: {s['reason']}")
+
+
+def verify(folder: Path, console: Console) -> None:
+    from stages.encode import progress_bar
+
+    manifest = shards.load_manifest(folder)
+    with progress_bar(console, "sample") as bar:
+        task = bar.add_task(f"verify {folder}", total=manifest["num_samples"])
+        problems, checked = shards.verify(folder, progress=lambda n: bar.update(task, completed=n))
+    if problems:
+        for p in problems:
+            console.print(f"[red]✗[/] {p}", highlight=False, markup=True)
+        raise ShardError(f"{folder}: {len(problems)} problem(s) in {manifest['num_shards']} shard(s); re-encode the "
+                         "damaged shards by deleting them and rerunning the same `ditpipe encode` command")
+    console.print(f"[green]✓[/] {folder}: {manifest['num_shards']} shard(s), {checked:,} samples, every sha256 and "
+                  "sample checked")
