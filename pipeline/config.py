@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -36,6 +36,7 @@ class DataConfig(_Section):
     captions: bool = False
     source: Literal["shards", "images"] = "shards"  # images = online VAE every step (the baseline)
     num_workers: int = Field(4, ge=0, le=256)
+    shuffle_window: int = Field(8, ge=1)  # shards shuffled together each epoch: locality vs. mixing
     download: bool = False  # COCO only: fetch the official archives first
     download_url: str = "http://images.cocodataset.org"  # COCO mirror (tests point it at 127.0.0.1)
 
@@ -86,6 +87,12 @@ class TrainingConfig(_Section):
     use_ema: bool = True
     ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
     ema_warmup: bool = True
+    max_nonfinite_steps: int = Field(10, ge=1)  # non-finite losses in a row before the run stops
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):  # YAML 1.1 reads a bare `no` as false
+        return "no" if v is False else v
 
 
 class LrSchedulerConfig(_Section):
@@ -96,7 +103,8 @@ class LrSchedulerConfig(_Section):
 class CheckpointingConfig(_Section):
     steps: int = Field(500, ge=1)
     every_epoch: bool = True
-    total_limit: Optional[int] = Field(None, ge=1)
+    total_limit: Optional[int] = Field(None, ge=1)  # newest N step checkpoints kept; null keeps all
+    keep_epochs: Optional[int] = Field(None, ge=1)  # newest N epoch checkpoints kept; null keeps all
 
 
 class LoggingConfig(_Section):
@@ -229,7 +237,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if arg == "--set":
             if i + 1 >= len(args) or "=" not in args[i + 1]:
                 problems.append(("--set", "expects KEY=VALUE, e.g. --set training.batch_size=8"))
-                i += 1
+                i += 1 if i + 1 >= len(args) or args[i + 1].startswith("--") else 2
                 continue
             key, _, value = args[i + 1].partition("=")
             out[key.strip()] = parse_value(value)

@@ -83,7 +83,7 @@ class Source:
         """The per-sample JSON fields that come from the source (the label, captions and the source file)."""
         item = self.items[index]
         meta = {"key": item.key, "index": index, "file": item.file or f"shapes:{self.seed}:{index}"}
-        if self.class_names is not None:
+        if self.class_names is not None and item.label is not None:  # None: an item skipped before decoding
             meta["label"] = item.label
             meta["class_name"] = self.class_names[item.label]
         if item.captions:

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -86,6 +85,51 @@ def encode(
     run_encode(cfg, overwrite=overwrite, console=err)
 
 
+@app.command(context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
+def train(
+    ctx: typer.Context,
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped name)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue from this checkpoint or run folder (the guide's "
+                                                     "--resume ./outputs/checkpoint-1000)."),
+) -> None:
+    """Train a DiT on latent shards (made by `ditpipe encode` from the same config).
+
+    Example: ditpipe train --config configs/train_config.yaml --data.dataset_name shapes --vae.name pixel
+    """
+    cfg = build_config(config, {}, ctx.args)
+    from stages import train as stage
+
+    if resume is not None:
+        ckpt = stage.find_checkpoint(resume, Path(cfg.logging.output_dir), _warn)
+        stage.train(stage.resume_config(ckpt, new=cfg), resume=ckpt, console=err)
+    else:
+        stage.train(cfg, config_name=config, console=err)
+
+
+@app.command(context_settings=OVERRIDES, epilog="Only num_epochs, max_steps, logging.*, checkpointing.* and "
+                                                "validation.* may change: --training.num_epochs 80")
+def resume(
+    ctx: typer.Context,
+    target: Optional[Path] = typer.Argument(None, metavar="[RUN_DIR_OR_CHECKPOINT]",
+                                            help="Default: the run under ./outputs whose latest checkpoint is newest."),
+    output_dir: Path = typer.Option(Path("./outputs"), help="Where to look for runs when no target is given."),
+) -> None:
+    """Continue a run exactly where its newest valid checkpoint left it.
+
+    Example: ditpipe resume outputs/train_config --training.num_epochs 80
+    """
+    from pipeline.config import parse_overrides
+    from stages import train as stage
+
+    ckpt = stage.find_checkpoint(target, output_dir, _warn)
+    err.print(f"resuming from {ckpt}")
+    stage.train(stage.resume_config(ckpt, overrides=parse_overrides(ctx.args)), resume=ckpt, console=err)
+
+
+def _warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
 @app.command()
 def inspect(shards_dir: Path = typer.Argument(..., metavar="SHARDS", help="A shard folder."),
             as_json: bool = typer.Option(False, "--json", help="Print the raw manifest.")) -> None:
@@ -115,14 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         rv = app(args=argv, prog_name="ditpipe", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except DitpipeError as e:  # ConfigError (exit 2) included: every problem, no traceback
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
+    except typer.TyperException as e:  # usage errors: typer's own message and exit code (2)
         e.show()
-        return e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+        return getattr(e, "exit_code", 2)
+    except (KeyboardInterrupt, typer.Abort):
         err.print("[yellow]interrupted[/]: rerun the same command to continue where it stopped")
         return 130
 

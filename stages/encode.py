@@ -90,15 +90,7 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     """Encode what `cfg.data` describes into `cfg.shards_path`. Returns the manifest."""
     console = console or Console(stderr=True)
     t0 = time.time()
-    with Progress(TextColumn("download {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=console, transient=True) as dl:
-        tasks: dict[str, int] = {}
-
-        def report(name: str, done: int, total: int | None) -> None:
-            tasks.setdefault(name, dl.add_task(name, total=total))
-            dl.update(tasks[name], completed=done)
-
-        source = make_source(cfg.data, download_progress=report)
+    source = _source_with_download_bar(cfg, console)
     codec = load_codec(cfg.vae.name, cfg.vae.dtype, use_slicing=cfg.vae.use_slicing)
     if cfg.data.image_size % codec.downsample:
         raise ConfigError([("data.image_size", f"{cfg.data.image_size} is not a multiple of the codec's downsample "
@@ -121,7 +113,7 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
         "samples_per_shard": n_per,
         "num_inputs": len(source),
     }
-    _prepare_folder(out, header, overwrite)
+    _prepare_folder(out, header, fmt, overwrite)
     num_shards = max(1, math.ceil(len(source) / n_per))
     loader_state = {"batch": cfg.vae.batch_size}
     done_before = 0
@@ -142,10 +134,26 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     return manifest
 
 
-def _prepare_folder(out: Path, header: dict, overwrite: bool) -> None:
+def _source_with_download_bar(cfg: Config, console: Console) -> Source:
+    if not (cfg.data.dataset_name == "coco" and cfg.data.download):
+        return make_source(cfg.data)
+    with Progress(TextColumn("download {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def report(name: str, done: int, total: int | None) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done)
+
+        return make_source(cfg.data, download_progress=report)
+
+
+def _prepare_folder(out: Path, header: dict, fmt: str, overwrite: bool) -> None:
     """Refuse an existing folder made with other parameters (unless --overwrite), then record ours."""
     params = {k: header[k] for k in ("source", "codec", "latent", "samples_per_shard")}
     params["format_version"] = shards.FORMAT_VERSION
+    params["format"] = fmt  # a wds folder re-encoded as parquet would keep stale tars that verify then rejects
     params_file = out / shards.PARAMS
     if out.exists() and any(out.iterdir()):
         if not params_file.is_file():
@@ -165,14 +173,16 @@ def _prepare_folder(out: Path, header: dict, overwrite: bool) -> None:
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    """Every differing key (not just the first: `latent.shape` alone would hide the `source.image_size` behind it)."""
+    diffs = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             if a != b:
-                return _diff(a, b, f"{prefix}{key}.")
+                diffs.append(_diff(a, b, f"{prefix}{key}."))
         elif a != b:
-            return f"{prefix}{key}: {a!r} there, {b!r} now"
-    return "no difference"
+            diffs.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return "; ".join(diffs) or "no difference"
 
 
 def _remove_ours(out: Path) -> None:

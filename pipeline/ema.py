@@ -1,0 +1,33 @@
+"""EMA of the model weights as an fp32 shadow, updated with one fused lerp per step."""
+
+from __future__ import annotations
+
+import torch
+
+
+def ema_decay(step: int, decay: float, warmup: bool) -> float:
+    """With warm-up, min(decay, (1 + step) / (10 + step)): early averages forget the random init quickly, so short
+    runs still get a useful EMA. `step` counts optimizer updates already applied to the model."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module):
+        # A float32 copy of every floating-point entry of the state dict (buffers too, e.g. pos_embed).
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self._pairs = [(self.shadow[n], p) for n, p in model.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        shadows, params = zip(*self._pairs)
+        torch._foreach_lerp_(list(shadows), [p.detach().float() for p in params], 1.0 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise KeyError(f"EMA state lacks {sorted(missing)[:3]}")
+        for k, v in self.shadow.items():
+            v.copy_(state[k])

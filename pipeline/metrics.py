@@ -1,0 +1,36 @@
+"""Run logs: metrics.jsonl (one JSON object per logged step) and TensorBoard scalars (tensorboardX)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
+        self.enabled = enabled
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1) if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def scalars(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for name, value in values.items():
+                self.tb.add_scalar(f"train/{name}", value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

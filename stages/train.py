@@ -1,0 +1,471 @@
+"""`ditpipe train` / `ditpipe resume`: latent shards → DiT, in one readable loop (EDM2 style).
+
+One counter drives everything: `step`, the optimizer steps done. It fixes the data position (step · global batch
+samples consumed), the LR, the EMA decay, and the keyed generators for timesteps, noise and label dropout. The
+loop checkpoints *before* a step, so checkpoint-N holds the state after N steps, and resuming from it replays
+nothing and skips nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pipeline import __version__, checkpoint, shards
+from pipeline.config import Config, validate_tree
+from pipeline.diffusion import make_objective
+from pipeline.ema import EMA, ema_decay
+from pipeline.errors import ConfigError, DitpipeError, ShardError
+from pipeline.loader import Plan, make_loader, open_shards
+from pipeline.metrics import MetricsLog
+from pipeline.model import build_dit
+from pipeline.schedule import lr_at
+
+# Keys that may differ between a run's saved config and the one it resumes with (DESIGN.md, Runs and checkpoints).
+RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "logging.", "checkpointing.", "validation.")
+
+
+@dataclass
+class RunSpec:
+    """What a run is, derived once from the config and the manifest; printed in the preflight."""
+
+    precision: str
+    notice: str | None
+    num_classes: int  # 0: unconditional
+    plan: Plan
+    total_steps: int
+    run_dir: Path
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+
+
+def effective_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
+    if requested == "fp16" and device.type != "cuda":
+        return "bf16", "fp16 autocast does not exist on CPU (accelerate would silently run fp32); using bf16"
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp16", "this GPU has no bf16; using fp16 with loss scaling"
+    return requested, None
+
+
+def encode_command(cfg: Config) -> str:
+    d = cfg.data
+    parts = [f"ditpipe encode --dataset {d.dataset_name}"]
+    if d.dataset_name != "shapes":
+        parts.append(f"--data-path {d.dataset_path}")
+    if d.dataset_name == "coco":
+        parts.append(f"--split {d.split}")
+    parts += [f"--image-size {d.image_size}", f"--num-samples {d.num_samples if d.num_samples else 'null'}",
+              f"--vae {cfg.vae.name}", f"--format {cfg.shards.format}", f"--out {cfg.shards_path}"]
+    return " ".join(parts)
+
+
+def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
+    """Refuse shards that are not what the config asks for, naming both values."""
+    src, codec = manifest["source"], manifest["codec"]
+    problems = []
+    if src.get("dataset") != cfg.data.dataset_name:
+        problems.append(("data.dataset_name", f"config says {cfg.data.dataset_name!r}, shards hold {src.get('dataset')!r}"))
+    if src.get("image_size") != cfg.data.image_size:
+        problems.append(("data.image_size", f"config says {cfg.data.image_size}, shards hold {src.get('image_size')}"))
+    want = cfg.vae.name if cfg.vae.name == "pixel" else str(Path(cfg.vae.name).resolve()) \
+        if Path(cfg.vae.name).exists() else cfg.vae.name
+    if codec["name"] != want:
+        problems.append(("vae.name", f"config says {cfg.vae.name!r}, shards were encoded with {codec['name']!r}"))
+    if cfg.model.conditioning == "class" and not manifest.get("labels"):
+        problems.append(("model.conditioning", "config says 'class', but the shards carry no labels"))
+    if cfg.model.conditioning == "caption":
+        problems.append(("model.conditioning", "caption conditioning needs caption embeddings in the shards, which "
+                                               "this version does not encode yet; use 'class' or 'none'"))
+    if problems:
+        raise ConfigError(problems, header=f"the shards in '{folder}' do not match the config")
+
+
+def num_classes_for(cfg: Config, manifest: dict) -> int:
+    labels = manifest.get("labels")
+    if cfg.model.conditioning == "none" or (cfg.model.conditioning == "auto" and not labels):
+        return 0
+    return int(labels["num_classes"])
+
+
+def build_model(cfg: Config, manifest: dict, num_classes: int) -> torch.nn.Module:
+    _, channels, size, _ = manifest["latent"]["shape"]
+    m = cfg.model
+    try:
+        return build_dit(m.name, input_size=size, in_channels=channels, num_classes=num_classes,
+                         learn_sigma=m.learn_sigma and cfg.diffusion.objective == "ddpm",
+                         class_dropout_prob=m.class_dropout_prob if num_classes else 0.0, qk_norm=m.qk_norm,
+                         gradient_checkpointing=m.gradient_checkpointing, hidden_size=m.hidden_size, depth=m.depth,
+                         num_heads=m.num_heads, patch_size=m.patch_size)
+    except ValueError as e:
+        raise ConfigError([("model", str(e))]) from None
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator for one optimizer step on one rank: timesteps, noise and label dropout come from it alone."""
+    key = int(np.random.SeedSequence([seed, step, rank, 3]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(key)
+
+
+def micro_loss(model, objective, x0: torch.Tensor, labels: torch.Tensor, num_classes: int, drop_prob: float,
+               gen: torch.Generator) -> torch.Tensor:
+    """Per-sample loss (N,) of one micro-batch. Every random draw comes from `gen`, in a fixed order."""
+    n = x0.shape[0]
+    t = objective.sample_timesteps(n, gen, x0.device)  # (N,)
+    noise = torch.randn(x0.shape, generator=gen, device=x0.device)  # (N, C, H, W)
+    if num_classes:
+        drop = torch.rand(n, generator=gen, device=x0.device) < drop_prob  # (N,) CFG dropout, once per sample
+        model_fn = lambda xt, tt: model(xt, tt, labels, force_drop_ids=drop)  # noqa: E731
+    else:
+        model_fn = lambda xt, tt: model(xt, tt)  # noqa: E731
+    return objective.training_losses(model_fn, x0, t, noise)["loss"]
+
+
+def _run_name(cfg: Config, config_name: str | None) -> str:
+    return cfg.logging.run_name or (Path(config_name).stem if config_name else "run")
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, config_name: str | None = None, resume: Path | None = None,
+          console: Console | None = None) -> Path:
+    """Train (or resume, from the checkpoint folder `resume`) and return the run folder."""
+    from accelerate import Accelerator
+
+    console = console or Console(stderr=True)
+    folder = cfg.shards_path
+    if not (folder / shards.MANIFEST).is_file():
+        raise ShardError(f"no shards at '{folder}'. Make them first with:\n  {encode_command(cfg)}")
+    store, manifest = open_shards(folder)
+    check_manifest(cfg, manifest, folder)
+
+    probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision, notice = effective_precision(cfg.training.mixed_precision, probe)
+    acc = Accelerator(mixed_precision=precision, cpu=probe.type == "cpu")
+    rank, world, device = acc.process_index, acc.num_processes, acc.device
+    t = cfg.training
+    plan = Plan(manifest["num_samples"], t.batch_size, t.gradient_accumulation_steps, world)
+    if plan.steps_per_epoch == 0:
+        raise ConfigError([("training.batch_size", f"the global batch ({plan.global_batch} = batch × accumulation × "
+                                                   f"{world} processes) exceeds the {plan.num_samples} samples")])
+    num_classes = num_classes_for(cfg, manifest)
+    run_dir = resume.parent if resume else Path(cfg.logging.output_dir) / _run_name(cfg, config_name)
+    saved = checkpoint.validate(resume) if resume else None
+    total_steps = saved["total_steps"] if saved else plan.steps_per_epoch * t.num_epochs
+    end_step = min(plan.steps_per_epoch * t.num_epochs, t.max_steps or math.inf)
+    spec = RunSpec(precision, notice, num_classes, plan, total_steps, run_dir)
+
+    torch.manual_seed(t.seed)  # model init is the one draw from the global RNG, and it is seeded
+    model = build_model(cfg, manifest, num_classes)
+    objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
+    ema = EMA(model) if t.use_ema else None
+    opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.999),
+                            fused=device.type == "cuda")
+    start_step = 0
+    if saved:
+        start_step = _load_state(resume, saved, model, ema, opt, acc, world, rank)
+    elif acc.is_main_process:
+        _new_run_dir(run_dir, cfg)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model, keep_torch_compile=False)
+
+    log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process)
+    if acc.is_main_process:
+        _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step)
+    loader = make_loader(store, plan, rank, t.seed, start_step, end_step, cfg.data.num_workers,
+                         cfg.data.shuffle_window, pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    stop = _StopFlag()
+    counters = {"nonfinite_total": saved.get("nonfinite_total", 0) if saved else 0, "nonfinite_run": 0}
+
+    def save(name: str, step: int) -> None:
+        checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, raw, ema, opt),
+                        _ckpt_state(cfg, step, plan, total_steps, counters), rank=rank,
+                        barrier=acc.wait_for_everyone, needed_bytes=_needed_bytes(raw))
+        if acc.is_main_process:
+            checkpoint.prune(run_dir, cfg.checkpointing.total_limit, cfg.checkpointing.keep_epochs)
+
+    loss_acc, n_acc, since_log = torch.zeros((), device=device), 0, 0
+    t_log = t_start = time.time()
+    last_loss = math.nan
+    bar = _progress(console, acc.is_main_process)
+    epoch_task = None
+
+    with bar, stop.installed():
+        for step in range(start_step, end_step):
+            epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+            if step > start_step and step % cfg.checkpointing.steps == 0:
+                save(checkpoint.step_name(step), step)
+            if step > start_step and step_in_epoch == 0 and cfg.checkpointing.every_epoch:
+                save(checkpoint.epoch_name(epoch), step)
+            if _all_true(acc, stop.raised):
+                save(checkpoint.step_name(step), step)
+                raise _Stopped(run_dir, step)
+            if epoch_task is None or step_in_epoch == 0:
+                epoch_task = _epoch_task(bar, epoch, t.num_epochs, plan.steps_per_epoch, step_in_epoch)
+
+            lr = lr_at(step, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps, total_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            gen = step_generator(t.seed, step, rank, device)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(plan.accum):
+                batch = next(batches)
+                x0 = batch["latents"].to(device, non_blocking=True)  # (B, C, H, W) float32
+                labels = batch["labels"].to(device, non_blocking=True)  # (B,)
+                sync = contextlib.nullcontext() if micro == plan.accum - 1 else acc.no_sync(model)
+                with sync:
+                    loss = micro_loss(model, objective, x0, labels, num_classes, cfg.model.class_dropout_prob, gen)
+                    loss = loss.mean()
+                    acc.backward(loss / plan.accum)
+                step_loss += loss.detach() / plan.accum
+            finite = bool(acc.reduce(torch.isfinite(step_loss).float(), "sum").item() == world)
+            grad_norm = math.nan
+            if finite:
+                grad_norm = float(acc.clip_grad_norm_(raw.parameters(), t.max_grad_norm or math.inf))
+                opt.step()
+                if ema is not None and not acc.optimizer_step_was_skipped:
+                    ema.update(ema_decay(step, t.ema_decay, t.ema_warmup))
+                counters["nonfinite_run"] = 0
+                loss_acc += step_loss
+                n_acc += 1
+            else:
+                counters["nonfinite_total"] += 1
+                counters["nonfinite_run"] += 1
+                if counters["nonfinite_run"] >= t.max_nonfinite_steps:
+                    raise DitpipeError(f"{counters['nonfinite_run']} non-finite losses in a row at step {step + 1}; "
+                                       "stopping. Lower training.learning_rate, use bf16 instead of fp16, or set "
+                                       "model.qk_norm: true; resume from the last checkpoint")
+            opt.zero_grad(set_to_none=True)
+
+            done = step + 1
+            bar.update(epoch_task, advance=1, loss=last_loss)
+            since_log += 1
+            if done % cfg.logging.steps == 0 or done == end_step:
+                mean_loss = float(acc.reduce(loss_acc, "sum").item()) / max(1, n_acc * world)
+                ips = since_log * plan.global_batch / max(time.time() - t_log, 1e-9)
+                last_loss = mean_loss
+                bar.update(epoch_task, loss=mean_loss, ips=ips)
+                if acc.is_main_process:
+                    bar.console.print(f"Step {done}, Loss: {mean_loss:.4f}, LR: {lr:.2e}", highlight=False)
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+                log.scalars(done, loss=mean_loss, lr=lr, grad_norm=grad_norm, img_per_s=ips, peak_mem_gib=peak,
+                            epoch=epoch + 1, nonfinite_total=counters["nonfinite_total"])
+                loss_acc.zero_()
+                n_acc, since_log, t_log = 0, 0, time.time()
+
+        save(checkpoint.step_name(end_step), end_step)
+        if end_step % plan.steps_per_epoch == 0 and cfg.checkpointing.every_epoch and end_step > start_step:
+            save(checkpoint.epoch_name(end_step // plan.steps_per_epoch), end_step)
+    log.close()
+    if acc.is_main_process:
+        _closing(console, run_dir, last_loss, time.time() - t_start, (end_step - start_step) * plan.global_batch,
+                 end_step, counters)
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------------- state
+
+
+def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, counters: dict) -> dict:
+    import accelerate
+    import diffusers
+
+    return {"written_by": f"ditpipe {__version__}", "step": step, "epoch": step // plan.steps_per_epoch,
+            "samples_consumed": step * plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
+            "total_steps": total_steps, "world_size": plan.world_size, "config_hash": cfg.hash(),
+            "nonfinite_total": counters["nonfinite_total"],
+            "versions": {"torch": torch.__version__, "accelerate": accelerate.__version__,
+                         "diffusers": diffusers.__version__, "numpy": np.__version__, "ditpipe": __version__}}
+
+
+def _writers(acc, cfg: Config, manifest: dict, raw, ema, opt) -> dict:
+    rank = acc.process_index
+    writers = {f"rng-rank{rank}.pt": lambda p: torch.save(checkpoint.rng_state(), p)}
+    if not acc.is_main_process:
+        return writers
+    excerpt = {k: manifest.get(k) for k in ("codec", "labels", "captions", "latent", "source")}
+    writers.update({
+        "model.pt": lambda p: torch.save(raw.state_dict(), p),
+        "optimizer.pt": lambda p: torch.save(opt.state_dict(), p),
+        "config.yaml": lambda p: p.write_text(cfg.to_yaml()),
+        "manifest.json": lambda p: p.write_text(json.dumps(excerpt, indent=1)),
+    })
+    if ema is not None:
+        writers["ema.pt"] = lambda p: torch.save(ema.state_dict(), p)
+    if acc.scaler is not None:
+        writers["scaler.pt"] = lambda p: torch.save(acc.scaler.state_dict(), p)
+    return writers
+
+
+def _needed_bytes(raw) -> int:
+    params = sum(p.numel() * 4 for p in raw.parameters())
+    return params * 4  # model + EMA + two Adam moments, in fp32
+
+
+def _load_state(ckpt: Path, saved: dict, model, ema, opt, acc, world: int, rank: int) -> int:
+    if saved["world_size"] != world:
+        raise ConfigError([("world size", f"the run was trained on {saved['world_size']} process(es), this launch "
+                                          f"has {world}; resume with the same number (the data split depends on it)")])
+    model.load_state_dict(checkpoint.load_tensors(ckpt / "model.pt"), strict=True)
+    opt.load_state_dict(checkpoint.load_tensors(ckpt / "optimizer.pt"))
+    if ema is not None:
+        if (ckpt / "ema.pt").is_file():
+            ema.load_state_dict(checkpoint.load_tensors(ckpt / "ema.pt"))
+    if (ckpt / f"rng-rank{rank}.pt").is_file():
+        checkpoint.set_rng_state(checkpoint.load_tensors(ckpt / f"rng-rank{rank}.pt"))
+    if acc.scaler is not None and (ckpt / "scaler.pt").is_file():
+        acc.scaler.load_state_dict(checkpoint.load_tensors(ckpt / "scaler.pt"))
+    return int(saved["step"])
+
+
+def _new_run_dir(run_dir: Path, cfg: Config) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise DitpipeError(f"run folder '{run_dir}' already exists. Continue it with `ditpipe resume {run_dir}`, or "
+                           "start a new run with --logging.run_name NAME")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+
+# ---------------------------------------------------------------------------------------------------- signals
+
+
+class _Stopped(DitpipeError):
+    exit_code = 130
+
+    def __init__(self, run_dir: Path, step: int):
+        super().__init__(f"stopped by signal after step {step}; checkpoint written. Continue with "
+                         f"`ditpipe resume {run_dir}`")
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM finish the current optimizer step, then the loop checkpoints and exits."""
+
+    def __init__(self):
+        self.raised = False
+
+    def _handler(self, signum, frame):
+        self.raised = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _all_true(acc, flag: bool) -> bool:
+    """A decision every rank takes together (any rank stopping stops all)."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "sum").item() > 0)
+
+
+# ---------------------------------------------------------------------------------------------------- console
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                    TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(),
+                    TextColumn("loss={task.fields[loss]:.4f} {task.fields[ips]:,.0f} img/s"), console=console,
+                    disable=not enabled)
+
+
+def _epoch_task(bar: Progress, epoch: int, num_epochs: int, steps: int, done: int):
+    for task in bar.tasks:
+        bar.update(task.id, visible=False)
+    return bar.add_task(f"Epoch {epoch + 1}/{num_epochs}", total=steps, completed=done, loss=math.nan, ips=0.0)
+
+
+def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, device, start_step, end_step) -> None:
+    t, plan = cfg.training, spec.plan
+    table = Table(title="ditpipe train", show_header=False, title_justify="left")
+    table.add_row("device", f"{device} × {plan.world_size} process(es)")
+    table.add_row("precision", spec.precision + (f"  ({spec.notice})" if spec.notice else ""))
+    params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    table.add_row("model", f"{cfg.model.name} (hidden {raw.hidden_size}, depth {raw.depth}, patch {raw.patch_size}),"
+                           f" {params:,} trainable parameters, "
+                           + (f"{spec.num_classes} classes" if spec.num_classes else "unconditional"))
+    table.add_row("objective", cfg.diffusion.objective)
+    table.add_row("shards", f"{folder}: {manifest['num_samples']:,} samples in {manifest['num_shards']} "
+                            f"{manifest['format']} shard(s), latent {tuple(manifest['latent']['shape'])}")
+    table.add_row("batch", f"{t.batch_size} × {t.gradient_accumulation_steps} accumulation × {plan.world_size} = "
+                           f"{plan.global_batch} per optimizer step")
+    table.add_row("steps", f"{plan.steps_per_epoch:,} optimizer steps per epoch; {end_step:,} to run"
+                           + (f" (from step {start_step:,})" if start_step else "")
+                           + f"; LR schedule over {spec.total_steps:,}")
+    table.add_row("output", str(spec.run_dir))
+    console.print(table)
+    if start_step and end_step > spec.total_steps:
+        console.print(f"[yellow]note:[/] steps beyond {spec.total_steps:,} continue at the schedule's final LR")
+
+
+def _closing(console, run_dir: Path, loss: float, seconds: float, images: int, step: int, counters: dict) -> None:
+    final = run_dir / checkpoint.step_name(step)
+    console.print(f"[green]done[/]: {step:,} steps, final loss {loss:.4f}, {seconds:.1f} s, "
+                  f"{images / max(seconds, 1e-9):,.1f} img/s"
+                  + (f", {counters['nonfinite_total']} non-finite step(s) skipped" if counters["nonfinite_total"] else ""))
+    console.print(f"final model: {final}/model.pt (EMA: ema.pt); logs: {run_dir}/metrics.jsonl, {run_dir}/tensorboard")
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+
+
+def find_checkpoint(target: Path | None, output_dir: Path, warn) -> Path:
+    """A checkpoint folder from: nothing (the run under `output_dir` whose `latest` changed last), a run folder
+    (its newest valid checkpoint), or a checkpoint folder (validated as it is)."""
+    if target is None:
+        runs = [p.parent for p in Path(output_dir).glob(f"*/{checkpoint.LATEST}")]
+        runs += [Path(output_dir)] if (Path(output_dir) / checkpoint.LATEST).is_file() else []
+        if not runs:
+            raise DitpipeError(f"no run to resume under '{output_dir}' (no '{checkpoint.LATEST}' pointer); name one: "
+                               "`ditpipe resume outputs/RUN`")
+        target = max(runs, key=lambda p: (p / checkpoint.LATEST).stat().st_mtime)
+    target = Path(target)
+    if not target.is_dir():
+        raise DitpipeError(f"'{target}' is not a folder; pass a run folder or a checkpoint folder")
+    if (target / checkpoint.STATE).is_file() or checkpoint._NAME.match(target.name):
+        checkpoint.validate(target)
+        return target
+    return checkpoint.find_resumable(target, warn)[0]
+
+
+def resume_config(ckpt: Path, new: Config | None = None, overrides: dict | None = None) -> Config:
+    """The config to resume with: the run's saved one, with `overrides` (dotted) applied, or `new` as given.
+    Keys outside RESUMABLE_CHANGES that differ from the saved config are refused, each named."""
+    import yaml
+
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    if new is None:
+        merged = json.loads(json.dumps(saved))
+        for key, value in (overrides or {}).items():
+            section, _, name = key.partition(".")
+            merged.setdefault(section, {})[name] = value
+        new = validate_tree(merged)
+    cfg = new
+    old = validate_tree(saved).to_dict()
+    new = cfg.to_dict()
+    refused = [(f"{s}.{k}", f"was {old[s][k]!r} in the run, now {new[s][k]!r}; only "
+                            f"{', '.join(RESUMABLE_CHANGES)}* may change on resume (start a new run instead)")
+               for s in new for k in new[s]
+               if new[s][k] != old[s][k] and not f"{s}.{k}".startswith(RESUMABLE_CHANGES)]
+    if refused:
+        raise ConfigError(refused, header=f"cannot resume '{ckpt}' with a different config")
+    return cfg
