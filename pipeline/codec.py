@@ -72,7 +72,10 @@ class VaeCodec:
     def weights_hash(self) -> str:
         """sha256 of the config and every weight: the same id with other weights is another codec."""
         if self._hash is None:
-            h = hashlib.sha256(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
+            # Keys starting with "_" (`_name_or_path`, `_diffusers_version`) say where and by what it was saved,
+            # not what the model is: a copied folder or a diffusers upgrade is the same codec.
+            config = {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}
+            h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
             for name, tensor in sorted(self.vae.state_dict().items()):
                 h.update(name.encode())
                 h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
