@@ -217,11 +217,17 @@ def iter_shard(folder: Path, shard: str, manifest: dict, sidecar: dict | None = 
     shape = tuple(manifest["latent"]["shape"])
     sidecar = sidecar or json.loads((folder / sidecar_name(shard)).read_text())
     if manifest["format"] == "wds":
+        expected = npy_bytes(np.zeros(shape, LATENT_DTYPE))  # every latent member is exactly this header + data
         with open(folder / shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             for key, (lo, ln, jo, jn) in zip(sidecar["keys"], sidecar["index"]):
                 header = _npy_header_len(mm, lo)
-                latent = np.frombuffer(mm, dtype=LATENT_DTYPE, count=int(np.prod(shape)), offset=lo + header)
-                yield Sample(key, latent.reshape(shape).copy(), json.loads(bytes(mm[jo : jo + jn])))
+                if ln != len(expected) or mm[lo : lo + header] != expected[:header]:
+                    # another dtype (an object-array pickle, say) or shape: refuse it, never reinterpret its bytes
+                    raise ShardError(f"{folder / shard}: sample '{key}' latent is not a {LATENT_DTYPE}{shape} .npy; "
+                                     "the shard is damaged or tampered (run `ditpipe verify`)")
+                # copy at once: a view still alive when the mmap closes raises BufferError ("exported pointers")
+                latent = np.frombuffer(mm, dtype=LATENT_DTYPE, count=int(np.prod(shape)), offset=lo + header).copy()
+                yield Sample(key, latent.reshape(shape), json.loads(bytes(mm[jo : jo + jn])))
     else:
         import pyarrow.parquet as pq
 
@@ -340,6 +346,10 @@ def _decode_tar(path: Path, shape, allowed: set[str], side: dict | None, problem
             if key not in samples:
                 samples[key] = {}
                 order.append(key)
+            elif key != order[-1]:  # webdataset groups members by consecutive key: this sample would split
+                problems.append(f"{path.name}: the members of sample '{key}' are not consecutive ('{info.name}')")
+            if ext in samples[key]:
+                problems.append(f"{path.name}: duplicate member '{info.name}'")
             samples[key][ext] = (info.offset_data, tar.extractfile(info).read())
     good = 0
     for key in order:

@@ -155,6 +155,8 @@ def _prepare_folder(out: Path, header: dict, fmt: str, overwrite: bool) -> None:
     params["format_version"] = shards.FORMAT_VERSION
     params["format"] = fmt  # a wds folder re-encoded as parquet would keep stale tars that verify then rejects
     params_file = out / shards.PARAMS
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"'{out}' exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()):
         if not params_file.is_file():
             raise ShardError(f"'{out}' exists and is not a ditpipe shard folder; choose another --out")
