@@ -101,6 +101,7 @@ class ShardStore:
     def __init__(self, folder: Path, manifest: dict, max_open: int = 16):
         self.folder, self.manifest = Path(folder), manifest
         self.shape = tuple(manifest["latent"]["shape"])
+        self.nbytes = int(np.prod(self.shape)) * np.dtype(shards.LATENT_DTYPE).itemsize
         self.counts = [s["samples"] for s in manifest["shards"]]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.max_open = max_open
@@ -120,8 +121,12 @@ class ShardStore:
                 with open(self.folder / entry["name"], "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 index = np.asarray(side["index"], dtype=np.int64).reshape(-1, 4)
-                offsets = index[:, 0] + (shards._npy_header_len(mm, int(index[0, 0])) if len(index) else 0)
-                self._open[s] = ("wds", mm, offsets, labels)
+                header = shards.npy_bytes(np.zeros(self.shape, shards.LATENT_DTYPE))[: -self.nbytes]
+                for key, (lo, ln, _, _) in zip(side["keys"], index):  # no dtype or shape ever read on trust
+                    if ln != len(header) + self.nbytes or mm[lo : lo + len(header)] != header:
+                        raise ShardError(f"{self.folder / entry['name']}: sample '{key}' is not a float16 "
+                                         f"{self.shape} array; the shard is damaged (run `ditpipe verify`)")
+                self._open[s] = ("wds", mm, index[:, 0] + len(header), labels)
             else:
                 import pyarrow.parquet as pq
 
@@ -190,6 +195,39 @@ class MicroBatches(torch.utils.data.Dataset):
                 "indices": torch.from_numpy(indices), "epoch": epoch, "q": q}
 
 
+class ImageBatches(torch.utils.data.Dataset):
+    """The online-VAE baseline (`data.source: images`): the same keys, order and per-sample draws (flip bit, then ε)
+    as MicroBatches, but yields decoded images; the training step encodes them with the codec every time."""
+
+    def __init__(self, source, order: EpochOrder, plan: Plan, rank: int, seed: int, latent_shape: tuple[int, ...],
+                 flip: bool, stores_std: bool):
+        self.source, self.order, self.plan, self.rank, self.seed = source, order, plan, rank, seed
+        self.latent_shape, self.flip, self.stores_std = tuple(latent_shape), flip, stores_std
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        from pipeline.errors import DataError
+        from pipeline.sources import BadImage
+
+        epoch, q = key
+        indices = self.order(epoch, self.plan.positions(q, self.rank))
+        pixels, eps, labels = [], [], []
+        for g in indices:
+            rng = keyed_rng(self.seed, epoch, _SAMPLE, g)
+            try:
+                img = self.source.load(int(g)).pixels  # (H, W, 3) uint8
+            except BadImage as e:
+                raise DataError(f"{self.source.sample_meta(int(g))['file']}: {e}. The online mode cannot skip inputs; "
+                                "encode shards instead (`ditpipe encode`), which skips and records them") from None
+            pixels.append(img[:, ::-1] if self.flip and rng.integers(2) else img)
+            eps.append(rng.standard_normal(self.latent_shape, dtype=np.float32) if self.stores_std
+                       else np.zeros(self.latent_shape, np.float32))
+            labels.append(-1 if self.source.items[int(g)].label is None else self.source.items[int(g)].label)
+        return {"pixels": torch.from_numpy(np.ascontiguousarray(np.stack(pixels))),  # (B, H, W, 3) uint8
+                "eps": torch.from_numpy(np.stack(eps)),  # (B, C, h, w) float32
+                "labels": torch.tensor(labels, dtype=torch.long), "indices": torch.from_numpy(indices),
+                "epoch": epoch, "q": q}
+
+
 class RunKeys(torch.utils.data.Sampler):
     """(epoch, q) for every micro-batch from optimizer step `start_step` to `end_step`: one counter, many epochs."""
 
@@ -211,11 +249,11 @@ def open_shards(folder: Path) -> tuple[ShardStore, dict]:
     return ShardStore(folder, manifest), manifest
 
 
-def make_loader(store: ShardStore, plan: Plan, rank: int, seed: int, start_step: int, end_step: int,
-                num_workers: int, window: int = 8, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """The whole run's micro-batches for `rank`, starting at `start_step` without reading what came before."""
-    order = EpochOrder(store.counts, seed, window)
+def make_loader(dataset: torch.utils.data.Dataset, plan: Plan, start_step: int, end_step: int, num_workers: int,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The whole run's micro-batches of `dataset` (MicroBatches or ImageBatches), starting at `start_step` without
+    reading what came before."""
     return torch.utils.data.DataLoader(
-        MicroBatches(store, order, plan, rank, seed), sampler=RunKeys(plan, start_step, end_step), batch_size=None,
+        dataset, sampler=RunKeys(plan, start_step, end_step), batch_size=None,
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None)

@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import __version__, atomic
 from pipeline.errors import ShardError
 
 FORMAT_VERSION = 1
@@ -152,6 +152,23 @@ def load_sidecar(folder: Path, shard: str) -> dict | None:
         return meta
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def manifest_header(source, codec, samples_per_shard: int, slices: list[str], flip_at_load: bool) -> dict:
+    """Everything the manifest says besides the shards: source, codec, latent layout, labels, captions."""
+    side = source.image_size // codec.downsample
+    return {
+        "created_by": f"ditpipe {__version__}",
+        "source": source.params,
+        "codec": codec.identity(),
+        "latent": {"shape": [len(slices), codec.latent_channels, side, side], "dtype": LATENT_DTYPE, "slices": slices,
+                   "std_stored": "std" in slices, "flip_stored": "mean_flip" in slices, "flip_at_load": flip_at_load},
+        "labels": None if source.class_names is None else {"num_classes": len(source.class_names),
+                                                           "names": source.class_names},
+        "captions": {"text": True, "encoder": None} if any(it.captions for it in source.items) else None,
+        "samples_per_shard": samples_per_shard,
+        "num_inputs": len(source),
+    }
 
 
 def build_manifest(folder: Path, header: dict, num_shards: int, fmt: str) -> dict:

@@ -23,7 +23,7 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 from rich.table import Table
 from rich.text import Text
 
-from pipeline import __version__, atomic, shards
+from pipeline import atomic, shards
 from pipeline.codec import encode_with_backoff, load_codec
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ShardError
@@ -98,21 +98,8 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     out = cfg.shards_path
     n_per, fmt = cfg.shards.samples_per_shard, cfg.shards.format
     slices = shards.latent_slices(codec.stores_std, cfg.shards.store, cfg.shards.flip)
-    side = cfg.data.image_size // codec.downsample
-    latent_shape = (len(slices), codec.latent_channels, side, side)
-    header = {
-        "created_by": f"ditpipe {__version__}",
-        "source": source.params,
-        "codec": codec.identity(),
-        "latent": {"shape": list(latent_shape), "dtype": shards.LATENT_DTYPE, "slices": slices,
-                   "std_stored": "std" in slices, "flip_stored": "mean_flip" in slices or "std_flip" in slices,
-                   "flip_at_load": not codec.stores_std and cfg.shards.flip},
-        "labels": None if source.class_names is None else {"num_classes": len(source.class_names),
-                                                           "names": source.class_names},
-        "captions": {"text": True, "encoder": None} if any(it.captions for it in source.items) else None,
-        "samples_per_shard": n_per,
-        "num_inputs": len(source),
-    }
+    header = shards.manifest_header(source, codec, n_per, slices, flip_at_load=not codec.stores_std and cfg.shards.flip)
+    latent_shape = tuple(header["latent"]["shape"])
     _prepare_folder(out, header, fmt, overwrite)
     num_shards = max(1, math.ceil(len(source) / n_per))
     loader_state = {"batch": cfg.vae.batch_size}

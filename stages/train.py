@@ -27,7 +27,7 @@ from pipeline.config import Config, validate_tree
 from pipeline.diffusion import make_objective
 from pipeline.ema import EMA, ema_decay
 from pipeline.errors import ConfigError, DitpipeError, ShardError
-from pipeline.loader import Plan, make_loader, open_shards
+from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, Plan, make_loader, open_shards
 from pipeline.metrics import MetricsLog
 from pipeline.model import build_dit
 from pipeline.schedule import lr_at
@@ -92,6 +92,44 @@ def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
         raise ConfigError(problems, header=f"the shards in '{folder}' do not match the config")
 
 
+def _data(cfg: Config):
+    """(manifest, shard folder, store, (source, codec) or None): shards for a normal run; for the online-VAE baseline
+    (`data.source: images`) the source and codec, with the manifest encode would have written (minus the shards)."""
+    folder = cfg.shards_path
+    if cfg.data.source == "images":
+        from pipeline.codec import load_codec
+        from pipeline.sources import make_source
+
+        source = make_source(cfg.data)
+        codec = load_codec(cfg.vae.name, cfg.vae.dtype, use_slicing=cfg.vae.use_slicing)
+        manifest = shards.manifest_header(source, codec, cfg.shards.samples_per_shard,
+                                          shards.latent_slices(codec.stores_std, "mean_std", False),
+                                          flip_at_load=cfg.shards.flip)
+        manifest["num_samples"] = len(source)
+        return manifest, Path(f"{cfg.data.dataset_name} images (online {cfg.vae.name})"), None, (source, codec)
+    if not (folder / shards.MANIFEST).is_file():
+        raise ShardError(f"no shards at '{folder}'. Make them first with:\n  {encode_command(cfg)}")
+    store, manifest = open_shards(folder)
+    check_manifest(cfg, manifest, folder)
+    return manifest, folder, store, None
+
+
+def _precomputed(device: torch.device):
+    return lambda batch: batch["latents"].to(device, non_blocking=True)
+
+
+def _online(codec, codec_manifest: dict, device: torch.device):
+    """The baseline's per-step encode: z = (mean + std·ε − shift)·scale, ε and the flip drawn by the loader."""
+    scale, shift = codec_manifest["scaling_factor"], codec_manifest["shift_factor"]
+
+    def to_latents(batch: dict) -> torch.Tensor:
+        mean, std = codec.encode(batch["pixels"])  # (B, C, h, w) each, std None for pixels
+        z = mean if std is None else mean + std * batch["eps"].to(device)
+        return ((z - shift) * scale).to(device)
+
+    return to_latents
+
+
 def num_classes_for(cfg: Config, manifest: dict) -> int:
     labels = manifest.get("labels")
     if cfg.model.conditioning == "none" or (cfg.model.conditioning == "auto" and not labels):
@@ -118,14 +156,20 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return torch.Generator(device=device).manual_seed(key)
 
 
-def micro_loss(model, objective, x0: torch.Tensor, labels: torch.Tensor, num_classes: int, drop_prob: float,
-               gen: torch.Generator) -> torch.Tensor:
-    """Per-sample loss (N,) of one micro-batch. Every random draw comes from `gen`, in a fixed order."""
-    n = x0.shape[0]
-    t = objective.sample_timesteps(n, gen, x0.device)  # (N,)
-    noise = torch.randn(x0.shape, generator=gen, device=x0.device)  # (N, C, H, W)
+def step_draws(objective, gen: torch.Generator, n: int, latent_shape: tuple[int, int, int], drop_prob: float,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All of one step's random draws for this rank's n = B·accum samples, at once and in a fixed order, so that
+    accumulation only splits the batch: B=8 × 1 and B=4 × 2 see the same timesteps, noise and dropout."""
+    t = objective.sample_timesteps(n, gen, device)  # (n,)
+    noise = torch.randn((n, *latent_shape), generator=gen, device=device)  # (n, C, H, W)
+    drop = torch.rand(n, generator=gen, device=device) < drop_prob  # (n,) CFG label dropout, once per sample
+    return t, noise, drop
+
+
+def micro_loss(model, objective, x0: torch.Tensor, labels: torch.Tensor, num_classes: int, t: torch.Tensor,
+               noise: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss (N,) of one micro-batch, given its slice of the step's draws."""
     if num_classes:
-        drop = torch.rand(n, generator=gen, device=x0.device) < drop_prob  # (N,) CFG dropout, once per sample
         model_fn = lambda xt, tt: model(xt, tt, labels, force_drop_ids=drop)  # noqa: E731
     else:
         model_fn = lambda xt, tt: model(xt, tt)  # noqa: E731
@@ -145,11 +189,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     from accelerate import Accelerator
 
     console = console or Console(stderr=True)
-    folder = cfg.shards_path
-    if not (folder / shards.MANIFEST).is_file():
-        raise ShardError(f"no shards at '{folder}'. Make them first with:\n  {encode_command(cfg)}")
-    store, manifest = open_shards(folder)
-    check_manifest(cfg, manifest, folder)
+    manifest, folder, store, online = _data(cfg)
 
     probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, notice = effective_precision(cfg.training.mixed_precision, probe)
@@ -161,6 +201,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         raise ConfigError([("training.batch_size", f"the global batch ({plan.global_batch} = batch × accumulation × "
                                                    f"{world} processes) exceeds the {plan.num_samples} samples")])
     num_classes = num_classes_for(cfg, manifest)
+    latent_shape = tuple(manifest["latent"]["shape"][1:])  # (C, H, W)
     run_dir = resume.parent if resume else Path(cfg.logging.output_dir) / _run_name(cfg, config_name)
     saved = checkpoint.validate(resume) if resume else None
     total_steps = saved["total_steps"] if saved else plan.steps_per_epoch * t.num_epochs
@@ -186,8 +227,17 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process)
     if acc.is_main_process:
         _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step)
-    loader = make_loader(store, plan, rank, t.seed, start_step, end_step, cfg.data.num_workers,
-                         cfg.data.shuffle_window, pin_memory=device.type == "cuda")
+    order = EpochOrder([min(manifest["samples_per_shard"], plan.num_samples - i) for i in
+                        range(0, plan.num_samples, manifest["samples_per_shard"])] if store is None else store.counts,
+                       t.seed, cfg.data.shuffle_window)
+    if store is not None:
+        dataset, to_latents = MicroBatches(store, order, plan, rank, t.seed), _precomputed(device)
+    else:
+        _, c, h, w = manifest["latent"]["shape"]
+        source, codec = online
+        dataset = ImageBatches(source, order, plan, rank, t.seed, (c, h, w), cfg.shards.flip, codec.stores_std)
+        to_latents = _online(codec, manifest["codec"], device)
+    loader = make_loader(dataset, plan, start_step, end_step, cfg.data.num_workers, pin_memory=device.type == "cuda")
     batches = iter(loader)
     stop = _StopFlag()
     counters = {"nonfinite_total": saved.get("nonfinite_total", 0) if saved else 0, "nonfinite_run": 0}
@@ -199,6 +249,14 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         if acc.is_main_process:
             checkpoint.prune(run_dir, cfg.checkpointing.total_limit, cfg.checkpointing.keep_epochs)
 
+    decoder: dict = {}  # the codec for validation grids, built on first use (never for the training step)
+
+    def validate(step: int) -> None:
+        if acc.is_main_process:
+            path = validation_grid(cfg, manifest, raw, ema, objective, num_classes, step, run_dir, device, decoder)
+            bar.console.print(f"samples at step {step}: {path}")
+        acc.wait_for_everyone()
+
     loss_acc, n_acc, since_log = torch.zeros((), device=device), 0, 0
     t_log = t_start = time.time()
     last_loss = math.nan
@@ -208,10 +266,12 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     with bar, stop.installed():
         for step in range(start_step, end_step):
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
-            if step > start_step and step % cfg.checkpointing.steps == 0:
-                save(checkpoint.step_name(step), step)
             if step > start_step and step_in_epoch == 0 and cfg.checkpointing.every_epoch:
                 save(checkpoint.epoch_name(epoch), step)
+            if step > start_step and step % cfg.checkpointing.steps == 0:
+                save(checkpoint.step_name(step), step)  # last, so `latest` names the step checkpoint
+            if cfg.validation.every_steps and step > start_step and step % cfg.validation.every_steps == 0:
+                validate(step)
             if _all_true(acc, stop.raised):
                 save(checkpoint.step_name(step), step)
                 raise _Stopped(run_dir, step)
@@ -221,16 +281,17 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             lr = lr_at(step, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps, total_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
-            gen = step_generator(t.seed, step, rank, device)
+            draws = step_draws(objective, step_generator(t.seed, step, rank, device), plan.batch_size * plan.accum,
+                               latent_shape, cfg.model.class_dropout_prob, device)
             step_loss = torch.zeros((), device=device)
             for micro in range(plan.accum):
                 batch = next(batches)
-                x0 = batch["latents"].to(device, non_blocking=True)  # (B, C, H, W) float32
+                x0 = to_latents(batch)  # (B, C, H, W) float32, scaled
                 labels = batch["labels"].to(device, non_blocking=True)  # (B,)
+                part = slice(micro * plan.batch_size, (micro + 1) * plan.batch_size)
                 sync = contextlib.nullcontext() if micro == plan.accum - 1 else acc.no_sync(model)
                 with sync:
-                    loss = micro_loss(model, objective, x0, labels, num_classes, cfg.model.class_dropout_prob, gen)
-                    loss = loss.mean()
+                    loss = micro_loss(model, objective, x0, labels, num_classes, *(d[part] for d in draws)).mean()
                     acc.backward(loss / plan.accum)
                 step_loss += loss.detach() / plan.accum
             finite = bool(acc.reduce(torch.isfinite(step_loss).float(), "sum").item() == world)
@@ -268,9 +329,11 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                 loss_acc.zero_()
                 n_acc, since_log, t_log = 0, 0, time.time()
 
-        save(checkpoint.step_name(end_step), end_step)
         if end_step % plan.steps_per_epoch == 0 and cfg.checkpointing.every_epoch and end_step > start_step:
             save(checkpoint.epoch_name(end_step // plan.steps_per_epoch), end_step)
+        save(checkpoint.step_name(end_step), end_step)
+        if cfg.validation.every_steps and end_step > start_step:
+            validate(end_step)
     log.close()
     if acc.is_main_process:
         _closing(console, run_dir, last_loss, time.time() - t_start, (end_step - start_step) * plan.global_batch,
@@ -278,19 +341,45 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     return run_dir
 
 
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classes: int, step: int, run_dir: Path,
+                    device: torch.device, decoder: dict) -> Path:
+    """A grid of `validation.num_samples` samples (EMA weights when kept), one class per column cycle, written to
+    samples/step-NNNNNNN.png. The same seed every time, so grids compare across steps."""
+    from pipeline.codec import load_codec
+    from pipeline.generate import decode, generate
+    from pipeline.images import make_grid, to_uint8
+
+    model = build_model(cfg, manifest, num_classes).to(device).eval()
+    model.load_state_dict(ema.state_dict() if ema is not None else raw.state_dict())
+    n, v = cfg.validation.num_samples, cfg.validation
+    labels = torch.arange(n) % num_classes if num_classes else None
+    _, channels, size, _ = manifest["latent"]["shape"]
+    z = generate(model, objective, (channels, size, size), labels, n, None, v.sampling_steps, v.cfg_scale,
+                 cfg.training.seed, device)
+    codec = manifest["codec"]
+    if "codec" not in decoder:
+        decoder["codec"] = load_codec(codec["name"], codec["dtype"], device)
+    images = to_uint8(decode(z, decoder["codec"], codec["scaling_factor"], codec["shift_factor"]))
+    path = run_dir / "samples" / f"step-{step:07d}.png"
+    path.parent.mkdir(exist_ok=True)
+    make_grid(images, ncols=num_classes if num_classes and num_classes <= 16 else int(math.ceil(n ** 0.5))).save(path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------- state
 
 
 def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, counters: dict) -> dict:
-    import accelerate
-    import diffusers
+    from importlib.metadata import version
 
     return {"written_by": f"ditpipe {__version__}", "step": step, "epoch": step // plan.steps_per_epoch,
             "samples_consumed": step * plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
             "total_steps": total_steps, "world_size": plan.world_size, "config_hash": cfg.hash(),
             "nonfinite_total": counters["nonfinite_total"],
-            "versions": {"torch": torch.__version__, "accelerate": accelerate.__version__,
-                         "diffusers": diffusers.__version__, "numpy": np.__version__, "ditpipe": __version__}}
+            "versions": {name: version(name) for name in ("torch", "accelerate", "numpy", "ditpipe")}}
 
 
 def _writers(acc, cfg: Config, manifest: dict, raw, ema, opt) -> dict:
@@ -404,8 +493,10 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
                            f" {params:,} trainable parameters, "
                            + (f"{spec.num_classes} classes" if spec.num_classes else "unconditional"))
     table.add_row("objective", cfg.diffusion.objective)
-    table.add_row("shards", f"{folder}: {manifest['num_samples']:,} samples in {manifest['num_shards']} "
-                            f"{manifest['format']} shard(s), latent {tuple(manifest['latent']['shape'])}")
+    where = (f"{manifest['num_shards']} {manifest['format']} shard(s)" if "shards" in manifest
+             else "images, encoded every step (data.source: images)")
+    table.add_row("data", f"{folder}: {manifest['num_samples']:,} samples in {where}, latent "
+                          f"{tuple(manifest['latent']['shape'])}")
     table.add_row("batch", f"{t.batch_size} × {t.gradient_accumulation_steps} accumulation × {plan.world_size} = "
                            f"{plan.global_batch} per optimizer step")
     table.add_row("steps", f"{plan.steps_per_epoch:,} optimizer steps per epoch; {end_step:,} to run"
