@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,9 @@ from pipeline.errors import DitpipeError
 STATE = "training_state.json"
 LATEST = "latest"
 _NAME = re.compile(r"^checkpoint-(epoch-)?(\d+)$")
+# Test hook: seconds to sleep after writing each file of a checkpoint, so a test can kill -9 a run while a
+# `.checkpoint-*.tmp` folder is half written. Unset (or 0) in normal use.
+PAUSE_ENV = "DITPIPE_CHECKPOINT_PAUSE_S"
 
 
 class CheckpointError(DitpipeError):
@@ -52,22 +56,32 @@ def _tmp(run_dir: Path, name: str) -> Path:
 def save(run_dir: Path, name: str, writers: dict[str, Callable[[Path], None]], state: dict, *, rank: int = 0,
          barrier: Callable[[], None] = lambda: None, needed_bytes: int = 0) -> Path:
     """Every rank calls this with its own `writers` ({file name: write(path)}); rank 0 also hashes, renames and
-    points `latest` at the result. An existing checkpoint of the same name is kept (it holds the same state)."""
+    points `latest` at the result. An existing valid checkpoint of the same name is kept (it holds the same state);
+    a damaged one is moved aside to `<name>.damaged` and written anew."""
     run_dir, final, tmp = Path(run_dir), Path(run_dir) / name, _tmp(Path(run_dir), name)
     if final.is_dir():
-        return final
+        try:
+            validate(final)
+            return final
+        except CheckpointError:
+            pass
+    pause = float(os.environ.get(PAUSE_ENV) or 0)
     if rank == 0:
         free = shutil.disk_usage(run_dir).free
         if needed_bytes and free < needed_bytes * 1.1:
             raise CheckpointError(f"only {free / 2**30:.2f} GiB free in '{run_dir}', and checkpoint {name} needs about "
                                   f"{needed_bytes / 2**30:.2f} GiB; free some space (or set checkpointing.total_limit)"
                                   f" and resume with `ditpipe resume {run_dir}`. The previous checkpoints are intact")
+        if final.is_dir():
+            _move_aside(final)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     try:
         for fname, write in writers.items():
             write(tmp / fname)
+            if pause:
+                time.sleep(pause)
         barrier()
         if rank == 0:
             files = {}
@@ -90,6 +104,16 @@ def save(run_dir: Path, name: str, writers: dict[str, Callable[[Path], None]], s
         raise
     barrier()
     return final
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (never delete it: it may be all someone has)."""
+    aside, n = path.with_name(f"{path.name}.damaged"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{n}")
+    os.replace(path, aside)
+    return aside
 
 
 def validate(ckpt: Path) -> dict:
@@ -153,7 +177,12 @@ def prune(run_dir: Path, keep_steps: int | None, keep_epochs: int | None) -> lis
         ours = [p for step, e, p in list_checkpoints(run_dir) if e == is_epoch and step >= 0 and _is_ours(p)]
         for p in ours[keep:]:
             if p.name != latest:
-                shutil.rmtree(p)
+                # rename first, so a kill mid-delete leaves a temporary that clean_temporaries removes, not a
+                # half-deleted checkpoint that no longer says it is ours
+                doomed = _tmp(Path(run_dir), f"{p.name}.deleting")
+                shutil.rmtree(doomed, ignore_errors=True)
+                os.replace(p, doomed)
+                shutil.rmtree(doomed)
                 removed.append(p)
     return removed
 

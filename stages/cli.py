@@ -131,6 +131,36 @@ def _warn(message: str) -> None:
 
 
 @app.command()
+def sample(
+    checkpoint_path: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder, a run folder (its newest valid "
+                                                                  "checkpoint), or an official DiT .pt state dict."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default, when the checkpoint has them)."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated class ids, cycled to --num (default: all)."),
+    num: Optional[int] = typer.Option(None, help="Number of samples (default: one per class, or 16)."),
+    cfg_scale: float = typer.Option(4.0, help="Classifier-free guidance scale; 1 = plain conditional sampling."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default 250 for ddpm/ddim, 50 for euler/heun)."),
+    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim (ddpm models), euler | heun (flow models)."),
+    seed: int = typer.Option(0, help="Seed; the same seed gives the same samples."),
+    out: Path = typer.Option(Path("grid.png"), help="Grid PNG (one class per column when classes repeat)."),
+    out_dir: Optional[Path] = typer.Option(None, help="Also one PNG per sample: <index>_class<k>.png."),
+    batch_size: int = typer.Option(64, help="Samples per batch."),
+    vae: Optional[str] = typer.Option(None, help="Decoder override (default: the checkpoint's codec; "
+                                                 "stabilityai/sd-vae-ft-ema for official checkpoints)."),
+    model: Optional[str] = typer.Option(None, help="Official checkpoints only: the preset, e.g. DiT-XL/2."),
+    image_size: Optional[int] = typer.Option(None, help="Official checkpoints only: pixels, e.g. 256."),
+) -> None:
+    """Sample a grid (and per-sample PNGs) from a checkpoint, with classifier-free guidance.
+
+    Example: ditpipe sample --checkpoint outputs/quickstart --num 64 --out-dir outputs/quickstart/samples
+    """
+    from stages.sample import sample as run_sample
+
+    run_sample(checkpoint_path, use_ema=ema, classes=classes, num=num, cfg_scale=cfg_scale, steps=steps,
+               sampler=sampler, seed=seed, out=out, out_dir=out_dir, batch_size=batch_size, vae=vae,
+               model_name=model, image_size=image_size, console=err)
+
+
+@app.command()
 def inspect(shards_dir: Path = typer.Argument(..., metavar="SHARDS", help="A shard folder."),
             as_json: bool = typer.Option(False, "--json", help="Print the raw manifest.")) -> None:
     """Summarise a shard folder's manifest: source, codec, latent layout, labels, shards, skips.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import signal
 import time
 from dataclasses import dataclass
@@ -206,9 +207,16 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     saved = checkpoint.validate(resume) if resume else None
     total_steps = saved["total_steps"] if saved else plan.steps_per_epoch * t.num_epochs
     end_step = min(plan.steps_per_epoch * t.num_epochs, t.max_steps or math.inf)
+    if saved and end_step < saved["step"]:  # the final save would file this state under an earlier step's name
+        raise ConfigError([("training.max_steps" if t.max_steps and t.max_steps < saved["step"]
+                            else "training.num_epochs",
+                            f"the run would end at step {end_step}, but '{resume}' is already at step "
+                            f"{saved['step']}; resume with an end at or past it")])
     spec = RunSpec(precision, notice, num_classes, plan, total_steps, run_dir)
 
     torch.manual_seed(t.seed)  # model init is the one draw from the global RNG, and it is seeded
+    random.seed(t.seed)  # python's and numpy's are unused by the step; seeded so the saved RNG states repeat too
+    np.random.seed(t.seed)
     model = build_model(cfg, manifest, num_classes)
     objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
     ema = EMA(model) if t.use_ema else None
@@ -217,6 +225,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     start_step = 0
     if saved:
         start_step = _load_state(resume, saved, model, ema, opt, acc, world, rank)
+        if acc.is_main_process:
+            checkpoint.clean_temporaries(run_dir)  # half-written checkpoints of the killed run
     elif acc.is_main_process:
         _new_run_dir(run_dir, cfg)
     if cfg.model.compile:
@@ -238,7 +248,9 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         dataset = ImageBatches(source, order, plan, rank, t.seed, (c, h, w), cfg.shards.flip, codec.stores_std)
         to_latents = _online(codec, manifest["codec"], device)
     loader = make_loader(dataset, plan, start_step, end_step, cfg.data.num_workers, pin_memory=device.type == "cuda")
-    batches = iter(loader)
+    batches = iter(loader)  # draws a base seed from torch's global RNG: restore the saved states after it
+    if saved and (resume / f"rng-rank{rank}.pt").is_file():
+        checkpoint.set_rng_state(checkpoint.load_tensors(resume / f"rng-rank{rank}.pt"))
     stop = _StopFlag()
     counters = {"nonfinite_total": saved.get("nonfinite_total", 0) if saved else 0, "nonfinite_run": 0}
 
@@ -415,8 +427,6 @@ def _load_state(ckpt: Path, saved: dict, model, ema, opt, acc, world: int, rank:
     if ema is not None:
         if (ckpt / "ema.pt").is_file():
             ema.load_state_dict(checkpoint.load_tensors(ckpt / "ema.pt"))
-    if (ckpt / f"rng-rank{rank}.pt").is_file():
-        checkpoint.set_rng_state(checkpoint.load_tensors(ckpt / f"rng-rank{rank}.pt"))
     if acc.scaler is not None and (ckpt / "scaler.pt").is_file():
         acc.scaler.load_state_dict(checkpoint.load_tensors(ckpt / "scaler.pt"))
     return int(saved["step"])

@@ -565,7 +565,7 @@ def test_decompression_bomb_refused_quickly_with_guard_on(bad_corpus):
     start = time.perf_counter()
     with pytest.raises(BadImage, match="decompression bomb"):
         load_image(folder / "bomb.png", 24)
-    assert time.perf_counter() - start < 1.0  # refused from the header, not after decoding 1.6 G pixels
+    assert time.perf_counter() - start < 10.0  # refused from the header; decoding 1.6 G pixels would take far longer
     assert Image.MAX_IMAGE_PIXELS == limit
 
 
