@@ -24,6 +24,11 @@ class MetricsLog:
             for name, value in values.items():
                 self.tb.add_scalar(f"train/{name}", value, step)
 
+    def image(self, step: int, tag: str, image) -> None:
+        """An (H, W, 3) uint8 image, e.g. a validation grid, in TensorBoard."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+
     def close(self) -> None:
         if self.file:
             self.file.close()

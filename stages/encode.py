@@ -39,9 +39,9 @@ class RateColumn(ProgressColumn):
         return Text(f"{task.speed or 0:,.0f} {self.unit}/s", style="cyan")
 
 
-def progress_bar(console: Console, unit: str = "img") -> Progress:
+def progress_bar(console: Console, unit: str = "img", disable: bool = False) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-                    TimeRemainingColumn(), console=console, transient=False)
+                    TimeRemainingColumn(), console=console, transient=False, disable=disable)
 
 
 @dataclass
@@ -87,11 +87,15 @@ def _first(batch):
 
 
 def encode(cfg: Config, overwrite: bool = False, console: Console | None = None) -> dict:
-    """Encode what `cfg.data` describes into `cfg.shards_path`. Returns the manifest."""
+    """Encode what `cfg.data` describes into `cfg.shards_path`. Returns the manifest.
+
+    Under torchrun / accelerate launch, rank r encodes shards r, r + world, ...; rank 0 merges the manifest after
+    a barrier. Each shard is the same bytes whichever rank writes it, so the result equals a one-process encode."""
     console = console or Console(stderr=True)
     t0 = time.time()
+    rank, world, barrier = _distributed()
     source = _source_with_download_bar(cfg, console)
-    codec = load_codec(cfg.vae.name, cfg.vae.dtype, use_slicing=cfg.vae.use_slicing)
+    codec = load_codec(cfg.vae.name, cfg.vae.dtype, device=_local_device(), use_slicing=cfg.vae.use_slicing)
     if cfg.data.image_size % codec.downsample:
         raise ConfigError([("data.image_size", f"{cfg.data.image_size} is not a multiple of the codec's downsample "
                                                f"factor {codec.downsample} ({cfg.vae.name})")])
@@ -100,13 +104,19 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     slices = shards.latent_slices(codec.stores_std, cfg.shards.store, cfg.shards.flip)
     header = shards.manifest_header(source, codec, n_per, slices, flip_at_load=not codec.stores_std and cfg.shards.flip)
     latent_shape = tuple(header["latent"]["shape"])
-    _prepare_folder(out, header, fmt, overwrite)
+    _prepare_folder(out, header, fmt, overwrite, write=False)  # every rank refuses the same folder the same way
+    barrier()
+    if rank == 0:
+        _prepare_folder(out, header, fmt, overwrite, write=True)
+    barrier()
     num_shards = max(1, math.ceil(len(source) / n_per))
+    mine = range(rank, num_shards, world)
     loader_state = {"batch": cfg.vae.batch_size}
     done_before = 0
-    with progress_bar(console) as bar:
-        task = bar.add_task(f"encode → {out}", total=len(source))
-        for i in range(num_shards):
+    with progress_bar(console, disable=rank != 0) as bar:
+        task = bar.add_task(f"encode → {out}" + (f" (rank 0 of {world})" if world > 1 else ""),
+                            total=sum(min(n_per, len(source) - i * n_per) for i in mine))
+        for i in mine:
             start, stop = i * n_per, min((i + 1) * n_per, len(source))
             name = shards.shard_name(fmt, i)
             if shards.load_sidecar(out, name) is not None:  # complete and verified: keep it
@@ -115,10 +125,32 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
                 continue
             _encode_shard(source, codec, cfg, out / name, latent_shape, start, stop, loader_state,
                           lambda n: bar.update(task, advance=n))
-    manifest = shards.build_manifest(out, header, num_shards, fmt)
-    atomic.write_json(out / shards.MANIFEST, manifest)
-    _summary(console, manifest, out, time.time() - t0, done_before, loader_state)
+    barrier()
+    if rank == 0:
+        atomic.write_json(out / shards.MANIFEST, shards.build_manifest(out, header, num_shards, fmt))
+    barrier()
+    manifest = shards.load_manifest(out)
+    if rank == 0:
+        _summary(console, manifest, out, time.time() - t0, done_before if world == 1 else 0, loader_state)
     return manifest
+
+
+def _distributed():
+    """(rank, world size, barrier) from torchrun's / accelerate's environment; one process needs no group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, lambda: None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, dist.barrier
+
+
+def _local_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def _source_with_download_bar(cfg: Config, console: Console) -> Source:
@@ -136,8 +168,9 @@ def _source_with_download_bar(cfg: Config, console: Console) -> Source:
         return make_source(cfg.data, download_progress=report)
 
 
-def _prepare_folder(out: Path, header: dict, fmt: str, overwrite: bool) -> None:
-    """Refuse an existing folder made with other parameters (unless --overwrite), then record ours."""
+def _prepare_folder(out: Path, header: dict, fmt: str, overwrite: bool, write: bool) -> None:
+    """Refuse an existing folder made with other parameters (unless --overwrite); with `write`, clean it up and
+    record ours."""
     params = {k: header[k] for k in ("source", "codec", "latent", "samples_per_shard")}
     params["format_version"] = shards.FORMAT_VERSION
     params["format"] = fmt  # a wds folder re-encoded as parquet would keep stale tars that verify then rejects
@@ -152,8 +185,10 @@ def _prepare_folder(out: Path, header: dict, fmt: str, overwrite: bool) -> None:
             diff = _diff(old, params)
             raise ShardError(f"'{out}' holds shards made with other parameters ({diff}); pass --overwrite to replace "
                              "them, or choose another --out")
-        if old != params:
+        if old != params and write:
             _remove_ours(out)
+    if not write:
+        return
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f".*{atomic.TMP_SUFFIX}"):  # temporaries of a killed run
         stale.unlink()

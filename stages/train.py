@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -266,6 +267,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     def validate(step: int) -> None:
         if acc.is_main_process:
             path = validation_grid(cfg, manifest, raw, ema, objective, num_classes, step, run_dir, device, decoder)
+            log.image(step, "samples", np.asarray(Image.open(path).convert("RGB")))
             bar.console.print(f"samples at step {step}: {path}")
         acc.wait_for_everyone()
 
@@ -377,7 +379,10 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
     images = to_uint8(decode(z, decoder["codec"], codec["scaling_factor"], codec["shift_factor"]))
     path = run_dir / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(exist_ok=True)
-    make_grid(images, ncols=num_classes if num_classes and num_classes <= 16 else int(math.ceil(n ** 0.5))).save(path)
+    per_class = 0 < num_classes <= 16
+    names = manifest["labels"]["names"][:num_classes] if per_class else None
+    make_grid(images, ncols=num_classes if per_class else int(math.ceil(n ** 0.5)), column_labels=names,
+              min_cell=64).save(path)
     return path
 
 
