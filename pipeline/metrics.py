@@ -5,16 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.atomic import write_bytes
+
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
+    """`resume_step`: a resumed run first drops what was logged after its checkpoint, so the replayed steps are
+    not logged twice."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1) if enabled else None
+        path = Path(run_dir) / "metrics.jsonl"
+        if enabled and resume_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if _step(line) <= resume_step]
+            write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        self.file = open(path, "a", buffering=1) if enabled else None
         self.tb = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
 
     def scalars(self, step: int, **values: float) -> None:
         if not self.enabled:
@@ -34,6 +43,14 @@ class MetricsLog:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

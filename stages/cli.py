@@ -121,9 +121,12 @@ def resume(
     from pipeline.config import parse_overrides
     from stages import train as stage
 
+    args = list(ctx.args)
+    if target is not None and str(target).startswith("--"):  # `resume --training.num_epochs 80`: no target given
+        args, target = [str(target), *args], None
     ckpt = stage.find_checkpoint(target, output_dir, _warn)
     err.print(f"resuming from {ckpt}")
-    stage.train(stage.resume_config(ckpt, overrides=parse_overrides(ctx.args)), resume=ckpt, console=err)
+    stage.train(stage.resume_config(ckpt, overrides=parse_overrides(args)), resume=ckpt, console=err)
 
 
 def _warn(message: str) -> None:
@@ -158,6 +161,36 @@ def sample(
     run_sample(checkpoint_path, use_ema=ema, classes=classes, num=num, cfg_scale=cfg_scale, steps=steps,
                sampler=sampler, seed=seed, out=out, out_dir=out_dir, batch_size=batch_size, vae=vae,
                model_name=model, image_size=image_size, console=err)
+
+
+@app.command()
+def evaluate(
+    checkpoint_path: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder, a run folder, or an official "
+                                                                  "DiT .pt (with --model/--image-size)."),
+    reference: str = typer.Option(..., help="Real images: an image folder, or pixel-codec shards."),
+    num: int = typer.Option(10000, help="Samples to generate (classes cycled evenly)."),
+    cfg_scale: float = typer.Option(1.0, help="Guidance scale (the paper reports FID at 1.0 and 1.5)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default 250 for ddpm/ddim, 50 for euler/heun)."),
+    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim | euler | heun (default: the objective's)."),
+    seed: int = typer.Option(0, help="Seed for the generated samples."),
+    batch_size: int = typer.Option(50, help="Images per batch, for generation and Inception."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default, when present)."),
+    kid: bool = typer.Option(False, "--kid", help="Also KID (reads the reference images again)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Reference statistics cache (default ~/.cache/ditpipe/fid)."),
+    vae: Optional[str] = typer.Option(None, help="Decoder override; official checkpoints default to sd-vae-ft-ema."),
+    model: Optional[str] = typer.Option(None, help="Official checkpoints only: the preset, e.g. DiT-XL/2."),
+    image_size: Optional[int] = typer.Option(None, help="Official checkpoints only: pixels, e.g. 256."),
+) -> None:
+    """FID (and optionally KID) of generated samples against real images, offline (needs the `eval` extra).
+
+    Example: ditpipe evaluate --checkpoint outputs/quickstart --reference shards/shapes-16px-pixel-4000 --num 2000
+    """
+    from stages.evaluate import evaluate as run_evaluate
+
+    run_evaluate(checkpoint_path, reference, num=num, cfg_scale=cfg_scale, steps=steps, sampler=sampler, seed=seed,
+                 batch_size=batch_size, use_ema=ema, kid=kid, json_out=json_out, cache_dir=cache_dir, vae=vae,
+                 model_name=model, image_size=image_size, console=err)
 
 
 @app.command()

@@ -235,7 +235,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model, keep_torch_compile=False)
 
-    log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process)
+    log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process,
+                     resume_step=start_step if saved else None)
     if acc.is_main_process:
         _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step)
     order = EpochOrder([min(manifest["samples_per_shard"], plan.num_samples - i) for i in
@@ -250,13 +251,17 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         to_latents = _online(codec, manifest["codec"], device)
     loader = make_loader(dataset, plan, start_step, end_step, cfg.data.num_workers, pin_memory=device.type == "cuda")
     batches = iter(loader)  # draws a base seed from torch's global RNG: restore the saved states after it
+    window = {"loss": torch.zeros((), device=device), "steps": 0}  # the loss averaged into the next log line
     if saved and (resume / f"rng-rank{rank}.pt").is_file():
-        checkpoint.set_rng_state(checkpoint.load_tensors(resume / f"rng-rank{rank}.pt"))
+        rank_state = checkpoint.load_tensors(resume / f"rng-rank{rank}.pt")
+        checkpoint.set_rng_state(rank_state)
+        window["loss"] += rank_state["log_window"][0].to(device)
+        window["steps"] = int(rank_state["log_window"][1])
     stop = _StopFlag()
     counters = {"nonfinite_total": saved.get("nonfinite_total", 0) if saved else 0, "nonfinite_run": 0}
 
     def save(name: str, step: int) -> None:
-        checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, raw, ema, opt),
+        checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, raw, ema, opt, window),
                         _ckpt_state(cfg, step, plan, total_steps, counters), rank=rank,
                         barrier=acc.wait_for_everyone, needed_bytes=_needed_bytes(raw))
         if acc.is_main_process:
@@ -271,7 +276,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             bar.console.print(f"samples at step {step}: {path}")
         acc.wait_for_everyone()
 
-    loss_acc, n_acc, since_log = torch.zeros((), device=device), 0, 0
+    since_log = 0
     t_log = t_start = time.time()
     last_loss = math.nan
     bar = _progress(console, acc.is_main_process)
@@ -316,8 +321,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                 if ema is not None and not acc.optimizer_step_was_skipped:
                     ema.update(ema_decay(step, t.ema_decay, t.ema_warmup))
                 counters["nonfinite_run"] = 0
-                loss_acc += step_loss
-                n_acc += 1
+                window["loss"] += step_loss
+                window["steps"] += 1
             else:
                 counters["nonfinite_total"] += 1
                 counters["nonfinite_run"] += 1
@@ -331,7 +336,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             bar.update(epoch_task, advance=1, loss=last_loss)
             since_log += 1
             if done % cfg.logging.steps == 0 or done == end_step:
-                mean_loss = float(acc.reduce(loss_acc, "sum").item()) / max(1, n_acc * world)
+                mean_loss = float(acc.reduce(window["loss"], "sum").item()) / max(1, window["steps"] * world)
                 ips = since_log * plan.global_batch / max(time.time() - t_log, 1e-9)
                 last_loss = mean_loss
                 bar.update(epoch_task, loss=mean_loss, ips=ips)
@@ -340,8 +345,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
                 log.scalars(done, loss=mean_loss, lr=lr, grad_norm=grad_norm, img_per_s=ips, peak_mem_gib=peak,
                             epoch=epoch + 1, nonfinite_total=counters["nonfinite_total"])
-                loss_acc.zero_()
-                n_acc, since_log, t_log = 0, 0, time.time()
+                window["loss"].zero_()
+                window["steps"], since_log, t_log = 0, 0, time.time()
 
         if end_step % plan.steps_per_epoch == 0 and cfg.checkpointing.every_epoch and end_step > start_step:
             save(checkpoint.epoch_name(end_step // plan.steps_per_epoch), end_step)
@@ -399,9 +404,12 @@ def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, counters: 
             "versions": {name: version(name) for name in ("torch", "accelerate", "numpy", "ditpipe")}}
 
 
-def _writers(acc, cfg: Config, manifest: dict, raw, ema, opt) -> dict:
+def _writers(acc, cfg: Config, manifest: dict, raw, ema, opt, window: dict) -> dict:
+    """{file: write(path)} for this rank. Every rank saves its RNG states and its unlogged loss window (so the
+    first log line after a resume averages the same steps as an uninterrupted run's)."""
     rank = acc.process_index
-    writers = {f"rng-rank{rank}.pt": lambda p: torch.save(checkpoint.rng_state(), p)}
+    log_window = torch.stack([window["loss"].detach().double().cpu(), torch.tensor(float(window["steps"]))])
+    writers = {f"rng-rank{rank}.pt": lambda p: torch.save({**checkpoint.rng_state(), "log_window": log_window}, p)}
     if not acc.is_main_process:
         return writers
     excerpt = {k: manifest.get(k) for k in ("codec", "labels", "captions", "latent", "source")}

@@ -213,11 +213,12 @@ def assert_same_run(run: Path, ref: Path, end: int = END) -> None:
         files, ref_files = validate(run / name)["files"], validate(ref / name)["files"]
         for f in ("model.pt", "ema.pt", "optimizer.pt"):
             assert files[f]["sha256"] == ref_files[f]["sha256"], f"{name}/{f} differs (seed {SEED})"
-    # metrics: every step is logged, and a step run twice (replayed after a kill) logged the same numbers both times
+    # metrics: every step is logged exactly once (a resume drops what was logged after its checkpoint), with the
+    # numbers of the uninterrupted run
     expected = {m["step"]: m for m in read_metrics(ref)}
     got = read_metrics(run)
     assert sorted(expected) == list(range(1, end + 1))
-    assert {m["step"] for m in got} == set(expected)
+    assert [m["step"] for m in got] == sorted(expected)
     for m in got:
         for key in ("loss", "lr", "grad_norm", "epoch"):
             assert m[key] == expected[m["step"]][key], f"step {m['step']} {key}: {m[key]} != " \
@@ -241,7 +242,7 @@ def test_kill_9_at_checkpoints_mid_write_and_random_steps_then_resume_is_bitwise
 
     # 2: resume, kill while a checkpoint folder is half written
     lines = logged(run)
-    proc = start_resume(run, logs, PAUSE_S)
+    proc = start_resume(run, logs, 0.2)  # a long pause: the folder stays half written well past the kill
     proc.wait_for("a half-written checkpoint", lambda: logged(run) > lines and half_written(run))
     proc.kill()
     partial = half_written(run)
@@ -480,8 +481,6 @@ def test_resume_without_argument_takes_the_most_recently_updated_run(tmp_path, s
     assert (tmp_path / "outputs/a/latest").read_text().strip() == "checkpoint-8"
 
 
-@pytest.mark.xfail(reason="stages/cli.py: with no RUN_DIR, typer takes the first override (`--training.max_steps`) as "
-                          "the RUN_DIR argument, so `ditpipe resume --training.num_epochs 80` fails", strict=False)
 def test_resume_without_argument_accepts_overrides(tmp_path, shards, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train(load_config(None, run_config(shards, Path("outputs"), **{"logging.run_name": "a",
