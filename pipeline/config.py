@@ -119,6 +119,7 @@ class ValidationConfig(_Section):
     num_samples: int = Field(16, ge=1)
     cfg_scale: float = Field(4.0, ge=1.0)
     sampling_steps: int = Field(50, ge=1)
+    sampler: Optional[Literal["ddpm", "ddim", "euler", "heun"]] = None  # default: the objective's own
 
 
 class Config(_Section):
@@ -138,8 +139,12 @@ class Config(_Section):
         problems = []
         if self.data.dataset_name == "shapes" and self.data.num_samples is None:
             problems.append("data.num_samples: the shapes dataset is generated, so it needs a number (got null)")
+        samplers = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}[self.diffusion.objective]
+        if self.validation.sampler is not None and self.validation.sampler not in samplers:
+            problems.append(f"validation.sampler: {self.validation.sampler!r} does not sample a "
+                            f"{self.diffusion.objective} model; use {' or '.join(samplers)}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(" || ".join(problems))
         return self
 
     # ---- derived values (computed, never stored, so they cannot disagree with the keys) ----
@@ -305,7 +310,7 @@ def _describe(err: ValidationError) -> list[tuple[str, str]]:
             hint = f"; did you mean '{close[0]}'?" if close else ""
             problems.append((key, f"unknown key{hint}"))
         elif item["type"] == "value_error" and not key:
-            for part in str(item["msg"]).removeprefix("Value error, ").split("; "):
+            for part in str(item["msg"]).removeprefix("Value error, ").split(" || "):
                 k, _, msg = part.partition(": ")
                 problems.append((k, msg))
         else:

@@ -194,6 +194,17 @@ def evaluate(
 
 
 @app.command()
+def quickstart(out: Path = typer.Option(Path("outputs/quickstart"), help="Where the run, samples and plot go.")) -> None:
+    """The whole pipeline offline on built-in shapes: encode, train, sample, plot. A few minutes on a laptop CPU.
+
+    Example: ditpipe quickstart
+    """
+    from stages.quickstart import quickstart as run_quickstart
+
+    run_quickstart(out, console=err)
+
+
+@app.command()
 def inspect(shards_dir: Path = typer.Argument(..., metavar="SHARDS", help="A shard folder."),
             as_json: bool = typer.Option(False, "--json", help="Print the raw manifest.")) -> None:
     """Summarise a shard folder's manifest: source, codec, latent layout, labels, shards, skips.

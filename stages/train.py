@@ -376,7 +376,7 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
     n, v = cfg.validation.num_samples, cfg.validation
     labels = torch.arange(n) % num_classes if num_classes else None
     _, channels, size, _ = manifest["latent"]["shape"]
-    z = generate(model, objective, (channels, size, size), labels, n, None, v.sampling_steps, v.cfg_scale,
+    z = generate(model, objective, (channels, size, size), labels, n, v.sampler, v.sampling_steps, v.cfg_scale,
                  cfg.training.seed, device)
     codec = manifest["codec"]
     if "codec" not in decoder:
