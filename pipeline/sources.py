@@ -207,7 +207,7 @@ def classify_shape(pixels: np.ndarray) -> int:
         return -1
     mean = rgb[fg].mean(axis=0)
     color = int(np.argmin([np.linalg.norm(mean - np.array(c)) for c in SHAPES_COLORS.values()]))
-    cover = rgb.max(axis=2) / 255.0  # (H, W) anti-aliased coverage
+    cover = np.clip((rgb.max(axis=2) / 255.0 - 0.2) / 0.8, 0, 1)  # (H, W) coverage; faint specks are not shape
     width, height = cover.max(axis=0).sum(), cover.max(axis=1).sum()  # soft extents: partial edge pixels count part
     fill = cover.sum() / max(width * height, 1e-6)
     return 2 * color + int(fill > 0.89)

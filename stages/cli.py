@@ -193,15 +193,68 @@ def evaluate(
                  model_name=model, image_size=image_size, console=err)
 
 
-@app.command()
-def quickstart(out: Path = typer.Option(Path("outputs/quickstart"), help="Where the run, samples and plot go.")) -> None:
+@app.command(context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
+def quickstart(ctx: typer.Context,
+               out: Path = typer.Option(Path("outputs/quickstart"), help="Where the run, samples and plot go.")) -> None:
     """The whole pipeline offline on built-in shapes: encode, train, sample, plot. A few minutes on a laptop CPU.
 
     Example: ditpipe quickstart
     """
+    from pipeline.config import parse_overrides
     from stages.quickstart import quickstart as run_quickstart
 
-    run_quickstart(out, console=err)
+    run_quickstart(out, parse_overrides(ctx.args), console=err)
+
+
+@app.command()
+def bench(
+    part: str = typer.Argument("all", metavar="[encode|loader|train|memory|all]",
+                               help="What to measure; several as a comma-separated list (encode,train)."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON result here."),
+    vae_shape: str = typer.Option("sd", help="sd (sd-vae-ft-ema's architecture, random weights: the same cost) | tiny"),
+    vae_dtype: str = typer.Option("fp32", help="fp32 | bf16 (vae.dtype)"),
+    model: str = typer.Option("DiT-S/2", help="DiT preset for the train and memory parts."),
+    image_size: int = typer.Option(256, help="Pixels (latent side = image size / 8)."),
+    precision: str = typer.Option("fp16", help="Training precision as training.mixed_precision (CPU: bf16)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the DiT (model.compile)."),
+    batch_size: int = typer.Option(0, help="Train micro-batch (0: 4 on CPU, 256 on CUDA)."),
+    accum: int = typer.Option(1, help="Gradient accumulation steps per optimizer step."),
+    steps: int = typer.Option(0, help="Timed optimizer steps, at least (0: 3 on CPU, 20 on CUDA)."),
+    warmup: int = typer.Option(0, help="Untimed steps first (0: 1 on CPU, 3 on CUDA)."),
+    min_seconds: float = typer.Option(0.0, help="Time cheap loops at least this long (0: 5 s)."),
+    encode_images: int = typer.Option(0, help="Images through the encode stage, the first batch untimed "
+                                              "(0: 12 on CPU, 1024 on CUDA)."),
+    encode_batch: int = typer.Option(0, help="Encode batch, vae.batch_size (0: 4 on CPU, 32 on CUDA)."),
+    encode_source: str = typer.Option("jpeg", help="jpeg (generated 640x480 photo-like JPEGs) | shapes"),
+    jpeg_count: int = typer.Option(64, help="JPEGs for the decode measurement."),
+    loader_samples: int = typer.Option(20000, help="Samples in the loader comparison."),
+    loader_batch: int = typer.Option(256, help="Loader batch size."),
+    num_workers: int = typer.Option(-1, help="Loader workers (-1: data.num_workers' default)."),
+    repeats: int = typer.Option(3, help="Trials per loader and decode measurement (median reported)."),
+    memory_small: int = typer.Option(1000, help="Samples in the small loader-memory shard set."),
+    memory_large: int = typer.Option(100000, help="Samples in the large loader-memory shard set."),
+    memory_image_size: int = typer.Option(8, help="Pixel-codec image size for the loader-memory shards."),
+    memory_steps: int = typer.Option(2, help="Training steps in each memory measurement."),
+    peak_tflops: float = typer.Option(0.0, help="Device peak for MFU (0: known GPUs, e.g. H200 989 bf16)."),
+    threads: int = typer.Option(0, help="torch threads in each measuring process (0: torch's default)."),
+    workdir: Optional[Path] = typer.Option(None, help="Keep generated data here and reuse it (default: a temp dir)."),
+) -> None:
+    """Measure encode, loader, train and memory on this machine; print one JSON object (stdout, and --json).
+
+    Example: ditpipe bench all --json bench.json
+    """
+    from stages.bench import BenchOptions, run as run_bench
+
+    opts = BenchOptions(device=device, vae_shape=vae_shape, vae_dtype=vae_dtype, image_size=image_size, model=model,
+                        precision=precision, compile=compile_model, batch_size=batch_size, accum=accum, steps=steps,
+                        warmup=warmup, min_seconds=min_seconds, encode_images=encode_images,
+                        encode_batch=encode_batch, encode_source=encode_source, jpeg_count=jpeg_count,
+                        loader_samples=loader_samples, loader_batch=loader_batch, num_workers=num_workers,
+                        repeats=repeats, memory_small=memory_small, memory_large=memory_large,
+                        memory_image_size=memory_image_size, memory_steps=memory_steps, peak_tflops=peak_tflops,
+                        threads=threads, workdir=str(workdir) if workdir else "")
+    run_bench(part.split(","), opts, json_out)
 
 
 @app.command()

@@ -93,6 +93,10 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     a barrier. Each shard is the same bytes whichever rank writes it, so the result equals a one-process encode."""
     console = console or Console(stderr=True)
     t0 = time.time()
+    if "://" in str(cfg.shards.path or "") or str(cfg.shards.path or "").startswith("pipe:"):
+        raise ConfigError([("shards.path", f"{cfg.shards.path!r} is a URL; encode writes a local (or shared) folder "
+                                           "only. Encode there, then copy the folder to the object store (training "
+                                           "reads fsspec URLs read-only)")])
     rank, world, barrier = _distributed()
     source = _source_with_download_bar(cfg, console)
     codec = load_codec(cfg.vae.name, cfg.vae.dtype, device=_local_device(), use_slicing=cfg.vae.use_slicing)

@@ -24,7 +24,9 @@ from pipeline.sources import SHAPES_CLASS_NAMES, classify_shape
 MARKER = "quickstart.json"  # written last; its presence makes the folder ours to replace on the next quickstart
 
 
-def quickstart(out: Path = Path("outputs/quickstart"), console: Console | None = None) -> dict:
+def quickstart(out: Path = Path("outputs/quickstart"), overrides: dict | None = None,
+               console: Console | None = None) -> dict:
+    """Run it all; `overrides` (dotted keys) adjust configs/quickstart.yaml, e.g. fewer epochs on a slow machine."""
     from stages.encode import encode
     from stages.sample import sample
     from stages.train import train
@@ -32,7 +34,7 @@ def quickstart(out: Path = Path("outputs/quickstart"), console: Console | None =
     console = console or Console(stderr=True)
     t0 = time.time()
     out = Path(out)
-    overrides = {"logging.output_dir": str(out.parent), "logging.run_name": out.name}
+    overrides = {**(overrides or {}), "logging.output_dir": str(out.parent), "logging.run_name": out.name}
     cfg = load_config("quickstart", overrides)
     _clear_previous(out)
     console.rule("1/3 encode the built-in shapes (pixel codec: no VAE, no download)")
@@ -78,7 +80,7 @@ def _report(console: Console, cfg, result: dict, overrides: dict) -> None:
     extra = " ".join(f"--{k} {v}" for k, v in overrides.items())
     v = cfg.validation
     console.print("The same, step by step:")
-    console.print(f"  ditpipe encode --config quickstart", highlight=False)
+    console.print(f"  ditpipe encode --config quickstart {extra}", highlight=False)
     console.print(f"  ditpipe train --config configs/quickstart.yaml {extra}", highlight=False)
     console.print(f"  ditpipe sample --checkpoint {result['run']} --num 64 --cfg-scale {v.cfg_scale:g} --steps "
                   f"{v.sampling_steps}" + (f" --sampler {v.sampler}" if v.sampler else "")

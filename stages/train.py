@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -29,11 +30,13 @@ from pipeline.config import Config, validate_tree
 from pipeline.diffusion import make_objective
 from pipeline.ema import EMA, ema_decay
 from pipeline.errors import ConfigError, DitpipeError, ShardError
-from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, Plan, make_loader, open_shards
+from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, Plan, is_url, make_loader, open_shards
 from pipeline.metrics import MetricsLog
 from pipeline.model import build_dit
 from pipeline.schedule import lr_at
 
+# Debugging aid (see _SampleRecord): a path; each rank appends the global sample indices of every micro-batch.
+RECORD_ENV = "DITPIPE_RECORD_SAMPLES"
 # Keys that may differ between a run's saved config and the one it resumes with (DESIGN.md, Runs and checkpoints).
 RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "logging.", "checkpointing.", "validation.")
 
@@ -97,7 +100,7 @@ def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
 def _data(cfg: Config):
     """(manifest, shard folder, store, (source, codec) or None): shards for a normal run; for the online-VAE baseline
     (`data.source: images`) the source and codec, with the manifest encode would have written (minus the shards)."""
-    folder = cfg.shards_path
+    folder = cfg.shards.path if is_url(cfg.shards.path or "") else cfg.shards_path  # a URL stays a string
     if cfg.data.source == "images":
         from pipeline.codec import load_codec
         from pipeline.sources import make_source
@@ -109,7 +112,7 @@ def _data(cfg: Config):
                                           flip_at_load=cfg.shards.flip)
         manifest["num_samples"] = len(source)
         return manifest, Path(f"{cfg.data.dataset_name} images (online {cfg.vae.name})"), None, (source, codec)
-    if not (folder / shards.MANIFEST).is_file():
+    if not is_url(folder) and not (folder / shards.MANIFEST).is_file():
         raise ShardError(f"no shards at '{folder}'. Make them first with:\n  {encode_command(cfg)}")
     store, manifest = open_shards(folder)
     check_manifest(cfg, manifest, folder)
@@ -197,6 +200,9 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     precision, notice = effective_precision(cfg.training.mixed_precision, probe)
     acc = Accelerator(mixed_precision=precision, cpu=probe.type == "cpu")
     rank, world, device = acc.process_index, acc.num_processes, acc.device
+    saved = checkpoint.validate(resume) if resume else None
+    if saved:  # first: every later check (epoch length, end step) depends on the world size
+        _check_world_size(saved, world, resume)
     t = cfg.training
     plan = Plan(manifest["num_samples"], t.batch_size, t.gradient_accumulation_steps, world)
     if plan.steps_per_epoch == 0:
@@ -205,7 +211,6 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     num_classes = num_classes_for(cfg, manifest)
     latent_shape = tuple(manifest["latent"]["shape"][1:])  # (C, H, W)
     run_dir = resume.parent if resume else Path(cfg.logging.output_dir) / _run_name(cfg, config_name)
-    saved = checkpoint.validate(resume) if resume else None
     total_steps = saved["total_steps"] if saved else plan.steps_per_epoch * t.num_epochs
     end_step = min(plan.steps_per_epoch * t.num_epochs, t.max_steps or math.inf)
     if saved and end_step < saved["step"]:  # the final save would file this state under an earlier step's name
@@ -228,8 +233,11 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         start_step = _load_state(resume, saved, model, ema, opt, acc, world, rank)
         if acc.is_main_process:
             checkpoint.clean_temporaries(run_dir)  # half-written checkpoints of the killed run
-    elif acc.is_main_process:
-        _new_run_dir(run_dir, cfg)
+    else:
+        _refuse_existing_run_dir(run_dir)  # on every rank, before rank 0 makes it: all ranks exit with the message
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _new_run_dir(run_dir, cfg)
     if cfg.model.compile:
         model = torch.compile(model)
     model, opt = acc.prepare(model, opt)
@@ -258,6 +266,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         window["loss"] += rank_state["log_window"][0].to(device)
         window["steps"] = int(rank_state["log_window"][1])
     stop = _StopFlag()
+    record = _SampleRecord.from_env(rank)
     counters = {"nonfinite_total": saved.get("nonfinite_total", 0) if saved else 0, "nonfinite_run": 0}
 
     def save(name: str, step: int) -> None:
@@ -313,6 +322,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                     loss = micro_loss(model, objective, x0, labels, num_classes, *(d[part] for d in draws)).mean()
                     acc.backward(loss / plan.accum)
                 step_loss += loss.detach() / plan.accum
+                if record is not None:
+                    record.write(step, micro, batch, loss)
             finite = bool(acc.reduce(torch.isfinite(step_loss).float(), "sum").item() == world)
             grad_norm = math.nan
             if finite:
@@ -431,10 +442,17 @@ def _needed_bytes(raw) -> int:
     return params * 4  # model + EMA + two Adam moments, in fp32
 
 
-def _load_state(ckpt: Path, saved: dict, model, ema, opt, acc, world: int, rank: int) -> int:
+def _check_world_size(saved: dict, world: int, ckpt: Path) -> None:
     if saved["world_size"] != world:
-        raise ConfigError([("world size", f"the run was trained on {saved['world_size']} process(es), this launch "
-                                          f"has {world}; resume with the same number (the data split depends on it)")])
+        raise ConfigError([("world size", f"the run was trained on {saved['world_size']} process(es) (world size "
+                                          f"{saved['world_size']}), this launch has {world}; resume with the same "
+                                          "number (the data split depends on it), e.g. `torchrun --nproc_per_node "
+                                          f"{saved['world_size']} $(which ditpipe) resume ...` when on one node")],
+                          header=f"cannot resume '{ckpt}' with a different world size")
+
+
+def _load_state(ckpt: Path, saved: dict, model, ema, opt, acc, world: int, rank: int) -> int:
+    _check_world_size(saved, world, ckpt)
     model.load_state_dict(checkpoint.load_tensors(ckpt / "model.pt"), strict=True)
     opt.load_state_dict(checkpoint.load_tensors(ckpt / "optimizer.pt"))
     if ema is not None:
@@ -445,12 +463,40 @@ def _load_state(ckpt: Path, saved: dict, model, ema, opt, acc, world: int, rank:
     return int(saved["step"])
 
 
-def _new_run_dir(run_dir: Path, cfg: Config) -> None:
+def _refuse_existing_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise DitpipeError(f"run folder '{run_dir}' already exists. Continue it with `ditpipe resume {run_dir}`, or "
                            "start a new run with --logging.run_name NAME")
+
+
+def _new_run_dir(run_dir: Path, cfg: Config) -> None:
+    _refuse_existing_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+
+# ---------------------------------------------------------------------------------------------------- debugging
+
+
+class _SampleRecord:
+    """A debugging aid, off unless DITPIPE_RECORD_SAMPLES=PATH is set: every rank appends one JSON line per
+    micro-batch it trains on, `{"rank", "step", "micro", "epoch", "q", "indices", "loss"}` (global sample indices,
+    this rank's local micro-batch mean loss), so exactly-once across ranks and the loss reduction can be checked from
+    outside. Each line is one O_APPEND write, so the ranks may share one file. It costs a device sync per
+    micro-batch; never set it for real runs."""
+
+    def __init__(self, path: str, rank: int):
+        self.fd, self.rank = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644), rank
+
+    @classmethod
+    def from_env(cls, rank: int) -> "_SampleRecord | None":
+        path = os.environ.get(RECORD_ENV)
+        return cls(path, rank) if path else None
+
+    def write(self, step: int, micro: int, batch: dict, loss: torch.Tensor) -> None:
+        line = {"rank": self.rank, "step": step, "micro": micro, "epoch": int(batch["epoch"]), "q": int(batch["q"]),
+                "indices": [int(g) for g in batch["indices"]], "loss": float(loss.detach().float().item())}
+        os.write(self.fd, (json.dumps(line) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------------------------- signals

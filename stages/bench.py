@@ -1,0 +1,1173 @@
+"""`ditpipe bench`: measure what ditpipe promises, on this machine, in one run.
+
+    ditpipe bench [encode|loader|train|memory|all] [--device cpu|cuda] [--json out.json] [size options]
+    (several parts as a comma-separated list: `ditpipe bench encode,train`)
+
+Every measurement runs in a fresh subprocess (`python -c "from stages.bench import _child_main; ..."`), so its peak
+memory and its imports are its own, and the parts that a ratio compares are measured in the same invocation.
+Progress goes to stderr; one JSON object goes to stdout (and to `--json`).
+
+Parts
+-----
+encode   our real encode stage (`stages.encode.encode`: decode workers, ADM crop, codec, shard writer, manifest)
+         against the bare VAE forward at the same batch and size, running the same forwards (image and mirror,
+         in chunks of the encode batch, as `encode_with_backoff` does). Both rates are steady-state: images after
+         the first batch over the time from its end to the last batch's end (the pipeline's batches are stamped
+         by wrapping `stages.encode._encode_batch`); the whole call's rate (codec load and hash, workers,
+         manifest) is reported beside. Plus JPEG decode with and without PIL's draft mode. VAE shapes: `sd`
+         (sd-vae-ft-ema's architecture with random weights: the same cost) or `tiny`; both are built offline and
+         loaded through `from_pretrained`, the real loading path.
+loader   training-ready samples/s (ε drawn, flip chosen, collated into batches: what `MicroBatches` yields through
+         `make_loader`) from our tar shards and our Parquet shards, against fast-DiT's layout (one `.npy` per
+         sample for the latent, one for the label) read by `np.load` and then doing the very same work (the same
+         `MicroBatches` with a per-file store), the same samples, order, batch and worker count. Each trial times a
+         second pass with warm workers; trials rotate the three readers. Also single-process per-sample costs.
+train    steps/s with precomputed latents against the online-VAE mode (`data.source: images`), built from the
+         training loop's own parts (`stages.train`: `_data`, `build_model`, `step_draws`, `step_generator`,
+         `micro_loss`, `_precomputed`/`_online`, accelerate, EMA, clipping); the ideal speedup
+         (t_step + t_vae) / t_step from the two parts timed alone, and the achieved fraction of it. FLOPs are counted
+         by `torch.utils.flop_counter.FlopCounterMode`; MFU needs a peak (known GPUs, or `--peak-tflops`).
+memory   peak memory of a training process (precomputed vs online, DataLoader in-process, a few steps): VmHWM on
+         CPU, `torch.cuda.max_memory_allocated` on CUDA; whether the process imported diffusers / built an
+         AutoencoderKL. And the loader's peak RSS (main process + workers' peaks) streaming over pixel-codec shards
+         of `--memory-small` against `--memory-large` samples, for tar and Parquet: the same number of batches
+         (`--memory-large` samples' worth) from both, so only the data set's size differs.
+
+JSON (schema "ditpipe-bench/1"; rates per second of wall time, times in seconds, memory in MiB)
+-----------------------------------------------------------------------------------------------
+  schema, ditpipe, created, command, parts, settings{...}, machine{device, device_name, cpu_count, torch,
+  torch_threads, python, platform, peak_tflops, load_avg_before, load_avg_after}
+  encode{vae_shape, vae_dtype, image_size, batch_size, images, source, num_workers, forwards_per_image,
+         timed_images, pipeline_images_per_s, pipeline_s, bare_images_per_s, bare_s, ratio,
+         pipeline_end_to_end_images_per_s, pipeline_end_to_end_s, shard_bytes, vae_load_s, vae_hash_s,
+         vae_encoder_gflops_per_image,
+         jpeg{count, size, image_size, draft_images_per_s, full_images_per_s, draft_speedup, draft_decoded_size,
+              load_image_images_per_s}}
+  loader{samples, sample_shape, batch_size, num_workers, repeats, tar_samples_per_s, parquet_samples_per_s,
+         npy_samples_per_s, tar_over_npy, parquet_over_npy, trials{tar, parquet, npy},
+         per_sample_us{worker_tar, worker_parquet, worker_npy,   (CPU µs a sample: W stores round-robin over one
+                                                                  epoch from cold, as the workers run, opens included)
+                       microbatch_tar, microbatch_parquet, microbatch_npy,  (the same, shards open: per-sample work)
+                       read_tar, read_parquet, read_npy, keyed_rng, eps_draw, latent_view},  (its parts)
+         cpu_ceiling_samples_per_s{tar, parquet, npy}         (cores / worker CPU time: no loader can beat it),
+         loader_cpu_us_per_sample{tar, parquet, npy}          (CPU of the timed pass, main + workers, a sample:
+                                                               unlike the rate, barely moved by other load),
+         cpu_bound_samples_per_s{tar, parquet, npy}           (cores / that: the rate on an otherwise idle machine),
+         eps_ceiling_samples_per_s}                           (cores / ε draw alone)
+  train{model, vae_shape, vae_dtype, image_size, latent_shape, batch_size, accum, precision, num_workers,
+        precomputed{steps, seconds, steps_per_s, images_per_s}, online{...}, speedup, t_step_s, t_vae_s,
+        ideal_ratio, achieved_fraction, dit_gflops_per_step, vae_gflops_per_step, mfu_precomputed, mfu_online,
+        extrapolate{images, precomputed_s, online_s}}
+  memory{train{steps, batch_size, precomputed{peak_mib, cuda_peak_mib, diffusers_imported, vae_constructed},
+               online{...}, online_over_precomputed},
+         loader{image_size, batch_size, num_workers, small_samples, large_samples,
+                wds{small{samples, streamed, main_peak_mib, workers_peak_mib, total_peak_mib, workers}, large{...},
+                    ratio, main_ratio},
+                parquet{...}}}
+  targets[{name, part, target, value, met, applies}]   (the project's performance targets; `applies` is false
+                                                        when the run's settings differ from the stated ones)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.errors import ConfigError, DitpipeError
+
+SCHEMA = "ditpipe-bench/1"
+PARTS = ("encode", "loader", "train", "memory")
+MARKER = "DITPIPE-BENCH-RESULT "
+# Dense bf16 tensor-core peaks, TFLOP/s (vendor datasheets, without sparsity). First match of the device name wins.
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("GH200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0),
+                    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("RTX 4090", 165.2), ("V100", 125.0))
+# sd-vae-ft-ema's config (DESIGN.md): the same architecture, hence the same cost, with random weights.
+VAE_SHAPES = {
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+    "tiny": dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
+}
+NUM_CLASSES = 8  # the synthetic latents carry shapes' 8 labels, so both train modes build the same model
+
+
+@dataclass
+class BenchOptions:
+    """Sizes and settings. Zero / None means "the device's default" (resolved in `resolved()`)."""
+
+    device: str = "cpu"
+    vae_shape: str = "sd"
+    vae_dtype: str = "fp32"
+    image_size: int = 256
+    model: str = "DiT-S/2"
+    precision: str = "fp16"  # as training.mixed_precision, resolved per device as training does (CPU: bf16)
+    compile: bool = False
+    batch_size: int = 0  # train micro-batch: 4 on CPU, 256 on CUDA
+    accum: int = 1
+    steps: int = 0  # timed steps at least: 3 on CPU, 20 on CUDA
+    warmup: int = 0  # untimed steps first: 1 on CPU, 3 on CUDA
+    min_seconds: float = 0.0  # keep timing cheap loops at least this long: 5 s on CPU, 5 s on CUDA
+    encode_images: int = 0  # images through the encode stage: 12 on CPU, 1024 on CUDA (the first batch untimed)
+    encode_batch: int = 0  # vae.batch_size: 4 on CPU, 32 on CUDA
+    encode_source: str = "jpeg"  # jpeg (generated ~640x480 photos-like JPEGs, custom folder) | shapes
+    jpeg_count: int = 64
+    jpeg_width: int = 640
+    jpeg_height: int = 480
+    loader_samples: int = 20000
+    loader_batch: int = 256
+    num_workers: int = -1  # -1: data.num_workers' default
+    repeats: int = 3
+    memory_small: int = 1000
+    memory_large: int = 100000
+    memory_image_size: int = 8
+    memory_steps: int = 2
+    peak_tflops: float = 0.0  # 0: from the device name (CUDA), none on CPU
+    threads: int = 0  # torch threads in each measuring process; 0: torch's default
+    extrapolate_images: int = 250000  # 50 epochs × 5,000 images
+    workdir: str = ""  # default: a temporary folder, removed afterwards
+    seed: int = 0
+
+    def resolved(self) -> "BenchOptions":
+        from pipeline.config import DataConfig
+
+        cuda = self.device == "cuda"
+        o = BenchOptions(**asdict(self))
+        o.batch_size = o.batch_size or (256 if cuda else 4)
+        o.steps = o.steps or (20 if cuda else 3)
+        o.warmup = o.warmup or (3 if cuda else 1)
+        o.min_seconds = o.min_seconds or 5.0
+        o.encode_images = o.encode_images or (1024 if cuda else 12)
+        o.encode_batch = o.encode_batch or (32 if cuda else 4)
+        o.num_workers = DataConfig().num_workers if o.num_workers < 0 else o.num_workers
+        return o
+
+    def check(self) -> None:
+        from pipeline.model import DIT_PRESETS
+
+        problems = []
+        if self.device not in ("cpu", "cuda"):
+            problems.append(("--device", f"{self.device!r}: use cpu or cuda"))
+        if self.vae_shape not in VAE_SHAPES:
+            problems.append(("--vae-shape", f"{self.vae_shape!r}: use {' or '.join(VAE_SHAPES)}"))
+        if self.vae_dtype not in ("fp32", "bf16"):
+            problems.append(("--vae-dtype", f"{self.vae_dtype!r}: use fp32 or bf16 (never fp16)"))
+        if self.precision not in ("fp16", "bf16", "no"):
+            problems.append(("--precision", f"{self.precision!r}: use fp16, bf16 or no"))
+        if self.model not in DIT_PRESETS:
+            problems.append(("--model", f"{self.model!r}: one of {', '.join(DIT_PRESETS)}"))
+        if self.image_size % 8 or self.image_size < 16:
+            problems.append(("--image-size", f"{self.image_size}: a multiple of 8 (the VAE's downsample), ≥ 16"))
+        if self.encode_source not in ("jpeg", "shapes"):
+            problems.append(("--encode-source", f"{self.encode_source!r}: use jpeg or shapes"))
+        for name in ("repeats", "loader_batch", "memory_steps", "jpeg_count", "accum"):
+            if getattr(self, name) < 1:
+                problems.append((f"--{name.replace('_', '-')}", "must be at least 1"))
+        if self.loader_samples < self.loader_batch:
+            problems.append(("--loader-samples", f"{self.loader_samples} is less than one batch "
+                                                 f"({self.loader_batch})"))
+        if not 0 < self.memory_small <= self.memory_large:
+            problems.append(("--memory-small", "must be positive and at most --memory-large"))
+        if self.memory_small < self.loader_batch:
+            problems.append(("--memory-small", f"{self.memory_small} is less than one loader batch "
+                                               f"({self.loader_batch}); lower --loader-batch"))
+        if self.memory_image_size < 8:
+            problems.append(("--memory-image-size", "at least 8"))
+        if problems:
+            raise ConfigError(problems, header="invalid bench options")
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+def command_line(parts: list[str], opts: BenchOptions) -> str:
+    """The `ditpipe bench` command that reproduces these options (defaults left out)."""
+    flags = {"compile": "--compile"}
+    args = ["ditpipe", "bench", ",".join(parts)]
+    for key, value in asdict(opts).items():
+        if value == getattr(BenchOptions, key):
+            continue
+        flag = flags.get(key, "--" + key.replace("_", "-"))
+        args += [flag] if isinstance(value, bool) else [flag, str(value)]
+    return " ".join(args)
+
+
+def run(parts: list[str], opts: BenchOptions, json_out: Path | None = None) -> dict:
+    """Run the parts (in order), print the JSON to stdout, write it to `json_out`. Returns the result."""
+    import shutil
+
+    parts_asked = list(parts)
+    parts = list(PARTS) if list(parts) == ["all"] else list(parts)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ConfigError([("PART", f"{p!r}: use one of {', '.join(PARTS)} or all") for p in unknown],
+                          header="invalid bench part")
+    opts.check()
+    o = opts.resolved()
+    work = Path(o.workdir) if o.workdir else Path(tempfile.mkdtemp(prefix="ditpipe-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"schema": SCHEMA, "ditpipe": __version__,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "command": command_line(list(parts_asked), opts), "parts": parts,
+                    "settings": asdict(o)}
+    load_before = _loadavg()
+    try:
+        result["machine"] = _child("machine", o)
+        result["machine"]["load_avg_before"] = load_before
+        runners = {"encode": _part_encode, "loader": _part_loader, "train": _part_train, "memory": _part_memory}
+        for part in parts:
+            t0 = time.time()
+            _say(f"part {part} …")
+            result[part] = runners[part](o, work)
+            _say(f"part {part} done in {time.time() - t0:.1f} s")
+        result["machine"]["load_avg_after"] = _loadavg()
+        result["targets"] = targets(result)
+    finally:
+        if not o.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(result, indent=2)
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+    return result
+
+
+def _say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _child(task: str, o: BenchOptions, **args) -> dict:
+    """Run `task` in a fresh Python process; returns its JSON result. Its stderr (progress) passes through."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if o.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the stages pick CUDA whenever they see it
+    spec = json.dumps({"task": task, "opts": asdict(o), "args": args})
+    proc = subprocess.run([sys.executable, "-c", "from stages.bench import _child_main; _child_main()", spec],
+                          stdout=subprocess.PIPE, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    if proc.returncode != 0 or not lines:
+        raise DitpipeError(f"bench task '{task}' failed in its subprocess (exit {proc.returncode}); its messages "
+                           "are above")
+    return json.loads(lines[-1][len(MARKER):])
+
+
+def _child_main() -> None:
+    """The subprocess side of `_child`: run one task, print its JSON on stdout after MARKER."""
+    spec = json.loads(sys.argv[1])
+    o = BenchOptions(**spec["opts"])
+    real_stdout, sys.stdout = sys.stdout, sys.stderr  # whatever a library prints stays off the result channel
+    if o.threads:
+        import torch
+
+        torch.set_num_threads(o.threads)
+    result = TASKS[spec["task"]](o, **spec["args"])
+    real_stdout.write(MARKER + json.dumps(result) + "\n")
+    real_stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _vm_hwm_mib(pid: int | str = "self") -> float | None:
+    """Peak resident set (VmHWM) of a process, MiB; None where /proc is missing."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    if pid == "self":
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / (2**20 if sys.platform == "darwin" else 1024)
+    return None
+
+
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """CPU time (user + system) of this process and the processes `pids`; None where /proc is missing."""
+    total = time.process_time()
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, min_steps: int, min_seconds: float, sync) -> tuple[int, float]:
+    """Call fn() until at least `min_steps` calls and `min_seconds` have passed; (calls, seconds)."""
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        sync()
+        elapsed = time.perf_counter() - t0
+        if n >= min_steps and elapsed >= min_seconds:
+            return n, elapsed
+
+
+def _rate(n: float, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("nan")
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or not b else a / b
+
+
+def _r(x, nd=4):
+    return None if x is None else round(float(x), nd)
+
+
+def _peak_tflops(o: BenchOptions) -> float | None:
+    if o.peak_tflops:
+        return float(o.peak_tflops)
+    if o.device != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key.lower() in name.lower()), None)
+
+
+# ---------------------------------------------------------------------------------------------------- tasks: set-up
+
+
+def task_machine(o: BenchOptions) -> dict:
+    import torch
+
+    cuda = o.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise DitpipeError("--device cuda, but torch sees no CUDA device")
+    return {"device": o.device, "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or
+            platform.machine(), "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform(), "peak_tflops": _peak_tflops(o)}
+
+
+def task_prepare_vae(o: BenchOptions, path: str) -> dict:
+    """A random-init AutoencoderKL of the chosen shape, saved with save_pretrained (loaded later for real)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    shape = VAE_SHAPES[o.vae_shape]
+    levels = len(shape["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                        up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=4,
+                        sample_size=256 if o.vae_shape == "sd" else o.image_size, **shape)
+    vae.save_pretrained(path)
+    return {"parameters": sum(p.numel() for p in vae.parameters()),
+            "encoder_parameters": sum(p.numel() for p in vae.encoder.parameters())}
+
+
+def _photo(rng, w: int, h: int):
+    """A photo-like RGB image: smooth gradients, a few filled shapes, sensor-like noise (realistic JPEG sizes)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    chans = []
+    for _ in range(3):
+        a, b, f = rng.uniform(-1, 1), rng.uniform(-1, 1), rng.uniform(0.005, 0.03)
+        chans.append(127 + 60 * (a * x / w + b * y / h) + 40 * np.sin(f * (x * a + y * b) + rng.uniform(0, 6)))
+    img = Image.fromarray(np.clip(np.stack(chans, -1), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 8))):
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        box = [x0, y0, x0 + rng.uniform(20, w / 2), y0 + rng.uniform(20, h / 2)]
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.integers(2) else draw.rectangle)(box, fill=fill)
+    arr = np.asarray(img).astype(np.int16) + rng.normal(0, 6, (h, w, 3)).astype(np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def task_prepare_jpegs(o: BenchOptions, folder: str, count: int) -> dict:
+    import numpy as np
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(o.seed)
+    total = 0
+    for i in range(count):
+        path = out / f"img{i:06d}.jpg"
+        _photo(rng, o.jpeg_width, o.jpeg_height).save(path, "JPEG", quality=90)
+        total += path.stat().st_size
+    return {"count": count, "mean_bytes": total / max(count, 1)}
+
+
+class _StandInSource:
+    """What `shards.manifest_header` reads from a source, for shards written directly (no encode run)."""
+
+    def __init__(self, n: int, image_size: int, dataset: str):
+        self.image_size, self.n = image_size, n
+        self.params = {"dataset": dataset, "num_samples": n, "image_size": image_size, "crop": "synthetic (bench)"}
+        self.class_names = [f"class{i}" for i in range(NUM_CLASSES)]
+        self.items: list = []
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _StandInVae:
+    """The codec section of a manifest for synthetic VAE latents (named like the bench VAE, so the train stage's
+    manifest check accepts them for that VAE)."""
+
+    stores_std, downsample, latent_channels = True, 8, 4
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def identity(self) -> dict:
+        return {"kind": "vae", "name": self.name, "hash": "bench-synthetic-latents", "dtype": "fp32",
+                "scaling_factor": 0.18215, "shift_factor": 0.0, "downsample": 8, "latent_channels": 4}
+
+
+def _write_synthetic(folders: dict[str, str], n: int, image_size: int, codec_kind: str, codec_name: str,
+                     dataset: str, spp: int, seed: int, npy: str | None = None) -> dict:
+    """The same n synthetic samples as tar and/or Parquet shards ({fmt: folder}) through the real ShardWriter and
+    build_manifest, and optionally fast-DiT's layout (npy/features/<g>.npy + npy/labels/<g>.npy)."""
+    import numpy as np
+
+    from pipeline import atomic, shards
+    from pipeline.codec import PixelCodec
+
+    codec = PixelCodec() if codec_kind == "pixel" else _StandInVae(codec_name)
+    source = _StandInSource(n, image_size, dataset)
+    slices = shards.latent_slices(codec.stores_std, "mean_std", True)
+    header = shards.manifest_header(source, codec, spp, slices, flip_at_load=not codec.stores_std)
+    shape = tuple(header["latent"]["shape"])
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal((97, *shape), dtype=np.float32)  # content does not matter for speed; bytes do
+    if codec.stores_std:
+        for i, name in enumerate(slices):
+            if name.startswith("std"):
+                pool[:, i] = np.abs(pool[:, i]) * 0.1
+    else:
+        pool = np.tanh(pool)
+    pool = pool.astype(np.float16)
+    labels = rng.integers(0, NUM_CLASSES, n)
+    num_shards = max(1, math.ceil(n / spp))
+    for fmt, folder in folders.items():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    if npy:
+        for sub in ("features", "labels"):
+            (Path(npy) / sub).mkdir(parents=True, exist_ok=True)
+    for s in range(num_shards):
+        start, stop = s * spp, min((s + 1) * spp, n)
+        writers = {fmt: shards.ShardWriter(Path(folder) / shards.shard_name(fmt, s), fmt, shape)
+                   for fmt, folder in folders.items()}
+        first = pool[np.arange(start, stop) % len(pool), 0].astype(np.float64)  # (n, C, H, W)
+        side = {"inputs": [start, stop], "skipped": [], "converted": [], "sum": first.sum(axis=(0, 2, 3)).tolist(),
+                "sumsq": np.square(first).sum(axis=(0, 2, 3)).tolist(),
+                "count_px": int(first.shape[0] * first.shape[2] * first.shape[3])}
+        for g in range(start, stop):
+            latent, label = pool[g % len(pool)].copy(), int(labels[g])
+            # Every sample unique, as in real data: Parquet's dictionary encoding must find no repeats to exploit.
+            latent.reshape(-1)[:3] = [g % 2039, g // 2039 % 2039, g // 2039**2]
+            meta = {"key": f"{g:08d}", "index": g, "file": f"synthetic:{g}", "label": label,
+                    "class_name": f"class{label}"}
+            for w in writers.values():
+                w.add(meta["key"], latent, meta)
+            if npy:
+                np.save(Path(npy) / "features" / f"{g}.npy", latent)
+                np.save(Path(npy) / "labels" / f"{g}.npy", np.array([label], dtype=np.int64))
+        for w in writers.values():
+            w.close(side)
+    for fmt, folder in folders.items():
+        atomic.write_json(Path(folder) / shards.MANIFEST, shards.build_manifest(Path(folder), header, num_shards, fmt))
+    return {"samples": n, "shape": list(shape), "shards": num_shards}
+
+
+def task_prepare_shards(o: BenchOptions, folders: dict, n: int, image_size: int, codec_kind: str,
+                        codec_name: str = "", spp: int = 1000, npy: str | None = None) -> dict:
+    return _write_synthetic(folders, n, image_size, codec_kind, codec_name, "shapes", spp, o.seed, npy)
+
+
+# ---------------------------------------------------------------------------------------------------- encode
+
+
+def _encode_config(o: BenchOptions, vae_dir: str, images_dir: str, out: str):
+    from pipeline.config import load_config
+
+    over = {"data.image_size": o.image_size, "data.num_samples": o.encode_images, "vae.name": vae_dir,
+            "vae.dtype": o.vae_dtype, "vae.batch_size": o.encode_batch, "shards.path": out,
+            "data.num_workers": o.num_workers}
+    if o.encode_source == "jpeg":
+        over.update({"data.dataset_name": "custom", "data.dataset_path": images_dir})
+    else:
+        over.update({"data.dataset_name": "shapes"})
+    return load_config(None, over)
+
+
+def _steady(stamps: list[tuple[float, int]]) -> tuple[int, float]:
+    """(images, seconds) after the first batch (which pays one-off set-up: kernels, caches, first decodes), from
+    per-batch completion stamps (time, images); the whole span when there is one batch."""
+    if len(stamps) < 2:
+        return (stamps[0][1], stamps[0][0]) if stamps else (0, 0.0)
+    return sum(n for _, n in stamps[1:]), stamps[-1][0] - stamps[0][0]
+
+
+def task_encode_pipeline(o: BenchOptions, vae_dir: str, images_dir: str, out: str) -> dict:
+    """The real encode stage, with a completion stamp after each batch (`_encode_batch` wrapped from outside)."""
+    from rich.console import Console
+
+    import stages.encode as stage
+
+    cfg = _encode_config(o, vae_dir, images_dir, out)
+    stamps: list[tuple[float, int]] = []
+    encode_batch = stage._encode_batch
+
+    def stamped(batch, *args, **kwargs):
+        encode_batch(batch, *args, **kwargs)  # ends with .cpu(): the device work is done
+        stamps.append((time.perf_counter(), len(batch)))
+
+    stage._encode_batch = stamped
+    t0 = time.perf_counter()
+    manifest = stage.encode(cfg, console=Console(stderr=True))
+    seconds = time.perf_counter() - t0
+    images, steady_s = _steady(stamps)
+    return {"images": manifest["num_samples"], "seconds": seconds, "steady_images": images, "steady_s": steady_s,
+            "workers": min(cfg.data.num_workers, len(os.sched_getaffinity(0))),
+            "bytes": sum(s["bytes"] for s in manifest["shards"])}
+
+
+def task_encode_bare(o: BenchOptions, vae_dir: str) -> dict:
+    """The VAE forwards alone, as the encode stage runs them: per batch of B images, the images and their mirrors
+    (2B), in chunks of B (encode_with_backoff's batch), inputs already on the device; the same number of images."""
+    import diffusers  # noqa: F401  (imported before the load is timed)
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.codec import load_codec
+
+    device = torch.device(o.device)
+    t0 = time.perf_counter()
+    codec = load_codec(vae_dir, o.vae_dtype, device=device)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    codec.weights_hash()
+    hash_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(o.seed)
+    b, s = o.encode_batch, o.image_size
+    pixels = torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8, generator=g)
+    both = torch.cat([pixels, pixels.flip(2)])
+    x = (both.permute(0, 3, 1, 2).float() / 127.5 - 1).to(device, codec.dtype)  # (2B, 3, S, S)
+    sizes = [b] * (o.encode_images // b) + ([o.encode_images % b] if o.encode_images % b else [])
+
+    @torch.no_grad()
+    def forwards(n: int) -> None:
+        for chunk in (x[:n], x[b : b + n]):  # the images, then their mirrors
+            with torch.autocast(device_type=device.type, enabled=False):
+                dist = codec.vae.encode(chunk).latent_dist
+            dist.mean.float(), dist.std.float()
+
+    _say(f"bare VAE: {o.encode_images} images × 2 forwards at batch {b}")
+    stamps = []
+    t0 = time.perf_counter()
+    for n in sizes:
+        forwards(n)
+        _sync(device)
+        stamps.append((time.perf_counter(), n))
+    seconds = time.perf_counter() - t0
+    images, steady_s = _steady(stamps)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        codec.vae.encode(x[:1])
+    return {"images": o.encode_images, "seconds": seconds, "steady_images": images, "steady_s": steady_s,
+            "load_s": load_s, "hash_s": hash_s, "encoder_gflops_per_image": counter.get_total_flops() / 1e9}
+
+
+def task_jpeg_decode(o: BenchOptions, images_dir: str) -> dict:
+    """Decode + ADM center crop, from bytes in memory, one process: with PIL's draft mode (what sources.load_image
+    does) and without; also the real `load_image` (file read, sha256, EXIF check, draft, crop)."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.sources import center_crop, load_image, to_rgb
+
+    files = sorted(Path(images_dir).glob("*.jpg"))[: o.jpeg_count]
+    blobs = [f.read_bytes() for f in files]
+    size = o.image_size
+
+    def decode(data: bytes, draft: bool):
+        img = Image.open(io.BytesIO(data))
+        if draft:
+            img.draft("RGB", (size, size))
+        img.load()
+        decoded = img.size
+        center_crop(to_rgb(img, []), size, [])
+        return decoded
+
+    times = {"draft": [], "full": [], "load_image": []}
+    for f, data in zip(files, blobs):  # warm: file cache, PIL's decoder set-up
+        decode(data, True), decode(data, False), load_image(f, size)
+    for _ in range(o.repeats):
+        for kind in times:
+            t0 = time.perf_counter()
+            for f, data in zip(files, blobs):
+                if kind == "load_image":
+                    load_image(f, size)
+                else:
+                    decode(data, kind == "draft")
+            times[kind].append(time.perf_counter() - t0)
+    rate = {k: len(blobs) / statistics.median(v) for k, v in times.items()}
+    return {"count": len(blobs), "size": [o.jpeg_width, o.jpeg_height], "image_size": size,
+            "draft_images_per_s": rate["draft"], "full_images_per_s": rate["full"],
+            "draft_speedup": rate["draft"] / rate["full"], "draft_decoded_size": list(decode(blobs[0], True)),
+            "load_image_images_per_s": rate["load_image"]}
+
+
+def _prepare_vae(o: BenchOptions, work: Path) -> str:
+    path = work / f"vae-{o.vae_shape}"
+    if not (path / "config.json").is_file():
+        _say(f"building the random-init '{o.vae_shape}' VAE → {path}")
+        _child("prepare_vae", o, path=str(path))
+    return str(path)
+
+
+def _prepare_jpegs(o: BenchOptions, work: Path, count: int) -> str:
+    folder = work / f"jpegs-{o.jpeg_width}x{o.jpeg_height}"
+    have = len(list(folder.glob("*.jpg"))) if folder.is_dir() else 0
+    if have < count:
+        _say(f"writing {count} photo-like {o.jpeg_width}x{o.jpeg_height} JPEGs → {folder}")
+        _child("prepare_jpegs", o, folder=str(folder), count=count)
+    return str(folder)
+
+
+def _part_encode(o: BenchOptions, work: Path) -> dict:
+    import shutil
+
+    vae_dir = _prepare_vae(o, work)
+    images = _prepare_jpegs(o, work, max(o.jpeg_count, o.encode_images if o.encode_source == "jpeg" else 0))
+    out = work / "encode-out"
+    shutil.rmtree(out, ignore_errors=True)
+    _say(f"encode stage: {o.encode_images} {o.encode_source} images at {o.image_size}px, VAE {o.vae_shape} "
+         f"{o.vae_dtype}, batch {o.encode_batch}")
+    pipe = _child("encode_pipeline", o, vae_dir=vae_dir, images_dir=images, out=str(out))
+    shutil.rmtree(out, ignore_errors=True)
+    bare = _child("encode_bare", o, vae_dir=vae_dir)
+    _say("JPEG decode with and without draft mode")
+    jpeg = _child("jpeg_decode", o, images_dir=images)
+    p_rate, b_rate = _rate(pipe["steady_images"], pipe["steady_s"]), _rate(bare["steady_images"], bare["steady_s"])
+    return {"vae_shape": o.vae_shape, "vae_dtype": o.vae_dtype, "image_size": o.image_size,
+            "batch_size": o.encode_batch, "images": pipe["images"], "source": o.encode_source,
+            "num_workers": pipe["workers"], "forwards_per_image": 2, "timed_images": pipe["steady_images"],
+            "pipeline_images_per_s": _r(p_rate), "pipeline_s": _r(pipe["steady_s"], 3),
+            "bare_images_per_s": _r(b_rate), "bare_s": _r(bare["steady_s"], 3), "ratio": _r(_ratio(p_rate, b_rate)),
+            "pipeline_end_to_end_images_per_s": _r(_rate(pipe["images"], pipe["seconds"])),
+            "pipeline_end_to_end_s": _r(pipe["seconds"], 3), "shard_bytes": pipe["bytes"],
+            "vae_load_s": _r(bare["load_s"], 3), "vae_hash_s": _r(bare["hash_s"], 3),
+            "vae_encoder_gflops_per_image": _r(bare["encoder_gflops_per_image"], 2),
+            "jpeg": {k: _r(v, 2) if isinstance(v, float) else v for k, v in jpeg.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------- loader
+
+
+class NpyStore:
+    """fast-DiT's layout: `features/<g>.npy` and `labels/<g>.npy` per sample, read with `np.load` as fast-DiT's
+    dataset does. Quacks like ShardStore (`manifest`, `counts`, `read`), so the same MicroBatches does the rest."""
+
+    def __init__(self, folder: str, manifest: dict):
+        self.folder, self.manifest = Path(folder), manifest
+        self.counts = [s["samples"] for s in manifest["shards"]]
+
+    def read(self, g: int):
+        import numpy as np
+
+        latent = np.load(self.folder / "features" / f"{g}.npy")
+        label = np.load(self.folder / "labels" / f"{g}.npy")
+        return latent, int(label[0])
+
+
+def _loader_dataset(kind: str, folders: dict, seed: int, batch: int):
+    from pipeline.config import DataConfig
+    from pipeline.loader import EpochOrder, MicroBatches, Plan, open_shards
+
+    store, manifest = open_shards(folders["parquet" if kind == "parquet" else "wds"])
+    if kind == "npy":
+        store = NpyStore(folders["npy"], manifest)
+    plan = Plan(manifest["num_samples"], batch, 1, 1)
+    order = EpochOrder(store.counts, seed, DataConfig().shuffle_window)
+    return MicroBatches(store, order, plan, 0, seed), plan
+
+
+def task_loader_rates(o: BenchOptions, folders: dict) -> dict:
+    """Training-ready samples/s of tar, Parquet and per-file npy through make_loader; trials rotate the readers.
+    Each trial: build the loader, one warm pass (workers start, page cache fills), then time a second pass."""
+    import numpy as np
+
+    from pipeline.loader import LatentView, keyed_rng, make_loader
+
+    kinds = ["tar", "parquet", "npy"]
+    trials: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu_us: dict[str, list[float]] = {k: [] for k in kinds}  # CPU of this process and its workers, a sample
+    for rep in range(o.repeats):
+        for kind in kinds[rep % 3:] + kinds[: rep % 3]:
+            ds, plan = _loader_dataset({"tar": "wds"}.get(kind, kind), folders, o.seed, o.loader_batch)
+            loader = make_loader(ds, plan, 0, plan.steps_per_epoch, o.num_workers)
+            for _ in loader:  # warm pass
+                pass
+            pids = [w.pid for w in getattr(loader._iterator, "_workers", [])] if o.num_workers else []
+            cpu0 = _cpu_seconds(pids)
+            n, t0 = 0, time.perf_counter()
+            for batch in loader:
+                n += len(batch["latents"])
+            seconds = time.perf_counter() - t0
+            cpu1 = _cpu_seconds(pids)
+            trials[kind].append(n / seconds)
+            if cpu0 is not None and cpu1 is not None:
+                cpu_us[kind].append((cpu1 - cpu0) / n * 1e6)
+            _say(f"loader {kind}: {n / seconds:,.0f} samples/s (trial {rep + 1}/{o.repeats})")
+            del loader
+    # Per-sample CPU costs in one process (process time: what the rates divide over the cores), to explain them.
+    us: dict[str, float] = {}
+    for kind in kinds:
+        # As the loader's workers run: batch q on worker q mod W, each with its own store, from a cold start (every
+        # worker opens every shard of a window it reads from), one epoch.
+        workers = max(1, o.num_workers)
+        sets = [_loader_dataset({"tar": "wds"}.get(kind, kind), folders, o.seed, o.loader_batch) for _ in
+                range(workers)]
+        plan = sets[0][1]
+        t0 = time.process_time()
+        for q in range(plan.micro_per_epoch):
+            sets[q % workers][0][(1, q)]
+        us[f"worker_{kind}"] = (time.process_time() - t0) / (plan.micro_per_epoch * o.loader_batch) * 1e6
+        # Steady state: the same batches again, shards open (the per-sample work alone).
+        ds = sets[0][0]
+        q_count = min(plan.micro_per_epoch, max(1, 2048 // o.loader_batch))
+        for q in range(q_count):
+            ds[(2, q)]
+        t0 = time.process_time()
+        for q in range(q_count):
+            ds[(2, q)]
+        us[f"microbatch_{kind}"] = (time.process_time() - t0) / (q_count * o.loader_batch) * 1e6
+        # The read alone, within the open shards of one window.
+        idx = ds.order(2, np.arange(min(q_count * o.loader_batch, plan.num_samples)))
+        for g in idx:
+            ds.store.read(int(g))
+        t0 = time.process_time()
+        for g in idx:
+            ds.store.read(int(g))
+        us[f"read_{kind}"] = (time.process_time() - t0) / len(idx) * 1e6
+        if kind == "tar":
+            view, stored = LatentView(ds.store.manifest), ds.store.read(0)[0]
+            t0 = time.process_time()
+            rngs = [keyed_rng(o.seed, 0, 2, int(g)) for g in idx]
+            us["keyed_rng"] = (time.process_time() - t0) / len(idx) * 1e6
+            shape = stored.shape[1:]
+            t0 = time.process_time()
+            for r in rngs:
+                r.standard_normal(shape, dtype=np.float32)
+            us["eps_draw"] = (time.process_time() - t0) / len(idx) * 1e6
+            t0 = time.process_time()
+            for g in idx:
+                view(stored, keyed_rng(o.seed, 0, 2, int(g)))
+            us["latent_view"] = (time.process_time() - t0) / len(idx) * 1e6
+        del sets, ds
+    return {"trials": trials, "per_sample_us": us, "loader_cpu_us": cpu_us}
+
+
+def _part_loader(o: BenchOptions, work: Path) -> dict:
+    base = work / f"loader-{o.loader_samples}"
+    folders = {"wds": str(base / "wds"), "parquet": str(base / "parquet"), "npy": str(base / "npy")}
+    latent = o.image_size // 8
+    if not (base / "done").is_file():
+        _say(f"writing {o.loader_samples:,} samples (4×4×{latent}×{latent} fp16) as tar, Parquet and per-file npy")
+        _child("prepare_shards", o, folders={"wds": folders["wds"], "parquet": folders["parquet"]},
+               n=o.loader_samples, image_size=o.image_size, codec_kind="vae", codec_name="bench-synthetic",
+               npy=folders["npy"])
+        (base / "done").write_text("ok\n")
+    res = _child("loader_rates", o, folders=folders)
+    med = {k: statistics.median(v) for k, v in res["trials"].items()}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    us = res["per_sample_us"]
+    return {"samples": o.loader_samples, "sample_shape": [4, 4, latent, latent], "batch_size": o.loader_batch,
+            "num_workers": o.num_workers, "repeats": o.repeats,
+            "tar_samples_per_s": _r(med["tar"], 1), "parquet_samples_per_s": _r(med["parquet"], 1),
+            "npy_samples_per_s": _r(med["npy"], 1), "tar_over_npy": _r(_ratio(med["tar"], med["npy"]), 3),
+            "parquet_over_npy": _r(_ratio(med["parquet"], med["npy"]), 3),
+            "trials": {k: [_r(x, 1) for x in v] for k, v in res["trials"].items()},
+            "per_sample_us": {k: _r(v, 2) for k, v in us.items()},
+            "cpu_ceiling_samples_per_s": {k: _r(cores * 1e6 / us[f"worker_{k}"], 1)
+                                          for k in ("tar", "parquet", "npy")},
+            "loader_cpu_us_per_sample": {k: _r(statistics.median(v), 2) if v else None
+                                         for k, v in res["loader_cpu_us"].items()},
+            "cpu_bound_samples_per_s": {k: _r(cores * 1e6 / statistics.median(v), 1) if v else None
+                                        for k, v in res["loader_cpu_us"].items()},
+            "eps_ceiling_samples_per_s": _r(cores * 1e6 / us["eps_draw"], 1)}
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+
+class _Trainer:
+    """One training set-up, built as `stages.train.train` builds it (config → `_data` → accelerate, model,
+    objective, EMA, AdamW, loader), and `step()`, the body of its loop: LR, one-shot step draws, micro-batches
+    through `micro_loss` and `acc.backward`, the all-ranks finiteness check, clipping, optimizer, EMA. Logging,
+    checkpoints, validation and signals are left out; they do not run on most steps."""
+
+    def __init__(self, o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, workers: int, samples: int):
+        import torch
+        from accelerate import Accelerator
+
+        from pipeline.config import load_config
+        from pipeline.diffusion import make_objective
+        from pipeline.ema import EMA
+        from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, Plan, make_loader
+        from stages import train as T
+
+        self.T, self.o = T, o
+        self.cfg = cfg = load_config(None, {
+            "data.dataset_name": "shapes", "data.image_size": o.image_size, "data.num_samples": samples,
+            "data.source": "images" if mode == "online" else "shards", "data.num_workers": workers,
+            "shards.path": shards_dir, "vae.name": vae_dir, "vae.dtype": o.vae_dtype, "model.name": o.model,
+            "model.compile": o.compile, "training.batch_size": o.batch_size,
+            "training.gradient_accumulation_steps": o.accum, "training.mixed_precision": o.precision,
+            "training.seed": o.seed, "logging.tensorboard": False})
+        manifest, _folder, store, online = T._data(cfg)
+        probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision, _ = T.effective_precision(cfg.training.mixed_precision, probe)
+        self.acc = acc = Accelerator(mixed_precision=self.precision, cpu=probe.type == "cpu")
+        self.device = device = acc.device
+        t = cfg.training
+        self.plan = plan = Plan(manifest["num_samples"], t.batch_size, t.gradient_accumulation_steps, 1)
+        self.num_classes = T.num_classes_for(cfg, manifest)
+        self.latent_shape = tuple(manifest["latent"]["shape"][1:])
+        torch.manual_seed(t.seed)
+        model = T.build_model(cfg, manifest, self.num_classes)
+        self.objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
+        self.ema = EMA(model) if t.use_ema else None
+        opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
+                                betas=(0.9, 0.999), fused=device.type == "cuda")
+        if cfg.model.compile:
+            model = torch.compile(model)
+        self.model, self.opt = acc.prepare(model, opt)
+        self.raw = acc.unwrap_model(self.model, keep_torch_compile=False)
+        self.total_steps = 10**6
+        if store is not None:
+            order = EpochOrder(store.counts, t.seed, cfg.data.shuffle_window)
+            dataset, self.to_latents = MicroBatches(store, order, plan, 0, t.seed), T._precomputed(device)
+            self.codec = None
+        else:
+            spp = manifest["samples_per_shard"]
+            order = EpochOrder([min(spp, plan.num_samples - i) for i in range(0, plan.num_samples, spp)], t.seed,
+                               cfg.data.shuffle_window)
+            _, c, h, w = manifest["latent"]["shape"]
+            source, self.codec = online
+            dataset = ImageBatches(source, order, plan, 0, t.seed, (c, h, w), cfg.shards.flip, self.codec.stores_std)
+            self.to_latents = T._online(self.codec, manifest["codec"], device)
+        self.loader = make_loader(dataset, plan, 0, self.total_steps, cfg.data.num_workers,
+                                  pin_memory=device.type == "cuda")
+        self.batches = iter(self.loader)
+        self.step_index = 0
+
+    def next_micro(self):
+        batch = next(self.batches)
+        return self.to_latents(batch), batch["labels"].to(self.device, non_blocking=True)
+
+    def step(self, micro_fn=None) -> None:
+        import contextlib
+
+        import torch
+
+        from pipeline.ema import ema_decay
+        from pipeline.schedule import lr_at
+
+        T, cfg, t, plan, acc = self.T, self.cfg, self.cfg.training, self.plan, self.acc
+        step, micro_fn = self.step_index, micro_fn or self.next_micro
+        lr = lr_at(step, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps, self.total_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        draws = T.step_draws(self.objective, T.step_generator(t.seed, step, 0, self.device),
+                             plan.batch_size * plan.accum, self.latent_shape, cfg.model.class_dropout_prob,
+                             self.device)
+        step_loss = torch.zeros((), device=self.device)
+        for micro in range(plan.accum):
+            x0, labels = micro_fn()
+            part = slice(micro * plan.batch_size, (micro + 1) * plan.batch_size)
+            sync = contextlib.nullcontext() if micro == plan.accum - 1 else acc.no_sync(self.model)
+            with sync:
+                loss = T.micro_loss(self.model, self.objective, x0, labels, self.num_classes,
+                                    *(d[part] for d in draws)).mean()
+                acc.backward(loss / plan.accum)
+            step_loss += loss.detach() / plan.accum
+        if bool(acc.reduce(torch.isfinite(step_loss).float(), "sum").item() == 1):
+            float(acc.clip_grad_norm_(self.raw.parameters(), t.max_grad_norm or math.inf))
+            self.opt.step()
+            if self.ema is not None and not acc.optimizer_step_was_skipped:
+                self.ema.update(ema_decay(step, t.ema_decay, t.ema_warmup))
+        self.opt.zero_grad(set_to_none=True)
+        self.step_index += 1
+
+    def step_flops(self, x0, labels) -> int:
+        """FLOPs of one optimizer step's forward and backward passes (the raw, uncompiled model)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        T, plan = self.T, self.plan
+        gen = T.step_generator(0, 0, 0, self.device)
+        draws = T.step_draws(self.objective, gen, plan.batch_size, self.latent_shape, 0.1, self.device)
+        with FlopCounterMode(display=False) as counter:
+            for _ in range(plan.accum):
+                with self.acc.autocast():
+                    loss = T.micro_loss(self.raw, self.objective, x0, labels, self.num_classes, *draws).mean()
+                loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    def close(self) -> None:
+        del self.batches, self.loader
+
+
+def task_train(o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, samples: int) -> dict:
+    """Steps/s of one mode through the loader; then, alone, the training step (precomputed) or the VAE encode of a
+    batch (online); and their FLOPs."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tr = _Trainer(o, mode, shards_dir, vae_dir, o.num_workers, samples)
+    sync = lambda: _sync(tr.device)  # noqa: E731
+    _say(f"train {mode}: {o.model}, batch {o.batch_size}×{o.accum}, {tr.precision}; {o.warmup} warm-up step(s)")
+    for _ in range(o.warmup):
+        tr.step()
+    sync()
+    steps, seconds = _timed(tr.step, o.steps, o.min_seconds if mode == "precomputed" else 0.0, sync)
+    _say(f"train {mode}: {steps / seconds:.3f} steps/s over {steps} steps")
+    out = {"mode": mode, "steps": steps, "seconds": seconds, "precision": tr.precision,
+           "latent_shape": list(tr.latent_shape)}
+    if mode == "precomputed":
+        x0, labels = tr.next_micro()
+        n, secs = _timed(lambda: tr.step(lambda: (x0, labels)), max(2, o.steps), o.min_seconds, sync)
+        out["t_step_s"] = secs / n
+        out["dit_flops_per_step"] = tr.step_flops(x0, labels)
+    else:
+        pixels_batch = next(tr.batches)
+        with torch.no_grad():
+            tr.to_latents(pixels_batch)  # warm
+            sync()
+            n, secs = _timed(lambda: tr.to_latents(pixels_batch), 2, 0.0, sync)
+            with FlopCounterMode(display=False) as counter:
+                tr.to_latents(pixels_batch)
+        out["t_vae_s"] = secs / n * o.accum  # a step encodes `accum` micro-batches
+        out["vae_flops_per_step"] = counter.get_total_flops() * o.accum
+    tr.close()
+    return out
+
+
+def _prepare_train_shards(o: BenchOptions, work: Path, vae_dir: str, samples: int) -> str:
+    folder = work / f"train-latents-{o.image_size}-{samples}"
+    if not (folder / "manifest.json").is_file():
+        _say(f"writing {samples} synthetic latents for {o.image_size}px → {folder}")
+        _child("prepare_shards", o, folders={"wds": str(folder)}, n=samples, image_size=o.image_size,
+               codec_kind="vae", codec_name=str(Path(vae_dir).resolve()))
+    return str(folder)
+
+
+def _train_samples(o: BenchOptions) -> int:
+    return max(64, 2 * o.batch_size * o.accum)
+
+
+def _part_train(o: BenchOptions, work: Path) -> dict:
+    vae_dir = _prepare_vae(o, work)
+    samples = _train_samples(o)
+    shards_dir = _prepare_train_shards(o, work, vae_dir, samples)
+    pre = _child("train", o, mode="precomputed", shards_dir=shards_dir, vae_dir=vae_dir, samples=samples)
+    onl = _child("train", o, mode="online", shards_dir=shards_dir, vae_dir=vae_dir, samples=samples)
+    peak = _child("machine", o)["peak_tflops"] if o.device == "cuda" or o.peak_tflops else None
+    images_per_step = o.batch_size * o.accum
+    res: dict = {"model": o.model, "vae_shape": o.vae_shape, "vae_dtype": o.vae_dtype, "image_size": o.image_size,
+                 "latent_shape": pre["latent_shape"], "batch_size": o.batch_size, "accum": o.accum,
+                 "precision": pre["precision"], "num_workers": o.num_workers, "compile": o.compile}
+    rates = {}
+    for name, r in (("precomputed", pre), ("online", onl)):
+        sps = _rate(r["steps"], r["seconds"])
+        rates[name] = sps
+        res[name] = {"steps": r["steps"], "seconds": _r(r["seconds"], 3), "steps_per_s": _r(sps, 4),
+                     "images_per_s": _r(sps * images_per_step, 3)}
+    speedup = _ratio(rates["precomputed"], rates["online"])
+    ideal = (pre["t_step_s"] + onl["t_vae_s"]) / pre["t_step_s"]
+    dit, vae = pre["dit_flops_per_step"], onl["vae_flops_per_step"]
+    res.update({"speedup": _r(speedup, 3), "t_step_s": _r(pre["t_step_s"], 4), "t_vae_s": _r(onl["t_vae_s"], 4),
+                "ideal_ratio": _r(ideal, 3), "achieved_fraction": _r(_ratio(speedup, ideal), 4),
+                "dit_gflops_per_step": _r(dit / 1e9, 2), "vae_gflops_per_step": _r(vae / 1e9, 2),
+                "peak_tflops": peak,
+                "mfu_precomputed": _r(dit * rates["precomputed"] / (peak * 1e12), 4) if peak else None,
+                "mfu_online": _r((dit + vae) * rates["online"] / (peak * 1e12), 4) if peak else None,
+                "extrapolate": {"images": o.extrapolate_images,
+                                "precomputed_s": _r(o.extrapolate_images / (rates["precomputed"] * images_per_step), 1),
+                                "online_s": _r(o.extrapolate_images / (rates["online"] * images_per_step), 1)}})
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+
+def task_train_memory(o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, samples: int) -> dict:
+    """A training process, DataLoader in-process (workers 0), `memory_steps` steps; its peak memory and whether it
+    ever imported diffusers or built an AutoencoderKL."""
+    import gc
+    import warnings
+
+    import torch
+
+    tr = _Trainer(o, mode, shards_dir, vae_dir, 0, samples)
+    for _ in range(o.memory_steps):
+        tr.step()
+    _sync(tr.device)
+    imported = "diffusers" in sys.modules
+    with warnings.catch_warnings():  # isinstance on every live object wakes deprecated module attributes
+        warnings.simplefilter("ignore")
+        constructed = imported and any(type(obj).__name__ == "AutoencoderKL" for obj in gc.get_objects()
+                                       if isinstance(obj, torch.nn.Module))
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if tr.device.type == "cuda" else None
+    return {"peak_mib": _vm_hwm_mib(), "cuda_peak_mib": cuda_peak, "diffusers_imported": imported,
+            "vae_constructed": constructed}
+
+
+def task_loader_memory(o: BenchOptions, folder: str) -> dict:
+    """Peak RSS while streaming through make_loader: this process and each worker. Both shard sets stream the same
+    number of batches (`memory_large` samples' worth; epochs repeat over the small set), so every worker works in
+    both and only the data set's size differs."""
+    from pipeline.config import DataConfig
+    from pipeline.loader import EpochOrder, MicroBatches, Plan, make_loader, open_shards
+
+    store, manifest = open_shards(folder)
+    plan = Plan(manifest["num_samples"], o.loader_batch, 1, 1)
+    ds = MicroBatches(store, EpochOrder(store.counts, o.seed, DataConfig().shuffle_window), plan, 0, o.seed)
+    loader = make_loader(ds, plan, 0, max(1, o.memory_large // o.loader_batch), o.num_workers)
+    it = iter(loader)
+    n = 0
+    for batch in it:
+        n += len(batch["latents"])
+    workers = [w.pid for w in getattr(it, "_workers", [])]  # persistent: still alive after the run
+    peaks = [_vm_hwm_mib(pid) for pid in workers]
+    main = _vm_hwm_mib()
+    del it, loader
+    return {"samples": manifest["num_samples"], "streamed": n, "main_peak_mib": main,
+            "workers_peak_mib": sum(p or 0 for p in peaks), "total_peak_mib": main + sum(p or 0 for p in peaks),
+            "workers": len(workers)}
+
+
+def _part_memory(o: BenchOptions, work: Path) -> dict:
+    vae_dir = _prepare_vae(o, work)
+    samples = _train_samples(o)
+    shards_dir = _prepare_train_shards(o, work, vae_dir, samples)
+    train = {"steps": o.memory_steps, "batch_size": o.batch_size}
+    for mode in ("precomputed", "online"):
+        _say(f"memory: training process, {mode}")
+        train[mode] = {k: _r(v, 1) if isinstance(v, float) else v for k, v in
+                       _child("train_memory", o, mode=mode, shards_dir=shards_dir, vae_dir=vae_dir,
+                              samples=samples).items()}
+    key = "cuda_peak_mib" if o.device == "cuda" else "peak_mib"
+    train["online_over_precomputed"] = _r(_ratio(train["online"][key], train["precomputed"][key]), 3)
+    loader = {"image_size": o.memory_image_size, "batch_size": o.loader_batch, "num_workers": o.num_workers,
+              "small_samples": o.memory_small, "large_samples": o.memory_large}
+    for fmt in ("wds", "parquet"):
+        loader[fmt] = {}
+        for size_name, n in (("small", o.memory_small), ("large", o.memory_large)):
+            folder = work / f"pixel-{o.memory_image_size}px-{n}-{fmt}"
+            if not (folder / "manifest.json").is_file():
+                _say(f"memory: writing {n:,} pixel-codec samples at {o.memory_image_size}px ({fmt}) → {folder}")
+                _child("prepare_shards", o, folders={fmt: str(folder)}, n=n, image_size=o.memory_image_size,
+                       codec_kind="pixel")
+            _say(f"memory: loader over {n:,} samples ({fmt})")
+            loader[fmt][size_name] = {k: _r(v, 1) if isinstance(v, float) else v
+                                      for k, v in _child("loader_memory", o, folder=str(folder)).items()}
+        loader[fmt]["ratio"] = _r(_ratio(loader[fmt]["large"]["total_peak_mib"],
+                                         loader[fmt]["small"]["total_peak_mib"]), 4)
+        loader[fmt]["main_ratio"] = _r(_ratio(loader[fmt]["large"]["main_peak_mib"],
+                                              loader[fmt]["small"]["main_peak_mib"]), 4)
+    return {"train": train, "loader": loader}
+
+
+# ---------------------------------------------------------------------------------------------------- targets
+
+
+def targets(result: dict) -> list[dict]:
+    """The project's performance targets (issue 8), checked against this run. `applies` says whether the run used
+    the settings a target is stated for (e.g. the encode ratio is stated for the sd-shaped VAE at 256 px)."""
+    out = []
+    s, device = result["settings"], result["settings"]["device"]
+
+    def add(name, part, target, value, met, applies):
+        out.append({"name": name, "part": part, "target": target, "value": value,
+                    "met": None if value is None else bool(met), "applies": bool(applies)})
+
+    cpu = device == "cpu"
+    if "encode" in result:
+        e = result["encode"]
+        add("encode ratio to the bare VAE", "encode", ">= 0.90", e["ratio"], (e["ratio"] or 0) >= 0.90,
+            cpu and e["vae_shape"] == "sd" and e["image_size"] == 256)
+    if "loader" in result:
+        lo = result["loader"]
+        stated = cpu and lo["sample_shape"] == [4, 4, 32, 32] and lo["num_workers"] == _default_workers()
+        add("loader tar samples/s", "loader", ">= 25000", lo["tar_samples_per_s"], lo["tar_samples_per_s"] >= 25000,
+            stated)
+        add("loader Parquet samples/s", "loader", ">= 50000", lo["parquet_samples_per_s"],
+            lo["parquet_samples_per_s"] >= 50000, stated)
+        add("loader tar / per-file npy", "loader", ">= 2.5", lo["tar_over_npy"], (lo["tar_over_npy"] or 0) >= 2.5,
+            stated)
+        add("loader Parquet / per-file npy", "loader", ">= 2.5", lo["parquet_over_npy"],
+            (lo["parquet_over_npy"] or 0) >= 2.5, stated)
+    if "train" in result:
+        tr = result["train"]
+        add("train achieved fraction of the ideal speedup", "train", ">= 0.95", tr["achieved_fraction"],
+            (tr["achieved_fraction"] or 0) >= 0.95,
+            cpu and tr["model"] == "DiT-S/2" and tr["vae_shape"] == "sd" and tr["image_size"] == 256)
+        if not cpu:
+            add("train MFU, DiT-XL/2 precomputed", "train", ">= 0.50", tr["mfu_precomputed"],
+                (tr["mfu_precomputed"] or 0) >= 0.5, tr["model"] == "DiT-XL/2" and tr["image_size"] == 256)
+            add("50 epochs × 5,000 images, DiT-B/2, seconds", "train", "< 600", tr["extrapolate"]["precomputed_s"],
+                (tr["extrapolate"]["precomputed_s"] or math.inf) < 600,
+                tr["model"] == "DiT-B/2" and tr["image_size"] == 256 and tr["extrapolate"]["images"] == 250000)
+    if "memory" in result:
+        m = result["memory"]
+        for fmt in ("wds", "parquet"):
+            add(f"loader peak RSS, {m['loader']['large_samples']:,} vs {m['loader']['small_samples']:,} samples "
+                f"({fmt})", "memory", "<= 1.05", m["loader"][fmt]["ratio"], (m["loader"][fmt]["ratio"] or 9) <= 1.05,
+                m["loader"]["small_samples"] == 1000 and m["loader"]["large_samples"] == 100000)
+        pre = m["train"]["precomputed"]
+        add("precomputed training never holds VAE weights", "memory", "no diffusers import, no AutoencoderKL",
+            not (pre["diffusers_imported"] or pre["vae_constructed"]),
+            not (pre["diffusers_imported"] or pre["vae_constructed"]), True)
+    return out
+
+
+def _default_workers() -> int:
+    from pipeline.config import DataConfig
+
+    return DataConfig().num_workers
+
+
+TASKS = {"machine": task_machine, "prepare_vae": task_prepare_vae, "prepare_jpegs": task_prepare_jpegs,
+         "prepare_shards": task_prepare_shards, "encode_pipeline": task_encode_pipeline,
+         "encode_bare": task_encode_bare, "jpeg_decode": task_jpeg_decode, "loader_rates": task_loader_rates,
+         "train": task_train, "train_memory": task_train_memory, "loader_memory": task_loader_memory}

@@ -1,0 +1,487 @@
+"""Many processes (issue 7): `torchrun --nproc_per_node 2` on CPU with gloo, through the real CLI.
+
+- encode: two processes write the same bytes as one (shards, sidecars, manifest), `verify` passes, and a killed rank
+  is recovered by rerunning the same command;
+- train: every rank reads a disjoint block of each global micro-batch, equal batch counts with uneven shard counts
+  and sizes, every sample at most once per epoch and exactly `steps_per_epoch × global batch` of them (recorded per
+  rank through DITPIPE_RECORD_SAMPLES, and reproduced from Plan/MicroBatches); the logged loss is the mean over the
+  ranks; every checkpoint holds and hashes each rank's RNG state;
+- resume: a 2-process run killed with SIGKILL (torchrun and every worker) and resumed under torchrun ends bitwise
+  equal to an uninterrupted 2-process run (fp32 and bf16); another world size is refused;
+- shard locations: fsspec URLs are read (read-only), `pipe:` commands are refused.
+
+torchrun starts each worker in its own session, so "kill the whole launch" means SIGKILL to torchrun and to each
+worker's process group. Every subprocess runs with one thread, so the reference and the interrupted runs execute the
+same kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import checkpoint
+from pipeline.checkpoint import validate
+from pipeline.config import load_config
+from pipeline.errors import ShardError
+from pipeline.loader import EpochOrder, MicroBatches, Plan, open_shards
+from pipeline.metrics import read_metrics
+from stages.encode import encode
+from stages.train import RECORD_ENV, train
+
+BIN = Path(sys.executable).parent
+TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "ditpipe")]
+ONE = [str(BIN / "ditpipe")]
+
+# train: 100 samples in shards of 22 (22, 22, 22, 22, 12: uneven sizes, 5 shards over 2 ranks); batch 4 × accum 2 ×
+# 2 ranks = 16 per step, 6 steps per epoch, a remainder of 4 dropped each epoch; 3 epochs
+N, PER_SHARD, BATCH, ACCUM, WORLD, EPOCHS = 100, 22, 4, 2, 2, 3
+PLAN = Plan(N, BATCH, ACCUM, WORLD)
+END = PLAN.steps_per_epoch * EPOCHS
+
+
+def env(**extra) -> dict:
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "250"}
+    for key in (checkpoint.PAUSE_ENV, RECORD_ENV):
+        e.pop(key, None)
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def cli_args(over: dict) -> list[str]:
+    text = {True: "true", False: "false", None: "null"}
+    return [a for k, v in over.items() for a in (f"--{k}", text.get(v, v) if isinstance(v, (bool, type(None)))
+                                                 else str(v))]
+
+
+class Launch:
+    """A `torchrun ... ditpipe ARGS` (or one-process `ditpipe ARGS`) launch with its output in files."""
+
+    count = 0
+
+    def __init__(self, args: list[str], logs: Path, procs: int = 2, **extra_env):
+        Launch.count += 1
+        logs.mkdir(parents=True, exist_ok=True)
+        self.log = logs / f"{Launch.count}.log"
+        self.args = [str(a) for a in args]
+        with open(self.log, "wb") as out:
+            self.p = subprocess.Popen([*(TORCHRUN if procs == 2 else ONE), *self.args], stdout=out,
+                                      stderr=subprocess.STDOUT, env=env(**extra_env), start_new_session=True)
+        _LIVE.append(self)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float = 180) -> int:
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            pytest.fail(f"`{' '.join(self.args[:2])}` hung (more than {timeout} s):\n{self.output()[-3000:]}")
+
+    def ok(self) -> "Launch":
+        rc = self.wait()
+        assert rc == 0, f"`ditpipe {' '.join(self.args)}` exited {rc}:\n{self.output()[-4000:]}"
+        return self
+
+    def workers(self) -> list[int]:
+        """torchrun's worker processes (its direct children; each leads its own session)."""
+        kids = []
+        for task in Path(f"/proc/{self.p.pid}/task").glob("*"):
+            try:
+                kids += [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return kids
+
+    def worker(self, rank: int) -> int:
+        for pid in self.workers():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return pid
+        raise AssertionError(f"no worker with RANK={rank} under torchrun {self.p.pid}")
+
+    def kill_all(self) -> None:
+        """SIGKILL the launcher and every worker at once, as a lost node would be."""
+        workers = self.workers()
+        for pid in [self.p.pid, *workers]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.p.wait(30)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{w}").exists() and "zombie" not in _state(w) for w in workers):
+            assert time.monotonic() < deadline, "workers survived SIGKILL"
+            time.sleep(0.01)
+
+    def wait_for(self, what: str, predicate, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.p.poll() is not None:
+                pytest.fail(f"the launch exited ({self.p.returncode}) before {what}:\n{self.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.kill_all()
+                pytest.fail(f"timed out waiting for {what}:\n{self.output()[-3000:]}")
+            time.sleep(0.003)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
+    except (OSError, IndexError):
+        return "zombie"
+
+
+_LIVE: list[Launch] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_strays():
+    yield
+    for launch in _LIVE:
+        if launch.p.poll() is None:
+            launch.kill_all()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------------- encode
+
+# tiny VAE at 32 px, one image per encode batch (slow enough to kill a rank mid-run): 52 inputs in shards of 12, i.e.
+# 12, 12, 12, 12, 4; rank 0 writes shards 0, 2, 4 and rank 1 shards 1, 3
+def encode_args(vae: Path, out: Path) -> list[str]:
+    return ["encode", "--dataset", "shapes", "--vae", str(vae), "--image-size", "32", "--num-samples", "52",
+            "--samples-per-shard", "12", "--batch-size", "1", "--num-workers", "0", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def one_process_encode(tiny_vae, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("encode-one")
+    Launch(encode_args(tiny_vae, root / "shards"), root / "logs", procs=1).ok()
+    return root / "shards"
+
+
+def test_two_process_encode_equals_one_process_and_verifies(tiny_vae, one_process_encode, tmp_path, cli):
+    out = tmp_path / "shards"
+    Launch(encode_args(tiny_vae, out), tmp_path / "logs").ok()
+    ref = files_of(one_process_encode)
+    assert sorted(ref) == ["encode-params.json", "manifest.json"] + [
+        f"shard-{i:05d}.{ext}" for i in range(5) for ext in ("meta.json", "tar")]
+    assert [s["samples"] for s in json.loads(ref["manifest.json"])["shards"]] == [12, 12, 12, 12, 4]
+    got = files_of(out)
+    assert sorted(got) == sorted(ref)
+    for name in ref:
+        assert got[name] == ref[name], f"{name} differs between the 1- and the 2-process encode"
+    code, _, err = cli("verify", out)
+    assert code == 0, err
+
+
+def test_a_killed_rank_is_recovered_by_rerunning_the_same_encode(tiny_vae, one_process_encode, tmp_path, cli):
+    out, logs = tmp_path / "shards", tmp_path / "logs"
+    launch = Launch(encode_args(tiny_vae, out), logs)
+    # rank 1 has finished its first shard (1) and is encoding its second (3): kill it there
+    launch.wait_for("rank 1's first shard", lambda: (out / "shard-00001.meta.json").is_file())
+    os.killpg(launch.worker(1), signal.SIGKILL)
+    assert launch.wait() != 0  # torchrun notices, stops rank 0 and fails
+    assert not (out / "manifest.json").exists() and not (out / "shard-00003.meta.json").exists()
+    Launch(encode_args(tiny_vae, out), logs).ok()  # the same command
+    ref, got = files_of(one_process_encode), files_of(out)
+    assert sorted(got) == sorted(ref)  # no temporaries left
+    assert all(got[name] == ref[name] for name in ref)
+    code, _, err = cli("verify", out)
+    assert code == 0, err
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dist-shards") / "shards"
+    encode(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": N,
+                              "vae.name": "pixel", "data.num_workers": 0, "shards.samples_per_shard": PER_SHARD,
+                              "shards.path": str(folder)}))
+    return folder
+
+
+def run_config(shards: Path, outputs: Path, name: str, precision: str = "no", **over) -> dict:
+    return {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": N, "vae.name": "pixel",
+            "shards.path": str(shards), "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1,
+            "model.num_heads": 2, "data.num_workers": 0, "training.mixed_precision": precision,
+            "training.batch_size": BATCH, "training.gradient_accumulation_steps": ACCUM,
+            "training.num_epochs": EPOCHS, "training.learning_rate": 1e-3, "lr_scheduler.warmup_steps": 4,
+            "logging.steps": 1, "logging.tensorboard": False, "checkpointing.steps": 4,
+            "logging.output_dir": str(outputs), "logging.run_name": name, **over}
+
+
+def start_train(shards: Path, root: Path, name: str, precision: str = "no", procs: int = 2, **extra_env) -> Launch:
+    return Launch(["train", *cli_args(run_config(shards, root / "outputs", name, precision))], root / "logs",
+                  procs=procs, **extra_env)
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """Uninterrupted 2-process runs, recording every micro-batch; `reference(precision)` → (run, records)."""
+    root = tmp_path_factory.mktemp("dist-ref")
+    done: dict[str, tuple[Path, list[dict]]] = {}
+
+    def get(precision: str) -> tuple[Path, list[dict]]:
+        if precision not in done:
+            record = root / f"samples-{precision}.jsonl"
+            start_train(shards, root, f"ref-{precision}", precision, **{RECORD_ENV: record}).ok()
+            done[precision] = root / "outputs" / f"ref-{precision}", records(record)
+        return done[precision]
+
+    return get
+
+
+def expected_indices(shards: Path) -> dict[tuple[int, int, int], list[int]]:
+    """{(rank, epoch, q): global sample indices} as the loader assigns them, for the whole run."""
+    store, _ = open_shards(shards)
+    cfg = load_config(None, {})
+    order = EpochOrder(store.counts, cfg.training.seed, cfg.data.shuffle_window)
+    out = {}
+    for r in range(WORLD):
+        ds = MicroBatches(store, order, PLAN, r, cfg.training.seed)
+        for u in range(END * ACCUM):
+            epoch, q = divmod(u, PLAN.micro_per_epoch)
+            out[(r, epoch, q)] = ds[(epoch, q)]["indices"].tolist()
+    return out
+
+
+def test_plan_splits_every_epoch_exactly_once_over_two_ranks_with_uneven_shards():
+    """The loader's assignment alone (no I/O): equal counts, disjoint ranks, the documented remainder, for uneven
+    shard counts and sizes and several batch shapes."""
+    for counts, batch, accum in [([22, 22, 22, 22, 12], 4, 2), ([37, 5, 61], 3, 1), ([7] * 9 + [1], 2, 3),
+                                 ([100], 5, 2), ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 1, 4)]:
+        n = sum(counts)
+        plan = Plan(n, batch, accum, 2)
+        order = EpochOrder(counts, seed=0, window=2)
+        epochs = []
+        for epoch in range(3):
+            per_rank = [[order(epoch, plan.positions(q, r)).tolist() for q in range(plan.micro_per_epoch)]
+                        for r in range(2)]
+            assert len(per_rank[0]) == len(per_rank[1]) == plan.steps_per_epoch * accum
+            assert all(len(b) == batch for r in per_rank for b in r)  # every micro-batch is full on every rank
+            seen = [g for r in per_rank for b in r for g in b]
+            assert len(seen) == len(set(seen)) == plan.steps_per_epoch * plan.global_batch
+            assert set(seen) <= set(range(n))
+            assert n - len(seen) == n % plan.global_batch  # the remainder is dropped, never wrapped
+            epochs.append(seen)
+        assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_two_process_run_reads_disjoint_slices_exactly_once(shards, reference):
+    run, rec = reference("no")
+    assert PLAN.steps_per_epoch == 6 and N % PLAN.global_batch == 4
+    assert len(rec) == END * ACCUM * WORLD
+    by_rank = {r: [x for x in rec if x["rank"] == r] for r in range(WORLD)}
+    expected = expected_indices(shards)
+    for r, lines in by_rank.items():  # each rank: every micro-batch of every step, in order, B samples each
+        assert [(x["step"], x["micro"]) for x in lines] == [(s, m) for s in range(END) for m in range(ACCUM)]
+        for x in lines:
+            assert (x["epoch"], x["q"]) == divmod(x["step"] * ACCUM + x["micro"], PLAN.micro_per_epoch)
+            assert len(x["indices"]) == BATCH
+            assert x["indices"] == expected[(r, x["epoch"], x["q"])]  # what Plan/MicroBatches say
+    dropped = []
+    for epoch in range(EPOCHS):
+        seen = {r: [g for x in by_rank[r] if x["epoch"] == epoch for g in x["indices"]] for r in range(WORLD)}
+        assert len(seen[0]) == len(seen[1]) == PLAN.steps_per_epoch * PLAN.global_batch // WORLD
+        every = seen[0] + seen[1]
+        assert len(every) == len(set(every)) == PLAN.steps_per_epoch * PLAN.global_batch == 96  # at most once
+        assert not set(seen[0]) & set(seen[1])
+        assert set(every) <= set(range(N))
+        dropped.append(set(range(N)) - set(every))
+        assert len(dropped[-1]) == 4
+    assert len({frozenset(d) for d in dropped}) == EPOCHS  # each epoch drops other samples: a new permutation
+    orders = [[g for x in rec if x["epoch"] == e and x["rank"] == 0 for g in x["indices"]] for e in range(EPOCHS)]
+    assert orders[0] != orders[1] != orders[2]
+    state = validate(run / checkpoint.step_name(END))
+    assert state["samples_consumed"] == END * PLAN.global_batch and state["steps_per_epoch"] == 6
+
+
+def test_logged_loss_is_the_mean_over_ranks(reference):
+    run, rec = reference("no")
+    metrics = {m["step"]: m["loss"] for m in read_metrics(run)}
+    assert sorted(metrics) == list(range(1, END + 1))
+    apart = 0
+    for step in range(END):
+        local = []
+        for r in range(WORLD):  # the rank's step loss, summed as the loop sums it (float32)
+            acc = torch.zeros(())
+            for x in rec:
+                if x["rank"] == r and x["step"] == step:
+                    acc += torch.tensor(x["loss"], dtype=torch.float32) / ACCUM
+            local.append(acc)
+        mean = float(local[0] + local[1]) / WORLD
+        assert metrics[step + 1] == pytest.approx(mean, rel=1e-6, abs=1e-7), step
+        apart += abs(float(local[0]) - float(local[1])) > 1e-4
+    assert apart > END // 2  # the ranks' losses differ, so the check above tells a mean from rank 0's own loss
+
+
+def test_every_checkpoint_holds_and_hashes_each_ranks_rng_state(reference):
+    run, _ = reference("no")
+    names = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert names == sorted([*(f"checkpoint-{s}" for s in (4, 8, 12, 16, END)),
+                            *(f"checkpoint-epoch-{e}" for e in range(1, EPOCHS + 1))])
+    assert not list(run.glob(".checkpoint-*"))
+    for name in names:
+        state = validate(run / name)  # every recorded file present, sizes and sha256 matching
+        assert state["world_size"] == WORLD and state["samples_consumed"] == state["step"] * PLAN.global_batch
+        for r in range(WORLD):
+            f = run / name / f"rng-rank{r}.pt"
+            assert state["files"][f.name]["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+            loaded = checkpoint.load_tensors(f)
+            assert {"python", "numpy", "torch", "log_window"} <= set(loaded)
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+
+
+def assert_same_run(run: Path, ref: Path) -> None:
+    final = checkpoint.step_name(END)
+    assert (run / "latest").read_text().strip() == final
+    state, ref_state = validate(run / final), validate(ref / final)
+    for key in ("step", "epoch", "samples_consumed", "total_steps", "world_size"):
+        assert state[key] == ref_state[key], key
+    for f in ("model.pt", "ema.pt", "optimizer.pt", "rng-rank0.pt", "rng-rank1.pt"):
+        assert state["files"][f]["sha256"] == ref_state["files"][f]["sha256"], f"{final}/{f} differs"
+    a, b = (torch.load(p / final / "model.pt", weights_only=True) for p in (run, ref))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    common = {p.name for p in ref.glob("checkpoint-*")} & {p.name for p in run.glob("checkpoint-*")}
+    for name in sorted(common):
+        files, ref_files = validate(run / name)["files"], validate(ref / name)["files"]
+        for f in ("model.pt", "ema.pt", "optimizer.pt"):
+            assert files[f]["sha256"] == ref_files[f]["sha256"], f"{name}/{f} differs"
+    expected = {m["step"]: m for m in read_metrics(ref)}
+    got = read_metrics(run)
+    assert [m["step"] for m in got] == sorted(expected) == list(range(1, END + 1))
+    for m in got:
+        for key in ("loss", "lr", "grad_norm", "epoch"):
+            assert m[key] == expected[m["step"]][key], f"step {m['step']} {key}"
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_two_process_run_killed_after_a_checkpoint_resumes_bitwise(shards, reference, tmp_path, precision):
+    ref, ref_rec = reference(precision)
+    run = tmp_path / "outputs" / "cut"
+    # a pause per checkpoint file keeps the run inside its next checkpoint write while the test kills it
+    launch = start_train(shards, tmp_path, "cut", precision, **{checkpoint.PAUSE_ENV: 0.05,
+                                                               RECORD_ENV: tmp_path / "cut.jsonl"})
+    launch.wait_for("checkpoint-8", lambda: (run / "checkpoint-8").is_dir())
+    launch.kill_all()
+    assert not (run / checkpoint.step_name(END)).exists()
+    resumed_from = checkpoint.find_resumable(run, warn=pytest.fail)[1]["step"]
+    assert 8 <= resumed_from < END
+
+    Launch(["resume", run], tmp_path / "logs", **{RECORD_ENV: tmp_path / "resumed.jsonl"}).ok()
+    assert_same_run(run, ref)
+    # exactly once across the kill: the killed run up to its checkpoint, then the resumed run, read what the
+    # uninterrupted run read, micro-batch for micro-batch
+    before = [x for x in records(tmp_path / "cut.jsonl") if x["step"] < resumed_from]
+    after = records(tmp_path / "resumed.jsonl")
+    assert min(x["step"] for x in after) == resumed_from
+    key = lambda x: (x["step"], x["rank"], x["micro"])  # noqa: E731
+    assert [(key(x), x["indices"]) for x in sorted(before + after, key=key)] == \
+        [(key(x), x["indices"]) for x in sorted(ref_rec, key=key)]
+
+
+def test_resume_with_another_world_size_is_refused(shards, reference, tmp_path, cli):
+    ref, _ = reference("no")
+    run = tmp_path / "two"
+    shutil.copytree(ref, run)
+    before = {str(p): p.stat().st_mtime_ns for p in run.rglob("*")}
+    code, _, err = cli("resume", run / "checkpoint-8")  # one process (this one)
+    flat = " ".join(err.split())
+    assert code == 2, err
+    assert "world size" in flat and "trained on 2 process(es)" in flat and "this launch has 1" in flat
+    assert "--nproc_per_node 2" in flat
+    assert {str(p): p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing touched
+
+    # and a one-process run resumed by two processes: both ranks refuse it with the message, nobody hangs
+    one = tmp_path / "one-root"
+    cfg = load_config(None, {**run_config(shards, one / "outputs", "one"), "training.max_steps": 2})
+    train(cfg)
+    launch = Launch(["resume", one / "outputs" / "one"], tmp_path / "logs")
+    assert launch.wait() != 0
+    out = " ".join(launch.output().split())
+    assert out.count("trained on 1 process(es) (world size 1), this launch has 2") == 2, out[-3000:]
+
+
+def test_an_existing_run_folder_is_refused_by_every_rank(shards, reference, tmp_path):
+    ref, _ = reference("no")
+    outputs = ref.parent
+    launch = Launch(["train", *cli_args(run_config(shards, outputs, ref.name))], tmp_path / "logs")
+    assert launch.wait() != 0
+    out = launch.output()
+    assert " ".join(out.split()).count(f"run folder '{ref}' already exists") == 2, out[-3000:]
+    assert "Connection closed by peer" not in out  # no rank left waiting in a collective for the one that refused
+
+
+# ---------------------------------------------------------------------------------------------------- URLs
+
+
+def test_shards_from_an_fsspec_url_train_the_same_and_pipe_is_refused(shards, tmp_path, cli):
+    import fsspec
+    from accelerate.state import AcceleratorState
+
+    parquet = tmp_path / "parquet"
+    encode(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": N,
+                              "vae.name": "pixel", "data.num_workers": 0, "shards.samples_per_shard": PER_SHARD,
+                              "shards.format": "parquet", "shards.path": str(parquet)}))
+    cfg = {**run_config(shards, tmp_path / "outputs", "local"), "training.max_steps": 3}
+    for folder in (shards, parquet):  # tar and Parquet shards, from a path and from a file:// URL
+        runs = []
+        for where in (str(folder), folder.resolve().as_uri()):
+            AcceleratorState._reset_state(reset_partial_state=True)
+            runs.append(train(load_config(None, {**cfg, "shards.path": where,
+                                                 "logging.run_name": f"{folder.name}-{len(runs)}"})))
+        wa, wb = (torch.load(r / "checkpoint-3" / "model.pt", weights_only=True) for r in runs)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # a remote copy whose shards changed after its manifest was written is refused by sha256
+    mem = fsspec.filesystem("memory")
+    for p in shards.iterdir():
+        data = p.read_bytes()
+        if p.suffix == ".tar":  # one byte of the tar's end padding: only the hash can tell
+            data = data[:-1] + b"\x01"
+        mem.pipe_file(f"/dist-test/{p.name}", data)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ShardError, match="does not match the manifest's sha256"):
+        train(load_config(None, {**cfg, "shards.path": "memory:///dist-test", "logging.run_name": "mem"}))
+    mem.rm("/dist-test", recursive=True)
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    code, _, err = cli("train", *cli_args({**cfg, "shards.path": f"pipe:cat {shards}/shard-00000.tar",
+                                           "logging.run_name": "pipe"}))
+    assert code == 1 and "pipe: shard locations are not supported" in " ".join(err.split())
+    code, _, err = cli("encode", "--dataset", "shapes", "--vae", "pixel", "--out", "s3://bucket/shards")
+    assert code == 2 and "encode writes a local (or shared) folder only" in " ".join(err.split())
