@@ -291,7 +291,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     bar = _progress(console, acc.is_main_process)
     epoch_task = None
 
-    with bar, stop.installed():
+    with bar, stop.installed(), _oom_advice(device, plan):
         for step in range(start_step, end_step):
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
             if step > start_step and step_in_epoch == 0 and cfg.checkpointing.every_epoch:
@@ -500,6 +500,21 @@ class _SampleRecord:
 
 
 # ---------------------------------------------------------------------------------------------------- signals
+
+
+@contextlib.contextmanager
+def _oom_advice(device: torch.device, plan: Plan):
+    """A CUDA out-of-memory becomes one message with the peak memory and the fixes, instead of a traceback."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else float("nan")
+        raise DitpipeError(
+            f"out of GPU memory (peak {peak:.1f} GiB allocated of {total:.1f} GiB). Fixes: a smaller "
+            f"training.batch_size with more gradient_accumulation_steps (same effective batch {plan.global_batch}), "
+            "model.gradient_checkpointing: true, a smaller model.name preset, or training.mixed_precision bf16 "
+            "(in a new run: these settings cannot change on resume)") from None
 
 
 class _Stopped(DitpipeError):
