@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import mmap
 from dataclasses import dataclass
 from functools import lru_cache
@@ -277,6 +278,19 @@ class LatentView:
         return z
 
 
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 batch to fill. In a DataLoader worker it lives in shared memory from the start, so
+    handing it to the main process copies nothing: torch otherwise moves every returned tensor there with a copy
+    (np.stack + that move: 7.8 ms of CPU for 256 × 4×32×32, against 2 ms to fill shared memory directly)."""
+    if torch.utils.data.get_worker_info() is not None:
+        try:
+            storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+            return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+        except (AttributeError, RuntimeError):  # no such allocator here: a plain tensor, moved (copied) by torch
+            pass
+    return torch.empty(shape, dtype=torch.float32)
+
+
 class MicroBatches(torch.utils.data.Dataset):
     """Map-style over keys (epoch, q): returns rank `rank`'s part of global micro-batch q of `epoch`, ready to train."""
 
@@ -287,12 +301,16 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, q = key
         indices = self.order(epoch, self.plan.positions(q, self.rank))
-        latents, labels = [], []
-        for g in indices:
+        latents, labels = None, []
+        for k, g in enumerate(indices):
             stored, label = self.store.read(int(g))
-            latents.append(self.view(stored, keyed_rng(self.seed, epoch, _SAMPLE, g)))
+            z = self.view(stored, keyed_rng(self.seed, epoch, _SAMPLE, g))  # (C, H, W) float32
+            if latents is None:
+                latents = _batch_tensor((len(indices), *z.shape))
+                out = latents.numpy()
+            out[k] = z
             labels.append(label)
-        return {"latents": torch.from_numpy(np.ascontiguousarray(np.stack(latents))),  # (B, C, H, W) float32
+        return {"latents": latents,  # (B, C, H, W) float32
                 "labels": torch.tensor(labels, dtype=torch.long),  # (B,); -1 without labels
                 "indices": torch.from_numpy(indices), "epoch": epoch, "q": q}
 
