@@ -395,12 +395,9 @@ class DDPM:
 
     def sample(self, model_fn, shape, sampler, steps, generator, device, noise=None, progress=None):
         """Dispatch to "ddpm" (ancestral) or "ddim"; sampler None means the default."""
-        sampler = self.default_sampler if sampler is None else sampler
-        if sampler == "ddpm":
-            return self.p_sample_loop(model_fn, shape, steps, generator, device, noise=noise, progress=progress)
-        if sampler == "ddim":
-            return self.ddim_sample_loop(model_fn, shape, steps, generator, device, noise=noise, progress=progress)
-        raise _unknown_sampler(sampler, DDPM_SAMPLERS)
+        loops = {"ddpm": self.p_sample_loop, "ddim": self.ddim_sample_loop}
+        return _dispatch(loops, sampler or self.default_sampler, model_fn, shape, steps, generator, device, noise,
+                         progress)
 
 
 #################################################################################
@@ -478,12 +475,16 @@ class Flow:
 
     def sample(self, model_fn, shape, sampler, steps, generator, device, noise=None, progress=None):
         """Dispatch to "euler" or "heun"; sampler None means the default."""
-        sampler = self.default_sampler if sampler is None else sampler
-        if sampler == "euler":
-            return self.euler_sample(model_fn, shape, steps, generator, device, noise=noise, progress=progress)
-        if sampler == "heun":
-            return self.heun_sample(model_fn, shape, steps, generator, device, noise=noise, progress=progress)
-        raise _unknown_sampler(sampler, FLOW_SAMPLERS)
+        loops = {"euler": self.euler_sample, "heun": self.heun_sample}
+        return _dispatch(loops, sampler or self.default_sampler, model_fn, shape, steps, generator, device, noise,
+                         progress)
+
+
+def _dispatch(loops: dict, sampler, model_fn, shape, steps, generator, device, noise, progress):
+    """Run the named sampler loop, or say which names are valid."""
+    if sampler not in loops:
+        raise _unknown_sampler(sampler, tuple(loops))
+    return loops[sampler](model_fn, shape, steps, generator, device, noise=noise, progress=progress)
 
 
 def make_objective(name, learn_sigma):

@@ -7,23 +7,13 @@ import pytest
 
 from pipeline.config import load_config
 from stages.encode import encode
-from stages.train import train
+from conftest import train_tiny
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from accelerate.state import AcceleratorState
-
     tmp = tmp_path_factory.mktemp("eval")
-    data = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 64, "vae.name": "pixel",
-            "shards.path": str(tmp / "shards"), "data.num_workers": 0}
-    encode(load_config(None, data))
-    run = train(load_config(None, {**data, "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1,
-                                   "model.num_heads": 2, "training.mixed_precision": "no", "training.batch_size": 16,
-                                   "training.gradient_accumulation_steps": 1, "training.max_steps": 4,
-                                   "logging.output_dir": str(tmp / "out"), "logging.tensorboard": False,
-                                   "logging.run_name": "r", "diffusion.objective": "flow"}))
-    AcceleratorState._reset_state(True)
+    run = train_tiny(tmp, 64, **{"training.max_steps": 4, "diffusion.objective": "flow"})
     return run, tmp / "shards", tmp
 
 

@@ -5,33 +5,20 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import load_config
 from pipeline.diffusion import make_objective
 from pipeline.errors import DitpipeError
 from pipeline.generate import generate
 from pipeline.model import build_dit
-from stages.encode import encode
 from stages.sample import class_list, load_sampleable, sample
-from stages.train import train
+
+from conftest import train_tiny
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from accelerate.state import AcceleratorState
-
-    tmp = tmp_path_factory.mktemp("run")
-    data = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 128, "vae.name": "pixel",
-            "shards.path": str(tmp / "shards"), "data.num_workers": 0}
-    encode(load_config(None, data))
-    cfg = load_config(None, {**data, "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1,
-                             "model.num_heads": 2, "training.mixed_precision": "no", "training.batch_size": 16,
-                             "training.gradient_accumulation_steps": 1, "training.max_steps": 6,
-                             "logging.output_dir": str(tmp / "out"), "logging.run_name": "r",
-                             "logging.tensorboard": False, "lr_scheduler.warmup_steps": 0,
-                             "training.learning_rate": 1e-2})
-    run = train(cfg)
-    AcceleratorState._reset_state(True)
-    return run
+    return train_tiny(tmp_path_factory.mktemp("run"), 128, **{"training.max_steps": 6,
+                                                              "lr_scheduler.warmup_steps": 0,
+                                                              "training.learning_rate": 1e-2})
 
 
 def test_grid_and_per_sample_files(run_dir, tmp_path):
