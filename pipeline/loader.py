@@ -15,15 +15,22 @@ loader first needs it (at most `max_open` at a time per process) and checked aga
 commands are refused: the loader reads samples by index, not as a stream.
 
 Randomness per sample is keyed on (seed, epoch, global sample index): the flip bit and the posterior noise ε in
-z = mean + std·ε. Then the manifest's shift and scaling factors are applied: z ← (z − shift)·scale.
+z = mean + std·ε. Then the manifest's shift and scaling factors are applied: z ← (z − shift)·scale. The key is
+hashed to 64 bits once (`sample_key`): the top bit is the flip, and ε comes from a torch generator seeded with the
+hash. Reseeding torch's CPU generator costs ~2 µs against ~8 µs for a keyed numpy Generator, and its normal draw is
+~3× faster than numpy's for a 4×32×32 latent: ε was the loader's largest per-sample cost. torch's mt19937 takes
+the low 32 bits of the seed, so two keys share an ε stream with probability 2⁻³²: harmless, since ε is independent
+of the sample it perturbs.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
 import mmap
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +44,7 @@ from pipeline.errors import ShardError
 # Tags that keep the keyed random streams apart.
 _SHARD_ORDER, _WINDOW_ORDER, _SAMPLE = 0, 1, 2
 _U32 = 2**32
+_U64 = 2**64 - 1
 _LATENT_ITEMSIZE = np.dtype(shards.LATENT_DTYPE).itemsize
 _RELEASE_EVERY = 64  # tar reads between ShardStore.release() calls: bounds the mapped pages a process holds
 
@@ -48,6 +56,22 @@ def keyed_rng(*key: int) -> np.random.Generator:
         # of ints below 2**32), in half the time: SeedSequence coerces a list int by int in Python (7 µs a sample).
         return np.random.Generator(np.random.PCG64(np.array(key, dtype=np.uint32)))
     return np.random.default_rng(key)
+
+
+def sample_key(seed: int, epoch: int, index: int) -> int:
+    """The 64-bit hash of a sample's key (seed, epoch, global index): all of its random draws derive from it."""
+    packed = struct.pack("<4Q", *(int(k) & _U64 for k in (seed, epoch, _SAMPLE, index)))
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little")
+
+
+def sample_flip(key: int) -> bool:
+    return bool(key >> 63)
+
+
+def sample_normal(key: int, shape: tuple[int, ...], generator: torch.Generator) -> np.ndarray:
+    """ε ~ N(0, I) of `shape`, float32, a pure function of `key` (the generator is reseeded, so any one will do)."""
+    generator.manual_seed(key)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).numpy()
 
 
 @dataclass(frozen=True)
@@ -257,9 +281,11 @@ class LatentView:
         self.flip_at_load = bool(lat.get("flip_at_load"))
         self.scale, self.shift = float(codec["scaling_factor"]), float(codec["shift_factor"])
         self.can_flip = self.flip_at_load or self.mean_flip is not None
+        self.generator = torch.Generator()  # reseeded per sample; each worker process has its own copy
 
-    def __call__(self, stored: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        flip = bool(rng.integers(2)) if self.can_flip else False
+    def __call__(self, stored: np.ndarray, key: int) -> np.ndarray:
+        """The training sample for a stored latent and its `sample_key`."""
+        flip = sample_flip(key) if self.can_flip else False
         if flip and not self.flip_at_load:
             mean, std = stored[self.mean_flip], None if self.std_flip is None else stored[self.std_flip]
         else:
@@ -267,7 +293,7 @@ class LatentView:
         z = mean.astype(np.float32)  # (C, H, W)
         if std is not None:
             # In place, without temporaries: the same float32 roundings as z + float32(std)·ε (fp16 → fp32 exact).
-            eps = rng.standard_normal(z.shape, dtype=np.float32)
+            eps = sample_normal(key, z.shape, self.generator)  # (C, H, W)
             z += np.multiply(std, eps, out=eps)
         if flip and self.flip_at_load:
             z = z[:, :, ::-1]  # exact mirror of the stored image (a view of our own buffer)
@@ -304,7 +330,7 @@ class MicroBatches(torch.utils.data.Dataset):
         latents, labels = None, []
         for k, g in enumerate(indices):
             stored, label = self.store.read(int(g))
-            z = self.view(stored, keyed_rng(self.seed, epoch, _SAMPLE, g))  # (C, H, W) float32
+            z = self.view(stored, sample_key(self.seed, epoch, g))  # (C, H, W) float32
             if latents is None:
                 latents = _batch_tensor((len(indices), *z.shape))
                 out = latents.numpy()
@@ -331,15 +357,16 @@ class ImageBatches(torch.utils.data.Dataset):
         epoch, q = key
         indices = self.order(epoch, self.plan.positions(q, self.rank))
         pixels, eps, labels = [], [], []
+        generator = torch.Generator()
         for g in indices:
-            rng = keyed_rng(self.seed, epoch, _SAMPLE, g)
+            key = sample_key(self.seed, epoch, int(g))
             try:
                 img = self.source.load(int(g)).pixels  # (H, W, 3) uint8
             except BadImage as e:
                 raise DataError(f"{self.source.sample_meta(int(g))['file']}: {e}. The online mode cannot skip inputs; "
                                 "encode shards instead (`ditpipe encode`), which skips and records them") from None
-            pixels.append(img[:, ::-1] if self.flip and rng.integers(2) else img)
-            eps.append(rng.standard_normal(self.latent_shape, dtype=np.float32) if self.stores_std
+            pixels.append(img[:, ::-1] if self.flip and sample_flip(key) else img)
+            eps.append(sample_normal(key, self.latent_shape, generator) if self.stores_std
                        else np.zeros(self.latent_shape, np.float32))
             labels.append(-1 if self.source.items[int(g)].label is None else self.source.items[int(g)].label)
         return {"pixels": torch.from_numpy(np.ascontiguousarray(np.stack(pixels))),  # (B, H, W, 3) uint8

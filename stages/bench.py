@@ -48,7 +48,7 @@ JSON (schema "ditpipe-bench/1"; rates per second of wall time, times in seconds,
          per_sample_us{worker_tar, worker_parquet, worker_npy,   (CPU µs a sample: W stores round-robin over one
                                                                   epoch from cold, as the workers run, opens included)
                        microbatch_tar, microbatch_parquet, microbatch_npy,  (the same, shards open: per-sample work)
-                       read_tar, read_parquet, read_npy, keyed_rng, eps_draw, latent_view},  (its parts)
+                       read_tar, read_parquet, read_npy, sample_key, eps_draw, latent_view},  (its parts)
          cpu_ceiling_samples_per_s{tar, parquet, npy}         (cores / worker CPU time: no loader can beat it),
          loader_cpu_us_per_sample{tar, parquet, npy}          (CPU of the timed pass, main + workers, a sample:
                                                                unlike the rate, barely moved by other load),
@@ -725,7 +725,7 @@ def task_loader_rates(o: BenchOptions, folders: dict) -> dict:
     Each trial: build the loader, one warm pass (workers start, page cache fills), then time a second pass."""
     import numpy as np
 
-    from pipeline.loader import LatentView, keyed_rng, make_loader
+    from pipeline.loader import LatentView, make_loader, sample_key, sample_normal
 
     kinds = ["tar", "parquet", "npy"]
     trials: dict[str, list[float]] = {k: [] for k in kinds}
@@ -781,16 +781,16 @@ def task_loader_rates(o: BenchOptions, folders: dict) -> dict:
         if kind == "tar":
             view, stored = LatentView(ds.store.manifest), ds.store.read(0)[0]
             t0 = time.process_time()
-            rngs = [keyed_rng(o.seed, 0, 2, int(g)) for g in idx]
-            us["keyed_rng"] = (time.process_time() - t0) / len(idx) * 1e6
+            keys = [sample_key(o.seed, 0, int(g)) for g in idx]
+            us["sample_key"] = (time.process_time() - t0) / len(idx) * 1e6
             shape = stored.shape[1:]
             t0 = time.process_time()
-            for r in rngs:
-                r.standard_normal(shape, dtype=np.float32)
+            for key in keys:
+                sample_normal(key, shape, view.generator)
             us["eps_draw"] = (time.process_time() - t0) / len(idx) * 1e6
             t0 = time.process_time()
             for g in idx:
-                view(stored, keyed_rng(o.seed, 0, 2, int(g)))
+                view(stored, sample_key(o.seed, 0, int(g)))
             us["latent_view"] = (time.process_time() - t0) / len(idx) * 1e6
         del sets, ds
     return {"trials": trials, "per_sample_us": us, "loader_cpu_us": cpu_us}

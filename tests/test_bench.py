@@ -75,7 +75,7 @@ def test_loader_part(bench):
     assert close(lo["tar_over_npy"], lo["tar_samples_per_s"] / lo["npy_samples_per_s"])
     assert close(lo["parquet_over_npy"], lo["parquet_samples_per_s"] / lo["npy_samples_per_s"])
     assert {k: len(v) for k, v in lo["trials"].items()} == {"tar": 1, "parquet": 1, "npy": 1}
-    assert set(lo["per_sample_us"]) == {"read_tar", "read_parquet", "read_npy", "keyed_rng", "eps_draw",
+    assert set(lo["per_sample_us"]) == {"read_tar", "read_parquet", "read_npy", "sample_key", "eps_draw",
                                         "latent_view", "microbatch_tar", "microbatch_parquet", "microbatch_npy",
                                         "worker_tar", "worker_parquet", "worker_npy"}
     assert all(v >= 0 for v in lo["per_sample_us"].values())

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import load_config
-from pipeline.loader import (EpochOrder, LatentView, MicroBatches, Plan, RunKeys, ShardStore, keyed_rng, make_loader,
-                             open_shards)
+from pipeline.loader import (EpochOrder, LatentView, MicroBatches, Plan, RunKeys, ShardStore, make_loader, open_shards,
+                             sample_flip, sample_key, sample_normal)
 from stages.encode import encode
 
 
@@ -125,18 +125,18 @@ def test_pixel_flip_is_exact_and_keyed_per_sample(pixel_shards):
     for g in range(40):
         stored, _ = store.read(g)
         image = stored[0].astype(np.float32)  # (3, H, W) in [-1, 1]
-        got = view(stored, keyed_rng(0, 5, 2, g))
-        flipped = bool(keyed_rng(0, 5, 2, g).integers(2))
+        got = view(stored, sample_key(0, 5, g))
+        flipped = sample_flip(sample_key(0, 5, g))
         flips += flipped
         assert np.array_equal(got, image[:, :, ::-1] if flipped else image)
-        assert np.array_equal(got, view(stored, keyed_rng(0, 5, 2, g)))  # a pure function of the key
+        assert np.array_equal(got, view(stored, sample_key(0, 5, g)))  # a pure function of the key
     assert 10 < flips < 30
     # in a batch, a sample gets the same draw whatever its rank or position
     plan = Plan(200, 4, 1, 2)
     ds = MicroBatches(store, EpochOrder(store.counts, 0, 8), plan, 1, 0)
     batch = ds[(5, 3)]
     for g, x in zip(batch["indices"].tolist(), batch["latents"]):
-        assert np.array_equal(x.numpy(), view(store.read(g)[0], keyed_rng(0, 5, 2, g)))
+        assert np.array_equal(x.numpy(), view(store.read(g)[0], sample_key(0, 5, g)))
 
 
 def test_vae_latents_use_posterior_noise_and_the_manifests_factors(vae_shards):
@@ -146,13 +146,14 @@ def test_vae_latents_use_posterior_noise_and_the_manifests_factors(vae_shards):
     view = LatentView(manifest)
     for g in range(10):
         stored, _ = store.read(g)
-        rng = keyed_rng(0, 0, 2, g)
-        flip = bool(rng.integers(2))
-        mean, std = (stored[2], stored[3]) if flip else (stored[0], stored[1])
-        eps = rng.standard_normal(mean.shape, dtype=np.float32)
+        key = sample_key(0, 0, g)
+        mean, std = (stored[2], stored[3]) if sample_flip(key) else (stored[0], stored[1])
+        eps = sample_normal(key, mean.shape, torch.Generator())
+        assert abs(float(eps.mean())) < 0.2 and 0.8 < float(eps.std()) < 1.2  # a standard normal draw
         expected = (mean.astype(np.float32) + std.astype(np.float32) * eps - shift) * scale
-        assert np.allclose(view(stored, keyed_rng(0, 0, 2, g)), expected, atol=1e-6)
-    assert not np.allclose(view(stored, keyed_rng(0, 0, 2, 0)), view(stored, keyed_rng(0, 1, 2, 0)))
+        assert np.allclose(view(stored, key), expected, atol=1e-6)
+    assert not np.allclose(view(stored, sample_key(0, 0, 0)), view(stored, sample_key(0, 1, 0)))
+    assert len({sample_flip(sample_key(0, 0, g)) for g in range(10)}) == 2  # both mirror states occur
 
 
 def test_tar_and_parquet_give_the_same_batches(tmp_path):
