@@ -86,7 +86,8 @@ class ShardWriter:
             meta = {"ditpipe.latent_shape": json.dumps(list(self.latent_shape)), "ditpipe.latent_dtype": LATENT_DTYPE}
             self._schema = pa.schema([("key", pa.string()), ("latent", pa.binary(nbytes)), ("json", pa.string())],
                                      metadata=meta)
-            self._pq = pq.ParquetWriter(self.tmp, self._schema, compression="none")
+            # Plain pages: every latent is unique, so a dictionary page only costs a decode pass at read time.
+            self._pq = pq.ParquetWriter(self.tmp, self._schema, compression="none", use_dictionary=False)
 
     def add(self, key: str, latent: np.ndarray, meta: dict) -> None:
         assert latent.dtype == np.float16 and latent.shape == self.latent_shape, (latent.dtype, latent.shape)
