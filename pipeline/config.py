@@ -82,6 +82,8 @@ class TrainingConfig(_Section):
     max_steps: Optional[int] = Field(None, ge=1)
     learning_rate: float = Field(1e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)  # DiT's; short runs at a high LR train faster with 0.95
     mixed_precision: Literal["fp16", "bf16", "no"] = "fp16"
     max_grad_norm: float = Field(1.0, ge=0.0)  # 0 disables clipping
     use_ema: bool = True
@@ -118,8 +120,17 @@ class ValidationConfig(_Section):
     every_steps: int = Field(0, ge=0)  # 0 turns validation grids off
     num_samples: int = Field(16, ge=1)
     cfg_scale: float = Field(4.0, ge=1.0)
+    cfg_interval: tuple[float, float] = (0.0, 1.0)  # noise levels (0 data, 1 noise) where guidance applies
     sampling_steps: int = Field(50, ge=1)
     sampler: Optional[Literal["ddpm", "ddim", "euler", "heun"]] = None  # default: the objective's own
+
+
+    @field_validator("cfg_interval")
+    @classmethod
+    def _interval(cls, v):
+        if not 0.0 <= v[0] <= v[1] <= 1.0:
+            raise ValueError(f"needs 0 <= low <= high <= 1 (noise levels), got {list(v)}")
+        return v
 
 
 class Config(_Section):

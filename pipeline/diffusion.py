@@ -208,6 +208,10 @@ class DDPM:
         return (f"DDPM(num_timesteps={self.num_timesteps}, original_num_steps={self.original_num_steps}, "
                 f"learn_sigma={self.learn_sigma})")
 
+    def noise_level(self, t_model: float) -> float:
+        """The model-time argument (an original timestep) as a noise level in [0, 1]: 0 is data, 1 pure noise."""
+        return float(t_model) / (self.original_num_steps - 1)
+
     # -- schedule lookup -------------------------------------------------------------------------------------------
 
     def _table(self, name, device):
@@ -419,6 +423,10 @@ class Flow:
 
     def __repr__(self):
         return f"Flow(time_scale={self.time_scale})"
+
+    def noise_level(self, t_model: float) -> float:
+        """The model-time argument as a noise level in [0, 1]: 0 is data, 1 pure noise."""
+        return float(t_model) / self.time_scale
 
     def _model(self, model_fn, x, t):
         """The velocity from the first C output channels; extra channels (a learn_sigma head) are ignored."""

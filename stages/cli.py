@@ -129,6 +129,17 @@ def resume(
     stage.train(stage.resume_config(ckpt, overrides=parse_overrides(args)), resume=ckpt, console=err)
 
 
+def _interval(text: str) -> tuple[float, float]:
+    """--cfg-interval LOW,HIGH → (low, high), checked: noise levels with 0 <= low <= high <= 1."""
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected LOW,HIGH, e.g. 0.5,1", param_hint="--cfg-interval") from None
+    if not 0.0 <= low <= high <= 1.0:
+        raise typer.BadParameter(f"{text!r}: needs 0 <= LOW <= HIGH <= 1", param_hint="--cfg-interval")
+    return low, high
+
+
 def _warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
@@ -141,6 +152,8 @@ def sample(
     classes: Optional[str] = typer.Option(None, help="Comma-separated class ids, cycled to --num (default: all)."),
     num: Optional[int] = typer.Option(None, help="Number of samples (default: one per class, or 16)."),
     cfg_scale: float = typer.Option(4.0, help="Classifier-free guidance scale; 1 = plain conditional sampling."),
+    cfg_interval: str = typer.Option("0,1", help="LOW,HIGH: guide only at noise levels in [LOW, HIGH] (0 data, "
+                                               "1 noise); e.g. 0.5,1 guides the layout but not the fine detail."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default 250 for ddpm/ddim, 50 for euler/heun)."),
     sampler: Optional[str] = typer.Option(None, help="ddpm | ddim (ddpm models), euler | heun (flow models)."),
     seed: int = typer.Option(0, help="Seed; the same seed gives the same samples."),
@@ -159,6 +172,7 @@ def sample(
     from stages.sample import sample as run_sample
 
     run_sample(checkpoint_path, use_ema=ema, classes=classes, num=num, cfg_scale=cfg_scale, steps=steps,
+               cfg_interval=_interval(cfg_interval),
                sampler=sampler, seed=seed, out=out, out_dir=out_dir, batch_size=batch_size, vae=vae,
                model_name=model, image_size=image_size, console=err)
 
@@ -170,6 +184,7 @@ def evaluate(
     reference: str = typer.Option(..., help="Real images: an image folder, or pixel-codec shards."),
     num: int = typer.Option(10000, help="Samples to generate (classes cycled evenly)."),
     cfg_scale: float = typer.Option(1.0, help="Guidance scale (the paper reports FID at 1.0 and 1.5)."),
+    cfg_interval: str = typer.Option("0,1", help="LOW,HIGH: guide only at noise levels in [LOW, HIGH]."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default 250 for ddpm/ddim, 50 for euler/heun)."),
     sampler: Optional[str] = typer.Option(None, help="ddpm | ddim | euler | heun (default: the objective's)."),
     seed: int = typer.Option(0, help="Seed for the generated samples."),
@@ -189,6 +204,7 @@ def evaluate(
     from stages.evaluate import evaluate as run_evaluate
 
     run_evaluate(checkpoint_path, reference, num=num, cfg_scale=cfg_scale, steps=steps, sampler=sampler, seed=seed,
+                 cfg_interval=_interval(cfg_interval),
                  batch_size=batch_size, use_ema=ema, kid=kid, json_out=json_out, cache_dir=cache_dir, vae=vae,
                  model_name=model, image_size=image_size, console=err)
 

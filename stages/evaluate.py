@@ -30,7 +30,7 @@ def evaluate(checkpoint_path: Path, reference, *, num: int = 10000, cfg_scale: f
              sampler: str | None = None, seed: int = 0, batch_size: int = 50, use_ema: bool = True,
              kid: bool = False, json_out: Path | None = None, cache_dir: Path | None = None, vae: str | None = None,
              model_name: str | None = None, image_size: int | None = None,
-             console: Console | None = None) -> dict:
+             cfg_interval: tuple[float, float] = (0.0, 1.0), console: Console | None = None) -> dict:
     """Generate `num` samples (classes cycled evenly) and compare them with `reference`. Returns the results."""
     from pipeline import fid
 
@@ -61,7 +61,7 @@ def evaluate(checkpoint_path: Path, reference, *, num: int = 10000, cfg_scale: f
                 count = min(batch_size, num - start)
                 y = torch.arange(start, start + count) % num_classes if num_classes else None
                 z = generate(s.model, s.objective, s.latent_shape, y, count, sampler, steps, cfg_scale, seed + b,
-                             device)
+                             device, cfg_interval=cfg_interval)
                 images = to_uint8(decode(z, s.codec, s.scaling_factor, s.shift_factor))  # (B, H, W, 3)
                 if kid:
                     generated.append(images)
@@ -71,7 +71,7 @@ def evaluate(checkpoint_path: Path, reference, *, num: int = 10000, cfg_scale: f
     mu, sigma, n = fid.image_stats(batches(), extractor, device)
     result = {"fid": fid.frechet_distance(mu, sigma, ref.mu, ref.sigma), "num_generated": n,
               "num_reference": ref.n, "checkpoint": s.description, "reference": str(reference),
-              "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "image_size": size,
+              "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "cfg_interval": list(cfg_interval), "seed": seed, "image_size": size,
               "seconds": round(time.time() - t0, 1)}
     if kid:
         result.update(_kid(fid, reference, size, batch_size, np.concatenate(generated), extractor, device))

@@ -45,7 +45,8 @@ def quickstart(out: Path = Path("outputs/quickstart"), overrides: dict | None = 
     v, per_class = cfg.validation, 8
     samples = out / "samples"
     images = sample(run, num=per_class * len(SHAPES_CLASS_NAMES), cfg_scale=v.cfg_scale, steps=v.sampling_steps,
-                    sampler=v.sampler, seed=cfg.training.seed, out=out / "grid.png", out_dir=samples,
+                    sampler=v.sampler, seed=cfg.training.seed, cfg_interval=v.cfg_interval, out=out / "grid.png",
+                    out_dir=samples,
                     console=console)
     labels = np.arange(len(images)) % len(SHAPES_CLASS_NAMES)
     accuracy = float(np.mean([classify_shape(img) == y for img, y in zip(images, labels)]))
@@ -84,4 +85,6 @@ def _report(console: Console, cfg, result: dict, overrides: dict) -> None:
     console.print(f"  ditpipe train --config configs/quickstart.yaml {extra}", highlight=False)
     console.print(f"  ditpipe sample --checkpoint {result['run']} --num 64 --cfg-scale {v.cfg_scale:g} --steps "
                   f"{v.sampling_steps}" + (f" --sampler {v.sampler}" if v.sampler else "")
+                  + (f" --cfg-interval {v.cfg_interval[0]:g},{v.cfg_interval[1]:g}"
+                     if tuple(v.cfg_interval) != (0.0, 1.0) else "")
                   + f" --out {result['grid']} --out-dir {result['samples']}", highlight=False)

@@ -125,7 +125,7 @@ def class_list(classes: str | None, num: int | None, num_classes: int) -> list[i
 
 def sample(checkpoint_path: Path, *, use_ema: bool = True, classes: str | None = None, num: int | None = None,
            cfg_scale: float = 4.0, steps: int | None = None, sampler: str | None = None, seed: int = 0,
-           out: Path | None = Path("grid.png"), out_dir: Path | None = None, batch_size: int = 64,
+           cfg_interval: tuple[float, float] = (0.0, 1.0), out: Path | None = Path("grid.png"), out_dir: Path | None = None, batch_size: int = 64,
            vae: str | None = None, model_name: str | None = None, image_size: int | None = None,
            console: Console | None = None) -> np.ndarray:
     """Generate, write the grid and/or the per-sample PNGs, and return the images (N, H, W, 3) uint8."""
@@ -141,7 +141,7 @@ def sample(checkpoint_path: Path, *, use_ema: bool = True, classes: str | None =
         raise DitpipeError(f"unknown sampler {sampler!r} for a {s.objective.name} model; valid samplers: "
                            f"{', '.join(s.objective.samplers)}")
     steps = steps or (250 if sampler in ("ddpm", "ddim") else 50)
-    images = generate_images(s, labels, n, sampler, steps, cfg_scale, seed, batch_size, console)
+    images = generate_images(s, labels, n, sampler, steps, cfg_scale, seed, batch_size, console, cfg_interval)
     if out is not None:
         distinct = sorted(set(labels)) if labels is not None else []
         per_class = labels is not None and len(distinct) <= 16 and labels[: len(distinct)] == distinct
@@ -149,7 +149,8 @@ def sample(checkpoint_path: Path, *, use_ema: bool = True, classes: str | None =
         names = [(s.class_names or [str(c) for c in range(num_classes)])[c] for c in distinct] if per_class else None
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         make_grid(images, ncols, column_labels=names, min_cell=64).save(out)
-        console.print(f"grid: {out}  ({n} samples, {sampler} × {steps} steps, cfg {cfg_scale:g}, seed {seed}; "
+        guided = "" if tuple(cfg_interval) == (0.0, 1.0) else f" at noise {cfg_interval[0]:g}–{cfg_interval[1]:g}"
+        console.print(f"grid: {out}  ({n} samples, {sampler} × {steps} steps, cfg {cfg_scale:g}{guided}, seed {seed}; "
                       f"{s.description})", soft_wrap=True)
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -164,7 +165,8 @@ def sample(checkpoint_path: Path, *, use_ema: bool = True, classes: str | None =
 
 
 def generate_images(s: Sampleable, labels: list[int] | None, n: int, sampler: str, steps: int, cfg_scale: float,
-                    seed: int, batch_size: int, console: Console) -> np.ndarray:
+                    seed: int, batch_size: int, console: Console,
+                    cfg_interval: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """n images in batches; batch b uses seed `seed + b`, so a sample depends on the seed and batch size only."""
     device = next(s.model.parameters()).device
     chunks = []
@@ -175,6 +177,6 @@ def generate_images(s: Sampleable, labels: list[int] | None, n: int, sampler: st
             count = min(batch_size, n - start)
             y = None if labels is None else torch.tensor(labels[start : start + count])
             z = generate(s.model, s.objective, s.latent_shape, y, count, sampler, steps, cfg_scale, seed + b, device,
-                         progress=lambda i, total: bar.advance(task))
+                         progress=lambda i, total: bar.advance(task), cfg_interval=cfg_interval)
             chunks.append(to_uint8(decode(z, s.codec, s.scaling_factor, s.shift_factor)))
     return np.concatenate(chunks)

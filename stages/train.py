@@ -226,8 +226,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     model = build_model(cfg, manifest, num_classes)
     objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
     ema = EMA(model) if t.use_ema else None
-    opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.999),
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
+                            betas=(t.adam_beta1, t.adam_beta2), fused=device.type == "cuda")
     start_step = 0
     if saved:
         start_step = _load_state(resume, saved, model, ema, opt, acc, world, rank)
@@ -388,7 +388,7 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
     labels = torch.arange(n) % num_classes if num_classes else None
     _, channels, size, _ = manifest["latent"]["shape"]
     z = generate(model, objective, (channels, size, size), labels, n, v.sampler, v.sampling_steps, v.cfg_scale,
-                 cfg.training.seed, device)
+                 cfg.training.seed, device, cfg_interval=v.cfg_interval)
     codec = manifest["codec"]
     if "codec" not in decoder:
         decoder["codec"] = load_codec(codec["name"], codec["dtype"], device)

@@ -69,6 +69,16 @@ def test_every_problem_is_reported_at_once_with_its_key_and_a_suggestion():
     assert "'fp32' or 'bf16'" in problems["vae.dtype"]  # fp16 is refused: SD VAEs overflow in it
 
 
+def test_guidance_interval_and_adam_betas():
+    cfg = load_config(None, {"validation.cfg_interval": [0.5, 1], "training.adam_beta2": 0.95})
+    assert cfg.validation.cfg_interval == (0.5, 1.0) and cfg.training.adam_beta2 == 0.95
+    assert load_config(None, {}).validation.cfg_interval == (0.0, 1.0)  # guided everywhere, as official DiT
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"validation.cfg_interval": [0.8, 0.2], "training.adam_beta2": 1.0})
+    problems = dict(info.value.problems)
+    assert "0 <= low <= high <= 1" in problems["validation.cfg_interval"] and "training.adam_beta2" in problems
+
+
 def test_overrides_both_spellings_and_set():
     over = parse_overrides(["--data.dataset_name", "custom", "--data.dataset_path=./data/custom",
                             "--set", "training.learning_rate=5e-5", "--training.max_steps", "null",

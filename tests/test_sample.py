@@ -67,6 +67,29 @@ def test_guidance_doubles_the_batch_like_official_sample_py(run_dir):
     assert torch.equal(ours, ref)
 
 
+def test_guidance_interval_guides_only_the_high_noise_steps(run_dir):
+    """cfg_interval=(0.5, 1): guided where the DDPM timestep is at least half of 999, plain conditional below."""
+    s = load_sampleable(run_dir)
+    y, cpu = torch.tensor([1, 6]), torch.device("cpu")
+    full = generate(s.model, s.objective, s.latent_shape, y, 2, "ddim", 6, 4.0, 5, cpu)
+    assert torch.equal(full, generate(s.model, s.objective, s.latent_shape, y, 2, "ddim", 6, 4.0, 5, cpu,
+                                      cfg_interval=(0.0, 1.0)))
+    half = generate(s.model, s.objective, s.latent_shape, y, 2, "ddim", 6, 4.0, 5, cpu, cfg_interval=(0.5, 1.0))
+    seen = []
+
+    def by_hand(x, t):  # x (4, C, H, W): [conditional, null] halves
+        seen.append(int(t[0]))
+        if t[0] >= 999 * 0.5:
+            return s.model.forward_with_cfg(x, t, torch.cat([y, torch.full_like(y, s.model.null_class)]), 4.0)
+        return s.model(x[:2], t[:2], y).repeat(2, 1, 1, 1)
+
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn((2, *s.latent_shape), generator=gen)
+    ref = s.objective.sample(by_hand, (4, *s.latent_shape), "ddim", 6, gen, cpu, noise=torch.cat([z, z]))[:2]
+    assert torch.equal(half, ref) and not torch.equal(half, full)
+    assert min(seen) < 500 <= max(seen)  # both kinds of step happened
+
+
 def test_official_layout_state_dict_loads_strictly_and_samples(tmp_path, tiny_vae):
     """An official-style checkpoint is a bare state dict; --model/--image-size give its shape, --vae the decoder
     and the VAE's config the scaling factor."""
@@ -121,5 +144,7 @@ def test_cli_sample(run_dir, tmp_path, cli):
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["0000_class2.png", "0001_class4.png",
                                                                   "0002_class2.png", "0003_class4.png"]
+    code, _, err = cli("sample", "--checkpoint", run_dir, "--cfg-interval", "0.7,0.2", "--out", tmp_path / "x.png")
+    assert code == 2 and "--cfg-interval" in err and "LOW <= HIGH" in err
     code, _, err = cli("sample", "--checkpoint", run_dir, "--sampler", "euler", "--out", tmp_path / "x.png")
     assert code == 1 and "valid samplers: ddpm, ddim" in err
