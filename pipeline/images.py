@@ -23,7 +23,9 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 2, background: int = 0,
     if k > 1:
         images = images.repeat(k, axis=1).repeat(k, axis=2)
         h, w = h * k, w * k
-    top = 14 if column_labels else 0
+    chars = max(1, (w + pad) // 6)  # PIL's default bitmap font is 6 px a character
+    lines = [_wrap(label, chars) for label in (column_labels or [])[:ncols]]
+    top = 12 * max(map(len, lines)) + 2 if lines else 0
     nrows = -(-n // ncols)
     grid = np.full((top + nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), background, np.uint8)
     for i, img in enumerate(images):
@@ -33,6 +35,18 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 2, background: int = 0,
     out = Image.fromarray(grid)
     if column_labels:
         draw = ImageDraw.Draw(out)
-        for c, label in enumerate(column_labels[:ncols]):
-            draw.text((pad + c * (w + pad) + 1, 1), label[: max(1, (w + pad) // 6)], fill=(255, 255, 255))
+        for c, label_lines in enumerate(lines):
+            for j, line in enumerate(label_lines):
+                draw.text((pad + c * (w + pad) + 1, 1 + 12 * j), line, fill=(255, 255, 255))
     return out
+
+
+def _wrap(label: str, chars: int, max_lines: int = 2) -> list[str]:
+    """A column label in lines of at most `chars` characters, broken at "_" or spaces ("red_square" → red / square)."""
+    lines: list[str] = []
+    for word in label.replace("_", " ").split():
+        if lines and len(lines[-1]) + 1 + len(word) <= chars:
+            lines[-1] += " " + word
+        else:
+            lines.append(word[:chars])
+    return lines[:max_lines] or [""]

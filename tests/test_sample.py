@@ -148,3 +148,13 @@ def test_cli_sample(run_dir, tmp_path, cli):
     assert code == 2 and "--cfg-interval" in err and "LOW <= HIGH" in err
     code, _, err = cli("sample", "--checkpoint", run_dir, "--sampler", "euler", "--out", tmp_path / "x.png")
     assert code == 1 and "valid samplers: ddpm, ddim" in err
+
+
+def test_grid_column_labels_wrap_instead_of_being_cut():
+    from pipeline.images import _wrap, make_grid
+
+    assert _wrap("yellow_square", 11) == ["yellow", "square"] and _wrap("red_circle", 11) == ["red circle"]
+    images = np.zeros((4, 16, 16, 3), np.uint8)
+    grid = np.asarray(make_grid(images, 2, column_labels=["yellow_square", "red"], min_cell=64))
+    assert grid.shape == (26 + 2 * (64 + 2) + 2, 2 * (64 + 2) + 2, 3)  # two label lines of 12 px above the cells
+    assert grid[13:25, :66].any() and not grid[13:25, 66:].any()  # the second line exists only where it wrapped
