@@ -39,6 +39,8 @@ class DataConfig(_Section):
     shuffle_window: int = Field(8, ge=1)  # shards shuffled together each epoch: locality vs. mixing
     download: bool = False  # COCO only: fetch the official archives first
     download_url: str = "http://images.cocodataset.org"  # COCO mirror (tests point it at 127.0.0.1)
+    # scale: the codec's scaling/shift factors (DiT); channel: the manifest's per-channel mean/std (LightningDiT, EDM2)
+    latent_norm: Literal["scale", "channel"] = "scale"
 
 
 class ShardsConfig(_Section):

@@ -33,6 +33,7 @@ import torch
 
 from pipeline import shards
 from pipeline.errors import ShardError
+from pipeline.latent_norm import LatentNorm
 
 # Tags that keep the keyed random streams apart.
 _SHARD_ORDER, _WINDOW_ORDER, _SAMPLE = 0, 1, 2
@@ -246,16 +247,17 @@ class ShardStore:
 
 
 class LatentView:
-    """Turns a stored latent into a training sample, from the manifest alone: slice choice, flip, ε, scale, shift."""
+    """Turns a stored latent into a training sample: slice choice, flip, ε, then the latent normalisation (the
+    codec's scale and shift from the manifest unless `norm` says otherwise; see pipeline/latent_norm.py)."""
 
-    def __init__(self, manifest: dict):
-        lat, codec = manifest["latent"], manifest["codec"]
+    def __init__(self, manifest: dict, norm: LatentNorm | None = None):
+        lat = manifest["latent"]
         names = lat["slices"]
         self.mean, self.std = names.index(names[0]), (names.index("std") if "std" in names else None)
         self.mean_flip = names.index("mean_flip") if "mean_flip" in names else None
         self.std_flip = names.index("std_flip") if "std_flip" in names else None
         self.flip_at_load = bool(lat.get("flip_at_load"))
-        self.scale, self.shift = float(codec["scaling_factor"]), float(codec["shift_factor"])
+        self.norm = norm or LatentNorm.from_manifest(manifest, "scale")
         self.can_flip = self.flip_at_load or self.mean_flip is not None
 
     def __call__(self, stored: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -271,11 +273,7 @@ class LatentView:
             z += np.multiply(std, eps, out=eps)
         if flip and self.flip_at_load:
             z = z[:, :, ::-1]  # exact mirror of the stored image (a view of our own buffer)
-        if self.shift:  # z − 0 is z exactly
-            z -= self.shift
-        if self.scale != 1.0:  # z·1 is z exactly
-            z *= self.scale
-        return z
+        return self.norm.normalize_array(z)  # (C, H, W)
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -294,9 +292,10 @@ def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
 class MicroBatches(torch.utils.data.Dataset):
     """Map-style over keys (epoch, q): returns rank `rank`'s part of global micro-batch q of `epoch`, ready to train."""
 
-    def __init__(self, store: ShardStore, order: EpochOrder, plan: Plan, rank: int, seed: int):
+    def __init__(self, store: ShardStore, order: EpochOrder, plan: Plan, rank: int, seed: int,
+                 norm: LatentNorm | None = None):
         self.store, self.order, self.plan, self.rank, self.seed = store, order, plan, rank, seed
-        self.view = LatentView(store.manifest)
+        self.view = LatentView(store.manifest, norm)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, q = key

@@ -30,6 +30,7 @@ from pipeline.config import Config, validate_tree
 from pipeline.diffusion import make_objective
 from pipeline.ema import EMA, ema_decay
 from pipeline.errors import ConfigError, DitpipeError, ShardError
+from pipeline.latent_norm import LatentNorm
 from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, Plan, is_url, make_loader, open_shards
 from pipeline.metrics import MetricsLog
 from pipeline.model import build_dit
@@ -123,14 +124,13 @@ def _precomputed(device: torch.device):
     return lambda batch: batch["latents"].to(device, non_blocking=True)
 
 
-def _online(codec, codec_manifest: dict, device: torch.device):
+def _online(codec, norm: LatentNorm, device: torch.device):
     """The baseline's per-step encode: z = (mean + std·ε − shift)·scale, ε and the flip drawn by the loader."""
-    scale, shift = codec_manifest["scaling_factor"], codec_manifest["shift_factor"]
 
     def to_latents(batch: dict) -> torch.Tensor:
         mean, std = codec.encode(batch["pixels"])  # (B, C, h, w) each, std None for pixels
         z = mean if std is None else mean + std * batch["eps"].to(device)
-        return ((z - shift) * scale).to(device)
+        return norm.normalize(z).to(device)  # (B, C, h, w)
 
     return to_latents
 
@@ -195,6 +195,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 
     console = console or Console(stderr=True)
     manifest, folder, store, online = _data(cfg)
+    norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
+    manifest = {**manifest, "latent_norm": norm.record()}  # so every checkpoint records what sampling must invert
 
     probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, notice = effective_precision(cfg.training.mixed_precision, probe)
@@ -251,12 +253,12 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                         range(0, plan.num_samples, manifest["samples_per_shard"])] if store is None else store.counts,
                        t.seed, cfg.data.shuffle_window)
     if store is not None:
-        dataset, to_latents = MicroBatches(store, order, plan, rank, t.seed), _precomputed(device)
+        dataset, to_latents = MicroBatches(store, order, plan, rank, t.seed, norm), _precomputed(device)
     else:
         _, c, h, w = manifest["latent"]["shape"]
         source, codec = online
         dataset = ImageBatches(source, order, plan, rank, t.seed, (c, h, w), cfg.shards.flip, codec.stores_std)
-        to_latents = _online(codec, manifest["codec"], device)
+        to_latents = _online(codec, norm, device)
     loader = make_loader(dataset, plan, start_step, end_step, cfg.data.num_workers, pin_memory=device.type == "cuda")
     batches = iter(loader)  # draws a base seed from torch's global RNG: restore the saved states after it
     window = {"loss": torch.zeros((), device=device), "steps": 0}  # the loss averaged into the next log line
@@ -392,7 +394,7 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
     codec = manifest["codec"]
     if "codec" not in decoder:
         decoder["codec"] = load_codec(codec["name"], codec["dtype"], device)
-    images = to_uint8(decode(z, decoder["codec"], codec["scaling_factor"], codec["shift_factor"]))
+    images = to_uint8(decode(z, decoder["codec"], LatentNorm.from_record(manifest["latent_norm"])))
     path = run_dir / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(exist_ok=True)
     per_class = 0 < num_classes <= 16
@@ -423,7 +425,7 @@ def _writers(acc, cfg: Config, manifest: dict, raw, ema, opt, window: dict) -> d
     writers = {f"rng-rank{rank}.pt": lambda p: torch.save({**checkpoint.rng_state(), "log_window": log_window}, p)}
     if not acc.is_main_process:
         return writers
-    excerpt = {k: manifest.get(k) for k in ("codec", "labels", "captions", "latent", "source")}
+    excerpt = {k: manifest.get(k) for k in ("codec", "labels", "captions", "latent", "source", "stats", "latent_norm")}
     writers.update({
         "model.pt": lambda p: torch.save(raw.state_dict(), p),
         "optimizer.pt": lambda p: torch.save(opt.state_dict(), p),
