@@ -83,12 +83,20 @@ class Plan:
 
 
 class EpochOrder:
-    """position → global sample index for each epoch; shuffled within windows of `window` shards."""
+    """position → global sample index for each epoch; shuffled within windows of `window` shards. `exclude` (global
+    indices, e.g. the held-out validation samples) are never ordered: every epoch covers only the others."""
 
-    def __init__(self, counts: list[int], seed: int, window: int):
-        self.counts = np.asarray(counts, dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+    def __init__(self, counts: list[int], seed: int, window: int, exclude: np.ndarray | None = None):
+        starts = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))[:-1]])
+        self.members = [np.arange(a, a + n) for a, n in zip(starts, counts)]  # global indices of each shard
+        if exclude is not None and len(exclude):
+            self.members = [np.setdiff1d(m, exclude, assume_unique=True) for m in self.members]
+        self.counts = np.array([len(m) for m in self.members], dtype=np.int64)
         self.seed, self.window = seed, max(1, window)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts.sum())
 
     @lru_cache(maxsize=4)
     def _epoch(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -101,7 +109,7 @@ class EpochOrder:
     def _window(self, epoch: int, w: int) -> np.ndarray:
         """Global sample indices of window w, in this epoch's order."""
         shards_in_window = self._epoch(epoch)[0][w]
-        members = np.concatenate([np.arange(self.starts[s], self.starts[s] + self.counts[s]) for s in shards_in_window])
+        members = np.concatenate([self.members[s] for s in shards_in_window])
         return members[keyed_rng(self.seed, epoch, _WINDOW_ORDER, w).permutation(len(members))]
 
     def __call__(self, epoch: int, positions: np.ndarray) -> np.ndarray:
