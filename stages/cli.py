@@ -91,12 +91,21 @@ def train(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped name)."),
     resume: Optional[Path] = typer.Option(None, help="Continue from this checkpoint or run folder (the guide's "
                                                      "--resume ./outputs/checkpoint-1000)."),
+    init_from: Optional[str] = typer.Option(None, help="Fine-tune: start from these weights (an official DiT .pt, a "
+                                                       "checkpoint or run folder, an exported .safetensors); a new "
+                                                       "run, step 0, fresh optimizer (model.init_from)."),
+    init_weights: Optional[str] = typer.Option(None, help="ema | raw: which weights of one of our checkpoints "
+                                                          "--init-from takes (model.init_weights, default ema)."),
 ) -> None:
     """Train a DiT on latent shards (made by `ditpipe encode` from the same config).
 
     Example: ditpipe train --config configs/train_config.yaml --data.dataset_name shapes --vae.name pixel
+    Fine-tune: ditpipe train --config my.yaml --init-from DiT-XL-2-256x256.pt --model.name DiT-XL/2
     """
-    cfg = build_config(config, {}, ctx.args)
+    if resume is not None and init_from is not None:
+        raise DitpipeError("--init-from starts a new run from given weights; --resume continues a run with its own "
+                           "weights and optimizer. Use one of them")
+    cfg = build_config(config, {"model.init_from": init_from, "model.init_weights": init_weights}, ctx.args)
     from stages import train as stage
 
     if resume is not None:

@@ -30,6 +30,7 @@ from pipeline.config import Config, validate_tree
 from pipeline.diffusion import make_objective, micro_loss
 from pipeline.ema import EMA, ema_decay
 from pipeline.errors import ConfigError, DitpipeError, ShardError
+from pipeline.finetune import init_from
 from pipeline.latent_norm import LatentNorm
 from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, Plan, is_url, make_loader, open_shards
 from pipeline.metrics import MetricsLog
@@ -223,6 +224,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     random.seed(t.seed)  # python's and numpy's are unused by the step; seeded so the saved RNG states repeat too
     np.random.seed(t.seed)
     model = build_model(cfg, manifest, num_classes)
+    init_notes = [] if saved or not cfg.model.init_from else init_from(  # a fine-tune; the EMA starts from it too
+        model, cfg.model.init_from, cfg.model.init_weights, (manifest.get("labels") or {}).get("names"), manifest)
     objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
     ema = EMA(model) if t.use_ema else None
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.999),
@@ -246,6 +249,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                      resume_step=start_step if saved else None)
     if acc.is_main_process:
         _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step)
+        for note in init_notes:
+            console.print(f"[cyan]init:[/] {note}", highlight=False, soft_wrap=True)
     order = EpochOrder([min(manifest["samples_per_shard"], plan.num_samples - i) for i in
                         range(0, plan.num_samples, manifest["samples_per_shard"])] if store is None else store.counts,
                        t.seed, cfg.data.shuffle_window, exclude=excluded)
