@@ -267,6 +267,26 @@ def bench(
 
 
 @app.command()
+def export(
+    checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint folder, or a run folder "
+                                                                          "(its newest valid checkpoint)."),
+    fmt: str = typer.Option(..., "--format", help="safetensors | diffusers"),
+    out_dir: Path = typer.Option(..., "--out", help="The folder to write (refused if it exists, unless --overwrite)."),
+    raw: bool = typer.Option(False, "--raw", help="The raw weights instead of the EMA."),
+    vae: Optional[str] = typer.Option(None, help="diffusers, 1,000 classes: the VAE for the DiTPipeline folder "
+                                                 "(default: the one the run's shards were encoded with)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+) -> None:
+    """Export a checkpoint's weights as safetensors (+ a JSON of the model and manifest) or as a diffusers folder.
+
+    Example: ditpipe export outputs/quickstart --format diffusers --out exports/quickstart-diffusers
+    """
+    from stages.export import export as run_export
+
+    run_export(checkpoint_path, fmt, out_dir, raw=raw, vae=vae, overwrite=overwrite, console=err)
+
+
+@app.command()
 def inspect(shards_dir: Path = typer.Argument(..., metavar="SHARDS", help="A shard folder."),
             as_json: bool = typer.Option(False, "--json", help="Print the raw manifest.")) -> None:
     """Summarise a shard folder's manifest: source, codec, latent layout, labels, shards, skips.
