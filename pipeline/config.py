@@ -39,6 +39,10 @@ class DataConfig(_Section):
     shuffle_window: int = Field(8, ge=1)  # shards shuffled together each epoch: locality vs. mixing
     download: bool = False  # COCO only: fetch the official archives first
     download_url: str = "http://images.cocodataset.org"  # COCO mirror (tests point it at 127.0.0.1)
+    # scale: the codec's scaling/shift factors (DiT); channel: the manifest's per-channel mean/std (LightningDiT, EDM2)
+    latent_norm: Literal["scale", "channel"] = "scale"
+    # Held out from training for the validation loss: a deterministic subset (keyed on data.seed), never trained on
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class ShardsConfig(_Section):
@@ -63,6 +67,10 @@ class ModelConfig(_Section):
     num_heads: Optional[int] = Field(None, ge=1)
     patch_size: Optional[int] = Field(None, ge=1)
     conditioning: Literal["auto", "class", "none", "caption"] = "auto"
+    # Fine-tuning: start from these weights (an official DiT .pt, our checkpoint or run folder, or an exported
+    # .safetensors); the step count and the optimizer start fresh. Ignored on resume.
+    init_from: Optional[str] = None
+    init_weights: Literal["ema", "raw"] = "ema"  # which weights of one of our checkpoints init_from takes
     learn_sigma: bool = True
     class_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
     qk_norm: bool = False
@@ -117,12 +125,17 @@ class LoggingConfig(_Section):
 
 
 class ValidationConfig(_Section):
-    every_steps: int = Field(0, ge=0)  # 0 turns validation grids off
+    every_steps: int = Field(0, ge=0)  # grids and the held-out loss; 0 turns both off
+    grid: bool = True  # sample a grid each time (decodes with the codec); false: the held-out loss only
     num_samples: int = Field(16, ge=1)
     cfg_scale: float = Field(4.0, ge=1.0)
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # noise levels (0 data, 1 noise) where guidance applies
     sampling_steps: int = Field(50, ge=1)
     sampler: Optional[Literal["ddpm", "ddim", "euler", "heun"]] = None  # default: the objective's own
+    # The held-out loss: on a separately encoded shard folder (e.g. COCO `--split val`), or on data.val_fraction
+    shards: Optional[str] = None
+    loss_timesteps: int = Field(10, ge=1)  # fixed, evenly spaced timesteps per held-out sample
+    loss_max_samples: Optional[int] = Field(1024, ge=1)  # the first N held-out samples (by index); null: all
 
 
     @field_validator("cfg_interval")
@@ -154,6 +167,9 @@ class Config(_Section):
         if self.validation.sampler is not None and self.validation.sampler not in samplers:
             problems.append(f"validation.sampler: {self.validation.sampler!r} does not sample a "
                             f"{self.diffusion.objective} model; use {' or '.join(samplers)}")
+        if self.validation.shards and self.data.val_fraction:
+            problems.append("validation.shards: a held-out shard folder and data.val_fraction "
+                            f"{self.data.val_fraction:g} both name a validation set; keep one")
         if problems:
             raise ValueError(" || ".join(problems))
         return self

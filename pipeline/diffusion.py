@@ -262,6 +262,11 @@ class DDPM:
         """Uniform timestep indices in [0, T): (n,) long."""
         return torch.randint(0, self.num_timesteps, (n,), generator=_require_generator(generator), device=device)
 
+    def fixed_timesteps(self, k, device):
+        """k evenly spaced timestep indices, the midpoints of k equal bins of [0, T): (k,) long (50, 150, ..., 950
+        for k = 10). The held-out loss evaluates at these, so its curve has no timestep sampling noise."""
+        return ((torch.arange(k, dtype=torch.float64) + 0.5) * self.num_timesteps / k).long().to(device)  # (k,)
+
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε."""
         if noise.shape != x0.shape:
@@ -436,6 +441,10 @@ class Flow:
         """Logit-normal t = sigmoid(n), n ~ N(0, 1): (n,) float32 in (0, 1), concentrated around 0.5."""
         return torch.sigmoid(_randn((n,), generator, device))  # (n,)
 
+    def fixed_timesteps(self, k, device):
+        """k evenly spaced times, the midpoints of k equal bins of (0, 1): (k,) float32 (0.05, ..., 0.95 for k = 10)."""
+        return ((torch.arange(k, dtype=torch.float64) + 0.5) / k).float().to(device)  # (k,)
+
     def interpolate(self, x0, t, noise):
         t = _bcast(t.to(_compute_dtype(x0)), x0.ndim)  # (N, 1, 1, 1)
         return (1 - t) * x0 + t * noise  # (N, C, H, W)
@@ -493,6 +502,16 @@ def _dispatch(loops: dict, sampler, model_fn, shape, steps, generator, device, n
     if sampler not in loops:
         raise _unknown_sampler(sampler, tuple(loops))
     return loops[sampler](model_fn, shape, steps, generator, device, noise=noise, progress=progress)
+
+
+def micro_loss(model, objective, x0, labels, num_classes, t, noise, drop):
+    """Per-sample loss (N,) of a class-conditional or unconditional DiT on x0 (N, C, H, W) at timesteps t (N,), with
+    the given noise and label-dropout mask (N,): the training step and the held-out loss both go through here."""
+    if num_classes:
+        model_fn = lambda xt, tt: model(xt, tt, labels, force_drop_ids=drop)  # noqa: E731
+    else:
+        model_fn = lambda xt, tt: model(xt, tt)  # noqa: E731
+    return objective.training_losses(model_fn, x0, t, noise)["loss"]  # (N,)
 
 
 def make_objective(name, learn_sigma):

@@ -1,7 +1,7 @@
 """Sampling a trained DiT: classifier-free guidance, the objective's sampler, and decoding to images.
 
 Shared by validation grids during training and `ditpipe sample`. Latents live in the *scaled* space the model was
-trained in; `decode` undoes the manifest's scaling and shift before the codec decodes.
+trained in; `decode` undoes the latent normalisation (pipeline/latent_norm.py) before the codec decodes.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def generate(model, objective, latent_shape: tuple[int, int, int], labels: torch
 
 
 @torch.no_grad()
-def decode(z: torch.Tensor, codec, scaling_factor: float, shift_factor: float) -> torch.Tensor:
-    """Scaled latents → images in [-1, 1] (N, 3, H, W), with the manifest's factors, never literals."""
-    return codec.decode(z / scaling_factor + shift_factor)
+def decode(z: torch.Tensor, codec, norm) -> torch.Tensor:
+    """Model-space latents (N, C, h, w) → images in [-1, 1] (N, 3, H, W): `norm` (a LatentNorm, the one training
+    applied, with the manifest's constants) is inverted, then the codec decodes."""
+    return codec.decode(norm.denormalize(z))

@@ -40,6 +40,7 @@ import torch
 
 from pipeline import shards
 from pipeline.errors import ShardError
+from pipeline.latent_norm import LatentNorm
 
 # Tags that keep the keyed random streams apart.
 _SHARD_ORDER, _WINDOW_ORDER, _SAMPLE = 0, 1, 2
@@ -106,12 +107,20 @@ class Plan:
 
 
 class EpochOrder:
-    """position → global sample index for each epoch; shuffled within windows of `window` shards."""
+    """position → global sample index for each epoch; shuffled within windows of `window` shards. `exclude` (global
+    indices, e.g. the held-out validation samples) are never ordered: every epoch covers only the others."""
 
-    def __init__(self, counts: list[int], seed: int, window: int):
-        self.counts = np.asarray(counts, dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+    def __init__(self, counts: list[int], seed: int, window: int, exclude: np.ndarray | None = None):
+        starts = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))[:-1]])
+        self.members = [np.arange(a, a + n) for a, n in zip(starts, counts)]  # global indices of each shard
+        if exclude is not None and len(exclude):
+            self.members = [np.setdiff1d(m, exclude, assume_unique=True) for m in self.members]
+        self.counts = np.array([len(m) for m in self.members], dtype=np.int64)
         self.seed, self.window = seed, max(1, window)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts.sum())
 
     @lru_cache(maxsize=4)
     def _epoch(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -124,7 +133,7 @@ class EpochOrder:
     def _window(self, epoch: int, w: int) -> np.ndarray:
         """Global sample indices of window w, in this epoch's order."""
         shards_in_window = self._epoch(epoch)[0][w]
-        members = np.concatenate([np.arange(self.starts[s], self.starts[s] + self.counts[s]) for s in shards_in_window])
+        members = np.concatenate([self.members[s] for s in shards_in_window])
         return members[keyed_rng(self.seed, epoch, _WINDOW_ORDER, w).permutation(len(members))]
 
     def __call__(self, epoch: int, positions: np.ndarray) -> np.ndarray:
@@ -270,16 +279,17 @@ class ShardStore:
 
 
 class LatentView:
-    """Turns a stored latent into a training sample, from the manifest alone: slice choice, flip, ε, scale, shift."""
+    """Turns a stored latent into a training sample: slice choice, flip, ε, then the latent normalisation (the
+    codec's scale and shift from the manifest unless `norm` says otherwise; see pipeline/latent_norm.py)."""
 
-    def __init__(self, manifest: dict):
-        lat, codec = manifest["latent"], manifest["codec"]
+    def __init__(self, manifest: dict, norm: LatentNorm | None = None):
+        lat = manifest["latent"]
         names = lat["slices"]
         self.mean, self.std = names.index(names[0]), (names.index("std") if "std" in names else None)
         self.mean_flip = names.index("mean_flip") if "mean_flip" in names else None
         self.std_flip = names.index("std_flip") if "std_flip" in names else None
         self.flip_at_load = bool(lat.get("flip_at_load"))
-        self.scale, self.shift = float(codec["scaling_factor"]), float(codec["shift_factor"])
+        self.norm = norm or LatentNorm.from_manifest(manifest, "scale")
         self.can_flip = self.flip_at_load or self.mean_flip is not None
         self.generator = torch.Generator()  # reseeded per sample; each worker process has its own copy
 
@@ -297,11 +307,7 @@ class LatentView:
             z += np.multiply(std, eps, out=eps)
         if flip and self.flip_at_load:
             z = z[:, :, ::-1]  # exact mirror of the stored image (a view of our own buffer)
-        if self.shift:  # z − 0 is z exactly
-            z -= self.shift
-        if self.scale != 1.0:  # z·1 is z exactly
-            z *= self.scale
-        return z
+        return self.norm.normalize_array(z)  # (C, H, W)
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -320,9 +326,10 @@ def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
 class MicroBatches(torch.utils.data.Dataset):
     """Map-style over keys (epoch, q): returns rank `rank`'s part of global micro-batch q of `epoch`, ready to train."""
 
-    def __init__(self, store: ShardStore, order: EpochOrder, plan: Plan, rank: int, seed: int):
+    def __init__(self, store: ShardStore, order: EpochOrder, plan: Plan, rank: int, seed: int,
+                 norm: LatentNorm | None = None):
         self.store, self.order, self.plan, self.rank, self.seed = store, order, plan, rank, seed
-        self.view = LatentView(store.manifest)
+        self.view = LatentView(store.manifest, norm)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, q = key

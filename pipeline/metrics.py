@@ -25,13 +25,17 @@ class MetricsLog:
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
 
-    def scalars(self, step: int, **values: float) -> None:
+    def scalars(self, step: int, prefix: str = "train", **values) -> None:
+        """One metrics.jsonl line; `train` values keep their names, others are prefixed (`val_loss_ema`). Numbers
+        also go to TensorBoard as `<prefix>/<name>`; lists (per-timestep values) to the jsonl only."""
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        named = values if prefix == "train" else {f"{prefix}_{k}": v for k, v in values.items()}
+        self.file.write(json.dumps({"step": step, **named}) + "\n")
         if self.tb is not None:
             for name, value in values.items():
-                self.tb.add_scalar(f"train/{name}", value, step)
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{prefix}/{name}", value, step)
 
     def image(self, step: int, tag: str, image) -> None:
         """An (H, W, 3) uint8 image, e.g. a validation grid, in TensorBoard."""
@@ -65,7 +69,7 @@ def plot_loss(run_dir: Path, path: Path, title: str = "training loss") -> Path:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run_dir)
+    rows = [r for r in read_metrics(run_dir) if "loss" in r]  # training lines; validation lines hold val_loss_*
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.5)
     ax.set(xlabel="optimizer step", ylabel="loss", title=title)

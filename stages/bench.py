@@ -842,6 +842,7 @@ class _Trainer:
         from pipeline.config import load_config
         from pipeline.diffusion import make_objective
         from pipeline.ema import EMA
+        from pipeline.latent_norm import LatentNorm
         from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, Plan, make_loader
         from stages import train as T
 
@@ -875,7 +876,8 @@ class _Trainer:
         self.total_steps = 10**6
         if store is not None:
             order = EpochOrder(store.counts, t.seed, cfg.data.shuffle_window)
-            dataset, self.to_latents = MicroBatches(store, order, plan, 0, t.seed), T._precomputed(device)
+            norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
+            dataset, self.to_latents = MicroBatches(store, order, plan, 0, t.seed, norm), T._precomputed(device)
             self.codec = None
         else:
             spp = manifest["samples_per_shard"]
@@ -884,7 +886,7 @@ class _Trainer:
             _, c, h, w = manifest["latent"]["shape"]
             source, self.codec = online
             dataset = ImageBatches(source, order, plan, 0, t.seed, (c, h, w), cfg.shards.flip, self.codec.stores_std)
-            self.to_latents = T._online(self.codec, manifest["codec"], device)
+            self.to_latents = T._online(self.codec, LatentNorm.from_manifest(manifest, cfg.data.latent_norm), device)
         self.loader = make_loader(dataset, plan, 0, self.total_steps, cfg.data.num_workers,
                                   pin_memory=device.type == "cuda")
         self.batches = iter(self.loader)

@@ -91,12 +91,21 @@ def train(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped name)."),
     resume: Optional[Path] = typer.Option(None, help="Continue from this checkpoint or run folder (the guide's "
                                                      "--resume ./outputs/checkpoint-1000)."),
+    init_from: Optional[str] = typer.Option(None, help="Fine-tune: start from these weights (an official DiT .pt, a "
+                                                       "checkpoint or run folder, an exported .safetensors); a new "
+                                                       "run, step 0, fresh optimizer (model.init_from)."),
+    init_weights: Optional[str] = typer.Option(None, help="ema | raw: which weights of one of our checkpoints "
+                                                          "--init-from takes (model.init_weights, default ema)."),
 ) -> None:
     """Train a DiT on latent shards (made by `ditpipe encode` from the same config).
 
     Example: ditpipe train --config configs/train_config.yaml --data.dataset_name shapes --vae.name pixel
+    Fine-tune: ditpipe train --config my.yaml --init-from DiT-XL-2-256x256.pt --model.name DiT-XL/2
     """
-    cfg = build_config(config, {}, ctx.args)
+    if resume is not None and init_from is not None:
+        raise DitpipeError("--init-from starts a new run from given weights; --resume continues a run with its own "
+                           "weights and optimizer. Use one of them")
+    cfg = build_config(config, {"model.init_from": init_from, "model.init_weights": init_weights}, ctx.args)
     from stages import train as stage
 
     if resume is not None:
@@ -271,6 +280,26 @@ def bench(
                         memory_image_size=memory_image_size, memory_steps=memory_steps, peak_tflops=peak_tflops,
                         threads=threads, workdir=str(workdir) if workdir else "")
     run_bench(part.split(","), opts, json_out)
+
+
+@app.command()
+def export(
+    checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint folder, or a run folder "
+                                                                          "(its newest valid checkpoint)."),
+    fmt: str = typer.Option(..., "--format", help="safetensors | diffusers"),
+    out_dir: Path = typer.Option(..., "--out", help="The folder to write (refused if it exists, unless --overwrite)."),
+    raw: bool = typer.Option(False, "--raw", help="The raw weights instead of the EMA."),
+    vae: Optional[str] = typer.Option(None, help="diffusers, 1,000 classes: the VAE for the DiTPipeline folder "
+                                                 "(default: the one the run's shards were encoded with)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+) -> None:
+    """Export a checkpoint's weights as safetensors (+ a JSON of the model and manifest) or as a diffusers folder.
+
+    Example: ditpipe export outputs/quickstart --format diffusers --out exports/quickstart-diffusers
+    """
+    from stages.export import export as run_export
+
+    run_export(checkpoint_path, fmt, out_dir, raw=raw, vae=vae, overwrite=overwrite, console=err)
 
 
 @app.command()

@@ -62,7 +62,7 @@ def evaluate(checkpoint_path: Path, reference, *, num: int = 10000, cfg_scale: f
                 y = torch.arange(start, start + count) % num_classes if num_classes else None
                 z = generate(s.model, s.objective, s.latent_shape, y, count, sampler, steps, cfg_scale, seed + b,
                              device, cfg_interval=cfg_interval)
-                images = to_uint8(decode(z, s.codec, s.scaling_factor, s.shift_factor))  # (B, H, W, 3)
+                images = to_uint8(decode(z, s.codec, s.norm))  # (B, H, W, 3)
                 if kid:
                     generated.append(images)
                 bar.advance(task, count)

@@ -25,6 +25,7 @@ from pipeline.diffusion import make_objective
 from pipeline.errors import DitpipeError
 from pipeline.generate import decode, generate
 from pipeline.images import make_grid, to_uint8
+from pipeline.latent_norm import LatentNorm
 from pipeline.model import build_dit
 
 OFFICIAL_DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -38,8 +39,7 @@ class Sampleable:
     objective: object
     latent_shape: tuple[int, int, int]  # (C, H, W)
     codec: object
-    scaling_factor: float
-    shift_factor: float
+    norm: LatentNorm  # what training applied to the latents; decoding inverts it
     class_names: list[str] | None
     description: str
 
@@ -70,13 +70,21 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
              "Use --no-ema for the raw weights")
     codec_info = manifest["codec"]
     codec = load_codec(vae or codec_info["name"], codec_info["dtype"], device)
-    if vae:
-        codec_info = codec.identity()
     labels = manifest.get("labels")
     return Sampleable(model.to(device).eval(), make_objective(cfg.diffusion.objective, model.learn_sigma),
-                      tuple(manifest["latent"]["shape"][1:]), codec, float(codec_info["scaling_factor"]),
-                      float(codec_info["shift_factor"]), labels["names"] if labels and num_classes else None,
-                      f"{path} ({weights}, step {state['step']})")
+                      tuple(manifest["latent"]["shape"][1:]), codec, checkpoint_norm(cfg, manifest, codec if vae else None),
+                      labels["names"] if labels and num_classes else None, f"{path} ({weights}, step {state['step']})")
+
+
+def checkpoint_norm(cfg, manifest: dict, other_codec=None) -> LatentNorm:
+    """The latent normalisation a checkpoint was trained with: as recorded (`latent_norm` in its manifest.json),
+    or, for checkpoints from before it was recorded, the codec's factors. With another decoder (`--vae`), `scale`
+    takes that decoder's own factors; `channel` keeps the recorded statistics, which describe the model's space."""
+    norm = (LatentNorm.from_record(manifest["latent_norm"]) if manifest.get("latent_norm")
+            else LatentNorm.from_manifest(manifest, cfg.data.latent_norm))
+    if other_codec is not None and norm.kind == "scale":
+        norm = LatentNorm.from_manifest({**manifest, "codec": other_codec.identity()}, "scale")
+    return norm
 
 
 def _official(path: Path, model_name: str | None, image_size: int | None, vae: str, device) -> Sampleable:
@@ -105,8 +113,10 @@ def _official(path: Path, model_name: str | None, image_size: int | None, vae: s
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise DitpipeError(f"'{path}' does not match {model_name} at {image_size}px: {str(e).splitlines()[0]}") from None
+    norm = LatentNorm.from_manifest({"codec": codec.identity(), "latent": {"shape": [1, in_channels, size, size]}},
+                                    "scale")  # official DiT: the VAE's own scaling factor
     return Sampleable(model.to(device).eval(), make_objective("ddpm", learn_sigma), (in_channels, size, size), codec,
-                      codec.scaling_factor, codec.shift_factor, None, f"{path} (official layout, {model_name})")
+                      norm, None, f"{path} (official layout, {model_name})")
 
 
 def class_list(classes: str | None, num: int | None, num_classes: int) -> list[int] | None:
@@ -178,5 +188,5 @@ def generate_images(s: Sampleable, labels: list[int] | None, n: int, sampler: st
             y = None if labels is None else torch.tensor(labels[start : start + count])
             z = generate(s.model, s.objective, s.latent_shape, y, count, sampler, steps, cfg_scale, seed + b, device,
                          progress=lambda i, total: bar.advance(task), cfg_interval=cfg_interval)
-            chunks.append(to_uint8(decode(z, s.codec, s.scaling_factor, s.shift_factor)))
+            chunks.append(to_uint8(decode(z, s.codec, s.norm)))
     return np.concatenate(chunks)

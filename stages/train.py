@@ -27,17 +27,22 @@ from rich.table import Table
 
 from pipeline import __version__, checkpoint, shards
 from pipeline.config import Config, validate_tree
-from pipeline.diffusion import make_objective
+from pipeline.diffusion import make_objective, micro_loss
 from pipeline.ema import EMA, ema_decay
 from pipeline.errors import ConfigError, DitpipeError, ShardError
+from pipeline.finetune import init_from
+from pipeline.latent_norm import LatentNorm
 from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, Plan, is_url, make_loader, open_shards
 from pipeline.metrics import MetricsLog
 from pipeline.model import build_dit
 from pipeline.schedule import lr_at
+from pipeline.validation import HeldOut, loss_sums, open_held_out
 
 # Debugging aid (see _SampleRecord): a path; each rank appends the global sample indices of every micro-batch.
 RECORD_ENV = "DITPIPE_RECORD_SAMPLES"
 # Keys that may differ between a run's saved config and the one it resumes with (DESIGN.md, Runs and checkpoints).
+# A no-grad forward keeps no activations for backward, so the held-out loss takes this many times the micro-batch.
+EVAL_BATCH_FACTOR = 4
 RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "logging.", "checkpointing.", "validation.")
 
 
@@ -51,6 +56,7 @@ class RunSpec:
     plan: Plan
     total_steps: int
     run_dir: Path
+    held_out: str | None  # the validation set, described
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -123,14 +129,13 @@ def _precomputed(device: torch.device):
     return lambda batch: batch["latents"].to(device, non_blocking=True)
 
 
-def _online(codec, codec_manifest: dict, device: torch.device):
+def _online(codec, norm: LatentNorm, device: torch.device):
     """The baseline's per-step encode: z = (mean + std·ε − shift)·scale, ε and the flip drawn by the loader."""
-    scale, shift = codec_manifest["scaling_factor"], codec_manifest["shift_factor"]
 
     def to_latents(batch: dict) -> torch.Tensor:
         mean, std = codec.encode(batch["pixels"])  # (B, C, h, w) each, std None for pixels
         z = mean if std is None else mean + std * batch["eps"].to(device)
-        return ((z - shift) * scale).to(device)
+        return norm.normalize(z).to(device)  # (B, C, h, w)
 
     return to_latents
 
@@ -171,16 +176,6 @@ def step_draws(objective, gen: torch.Generator, n: int, latent_shape: tuple[int,
     return t, noise, drop
 
 
-def micro_loss(model, objective, x0: torch.Tensor, labels: torch.Tensor, num_classes: int, t: torch.Tensor,
-               noise: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss (N,) of one micro-batch, given its slice of the step's draws."""
-    if num_classes:
-        model_fn = lambda xt, tt: model(xt, tt, labels, force_drop_ids=drop)  # noqa: E731
-    else:
-        model_fn = lambda xt, tt: model(xt, tt)  # noqa: E731
-    return objective.training_losses(model_fn, x0, t, noise)["loss"]
-
-
 def _run_name(cfg: Config, config_name: str | None) -> str:
     return cfg.logging.run_name or (Path(config_name).stem if config_name else "run")
 
@@ -195,6 +190,10 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 
     console = console or Console(stderr=True)
     manifest, folder, store, online = _data(cfg)
+    norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
+    manifest = {**manifest, "latent_norm": norm.record()}  # so every checkpoint records what sampling must invert
+    held_spec = open_held_out(cfg, manifest, store)  # None without a held-out set
+    excluded = held_spec.exclude if held_spec else np.zeros(0, dtype=np.int64)  # never trained on
 
     probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, notice = effective_precision(cfg.training.mixed_precision, probe)
@@ -204,7 +203,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     if saved:  # first: every later check (epoch length, end step) depends on the world size
         _check_world_size(saved, world, resume)
     t = cfg.training
-    plan = Plan(manifest["num_samples"], t.batch_size, t.gradient_accumulation_steps, world)
+    plan = Plan(manifest["num_samples"] - len(excluded), t.batch_size, t.gradient_accumulation_steps, world)
     if plan.steps_per_epoch == 0:
         raise ConfigError([("training.batch_size", f"the global batch ({plan.global_batch} = batch × accumulation × "
                                                    f"{world} processes) exceeds the {plan.num_samples} samples")])
@@ -218,12 +217,15 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                             else "training.num_epochs",
                             f"the run would end at step {end_step}, but '{resume}' is already at step "
                             f"{saved['step']}; resume with an end at or past it")])
-    spec = RunSpec(precision, notice, num_classes, plan, total_steps, run_dir)
+    spec = RunSpec(precision, notice, num_classes, plan, total_steps, run_dir,
+                   held_spec.description if held_spec else None)
 
     torch.manual_seed(t.seed)  # model init is the one draw from the global RNG, and it is seeded
     random.seed(t.seed)  # python's and numpy's are unused by the step; seeded so the saved RNG states repeat too
     np.random.seed(t.seed)
     model = build_model(cfg, manifest, num_classes)
+    init_notes = [] if saved or not cfg.model.init_from else init_from(  # a fine-tune; the EMA starts from it too
+        model, cfg.model.init_from, cfg.model.init_weights, (manifest.get("labels") or {}).get("names"), manifest)
     objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
     ema = EMA(model) if t.use_ema else None
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
@@ -247,16 +249,18 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                      resume_step=start_step if saved else None)
     if acc.is_main_process:
         _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step)
+        for note in init_notes:
+            console.print(f"[cyan]init:[/] {note}", highlight=False, soft_wrap=True)
     order = EpochOrder([min(manifest["samples_per_shard"], plan.num_samples - i) for i in
                         range(0, plan.num_samples, manifest["samples_per_shard"])] if store is None else store.counts,
-                       t.seed, cfg.data.shuffle_window)
+                       t.seed, cfg.data.shuffle_window, exclude=excluded)
     if store is not None:
-        dataset, to_latents = MicroBatches(store, order, plan, rank, t.seed), _precomputed(device)
+        dataset, to_latents = MicroBatches(store, order, plan, rank, t.seed, norm), _precomputed(device)
     else:
         _, c, h, w = manifest["latent"]["shape"]
         source, codec = online
         dataset = ImageBatches(source, order, plan, rank, t.seed, (c, h, w), cfg.shards.flip, codec.stores_std)
-        to_latents = _online(codec, manifest["codec"], device)
+        to_latents = _online(codec, norm, device)
     loader = make_loader(dataset, plan, start_step, end_step, cfg.data.num_workers, pin_memory=device.type == "cuda")
     batches = iter(loader)  # draws a base seed from torch's global RNG: restore the saved states after it
     window = {"loss": torch.zeros((), device=device), "steps": 0}  # the loss averaged into the next log line
@@ -276,11 +280,19 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         if acc.is_main_process:
             checkpoint.prune(run_dir, cfg.checkpointing.total_limit, cfg.checkpointing.keep_epochs)
 
-    decoder: dict = {}  # the codec for validation grids, built on first use (never for the training step)
+    evaluation: dict = {}  # an eval copy of the model and the grids' decoder, built on first use (never for a step)
+    held = HeldOut(held_spec.store, held_spec.evaluate, norm, cfg.data.seed, rank, world) if held_spec else None
 
-    def validate(step: int) -> None:
-        if acc.is_main_process:
-            path = validation_grid(cfg, manifest, raw, ema, objective, num_classes, step, run_dir, device, decoder)
+    def validate(step: int, grid: bool = True) -> None:
+        if held is not None:
+            losses = held_out_losses(acc, cfg, manifest, held, raw, ema, objective, num_classes, evaluation)
+            log.scalars(step, prefix="val", **losses)
+            if acc.is_main_process:
+                bar.console.print(f"Step {step}, held-out loss: " + ", ".join(
+                    f"{losses[f'loss_{w}']:.4f} ({w})" for w in ("ema", "raw") if f"loss_{w}" in losses),
+                    highlight=False)
+        if grid and cfg.validation.grid and acc.is_main_process:
+            path = validation_grid(cfg, manifest, raw, ema, objective, num_classes, step, run_dir, device, evaluation)
             log.image(step, "samples", np.asarray(Image.open(path).convert("RGB")))
             bar.console.print(f"samples at step {step}: {path}")
         acc.wait_for_everyone()
@@ -292,6 +304,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     epoch_task = None
 
     with bar, stop.installed(), _oom_advice(device, plan):
+        if held is not None and cfg.validation.every_steps and not saved:
+            validate(0, grid=False)  # where a fine-tune starts from, and a from-scratch run's baseline
         for step in range(start_step, end_step):
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
             if step > start_step and step_in_epoch == 0 and cfg.checkpointing.every_epoch:
@@ -374,25 +388,52 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 # ---------------------------------------------------------------------------------------------------- validation
 
 
+def eval_model(cfg: Config, manifest: dict, num_classes: int, weights: dict, device: torch.device,
+               cache: dict) -> torch.nn.Module:
+    """A model in eval mode holding `weights` (EMA or raw), built once per run and cached. Building initialises
+    weights, so it runs under a forked RNG: validation never moves the global RNG the saved states record."""
+    if "model" not in cache:
+        with torch.random.fork_rng(devices=[]):
+            cache["model"] = build_model(cfg, manifest, num_classes).to(device).eval()
+    cache["model"].load_state_dict(weights)
+    return cache["model"]
+
+
+def held_out_losses(acc, cfg: Config, manifest: dict, held: HeldOut, raw, ema, objective, num_classes: int,
+                    cache: dict) -> dict:
+    """The held-out loss with the EMA weights (when kept) and the raw ones: the mean over the fixed timesteps, and
+    the mean at each (`loss_<weights>_by_t`), summed over every rank's share."""
+    out = {}
+    weights = {"ema": ema.state_dict()} if ema is not None else {}
+    for name, state in {**weights, "raw": raw.state_dict()}.items():
+        model = eval_model(cfg, manifest, num_classes, state, acc.device, cache)
+        with acc.autocast():
+            sums = loss_sums(model, objective, held, num_classes, cfg.validation.loss_timesteps,
+                             EVAL_BATCH_FACTOR * cfg.training.batch_size, acc.device)  # (k,)
+        by_t = (acc.reduce(sums, "sum") if acc.num_processes > 1 else sums) / held.total  # (k,)
+        out[f"loss_{name}"], out[f"loss_{name}_by_t"] = float(by_t.mean()), [round(float(x), 6) for x in by_t]
+    return out
+
+
 def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classes: int, step: int, run_dir: Path,
-                    device: torch.device, decoder: dict) -> Path:
+                    device: torch.device, cache: dict) -> Path:
     """A grid of `validation.num_samples` samples (EMA weights when kept), one class per column cycle, written to
     samples/step-NNNNNNN.png. The same seed every time, so grids compare across steps."""
     from pipeline.codec import load_codec
     from pipeline.generate import decode, generate
     from pipeline.images import make_grid, to_uint8
 
-    model = build_model(cfg, manifest, num_classes).to(device).eval()
-    model.load_state_dict(ema.state_dict() if ema is not None else raw.state_dict())
+    model = eval_model(cfg, manifest, num_classes, ema.state_dict() if ema is not None else raw.state_dict(), device,
+                       cache)
     n, v = cfg.validation.num_samples, cfg.validation
     labels = torch.arange(n) % num_classes if num_classes else None
     _, channels, size, _ = manifest["latent"]["shape"]
     z = generate(model, objective, (channels, size, size), labels, n, v.sampler, v.sampling_steps, v.cfg_scale,
                  cfg.training.seed, device, cfg_interval=v.cfg_interval)
     codec = manifest["codec"]
-    if "codec" not in decoder:
-        decoder["codec"] = load_codec(codec["name"], codec["dtype"], device)
-    images = to_uint8(decode(z, decoder["codec"], codec["scaling_factor"], codec["shift_factor"]))
+    if "codec" not in cache:
+        cache["codec"] = load_codec(codec["name"], codec["dtype"], device)
+    images = to_uint8(decode(z, cache["codec"], LatentNorm.from_record(manifest["latent_norm"])))
     path = run_dir / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(exist_ok=True)
     per_class = 0 < num_classes <= 16
@@ -423,7 +464,7 @@ def _writers(acc, cfg: Config, manifest: dict, raw, ema, opt, window: dict) -> d
     writers = {f"rng-rank{rank}.pt": lambda p: torch.save({**checkpoint.rng_state(), "log_window": log_window}, p)}
     if not acc.is_main_process:
         return writers
-    excerpt = {k: manifest.get(k) for k in ("codec", "labels", "captions", "latent", "source")}
+    excerpt = {k: manifest.get(k) for k in ("codec", "labels", "captions", "latent", "source", "stats", "latent_norm")}
     writers.update({
         "model.pt": lambda p: torch.save(raw.state_dict(), p),
         "optimizer.pt": lambda p: torch.save(opt.state_dict(), p),
@@ -586,6 +627,10 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
     table.add_row("steps", f"{plan.steps_per_epoch:,} optimizer steps per epoch; {end_step:,} to run"
                            + (f" (from step {start_step:,})" if start_step else "")
                            + f"; LR schedule over {spec.total_steps:,}")
+    if spec.held_out:
+        every = (f"every {cfg.validation.every_steps:,} steps" if cfg.validation.every_steps
+                 else "never: validation.every_steps is 0")
+        table.add_row("held-out loss", f"{spec.held_out}; at {cfg.validation.loss_timesteps} fixed timesteps, {every}")
     table.add_row("output", str(spec.run_dir))
     console.print(table)
     if start_step and end_step > spec.total_steps:

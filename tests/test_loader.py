@@ -120,7 +120,7 @@ def test_resume_starts_at_the_position_without_reading_earlier_samples(pixel_sha
 def test_pixel_flip_is_exact_and_keyed_per_sample(pixel_shards):
     store, manifest = open_shards(pixel_shards)
     view = LatentView(manifest)
-    assert view.flip_at_load and view.scale == 1.0 and view.shift == 0.0
+    assert view.flip_at_load and view.norm.scale == (1.0,) * 3 and view.norm.shift == (0.0,) * 3
     flips = 0
     for g in range(40):
         stored, _ = store.read(g)

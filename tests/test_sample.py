@@ -100,7 +100,7 @@ def test_official_layout_state_dict_loads_strictly_and_samples(tmp_path, tiny_va
             p.normal_(0, 0.02)  # not zero-init, so the samples depend on the weights
     torch.save(model.state_dict(), tmp_path / "DiT-S-8-32x32.pt")
     s = load_sampleable(tmp_path / "DiT-S-8-32x32.pt", model_name="DiT-S/8", image_size=32, vae=str(tiny_vae))
-    assert s.latent_shape == (4, 16, 16) and s.scaling_factor == pytest.approx(0.18215)
+    assert s.latent_shape == (4, 16, 16) and s.norm.scale == (pytest.approx(0.18215),) * 4
     assert all(torch.equal(a, b) for a, b in zip(s.model.state_dict().values(), model.state_dict().values()))
     images = sample(tmp_path / "DiT-S-8-32x32.pt", model_name="DiT-S/8", image_size=32, vae=str(tiny_vae),
                     classes="1,207,980", steps=3, out=tmp_path / "g.png")
@@ -111,7 +111,7 @@ def test_official_layout_state_dict_loads_strictly_and_samples(tmp_path, tiny_va
     from pipeline.generate import decode
     from pipeline.images import to_uint8
 
-    assert np.array_equal(to_uint8(decode(z, s.codec, s.scaling_factor, s.shift_factor)), images)
+    assert np.array_equal(to_uint8(decode(z, s.codec, s.norm)), images)
 
 
 def test_official_checkpoint_errors(tmp_path, tiny_vae):
