@@ -68,18 +68,24 @@ def encode(
     samples_per_shard: Optional[int] = typer.Option(None, help="Inputs per shard (shards.samples_per_shard)"),
     num_workers: Optional[int] = typer.Option(None, help="Decode workers (data.num_workers)"),
     download: Optional[bool] = typer.Option(None, "--download", help="COCO: fetch the official archives first"),
+    captions: Optional[bool] = typer.Option(None, "--captions/--no-captions", help="Also embed every caption once "
+                                            "with the text encoder (data.captions; needs ditpipe[text])"),
+    text_encoder: Optional[str] = typer.Option(None, help="minilm (offline) | clip | t5 | hub id | local folder "
+                                                          "(text.encoder)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards made with other parameters."),
 ) -> None:
     """Encode images once through the VAE (or the pixel codec) into latent shards plus a manifest.
 
     Example: ditpipe encode --dataset shapes --vae pixel --image-size 32 --num-samples 2000 --out shards/shapes
+
+    Text-to-image: ditpipe encode --dataset coco --data-path data/coco --captions --text-encoder minilm
     """
     cfg = build_config(config, {
         "data.dataset_name": dataset, "data.dataset_path": data_path, "data.split": split, "shards.path": out_dir,
         "data.image_size": image_size, "data.num_samples": num_samples, "data.seed": seed, "vae.name": vae,
         "vae.dtype": vae_dtype, "vae.batch_size": batch_size, "shards.format": fmt, "shards.store": store,
         "shards.flip": flip, "shards.samples_per_shard": samples_per_shard, "data.num_workers": num_workers,
-        "data.download": download}, ctx.args)
+        "data.download": download, "data.captions": captions, "text.encoder": text_encoder}, ctx.args)
     from stages.encode import encode as run_encode
 
     run_encode(cfg, overwrite=overwrite, console=err)
