@@ -157,16 +157,22 @@ def sample(
                                                  "stabilityai/sd-vae-ft-ema for official checkpoints)."),
     model: Optional[str] = typer.Option(None, help="Official checkpoints only: the preset, e.g. DiT-XL/2."),
     image_size: Optional[int] = typer.Option(None, help="Official checkpoints only: pixels, e.g. 256."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Caption models: what to draw; repeat for "
+                                                                      "more prompts (cycled to --num)."),
+    text_encoder: Optional[str] = typer.Option(None, help="Caption models: a local copy of the manifest's text "
+                                                          "encoder (checked by its weights hash)."),
 ) -> None:
     """Sample a grid (and per-sample PNGs) from a checkpoint, with classifier-free guidance.
 
     Example: ditpipe sample --checkpoint outputs/quickstart --num 64 --out-dir outputs/quickstart/samples
+
+    Caption model: ditpipe sample --checkpoint outputs/shapes_captions --prompt "a blue square" --prompt "a red circle"
     """
     from stages.sample import sample as run_sample
 
     run_sample(checkpoint_path, use_ema=ema, classes=classes, num=num, cfg_scale=cfg_scale, steps=steps,
                sampler=sampler, seed=seed, out=out, out_dir=out_dir, batch_size=batch_size, vae=vae,
-               model_name=model, image_size=image_size, console=err)
+               model_name=model, image_size=image_size, prompts=prompt, text_encoder=text_encoder, console=err)
 
 
 @app.command()
