@@ -183,7 +183,7 @@ def manifest_header(source, codec, samples_per_shard: int, slices: list[str], fl
                    "std_stored": "std" in slices, "flip_stored": "mean_flip" in slices, "flip_at_load": flip_at_load},
         "labels": None if source.class_names is None else {"num_classes": len(source.class_names),
                                                            "names": source.class_names},
-        "captions": ({"text": True, "encoder": text_encoder, "record": TEXT_RECORD if text_encoder else None}
+        "captions": ({"text": True, "encoder": text_encoder, **({"record": TEXT_RECORD} if text_encoder else {})}
                      if text_encoder or any(it.captions for it in source.items) else None),
         "samples_per_shard": samples_per_shard,
         "num_inputs": len(source),
