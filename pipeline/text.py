@@ -108,6 +108,7 @@ class TextEncoder:
     def __init__(self, name: str, source: str, kind: str, tokenizer, model, device: torch.device, max_tokens: int):
         self.name, self.source, self.kind = name, source, kind
         self.tokenizer, self.model, self.device, self.max_tokens = tokenizer, model, device, max_tokens
+        tokenizer.padding_side = "right"  # real tokens first: masks are prefixes, and records trim to them
         self.dim = int(model.config.hidden_size if kind != "t5" else model.config.d_model)
         self._hash: str | None = None
 
@@ -148,15 +149,21 @@ class TextEncoder:
             raise TextEncoderError(f"text encoder {self.name} produced NaN/Inf for {texts[:2]!r}...")
         return tokens.cpu().numpy(), mask.cpu().numpy(), pooled.cpu().numpy()
 
-    def encode_records(self, captions_per_image: list[list[str]], batch_size: int = 256) -> list[np.ndarray]:
+    def encode_records(self, captions_per_image: list[list[str]], batch_size: int = 256,
+                       cache: dict | None = None) -> list[np.ndarray]:
         """One packed record per image: all its captions, encoded in batches across images. A caption repeated in
-        the call (shapes' templates, COCO duplicates) is encoded once; the result depends only on the call's input."""
-        unique = list(dict.fromkeys(c for caps in captions_per_image for c in caps))
-        rows: dict[str, tuple] = {}
+        the call, or already in `cache` (encode keeps one per shard), is encoded once: shapes' 72 distinct captions
+        cost one encoder call per shard. The result is a pure function of the inputs since the cache was made."""
+        rows: dict[str, tuple] = {} if cache is None else cache
+        unique = [c for c in dict.fromkeys(c for caps in captions_per_image for c in caps) if c not in rows]
         for i in range(0, len(unique), batch_size):
             chunk = unique[i : i + batch_size]
             tokens, mask, pooled = self.encode(chunk)
-            rows.update((c, (tokens[j], mask[j], pooled[j])) for j, c in enumerate(chunk))
+            for j, c in enumerate(chunk):
+                n = int(mask[j].sum())  # kept trimmed: a cache of a shard's COCO captions stays small
+                rows[c] = (tokens[j, :n], mask[j, :n], pooled[j])
+        if cache is not None and len(cache) > 20_000:  # a pathological shard: keep memory bounded
+            cache.clear()
         records = []
         for caps in captions_per_image:
             if not caps:

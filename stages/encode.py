@@ -244,12 +244,13 @@ def _encode_shard(source, codec, text_encoder, cfg: Config, path: Path, latent_s
                   state: dict, advance) -> None:
     writer = shards.ShardWriter(path, cfg.shards.format, latent_shape, text=text_encoder is not None)
     tally = ShardTally()
+    text_cache: dict = {}  # per shard, so a shard's bytes depend only on its own inputs (resume gives the same)
     batches = [list(range(b, min(b + cfg.vae.batch_size, stop))) for b in range(start, stop, cfg.vae.batch_size)]
     loader = torch.utils.data.DataLoader(_Decode(source), batch_sampler=batches, collate_fn=_first,
                                          num_workers=min(cfg.data.num_workers, len(os.sched_getaffinity(0))))
     try:
         for batch in loader:
-            _encode_batch(batch, source, codec, text_encoder, cfg, writer, tally, state)
+            _encode_batch(batch, source, codec, text_encoder, cfg, writer, tally, state, text_cache)
             advance(len(batch))
         writer.close(tally.sidecar(start, stop))
     except BaseException:
@@ -257,7 +258,8 @@ def _encode_shard(source, codec, text_encoder, cfg: Config, path: Path, latent_s
         raise
 
 
-def _encode_batch(batch, source, codec, text_encoder, cfg: Config, writer, tally: ShardTally, state: dict) -> None:
+def _encode_batch(batch, source, codec, text_encoder, cfg: Config, writer, tally: ShardTally, state: dict,
+                  text_cache: dict | None = None) -> None:
     good = [(i, loaded) for i, loaded, _ in batch if loaded is not None]
     for i, _, reason in batch:
         if reason is not None:
@@ -278,7 +280,8 @@ def _encode_batch(batch, source, codec, text_encoder, cfg: Config, writer, tally
     tally.add_stats(latents[finite, 0])
     texts = [None] * len(good)
     if text_encoder is not None:  # every caption of the batch in one go: the encoder runs once per caption, ever
-        texts = text_encoder.encode_records([list(source.items[i].captions) for i, _ in good], cfg.text.batch_size)
+        texts = text_encoder.encode_records([list(source.items[i].captions) for i, _ in good], cfg.text.batch_size,
+                                            text_cache)
     for (i, loaded), lat, ok, text in zip(good, half, finite, texts):
         meta = source.sample_meta(i)
         if not ok:
