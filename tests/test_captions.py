@@ -137,6 +137,18 @@ def test_coco_captions_encode_verify_and_read_back(tmp_path, coco_root, cli, fmt
     assert len(samples) == 6 and all(len(s.text) == 5 for s in samples)  # all five captions of every image
     i = int(samples[2].meta["file"].split("/")[-1][:-4]) - 1000
     assert samples[2].meta["captions"] == [f"image {i} caption {k}" for k in range(5)]
+    if fmt == "parquet":
+        return
+    # ... and train a caption model on them and sample it, through the CLI, as the README's recipe does
+    over = {"data.dataset_name": "coco", "data.dataset_path": coco_root, "data.split": "val", "data.image_size": 16,
+            "data.num_samples": 6, "vae.name": "pixel", "shards.path": out, "data.captions": "true",
+            **{**TINY, "training.batch_size": 2}, "training.max_steps": 2, "logging.output_dir": tmp_path / "runs",
+            "logging.run_name": "coco"}
+    code, _, err = cli("train", *[a for k, v in over.items() for a in (f"--{k}", v)])
+    assert code == 0, err[-2000:]
+    code, _, err = cli("sample", "--checkpoint", tmp_path / "runs" / "coco", "--prompt", "image 1 caption 2",
+                       "--steps", "2", "--out", tmp_path / "coco.png")
+    assert code == 0 and (tmp_path / "coco.png").is_file(), err[-2000:]
 
 
 def test_custom_sidecar_txt_and_metadata_jsonl_captions(tmp_path, cli):
