@@ -91,11 +91,21 @@ def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
         problems.append(("vae.name", f"config says {cfg.vae.name!r}, shards were encoded with {codec['name']!r}"))
     if cfg.model.conditioning == "class" and not manifest.get("labels"):
         problems.append(("model.conditioning", "config says 'class', but the shards carry no labels"))
-    if cfg.model.conditioning == "caption" and not shards.text_encoder_of(manifest):
+    enc = shards.text_encoder_of(manifest)
+    if cfg.data.captions and enc and enc["name"] != _encoder_name(cfg.text.encoder):
+        problems.append(("text.encoder", f"config says {cfg.text.encoder!r}, shards were encoded with {enc['name']!r}"))
+    if cfg.model.conditioning == "caption" and not enc:
         problems.append(("model.conditioning", "config says 'caption', but the shards carry no caption embeddings; "
                                                "encode with `ditpipe encode ... --captions`"))
     if problems:
         raise ConfigError(problems, header=f"the shards in '{folder}' do not match the config")
+
+
+def _encoder_name(spec: str) -> str:
+    """text.encoder as the manifest records it: an alias as is, a local folder resolved."""
+    from pipeline.text import ALIASES
+
+    return spec if spec == "minilm" or spec in ALIASES or not Path(spec).exists() else str(Path(spec).resolve())
 
 
 def _data(cfg: Config):
@@ -103,11 +113,10 @@ def _data(cfg: Config):
     (`data.source: images`) the source and codec, with the manifest encode would have written (minus the shards)."""
     folder = cfg.shards.path if is_url(cfg.shards.path or "") else cfg.shards_path  # a URL stays a string
     if cfg.data.source == "images":
-        from pipeline.codec import load_codec
-
         if cfg.model.conditioning == "caption":
             raise ConfigError([("model.conditioning", "the online baseline (data.source: images) embeds no captions; "
                                                       "encode shards with --captions and train on those")])
+        from pipeline.codec import load_codec
         from pipeline.sources import make_source
 
         source = make_source(cfg.data)

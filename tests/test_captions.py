@@ -395,6 +395,8 @@ def test_caption_config_errors(shapes_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="caption model"):
         train_run(shapes_dir, tmp_path, **{"model.conditioning": "class"})  # DiT-T-* with labels
+    with pytest.raises(ConfigError, match="text.encoder"):
+        train_run(shapes_dir, tmp_path, **{"text.encoder": "clip"})  # shards of another encoder
     plain = tmp_path / "plain"
     from pipeline.config import load_config
     from stages.encode import encode
