@@ -33,7 +33,7 @@ class DataConfig(_Section):
     image_size: int = Field(256, ge=8, le=4096)
     num_samples: Optional[int] = Field(5000, ge=1)  # deterministic subset; null = all
     seed: int = Field(0, ge=0)  # picks the subset and generates `shapes`; separate from training.seed
-    captions: bool = False
+    captions: bool = False  # embed every caption once with text.encoder (needs the `text` extra)
     source: Literal["shards", "images"] = "shards"  # images = online VAE every step (the baseline)
     num_workers: int = Field(4, ge=0, le=256)
     shuffle_window: int = Field(8, ge=1)  # shards shuffled together each epoch: locality vs. mixing
@@ -51,6 +51,13 @@ class ShardsConfig(_Section):
     samples_per_shard: int = Field(1000, ge=1)
     store: Literal["mean_std", "mean"] = "mean_std"
     flip: bool = True
+
+
+class TextConfig(_Section):
+    # The caption encoder (data.captions): minilm (offline) | clip | t5 | a hub id or local folder (pipeline/text.py)
+    encoder: str = "minilm"
+    max_tokens: int = Field(77, ge=1, le=77)  # per caption; longer captions are truncated
+    batch_size: int = Field(256, ge=1)  # captions per encoder call
 
 
 class VaeConfig(_Section):
@@ -72,7 +79,7 @@ class ModelConfig(_Section):
     init_from: Optional[str] = None
     init_weights: Literal["ema", "raw"] = "ema"  # which weights of one of our checkpoints init_from takes
     learn_sigma: bool = True
-    class_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
+    class_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)  # CFG dropout of the label or the caption, per sample
     qk_norm: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False
@@ -132,11 +139,11 @@ class ValidationConfig(_Section):
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # noise levels (0 data, 1 noise) where guidance applies
     sampling_steps: int = Field(50, ge=1)
     sampler: Optional[Literal["ddpm", "ddim", "euler", "heun"]] = None  # default: the objective's own
+    prompts: list[str] = []  # caption models: grid prompts; default: the first distinct captions in the shards
     # The held-out loss: on a separately encoded shard folder (e.g. COCO `--split val`), or on data.val_fraction
     shards: Optional[str] = None
     loss_timesteps: int = Field(10, ge=1)  # fixed, evenly spaced timesteps per held-out sample
     loss_max_samples: Optional[int] = Field(1024, ge=1)  # the first N held-out samples (by index); null: all
-
 
     @field_validator("cfg_interval")
     @classmethod
@@ -150,6 +157,7 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     shards: ShardsConfig = ShardsConfig()
     vae: VaeConfig = VaeConfig()
+    text: TextConfig = TextConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     training: TrainingConfig = TrainingConfig()
@@ -188,6 +196,8 @@ class Config(_Section):
         n = "all" if self.data.num_samples is None else str(self.data.num_samples)
         split = f"-{self.data.split}" if self.data.dataset_name == "coco" else ""
         stem = f"{self.data.dataset_name}{split}-{self.data.image_size}px-{self.codec_short_name}-{n}"
+        if self.data.captions:  # embeddings of another encoder are other shards
+            stem += f"-{Path(self.text.encoder.rstrip('/')).name.lower()}"
         return Path("shards") / stem
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,16 +24,16 @@ def generate(model, objective, latent_shape: tuple[int, int, int], labels: torch
     coarse layout at high noise; at low noise it sharpens towards the class mean and can erase fine structure (on
     `shapes`: guiding below noise 0.5 rounds the squares' corners)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    null_class = getattr(model, "null_class", None)
     if labels is None:
         return objective.sample(lambda x, t: model(x, t), (n, *latent_shape), sampler, steps, gen, device,
                                 progress=progress)
     labels = labels.to(device)
-    if cfg_scale == 1.0 or null_class is None:
+    null = _null(model, labels)
+    if cfg_scale == 1.0 or null is None:
         return objective.sample(lambda x, t: model(x, t, labels), (n, *latent_shape), sampler, steps, gen, device,
                                 progress=progress)
     z = torch.randn((n, *latent_shape), generator=gen, device=device)  # (N, C, H, W)
-    y = torch.cat([labels, torch.full_like(labels, null_class)])  # (2N,)
+    y = _cat(labels, null)  # (2N,) labels, or a Caption of 2N
     lo, hi = cfg_interval
 
     def fn(x, t):  # x (2N, C, H, W), t (2N,) all equal
@@ -46,6 +46,20 @@ def generate(model, objective, latent_shape: tuple[int, int, int], labels: torch
     out = objective.sample(fn, (2 * n, *latent_shape), sampler, steps, gen, device, noise=torch.cat([z, z]),
                            progress=progress)  # (2N, C, H, W)
     return out[:n]
+
+
+def _null(model, y):
+    """The unconditional `y` for guidance: the null class, or the caption model's null caption; None if untrained."""
+    if hasattr(model, "null_condition"):
+        return model.null_condition(y)
+    null_class = getattr(model, "null_class", None)
+    return None if null_class is None else torch.full_like(y, null_class)
+
+
+def _cat(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    return type(a)(*(torch.cat([x, y]) for x, y in zip(a, b)))  # a Caption, field by field
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ hashed to 64 bits once (`sample_key`): the top bit is the flip, and ε comes fro
 hash. Reseeding torch's CPU generator costs ~2 µs against ~8 µs for a keyed numpy Generator, and its normal draw is
 ~3× faster than numpy's for a 4×32×32 latent: ε was the loader's largest per-sample cost. torch's mt19937 takes
 the low 32 bits of the seed, so two keys share an ε stream with probability 2⁻³²: harmless, since ε is independent
-of the sample it perturbs.
+of the sample it perturbs. With caption embeddings, which of the image's captions a sample uses is drawn from its
+own keyed stream (seed, epoch, _CAPTION, index), so adding captions changes no latent draw and resume stays exact.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pipeline.errors import ShardError
 from pipeline.latent_norm import LatentNorm
 
 # Tags that keep the keyed random streams apart.
-_SHARD_ORDER, _WINDOW_ORDER, _SAMPLE = 0, 1, 2
+_SHARD_ORDER, _WINDOW_ORDER, _SAMPLE, _CAPTION = 0, 1, 2, 3
 _U32 = 2**32
 _U64 = 2**64 - 1
 _LATENT_ITEMSIZE = np.dtype(shards.LATENT_DTYPE).itemsize
@@ -187,13 +188,16 @@ class ShardStore:
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.max_open = max_open
         self._open: dict[int, tuple] = {}
+        self._texts: dict[int, object] = {}  # shard → caption index (tar) or the 'text' column (Parquet)
+        self.text = shards.text_encoder_of(manifest)
 
     def __getstate__(self):  # worker processes open their own maps
-        return {**self.__dict__, "_open": {}}
+        return {**self.__dict__, "_open": {}, "_texts": {}}
 
     def _shard(self, s: int):
         if s not in self._open:
             if len(self._open) >= self.max_open:
+                self._texts.pop(next(iter(self._open)), None)
                 self._open.pop(next(iter(self._open)))
             entry = self.manifest["shards"][s]
             remote = self._fetch(entry) if self.url else None
@@ -216,6 +220,12 @@ class ShardStore:
                     raise ShardError(f"{self.folder / entry['name']}: sample '{side['keys'][bad[0]]}' is not a float16 "
                                      f"{self.shape} array; the shard is damaged (run `ditpipe verify`)")
                 self._header = header
+                if self.text:
+                    text_index = np.asarray(side["text"]["index"], dtype=np.int64).reshape(-1, 2)
+                    if len(text_index) != len(index) or (text_index.sum(1) > len(mm)).any():
+                        raise ShardError(f"{self.folder / entry['name']}: its caption index does not fit the shard; "
+                                         "the shard is damaged (run `ditpipe verify`)")
+                    self._texts[s] = text_index
                 self._open[s] = ("wds", mm, index[:, 0] + len(header), labels)
             else:
                 import pyarrow.parquet as pq
@@ -225,7 +235,11 @@ class ShardStore:
                 where = pa.BufferReader(remote[0]) if remote else self.folder / entry["name"]
                 # Memory-mapped, and the row groups' chunks kept as they are: the buffered read and combine_chunks
                 # copied the shard twice more, in each worker that opens it (29 → 10 ms of CPU an open of 33 MB).
-                col = pq.read_table(where, columns=["latent"], memory_map=not remote).column(0)
+                table = pq.read_table(where, columns=["latent"] + (["text"] if self.text else []),
+                                      memory_map=not remote)
+                col = table.column(0)
+                if self.text:
+                    self._texts[s] = table.column(1)
                 per = self.nbytes // _LATENT_ITEMSIZE
                 chunks = [np.frombuffer(c.buffers()[1], dtype=shards.LATENT_DTYPE)[c.offset * per :][: len(c) * per]
                           .reshape((len(c), *self.shape)) for c in col.chunks if len(c)]
@@ -265,6 +279,24 @@ class ShardStore:
             return data[0][i], int(labels[i])
         k = bisect.bisect_right(offsets, i) - 1  # the row group's chunk
         return data[k][i - offsets[k]], int(labels[i])
+
+    def read_text(self, g: int) -> np.ndarray:
+        """The caption record (K,) of global sample g (pipeline/text.py's layout, checked, never unpickled)."""
+        from pipeline.text import read_record
+
+        s = int(np.searchsorted(self.starts, g, side="right") - 1)
+        kind, data = self._shard(s)[:2]
+        i = g - self.starts[s]
+        if kind == "wds":
+            offset, size = (int(x) for x in self._texts[s][i])
+            blob = data[offset : offset + size]
+        else:
+            blob = self._texts[s][int(i)].as_py()
+        try:
+            return read_record(blob, self.text["dim"], self.text["max_tokens"])
+        except ValueError as e:
+            raise ShardError(f"{self.folder}: sample {g}'s caption embeddings are damaged ({e}); run `ditpipe "
+                             "verify`") from None
 
     def release(self) -> None:
         """Unmap the pages of the open tar maps from this process: they stay in the page cache, and a later read maps
@@ -324,12 +356,16 @@ def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """Map-style over keys (epoch, q): returns rank `rank`'s part of global micro-batch q of `epoch`, ready to train."""
+    """Map-style over keys (epoch, q): returns rank `rank`'s part of global micro-batch q of `epoch`, ready to train.
+    With `captions`, also one of each image's captions (tokens padded to the manifest's longest caption)."""
 
     def __init__(self, store: ShardStore, order: EpochOrder, plan: Plan, rank: int, seed: int,
-                 norm: LatentNorm | None = None):
+                 norm: LatentNorm | None = None, captions: bool = False):
         self.store, self.order, self.plan, self.rank, self.seed = store, order, plan, rank, seed
         self.view = LatentView(store.manifest, norm)
+        if captions and not store.text:
+            raise ShardError(f"{store.folder}: these shards carry no caption embeddings; encode with --captions")
+        self.captions = captions
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, q = key
@@ -343,9 +379,29 @@ class MicroBatches(torch.utils.data.Dataset):
                 out = latents.numpy()
             out[k] = z
             labels.append(label)
-        return {"latents": latents,  # (B, C, H, W) float32
-                "labels": torch.tensor(labels, dtype=torch.long),  # (B,); -1 without labels
-                "indices": torch.from_numpy(indices), "epoch": epoch, "q": q}
+        batch = {"latents": latents,  # (B, C, H, W) float32
+                 "labels": torch.tensor(labels, dtype=torch.long),  # (B,); -1 without labels
+                 "indices": torch.from_numpy(indices), "epoch": epoch, "q": q}
+        if self.captions:
+            batch["caption"] = self._captions(epoch, indices)
+        return batch
+
+    def _captions(self, epoch: int, indices: np.ndarray) -> dict:
+        """One caption per sample, chosen by its own keyed stream; an image without captions gets an empty mask,
+        which the caption model reads as the null caption."""
+        enc, width = self.store.text, self.store.manifest["captions"]["max_tokens_seen"]
+        tokens = np.zeros((len(indices), width, enc["dim"]), np.float16)  # (B, L, D)
+        mask = np.zeros((len(indices), width), bool)  # (B, L)
+        pooled = np.zeros((len(indices), enc["dim"]), np.float16)  # (B, D)
+        chosen = np.full(len(indices), -1, np.int64)
+        for b, g in enumerate(indices):
+            rec = self.store.read_text(int(g))
+            if len(rec):
+                k = int(keyed_rng(self.seed, epoch, _CAPTION, g).integers(len(rec)))
+                n = rec.dtype["mask"].shape[0]
+                tokens[b, :n], mask[b, :n], pooled[b], chosen[b] = rec["tokens"][k], rec["mask"][k], rec["pooled"][k], k
+        return {"tokens": torch.from_numpy(tokens), "mask": torch.from_numpy(mask), "pooled": torch.from_numpy(pooled),
+                "chosen": torch.from_numpy(chosen)}  # chosen: the caption's index in the image's list, -1 for none
 
 
 class ImageBatches(torch.utils.data.Dataset):

@@ -2,7 +2,8 @@
 
     shards/<name>/manifest.json          the contract: source, codec, latent layout, labels, shards + sha256, skips
     shards/<name>/shard-00000.tar        WebDataset tar: <key>.latent.npy (fp16, (k, C, H, W)) + <key>.json
-    shards/<name>/part-00000.parquet     or Parquet: key, latent (fixed_size_binary), json
+                                         (+ <key>.text.npy with captions: the record of pipeline/text.py)
+    shards/<name>/part-00000.parquet     or Parquet: key, latent (fixed_size_binary), json (+ text: .npy bytes)
     shards/<name>/shard-00000.meta.json  sidecar: count, keys, labels, member offsets, skips, per-channel sums
 
 Shard i holds inputs [i·n, (i+1)·n) of the source's input list. A shard is complete when its sidecar exists and
@@ -31,7 +32,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARAMS = "encode-params.json"  # written first, so even a half-finished folder refuses other parameters
 LATENT_DTYPE = "float16"
-SAMPLE_MEMBERS = ("latent.npy", "json")  # the only tar members a sample may have (+ text.npy with captions)
+SAMPLE_MEMBERS = ("latent.npy", "json")  # the only tar members a sample may have (+ TEXT_MEMBER with captions)
+TEXT_MEMBER = "text.npy"
 _SHARD_RE = re.compile(r"^(shard-\d{5}\.tar|part-\d{5}\.parquet)$")
 
 
@@ -67,14 +69,16 @@ def json_bytes(meta: dict) -> bytes:
 class ShardWriter:
     """Writes one shard under a temporary name; `close()` fsyncs, renames, then writes the sidecar."""
 
-    def __init__(self, path: Path, fmt: str, latent_shape: tuple[int, ...]):
-        self.path, self.fmt, self.latent_shape = Path(path), fmt, tuple(latent_shape)
+    def __init__(self, path: Path, fmt: str, latent_shape: tuple[int, ...], text: bool = False):
+        self.path, self.fmt, self.latent_shape, self.text = Path(path), fmt, tuple(latent_shape), text
         self._ctx = atomic.atomic_path(self.path)
         self.tmp = self._ctx.__enter__()
         self.keys: list[str] = []
         self.labels: list[int | None] = []
         self.index: list[list[int]] = []  # tar only: [latent offset, latent size, json offset, json size]
-        self._rows: list[tuple[str, bytes, str]] = []
+        self.text_index: list[list[int]] = []  # tar with captions: [text.npy offset, size]
+        self.text_stats = {"captions": 0, "max_tokens": 0}  # merged into the manifest's caption section
+        self._rows: list[tuple] = []
         if fmt == "wds":
             self._file = open(self.tmp, "wb")
             self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
@@ -84,20 +88,30 @@ class ShardWriter:
 
             nbytes = int(np.prod(self.latent_shape)) * np.dtype(LATENT_DTYPE).itemsize
             meta = {"ditpipe.latent_shape": json.dumps(list(self.latent_shape)), "ditpipe.latent_dtype": LATENT_DTYPE}
-            self._schema = pa.schema([("key", pa.string()), ("latent", pa.binary(nbytes)), ("json", pa.string())],
-                                     metadata=meta)
+            cols = [("key", pa.string()), ("latent", pa.binary(nbytes)), ("json", pa.string())]
+            self._schema = pa.schema(cols + ([("text", pa.binary())] if text else []), metadata=meta)
             # Plain pages: every latent is unique, so a dictionary page only costs a decode pass at read time.
             self._pq = pq.ParquetWriter(self.tmp, self._schema, compression="none", use_dictionary=False)
 
-    def add(self, key: str, latent: np.ndarray, meta: dict) -> None:
+    def add(self, key: str, latent: np.ndarray, meta: dict, text: np.ndarray | None = None) -> None:
+        """`text`: the image's caption record (pipeline/text.py), required exactly when the writer has captions."""
         assert latent.dtype == np.float16 and latent.shape == self.latent_shape, (latent.dtype, latent.shape)
+        assert (text is not None) == self.text, "caption records go with every sample of a caption shard, or none"
         self.keys.append(key)
         self.labels.append(meta.get("label"))
+        text_npy = None
+        if text is not None:
+            text_npy = npy_bytes(text)
+            self.text_stats["captions"] += len(text)
+            self.text_stats["max_tokens"] = max(self.text_stats["max_tokens"], int(text["mask"].sum(-1).max(initial=0)))
         if self.fmt == "wds":
             self.index.append(self._member(f"{key}.latent.npy", npy_bytes(latent))
                               + self._member(f"{key}.json", json_bytes(meta)))
+            if text_npy is not None:
+                self.text_index.append(self._member(f"{key}.{TEXT_MEMBER}", text_npy))
         else:
-            self._rows.append((key, np.ascontiguousarray(latent).tobytes(), json_bytes(meta).decode()))
+            row = (key, np.ascontiguousarray(latent).tobytes(), json_bytes(meta).decode())
+            self._rows.append(row + ((text_npy,) if self.text else ()))
             if len(self._rows) >= 256:
                 self._flush_rows()
 
@@ -131,6 +145,8 @@ class ShardWriter:
                    "keys": self.keys, "labels": self.labels, **sidecar}
         if self.fmt == "wds":
             sidecar["index"] = self.index
+        if self.text:
+            sidecar["text"] = {**self.text_stats, **({"index": self.text_index} if self.fmt == "wds" else {})}
         atomic.write_json(self.path.parent / sidecar_name(self.path.name), sidecar)
         return sidecar
 
@@ -155,8 +171,10 @@ def load_sidecar(folder: Path, shard: str) -> dict | None:
         return None
 
 
-def manifest_header(source, codec, samples_per_shard: int, slices: list[str], flip_at_load: bool) -> dict:
-    """Everything the manifest says besides the shards: source, codec, latent layout, labels, captions."""
+def manifest_header(source, codec, samples_per_shard: int, slices: list[str], flip_at_load: bool,
+                    text_encoder: dict | None = None) -> dict:
+    """Everything the manifest says besides the shards: source, codec, latent layout, labels, captions.
+    `text_encoder`: the caption encoder's identity when the captions are embedded (`<key>.text.npy`)."""
     side = source.image_size // codec.downsample
     return {
         "created_by": f"ditpipe {__version__}",
@@ -166,16 +184,23 @@ def manifest_header(source, codec, samples_per_shard: int, slices: list[str], fl
                    "std_stored": "std" in slices, "flip_stored": "mean_flip" in slices, "flip_at_load": flip_at_load},
         "labels": None if source.class_names is None else {"num_classes": len(source.class_names),
                                                            "names": source.class_names},
-        "captions": {"text": True, "encoder": None} if any(it.captions for it in source.items) else None,
+        "captions": ({"text": True, "encoder": text_encoder, **({"record": TEXT_RECORD} if text_encoder else {})}
+                     if text_encoder or any(it.captions for it in source.items) else None),
         "samples_per_shard": samples_per_shard,
         "num_inputs": len(source),
     }
+
+
+TEXT_RECORD = ("<key>.text.npy (Parquet: column 'text'): a (K,) array, K = the image's captions, of the structured "
+               "dtype [('tokens', '<f2', (L, dim)), ('mask', '|b1', (L,)), ('pooled', '<f2', (dim,))], L <= "
+               "max_tokens; np.load(allow_pickle=False) reads it")
 
 
 def build_manifest(folder: Path, header: dict, num_shards: int, fmt: str) -> dict:
     """Merge the sidecars, in shard order, under `header` (source, codec, latent, labels, ...)."""
     shards, skipped, converted = [], [], []
     total, sums, sumsq, count = 0, None, None, 0
+    text = {"captions": 0, "max_tokens": 0}
     for i in range(num_shards):
         name = shard_name(fmt, i)
         side = json.loads((folder / sidecar_name(name)).read_text())
@@ -183,6 +208,9 @@ def build_manifest(folder: Path, header: dict, num_shards: int, fmt: str) -> dic
         shards.append({"name": name, "samples": side["samples"], "bytes": side["bytes"], "sha256": side["sha256"],
                        "sidecar": sidecar_name(name), "sidecar_sha256": _sha(side_bytes)})
         total += side["samples"]
+        if "text" in side:
+            text = {"captions": text["captions"] + side["text"]["captions"],
+                    "max_tokens": max(text["max_tokens"], side["text"]["max_tokens"])}
         skipped += side["skipped"]
         converted += side["converted"]
         if side["count_px"]:
@@ -194,6 +222,9 @@ def build_manifest(folder: Path, header: dict, num_shards: int, fmt: str) -> dic
         mean = sums / count
         stats = {"channel_mean": mean.tolist(), "channel_std": np.sqrt(np.maximum(sumsq / count - mean**2, 0)).tolist(),
                  "of": "the unscaled posterior mean (or image), over every encoded sample and pixel"}
+    if (header.get("captions") or {}).get("encoder"):  # the loader pads every batch to max_tokens seen
+        header = {**header, "captions": {**header["captions"], "num_captions": text["captions"],
+                                         "max_tokens_seen": max(1, text["max_tokens"])}}
     return {"format_version": FORMAT_VERSION, **header, "format": fmt, "num_samples": total,
             "num_shards": num_shards, "shards": shards, "skipped": skipped, "converted": converted, "stats": stats}
 
@@ -227,6 +258,19 @@ class Sample:
     key: str
     latent: np.ndarray  # (k, C, H, W) float16, read-only view
     meta: dict
+    text: np.ndarray | None = None  # (K,) caption record (pipeline/text.py) when the captions are embedded
+
+
+def text_encoder_of(manifest: dict) -> dict | None:
+    """The caption encoder's identity when the shards carry caption embeddings, else None."""
+    return (manifest.get("captions") or {}).get("encoder")
+
+
+def _read_text(data, manifest: dict) -> np.ndarray:
+    from pipeline.text import read_record
+
+    enc = text_encoder_of(manifest)
+    return read_record(data, enc["dim"], enc["max_tokens"])
 
 
 def iter_shard(folder: Path, shard: str, manifest: dict, sidecar: dict | None = None) -> Iterator[Sample]:
@@ -237,7 +281,8 @@ def iter_shard(folder: Path, shard: str, manifest: dict, sidecar: dict | None = 
     if manifest["format"] == "wds":
         expected = npy_bytes(np.zeros(shape, LATENT_DTYPE))  # every latent member is exactly this header + data
         with open(folder / shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            for key, (lo, ln, jo, jn) in zip(sidecar["keys"], sidecar["index"]):
+            texts = (sidecar.get("text") or {}).get("index") or [None] * len(sidecar["keys"])
+            for key, (lo, ln, jo, jn), where in zip(sidecar["keys"], sidecar["index"], texts):
                 header = _npy_header_len(mm, lo)
                 if ln != len(expected) or mm[lo : lo + header] != expected[:header]:
                     # another dtype (an object-array pickle, say) or shape: refuse it, never reinterpret its bytes
@@ -245,18 +290,21 @@ def iter_shard(folder: Path, shard: str, manifest: dict, sidecar: dict | None = 
                                      "the shard is damaged or tampered (run `ditpipe verify`)")
                 # copy at once: a view still alive when the mmap closes raises BufferError ("exported pointers")
                 latent = np.frombuffer(mm, dtype=LATENT_DTYPE, count=int(np.prod(shape)), offset=lo + header).copy()
-                yield Sample(key, latent.reshape(shape), json.loads(bytes(mm[jo : jo + jn])))
+                text = None if where is None else _read_text(mm[where[0] : where[0] + where[1]], manifest)
+                yield Sample(key, latent.reshape(shape), json.loads(bytes(mm[jo : jo + jn])), text)
     else:
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(folder / shard).iter_batches(batch_size=256, columns=["key", "latent", "json"]):
+        cols = ["key", "latent", "json"] + (["text"] if text_encoder_of(manifest) else [])
+        for batch in pq.ParquetFile(folder / shard).iter_batches(batch_size=256, columns=cols):
             keys, jsons = batch.column(0).to_pylist(), batch.column(2).to_pylist()
+            texts = batch.column(3).to_pylist() if len(cols) == 4 else [None] * len(keys)
             flat = np.frombuffer(batch.column(1).buffers()[1], dtype=LATENT_DTYPE)
             nper = int(np.prod(shape))
             start = batch.column(1).offset * nper
             for i, key in enumerate(keys):
                 yield Sample(key, flat[start + i * nper : start + (i + 1) * nper].reshape(shape).copy(),
-                             json.loads(jsons[i]))
+                             json.loads(jsons[i]), None if texts[i] is None else _read_text(texts[i], manifest))
 
 
 def _npy_header_len(buf, offset: int) -> int:
@@ -284,7 +332,8 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
     manifest = load_manifest(folder)
     problems: list[str] = []
     shape, checked = tuple(manifest["latent"]["shape"]), 0
-    allowed = set(SAMPLE_MEMBERS) | ({"text.npy"} if (manifest.get("captions") or {}).get("encoder") else set())
+    enc = text_encoder_of(manifest)
+    allowed = set(SAMPLE_MEMBERS) | ({TEXT_MEMBER} if enc else set())
     listed = {s["name"] for s in manifest["shards"]}
     for p in sorted(folder.iterdir()):
         if _SHARD_RE.match(p.name) and p.name not in listed:
@@ -307,7 +356,7 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
             side = json.loads(side_path.read_text())
         try:
             reader = _decode_tar if manifest["format"] == "wds" else _decode_parquet
-            n = reader(path, shape, allowed, side, problems)
+            n = reader(path, shape, allowed, side, problems, enc)
         except Exception as e:  # a truncated or garbled file: report it, check the rest
             problems.append(f"{name}: cannot be read ({type(e).__name__}: {e})")
             n = 0
@@ -351,15 +400,42 @@ def _check_sample(where: str, key: str, latent_bytes: bytes | None, meta_text: s
     return ok
 
 
-def _decode_tar(path: Path, shape, allowed: set[str], side: dict | None, problems: list[str]) -> int:
+def _check_text(where: str, key: str, data: bytes | None, meta_text: str | None, enc: dict, problems) -> bool:
+    """A caption record: present, pickle-free, the manifest's encoder layout, finite, one row per caption."""
+    from pipeline.text import read_record
+
+    if data is None:
+        problems.append(f"{where}: sample '{key}' lacks its {TEXT_MEMBER} member (the manifest says captions are "
+                        "embedded)")
+        return False
+    try:
+        rec = read_record(data, enc["dim"], enc["max_tokens"])
+    except ValueError as e:
+        problems.append(f"{where}: sample '{key}' {TEXT_MEMBER} is not a caption record ({e})")
+        return False
+    captions = (json.loads(meta_text or "{}") or {}).get("captions", [])
+    if len(rec) != len(captions):
+        problems.append(f"{where}: sample '{key}' has {len(rec)} caption embeddings for {len(captions)} captions")
+        return False
+    if not (np.isfinite(rec["tokens"]).all() and np.isfinite(rec["pooled"]).all()):
+        problems.append(f"{where}: sample '{key}' caption embeddings have NaN or Inf")
+        return False
+    if len(rec) and not rec["mask"].any(axis=1).all():
+        problems.append(f"{where}: sample '{key}' has a caption embedding without any token")
+        return False
+    return True
+
+
+def _decode_tar(path: Path, shape, allowed: set[str], side: dict | None, problems: list[str],
+                enc: dict | None = None) -> int:
     samples: dict[str, dict[str, tuple[int, bytes]]] = {}
     order: list[str] = []
     with tarfile.open(path, mode="r:") as tar:  # plain parsing, deliberately not our offset index
         for info in tar:
             key, _, ext = info.name.partition(".")
             if not info.isfile() or ext not in allowed or "/" in info.name:
-                problems.append(f"{path.name}: unexpected member '{info.name}' (only <key>.latent.npy and "
-                                "<key>.json belong in a shard; it was not read)")
+                problems.append(f"{path.name}: unexpected member '{info.name}' (only <key>.latent.npy, <key>.json"
+                                f"{' and <key>.' + TEXT_MEMBER if enc else ''} belong in a shard; it was not read)")
                 continue
             if key not in samples:
                 samples[key] = {}
@@ -373,9 +449,12 @@ def _decode_tar(path: Path, shape, allowed: set[str], side: dict | None, problem
     for key in order:
         members = samples[key]
         latent, meta = members.get("latent.npy"), members.get("json")
-        if _check_sample(path.name, key, latent and latent[1], meta and meta[1].decode("utf-8", "replace"), shape,
-                         problems, from_npy=True):
-            good += 1
+        meta_text = meta and meta[1].decode("utf-8", "replace")
+        ok = _check_sample(path.name, key, latent and latent[1], meta_text, shape, problems, from_npy=True)
+        if enc is not None:
+            text = members.get(TEXT_MEMBER)
+            ok = _check_text(path.name, key, text and text[1], meta_text, enc, problems) and ok
+        good += ok
     if side is not None:
         if side.get("keys") != order:
             problems.append(f"{path.name}: member keys differ from its sidecar's")
@@ -384,23 +463,33 @@ def _decode_tar(path: Path, shape, allowed: set[str], side: dict | None, problem
                 if samples[key].get("latent.npy", (None,))[0] != lo or samples[key].get("json", (None,))[0] != jo:
                     problems.append(f"{path.name}: sidecar offset index is wrong for '{key}'")
                     break
+            if enc is not None:  # the loader reads captions through this index, so it must be exact
+                actual = [[samples[k][TEXT_MEMBER][0], len(samples[k][TEXT_MEMBER][1])] if TEXT_MEMBER in samples[k]
+                          else None for k in order]
+                if (side.get("text") or {}).get("index") != actual:
+                    problems.append(f"{path.name}: sidecar caption index is missing or wrong")
     return good
 
 
-def _decode_parquet(path: Path, shape, allowed, side: dict | None, problems: list[str]) -> int:
+def _decode_parquet(path: Path, shape, allowed, side: dict | None, problems: list[str],
+                    enc: dict | None = None) -> int:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    if table.column_names != ["key", "latent", "json"]:
-        problems.append(f"{path.name}: columns {table.column_names}, expected ['key', 'latent', 'json']")
+    columns = ["key", "latent", "json"] + (["text"] if enc else [])
+    if table.column_names != columns:
+        problems.append(f"{path.name}: columns {table.column_names}, expected {columns}")
         return 0
     meta = table.schema.metadata or {}
     if json.loads(meta.get(b"ditpipe.latent_shape", b"null")) != list(shape):
         problems.append(f"{path.name}: schema latent shape does not match the manifest's {list(shape)}")
     good = 0
     keys = table.column("key").to_pylist()
-    for key, latent, text in zip(keys, table.column("latent").to_pylist(), table.column("json").to_pylist()):
-        good += _check_sample(path.name, key, latent, text, shape, problems, from_npy=False)
+    texts = table.column("text").to_pylist() if enc else [None] * len(keys)
+    for key, latent, meta, text in zip(keys, table.column("latent").to_pylist(), table.column("json").to_pylist(),
+                                       texts):
+        ok = _check_sample(path.name, key, latent, meta, shape, problems, from_npy=False)
+        good += (_check_text(path.name, key, text, meta, enc, problems) and ok) if enc else ok
     if side is not None and side.get("keys") != keys:
         problems.append(f"{path.name}: keys differ from its sidecar's")
     return good

@@ -34,6 +34,9 @@ MAX_ASPECT = 50.0
 SHAPES_COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 SHAPES_KINDS = ("circle", "square")
 SHAPES_CLASS_NAMES = [f"{c}_{k}" for c in SHAPES_COLORS for k in SHAPES_KINDS]  # class = 2·color + shape
+# Every shapes image gets the plain caption first, then two of these paraphrases, picked by (seed, index).
+SHAPES_PARAPHRASES = ("{c} {k}", "a {c} {k} on black", "a {c} {k} on a black background", "one {c} {k}",
+                      "a filled {c} {k}", "a {k} in {c}", "a picture of a {c} {k}", "a single {c} {k}")
 
 
 class BadImage(Exception):
@@ -186,6 +189,14 @@ def shape_params(seed: int, index: int, size: int) -> tuple[int, int, float, flo
     return color, kind, float(extent), float(x0), float(y0)
 
 
+def shape_captions(seed: int, index: int, size: int) -> tuple[str, ...]:
+    """"a red circle" and two paraphrases: what the image shows, in words (a pure function of (seed, index))."""
+    color, kind = shape_params(seed, index, size)[:2]
+    c, k = list(SHAPES_COLORS)[color], SHAPES_KINDS[kind]
+    pick = np.random.default_rng([seed, index, 1]).choice(len(SHAPES_PARAPHRASES), 2, replace=False)
+    return (f"a {c} {k}", *(SHAPES_PARAPHRASES[i].format(c=c, k=k) for i in sorted(pick)))
+
+
 def render_shape(seed: int, index: int, size: int) -> Loaded:
     color, kind, extent, x0, y0 = shape_params(seed, index, size)
     ss = 4  # draw 4× larger, then box-downsample: anti-aliased edges keep circles round at 16 px
@@ -216,7 +227,8 @@ def classify_shape(pixels: np.ndarray) -> int:
 def _shapes(data: DataConfig) -> Source:
     n = data.num_samples
     kinds = (shape_params(data.seed, i, data.image_size)[:2] for i in range(n))
-    items = [InputItem(f"{i:08d}", None, 2 * color + kind) for i, (color, kind) in enumerate(kinds)]
+    items = [InputItem(f"{i:08d}", None, 2 * color + kind, shape_captions(data.seed, i, data.image_size))
+             for i, (color, kind) in enumerate(kinds)]
     params = {"dataset": "shapes", "num_samples": n, "seed": data.seed, "image_size": data.image_size,
               "crop": "generated at size"}
     return Source("shapes", None, data.image_size, items, list(SHAPES_CLASS_NAMES), params, data.seed)

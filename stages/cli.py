@@ -68,18 +68,24 @@ def encode(
     samples_per_shard: Optional[int] = typer.Option(None, help="Inputs per shard (shards.samples_per_shard)"),
     num_workers: Optional[int] = typer.Option(None, help="Decode workers (data.num_workers)"),
     download: Optional[bool] = typer.Option(None, "--download", help="COCO: fetch the official archives first"),
+    captions: Optional[bool] = typer.Option(None, "--captions/--no-captions", help="Also embed every caption once "
+                                            "with the text encoder (data.captions; needs ditpipe[text])"),
+    text_encoder: Optional[str] = typer.Option(None, help="minilm (offline) | clip | t5 | hub id | local folder "
+                                                          "(text.encoder)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards made with other parameters."),
 ) -> None:
     """Encode images once through the VAE (or the pixel codec) into latent shards plus a manifest.
 
     Example: ditpipe encode --dataset shapes --vae pixel --image-size 32 --num-samples 2000 --out shards/shapes
+
+    Text-to-image: ditpipe encode --dataset coco --data-path data/coco --captions --text-encoder minilm
     """
     cfg = build_config(config, {
         "data.dataset_name": dataset, "data.dataset_path": data_path, "data.split": split, "shards.path": out_dir,
         "data.image_size": image_size, "data.num_samples": num_samples, "data.seed": seed, "vae.name": vae,
         "vae.dtype": vae_dtype, "vae.batch_size": batch_size, "shards.format": fmt, "shards.store": store,
         "shards.flip": flip, "shards.samples_per_shard": samples_per_shard, "data.num_workers": num_workers,
-        "data.download": download}, ctx.args)
+        "data.download": download, "data.captions": captions, "text.encoder": text_encoder}, ctx.args)
     from stages.encode import encode as run_encode
 
     run_encode(cfg, overwrite=overwrite, console=err)
@@ -173,17 +179,23 @@ def sample(
                                                  "stabilityai/sd-vae-ft-ema for official checkpoints)."),
     model: Optional[str] = typer.Option(None, help="Official checkpoints only: the preset, e.g. DiT-XL/2."),
     image_size: Optional[int] = typer.Option(None, help="Official checkpoints only: pixels, e.g. 256."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Caption models: what to draw; repeat for "
+                                                                      "more prompts (cycled to --num)."),
+    text_encoder: Optional[str] = typer.Option(None, help="Caption models: a local copy of the manifest's text "
+                                                          "encoder (checked by its weights hash)."),
 ) -> None:
     """Sample a grid (and per-sample PNGs) from a checkpoint, with classifier-free guidance.
 
     Example: ditpipe sample --checkpoint outputs/quickstart --num 64 --out-dir outputs/quickstart/samples
+
+    Caption model: ditpipe sample --checkpoint outputs/shapes_captions --prompt "a blue square" --prompt "a red circle"
     """
     from stages.sample import sample as run_sample
 
     run_sample(checkpoint_path, use_ema=ema, classes=classes, num=num, cfg_scale=cfg_scale, steps=steps,
                cfg_interval=_interval(cfg_interval),
                sampler=sampler, seed=seed, out=out, out_dir=out_dir, batch_size=batch_size, vae=vae,
-               model_name=model, image_size=image_size, console=err)
+               model_name=model, image_size=image_size, prompts=prompt, text_encoder=text_encoder, console=err)
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """`ditpipe encode`: every input through the codec once, into verified latent shards and a manifest.
 
-Shard i holds inputs [i·n, (i+1)·n). Shards already complete (sidecar present, size and sha256 matching) are kept,
+Shard i holds inputs [i·n, (i+1)·n). With `data.captions`, every caption of every kept input also goes through the
+text encoder once, into `<key>.text.npy` beside its latent. Shards already complete (sidecar present, size and sha256 matching) are kept,
 so rerunning the same command after a crash or kill -9 finishes the job and gives the same bytes. Decoding and
 resizing run in DataLoader workers; the codec runs in this process; an encode batch never crosses a shard.
 """
@@ -26,7 +27,7 @@ from rich.text import Text
 from pipeline import atomic, shards
 from pipeline.codec import encode_with_backoff, load_codec
 from pipeline.config import Config
-from pipeline.errors import ConfigError, ShardError
+from pipeline.errors import ConfigError, DataError, ShardError
 from pipeline.sources import BadImage, Source, make_source
 
 
@@ -105,8 +106,10 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
                                                f"factor {codec.downsample} ({cfg.vae.name})")])
     out = cfg.shards_path
     n_per, fmt = cfg.shards.samples_per_shard, cfg.shards.format
+    text_encoder = _text_encoder(cfg, source)
     slices = shards.latent_slices(codec.stores_std, cfg.shards.store, cfg.shards.flip)
-    header = shards.manifest_header(source, codec, n_per, slices, flip_at_load=not codec.stores_std and cfg.shards.flip)
+    header = shards.manifest_header(source, codec, n_per, slices, flip_at_load=not codec.stores_std and cfg.shards.flip,
+                                    text_encoder=text_encoder.identity() if text_encoder else None)
     latent_shape = tuple(header["latent"]["shape"])
     _prepare_folder(out, header, fmt, overwrite, write=False)  # every rank refuses the same folder the same way
     barrier()
@@ -127,7 +130,7 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
                 done_before += stop - start
                 bar.update(task, advance=stop - start)
                 continue
-            _encode_shard(source, codec, cfg, out / name, latent_shape, start, stop, loader_state,
+            _encode_shard(source, codec, text_encoder, cfg, out / name, latent_shape, start, stop, loader_state,
                           lambda n: bar.update(task, advance=n))
     barrier()
     if rank == 0:
@@ -149,6 +152,20 @@ def _distributed():
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world, dist.barrier
+
+
+def _text_encoder(cfg: Config, source: Source):
+    """The caption encoder when `data.captions` asks for one; refuses a source without a single caption."""
+    if not cfg.data.captions:
+        return None
+    if not any(item.captions for item in source.items):
+        where = {"coco": f"annotations/captions_{cfg.data.split}2017.json under the COCO root",
+                 "custom": "metadata.jsonl at the folder's root, or a <stem>.txt beside each image"}
+        raise DataError(f"--captions, but no input has a caption; {source.name} captions come from "
+                        f"{where.get(source.name, 'the source')}")
+    from pipeline.text import load_text_encoder
+
+    return load_text_encoder(cfg.text.encoder, _local_device(), cfg.text.max_tokens)
 
 
 def _local_device() -> torch.device:
@@ -176,6 +193,8 @@ def _prepare_folder(out: Path, header: dict, fmt: str, overwrite: bool, write: b
     """Refuse an existing folder made with other parameters (unless --overwrite); with `write`, clean it up and
     record ours."""
     params = {k: header[k] for k in ("source", "codec", "latent", "samples_per_shard")}
+    if shards.text_encoder_of(header):  # other caption embeddings are other shards
+        params["text_encoder"] = shards.text_encoder_of(header)
     params["format_version"] = shards.FORMAT_VERSION
     params["format"] = fmt  # a wds folder re-encoded as parquet would keep stale tars that verify then rejects
     params_file = out / shards.PARAMS
@@ -221,16 +240,17 @@ def _remove_ours(out: Path) -> None:
             p.unlink()
 
 
-def _encode_shard(source, codec, cfg: Config, path: Path, latent_shape, start: int, stop: int, state: dict,
-                  advance) -> None:
-    writer = shards.ShardWriter(path, cfg.shards.format, latent_shape)
+def _encode_shard(source, codec, text_encoder, cfg: Config, path: Path, latent_shape, start: int, stop: int,
+                  state: dict, advance) -> None:
+    writer = shards.ShardWriter(path, cfg.shards.format, latent_shape, text=text_encoder is not None)
     tally = ShardTally()
+    text_cache: dict = {}  # per shard, so a shard's bytes depend only on its own inputs (resume gives the same)
     batches = [list(range(b, min(b + cfg.vae.batch_size, stop))) for b in range(start, stop, cfg.vae.batch_size)]
     loader = torch.utils.data.DataLoader(_Decode(source), batch_sampler=batches, collate_fn=_first,
                                          num_workers=min(cfg.data.num_workers, len(os.sched_getaffinity(0))))
     try:
         for batch in loader:
-            _encode_batch(batch, source, codec, cfg, writer, tally, state)
+            _encode_batch(batch, source, codec, text_encoder, cfg, writer, tally, state, text_cache)
             advance(len(batch))
         writer.close(tally.sidecar(start, stop))
     except BaseException:
@@ -238,7 +258,8 @@ def _encode_shard(source, codec, cfg: Config, path: Path, latent_shape, start: i
         raise
 
 
-def _encode_batch(batch, source, codec, cfg: Config, writer, tally: ShardTally, state: dict) -> None:
+def _encode_batch(batch, source, codec, text_encoder, cfg: Config, writer, tally: ShardTally, state: dict,
+                  text_cache: dict | None = None) -> None:
     good = [(i, loaded) for i, loaded, _ in batch if loaded is not None]
     for i, _, reason in batch:
         if reason is not None:
@@ -257,7 +278,11 @@ def _encode_batch(batch, source, codec, cfg: Config, writer, tally: ShardTally, 
     half = latents.astype(np.float16)
     finite = np.isfinite(half).reshape(len(good), -1).all(axis=1)
     tally.add_stats(latents[finite, 0])
-    for (i, loaded), lat, ok in zip(good, half, finite):
+    texts = [None] * len(good)
+    if text_encoder is not None:  # every caption of the batch in one go: the encoder runs once per caption, ever
+        texts = text_encoder.encode_records([list(source.items[i].captions) for i, _ in good], cfg.text.batch_size,
+                                            text_cache)
+    for (i, loaded), lat, ok, text in zip(good, half, finite, texts):
         meta = source.sample_meta(i)
         if not ok:
             tally.skipped.append({"index": i, "file": meta["file"], "reason": "non-finite latent (codec overflow)"})
@@ -266,7 +291,7 @@ def _encode_batch(batch, source, codec, cfg: Config, writer, tally: ShardTally, 
         if loaded.notes:
             meta["notes"] = loaded.notes
             tally.converted.append({"index": i, "file": meta["file"], "notes": loaded.notes})
-        writer.add(meta["key"], lat, meta)
+        writer.add(meta["key"], lat, meta, text)
 
 
 def _summary(console: Console, manifest: dict, out: Path, seconds: float, reused: int, state: dict) -> None:

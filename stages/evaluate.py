@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline.errors import DitpipeError
 from pipeline.generate import decode, generate
 from pipeline.images import to_uint8
 from stages.sample import load_sampleable
@@ -38,6 +39,9 @@ def evaluate(checkpoint_path: Path, reference, *, num: int = 10000, cfg_scale: f
     t0 = time.time()
     s = load_sampleable(checkpoint_path, use_ema=use_ema, vae=vae, model_name=model_name, image_size=image_size,
                         warn=lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
+    if s.text_encoder is not None:  # FID over prompts needs a prompt set (e.g. COCO val captions): not built yet
+        raise DitpipeError("evaluate scores class and unconditional models; caption models are not supported yet "
+                           "(text-to-image FID needs a prompt set, e.g. COCO val captions)")
     device = next(s.model.parameters()).device
     size = s.latent_shape[1] * s.codec.downsample
     extractor = fid.InceptionFeatures(device)

@@ -3,7 +3,8 @@
 Our checkpoint folders carry their config and the shard manifest's codec section, so the model, objective, latent
 shape, label names and decoder all come from the checkpoint alone. An official DiT `.pt` (a raw state dict, e.g.
 DiT-XL-2-256x256.pt) carries none of that: `--model` and `--image-size` give the shape, `--vae` the decoder, and the
-VAE's own config the scaling factor.
+VAE's own config the scaling factor. A caption model samples from `--prompt`s, encoded by the text encoder its
+manifest names (offline for minilm), checked against the recorded weights hash.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Sampleable:
     norm: LatentNorm  # what training applied to the latents; decoding inverts it
     class_names: list[str] | None
     description: str
+    text_encoder: dict | None = None  # a caption model's encoder identity (the manifest's), else None
 
 
 def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None, model_name: str | None = None,
@@ -56,7 +58,8 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
     state = checkpoint.validate(path)
     import yaml
 
-    from stages.train import build_model, num_classes_for
+    from pipeline.shards import text_encoder_of
+    from stages.train import build_model, conditioning_for, num_classes_for
 
     cfg = validate_tree(yaml.safe_load((path / "config.yaml").read_text()))
     manifest = json.loads((path / "manifest.json").read_text())
@@ -71,9 +74,11 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
     codec_info = manifest["codec"]
     codec = load_codec(vae or codec_info["name"], codec_info["dtype"], device)
     labels = manifest.get("labels")
+    caption = conditioning_for(cfg, manifest) == "caption"
     return Sampleable(model.to(device).eval(), make_objective(cfg.diffusion.objective, model.learn_sigma),
                       tuple(manifest["latent"]["shape"][1:]), codec, checkpoint_norm(cfg, manifest, codec if vae else None),
-                      labels["names"] if labels and num_classes else None, f"{path} ({weights}, step {state['step']})")
+                      labels["names"] if labels and num_classes else None, f"{path} ({weights}, step {state['step']})",
+                      text_encoder_of(manifest) if caption else None)
 
 
 def checkpoint_norm(cfg, manifest: dict, other_codec=None) -> LatentNorm:
@@ -133,24 +138,43 @@ def class_list(classes: str | None, num: int | None, num_classes: int) -> list[i
     return [chosen[i % len(chosen)] for i in range(n)]
 
 
+def prompt_list(prompts: list[str] | None, classes: str | None, num: int | None, text_encoder: dict | None):
+    """The prompt of every sample (--prompt cycled to --num), or None for a label model; each flag only where it
+    means something."""
+    if text_encoder is None:
+        if prompts:
+            raise DitpipeError("this model is not caption-conditioned, so --prompt means nothing to it; use "
+                               "--classes (class models), or train on shards encoded with --captions")
+        return None
+    if classes:
+        raise DitpipeError("this is a caption model: describe what to draw with --prompt \"a red circle\" "
+                           "(repeatable), not --classes")
+    if not prompts:
+        raise DitpipeError("this is a caption model: give at least one --prompt \"...\"")
+    n = num or len(prompts)
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
 def sample(checkpoint_path: Path, *, use_ema: bool = True, classes: str | None = None, num: int | None = None,
            cfg_scale: float = 4.0, steps: int | None = None, sampler: str | None = None, seed: int = 0,
-           cfg_interval: tuple[float, float] = (0.0, 1.0), out: Path | None = Path("grid.png"), out_dir: Path | None = None, batch_size: int = 64,
+           cfg_interval: tuple[float, float] = (0.0, 1.0), out: Path | None = Path("grid.png"),
+           out_dir: Path | None = None, batch_size: int = 64,
            vae: str | None = None, model_name: str | None = None, image_size: int | None = None,
+           prompts: list[str] | None = None, text_encoder: str | None = None,
            console: Console | None = None) -> np.ndarray:
     """Generate, write the grid and/or the per-sample PNGs, and return the images (N, H, W, 3) uint8."""
     console = console or Console(stderr=True)
     warn = lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True)  # noqa: E731
     s = load_sampleable(checkpoint_path, use_ema=use_ema, vae=vae, model_name=model_name, image_size=image_size,
                         warn=warn)
+    per_sample = prompt_list(prompts, classes, num, s.text_encoder)
+    if per_sample is not None:
+        return _sample_prompts(s, per_sample, list(dict.fromkeys(prompts)), text_encoder, cfg_scale, steps, sampler,
+                               seed, out, out_dir, batch_size, console, cfg_interval)
     num_classes = getattr(s.model, "num_classes", 0) if s.model.y_embedder is not None else 0
     labels = class_list(classes, num, num_classes)
     n = len(labels) if labels is not None else (num or 16)
-    sampler = sampler or s.objective.default_sampler
-    if sampler not in s.objective.samplers:
-        raise DitpipeError(f"unknown sampler {sampler!r} for a {s.objective.name} model; valid samplers: "
-                           f"{', '.join(s.objective.samplers)}")
-    steps = steps or (250 if sampler in ("ddpm", "ddim") else 50)
+    sampler, steps = _sampler(s, sampler, steps)
     images = generate_images(s, labels, n, sampler, steps, cfg_scale, seed, batch_size, console, cfg_interval)
     if out is not None:
         distinct = sorted(set(labels)) if labels is not None else []
@@ -174,7 +198,46 @@ def sample(checkpoint_path: Path, *, use_ema: bool = True, classes: str | None =
     return images
 
 
-def generate_images(s: Sampleable, labels: list[int] | None, n: int, sampler: str, steps: int, cfg_scale: float,
+def _sampler(s: Sampleable, sampler: str | None, steps: int | None) -> tuple[str, int]:
+    sampler = sampler or s.objective.default_sampler
+    if sampler not in s.objective.samplers:
+        raise DitpipeError(f"unknown sampler {sampler!r} for a {s.objective.name} model; valid samplers: "
+                           f"{', '.join(s.objective.samplers)}")
+    return sampler, steps or (250 if sampler in ("ddpm", "ddim") else 50)
+
+
+def _sample_prompts(s: Sampleable, per_sample: list[str], distinct: list[str], text_encoder: str | None,
+                    cfg_scale: float, steps: int | None, sampler: str | None, seed: int, out: Path | None,
+                    out_dir: Path | None, batch_size: int, console: Console,
+                    cfg_interval: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """A caption model's samples: one column per distinct prompt; files <index>_prompt<k>.png, k = the prompt's
+    position among the distinct --prompt values."""
+    from pipeline.text import encode_prompts, load_for_manifest
+
+    device = next(s.model.parameters()).device
+    enc = load_for_manifest(s.text_encoder, device, text_encoder)
+    sampler, steps = _sampler(s, sampler, steps)
+    images = generate_images(s, encode_prompts(enc, per_sample), len(per_sample), sampler, steps, cfg_scale, seed,
+                             batch_size, console, cfg_interval)
+    which = [distinct.index(p) for p in per_sample]
+    if out is not None:
+        per_column = len(distinct) <= 16 and which[: len(distinct)] == list(range(len(distinct)))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        make_grid(images, len(distinct) if per_column else int(math.ceil(math.sqrt(len(images)))),
+                  column_labels=[p[:24] for p in distinct] if per_column else None, min_cell=64).save(out)
+        console.print(f"grid: {out}  ({len(images)} samples, {sampler} × {steps} steps, cfg {cfg_scale:g}, seed "
+                      f"{seed}; {s.description})", soft_wrap=True)
+    if out_dir is not None:
+        from PIL import Image
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for i, (img, k) in enumerate(zip(images, which)):
+            Image.fromarray(img).save(Path(out_dir) / f"{i:04d}_prompt{k}.png")
+        console.print(f"samples: {out_dir}/ ({len(images)} PNGs; prompt k = the k-th distinct --prompt)")
+    return images
+
+
+def generate_images(s: Sampleable, labels, n: int, sampler: str, steps: int, cfg_scale: float,
                     seed: int, batch_size: int, console: Console,
                     cfg_interval: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """n images in batches; batch b uses seed `seed + b`, so a sample depends on the seed and batch size only."""
@@ -185,8 +248,15 @@ def generate_images(s: Sampleable, labels: list[int] | None, n: int, sampler: st
         task = bar.add_task("sample", total=math.ceil(n / batch_size) * steps)
         for b, start in enumerate(range(0, n, batch_size)):
             count = min(batch_size, n - start)
-            y = None if labels is None else torch.tensor(labels[start : start + count])
+            y = None if labels is None else _take(labels, start, count)
             z = generate(s.model, s.objective, s.latent_shape, y, count, sampler, steps, cfg_scale, seed + b, device,
                          progress=lambda i, total: bar.advance(task), cfg_interval=cfg_interval)
             chunks.append(to_uint8(decode(z, s.codec, s.norm)))
     return np.concatenate(chunks)
+
+
+def _take(labels, start: int, count: int):
+    """Samples [start, start + count) of the conditioning: class ids (a list) or a Caption."""
+    if isinstance(labels, list):
+        return torch.tensor(labels[start : start + count])
+    return type(labels)(*(f[start : start + count] for f in labels))

@@ -28,7 +28,10 @@ def inspect(folder: Path, as_json: bool, console: Console) -> None:
     t.add_row("labels", "none (unconditional)" if not labels else
               f"{labels['num_classes']} classes: {', '.join(labels['names'][:12])}"
               + (" …" if labels["num_classes"] > 12 else ""))
-    t.add_row("captions", "none" if not m.get("captions") else json.dumps(m["captions"]))
+    captions, enc = m.get("captions"), shards.text_encoder_of(m)
+    t.add_row("captions", "none" if not captions else "as text in each sample's json (not embedded)" if not enc else
+              f"{captions['num_captions']:,} embedded with {enc['name']} ({enc['source']}, {enc['dim']}-d, ≤ "
+              f"{enc['max_tokens']} tokens, longest {captions['max_tokens_seen']}), hash {enc['hash'][:12]}")
     t.add_row("samples", f"{m['num_samples']:,} of {m['num_inputs']:,} inputs "
                          f"({len(m['skipped']):,} skipped, {len(m['converted']):,} converted)")
     t.add_row("shards", f"{m['num_shards']} × {m['format']}, {sum(s['bytes'] for s in m['shards']):,} bytes, "

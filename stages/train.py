@@ -52,11 +52,12 @@ class RunSpec:
 
     precision: str
     notice: str | None
-    num_classes: int  # 0: unconditional
+    num_classes: int  # 0: unconditional or captions
     plan: Plan
     total_steps: int
     run_dir: Path
     held_out: str | None  # the validation set, described
+    conditioning: str = "class"  # class | none | caption, resolved from model.conditioning and the manifest
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -96,11 +97,21 @@ def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
         problems.append(("vae.name", f"config says {cfg.vae.name!r}, shards were encoded with {codec['name']!r}"))
     if cfg.model.conditioning == "class" and not manifest.get("labels"):
         problems.append(("model.conditioning", "config says 'class', but the shards carry no labels"))
-    if cfg.model.conditioning == "caption":
-        problems.append(("model.conditioning", "caption conditioning needs caption embeddings in the shards, which "
-                                               "this version does not encode yet; use 'class' or 'none'"))
+    enc = shards.text_encoder_of(manifest)
+    if cfg.data.captions and enc and enc["name"] != _encoder_name(cfg.text.encoder):
+        problems.append(("text.encoder", f"config says {cfg.text.encoder!r}, shards were encoded with {enc['name']!r}"))
+    if cfg.model.conditioning == "caption" and not enc:
+        problems.append(("model.conditioning", "config says 'caption', but the shards carry no caption embeddings; "
+                                               "encode with `ditpipe encode ... --captions`"))
     if problems:
         raise ConfigError(problems, header=f"the shards in '{folder}' do not match the config")
+
+
+def _encoder_name(spec: str) -> str:
+    """text.encoder as the manifest records it: an alias as is, a local folder resolved."""
+    from pipeline.text import ALIASES
+
+    return spec if spec == "minilm" or spec in ALIASES or not Path(spec).exists() else str(Path(spec).resolve())
 
 
 def _data(cfg: Config):
@@ -108,6 +119,9 @@ def _data(cfg: Config):
     (`data.source: images`) the source and codec, with the manifest encode would have written (minus the shards)."""
     folder = cfg.shards.path if is_url(cfg.shards.path or "") else cfg.shards_path  # a URL stays a string
     if cfg.data.source == "images":
+        if cfg.model.conditioning == "caption":
+            raise ConfigError([("model.conditioning", "the online baseline (data.source: images) embeds no captions; "
+                                                      "encode shards with --captions and train on those")])
         from pipeline.codec import load_codec
         from pipeline.sources import make_source
 
@@ -140,17 +154,41 @@ def _online(codec, norm: LatentNorm, device: torch.device):
     return to_latents
 
 
+def conditioning_for(cfg: Config, manifest: dict) -> str:
+    """model.conditioning with `auto` resolved from the manifest: caption embeddings → caption (encoding them is
+    opt-in, so they win over labels the source also has, as shapes' do), else labels → class, else none."""
+    if cfg.model.conditioning != "auto":
+        return cfg.model.conditioning
+    if shards.text_encoder_of(manifest):
+        return "caption"
+    return "class" if manifest.get("labels") else "none"
+
+
 def num_classes_for(cfg: Config, manifest: dict) -> int:
-    labels = manifest.get("labels")
-    if cfg.model.conditioning == "none" or (cfg.model.conditioning == "auto" and not labels):
+    if conditioning_for(cfg, manifest) != "class":
         return 0
-    return int(labels["num_classes"])
+    return int(manifest["labels"]["num_classes"])
 
 
 def build_model(cfg: Config, manifest: dict, num_classes: int) -> torch.nn.Module:
+    """The official-layout DiT for class / unconditional runs, the caption DiT (model_text.py) for caption runs."""
+    from pipeline.model_text import CAPTION_PRESETS, build_caption_dit
+
     _, channels, size, _ = manifest["latent"]["shape"]
     m = cfg.model
+    caption = conditioning_for(cfg, manifest) == "caption"
+    if not caption and m.name in CAPTION_PRESETS:
+        raise ConfigError([("model.name", f"{m.name} is a caption model; it needs shards with caption embeddings "
+                                          f"(encode --captions) and model.conditioning caption or auto, or use "
+                                          f"{m.name.replace('DiT-T-', 'DiT-')} for a class model")])
     try:
+        if caption:
+            return build_caption_dit(m.name, input_size=size, in_channels=channels,
+                                     text_dim=shards.text_encoder_of(manifest)["dim"],
+                                     learn_sigma=m.learn_sigma and cfg.diffusion.objective == "ddpm",
+                                     caption_dropout_prob=m.class_dropout_prob, qk_norm=m.qk_norm,
+                                     gradient_checkpointing=m.gradient_checkpointing, hidden_size=m.hidden_size,
+                                     depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
         return build_dit(m.name, input_size=size, in_channels=channels, num_classes=num_classes,
                          learn_sigma=m.learn_sigma and cfg.diffusion.objective == "ddpm",
                          class_dropout_prob=m.class_dropout_prob if num_classes else 0.0, qk_norm=m.qk_norm,
@@ -174,6 +212,16 @@ def step_draws(objective, gen: torch.Generator, n: int, latent_shape: tuple[int,
     noise = torch.randn((n, *latent_shape), generator=gen, device=device)  # (n, C, H, W)
     drop = torch.rand(n, generator=gen, device=device) < drop_prob  # (n,) CFG label dropout, once per sample
     return t, noise, drop
+
+
+def batch_condition(conditioning: str, device: torch.device):
+    """batch → the model's `y`: class labels, a Caption, or None (unconditional). Chosen once per run."""
+    from pipeline.text import Caption
+
+    if conditioning == "caption":
+        return lambda batch: Caption(batch["caption"]["tokens"], batch["caption"]["mask"],
+                                     batch["caption"]["pooled"]).to(device)
+    return lambda batch: batch["labels"].to(device, non_blocking=True)  # (B,); unused when unconditional
 
 
 def _run_name(cfg: Config, config_name: str | None) -> str:
@@ -207,7 +255,10 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     if plan.steps_per_epoch == 0:
         raise ConfigError([("training.batch_size", f"the global batch ({plan.global_batch} = batch × accumulation × "
                                                    f"{world} processes) exceeds the {plan.num_samples} samples")])
-    num_classes = num_classes_for(cfg, manifest)
+    num_classes, conditioning = num_classes_for(cfg, manifest), conditioning_for(cfg, manifest)
+    if held_spec and conditioning == "caption":  # HeldOut reads labels, not caption records
+        raise ConfigError([("validation.shards" if cfg.validation.shards else "data.val_fraction",
+                            "the held-out loss is not built for caption models yet; drop the key for this run")])
     latent_shape = tuple(manifest["latent"]["shape"][1:])  # (C, H, W)
     run_dir = resume.parent if resume else Path(cfg.logging.output_dir) / _run_name(cfg, config_name)
     total_steps = saved["total_steps"] if saved else plan.steps_per_epoch * t.num_epochs
@@ -218,7 +269,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                             f"the run would end at step {end_step}, but '{resume}' is already at step "
                             f"{saved['step']}; resume with an end at or past it")])
     spec = RunSpec(precision, notice, num_classes, plan, total_steps, run_dir,
-                   held_spec.description if held_spec else None)
+                   held_spec.description if held_spec else None, conditioning)
 
     torch.manual_seed(t.seed)  # model init is the one draw from the global RNG, and it is seeded
     random.seed(t.seed)  # python's and numpy's are unused by the step; seeded so the saved RNG states repeat too
@@ -232,6 +283,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                             betas=(t.adam_beta1, t.adam_beta2), fused=device.type == "cuda")
     start_step = 0
     if saved:
+        _check_same_encoders(resume, manifest)
         start_step = _load_state(resume, saved, model, ema, opt, acc, world, rank)
         if acc.is_main_process:
             checkpoint.clean_temporaries(run_dir)  # half-written checkpoints of the killed run
@@ -255,7 +307,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                         range(0, plan.num_samples, manifest["samples_per_shard"])] if store is None else store.counts,
                        t.seed, cfg.data.shuffle_window, exclude=excluded)
     if store is not None:
-        dataset, to_latents = MicroBatches(store, order, plan, rank, t.seed, norm), _precomputed(device)
+        dataset = MicroBatches(store, order, plan, rank, t.seed, norm, captions=conditioning == "caption")
+        to_latents = _precomputed(device)
     else:
         _, c, h, w = manifest["latent"]["shape"]
         source, codec = online
@@ -269,6 +322,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         checkpoint.set_rng_state(rank_state)
         window["loss"] += rank_state["log_window"][0].to(device)
         window["steps"] = int(rank_state["log_window"][1])
+    to_y, conditional = batch_condition(conditioning, device), conditioning != "none"
     stop = _StopFlag()
     record = _SampleRecord.from_env(rank)
     counters = {"nonfinite_total": saved.get("nonfinite_total", 0) if saved else 0, "nonfinite_run": 0}
@@ -329,11 +383,11 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             for micro in range(plan.accum):
                 batch = next(batches)
                 x0 = to_latents(batch)  # (B, C, H, W) float32, scaled
-                labels = batch["labels"].to(device, non_blocking=True)  # (B,)
+                y = to_y(batch)  # (B,) labels, or a Caption of B
                 part = slice(micro * plan.batch_size, (micro + 1) * plan.batch_size)
                 sync = contextlib.nullcontext() if micro == plan.accum - 1 else acc.no_sync(model)
                 with sync:
-                    loss = micro_loss(model, objective, x0, labels, num_classes, *(d[part] for d in draws)).mean()
+                    loss = micro_loss(model, objective, x0, y, conditional, *(d[part] for d in draws)).mean()
                     acc.backward(loss / plan.accum)
                 step_loss += loss.detach() / plan.accum
                 if record is not None:
@@ -427,6 +481,15 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
                        cache)
     n, v = cfg.validation.num_samples, cfg.validation
     labels = torch.arange(n) % num_classes if num_classes else None
+    names = manifest["labels"]["names"][:num_classes] if 0 < num_classes <= 16 else None
+    if conditioning_for(cfg, manifest) == "caption":  # one prompt per column
+        from pipeline.text import encode_prompts, load_for_manifest
+
+        if "text" not in decoder:
+            decoder["text"] = load_for_manifest(shards.text_encoder_of(manifest), device)
+            decoder["prompts"] = (v.prompts or _shard_prompts(cfg.shards_path))[:16]
+        names = decoder["prompts"]
+        labels = encode_prompts(decoder["text"], [names[i % len(names)] for i in range(n)])
     _, channels, size, _ = manifest["latent"]["shape"]
     z = generate(model, objective, (channels, size, size), labels, n, v.sampler, v.sampling_steps, v.cfg_scale,
                  cfg.training.seed, device, cfg_interval=v.cfg_interval)
@@ -436,11 +499,24 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
     images = to_uint8(decode(z, cache["codec"], LatentNorm.from_record(manifest["latent_norm"])))
     path = run_dir / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(exist_ok=True)
-    per_class = 0 < num_classes <= 16
-    names = manifest["labels"]["names"][:num_classes] if per_class else None
-    make_grid(images, ncols=num_classes if per_class else int(math.ceil(n ** 0.5)), column_labels=names,
+    make_grid(images, ncols=len(names) if names else int(math.ceil(n ** 0.5)), column_labels=names,
               min_cell=64).save(path)
     return path
+
+
+def _shard_prompts(folder: Path, count: int = 8) -> list[str]:
+    """The first `count` distinct first-captions of the first shard: validation prompts the data really has."""
+    manifest, prompts = shards.load_manifest(folder), []
+    for sample in shards.iter_shard(folder, manifest["shards"][0]["name"], manifest):
+        caption = (sample.meta.get("captions") or [None])[0]
+        if caption and caption not in prompts:
+            prompts.append(caption)
+        if len(prompts) == count:
+            break
+    if not prompts:
+        raise ConfigError([("validation.prompts", f"the shards in '{folder}' hold no captions to prompt with; "
+                                                  "set validation.prompts")])
+    return prompts
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -490,6 +566,23 @@ def _check_world_size(saved: dict, world: int, ckpt: Path) -> None:
                                           "number (the data split depends on it), e.g. `torchrun --nproc_per_node "
                                           f"{saved['world_size']} $(which ditpipe) resume ...` when on one node")],
                           header=f"cannot resume '{ckpt}' with a different world size")
+
+
+def _check_same_encoders(ckpt: Path, manifest: dict) -> None:
+    """A checkpoint continues only on shards made by the same codec and caption encoder (by weights hash): the
+    same names with other weights would silently train on other latents or embeddings."""
+    path = ckpt / "manifest.json"
+    if not path.is_file():
+        return
+    then = json.loads(path.read_text())
+    pairs = [("codec", (then.get("codec") or {}).get("hash"), manifest["codec"].get("hash")),
+             ("caption encoder", (shards.text_encoder_of(then) or {}).get("hash"),
+              (shards.text_encoder_of(manifest) or {}).get("hash"))]
+    wrong = [f"{what}: {a[:12] if a else None} in the checkpoint, {b[:12] if b else None} in the shards"
+             for what, a, b in pairs if a != b]
+    if wrong:
+        raise ShardError(f"'{ckpt}' was trained on shards from another encoder ({'; '.join(wrong)}); resume on the "
+                         "shards it was trained on, or re-encode with the same codec and text encoder")
 
 
 def _load_state(ckpt: Path, saved: dict, model, ema, opt, acc, world: int, rank: int) -> int:
@@ -616,7 +709,8 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
     params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     table.add_row("model", f"{cfg.model.name} (hidden {raw.hidden_size}, depth {raw.depth}, patch {raw.patch_size}),"
                            f" {params:,} trainable parameters, "
-                           + (f"{spec.num_classes} classes" if spec.num_classes else "unconditional"))
+                           + (f"{spec.num_classes} classes" if spec.num_classes else "unconditional"
+                              if spec.conditioning == "none" else _caption_line(manifest)))
     table.add_row("objective", cfg.diffusion.objective)
     where = (f"{manifest['num_shards']} {manifest['format']} shard(s)" if "shards" in manifest
              else "images, encoded every step (data.source: images)")
@@ -635,6 +729,12 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
     console.print(table)
     if start_step and end_step > spec.total_steps:
         console.print(f"[yellow]note:[/] steps beyond {spec.total_steps:,} continue at the schedule's final LR")
+
+
+def _caption_line(manifest: dict) -> str:
+    enc = shards.text_encoder_of(manifest)
+    return (f"captions ({enc['name']}, {enc['dim']}-d, {manifest['captions']['num_captions']:,} captions, up to "
+            f"{manifest['captions']['max_tokens_seen']} tokens)")
 
 
 def _closing(console, run_dir: Path, loss: float, seconds: float, images: int, step: int, counters: dict) -> None:

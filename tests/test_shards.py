@@ -317,7 +317,7 @@ def test_manifest_fields(vae_wds, tiny_vae):
                            "flip_stored": True, "flip_at_load": False}
     assert m["labels"] == {"num_classes": 8, "names": SHAPES_CLASS_NAMES}
     assert SHAPES_CLASS_NAMES[:2] == ["red_circle", "red_square"] and len(set(SHAPES_CLASS_NAMES)) == 8
-    assert m["captions"] is None
+    assert m["captions"] == {"text": True, "encoder": None}  # shapes captions in the json, not embedded
     assert m["format"] == "wds" and m["samples_per_shard"] == 5 and m["num_inputs"] == 12
     assert m["num_samples"] == 12 and m["num_shards"] == 3 and m["skipped"] == [] and m["converted"] == []
 
