@@ -485,11 +485,11 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
     if conditioning_for(cfg, manifest) == "caption":  # one prompt per column
         from pipeline.text import encode_prompts, load_for_manifest
 
-        if "text" not in decoder:
-            decoder["text"] = load_for_manifest(shards.text_encoder_of(manifest), device)
-            decoder["prompts"] = (v.prompts or _shard_prompts(cfg.shards_path))[:16]
-        names = decoder["prompts"]
-        labels = encode_prompts(decoder["text"], [names[i % len(names)] for i in range(n)])
+        if "text" not in cache:
+            cache["text"] = load_for_manifest(shards.text_encoder_of(manifest), device)
+            cache["prompts"] = (v.prompts or _shard_prompts(cfg.shards_path))[:16]
+        names = cache["prompts"]
+        labels = encode_prompts(cache["text"], [names[i % len(names)] for i in range(n)])
     _, channels, size, _ = manifest["latent"]["shape"]
     z = generate(model, objective, (channels, size, size), labels, n, v.sampler, v.sampling_steps, v.cfg_scale,
                  cfg.training.seed, device, cfg_interval=v.cfg_interval)
