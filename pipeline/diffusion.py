@@ -504,11 +504,11 @@ def _dispatch(loops: dict, sampler, model_fn, shape, steps, generator, device, n
     return loops[sampler](model_fn, shape, steps, generator, device, noise=noise, progress=progress)
 
 
-def micro_loss(model, objective, x0, labels, num_classes, t, noise, drop):
+def micro_loss(model, objective, x0, labels, conditional: bool, t, noise, drop):
     """Per-sample loss (N,) of a DiT on x0 (N, C, H, W) at timesteps t (N,), with the given noise and dropout mask
     (N,): the training step and the held-out loss both go through here. `labels` is the model's `y` (class labels
-    or a Caption); `num_classes` is truthy for any conditional model (labels or captions)."""
-    if num_classes:
+    or a Caption), used when `conditional`."""
+    if conditional:
         model_fn = lambda xt, tt: model(xt, tt, labels, force_drop_ids=drop)  # noqa: E731
     else:
         model_fn = lambda xt, tt: model(xt, tt)  # noqa: E731

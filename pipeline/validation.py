@@ -79,7 +79,7 @@ def loss_sums(model, objective, held: HeldOut, num_classes: int, timesteps: int,
         noise = held.noise(start, stop, timesteps).to(device).flatten(0, 1)  # (b·k, C, H, W)
         t = ts.repeat(b)  # (b·k,) sample-major, like x0
         keep = torch.zeros(b * timesteps, dtype=torch.bool, device=device)  # (b·k,) no label dropout
-        loss = micro_loss(model, objective, x0, labels, num_classes, t, noise, keep)  # (b·k,)
+        loss = micro_loss(model, objective, x0, labels, num_classes > 0, t, noise, keep)  # (b·k,)
         sums += loss.double().view(b, timesteps).sum(0)  # (k,)
     return sums
 

@@ -918,7 +918,7 @@ class _Trainer:
             part = slice(micro * plan.batch_size, (micro + 1) * plan.batch_size)
             sync = contextlib.nullcontext() if micro == plan.accum - 1 else acc.no_sync(self.model)
             with sync:
-                loss = T.micro_loss(self.model, self.objective, x0, labels, self.num_classes,
+                loss = T.micro_loss(self.model, self.objective, x0, labels, self.num_classes > 0,
                                     *(d[part] for d in draws)).mean()
                 acc.backward(loss / plan.accum)
             step_loss += loss.detach() / plan.accum
@@ -940,7 +940,8 @@ class _Trainer:
         with FlopCounterMode(display=False) as counter:
             for _ in range(plan.accum):
                 with self.acc.autocast():
-                    loss = T.micro_loss(self.raw, self.objective, x0, labels, self.num_classes, *draws).mean()
+                    loss = T.micro_loss(self.raw, self.objective, x0, labels, self.num_classes > 0,
+                                        *draws).mean()
                 loss.backward()
         self.opt.zero_grad(set_to_none=True)
         return counter.get_total_flops()

@@ -71,12 +71,12 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
         warn(f"the EMA has seen only {state['step']} updates with decay {cfg.training.ema_decay} (it averages over "
              f"about {1 / (1 - cfg.training.ema_decay):,.0f}); its samples may look like the initial model. "
              "Use --no-ema for the raw weights")
-    codec_info = manifest["codec"]
-    codec = load_codec(vae or codec_info["name"], codec_info["dtype"], device)
+    codec = load_codec(vae or manifest["codec"]["name"], manifest["codec"]["dtype"], device)
     labels = manifest.get("labels")
     caption = conditioning_for(cfg, manifest) == "caption"
     return Sampleable(model.to(device).eval(), make_objective(cfg.diffusion.objective, model.learn_sigma),
-                      tuple(manifest["latent"]["shape"][1:]), codec, checkpoint_norm(cfg, manifest, codec if vae else None),
+                      tuple(manifest["latent"]["shape"][1:]), codec,
+                      checkpoint_norm(cfg, manifest, codec if vae else None),
                       labels["names"] if labels and num_classes else None, f"{path} ({weights}, step {state['step']})",
                       text_encoder_of(manifest) if caption else None)
 

@@ -152,6 +152,19 @@ def cli(capsys):
     return run
 
 
+def assert_common_checkpoints_equal(run: Path, ref: Path, note: str = "") -> set[str]:
+    """Every checkpoint folder both runs hold has the same model, EMA and optimizer bytes (by the sha256 the
+    checkpoint records; torch.save is deterministic). Returns the common folder names."""
+    from pipeline.checkpoint import validate
+
+    common = {p.name for p in ref.glob("checkpoint-*")} & {p.name for p in run.glob("checkpoint-*")}
+    for name in sorted(common):
+        files, ref_files = validate(run / name)["files"], validate(ref / name)["files"]
+        for f in ("model.pt", "ema.pt", "optimizer.pt"):
+            assert files[f]["sha256"] == ref_files[f]["sha256"], f"{name}/{f} differs{note}"
+    return common
+
+
 def train_tiny(tmp: Path, num_samples: int, **over) -> Path:
     """Encode `num_samples` 16 px shapes with the pixel codec and train a 1-block DiT on them; returns the run."""
     from accelerate.state import AcceleratorState

@@ -39,6 +39,8 @@ from pipeline.metrics import read_metrics
 from stages.encode import encode
 from stages.train import RECORD_ENV, train
 
+from conftest import assert_common_checkpoints_equal
+
 BIN = Path(sys.executable).parent
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "ditpipe")]
 ONE = [str(BIN / "ditpipe")]
@@ -376,11 +378,7 @@ def assert_same_run(run: Path, ref: Path) -> None:
         assert state["files"][f]["sha256"] == ref_state["files"][f]["sha256"], f"{final}/{f} differs"
     a, b = (torch.load(p / final / "model.pt", weights_only=True) for p in (run, ref))
     assert all(torch.equal(a[k], b[k]) for k in b)
-    common = {p.name for p in ref.glob("checkpoint-*")} & {p.name for p in run.glob("checkpoint-*")}
-    for name in sorted(common):
-        files, ref_files = validate(run / name)["files"], validate(ref / name)["files"]
-        for f in ("model.pt", "ema.pt", "optimizer.pt"):
-            assert files[f]["sha256"] == ref_files[f]["sha256"], f"{name}/{f} differs"
+    assert_common_checkpoints_equal(run, ref)
     expected = {m["step"]: m for m in read_metrics(ref)}
     got = read_metrics(run)
     assert [m["step"] for m in got] == sorted(expected) == list(range(1, END + 1))

@@ -32,6 +32,8 @@ from pipeline.schedule import lr_at
 from stages.encode import encode
 from stages.train import find_checkpoint, resume_config, train
 
+from conftest import assert_common_checkpoints_equal
+
 CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
 STEPS_PER_EPOCH, EPOCHS = 16, 3  # 256 samples / batch 16
 END = STEPS_PER_EPOCH * EPOCHS
@@ -207,12 +209,8 @@ def assert_same_run(run: Path, ref: Path, end: int = END) -> None:
         assert_equal_state(torch.load(run / final / name, weights_only=True),
                            torch.load(ref / final / name, weights_only=True), f"{final}/{name}")
     # every checkpoint both runs hold has the same weights, byte for byte (torch.save is deterministic)
-    common = {p.name for p in ref.glob("checkpoint-*")} & {p.name for p in run.glob("checkpoint-*")}
+    common = assert_common_checkpoints_equal(run, ref, f" (seed {SEED})")
     assert final in common and len(common) >= 4
-    for name in sorted(common):
-        files, ref_files = validate(run / name)["files"], validate(ref / name)["files"]
-        for f in ("model.pt", "ema.pt", "optimizer.pt"):
-            assert files[f]["sha256"] == ref_files[f]["sha256"], f"{name}/{f} differs (seed {SEED})"
     # metrics: every step is logged exactly once (a resume drops what was logged after its checkpoint), with the
     # numbers of the uninterrupted run
     expected = {m["step"]: m for m in read_metrics(ref)}
