@@ -13,13 +13,13 @@ previous checkpoints as they were. Everything loads with `torch.load(weights_onl
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -53,57 +53,118 @@ def _tmp(run_dir: Path, name: str) -> Path:
     return run_dir / f".{name}{atomic.TMP_SUFFIX}"
 
 
-def save(run_dir: Path, name: str, writers: dict[str, Callable[[Path], None]], state: dict, *, rank: int = 0,
-         barrier: Callable[[], None] = lambda: None, needed_bytes: int = 0) -> Path:
+@dataclass(frozen=True)
+class Group:
+    """The collectives a save across processes needs; the defaults are one process's. Every decision that changes
+    what the ranks do next (keep, write, fail) is rank 0's, broadcast: ranks that looked for themselves could
+    disagree (NFS attribute caching) and then run different numbers of barriers, which hangs NCCL."""
+
+    rank: int = 0
+    broadcast: Callable[[object], object] = lambda value: value  # rank 0's value, returned on every rank
+    gather: Callable[[object], list] = lambda value: [value]  # every rank's value, on every rank
+
+
+def save(run_dir: Path, name: str, writers: dict[str, Callable[[Path], None]], state: dict, *,
+         group: Group = Group(), needed_bytes: int = 0) -> Path:
     """Every rank calls this with its own `writers` ({file name: write(path)}); rank 0 also hashes, renames and
     points `latest` at the result. An existing valid checkpoint of the same name is kept (it holds the same state);
-    a damaged one is moved aside to `<name>.damaged` and written anew."""
+    a damaged one is moved aside to `<name>.damaged` and written anew. Any failure to write (a full disk: torch.save
+    raises RuntimeError, not OSError) removes the temporary folder on every path, leaves the previous checkpoints as
+    they were, and raises one CheckpointError on every rank."""
     run_dir, final, tmp = Path(run_dir), Path(run_dir) / name, _tmp(Path(run_dir), name)
-    if final.is_dir():
-        try:
-            validate(final)
-            return final
-        except CheckpointError:
-            pass
+    decision = group.broadcast(_prepare(run_dir, name, needed_bytes) if group.rank == 0 else None)
+    if decision == "keep":
+        return final
+    if decision != "write":
+        raise CheckpointError(decision)
     pause = float(os.environ.get(PAUSE_ENV) or 0)
-    if rank == 0:
-        free = shutil.disk_usage(run_dir).free
-        if needed_bytes and free < needed_bytes * 1.1:
-            raise CheckpointError(f"only {free / 2**30:.2f} GiB free in '{run_dir}', and checkpoint {name} needs about "
-                                  f"{needed_bytes / 2**30:.2f} GiB; free some space (or set checkpointing.total_limit)"
-                                  f" and resume with `ditpipe resume {run_dir}`. The previous checkpoints are intact")
-        if final.is_dir():
-            _move_aside(final)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
+    failure = None
     try:
         for fname, write in writers.items():
             write(tmp / fname)
             if pause:
                 time.sleep(pause)
-        barrier()
-        if rank == 0:
-            files = {}
-            for f in sorted(tmp.iterdir()):
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                files[f.name] = {"bytes": f.stat().st_size, "sha256": atomic.sha256_file(f)}
-            atomic.write_json(tmp / STATE, {**state, "files": files})
-            atomic.fsync_dir(tmp)
-            os.replace(tmp, final)
-            atomic.fsync_dir(run_dir)
-            atomic.write_bytes(run_dir / LATEST, (name + "\n").encode())
-    except OSError as e:
-        if rank == 0:
+    except Exception as e:  # noqa: BLE001 (whatever stops a write: OSError, RuntimeError from torch.save, ...)
+        failure = _describe(e)
+    failures = [f for f in group.gather(failure) if f]
+    if group.rank == 0 and not failures:
+        try:
+            _finish(run_dir, name, tmp, final, state)
+        except Exception as e:  # noqa: BLE001
+            failures = [_describe(e)]
+    failures = group.broadcast(failures if group.rank == 0 else None)
+    if failures:
+        if group.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise CheckpointError(f"no space left on the device while writing checkpoint {name} in '{run_dir}'. The "
-                                  "previous checkpoints are intact; free some space and resume with "
-                                  f"`ditpipe resume {run_dir}`") from None
-        raise
-    barrier()
+        raise CheckpointError(_write_failed(run_dir, name, failures[0]))
     return final
+
+
+def _prepare(run_dir: Path, name: str, needed_bytes: int) -> str:
+    """Rank 0's decision for a save: "keep" (a valid checkpoint of this name exists), "write" (a fresh temporary
+    folder is ready), or the message of why not."""
+    final, tmp = run_dir / name, _tmp(run_dir, name)
+    if final.is_dir():
+        try:
+            validate(final)
+            return "keep"
+        except CheckpointError:
+            pass
+    free = shutil.disk_usage(run_dir).free
+    if needed_bytes and free < needed_bytes * 1.1:
+        return (f"only {free / 2**30:.2f} GiB free in '{run_dir}', and checkpoint {name} needs about "
+                f"{needed_bytes / 2**30:.2f} GiB; free some space (or set checkpointing.total_limit) and resume with "
+                f"`ditpipe resume {run_dir}`. The previous checkpoints are intact")
+    try:
+        if final.is_dir():
+            _move_aside(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        return _write_failed(run_dir, name, _describe(e))
+    return "write"
+
+
+def _finish(run_dir: Path, name: str, tmp: Path, final: Path, state: dict) -> None:
+    """Rank 0, once every rank's files are in `tmp`: fsync and hash them, record them, rename, point `latest`."""
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+        files[f.name] = {"bytes": f.stat().st_size, "sha256": atomic.sha256_file(f)}
+    atomic.write_json(tmp / STATE, {**state, "files": files})
+    atomic.fsync_dir(tmp)
+    os.replace(tmp, final)
+    atomic.fsync_dir(run_dir)
+    atomic.write_bytes(run_dir / LATEST, (name + "\n").encode())
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# How a full disk (or a file-size limit) reads: OS errors, and torch.save's zip writer, which reports a short write
+# as "file write failed" or "unexpected pos N vs M" in a RuntimeError.
+_DISK_FULL = ("no space left", "file too large", "disk quota", "file write failed", "unexpected pos", "enospc",
+              "efbig")
+
+
+def _write_failed(run_dir: Path, name: str, failure: str) -> str:
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**30:.2f} GiB free"
+    except OSError:
+        free = "free space unknown"
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        free += f", files limited to {limit / 2**20:.0f} MiB (ulimit -f)"
+    full = any(word in failure.lower() for word in _DISK_FULL)
+    what = "the disk (or a file-size limit) is full" if full else "writing failed"
+    return (f"could not write checkpoint {name} in '{run_dir}': {what} ({failure}; {free}). Nothing of it was kept and "
+            f"the previous checkpoints are intact; {'free some space' if full else 'fix the cause'} and resume with "
+            f"`ditpipe resume {run_dir}`")
 
 
 def _move_aside(path: Path) -> Path:
@@ -194,30 +255,38 @@ def _is_ours(path: Path) -> bool:
         return False
 
 
-def load_tensors(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_tensors(path: Path, mmap: bool = False) -> dict:
+    """A saved state dict, never unpickled beyond tensors and plain values. `mmap`: tensors stay backed by the file
+    (the page cache), so ranks that load the same checkpoint share one copy in host memory."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 # ---------------------------------------------------------------------------------------------------- RNG state
 
 
-def rng_state() -> dict:
-    """Global RNG states of python, numpy and torch (CPU + CUDA), as tensors and plain values (weights_only-safe)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Global RNG states of python, numpy and torch's CPU generator, and of this rank's own CUDA device (never the
+    others': a rank that sees fewer GPUs on resume, under a per-task CUDA_VISIBLE_DEVICES, must still load it), as
+    tensors and plain values (weights_only-safe)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, py_gauss = random.getstate()
     state = {"python": [version, torch.tensor(internal, dtype=torch.int64), py_gauss],
              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     version, internal, py_gauss = state["python"]
     random.setstate((version, tuple(int(x) for x in internal.tolist()), py_gauss))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is None or device.type != "cuda":
+        return  # a GPU checkpoint resumed on a CPU: the CUDA state has no generator to go to
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif isinstance(state.get("cuda"), list) and (device.index or 0) < len(state["cuda"]):
+        torch.cuda.set_rng_state(state["cuda"][device.index or 0], device)  # written before: every device's state

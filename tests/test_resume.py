@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -528,7 +529,7 @@ def test_every_file_loads_weights_only_and_is_listed_with_size_and_sha256(refere
 # ---------------------------------------------------------------------------------------------------- 8. disk space
 
 
-def writers_for(tensor: torch.Tensor, fail: OSError | None = None) -> dict:
+def writers_for(tensor: torch.Tensor, fail: Exception | None = None) -> dict:
     def broken(path: Path) -> None:
         path.write_bytes(b"partial")
         raise fail
@@ -549,16 +550,48 @@ def test_low_space_and_enospc_keep_the_previous_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="previous checkpoints are intact") as info:
         checkpoint.save(run, "checkpoint-8", writers_for(torch.zeros(3)), {**state, "step": 8}, needed_bytes=1 << 60)
     assert "free" in str(info.value) and f"ditpipe resume {run}" in str(info.value)
-    with pytest.raises(CheckpointError, match="no space left on the device.*previous checkpoints are intact"):
+    with pytest.raises(CheckpointError, match=r"is full \(OSError: .*No space left; [\d.]+ GiB free\).*previous "
+                                              "checkpoints are intact"):
         checkpoint.save(run, "checkpoint-8", writers_for(torch.zeros(3), OSError(errno.ENOSPC, "No space left")),
                         {**state, "step": 8})
-    with pytest.raises(OSError, match="I/O error"):  # other errors propagate as they are, and clean up too
+    # any other failure is one clear error too (never a traceback), and cleans up the same way
+    with pytest.raises(CheckpointError, match=r"writing failed \(OSError: .*I/O error"):
         checkpoint.save(run, "checkpoint-8", writers_for(torch.zeros(3), OSError(errno.EIO, "I/O error")),
+                        {**state, "step": 8})
+    with pytest.raises(CheckpointError, match=r"writing failed \(RuntimeError: torch says no"):
+        checkpoint.save(run, "checkpoint-8", writers_for(torch.zeros(3), RuntimeError("torch says no")),
                         {**state, "step": 8})
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-4", "latest"]
     assert validate(run / "checkpoint-4") == before
     assert (run / "latest").read_text().strip() == "checkpoint-4"
     assert checkpoint.find_resumable(run, warn=pytest.fail)[0].name == "checkpoint-4"
+
+
+def test_a_full_disk_during_torch_save_keeps_the_previous_checkpoint(tmp_path):
+    """A real full disk, as a file-size limit (RLIMIT_FSIZE): torch.save raises RuntimeError ("file write failed"),
+    not OSError. The save reports the full disk with the free space, removes its temporary folder, and leaves the
+    previous checkpoint and `latest` as they were."""
+    code = textwrap.dedent(f"""
+        import resource, torch
+        from pathlib import Path
+        from pipeline import checkpoint
+        run = Path({str(tmp_path / "run")!r}); run.mkdir()
+        state = {{"written_by": "ditpipe test", "step": 4}}
+        checkpoint.save(run, "checkpoint-4", {{"model.pt": lambda p: torch.save({{"w": torch.ones(3)}}, p)}}, state)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MiB files at most; Python ignores SIGXFSZ
+        try:
+            checkpoint.save(run, "checkpoint-8", {{"model.pt": lambda p: torch.save({{"w": torch.ones(1 << 20)}}, p)}},
+                            {{**state, "step": 8}})
+        except checkpoint.CheckpointError as e:
+            print("ERROR", e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ERROR could not write checkpoint checkpoint-8" in proc.stdout, proc.stdout
+    assert "is full (RuntimeError" in proc.stdout and "GiB free" in proc.stdout
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-4", "latest"]  # no .checkpoint-8.tmp left
+    assert validate(run / "checkpoint-4")["step"] == 4 and (run / "latest").read_text().strip() == "checkpoint-4"
 
 
 def test_same_name_save_keeps_a_valid_checkpoint_and_replaces_a_damaged_one(tmp_path):
