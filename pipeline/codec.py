@@ -48,6 +48,10 @@ class PixelCodec:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z.float().clamp(-1, 1)
 
+    def to(self, device) -> "PixelCodec":
+        self.device = torch.device(device)
+        return self
+
 
 class VaeCodec:
     """diffusers AutoencoderKL. Runs in fp32 or bf16 and never under fp16 autocast: SD VAEs overflow to NaN there."""
@@ -94,6 +98,12 @@ class VaeCodec:
         with torch.autocast(device_type=self.device.type, enabled=False):
             return self.vae.decode(z.to(self.device, self.dtype)).sample.float().clamp(-1, 1)
 
+    def to(self, device) -> "VaeCodec":
+        """Move the VAE (training parks a validation decoder on the CPU between validations)."""
+        self.vae.to(device)
+        self.device = torch.device(device)
+        return self
+
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -117,10 +127,12 @@ def load_codec(name: str, dtype: str = "fp32", device: torch.device | None = Non
                              "config.json and diffusion_pytorch_model.safetensors (save_pretrained's layout)") from None
     else:
         vae = _from_hub(AutoencoderKL, name, _DTYPES[dtype])
-    vae = vae.to(device).eval().requires_grad_(False)
+    vae = vae.eval().requires_grad_(False)
     if use_slicing:
         vae.enable_slicing()
-    return VaeCodec(vae, name, dtype, device)
+    codec = VaeCodec(vae, name, dtype, torch.device("cpu"))
+    codec.weights_hash()  # while the weights are still in host memory: no device-to-host copy of every tensor
+    return codec.to(device)
 
 
 def _from_hub(cls, name: str, dtype: torch.dtype):

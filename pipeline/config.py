@@ -104,7 +104,10 @@ class TrainingConfig(_Section):
     use_ema: bool = True
     ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
     ema_warmup: bool = True
-    max_nonfinite_steps: int = Field(10, ge=1)  # non-finite losses in a row before the run stops
+    max_nonfinite_steps: int = Field(10, ge=1)  # non-finite losses in a row before the run stops (read at log steps)
+    # CUDA: deterministic kernels, so a resumed run continues bit for bit (slower; off: equal only statistically)
+    deterministic: bool = False
+    tf32: bool = True  # CUDA: fp32 matmuls and convolutions on tensor cores (ignored when deterministic)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -139,6 +142,7 @@ class ValidationConfig(_Section):
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # noise levels (0 data, 1 noise) where guidance applies
     sampling_steps: int = Field(50, ge=1)
     sampler: Optional[Literal["ddpm", "ddim", "euler", "heun"]] = None  # default: the objective's own
+    bf16: bool = True  # CUDA: sample the grids under bf16 autocast (the sampler's arithmetic stays fp32)
     prompts: list[str] = []  # caption models: grid prompts; default: the first distinct captions in the shards
     # The held-out loss: on a separately encoded shard folder (e.g. COCO `--split val`), or on data.val_fraction
     shards: Optional[str] = None

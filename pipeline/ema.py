@@ -18,9 +18,13 @@ class EMA:
         self._pairs = [(self.shadow[n], p) for n, p in model.named_parameters() if p.requires_grad]
 
     @torch.no_grad()
-    def update(self, decay: float) -> None:
+    def update(self, decay: float, applied: torch.Tensor | None = None) -> None:
+        """shadow ← shadow + (1 − decay)·(param − shadow). `applied` (a () bool on the parameters' device) says whether
+        the optimizer really updated the parameters this step; where it did not (an fp16 overflow, a non-finite
+        loss), the weight is 0 and the shadow stays, decided on the device without a host sync."""
         shadows, params = zip(*self._pairs)
-        torch._foreach_lerp_(list(shadows), [p.detach().float() for p in params], 1.0 - decay)
+        weight = 1.0 - decay if applied is None else applied.float() * (1.0 - decay)  # () tensor on the device
+        torch._foreach_lerp_(list(shadows), [p.detach().float() for p in params], weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

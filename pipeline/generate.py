@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.device import autocast_bf16
+
 
 @torch.no_grad()
 def generate(model, objective, latent_shape: tuple[int, int, int], labels: torch.Tensor | None, n: int,
              sampler: str | None, steps: int, cfg_scale: float, seed: int, device: torch.device,
-             progress=None, cfg_interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+             progress=None, cfg_interval: tuple[float, float] = (0.0, 1.0), bf16: bool = True) -> torch.Tensor:
     """n latents (N, C, H, W) in the model's scaled space, deterministic for `seed`.
 
     With guidance the batch is doubled exactly as official DiT's sample.py does it: the initial noise z is drawn
@@ -22,7 +24,17 @@ def generate(model, objective, latent_shape: tuple[int, int, int], labels: torch
     `cfg_interval` (lo, hi) limits guidance to noise levels in [lo, hi] (0 = data, 1 = pure noise), as in
     Kynkäänniemi et al. 2024; elsewhere the model's plain conditional prediction is used. Guidance decides the
     coarse layout at high noise; at low noise it sharpens towards the class mean and can erase fine structure (on
-    `shapes`: guiding below noise 0.5 rounds the squares' corners)."""
+    `shapes`: guiding below noise 0.5 rounds the squares' corners).
+
+    `bf16`: on CUDA the model runs under bf16 autocast (several times faster than fp32 for 250-step sampling); the
+    sampler's own arithmetic stays in fp32 (the objectives cast the model's output). No effect on a CPU."""
+    with autocast_bf16(torch.device(device), bf16):
+        return _generate(model, objective, latent_shape, labels, n, sampler, steps, cfg_scale, seed, device,
+                         progress, cfg_interval)
+
+
+def _generate(model, objective, latent_shape, labels, n, sampler, steps, cfg_scale, seed, device, progress,
+              cfg_interval) -> torch.Tensor:
     gen = torch.Generator(device=device).manual_seed(seed)
     if labels is None:
         return objective.sample(lambda x, t: model(x, t), (n, *latent_shape), sampler, steps, gen, device,

@@ -134,6 +134,11 @@ class TextEncoder:
         self.dim = int(model.config.hidden_size if kind != "t5" else model.config.d_model)
         self._hash: str | None = None
 
+
+    def to(self, device) -> "TextEncoder":
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
     def identity(self) -> dict:
         return {"name": self.name, "source": self.source, "kind": self.kind, "dim": self.dim,
                 "max_tokens": self.max_tokens, "pooled": "eos" if self.kind == "clip" else "mean",

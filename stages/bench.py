@@ -22,11 +22,12 @@ loader   training-ready samples/s (ε drawn, flip chosen, collated into batches:
          sample for the latent, one for the label) read by `np.load` and then doing the very same work (the same
          `MicroBatches` with a per-file store), the same samples, order, batch and worker count. Each trial times a
          second pass with warm workers; trials rotate the three readers. Also single-process per-sample costs.
-train    steps/s with precomputed latents against the online-VAE mode (`data.source: images`), built from the
-         training loop's own parts (`stages.train`: `_data`, `build_model`, `step_draws`, `step_generator`,
-         `micro_loss`, `_precomputed`/`_online`, accelerate, EMA, clipping); the ideal speedup
-         (t_step + t_vae) / t_step from the two parts timed alone, and the achieved fraction of it. FLOPs are counted
-         by `torch.utils.flop_counter.FlopCounterMode`; MFU needs a peak (known GPUs, or `--peak-tflops`).
+train    steps/s with precomputed latents against the online-VAE mode (`data.source: images`), through the very
+         set-up and step that `ditpipe train` runs (`pipeline.step.build_step` and `Step`; `pipeline.training`'s
+         data, model and batches; `pipeline.device.make_accelerator`), timed with one device sync per timed block,
+         never per step; the ideal speedup (t_step + t_vae) / t_step from the two parts timed alone, and the
+         achieved fraction of it. FLOPs: 3 × the forward's, counted by `torch.utils.flop_counter.FlopCounterMode`
+         (`pipeline.step.forward_flops`, as train's closing MFU); MFU needs a peak (known GPUs, or `--peak-tflops`).
 memory   peak memory of a training process (precomputed vs online, DataLoader in-process, a few steps): VmHWM on
          CPU, `torch.cuda.max_memory_allocated` on CUDA; whether the process imported diffusers / built an
          AutoencoderKL. And the loader's peak RSS (main process + workers' peaks) streaming over pixel-codec shards
@@ -88,9 +89,6 @@ from pipeline.errors import ConfigError, DitpipeError
 SCHEMA = "ditpipe-bench/1"
 PARTS = ("encode", "loader", "train", "memory")
 MARKER = "DITPIPE-BENCH-RESULT "
-# Dense bf16 tensor-core peaks, TFLOP/s (vendor datasheets, without sparsity). First match of the device name wins.
-PEAK_BF16_TFLOPS = (("H200", 989.0), ("GH200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0),
-                    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("RTX 4090", 165.2), ("V100", 125.0))
 # sd-vae-ft-ema's config (DESIGN.md): the same architecture, hence the same cost, with random weights.
 VAE_SHAPES = {
     "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
@@ -322,12 +320,15 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, min_steps: int, min_seconds: float, sync) -> tuple[int, float]:
-    """Call fn() until at least `min_steps` calls and `min_seconds` have passed; (calls, seconds)."""
+def _timed(fn, min_steps: int, min_seconds: float, sync, every: int = 1) -> tuple[int, float]:
+    """Call fn() until at least `min_steps` calls and `min_seconds` have passed; (calls, seconds). The device is
+    synchronised only every `every` calls: a training step never syncs, and timing it must not add syncs."""
     n, t0 = 0, time.perf_counter()
     while True:
         fn()
         n += 1
+        if n % every:
+            continue
         sync()
         elapsed = time.perf_counter() - t0
         if n >= min_steps and elapsed >= min_seconds:
@@ -347,14 +348,11 @@ def _r(x, nd=4):
 
 
 def _peak_tflops(o: BenchOptions) -> float | None:
-    if o.peak_tflops:
-        return float(o.peak_tflops)
-    if o.device != "cuda":
-        return None
     import torch
 
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key.lower() in name.lower()), None)
+    from pipeline.device import peak_tflops
+
+    return peak_tflops(torch.device(o.device), o.peak_tflops)
 
 
 # ---------------------------------------------------------------------------------------------------- tasks: set-up
@@ -830,23 +828,24 @@ def _part_loader(o: BenchOptions, work: Path) -> dict:
 
 
 class _Trainer:
-    """One training set-up, built as `stages.train.train` builds it (config → `_data` → accelerate, model,
-    objective, EMA, AdamW, loader), and `step()`, the body of its loop: LR, one-shot step draws, micro-batches
-    through `micro_loss` and `acc.backward`, the all-ranks finiteness check, clipping, optimizer, EMA. Logging,
-    checkpoints, validation and signals are left out; they do not run on most steps."""
+    """The training set-up exactly as `stages.train.train` makes it, from the same functions (pipeline.device's
+    accelerator, pipeline.training's data, model and batches, pipeline.step's `build_step`), and its step: the
+    `pipeline.step.Step` that `ditpipe train` runs. Logging, checkpoints, validation and signals are left out; they
+    do not run on most steps."""
 
     def __init__(self, o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, workers: int, samples: int):
         import torch
-        from accelerate import Accelerator
 
         from pipeline.config import load_config
+        from pipeline.device import make_accelerator
         from pipeline.diffusion import make_objective
-        from pipeline.ema import EMA
         from pipeline.latent_norm import LatentNorm
-        from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, Plan, make_loader
-        from stages import train as T
+        from pipeline.loader import Plan
+        from pipeline.step import build_step
+        from pipeline.training import (batch_condition, build_model, conditioning_for, num_classes_for, open_data,
+                                       training_batches)
 
-        self.T, self.o = T, o
+        self.o = o
         self.cfg = cfg = load_config(None, {
             "data.dataset_name": "shapes", "data.image_size": o.image_size, "data.num_samples": samples,
             "data.source": "images" if mode == "online" else "shards", "data.num_workers": workers,
@@ -854,97 +853,48 @@ class _Trainer:
             "model.compile": o.compile, "training.batch_size": o.batch_size,
             "training.gradient_accumulation_steps": o.accum, "training.mixed_precision": o.precision,
             "training.seed": o.seed, "logging.tensorboard": False})
-        manifest, _folder, store, online = T._data(cfg)
-        probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.precision, _ = T.effective_precision(cfg.training.mixed_precision, probe)
-        self.acc = acc = Accelerator(mixed_precision=self.precision, cpu=probe.type == "cpu")
-        self.device = device = acc.device
         t = cfg.training
-        self.plan = plan = Plan(manifest["num_samples"], t.batch_size, t.gradient_accumulation_steps, 1)
-        self.num_classes = T.num_classes_for(cfg, manifest)
+        acc, self.precision, _ = make_accelerator(t.mixed_precision, tf32=t.tf32, deterministic=t.deterministic)
+        self.device = device = acc.device
+        manifest, _folder, store, online = open_data(cfg, device)
+        plan = Plan(manifest["num_samples"], t.batch_size, t.gradient_accumulation_steps, 1)
+        conditioning = conditioning_for(cfg, manifest)
         self.latent_shape = tuple(manifest["latent"]["shape"][1:])
         torch.manual_seed(t.seed)
-        model = T.build_model(cfg, manifest, self.num_classes)
-        self.objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
-        self.ema = EMA(model) if t.use_ema else None
-        opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
-                                betas=(0.9, 0.999), fused=device.type == "cuda")
-        if cfg.model.compile:
-            model = torch.compile(model)
-        self.model, self.opt = acc.prepare(model, opt)
-        self.raw = acc.unwrap_model(self.model, keep_torch_compile=False)
+        model = build_model(cfg, manifest, num_classes_for(cfg, manifest)).to(device)
+        objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
+        self.step_fn = build_step(acc, model, objective, plan, self.latent_shape, training=t, rank=0,
+                                  drop_prob=cfg.model.class_dropout_prob, conditional=conditioning != "none",
+                                  compile=cfg.model.compile)
         self.total_steps = 10**6
-        if store is not None:
-            order = EpochOrder(store.counts, t.seed, cfg.data.shuffle_window)
-            norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
-            dataset, self.to_latents = MicroBatches(store, order, plan, 0, t.seed, norm), T._precomputed(device)
-            self.codec = None
-        else:
-            spp = manifest["samples_per_shard"]
-            order = EpochOrder([min(spp, plan.num_samples - i) for i in range(0, plan.num_samples, spp)], t.seed,
-                               cfg.data.shuffle_window)
-            _, c, h, w = manifest["latent"]["shape"]
-            source, self.codec = online
-            dataset = ImageBatches(source, order, plan, 0, t.seed, (c, h, w), cfg.shards.flip, self.codec.stores_std)
-            self.to_latents = T._online(self.codec, LatentNorm.from_manifest(manifest, cfg.data.latent_norm), device)
-        self.loader = make_loader(dataset, plan, 0, self.total_steps, cfg.data.num_workers,
-                                  pin_memory=device.type == "cuda")
-        self.batches = iter(self.loader)
+        norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
+        self.loader, self.to_latents = training_batches(cfg, manifest, store, online, plan, 0, norm, conditioning,
+                                                        None, 0, self.total_steps, device)
+        self.batches, self.to_y = iter(self.loader), batch_condition(conditioning, device)
         self.step_index = 0
 
     def next_micro(self):
+        from pipeline.step import Micro
+
         batch = next(self.batches)
-        return self.to_latents(batch), batch["labels"].to(self.device, non_blocking=True)
+        return Micro(self.to_latents(batch), self.to_y(batch), batch)
 
-    def step(self, micro_fn=None) -> None:
-        import contextlib
-
-        import torch
-
-        from pipeline.ema import ema_decay
+    def step(self, feed=None) -> None:
         from pipeline.schedule import lr_at
 
-        T, cfg, t, plan, acc = self.T, self.cfg, self.cfg.training, self.plan, self.acc
-        step, micro_fn = self.step_index, micro_fn or self.next_micro
-        lr = lr_at(step, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps, self.total_steps)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        draws = T.step_draws(self.objective, T.step_generator(t.seed, step, 0, self.device),
-                             plan.batch_size * plan.accum, self.latent_shape, cfg.model.class_dropout_prob,
-                             self.device)
-        step_loss = torch.zeros((), device=self.device)
-        for micro in range(plan.accum):
-            x0, labels = micro_fn()
-            part = slice(micro * plan.batch_size, (micro + 1) * plan.batch_size)
-            sync = contextlib.nullcontext() if micro == plan.accum - 1 else acc.no_sync(self.model)
-            with sync:
-                loss = T.micro_loss(self.model, self.objective, x0, labels, self.num_classes > 0,
-                                    *(d[part] for d in draws)).mean()
-                acc.backward(loss / plan.accum)
-            step_loss += loss.detach() / plan.accum
-        if bool(acc.reduce(torch.isfinite(step_loss).float(), "sum").item() == 1):
-            float(acc.clip_grad_norm_(self.raw.parameters(), t.max_grad_norm or math.inf))
-            self.opt.step()
-            if self.ema is not None and not acc.optimizer_step_was_skipped:
-                self.ema.update(ema_decay(step, t.ema_decay, t.ema_warmup))
-        self.opt.zero_grad(set_to_none=True)
+        cfg, t = self.cfg, self.cfg.training
+        lr = lr_at(self.step_index, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,
+                   self.total_steps)
+        self.step_fn(self.step_index, lr, feed or self.next_micro)
         self.step_index += 1
 
-    def step_flops(self, x0, labels) -> int:
-        """FLOPs of one optimizer step's forward and backward passes (the raw, uncompiled model)."""
-        from torch.utils.flop_counter import FlopCounterMode
+    def step_flops(self, m) -> int:
+        """FLOPs of one optimizer step: 3 × the forward's (forward + backward) per micro-batch, as `ditpipe train`'s
+        closing MFU counts them (pipeline.step.forward_flops)."""
+        from pipeline.step import forward_flops
 
-        T, plan = self.T, self.plan
-        gen = T.step_generator(0, 0, 0, self.device)
-        draws = T.step_draws(self.objective, gen, plan.batch_size, self.latent_shape, 0.1, self.device)
-        with FlopCounterMode(display=False) as counter:
-            for _ in range(plan.accum):
-                with self.acc.autocast():
-                    loss = T.micro_loss(self.raw, self.objective, x0, labels, self.num_classes > 0,
-                                        *draws).mean()
-                loss.backward()
-        self.opt.zero_grad(set_to_none=True)
-        return counter.get_total_flops()
+        s = self.step_fn
+        return 3 * forward_flops(s.raw, s.objective, m.x0, m.y, s.conditional) * s.plan.accum
 
     def close(self) -> None:
         del self.batches, self.loader
@@ -962,15 +912,15 @@ def task_train(o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, sample
     for _ in range(o.warmup):
         tr.step()
     sync()
-    steps, seconds = _timed(tr.step, o.steps, o.min_seconds if mode == "precomputed" else 0.0, sync)
+    steps, seconds = _timed(tr.step, o.steps, o.min_seconds if mode == "precomputed" else 0.0, sync, every=o.steps)
     _say(f"train {mode}: {steps / seconds:.3f} steps/s over {steps} steps")
     out = {"mode": mode, "steps": steps, "seconds": seconds, "precision": tr.precision,
            "latent_shape": list(tr.latent_shape)}
     if mode == "precomputed":
-        x0, labels = tr.next_micro()
-        n, secs = _timed(lambda: tr.step(lambda: (x0, labels)), max(2, o.steps), o.min_seconds, sync)
+        m = tr.next_micro()
+        n, secs = _timed(lambda: tr.step(lambda: m), max(2, o.steps), o.min_seconds, sync, every=max(2, o.steps))
         out["t_step_s"] = secs / n
-        out["dit_flops_per_step"] = tr.step_flops(x0, labels)
+        out["dit_flops_per_step"] = tr.step_flops(m)
     else:
         pixels_batch = next(tr.batches)
         with torch.no_grad():

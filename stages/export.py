@@ -59,7 +59,7 @@ def export(checkpoint_path: Path, fmt: str, out: Path, *, raw: bool = False, vae
 
 def open_checkpoint(path: Path, raw: bool, console: Console):
     """(checkpoint folder, config, manifest excerpt, model with the chosen weights, export metadata)."""
-    from stages.train import build_model, num_classes_for
+    from pipeline.training import build_model, num_classes_for
 
     if path.is_file():
         raise DitpipeError(f"'{path}' is a file; `ditpipe export` takes a ditpipe checkpoint folder (or a run folder: "

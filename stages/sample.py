@@ -59,7 +59,7 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
     import yaml
 
     from pipeline.shards import text_encoder_of
-    from stages.train import build_model, conditioning_for, num_classes_for
+    from pipeline.training import build_model, conditioning_for, num_classes_for
 
     cfg = validate_tree(yaml.safe_load((path / "config.yaml").read_text()))
     manifest = json.loads((path / "manifest.json").read_text())

@@ -27,15 +27,17 @@ from rich.table import Table
 
 from pipeline import __version__, checkpoint, shards
 from pipeline.config import Config, validate_tree
-from pipeline.diffusion import make_objective, micro_loss
-from pipeline.ema import EMA, ema_decay
+from pipeline.device import describe, make_accelerator, peak_tflops
+from pipeline.diffusion import make_objective
 from pipeline.errors import ConfigError, DitpipeError, ShardError
 from pipeline.finetune import init_from
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, Plan, is_url, make_loader, open_shards
+from pipeline.loader import Plan
 from pipeline.metrics import MetricsLog
-from pipeline.model import build_dit
 from pipeline.schedule import lr_at
+from pipeline.step import Micro, Step, build_step, forward_flops
+from pipeline.training import (batch_condition, build_model, conditioning_for, num_classes_for, open_data,
+                               training_batches)
 from pipeline.validation import HeldOut, loss_sums, open_held_out
 
 # Debugging aid (see _SampleRecord): a path; each rank appends the global sample indices of every micro-batch.
@@ -63,167 +65,6 @@ class RunSpec:
 # ---------------------------------------------------------------------------------------------------- set-up
 
 
-def effective_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
-    if requested == "fp16" and device.type != "cuda":
-        return "bf16", "fp16 autocast does not exist on CPU (accelerate would silently run fp32); using bf16"
-    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "fp16", "this GPU has no bf16; using fp16 with loss scaling"
-    return requested, None
-
-
-def encode_command(cfg: Config) -> str:
-    d = cfg.data
-    parts = [f"ditpipe encode --dataset {d.dataset_name}"]
-    if d.dataset_name != "shapes":
-        parts.append(f"--data-path {d.dataset_path}")
-    if d.dataset_name == "coco":
-        parts.append(f"--split {d.split}")
-    parts += [f"--image-size {d.image_size}", f"--num-samples {d.num_samples if d.num_samples else 'null'}",
-              f"--vae {cfg.vae.name}", f"--format {cfg.shards.format}", f"--out {cfg.shards_path}"]
-    return " ".join(parts)
-
-
-def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
-    """Refuse shards that are not what the config asks for, naming both values."""
-    src, codec = manifest["source"], manifest["codec"]
-    problems = []
-    if src.get("dataset") != cfg.data.dataset_name:
-        problems.append(("data.dataset_name", f"config says {cfg.data.dataset_name!r}, shards hold {src.get('dataset')!r}"))
-    if src.get("image_size") != cfg.data.image_size:
-        problems.append(("data.image_size", f"config says {cfg.data.image_size}, shards hold {src.get('image_size')}"))
-    want = cfg.vae.name if cfg.vae.name == "pixel" else str(Path(cfg.vae.name).resolve()) \
-        if Path(cfg.vae.name).exists() else cfg.vae.name
-    if codec["name"] != want:
-        problems.append(("vae.name", f"config says {cfg.vae.name!r}, shards were encoded with {codec['name']!r}"))
-    if cfg.model.conditioning == "class" and not manifest.get("labels"):
-        problems.append(("model.conditioning", "config says 'class', but the shards carry no labels"))
-    enc = shards.text_encoder_of(manifest)
-    if cfg.data.captions and enc and enc["name"] != _encoder_name(cfg.text.encoder):
-        problems.append(("text.encoder", f"config says {cfg.text.encoder!r}, shards were encoded with {enc['name']!r}"))
-    if cfg.model.conditioning == "caption" and not enc:
-        problems.append(("model.conditioning", "config says 'caption', but the shards carry no caption embeddings; "
-                                               "encode with `ditpipe encode ... --captions`"))
-    if problems:
-        raise ConfigError(problems, header=f"the shards in '{folder}' do not match the config")
-
-
-def _encoder_name(spec: str) -> str:
-    """text.encoder as the manifest records it: an alias as is, a local folder resolved."""
-    from pipeline.text import ALIASES
-
-    return spec if spec == "minilm" or spec in ALIASES or not Path(spec).exists() else str(Path(spec).resolve())
-
-
-def _data(cfg: Config):
-    """(manifest, shard folder, store, (source, codec) or None): shards for a normal run; for the online-VAE baseline
-    (`data.source: images`) the source and codec, with the manifest encode would have written (minus the shards)."""
-    folder = cfg.shards.path if is_url(cfg.shards.path or "") else cfg.shards_path  # a URL stays a string
-    if cfg.data.source == "images":
-        if cfg.model.conditioning == "caption":
-            raise ConfigError([("model.conditioning", "the online baseline (data.source: images) embeds no captions; "
-                                                      "encode shards with --captions and train on those")])
-        from pipeline.codec import load_codec
-        from pipeline.sources import make_source
-
-        source = make_source(cfg.data)
-        codec = load_codec(cfg.vae.name, cfg.vae.dtype, use_slicing=cfg.vae.use_slicing)
-        manifest = shards.manifest_header(source, codec, cfg.shards.samples_per_shard,
-                                          shards.latent_slices(codec.stores_std, "mean_std", False),
-                                          flip_at_load=cfg.shards.flip)
-        manifest["num_samples"] = len(source)
-        return manifest, Path(f"{cfg.data.dataset_name} images (online {cfg.vae.name})"), None, (source, codec)
-    if not is_url(folder) and not (folder / shards.MANIFEST).is_file():
-        raise ShardError(f"no shards at '{folder}'. Make them first with:\n  {encode_command(cfg)}")
-    store, manifest = open_shards(folder)
-    check_manifest(cfg, manifest, folder)
-    return manifest, folder, store, None
-
-
-def _precomputed(device: torch.device):
-    return lambda batch: batch["latents"].to(device, non_blocking=True)
-
-
-def _online(codec, norm: LatentNorm, device: torch.device):
-    """The baseline's per-step encode: z = (mean + std·ε − shift)·scale, ε and the flip drawn by the loader."""
-
-    def to_latents(batch: dict) -> torch.Tensor:
-        mean, std = codec.encode(batch["pixels"])  # (B, C, h, w) each, std None for pixels
-        z = mean if std is None else mean + std * batch["eps"].to(device)
-        return norm.normalize(z).to(device)  # (B, C, h, w)
-
-    return to_latents
-
-
-def conditioning_for(cfg: Config, manifest: dict) -> str:
-    """model.conditioning with `auto` resolved from the manifest: caption embeddings → caption (encoding them is
-    opt-in, so they win over labels the source also has, as shapes' do), else labels → class, else none."""
-    if cfg.model.conditioning != "auto":
-        return cfg.model.conditioning
-    if shards.text_encoder_of(manifest):
-        return "caption"
-    return "class" if manifest.get("labels") else "none"
-
-
-def num_classes_for(cfg: Config, manifest: dict) -> int:
-    if conditioning_for(cfg, manifest) != "class":
-        return 0
-    return int(manifest["labels"]["num_classes"])
-
-
-def build_model(cfg: Config, manifest: dict, num_classes: int) -> torch.nn.Module:
-    """The official-layout DiT for class / unconditional runs, the caption DiT (model_text.py) for caption runs."""
-    from pipeline.model_text import CAPTION_PRESETS, build_caption_dit
-
-    _, channels, size, _ = manifest["latent"]["shape"]
-    m = cfg.model
-    caption = conditioning_for(cfg, manifest) == "caption"
-    if not caption and m.name in CAPTION_PRESETS:
-        raise ConfigError([("model.name", f"{m.name} is a caption model; it needs shards with caption embeddings "
-                                          f"(encode --captions) and model.conditioning caption or auto, or use "
-                                          f"{m.name.replace('DiT-T-', 'DiT-')} for a class model")])
-    try:
-        if caption:
-            return build_caption_dit(m.name, input_size=size, in_channels=channels,
-                                     text_dim=shards.text_encoder_of(manifest)["dim"],
-                                     learn_sigma=m.learn_sigma and cfg.diffusion.objective == "ddpm",
-                                     caption_dropout_prob=m.class_dropout_prob, qk_norm=m.qk_norm,
-                                     gradient_checkpointing=m.gradient_checkpointing, hidden_size=m.hidden_size,
-                                     depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
-        return build_dit(m.name, input_size=size, in_channels=channels, num_classes=num_classes,
-                         learn_sigma=m.learn_sigma and cfg.diffusion.objective == "ddpm",
-                         class_dropout_prob=m.class_dropout_prob if num_classes else 0.0, qk_norm=m.qk_norm,
-                         gradient_checkpointing=m.gradient_checkpointing, hidden_size=m.hidden_size, depth=m.depth,
-                         num_heads=m.num_heads, patch_size=m.patch_size)
-    except ValueError as e:
-        raise ConfigError([("model", str(e))]) from None
-
-
-def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The generator for one optimizer step on one rank: timesteps, noise and label dropout come from it alone."""
-    key = int(np.random.SeedSequence([seed, step, rank, 3]).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(key)
-
-
-def step_draws(objective, gen: torch.Generator, n: int, latent_shape: tuple[int, int, int], drop_prob: float,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All of one step's random draws for this rank's n = B·accum samples, at once and in a fixed order, so that
-    accumulation only splits the batch: B=8 × 1 and B=4 × 2 see the same timesteps, noise and dropout."""
-    t = objective.sample_timesteps(n, gen, device)  # (n,)
-    noise = torch.randn((n, *latent_shape), generator=gen, device=device)  # (n, C, H, W)
-    drop = torch.rand(n, generator=gen, device=device) < drop_prob  # (n,) CFG label dropout, once per sample
-    return t, noise, drop
-
-
-def batch_condition(conditioning: str, device: torch.device):
-    """batch → the model's `y`: class labels, a Caption, or None (unconditional). Chosen once per run."""
-    from pipeline.text import Caption
-
-    if conditioning == "caption":
-        return lambda batch: Caption(batch["caption"]["tokens"], batch["caption"]["mask"],
-                                     batch["caption"]["pooled"]).to(device)
-    return lambda batch: batch["labels"].to(device, non_blocking=True)  # (B,); unused when unconditional
-
-
 def _run_name(cfg: Config, config_name: str | None) -> str:
     return cfg.logging.run_name or (Path(config_name).stem if config_name else "run")
 
@@ -234,23 +75,19 @@ def _run_name(cfg: Config, config_name: str | None) -> str:
 def train(cfg: Config, config_name: str | None = None, resume: Path | None = None,
           console: Console | None = None) -> Path:
     """Train (or resume, from the checkpoint folder `resume`) and return the run folder."""
-    from accelerate import Accelerator
-
     console = console or Console(stderr=True)
-    manifest, folder, store, online = _data(cfg)
+    t = cfg.training
+    acc, precision, notice = make_accelerator(t.mixed_precision, tf32=t.tf32, deterministic=t.deterministic)
+    rank, world, device = acc.process_index, acc.num_processes, acc.device  # the run's only source of devices
+    group = _group(acc)
+    manifest, folder, store, online = open_data(cfg, device)
     norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
     manifest = {**manifest, "latent_norm": norm.record()}  # so every checkpoint records what sampling must invert
     held_spec = open_held_out(cfg, manifest, store)  # None without a held-out set
     excluded = held_spec.exclude if held_spec else np.zeros(0, dtype=np.int64)  # never trained on
-
-    probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision, notice = effective_precision(cfg.training.mixed_precision, probe)
-    acc = Accelerator(mixed_precision=precision, cpu=probe.type == "cpu")
-    rank, world, device = acc.process_index, acc.num_processes, acc.device
-    saved = checkpoint.validate(resume) if resume else None
+    saved = _validated(group, resume) if resume else None  # rank 0 hashes the files; every rank gets its answer
     if saved:  # first: every later check (epoch length, end step) depends on the world size
         _check_world_size(saved, world, resume)
-    t = cfg.training
     plan = Plan(manifest["num_samples"] - len(excluded), t.batch_size, t.gradient_accumulation_steps, world)
     if plan.steps_per_epoch == 0:
         raise ConfigError([("training.batch_size", f"the global batch ({plan.global_batch} = batch × accumulation × "
@@ -274,28 +111,24 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     torch.manual_seed(t.seed)  # model init is the one draw from the global RNG, and it is seeded
     random.seed(t.seed)  # python's and numpy's are unused by the step; seeded so the saved RNG states repeat too
     np.random.seed(t.seed)
-    model = build_model(cfg, manifest, num_classes)
+    model = build_model(cfg, manifest, num_classes).to(device)  # on its device before anything is made from it
     init_notes = [] if saved or not cfg.model.init_from else init_from(  # a fine-tune; the EMA starts from it too
         model, cfg.model.init_from, cfg.model.init_weights, (manifest.get("labels") or {}).get("names"), manifest)
     objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
-    ema = EMA(model) if t.use_ema else None
-    opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
-                            betas=(t.adam_beta1, t.adam_beta2), fused=device.type == "cuda")
-    start_step = 0
     if saved:
         _check_same_encoders(resume, manifest)
-        start_step = _load_state(resume, saved, model, ema, opt, acc, world, rank)
-        if acc.is_main_process:
-            checkpoint.clean_temporaries(run_dir)  # half-written checkpoints of the killed run
     else:
         _refuse_existing_run_dir(run_dir)  # on every rank, before rank 0 makes it: all ranks exit with the message
         acc.wait_for_everyone()
         if acc.is_main_process:
             _new_run_dir(run_dir, cfg)
-    if cfg.model.compile:
-        model = torch.compile(model)
-    model, opt = acc.prepare(model, opt)
-    raw = acc.unwrap_model(model, keep_torch_compile=False)
+    step_fn = build_step(acc, model, objective, plan, latent_shape, training=t, rank=rank,
+                         drop_prob=cfg.model.class_dropout_prob, conditional=conditioning != "none",
+                         compile=cfg.model.compile, resume=resume if saved else None)
+    raw, ema, stats = step_fn.raw, step_fn.ema, step_fn.stats
+    start_step = int(saved["step"]) if saved else 0
+    if saved and acc.is_main_process:
+        checkpoint.clean_temporaries(run_dir)  # half-written checkpoints of the killed run
 
     log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process,
                      resume_step=start_step if saved else None)
@@ -303,34 +136,31 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step)
         for note in init_notes:
             console.print(f"[cyan]init:[/] {note}", highlight=False, soft_wrap=True)
-    order = EpochOrder([min(manifest["samples_per_shard"], plan.num_samples - i) for i in
-                        range(0, plan.num_samples, manifest["samples_per_shard"])] if store is None else store.counts,
-                       t.seed, cfg.data.shuffle_window, exclude=excluded)
-    if store is not None:
-        dataset = MicroBatches(store, order, plan, rank, t.seed, norm, captions=conditioning == "caption")
-        to_latents = _precomputed(device)
-    else:
-        _, c, h, w = manifest["latent"]["shape"]
-        source, codec = online
-        dataset = ImageBatches(source, order, plan, rank, t.seed, (c, h, w), cfg.shards.flip, codec.stores_std)
-        to_latents = _online(codec, norm, device)
-    loader = make_loader(dataset, plan, start_step, end_step, cfg.data.num_workers, pin_memory=device.type == "cuda")
+    loader, to_latents = training_batches(cfg, manifest, store, online, plan, rank, norm, conditioning, excluded,
+                                          start_step, end_step, device)
     batches = iter(loader)  # draws a base seed from torch's global RNG: restore the saved states after it
-    window = {"loss": torch.zeros((), device=device), "steps": 0}  # the loss averaged into the next log line
     if saved and (resume / f"rng-rank{rank}.pt").is_file():
         rank_state = checkpoint.load_tensors(resume / f"rng-rank{rank}.pt")
-        checkpoint.set_rng_state(rank_state)
-        window["loss"] += rank_state["log_window"][0].to(device)
-        window["steps"] = int(rank_state["log_window"][1])
-    to_y, conditional = batch_condition(conditioning, device), conditioning != "none"
-    stop = _StopFlag()
+        checkpoint.set_rng_state(rank_state, device)
+        stats.loss_sum += rank_state["log_window"][0].to(device)  # the unlogged steps before the kill
+        stats.finite_steps += rank_state["log_window"][1].to(device)
+    if saved:
+        stats.nonfinite_total.fill_(int(saved.get("nonfinite_total", 0)))
+    to_y = batch_condition(conditioning, device)
+    last: list[Micro] = []  # the latest micro-batch: the closing summary counts FLOPs on one like it
+
+    def feed() -> Micro:
+        batch = next(batches)
+        last[:] = [Micro(to_latents(batch), to_y(batch), batch)]  # x0 (B, C, H, W) on the device, y
+        return last[0]
+
     record = _SampleRecord.from_env(rank)
-    counters = {"nonfinite_total": saved.get("nonfinite_total", 0) if saved else 0, "nonfinite_run": 0}
+    stop = _StopFlag()
 
     def save(name: str, step: int) -> None:
-        checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, raw, ema, opt, window),
-                        _ckpt_state(cfg, step, plan, total_steps, counters), rank=rank,
-                        barrier=acc.wait_for_everyone, needed_bytes=_needed_bytes(raw))
+        checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, step_fn),
+                        _ckpt_state(cfg, step, plan, total_steps, int(stats.nonfinite_total)), group=group,
+                        needed_bytes=_needed_bytes(raw))
         if acc.is_main_process:
             checkpoint.prune(run_dir, cfg.checkpointing.total_limit, cfg.checkpointing.keep_epochs)
 
@@ -349,6 +179,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             path = validation_grid(cfg, manifest, raw, ema, objective, num_classes, step, run_dir, device, evaluation)
             log.image(step, "samples", np.asarray(Image.open(path).convert("RGB")))
             bar.console.print(f"samples at step {step}: {path}")
+        _park(evaluation)  # off the GPU until the next validation: the training step needs the memory
         acc.wait_for_everyone()
 
     since_log = 0
@@ -368,64 +199,37 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                 save(checkpoint.step_name(step), step)  # last, so `latest` names the step checkpoint
             if cfg.validation.every_steps and step > start_step and step % cfg.validation.every_steps == 0:
                 validate(step)
-            if _all_true(acc, stop.raised):
+            if _stop_requested(acc, stop, step, cfg.logging.steps):
                 save(checkpoint.step_name(step), step)
                 raise _Stopped(run_dir, step)
             if epoch_task is None or step_in_epoch == 0:
                 epoch_task = _epoch_task(bar, epoch, t.num_epochs, plan.steps_per_epoch, step_in_epoch)
 
             lr = lr_at(step, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps, total_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            draws = step_draws(objective, step_generator(t.seed, step, rank, device), plan.batch_size * plan.accum,
-                               latent_shape, cfg.model.class_dropout_prob, device)
-            step_loss = torch.zeros((), device=device)
-            for micro in range(plan.accum):
-                batch = next(batches)
-                x0 = to_latents(batch)  # (B, C, H, W) float32, scaled
-                y = to_y(batch)  # (B,) labels, or a Caption of B
-                part = slice(micro * plan.batch_size, (micro + 1) * plan.batch_size)
-                sync = contextlib.nullcontext() if micro == plan.accum - 1 else acc.no_sync(model)
-                with sync:
-                    loss = micro_loss(model, objective, x0, y, conditional, *(d[part] for d in draws)).mean()
-                    acc.backward(loss / plan.accum)
-                step_loss += loss.detach() / plan.accum
-                if record is not None:
-                    record.write(step, micro, batch, loss)
-            finite = bool(acc.reduce(torch.isfinite(step_loss).float(), "sum").item() == world)
-            grad_norm = math.nan
-            if finite:
-                grad_norm = float(acc.clip_grad_norm_(raw.parameters(), t.max_grad_norm or math.inf))
-                opt.step()
-                if ema is not None and not acc.optimizer_step_was_skipped:
-                    ema.update(ema_decay(step, t.ema_decay, t.ema_warmup))
-                counters["nonfinite_run"] = 0
-                window["loss"] += step_loss
-                window["steps"] += 1
-            else:
-                counters["nonfinite_total"] += 1
-                counters["nonfinite_run"] += 1
-                if counters["nonfinite_run"] >= t.max_nonfinite_steps:
-                    raise DitpipeError(f"{counters['nonfinite_run']} non-finite losses in a row at step {step + 1}; "
-                                       "stopping. Lower training.learning_rate, use bf16 instead of fp16, or set "
-                                       "model.qk_norm: true; resume from the last checkpoint")
-            opt.zero_grad(set_to_none=True)
+            step_fn(step, lr, feed, record.write if record is not None else None)  # no host sync inside
 
             done = step + 1
             bar.update(epoch_task, advance=1, loss=last_loss)
             since_log += 1
-            if done % cfg.logging.steps == 0 or done == end_step:
-                mean_loss = float(acc.reduce(window["loss"], "sum").item()) / max(1, window["steps"] * world)
+            if done % cfg.logging.steps == 0 or done == end_step:  # the one place the loop reads the device
+                loss_sum, finite = step_fn.stats.take_window()
+                sums = acc.reduce(torch.stack([loss_sum, finite]), "sum") if world > 1 else torch.stack([loss_sum,
+                                                                                                       finite])
+                mean_loss = float(sums[0]) / float(sums[1]) if float(sums[1]) else math.nan
+                worst = int(stats.take_worst_run())
                 ips = since_log * plan.global_batch / max(time.time() - t_log, 1e-9)
                 last_loss = mean_loss
                 bar.update(epoch_task, loss=mean_loss, ips=ips)
                 if acc.is_main_process:
                     bar.console.print(f"Step {done}, Loss: {mean_loss:.4f}, LR: {lr:.2e}", highlight=False)
-                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-                log.scalars(done, loss=mean_loss, lr=lr, grad_norm=grad_norm, img_per_s=ips, peak_mem_gib=peak,
-                            epoch=epoch + 1, nonfinite_total=counters["nonfinite_total"])
-                window["loss"].zero_()
-                window["steps"], since_log, t_log = 0, 0, time.time()
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+                log.scalars(done, loss=mean_loss, lr=lr, grad_norm=float(stats.grad_norm), img_per_s=ips,
+                            peak_mem_gib=peak, epoch=epoch + 1, nonfinite_total=int(stats.nonfinite_total))
+                since_log, t_log = 0, time.time()
+                if worst >= t.max_nonfinite_steps:  # rank-consistent: every rank counted the same steps
+                    raise DitpipeError(f"{worst} non-finite losses in a row by step {done}; stopping. Lower "
+                                       "training.learning_rate, use bf16 instead of fp16, or set model.qk_norm: "
+                                       "true; resume from the last checkpoint")
 
         if end_step % plan.steps_per_epoch == 0 and cfg.checkpointing.every_epoch and end_step > start_step:
             save(checkpoint.epoch_name(end_step // plan.steps_per_epoch), end_step)
@@ -434,8 +238,10 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             validate(end_step)
     log.close()
     if acc.is_main_process:
-        _closing(console, run_dir, last_loss, time.time() - t_start, (end_step - start_step) * plan.global_batch,
-                 end_step, counters)
+        seconds = time.time() - t_start
+        flops = _train_flops_per_sample(step_fn, last, device)
+        _closing(console, run_dir, last_loss, seconds, (end_step - start_step) * plan.global_batch, end_step,
+                 int(stats.nonfinite_total), world, flops, peak_tflops(device))
     return run_dir
 
 
@@ -448,9 +254,17 @@ def eval_model(cfg: Config, manifest: dict, num_classes: int, weights: dict, dev
     weights, so it runs under a forked RNG: validation never moves the global RNG the saved states record."""
     if "model" not in cache:
         with torch.random.fork_rng(devices=[]):
-            cache["model"] = build_model(cfg, manifest, num_classes).to(device).eval()
-    cache["model"].load_state_dict(weights)
+            cache["model"] = build_model(cfg, manifest, num_classes).eval()
+    cache["model"].to(device).load_state_dict(weights)
     return cache["model"]
+
+
+def _park(cache: dict) -> None:
+    """Move the cached evaluation model, decoder and text encoder to the CPU: on a tight GPU the step needs the
+    3-4 GB they hold (XL/2 and its VAE) until the next validation brings them back."""
+    for key in ("model", "codec", "text"):
+        if key in cache:
+            cache[key].to(torch.device("cpu"))
 
 
 def held_out_losses(acc, cfg: Config, manifest: dict, held: HeldOut, raw, ema, objective, num_classes: int,
@@ -488,14 +302,16 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
         if "text" not in cache:
             cache["text"] = load_for_manifest(shards.text_encoder_of(manifest), device)
             cache["prompts"] = (v.prompts or _shard_prompts(cfg.shards_path))[:16]
+        cache["text"].to(device)
         names = cache["prompts"]
         labels = encode_prompts(cache["text"], [names[i % len(names)] for i in range(n)])
     _, channels, size, _ = manifest["latent"]["shape"]
     z = generate(model, objective, (channels, size, size), labels, n, v.sampler, v.sampling_steps, v.cfg_scale,
-                 cfg.training.seed, device, cfg_interval=v.cfg_interval)
+                 cfg.training.seed, device, cfg_interval=v.cfg_interval, bf16=v.bf16)  # bf16 autocast on CUDA
     codec = manifest["codec"]
     if "codec" not in cache:
         cache["codec"] = load_codec(codec["name"], codec["dtype"], device)
+    cache["codec"].to(device)
     images = to_uint8(decode(z, cache["codec"], LatentNorm.from_record(manifest["latent_norm"])))
     path = run_dir / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(exist_ok=True)
@@ -522,33 +338,35 @@ def _shard_prompts(folder: Path, count: int = 8) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- state
 
 
-def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, counters: dict) -> dict:
+def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, nonfinite_total: int) -> dict:
     from importlib.metadata import version
 
     return {"written_by": f"ditpipe {__version__}", "step": step, "epoch": step // plan.steps_per_epoch,
             "samples_consumed": step * plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
             "total_steps": total_steps, "world_size": plan.world_size, "config_hash": cfg.hash(),
-            "nonfinite_total": counters["nonfinite_total"],
+            "nonfinite_total": nonfinite_total,
             "versions": {name: version(name) for name in ("torch", "accelerate", "numpy", "ditpipe")}}
 
 
-def _writers(acc, cfg: Config, manifest: dict, raw, ema, opt, window: dict) -> dict:
+def _writers(acc, cfg: Config, manifest: dict, step: Step) -> dict:
     """{file: write(path)} for this rank. Every rank saves its RNG states and its unlogged loss window (so the
     first log line after a resume averages the same steps as an uninterrupted run's)."""
-    rank = acc.process_index
-    log_window = torch.stack([window["loss"].detach().double().cpu(), torch.tensor(float(window["steps"]))])
-    writers = {f"rng-rank{rank}.pt": lambda p: torch.save({**checkpoint.rng_state(), "log_window": log_window}, p)}
+    rank, stats = acc.process_index, step.stats
+    log_window = torch.stack([stats.loss_sum.double().cpu(), stats.finite_steps.double().cpu()])  # a checkpoint syncs
+    device = acc.device
+    writers = {f"rng-rank{rank}.pt": lambda p: torch.save({**checkpoint.rng_state(device), "log_window": log_window},
+                                                          p)}
     if not acc.is_main_process:
         return writers
     excerpt = {k: manifest.get(k) for k in ("codec", "labels", "captions", "latent", "source", "stats", "latent_norm")}
     writers.update({
-        "model.pt": lambda p: torch.save(raw.state_dict(), p),
-        "optimizer.pt": lambda p: torch.save(opt.state_dict(), p),
+        "model.pt": lambda p: torch.save(step.raw.state_dict(), p),
+        "optimizer.pt": lambda p: torch.save(step.opt.state_dict(), p),
         "config.yaml": lambda p: p.write_text(cfg.to_yaml()),
         "manifest.json": lambda p: p.write_text(json.dumps(excerpt, indent=1)),
     })
-    if ema is not None:
-        writers["ema.pt"] = lambda p: torch.save(ema.state_dict(), p)
+    if step.ema is not None:
+        writers["ema.pt"] = lambda p: torch.save(step.ema.state_dict(), p)
     if acc.scaler is not None:
         writers["scaler.pt"] = lambda p: torch.save(acc.scaler.state_dict(), p)
     return writers
@@ -585,16 +403,29 @@ def _check_same_encoders(ckpt: Path, manifest: dict) -> None:
                          "shards it was trained on, or re-encode with the same codec and text encoder")
 
 
-def _load_state(ckpt: Path, saved: dict, model, ema, opt, acc, world: int, rank: int) -> int:
-    _check_world_size(saved, world, ckpt)
-    model.load_state_dict(checkpoint.load_tensors(ckpt / "model.pt"), strict=True)
-    opt.load_state_dict(checkpoint.load_tensors(ckpt / "optimizer.pt"))
-    if ema is not None:
-        if (ckpt / "ema.pt").is_file():
-            ema.load_state_dict(checkpoint.load_tensors(ckpt / "ema.pt"))
-    if acc.scaler is not None and (ckpt / "scaler.pt").is_file():
-        acc.scaler.load_state_dict(checkpoint.load_tensors(ckpt / "scaler.pt"))
-    return int(saved["step"])
+def _group(acc) -> checkpoint.Group:
+    """The collectives a checkpoint save across processes needs, from accelerate's process group."""
+    if acc.num_processes == 1:
+        return checkpoint.Group()
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    return checkpoint.Group(acc.process_index, lambda value: broadcast_object_list([value], from_process=0)[0],
+                            lambda value: gather_object([value]))
+
+
+def _validated(group: checkpoint.Group, ckpt: Path) -> dict:
+    """checkpoint.validate(ckpt) on rank 0 alone (it hashes every file: gigabytes for XL/2), its result or its
+    error message sent to every rank, so all ranks go on, or stop with the same message, together."""
+    answer = None
+    if group.rank == 0:
+        try:
+            answer = checkpoint.validate(ckpt)
+        except checkpoint.CheckpointError as e:
+            answer = str(e)
+    answer = group.broadcast(answer)
+    if isinstance(answer, str):
+        raise checkpoint.CheckpointError(answer)
+    return answer
 
 
 def _refuse_existing_run_dir(run_dir: Path) -> None:
@@ -627,7 +458,8 @@ class _SampleRecord:
         path = os.environ.get(RECORD_ENV)
         return cls(path, rank) if path else None
 
-    def write(self, step: int, micro: int, batch: dict, loss: torch.Tensor) -> None:
+    def write(self, step: int, micro: int, m: Micro, loss: torch.Tensor) -> None:
+        batch = m.batch
         line = {"rank": self.rank, "step": step, "micro": micro, "epoch": int(batch["epoch"]), "q": int(batch["q"]),
                 "indices": [int(g) for g in batch["indices"]], "loss": float(loss.detach().float().item())}
         os.write(self.fd, (json.dumps(line) + "\n").encode())
@@ -678,11 +510,15 @@ class _StopFlag:
                 signal.signal(s, h)
 
 
-def _all_true(acc, flag: bool) -> bool:
-    """A decision every rank takes together (any rank stopping stops all)."""
+def _stop_requested(acc, stop: _StopFlag, step: int, log_every: int) -> bool:
+    """Whether to checkpoint and stop before `step`. One process reads its own flag every step; several agree on it
+    at log steps only (an all-reduce the host waits for), so every rank stops at the same step without a sync in
+    every step. A signal is honoured within `logging.steps` steps."""
     if acc.num_processes == 1:
-        return flag
-    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "sum").item() > 0)
+        return stop.raised
+    if step % log_every:
+        return False
+    return bool(acc.reduce(torch.tensor(float(stop.raised), device=acc.device), "sum").item() > 0)
 
 
 # ---------------------------------------------------------------------------------------------------- console
@@ -704,7 +540,7 @@ def _epoch_task(bar: Progress, epoch: int, num_epochs: int, steps: int, done: in
 def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, device, start_step, end_step) -> None:
     t, plan = cfg.training, spec.plan
     table = Table(title="ditpipe train", show_header=False, title_justify="left")
-    table.add_row("device", f"{device} × {plan.world_size} process(es)")
+    table.add_row("device", f"{describe(device)} × {plan.world_size} process(es)")
     table.add_row("precision", spec.precision + (f"  ({spec.notice})" if spec.notice else ""))
     params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     table.add_row("model", f"{cfg.model.name} (hidden {raw.hidden_size}, depth {raw.depth}, patch {raw.patch_size}),"
@@ -737,11 +573,25 @@ def _caption_line(manifest: dict) -> str:
             f"{manifest['captions']['max_tokens_seen']} tokens)")
 
 
-def _closing(console, run_dir: Path, loss: float, seconds: float, images: int, step: int, counters: dict) -> None:
+def _train_flops_per_sample(step: Step, last: list, device: torch.device) -> float | None:
+    """About 3 × the forward FLOPs per sample (forward + backward), counted on the last micro-batch's shapes; only
+    on CUDA, where a peak makes it an MFU (a forward there costs milliseconds)."""
+    if device.type != "cuda" or not last:
+        return None
+    m = last[0]
+    with torch.random.fork_rng(devices=[device]):
+        return 3 * forward_flops(step.raw, step.objective, m.x0, m.y, step.conditional) / len(m.x0)
+
+
+def _closing(console, run_dir: Path, loss: float, seconds: float, images: int, step: int, nonfinite: int,
+             world: int, flops_per_sample: float | None, peak: float | None) -> None:
     final = run_dir / checkpoint.step_name(step)
-    console.print(f"[green]done[/]: {step:,} steps, final loss {loss:.4f}, {seconds:.1f} s, "
-                  f"{images / max(seconds, 1e-9):,.1f} img/s"
-                  + (f", {counters['nonfinite_total']} non-finite step(s) skipped" if counters["nonfinite_total"] else ""))
+    rate = images / max(seconds, 1e-9)
+    speed = f"{rate:,.1f} img/s" + (f" ({rate / world:,.1f} per process)" if world > 1 else "")
+    if flops_per_sample and peak:
+        speed += f", MFU {flops_per_sample * rate / world / (peak * 1e12):.1%} of {peak:g} TFLOP/s bf16"
+    console.print(f"[green]done[/]: {step:,} steps, final loss {loss:.4f}, {seconds:.1f} s, {speed}"
+                  + (f", {nonfinite} non-finite step(s) skipped" if nonfinite else ""), highlight=False)
     console.print(f"final model: {final}/model.pt (EMA: ema.pt); logs: {run_dir}/metrics.jsonl, {run_dir}/tensorboard")
 
 

@@ -20,6 +20,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state; `train()` makes its Accelerator first, so a run refused during its
+    set-up (as many tests mean it to be) would otherwise leave the next test an Accelerator of another precision."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` skip, with the reason, where torch sees no CUDA device."""
     if not any(item.get_closest_marker("cuda") for item in items):

@@ -91,8 +91,8 @@ class Launch:
             self.kill_all()
             pytest.fail(f"`{' '.join(self.args[:2])}` hung (more than {timeout} s):\n{self.output()[-3000:]}")
 
-    def ok(self) -> "Launch":
-        rc = self.wait()
+    def ok(self, timeout: float = 180) -> "Launch":
+        rc = self.wait(timeout)
         assert rc == 0, f"`ditpipe {' '.join(self.args)}` exited {rc}:\n{self.output()[-4000:]}"
         return self
 
@@ -483,3 +483,25 @@ def test_shards_from_an_fsspec_url_train_the_same_and_pipe_is_refused(shards, tm
     assert code == 1 and "pipe: shard locations are not supported" in " ".join(err.split())
     code, _, err = cli("encode", "--dataset", "shapes", "--vae", "pixel", "--out", "s3://bucket/shards")
     assert code == 2 and "encode writes a local (or shared) folder only" in " ".join(err.split())
+
+
+@pytest.mark.slow
+def test_a_compiled_two_process_run_writes_plain_keys_that_resume_sample_and_export_load(shards, tmp_path, cli):
+    """`model.compile: true` under DDP: compile wraps the prepared module, so no checkpoint key carries `_orig_mod.`
+    (or `module.`), and resume, `sample --no-ema` and `export --raw` load the weights strictly. (Before the fix the
+    compiled module was wrapped by DDP and model.pt held `_orig_mod.` keys.) Slow: inductor compiles on the CPU."""
+    over = {"model.compile": True, "training.num_epochs": 1, "logging.steps": 2, "checkpointing.steps": 2}
+    Launch(["train", *cli_args(run_config(shards, tmp_path / "outputs", "compiled", **over))],
+           tmp_path / "logs").ok(timeout=900)
+    run = tmp_path / "outputs" / "compiled"
+    for name in ("model.pt", "ema.pt", "optimizer.pt"):
+        state = torch.load(run / "checkpoint-6" / name, weights_only=True)
+        keys = state.keys() if name != "optimizer.pt" else [str(k) for k in state["state"]]
+        assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys), (name, list(keys)[:3])
+    Launch(["resume", str(run / "checkpoint-4"), "--training.max_steps", "6"], tmp_path / "logs").ok(timeout=900)
+    code, _, err = cli("sample", "--checkpoint", str(run / "checkpoint-6"), "--no-ema", "--num", "4", "--steps", "2",
+                       "--out", str(tmp_path / "grid.png"))
+    assert code == 0, err[-2000:]
+    code, _, err = cli("export", str(run / "checkpoint-6"), "--format", "safetensors", "--raw", "--out",
+                       str(tmp_path / "exp"))
+    assert code == 0, err[-2000:]

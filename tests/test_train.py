@@ -4,6 +4,7 @@ exactly, precision is resolved per device, bad inputs are refused, and the VAE i
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,8 @@ from pipeline.metrics import read_metrics
 from pipeline.model import DiT
 from pipeline.schedule import lr_at
 from stages.encode import encode
-from stages.train import effective_precision, train
+from pipeline.device import effective_precision
+from stages.train import train
 
 TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
         "data.num_workers": 0, "training.mixed_precision": "no", "lr_scheduler.warmup_steps": 0,
@@ -161,8 +163,11 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, pixel_shards):
     cfg = cfg_for(tmp_path, pixel_shards, **{"training.learning_rate": 1e12, "training.max_grad_norm": 0,
                                              "training.max_nonfinite_steps": 3, "logging.run_name": "nan",
                                              "training.num_epochs": 5})
-    with pytest.raises(DitpipeError, match="3 non-finite losses in a row"):
+    with pytest.raises(DitpipeError, match=r"(\d+) non-finite losses in a row by step (\d+)") as info:
         train(cfg)
+    in_a_row, step = map(int, re.search(r"(\d+) non-finite losses in a row by step (\d+)", str(info.value)).groups())
+    assert in_a_row >= 3 and step % 5 == 0  # counted on the device, read (and acted on) at the next log step
+    assert read_metrics(cfg.logging.output_dir + "/nan")[-1]["nonfinite_total"] >= 3
 
 
 def test_lr_schedule_values():

@@ -1,0 +1,178 @@
+"""What a training run is made of, derived from the config and the shard manifest: the shards (checked against the
+config), the model, its conditioning, and what turns a loader batch into the step's inputs. Shared by `ditpipe
+train` and `ditpipe bench train`, and by `sample` / `export` to rebuild a run's model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline import shards
+from pipeline.config import Config
+from pipeline.errors import ConfigError, ShardError
+from pipeline.latent_norm import LatentNorm
+from pipeline.loader import is_url, open_shards
+from pipeline.model import build_dit
+
+
+def encode_command(cfg: Config) -> str:
+    d = cfg.data
+    parts = [f"ditpipe encode --dataset {d.dataset_name}"]
+    if d.dataset_name != "shapes":
+        parts.append(f"--data-path {d.dataset_path}")
+    if d.dataset_name == "coco":
+        parts.append(f"--split {d.split}")
+    parts += [f"--image-size {d.image_size}", f"--num-samples {d.num_samples if d.num_samples else 'null'}",
+              f"--vae {cfg.vae.name}", f"--format {cfg.shards.format}", f"--out {cfg.shards_path}"]
+    return " ".join(parts)
+
+
+def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
+    """Refuse shards that are not what the config asks for, naming both values."""
+    src, codec = manifest["source"], manifest["codec"]
+    problems = []
+    if src.get("dataset") != cfg.data.dataset_name:
+        problems.append(("data.dataset_name", f"config says {cfg.data.dataset_name!r}, shards hold {src.get('dataset')!r}"))
+    if src.get("image_size") != cfg.data.image_size:
+        problems.append(("data.image_size", f"config says {cfg.data.image_size}, shards hold {src.get('image_size')}"))
+    want = cfg.vae.name if cfg.vae.name == "pixel" else str(Path(cfg.vae.name).resolve()) \
+        if Path(cfg.vae.name).exists() else cfg.vae.name
+    if codec["name"] != want:
+        problems.append(("vae.name", f"config says {cfg.vae.name!r}, shards were encoded with {codec['name']!r}"))
+    if cfg.model.conditioning == "class" and not manifest.get("labels"):
+        problems.append(("model.conditioning", "config says 'class', but the shards carry no labels"))
+    enc = shards.text_encoder_of(manifest)
+    if cfg.data.captions and enc and enc["name"] != _encoder_name(cfg.text.encoder):
+        problems.append(("text.encoder", f"config says {cfg.text.encoder!r}, shards were encoded with {enc['name']!r}"))
+    if cfg.model.conditioning == "caption" and not enc:
+        problems.append(("model.conditioning", "config says 'caption', but the shards carry no caption embeddings; "
+                                               "encode with `ditpipe encode ... --captions`"))
+    if problems:
+        raise ConfigError(problems, header=f"the shards in '{folder}' do not match the config")
+
+
+def _encoder_name(spec: str) -> str:
+    """text.encoder as the manifest records it: an alias as is, a local folder resolved."""
+    from pipeline.text import ALIASES
+
+    return spec if spec == "minilm" or spec in ALIASES or not Path(spec).exists() else str(Path(spec).resolve())
+
+
+def open_data(cfg: Config, device: torch.device):
+    """(manifest, shard folder, store, (source, codec) or None): shards for a normal run; for the online-VAE baseline
+    (`data.source: images`) the source and the codec, on the run's `device` (the Accelerator's), with the manifest
+    encode would have written (minus the shards)."""
+    folder = cfg.shards.path if is_url(cfg.shards.path or "") else cfg.shards_path  # a URL stays a string
+    if cfg.data.source == "images":
+        if cfg.model.conditioning == "caption":
+            raise ConfigError([("model.conditioning", "the online baseline (data.source: images) embeds no captions; "
+                                                      "encode shards with --captions and train on those")])
+        from pipeline.codec import load_codec
+        from pipeline.sources import make_source
+
+        source = make_source(cfg.data)
+        codec = load_codec(cfg.vae.name, cfg.vae.dtype, device, use_slicing=cfg.vae.use_slicing)
+        manifest = shards.manifest_header(source, codec, cfg.shards.samples_per_shard,
+                                          shards.latent_slices(codec.stores_std, "mean_std", False),
+                                          flip_at_load=cfg.shards.flip)
+        manifest["num_samples"] = len(source)
+        return manifest, Path(f"{cfg.data.dataset_name} images (online {cfg.vae.name})"), None, (source, codec)
+    if not is_url(folder) and not (folder / shards.MANIFEST).is_file():
+        raise ShardError(f"no shards at '{folder}'. Make them first with:\n  {encode_command(cfg)}")
+    store, manifest = open_shards(folder)
+    check_manifest(cfg, manifest, folder)
+    return manifest, folder, store, None
+
+
+def precomputed_latents(device: torch.device):
+    return lambda batch: batch["latents"].to(device, non_blocking=True)
+
+
+def online_latents(codec, norm: LatentNorm, device: torch.device):
+    """The baseline's per-step encode: z = (mean + std·ε − shift)·scale, ε and the flip drawn by the loader."""
+
+    def to_latents(batch: dict) -> torch.Tensor:
+        mean, std = codec.encode(batch["pixels"])  # (B, C, h, w) each, std None for pixels
+        z = mean if std is None else mean + std * batch["eps"].to(device)
+        return norm.normalize(z).to(device)  # (B, C, h, w)
+
+    return to_latents
+
+
+def conditioning_for(cfg: Config, manifest: dict) -> str:
+    """model.conditioning with `auto` resolved from the manifest: caption embeddings → caption (encoding them is
+    opt-in, so they win over labels the source also has, as shapes' do), else labels → class, else none."""
+    if cfg.model.conditioning != "auto":
+        return cfg.model.conditioning
+    if shards.text_encoder_of(manifest):
+        return "caption"
+    return "class" if manifest.get("labels") else "none"
+
+
+def num_classes_for(cfg: Config, manifest: dict) -> int:
+    if conditioning_for(cfg, manifest) != "class":
+        return 0
+    return int(manifest["labels"]["num_classes"])
+
+
+def build_model(cfg: Config, manifest: dict, num_classes: int) -> torch.nn.Module:
+    """The official-layout DiT for class / unconditional runs, the caption DiT (model_text.py) for caption runs."""
+    from pipeline.model_text import CAPTION_PRESETS, build_caption_dit
+
+    _, channels, size, _ = manifest["latent"]["shape"]
+    m = cfg.model
+    caption = conditioning_for(cfg, manifest) == "caption"
+    if not caption and m.name in CAPTION_PRESETS:
+        raise ConfigError([("model.name", f"{m.name} is a caption model; it needs shards with caption embeddings "
+                                          f"(encode --captions) and model.conditioning caption or auto, or use "
+                                          f"{m.name.replace('DiT-T-', 'DiT-')} for a class model")])
+    try:
+        if caption:
+            return build_caption_dit(m.name, input_size=size, in_channels=channels,
+                                     text_dim=shards.text_encoder_of(manifest)["dim"],
+                                     learn_sigma=m.learn_sigma and cfg.diffusion.objective == "ddpm",
+                                     caption_dropout_prob=m.class_dropout_prob, qk_norm=m.qk_norm,
+                                     gradient_checkpointing=m.gradient_checkpointing, hidden_size=m.hidden_size,
+                                     depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
+        return build_dit(m.name, input_size=size, in_channels=channels, num_classes=num_classes,
+                         learn_sigma=m.learn_sigma and cfg.diffusion.objective == "ddpm",
+                         class_dropout_prob=m.class_dropout_prob if num_classes else 0.0, qk_norm=m.qk_norm,
+                         gradient_checkpointing=m.gradient_checkpointing, hidden_size=m.hidden_size, depth=m.depth,
+                         num_heads=m.num_heads, patch_size=m.patch_size)
+    except ValueError as e:
+        raise ConfigError([("model", str(e))]) from None
+
+
+def batch_condition(conditioning: str, device: torch.device):
+    """batch → the model's `y`: class labels, a Caption, or None (unconditional). Chosen once per run."""
+    from pipeline.text import Caption
+
+    if conditioning == "caption":
+        return lambda batch: Caption(batch["caption"]["tokens"], batch["caption"]["mask"],
+                                     batch["caption"]["pooled"]).to(device)
+    return lambda batch: batch["labels"].to(device, non_blocking=True)  # (B,); unused when unconditional
+
+
+def training_batches(cfg: Config, manifest: dict, store, online, plan, rank: int, norm: LatentNorm,
+                     conditioning: str, exclude, start_step: int, end_step: int, device: torch.device):
+    """(DataLoader, to_latents): this rank's micro-batches from optimizer step `start_step` to `end_step`, read from
+    the shards (or, for the online baseline, decoded images), and the function that turns one into the step's x0 on
+    `device`. The order is EpochOrder's: a pure function of (training.seed, epoch, position)."""
+    from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, make_loader
+
+    t, spp = cfg.training, manifest["samples_per_shard"]
+    counts = store.counts if store is not None else [min(spp, manifest["num_samples"] - i)
+                                                      for i in range(0, manifest["num_samples"], spp)]
+    order = EpochOrder(counts, t.seed, cfg.data.shuffle_window, exclude=exclude)
+    if store is not None:
+        dataset = MicroBatches(store, order, plan, rank, t.seed, norm, captions=conditioning == "caption")
+        to_latents = precomputed_latents(device)
+    else:
+        _, c, h, w = manifest["latent"]["shape"]
+        source, codec = online
+        dataset = ImageBatches(source, order, plan, rank, t.seed, (c, h, w), cfg.shards.flip, codec.stores_std)
+        to_latents = online_latents(codec, norm, device)
+    loader = make_loader(dataset, plan, start_step, end_step, cfg.data.num_workers, pin_memory=device.type == "cuda")
+    return loader, to_latents
