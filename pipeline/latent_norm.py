@@ -88,9 +88,17 @@ class LatentNorm:
         return (shift if shift.any() else None), (None if (scale == 1).all() else scale)
 
     def _torch(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shift, scale) as (1, C, 1, 1) tensors on like's device, made once per device and dtype: a host-to-device
+        copy in every training step would wait for the GPU."""
         if like.shape[1] != len(self.shift):
             raise ValueError(f"latents have {like.shape[1]} channels, the normalisation {len(self.shift)}")
         dtype = like.dtype if like.is_floating_point() else torch.float32
-        shift = torch.tensor(self.shift, dtype=dtype, device=like.device).view(1, -1, 1, 1)  # (1, C, 1, 1)
-        scale = torch.tensor(self.scale, dtype=dtype, device=like.device).view(1, -1, 1, 1)  # (1, C, 1, 1)
-        return shift, scale
+        key = (str(like.device), dtype)
+        if key not in self._on_device:
+            self._on_device[key] = tuple(torch.tensor(v, dtype=dtype, device=like.device).view(1, -1, 1, 1)
+                                         for v in (self.shift, self.scale))  # (1, C, 1, 1) each
+        return self._on_device[key]
+
+    @cached_property
+    def _on_device(self) -> dict:
+        return {}

@@ -14,14 +14,17 @@ Locations. A shard folder is a local path, or a URL that fsspec understands (`fi
 loader first needs it (at most `max_open` at a time per process) and checked against the manifest's sha256. `pipe:`
 commands are refused: the loader reads samples by index, not as a stream.
 
-Randomness per sample is keyed on (seed, epoch, global sample index): the flip bit and the posterior noise ε in
-z = mean + std·ε. Then the manifest's shift and scaling factors are applied: z ← (z − shift)·scale. The key is
-hashed to 64 bits once (`sample_key`): the top bit is the flip, and ε comes from a torch generator seeded with the
-hash. Reseeding torch's CPU generator costs ~2 µs against ~8 µs for a keyed numpy Generator, and its normal draw is
-~3× faster than numpy's for a 4×32×32 latent: ε was the loader's largest per-sample cost. torch's mt19937 takes
-the low 32 bits of the seed, so two keys share an ε stream with probability 2⁻³²: harmless, since ε is independent
-of the sample it perturbs. With caption embeddings, which of the image's captions a sample uses is drawn from its
-own keyed stream (seed, epoch, _CAPTION, index), so adding captions changes no latent draw and resume stays exact.
+The loader is a copy. Per sample it draws one thing, the flip bit, keyed on (seed, epoch, global sample index)
+(`sample_key`, a 64-bit hash whose top bit is the flip), picks the stored slices that bit names (mean, std, or their
+mirrors) and copies them, fp16 as stored, into the batch. Everything else random is the training step's, drawn on
+the device from one stream per optimizer step over the step's global batch positions (pipeline/step.py): the
+posterior noise ε in z = mean + std·ε, the timestep, the diffusion noise and the label dropout; the latent
+normalisation (shift and scale) is applied there too. So a worker only reads and collates, and no draw depends on
+which rank or micro-batch a position lands on. With caption embeddings, which of the image's captions a sample uses
+is drawn from its own keyed stream (seed, epoch, _CAPTION, index), so resume stays exact.
+
+`LatentView.__call__` still makes a whole sample on the CPU (keyed ε from a reseeded torch generator, then the
+normalisation): the held-out validation set (pipeline/validation.py) is made that way, once.
 """
 
 from __future__ import annotations
@@ -325,44 +328,54 @@ class LatentView:
         self.can_flip = self.flip_at_load or self.mean_flip is not None
         self.generator = torch.Generator()  # reseeded per sample; each worker process has its own copy
 
-    def __call__(self, stored: np.ndarray, key: int) -> np.ndarray:
-        """The training sample for a stored latent and its `sample_key`."""
+    @property
+    def has_std(self) -> bool:
+        return self.std is not None
+
+    def select(self, stored: np.ndarray, key: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(mean, std or None), each (C, H, W) fp16, of a stored latent for its `sample_key`: the mirrored slices when
+        the key's flip bit says so, or the stored image mirrored (pixel codec, a view). No copy, no draw."""
         flip = sample_flip(key) if self.can_flip else False
         if flip and not self.flip_at_load:
-            mean, std = stored[self.mean_flip], None if self.std_flip is None else stored[self.std_flip]
-        else:
-            mean, std = stored[self.mean], None if self.std is None else stored[self.std]
-        z = mean.astype(np.float32)  # (C, H, W)
+            return stored[self.mean_flip], None if self.std_flip is None else stored[self.std_flip]
+        mean, std = stored[self.mean], None if self.std is None else stored[self.std]
+        if flip:  # flip_at_load: the exact mirror of the stored image
+            return mean[:, :, ::-1], None if std is None else std[:, :, ::-1]
+        return mean, std
+
+    def __call__(self, stored: np.ndarray, key: int) -> np.ndarray:
+        """A whole sample on the CPU for a stored latent and its `sample_key`: the selected slices, z = mean + std·ε
+        with ε keyed on the key, normalised. (Training draws its ε on the device instead.)"""
+        mean, std = self.select(stored, key)
+        z = mean.astype(np.float32)  # (C, H, W), a copy
         if std is not None:
             # In place, without temporaries: the same float32 roundings as z + float32(std)·ε (fp16 → fp32 exact).
             eps = sample_normal(key, z.shape, self.generator)  # (C, H, W)
             z += np.multiply(std, eps, out=eps)
-        if flip and self.flip_at_load:
-            z = z[:, :, ::-1]  # exact mirror of the stored image (a view of our own buffer)
         return self.norm.normalize_array(z)  # (C, H, W)
 
 
-def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 batch to fill. In a DataLoader worker it lives in shared memory from the start, so
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """An uninitialised batch to fill. In a DataLoader worker it lives in shared memory from the start, so
     handing it to the main process copies nothing: torch otherwise moves every returned tensor there with a copy
     (np.stack + that move: 7.8 ms of CPU for 256 × 4×32×32, against 2 ms to fill shared memory directly)."""
     if torch.utils.data.get_worker_info() is not None:
         try:
-            storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-            return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+            storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
         except (AttributeError, RuntimeError):  # no such allocator here: a plain tensor, moved (copied) by torch
             pass
-    return torch.empty(shape, dtype=torch.float32)
+    return torch.empty(shape, dtype=dtype)
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """Map-style over keys (epoch, q): returns rank `rank`'s part of global micro-batch q of `epoch`, ready to train.
+    """Map-style over keys (epoch, q): returns rank `rank`'s part of global micro-batch q of `epoch`: each sample's
+    stored mean (and std) as fp16, its flip applied, its label. The step draws ε and normalises on the device.
     With `captions`, also one of each image's captions (tokens padded to the manifest's longest caption)."""
 
-    def __init__(self, store: ShardStore, order: EpochOrder, plan: Plan, rank: int, seed: int,
-                 norm: LatentNorm | None = None, captions: bool = False):
+    def __init__(self, store: ShardStore, order: EpochOrder, plan: Plan, rank: int, seed: int, captions: bool = False):
         self.store, self.order, self.plan, self.rank, self.seed = store, order, plan, rank, seed
-        self.view = LatentView(store.manifest, norm)
+        self.view = LatentView(store.manifest)
         if captions and not store.text:
             raise ShardError(f"{store.folder}: these shards carry no caption embeddings; encode with --captions")
         self.captions = captions
@@ -370,18 +383,22 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, q = key
         indices = self.order(epoch, self.plan.positions(q, self.rank))
-        latents, labels = None, []
+        shape = (len(indices), *self.store.shape[1:])  # (B, C, H, W)
+        mean = _batch_tensor(shape)
+        std = _batch_tensor(shape) if self.view.has_std else None
+        means, stds, labels = mean.numpy(), None if std is None else std.numpy(), []
         for k, g in enumerate(indices):
             stored, label = self.store.read(int(g))
-            z = self.view(stored, sample_key(self.seed, epoch, g))  # (C, H, W) float32
-            if latents is None:
-                latents = _batch_tensor((len(indices), *z.shape))
-                out = latents.numpy()
-            out[k] = z
+            m, s = self.view.select(stored, sample_key(self.seed, epoch, g))  # (C, H, W) fp16 views
+            means[k] = m
+            if s is not None:
+                stds[k] = s
             labels.append(label)
-        batch = {"latents": latents,  # (B, C, H, W) float32
+        batch = {"mean": mean,  # (B, C, H, W) float16
                  "labels": torch.tensor(labels, dtype=torch.long),  # (B,); -1 without labels
                  "indices": torch.from_numpy(indices), "epoch": epoch, "q": q}
+        if std is not None:
+            batch["std"] = std  # (B, C, H, W) float16
         if self.captions:
             batch["caption"] = self._captions(epoch, indices)
         return batch
@@ -405,13 +422,12 @@ class MicroBatches(torch.utils.data.Dataset):
 
 
 class ImageBatches(torch.utils.data.Dataset):
-    """The online-VAE baseline (`data.source: images`): the same keys, order and per-sample draws (flip bit, then ε)
-    as MicroBatches, but yields decoded images; the training step encodes them with the codec every time."""
+    """The online-VAE baseline (`data.source: images`): the same keys, order and flip bits as MicroBatches, but
+    yields decoded images; the training step encodes them with the codec every time (and draws ε as for shards)."""
 
-    def __init__(self, source, order: EpochOrder, plan: Plan, rank: int, seed: int, latent_shape: tuple[int, ...],
-                 flip: bool, stores_std: bool):
+    def __init__(self, source, order: EpochOrder, plan: Plan, rank: int, seed: int, flip: bool):
         self.source, self.order, self.plan, self.rank, self.seed = source, order, plan, rank, seed
-        self.latent_shape, self.flip, self.stores_std = tuple(latent_shape), flip, stores_std
+        self.flip = flip
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         from pipeline.errors import DataError
@@ -419,8 +435,7 @@ class ImageBatches(torch.utils.data.Dataset):
 
         epoch, q = key
         indices = self.order(epoch, self.plan.positions(q, self.rank))
-        pixels, eps, labels = [], [], []
-        generator = torch.Generator()
+        pixels, labels = [], []
         for g in indices:
             key = sample_key(self.seed, epoch, int(g))
             try:
@@ -429,11 +444,8 @@ class ImageBatches(torch.utils.data.Dataset):
                 raise DataError(f"{self.source.sample_meta(int(g))['file']}: {e}. The online mode cannot skip inputs; "
                                 "encode shards instead (`ditpipe encode`), which skips and records them") from None
             pixels.append(img[:, ::-1] if self.flip and sample_flip(key) else img)
-            eps.append(sample_normal(key, self.latent_shape, generator) if self.stores_std
-                       else np.zeros(self.latent_shape, np.float32))
             labels.append(-1 if self.source.items[int(g)].label is None else self.source.items[int(g)].label)
         return {"pixels": torch.from_numpy(np.ascontiguousarray(np.stack(pixels))),  # (B, H, W, 3) uint8
-                "eps": torch.from_numpy(np.stack(eps)),  # (B, C, h, w) float32
                 "labels": torch.tensor(labels, dtype=torch.long), "indices": torch.from_numpy(indices),
                 "epoch": epoch, "q": q}
 

@@ -29,6 +29,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.diffusion import micro_loss
 from pipeline.ema import EMA, ema_decay
+from pipeline.latent_norm import LatentNorm
 from pipeline.loader import Plan
 
 # The optimizer's own execution flags: fixed by this build, never by a checkpoint (one written on a CPU without
@@ -36,28 +37,45 @@ from pipeline.loader import Plan
 _OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
-def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The generator for one optimizer step on one rank: timesteps, noise and label dropout come from it alone."""
-    key = int(np.random.SeedSequence([seed, step, rank, 3]).generate_state(1, np.uint64)[0] >> 1)
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of one optimizer step, the same on every rank: all of the step's draws come from it."""
+    key = int(np.random.SeedSequence([seed, step, 3]).generate_state(1, np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(key)
 
 
-def step_draws(objective, gen: torch.Generator, n: int, latent_shape: tuple[int, int, int], drop_prob: float,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """All of one step's random draws for this rank's n = B·accum samples, at once and in a fixed order, so that
-    accumulation only splits the batch: B=8 × 1 and B=4 × 2 see the same timesteps, noise and dropout. The dropout
-    mask is None when nothing can be dropped (a model without a null class must not be handed one)."""
-    t = objective.sample_timesteps(n, gen, device)  # (n,)
-    noise = torch.randn((n, *latent_shape), generator=gen, device=device)  # (n, C, H, W)
-    drop = torch.rand(n, generator=gen, device=device) < drop_prob  # (n,) CFG label dropout, once per sample
-    return t, noise, (drop if drop_prob > 0 else None)
+class Draws(NamedTuple):
+    """One optimizer step's random draws for each position 0 … G−1 of its global batch (G = B·accum·world)."""
+
+    t: torch.Tensor  # (G,) timesteps
+    noise: torch.Tensor  # (G, C, H, W) the diffusion noise
+    drop: torch.Tensor | None  # (G,) bool label dropout; None when nothing can be dropped
+    eps: torch.Tensor | None  # (G, C, H, W) the posterior noise in z = mean + std·ε; None without a std
+
+    def at(self, start: int, stop: int) -> "Draws":
+        return Draws(*(None if d is None else d[start:stop] for d in self))
+
+
+def step_draws(objective, gen: torch.Generator, global_batch: int, latent_shape: tuple[int, int, int],
+               drop_prob: float, posterior: bool, device: torch.device) -> Draws:
+    """All of one step's draws, for the whole global batch, in a fixed order. Every rank draws all of them and takes
+    its positions, so no draw depends on the world size, the accumulation or the batch size at the same global
+    batch: 1 process × 4 micro-batches, 2 × 2 and 4 × 1 train on the same draws (and, the order being keyed on
+    positions, the same samples). The dropout mask is None when nothing can be dropped (a model without a null
+    class must not be handed one). A few MB for a large global batch; a GPU draws it in microseconds."""
+    t = objective.sample_timesteps(global_batch, gen, device)  # (G,)
+    noise = torch.randn((global_batch, *latent_shape), generator=gen, device=device)  # (G, C, H, W)
+    drop = torch.rand(global_batch, generator=gen, device=device) < drop_prob  # (G,) once per sample
+    eps = torch.randn((global_batch, *latent_shape), generator=gen, device=device) if posterior else None
+    return Draws(t, noise, drop if drop_prob > 0 else None, eps)
 
 
 class Micro(NamedTuple):
-    """One micro-batch as the step consumes it: x0 (B, C, H, W) on the device, the model's y, and the loader's
-    batch (indices, epoch) for observers."""
+    """One micro-batch as the step consumes it, on the device: the posterior's mean and std (None for a
+    deterministic codec), (B, C, H, W) each, as stored; the model's y; the loader's batch (indices, epoch) for
+    observers."""
 
-    x0: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor | None
     y: object
     batch: dict | None = None
 
@@ -67,8 +85,10 @@ class StepStats:
     """Device-side counters the step updates and the loop reads only at log steps."""
 
     device: torch.device
-    loss_sum: torch.Tensor = None  # () float32: this rank's finite step losses since the last read
-    finite_steps: torch.Tensor = None  # () float32: how many steps that sum holds
+    # Summed over the ranks at log steps, these are the global mean step loss and the number of steps it averages:
+    # each rank adds its share (loss / world, 1 / world), so a resume on another world size adds up the same.
+    loss_sum: torch.Tensor = None  # () float32: this rank's share of the finite step losses since the last read
+    finite_steps: torch.Tensor = None  # () float32: this rank's share of the count of those steps
     nonfinite_run: torch.Tensor = None  # () long: steps in a row with a non-finite loss on some rank
     nonfinite_total: torch.Tensor = None  # () long: such steps in the whole run (checkpointed)
     nonfinite_worst: torch.Tensor = None  # () long: the longest such run since the last read
@@ -105,6 +125,8 @@ class Step:
     objective: object
     plan: Plan
     latent_shape: tuple[int, int, int]
+    norm: LatentNorm  # the manifest's latent normalisation, applied to z = mean + std·ε on the device
+    posterior: bool  # the data has a std (a VAE posterior): the step draws ε
     seed: int
     rank: int
     drop_prob: float
@@ -118,30 +140,33 @@ class Step:
         self.stats = StepStats(self.acc.device)
 
     def __call__(self, step: int, lr: float, feed: Callable[[], Micro],
-                 observe: Callable[[int, int, Micro, torch.Tensor], None] | None = None) -> None:
+                 observe: Callable[[int, int, Micro, torch.Tensor, Draws], None] | None = None) -> None:
         """Optimizer step `step` (0-based) at learning rate `lr`: `plan.accum` micro-batches from `feed`, then
-        clipping, the optimizer and the EMA. `observe(step, micro, batch, loss)` sees each micro-batch's loss (a
-        debugging aid; reading the loss syncs)."""
+        clipping, the optimizer and the EMA. `observe(step, micro, batch, loss, draws)` sees each micro-batch's loss
+        and its positions' draws (a debugging aid; reading them syncs)."""
         acc, plan, stats, device = self.acc, self.plan, self.stats, self.acc.device
         for group in self.opt.param_groups:
             group["lr"] = lr
-        draws = step_draws(self.objective, step_generator(self.seed, step, self.rank, device),
-                           plan.batch_size * plan.accum, self.latent_shape, self.drop_prob, device)
+        draws = step_draws(self.objective, step_generator(self.seed, step, device), plan.global_batch,
+                           self.latent_shape, self.drop_prob, self.posterior, device)
         step_loss = torch.zeros((), device=device)
         for micro in range(plan.accum):
             m = feed()
-            part = slice(micro * plan.batch_size, (micro + 1) * plan.batch_size)
+            start = (micro * plan.world_size + self.rank) * plan.batch_size  # this rank's block of the micro-batch
+            mine = draws.at(start, start + plan.batch_size)
+            z = m.mean.float() if m.std is None else m.mean.float() + m.std.float() * mine.eps  # (B, C, H, W)
+            x0 = self.norm.normalize(z)  # (B, C, H, W) float32, in the model's space
             last = micro == plan.accum - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                loss = micro_loss(self.model, self.objective, m.x0, m.y, self.conditional,
-                                  *(None if d is None else d[part] for d in draws)).mean()
+                loss = micro_loss(self.model, self.objective, x0, m.y, self.conditional, mine.t, mine.noise,
+                                  mine.drop).mean()
                 step_loss += loss.detach() / plan.accum
                 if last:  # a non-finite loss anywhere makes every rank's gradient NaN (the all-reduce spreads it)
                     bad = ~torch.isfinite(step_loss)
                     loss = loss * torch.where(bad, torch.nan, 1.0)
                 acc.backward(loss / plan.accum)
             if observe is not None:
-                observe(step, micro, m, loss)
+                observe(step, micro, m, loss, mine)
         bad = _any_rank(acc, ~torch.isfinite(step_loss))  # () bool, the same on every rank
         grad_norm = acc.clip_grad_norm_(self.raw.parameters(), self.max_grad_norm or math.inf)  # unscales first
         applied = torch.isfinite(grad_norm)  # () bool: false for a poisoned step and for an fp16 overflow
@@ -153,8 +178,8 @@ class Step:
         if self.ema is not None:
             self.ema.update(ema_decay(step, self.ema_decay, self.ema_warmup), applied)
         self.opt.zero_grad(set_to_none=True)
-        stats.loss_sum += torch.where(bad, 0.0, step_loss)
-        stats.finite_steps += (~bad).float()
+        stats.loss_sum += torch.where(bad, 0.0, step_loss) / plan.world_size
+        stats.finite_steps += (~bad).float() / plan.world_size
         stats.nonfinite_run.copy_(torch.where(bad, stats.nonfinite_run + 1, 0))
         stats.nonfinite_total += bad.long()
         torch.maximum(stats.nonfinite_worst, stats.nonfinite_run, out=stats.nonfinite_worst)
@@ -169,8 +194,8 @@ def _any_rank(acc, flag: torch.Tensor) -> torch.Tensor:
 
 
 def build_step(acc, model: torch.nn.Module, objective, plan: Plan, latent_shape: tuple[int, int, int], *,
-               training, drop_prob: float, conditional: bool, compile: bool, rank: int,
-               resume: Path | None = None) -> Step:
+               norm: LatentNorm, posterior: bool, training, drop_prob: float, conditional: bool, compile: bool,
+               rank: int, resume: Path | None = None) -> Step:
     """The step's parts in the order DESIGN.md prescribes (module docstring). `training` is the config's
     TrainingConfig; `resume` a validated checkpoint folder to load the model, EMA, optimizer and scaler from."""
     t = training
@@ -184,8 +209,8 @@ def build_step(acc, model: torch.nn.Module, objective, plan: Plan, latent_shape:
     raw = acc.unwrap_model(model, keep_torch_compile=False)
     if compile:
         model = torch.compile(model)
-    return Step(acc, model, raw, opt, ema, objective, plan, latent_shape, t.seed, rank, drop_prob, conditional,
-                t.max_grad_norm, t.ema_decay, t.ema_warmup)
+    return Step(acc, model, raw, opt, ema, objective, plan, latent_shape, norm, posterior, t.seed, rank, drop_prob,
+                conditional, t.max_grad_norm, t.ema_decay, t.ema_warmup)
 
 
 def load_state(ckpt: Path, model: torch.nn.Module, ema: EMA | None, opt: torch.optim.Optimizer, scaler) -> None:

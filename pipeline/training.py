@@ -12,7 +12,6 @@ import torch
 from pipeline import shards
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ShardError
-from pipeline.latent_norm import LatentNorm
 from pipeline.loader import is_url, open_shards
 from pipeline.model import build_dit
 
@@ -87,18 +86,19 @@ def open_data(cfg: Config, device: torch.device):
 
 
 def precomputed_latents(device: torch.device):
-    return lambda batch: batch["latents"].to(device, non_blocking=True)
+    """batch → (mean, std or None) on `device`, fp16 as stored (the step draws ε and normalises there)."""
+
+    def posterior(batch: dict):
+        std = batch.get("std")
+        return (batch["mean"].to(device, non_blocking=True),  # (B, C, H, W)
+                None if std is None else std.to(device, non_blocking=True))
+
+    return posterior
 
 
-def online_latents(codec, norm: LatentNorm, device: torch.device):
-    """The baseline's per-step encode: z = (mean + std·ε − shift)·scale, ε and the flip drawn by the loader."""
-
-    def to_latents(batch: dict) -> torch.Tensor:
-        mean, std = codec.encode(batch["pixels"])  # (B, C, h, w) each, std None for pixels
-        z = mean if std is None else mean + std * batch["eps"].to(device)
-        return norm.normalize(z).to(device)  # (B, C, h, w)
-
-    return to_latents
+def online_latents(codec):
+    """The baseline's per-step encode: batch → the codec's (mean, std or None), float32 on its device (the run's)."""
+    return lambda batch: codec.encode(batch["pixels"])  # (B, C, h, w) each
 
 
 def conditioning_for(cfg: Config, manifest: dict) -> str:
@@ -155,11 +155,12 @@ def batch_condition(conditioning: str, device: torch.device):
     return lambda batch: batch["labels"].to(device, non_blocking=True)  # (B,); unused when unconditional
 
 
-def training_batches(cfg: Config, manifest: dict, store, online, plan, rank: int, norm: LatentNorm,
-                     conditioning: str, exclude, start_step: int, end_step: int, device: torch.device):
-    """(DataLoader, to_latents): this rank's micro-batches from optimizer step `start_step` to `end_step`, read from
-    the shards (or, for the online baseline, decoded images), and the function that turns one into the step's x0 on
-    `device`. The order is EpochOrder's: a pure function of (training.seed, epoch, position)."""
+def training_batches(cfg: Config, manifest: dict, store, online, plan, rank: int, conditioning: str, exclude,
+                     start_step: int, end_step: int, device: torch.device):
+    """(DataLoader, posterior): this rank's micro-batches from optimizer step `start_step` to `end_step`, read from
+    the shards (or, for the online baseline, decoded images), and the function that turns one into the posterior's
+    (mean, std or None) on `device`. The order is EpochOrder's: a pure function of (training.seed, epoch,
+    position)."""
     from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, make_loader
 
     t, spp = cfg.training, manifest["samples_per_shard"]
@@ -167,12 +168,11 @@ def training_batches(cfg: Config, manifest: dict, store, online, plan, rank: int
                                                       for i in range(0, manifest["num_samples"], spp)]
     order = EpochOrder(counts, t.seed, cfg.data.shuffle_window, exclude=exclude)
     if store is not None:
-        dataset = MicroBatches(store, order, plan, rank, t.seed, norm, captions=conditioning == "caption")
-        to_latents = precomputed_latents(device)
+        dataset = MicroBatches(store, order, plan, rank, t.seed, captions=conditioning == "caption")
+        posterior = precomputed_latents(device)
     else:
-        _, c, h, w = manifest["latent"]["shape"]
         source, codec = online
-        dataset = ImageBatches(source, order, plan, rank, t.seed, (c, h, w), cfg.shards.flip, codec.stores_std)
-        to_latents = online_latents(codec, norm, device)
+        dataset = ImageBatches(source, order, plan, rank, t.seed, cfg.shards.flip)
+        posterior = online_latents(codec)
     loader = make_loader(dataset, plan, start_step, end_step, cfg.data.num_workers, pin_memory=device.type == "cuda")
-    return loader, to_latents
+    return loader, posterior

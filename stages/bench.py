@@ -17,8 +17,8 @@ encode   our real encode stage (`stages.encode.encode`: decode workers, ADM crop
          manifest) is reported beside. Plus JPEG decode with and without PIL's draft mode. VAE shapes: `sd`
          (sd-vae-ft-ema's architecture with random weights: the same cost) or `tiny`; both are built offline and
          loaded through `from_pretrained`, the real loading path.
-loader   training-ready samples/s (ε drawn, flip chosen, collated into batches: what `MicroBatches` yields through
-         `make_loader`) from our tar shards and our Parquet shards, against fast-DiT's layout (one `.npy` per
+loader   training-ready samples/s (flip chosen, the stored fp16 slices copied and collated into batches: what
+         `MicroBatches` yields through `make_loader`; ε is drawn by the training step on the device) from our tar shards and our Parquet shards, against fast-DiT's layout (one `.npy` per
          sample for the latent, one for the label) read by `np.load` and then doing the very same work (the same
          `MicroBatches` with a per-file store), the same samples, order, batch and worker count. Each trial times a
          second pass with warm workers; trials rotate the three readers. Also single-process per-sample costs.
@@ -49,12 +49,13 @@ JSON (schema "ditpipe-bench/1"; rates per second of wall time, times in seconds,
          per_sample_us{worker_tar, worker_parquet, worker_npy,   (CPU µs a sample: W stores round-robin over one
                                                                   epoch from cold, as the workers run, opens included)
                        microbatch_tar, microbatch_parquet, microbatch_npy,  (the same, shards open: per-sample work)
-                       read_tar, read_parquet, read_npy, sample_key, eps_draw, latent_view},  (its parts)
+                       read_tar, read_parquet, read_npy, sample_key, latent_view,   (its parts)
+                       eps_draw},          (a keyed CPU ε draw: what the loader no longer does, for comparison)
          cpu_ceiling_samples_per_s{tar, parquet, npy}         (cores / worker CPU time: no loader can beat it),
          loader_cpu_us_per_sample{tar, parquet, npy}          (CPU of the timed pass, main + workers, a sample:
                                                                unlike the rate, barely moved by other load),
          cpu_bound_samples_per_s{tar, parquet, npy}           (cores / that: the rate on an otherwise idle machine),
-         eps_ceiling_samples_per_s}                           (cores / ε draw alone)
+         eps_ceiling_samples_per_s}                           (cores / ε draw alone: the old loader's bound)
   train{model, vae_shape, vae_dtype, image_size, latent_shape, batch_size, accum, precision, num_workers,
         precomputed{steps, seconds, steps_per_s, images_per_s}, online{...}, speedup, t_step_s, t_vae_s,
         ideal_ratio, achieved_fraction, dit_gflops_per_step, vae_gflops_per_step, mfu_precomputed, mfu_online,
@@ -738,7 +739,7 @@ def task_loader_rates(o: BenchOptions, folders: dict) -> dict:
             cpu0 = _cpu_seconds(pids)
             n, t0 = 0, time.perf_counter()
             for batch in loader:
-                n += len(batch["latents"])
+                n += len(batch["mean"])
             seconds = time.perf_counter() - t0
             cpu1 = _cpu_seconds(pids)
             trials[kind].append(n / seconds)
@@ -783,12 +784,12 @@ def task_loader_rates(o: BenchOptions, folders: dict) -> dict:
             us["sample_key"] = (time.process_time() - t0) / len(idx) * 1e6
             shape = stored.shape[1:]
             t0 = time.process_time()
-            for key in keys:
+            for key in keys:  # no longer the loader's: the step draws ε on the device (kept for comparison)
                 sample_normal(key, shape, view.generator)
             us["eps_draw"] = (time.process_time() - t0) / len(idx) * 1e6
             t0 = time.process_time()
-            for g in idx:
-                view(stored, sample_key(o.seed, 0, int(g)))
+            for key in keys:
+                view.select(stored, key)
             us["latent_view"] = (time.process_time() - t0) / len(idx) * 1e6
         del sets, ds
     return {"trials": trials, "per_sample_us": us, "loader_cpu_us": cpu_us}
@@ -863,13 +864,14 @@ class _Trainer:
         torch.manual_seed(t.seed)
         model = build_model(cfg, manifest, num_classes_for(cfg, manifest)).to(device)
         objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
-        self.step_fn = build_step(acc, model, objective, plan, self.latent_shape, training=t, rank=0,
+        self.step_fn = build_step(acc, model, objective, plan, self.latent_shape,
+                                  norm=LatentNorm.from_manifest(manifest, cfg.data.latent_norm),
+                                  posterior="std" in manifest["latent"]["slices"], training=t, rank=0,
                                   drop_prob=cfg.model.class_dropout_prob, conditional=conditioning != "none",
                                   compile=cfg.model.compile)
         self.total_steps = 10**6
-        norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
-        self.loader, self.to_latents = training_batches(cfg, manifest, store, online, plan, 0, norm, conditioning,
-                                                        None, 0, self.total_steps, device)
+        self.loader, self.to_latents = training_batches(cfg, manifest, store, online, plan, 0, conditioning, None, 0,
+                                                        self.total_steps, device)
         self.batches, self.to_y = iter(self.loader), batch_condition(conditioning, device)
         self.step_index = 0
 
@@ -877,7 +879,7 @@ class _Trainer:
         from pipeline.step import Micro
 
         batch = next(self.batches)
-        return Micro(self.to_latents(batch), self.to_y(batch), batch)
+        return Micro(*self.to_latents(batch), self.to_y(batch), batch)
 
     def step(self, feed=None) -> None:
         from pipeline.schedule import lr_at
@@ -894,7 +896,7 @@ class _Trainer:
         from pipeline.step import forward_flops
 
         s = self.step_fn
-        return 3 * forward_flops(s.raw, s.objective, m.x0, m.y, s.conditional) * s.plan.accum
+        return 3 * forward_flops(s.raw, s.objective, m.mean.float(), m.y, s.conditional) * s.plan.accum
 
     def close(self) -> None:
         del self.batches, self.loader
@@ -1019,7 +1021,7 @@ def task_loader_memory(o: BenchOptions, folder: str) -> dict:
     it = iter(loader)
     n = 0
     for batch in it:
-        n += len(batch["latents"])
+        n += len(batch["mean"])
     workers = [w.pid for w in getattr(it, "_workers", [])]  # persistent: still alive after the run
     peaks = [_vm_hwm_mib(pid) for pid in workers]
     main = _vm_hwm_mib()

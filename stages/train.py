@@ -45,7 +45,9 @@ RECORD_ENV = "DITPIPE_RECORD_SAMPLES"
 # Keys that may differ between a run's saved config and the one it resumes with (DESIGN.md, Runs and checkpoints).
 # A no-grad forward keeps no activations for backward, so the held-out loss takes this many times the micro-batch.
 EVAL_BATCH_FACTOR = 4
-RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "logging.", "checkpointing.", "validation.")
+# training.batch_size and gradient_accumulation_steps may change only with the global batch kept (`elastic_split`).
+RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "training.batch_size",
+                     "training.gradient_accumulation_steps", "logging.", "checkpointing.", "validation.")
 
 
 @dataclass
@@ -86,8 +88,9 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     held_spec = open_held_out(cfg, manifest, store)  # None without a held-out set
     excluded = held_spec.exclude if held_spec else np.zeros(0, dtype=np.int64)  # never trained on
     saved = _validated(group, resume) if resume else None  # rank 0 hashes the files; every rank gets its answer
-    if saved:  # first: every later check (epoch length, end step) depends on the world size
-        _check_world_size(saved, world, resume)
+    elastic_note = None
+    if saved:  # first: every later check (epoch length, end step) depends on the split of the global batch
+        elastic_note = elastic_split(cfg, saved, world, resume)
     plan = Plan(manifest["num_samples"] - len(excluded), t.batch_size, t.gradient_accumulation_steps, world)
     if plan.steps_per_epoch == 0:
         raise ConfigError([("training.batch_size", f"the global batch ({plan.global_batch} = batch × accumulation × "
@@ -122,9 +125,10 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         acc.wait_for_everyone()
         if acc.is_main_process:
             _new_run_dir(run_dir, cfg)
-    step_fn = build_step(acc, model, objective, plan, latent_shape, training=t, rank=rank,
-                         drop_prob=cfg.model.class_dropout_prob, conditional=conditioning != "none",
-                         compile=cfg.model.compile, resume=resume if saved else None)
+    step_fn = build_step(acc, model, objective, plan, latent_shape, norm=norm, posterior=_posterior(manifest),
+                         training=t, rank=rank, drop_prob=cfg.model.class_dropout_prob,
+                         conditional=conditioning != "none", compile=cfg.model.compile,
+                         resume=resume if saved else None)
     raw, ema, stats = step_fn.raw, step_fn.ema, step_fn.stats
     start_step = int(saved["step"]) if saved else 0
     if saved and acc.is_main_process:
@@ -134,24 +138,21 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                      resume_step=start_step if saved else None)
     if acc.is_main_process:
         _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step)
+        if elastic_note:
+            console.print(f"[cyan]elastic:[/] {elastic_note}", highlight=False, soft_wrap=True)
         for note in init_notes:
             console.print(f"[cyan]init:[/] {note}", highlight=False, soft_wrap=True)
-    loader, to_latents = training_batches(cfg, manifest, store, online, plan, rank, norm, conditioning, excluded,
-                                          start_step, end_step, device)
+    loader, posterior = training_batches(cfg, manifest, store, online, plan, rank, conditioning, excluded,
+                                         start_step, end_step, device)
     batches = iter(loader)  # draws a base seed from torch's global RNG: restore the saved states after it
-    if saved and (resume / f"rng-rank{rank}.pt").is_file():
-        rank_state = checkpoint.load_tensors(resume / f"rng-rank{rank}.pt")
-        checkpoint.set_rng_state(rank_state, device)
-        stats.loss_sum += rank_state["log_window"][0].to(device)  # the unlogged steps before the kill
-        stats.finite_steps += rank_state["log_window"][1].to(device)
     if saved:
-        stats.nonfinite_total.fill_(int(saved.get("nonfinite_total", 0)))
+        _restore_rank_state(resume, saved, rank, world, stats, device)
     to_y = batch_condition(conditioning, device)
     last: list[Micro] = []  # the latest micro-batch: the closing summary counts FLOPs on one like it
 
     def feed() -> Micro:
         batch = next(batches)
-        last[:] = [Micro(to_latents(batch), to_y(batch), batch)]  # x0 (B, C, H, W) on the device, y
+        last[:] = [Micro(*posterior(batch), to_y(batch), batch)]  # mean, std (B, C, H, W) on the device, y
         return last[0]
 
     record = _SampleRecord.from_env(rank)
@@ -343,7 +344,8 @@ def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, nonfinite_
 
     return {"written_by": f"ditpipe {__version__}", "step": step, "epoch": step // plan.steps_per_epoch,
             "samples_consumed": step * plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
-            "total_steps": total_steps, "world_size": plan.world_size, "config_hash": cfg.hash(),
+            "total_steps": total_steps, "world_size": plan.world_size, "global_batch": plan.global_batch,
+            "batch_size": plan.batch_size, "gradient_accumulation_steps": plan.accum, "config_hash": cfg.hash(),
             "nonfinite_total": nonfinite_total,
             "versions": {name: version(name) for name in ("torch", "accelerate", "numpy", "ditpipe")}}
 
@@ -377,13 +379,68 @@ def _needed_bytes(raw) -> int:
     return params * 4  # model + EMA + two Adam moments, in fp32
 
 
-def _check_world_size(saved: dict, world: int, ckpt: Path) -> None:
-    if saved["world_size"] != world:
-        raise ConfigError([("world size", f"the run was trained on {saved['world_size']} process(es) (world size "
-                                          f"{saved['world_size']}), this launch has {world}; resume with the same "
-                                          "number (the data split depends on it), e.g. `torchrun --nproc_per_node "
-                                          f"{saved['world_size']} $(which ditpipe) resume ...` when on one node")],
-                          header=f"cannot resume '{ckpt}' with a different world size")
+def elastic_split(cfg: Config, saved: dict, world: int, ckpt: Path) -> str | None:
+    """Fit the run's global batch G to this launch's world size, in place on `cfg.training`; a note of what changed.
+
+    Every draw and the data order are keyed on the global batch's positions, so any split of the same G trains the
+    same samples with the same draws. The rule: a split the config already gives (B × A × world = G) is used as it
+    is; otherwise, when the config kept the run's batch_size and accumulation (they were not overridden), keep
+    batch_size and choose the accumulation, else keep the accumulation and choose batch_size; anything else is
+    refused, listing every split that keeps G."""
+    t = cfg.training
+    run_b, run_a = saved.get("batch_size", t.batch_size), saved.get("gradient_accumulation_steps",
+                                                                     t.gradient_accumulation_steps)
+    g = int(saved.get("global_batch") or run_b * run_a * saved["world_size"])
+    if t.batch_size * t.gradient_accumulation_steps * world == g:
+        if world == saved["world_size"]:
+            return None
+        return (f"the run was trained on {saved['world_size']} process(es), this launch has {world}: batch "
+                f"{t.batch_size} × accumulation {t.gradient_accumulation_steps} × {world} keeps its global batch {g}")
+    overridden = (t.batch_size, t.gradient_accumulation_steps) != (run_b, run_a)
+    choice = None
+    if not overridden and g % (t.batch_size * world) == 0:
+        choice = (t.batch_size, g // (t.batch_size * world))
+    elif not overridden and g % (t.gradient_accumulation_steps * world) == 0:
+        choice = (g // (t.gradient_accumulation_steps * world), t.gradient_accumulation_steps)
+    if choice is None:
+        splits = [f"batch_size {b} × gradient_accumulation_steps {g // (b * world)}" for b in range(1, g // world + 1)
+                  if g % world == 0 and (g // world) % b == 0]
+        hint = ("; possible with " + str(world) + " process(es): " + ", ".join(splits[:8])
+                + (" ..." if len(splits) > 8 else "") + " (pass them as --training.batch_size B "
+                "--training.gradient_accumulation_steps A)") if splits else \
+            f"; no split of {g} over {world} process(es) exists: use a world size that divides {g}"
+        raise ConfigError([("world size", f"the run's global batch is {g} (batch {run_b} × accumulation {run_a} × "
+                                          f"{saved['world_size']} process(es)); this launch ({t.batch_size} × "
+                                          f"{t.gradient_accumulation_steps} × {world}) does not keep it{hint}")],
+                          header=f"cannot resume '{ckpt}' on {world} process(es)")
+    t.batch_size, t.gradient_accumulation_steps = choice
+    return (f"the run was trained on {saved['world_size']} process(es) (batch {run_b} × accumulation {run_a}), this "
+            f"launch has {world}: batch {choice[0]} × accumulation {choice[1]} keeps its global batch {g}, so the "
+            "same samples and draws at every step")
+
+
+def _restore_rank_state(ckpt: Path, saved: dict, rank: int, world: int, stats, device: torch.device) -> None:
+    """The saved per-rank state that still applies: this rank's global RNG states when the checkpoint has its file
+    (the step draws from keyed generators alone, so a rank the run did not have needs none), and, on rank 0, every
+    saved rank's share of the unlogged loss window, so the first log line after a resume on any world size averages
+    the same steps as an uninterrupted run's."""
+    own = ckpt / f"rng-rank{rank}.pt"
+    windows = [own] if own.is_file() else []
+    if own.is_file():
+        checkpoint.set_rng_state(checkpoint.load_tensors(own), device)
+    if rank == 0:  # the saved ranks this launch does not have: rank 0 takes their shares
+        windows += [ckpt / f"rng-rank{r}.pt" for r in range(world, int(saved["world_size"]))]
+    for path in windows:
+        if path.is_file():
+            window = checkpoint.load_tensors(path)["log_window"]
+            stats.loss_sum += window[0].to(device)
+            stats.finite_steps += window[1].to(device)
+    stats.nonfinite_total.fill_(int(saved.get("nonfinite_total", 0)))
+
+
+def _posterior(manifest: dict) -> bool:
+    """Whether the latents are a posterior with a std (a VAE), for which the step draws ε."""
+    return "std" in manifest["latent"]["slices"]
 
 
 def _check_same_encoders(ckpt: Path, manifest: dict) -> None:
@@ -445,9 +502,9 @@ def _new_run_dir(run_dir: Path, cfg: Config) -> None:
 
 class _SampleRecord:
     """A debugging aid, off unless DITPIPE_RECORD_SAMPLES=PATH is set: every rank appends one JSON line per
-    micro-batch it trains on, `{"rank", "step", "micro", "epoch", "q", "indices", "loss"}` (global sample indices,
-    this rank's local micro-batch mean loss), so exactly-once across ranks and the loss reduction can be checked from
-    outside. Each line is one O_APPEND write, so the ranks may share one file. It costs a device sync per
+    micro-batch it trains on, `{"rank", "step", "micro", "epoch", "q", "indices", "loss", "t", "noise"}` (global
+    sample indices, this rank's local micro-batch mean loss, and each sample's timestep and diffusion-noise sum),
+    so exactly-once across ranks, the loss reduction and the per-position draws can be checked from outside. Each line is one O_APPEND write, so the ranks may share one file. It costs a device sync per
     micro-batch; never set it for real runs."""
 
     def __init__(self, path: str, rank: int):
@@ -458,10 +515,12 @@ class _SampleRecord:
         path = os.environ.get(RECORD_ENV)
         return cls(path, rank) if path else None
 
-    def write(self, step: int, micro: int, m: Micro, loss: torch.Tensor) -> None:
+    def write(self, step: int, micro: int, m: Micro, loss: torch.Tensor, draws) -> None:
         batch = m.batch
         line = {"rank": self.rank, "step": step, "micro": micro, "epoch": int(batch["epoch"]), "q": int(batch["q"]),
-                "indices": [int(g) for g in batch["indices"]], "loss": float(loss.detach().float().item())}
+                "indices": [int(g) for g in batch["indices"]], "loss": float(loss.detach().float().item()),
+                "t": [round(float(x), 6) for x in draws.t], "noise": [round(float(x), 4) for x in
+                                                                    draws.noise.flatten(1).sum(1)]}
         os.write(self.fd, (json.dumps(line) + "\n").encode())
 
 
@@ -580,7 +639,7 @@ def _train_flops_per_sample(step: Step, last: list, device: torch.device) -> flo
         return None
     m = last[0]
     with torch.random.fork_rng(devices=[device]):
-        return 3 * forward_flops(step.raw, step.objective, m.x0, m.y, step.conditional) / len(m.x0)
+        return 3 * forward_flops(step.raw, step.objective, m.mean.float(), m.y, step.conditional) / len(m.mean)
 
 
 def _closing(console, run_dir: Path, loss: float, seconds: float, images: int, step: int, nonfinite: int,

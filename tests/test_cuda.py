@@ -73,7 +73,8 @@ def test_30_steps_train_and_their_checkpoint_loads_strictly(tmp_path, shards, pr
 def _step(precision):
     from pipeline.device import make_accelerator
     from pipeline.diffusion import make_objective
-    from pipeline.loader import Plan
+    from pipeline.latent_norm import LatentNorm
+from pipeline.loader import Plan
     from pipeline.model import build_dit
     from pipeline.step import Micro, build_step
 
@@ -82,9 +83,10 @@ def _step(precision):
     model = build_dit("DiT-S/2", input_size=16, in_channels=3, num_classes=8, learn_sigma=True, hidden_size=64,
                       depth=2, num_heads=4, class_dropout_prob=0.1)
     step = build_step(acc, model, make_objective("ddpm", True), Plan(512, 16, 2, 1), (3, 16, 16),
-                      training=cfg.training, drop_prob=0.1, conditional=True, compile=False, rank=0)
+                      norm=LatentNorm("scale", (0.0,) * 3, (1.0,) * 3), posterior=False, training=cfg.training,
+                      drop_prob=0.1, conditional=True, compile=False, rank=0)
     g = torch.Generator(device=acc.device).manual_seed(0)
-    micro = Micro(torch.randn((16, 3, 16, 16), generator=g, device=acc.device),
+    micro = Micro(torch.randn((16, 3, 16, 16), generator=g, device=acc.device), None,
                   torch.randint(0, 8, (16,), generator=g, device=acc.device))
     return step, micro
 
@@ -113,7 +115,7 @@ def test_every_part_of_the_step_is_on_the_gpu_and_a_nan_skips_it(precision):
     assert {t.device.type for t in tensors} == {"cuda"}
     before = {k: v.clone() for k, v in step.ema.state_dict().items()}
     weights = {k: v.clone() for k, v in step.raw.state_dict().items()}
-    bad = micro._replace(x0=micro.x0.clone().fill_(float("nan")))
+    bad = micro._replace(mean=micro.mean.clone().fill_(float("nan")))
     step(1, 1e-3, lambda: bad)  # a skipped step (under fp16 GradScaler finds the NaN): nothing moves
     assert all(torch.equal(before[k], v) for k, v in step.ema.state_dict().items())
     assert all(torch.equal(weights[k], v) for k, v in step.raw.state_dict().items())

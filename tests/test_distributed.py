@@ -42,8 +42,11 @@ from stages.train import RECORD_ENV, train
 from conftest import assert_common_checkpoints_equal
 
 BIN = Path(sys.executable).parent
-TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "ditpipe")]
 ONE = [str(BIN / "ditpipe")]
+
+
+def torchrun(procs: int) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(procs), str(BIN / "ditpipe")]
 
 # train: 100 samples in shards of 22 (22, 22, 22, 22, 12: uneven sizes, 5 shards over 2 ranks); batch 4 × accum 2 ×
 # 2 ranks = 16 per step, 6 steps per epoch, a remainder of 4 dropped each epoch; 3 epochs
@@ -77,7 +80,7 @@ class Launch:
         self.log = logs / f"{Launch.count}.log"
         self.args = [str(a) for a in args]
         with open(self.log, "wb") as out:
-            self.p = subprocess.Popen([*(TORCHRUN if procs == 2 else ONE), *self.args], stdout=out,
+            self.p = subprocess.Popen([*(torchrun(procs) if procs > 1 else ONE), *self.args], stdout=out,
                                       stderr=subprocess.STDOUT, env=env(**extra_env), start_new_session=True)
         _LIVE.append(self)
 
@@ -412,26 +415,89 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_bitwise(shards, refer
         [(key(x), x["indices"]) for x in sorted(ref_rec, key=key)]
 
 
-def test_resume_with_another_world_size_is_refused(shards, reference, tmp_path, cli):
+# ---------------------------------------------------------------------------------------------------- elastic
+
+
+def draws_by_step(rec: list[dict]) -> dict[int, list[tuple]]:
+    """{step: sorted (sample index, its timestep, its noise sum)} over every rank and micro-batch of the step."""
+    out: dict[int, list[tuple]] = {}
+    for x in rec:
+        out.setdefault(x["step"], []).extend(zip(x["indices"], x["t"], x["noise"]))
+    return {step: sorted(v) for step, v in out.items()}
+
+
+def relative_gap(run: Path, ref: Path, name: str = "model.pt") -> float:
+    """‖a − b‖ / ‖b‖ over every tensor of the final checkpoint's `name`."""
+    final = checkpoint.step_name(END)
+    a, b = (torch.load(p / final / name, weights_only=True) for p in (run, ref))
+    diff = sum(float((a[k].double() - b[k].double()).square().sum()) for k in b)
+    return (diff / sum(float(b[k].double().square().sum()) for k in b)) ** 0.5
+
+
+def test_the_same_global_batch_trains_the_same_samples_and_draws_on_1_2_and_4_processes(shards, reference,
+                                                                                       tmp_path):
+    """Global batch 16 as 1 process × accumulation 4, 2 × 2 (the reference) and 4 × 1: at every step the same
+    samples with the same timestep and noise for each; the weights differ only by the order of float sums."""
+    ref, ref_rec = reference("no")
+    want = draws_by_step(ref_rec)
+    assert len(want) == END and all(len(v) == PLAN.global_batch for v in want.values())
+    for procs, accum in ((1, 4), (4, 1)):
+        over = {**run_config(shards, tmp_path / "outputs", f"p{procs}"), "training.gradient_accumulation_steps": accum}
+        record = tmp_path / f"p{procs}.jsonl"
+        Launch(["train", *cli_args(over)], tmp_path / "logs", procs=procs, **{RECORD_ENV: record}).ok(timeout=600)
+        rec = records(record)
+        assert {x["rank"] for x in rec} == set(range(procs))
+        assert draws_by_step(rec) == want, f"{procs} process(es): other samples or draws"
+        run = tmp_path / "outputs" / f"p{procs}"
+        assert relative_gap(run, ref) < 1e-5 and relative_gap(run, ref, "ema.pt") < 1e-5
+        assert [m["loss"] for m in read_metrics(run)] == pytest.approx([m["loss"] for m in read_metrics(ref)],
+                                                                      rel=1e-5)
+
+
+def test_a_run_killed_on_2_processes_resumes_on_1_and_on_4(shards, reference, tmp_path):
+    """kill -9 of a 2-process run after checkpoint-8; resumed with 1 process and with 4 (the global batch kept by
+    the accumulation, as printed), it trains the uninterrupted run's samples and draws from the resume step on, and
+    ends at its weights up to float summation order."""
+    ref, ref_rec = reference("no")
+    cut = tmp_path / "cut" / "outputs" / "cut"
+    launch = start_train(shards, tmp_path / "cut", "cut", "no", **{checkpoint.PAUSE_ENV: 0.05})
+    launch.wait_for("checkpoint-8", lambda: (cut / "checkpoint-8").is_dir())
+    launch.kill_all()
+    want = draws_by_step(ref_rec)
+    for procs, accum in ((1, 4), (4, 1)):
+        run = tmp_path / f"on{procs}" / "cut"
+        shutil.copytree(cut, run)
+        resumed_from = checkpoint.find_resumable(run, warn=pytest.fail)[1]["step"]
+        record = tmp_path / f"resumed-{procs}.jsonl"
+        launch = Launch(["resume", run], tmp_path / "logs", procs=procs, **{RECORD_ENV: record}).ok(timeout=600)
+        out = " ".join(launch.output().split())
+        assert f"this launch has {procs}: batch {BATCH} × accumulation {accum} keeps its global batch 16" in out
+        got = draws_by_step(records(record))
+        assert min(got) == resumed_from and got == {s: v for s, v in want.items() if s >= resumed_from}
+        assert relative_gap(run, ref) < 1e-5
+        state = validate(run / checkpoint.step_name(END))
+        assert (state["world_size"], state["gradient_accumulation_steps"], state["global_batch"]) == (procs, accum, 16)
+
+
+def test_a_world_size_that_cannot_keep_the_global_batch_is_refused(shards, reference, tmp_path, cli):
     ref, _ = reference("no")
     run = tmp_path / "two"
     shutil.copytree(ref, run)
     before = {str(p): p.stat().st_mtime_ns for p in run.rglob("*")}
-    code, _, err = cli("resume", run / "checkpoint-8")  # one process (this one)
+    # one process, with a batch size whose split cannot make 16: refused, listing the splits that can
+    code, _, err = cli("resume", run / "checkpoint-8", "--training.batch_size", "3")
     flat = " ".join(err.split())
     assert code == 2, err
-    assert "world size" in flat and "trained on 2 process(es)" in flat and "this launch has 1" in flat
-    assert "--nproc_per_node 2" in flat
+    assert "global batch is 16 (batch 4 × accumulation 2 × 2 process(es))" in flat and "does not keep it" in flat
+    assert "batch_size 1 × gradient_accumulation_steps 16" in flat and "batch_size 16 × gradient_accumulation_steps 1" \
+        in flat
     assert {str(p): p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing touched
-
-    # and a one-process run resumed by two processes: both ranks refuse it with the message, nobody hangs
-    one = tmp_path / "one-root"
-    cfg = load_config(None, {**run_config(shards, one / "outputs", "one"), "training.max_steps": 2})
-    train(cfg)
-    launch = Launch(["resume", one / "outputs" / "one"], tmp_path / "logs")
+    # three processes: 16 has no split over 3; every rank refuses with the message, nobody hangs
+    launch = Launch(["resume", run / "checkpoint-8"], tmp_path / "logs", procs=3)
     assert launch.wait() != 0
     out = " ".join(launch.output().split())
-    assert out.count("trained on 1 process(es) (world size 1), this launch has 2") == 2, out[-3000:]
+    assert out.count("no split of 16 over 3 process(es) exists") == 3, out[-3000:]
+    assert {str(p): p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
 def test_an_existing_run_folder_is_refused_by_every_rank(shards, reference, tmp_path):

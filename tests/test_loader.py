@@ -86,7 +86,7 @@ def test_worker_count_does_not_change_the_batches(pixel_shards):
     for workers in (0, 2):
         order = EpochOrder(store.counts, 0, 8)
         loader = make_loader(MicroBatches(store, order, plan, 0, 0), plan, 0, 30, workers)
-        runs.append([(b["indices"].clone(), b["latents"].clone()) for b in loader])
+        runs.append([(b["indices"].clone(), b["mean"].clone()) for b in loader])
     assert len(runs[0]) == len(runs[1]) == 60  # 30 steps × 2 micro-batches, across epoch boundaries
     for (i0, x0), (i1, x1) in zip(*runs):
         assert torch.equal(i0, i1) and torch.equal(x0, x1)
@@ -109,8 +109,8 @@ def test_resume_starts_at_the_position_without_reading_earlier_samples(pixel_sha
     plan = Plan(200, 8, 2, 1)  # 12 steps per epoch
     full_store, tail_store = CountingStore(pixel_shards, manifest), CountingStore(pixel_shards, manifest)
     order = EpochOrder(full_store.counts, 0, 8)
-    full = [b["latents"] for b in make_loader(MicroBatches(full_store, order, plan, 0, 0), plan, 0, 20, 0)]
-    tail = [b["latents"] for b in make_loader(MicroBatches(tail_store, order, plan, 0, 0), plan, 15, 20, 0)]
+    full = [b["mean"] for b in make_loader(MicroBatches(full_store, order, plan, 0, 0), plan, 0, 20, 0)]
+    tail = [b["mean"] for b in make_loader(MicroBatches(tail_store, order, plan, 0, 0), plan, 15, 20, 0)]
     assert len(tail) == 10 and all(torch.equal(a, b) for a, b in zip(full[30:], tail))
     assert len(tail_store.reads) == 10 * 8  # only what it yields
     assert tail_store.reads == full_store.reads[30 * 8:]
@@ -135,8 +135,9 @@ def test_pixel_flip_is_exact_and_keyed_per_sample(pixel_shards):
     plan = Plan(200, 4, 1, 2)
     ds = MicroBatches(store, EpochOrder(store.counts, 0, 8), plan, 1, 0)
     batch = ds[(5, 3)]
-    for g, x in zip(batch["indices"].tolist(), batch["latents"]):
-        assert np.array_equal(x.numpy(), view(store.read(g)[0], sample_key(0, 5, g)))
+    assert batch["mean"].dtype == torch.float16 and "std" not in batch  # the stored image, flipped, no draw
+    for g, x in zip(batch["indices"].tolist(), batch["mean"]):
+        assert np.array_equal(x.float().numpy(), view(store.read(g)[0], sample_key(0, 5, g)))
 
 
 def test_vae_latents_use_posterior_noise_and_the_manifests_factors(vae_shards):
@@ -154,6 +155,13 @@ def test_vae_latents_use_posterior_noise_and_the_manifests_factors(vae_shards):
         assert np.allclose(view(stored, key), expected, atol=1e-6)
     assert not np.allclose(view(stored, sample_key(0, 0, 0)), view(stored, sample_key(0, 1, 0)))
     assert len({sample_flip(sample_key(0, 0, g)) for g in range(10)}) == 2  # both mirror states occur
+    # the training loader copies the key's slices as stored (fp16) and draws nothing: ε is the step's
+    batch = MicroBatches(store, EpochOrder(store.counts, 0, 8), Plan(64, 8, 1, 1), 0, 0)[(0, 1)]
+    for g, m, s in zip(batch["indices"].tolist(), batch["mean"], batch["std"]):
+        key = sample_key(0, 0, g)
+        want = (2, 3) if sample_flip(key) else (0, 1)
+        stored = store.read(g)[0]
+        assert np.array_equal(m.numpy(), stored[want[0]]) and np.array_equal(s.numpy(), stored[want[1]])
 
 
 def test_tar_and_parquet_give_the_same_batches(tmp_path):
@@ -166,7 +174,7 @@ def test_tar_and_parquet_give_the_same_batches(tmp_path):
         ds = MicroBatches(store, EpochOrder(store.counts, 0, 8), plan, 0, 0)
         batches.append([ds[(0, q)] for q in range(plan.micro_per_epoch)])
     for x, y in zip(*batches):
-        assert torch.equal(x["latents"], y["latents"]) and torch.equal(x["labels"], y["labels"])
+        assert torch.equal(x["mean"], y["mean"]) and torch.equal(x["labels"], y["labels"])
 
 
 def test_open_shards_stay_bounded(pixel_shards):

@@ -12,6 +12,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.device import make_accelerator
 from pipeline.diffusion import make_objective
+from pipeline.latent_norm import LatentNorm
 from pipeline.loader import Plan
 from pipeline.metrics import read_metrics
 from pipeline.model import build_dit
@@ -79,10 +80,11 @@ def built(tmp_path, shards, **over):
     model = build_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=8, learn_sigma=False, hidden_size=32,
                       depth=1, num_heads=2, class_dropout_prob=0.1)
     step = build_step(acc, model, make_objective("flow", False), Plan(128, 4, 1, 1), (3, 16, 16),
-                      training=cfg.training, drop_prob=0.1, conditional=True, compile=False, rank=0)
+                      norm=LatentNorm("scale", (0.0,) * 3, (1.0,) * 3), posterior=False, training=cfg.training,
+                      drop_prob=0.1, conditional=True, compile=False, rank=0)
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn((4, 3, 16, 16), generator=g).to(acc.device)
-    return step, Micro(x0, torch.arange(4).to(acc.device))
+    return step, Micro(x0, None, torch.arange(4).to(acc.device))
 
 
 def snapshot(step):
@@ -95,7 +97,7 @@ def test_a_nonfinite_step_changes_nothing_and_is_counted_on_the_device(tmp_path,
     step, good = built(tmp_path, shards)
     step(0, 1e-3, lambda: good)
     before = snapshot(step)
-    bad = Micro(good.x0.clone().index_fill_(0, torch.tensor([2], device=good.x0.device), float("nan")), good.y)
+    bad = good._replace(mean=good.mean.clone().index_fill_(0, torch.tensor([2], device=good.mean.device), float("nan")))
     step(1, 1e-3, lambda: bad)  # one NaN sample: the whole step is skipped, on the device
     after = snapshot(step)
     for a, b in zip(before[:2], after[:2]):
@@ -126,7 +128,7 @@ def test_an_unfused_optimizer_state_loads_into_the_fused_step(tmp_path, shards):
     count back; load_state keeps the fused flags of this build and moves the count to the parameters' device."""
     step, good = built(tmp_path, shards)
     unfused = torch.optim.AdamW(step.raw.parameters(), lr=1e-3, foreach=False, fused=False)
-    step.raw(good.x0, torch.zeros(4, device=good.x0.device), good.y).float().mean().backward()
+    step.raw(good.mean, torch.zeros(4, device=good.mean.device), good.y).float().mean().backward()
     unfused.step()
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
