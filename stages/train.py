@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pipeline import __version__, checkpoint, shards
+from pipeline import __version__, checkpoint, lock, shards
 from pipeline.config import Config, validate_tree
 from pipeline.diffusion import make_objective, micro_loss
 from pipeline.ema import EMA, ema_decay
@@ -231,6 +231,12 @@ def _run_name(cfg: Config, config_name: str | None) -> str:
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
+def _run_dir(cfg: Config, config_name: str | None, resume: Path | None) -> Path:
+    return Path(resume).parent if resume else Path(cfg.logging.output_dir) / _run_name(cfg, config_name)
+
+
+@lock.holding(lambda cfg, config_name, resume, **_: (_run_dir(cfg, config_name, resume),
+                                                      "resume" if resume else "train"))
 def train(cfg: Config, config_name: str | None = None, resume: Path | None = None,
           console: Console | None = None) -> Path:
     """Train (or resume, from the checkpoint folder `resume`) and return the run folder."""
@@ -260,7 +266,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         raise ConfigError([("validation.shards" if cfg.validation.shards else "data.val_fraction",
                             "the held-out loss is not built for caption models yet; drop the key for this run")])
     latent_shape = tuple(manifest["latent"]["shape"][1:])  # (C, H, W)
-    run_dir = resume.parent if resume else Path(cfg.logging.output_dir) / _run_name(cfg, config_name)
+    run_dir = _run_dir(cfg, config_name, resume)
     total_steps = saved["total_steps"] if saved else plan.steps_per_epoch * t.num_epochs
     end_step = min(plan.steps_per_epoch * t.num_epochs, t.max_steps or math.inf)
     if saved and end_step < saved["step"]:  # the final save would file this state under an earlier step's name
@@ -598,7 +604,7 @@ def _load_state(ckpt: Path, saved: dict, model, ema, opt, acc, world: int, rank:
 
 
 def _refuse_existing_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(not lock.is_lock(p) for p in run_dir.iterdir()):
         raise DitpipeError(f"run folder '{run_dir}' already exists. Continue it with `ditpipe resume {run_dir}`, or "
                            "start a new run with --logging.run_name NAME")
 
