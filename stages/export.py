@@ -23,11 +23,10 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 
 from pipeline import __version__, atomic, checkpoint, lock
-from pipeline.config import Config, validate_tree
+from pipeline.config import Config
 from pipeline.errors import DitpipeError
 from pipeline.latent_norm import LatentNorm
 
@@ -90,8 +89,7 @@ def open_checkpoint(path: Path, raw: bool, console: Console):
     if not (path / checkpoint.STATE).is_file():
         path = checkpoint.find_resumable(path, lambda m: console.print(f"[yellow]warning:[/] {m}"))[0]
     state = checkpoint.validate(path)
-    cfg = validate_tree(yaml.safe_load((path / "config.yaml").read_text()))
-    manifest = json.loads((path / "manifest.json").read_text())
+    cfg, manifest = checkpoint.read_config(path), checkpoint.read_manifest(path)
     weights = "raw" if raw else "ema"
     file = path / ("model.pt" if raw else "ema.pt")
     if not file.is_file():

@@ -290,6 +290,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     start_step = 0
     if saved:
         _check_same_encoders(resume, manifest)
+        if (notice := checkpoint.check_same_shards(saved, manifest, resume, folder)) and acc.is_main_process:
+            console.print(f"[yellow]note:[/] {notice}", highlight=False, soft_wrap=True)
         start_step = _load_state(resume, saved, model, ema, opt, acc, world, rank)
         if acc.is_main_process:
             checkpoint.clean_temporaries(run_dir)  # half-written checkpoints of the killed run
@@ -335,7 +337,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 
     def save(name: str, step: int) -> None:
         checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, raw, ema, opt, window),
-                        _ckpt_state(cfg, step, plan, total_steps, counters), rank=rank,
+                        _ckpt_state(cfg, step, plan, total_steps, counters, manifest), rank=rank,
                         barrier=acc.wait_for_everyone, needed_bytes=_needed_bytes(raw))
         if acc.is_main_process:
             checkpoint.prune(run_dir, cfg.checkpointing.total_limit, cfg.checkpointing.keep_epochs)
@@ -528,13 +530,13 @@ def _shard_prompts(folder: Path, count: int = 8) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- state
 
 
-def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, counters: dict) -> dict:
+def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, counters: dict, manifest: dict) -> dict:
     from importlib.metadata import version
 
     return {"written_by": f"ditpipe {__version__}", "step": step, "epoch": step // plan.steps_per_epoch,
             "samples_consumed": step * plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
             "total_steps": total_steps, "world_size": plan.world_size, "config_hash": cfg.hash(),
-            "nonfinite_total": counters["nonfinite_total"],
+            "nonfinite_total": counters["nonfinite_total"], "shards": checkpoint.shards_record(manifest),
             "versions": {name: version(name) for name in ("torch", "accelerate", "numpy", "ditpipe")}}
 
 
@@ -580,7 +582,7 @@ def _check_same_encoders(ckpt: Path, manifest: dict) -> None:
     path = ckpt / "manifest.json"
     if not path.is_file():
         return
-    then = json.loads(path.read_text())
+    then = checkpoint.read_json(path)
     pairs = [("codec", (then.get("codec") or {}).get("hash"), manifest["codec"].get("hash")),
              ("caption encoder", (shards.text_encoder_of(then) or {}).get("hash"),
               (shards.text_encoder_of(manifest) or {}).get("hash"))]

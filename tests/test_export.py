@@ -166,9 +166,10 @@ def test_overwrite_replaces_only_an_earlier_export_and_never_the_run_or_cwd(run,
     (work / "data" / "precious.txt").write_text("mine")
     monkeypatch.chdir(work)
     run_files = tree(run)
-    for target, says in ((".", "the current folder"), (run, "its run folder"), (run / "checkpoint-16", "the checkpoint"),
-                         (run.parent, "a folder holding its run folder"), (run / "checkpoint-16" / "x", "inside the "
-                         "checkpoint"), (work.parent, "a folder holding the current folder"), ("/", "holding")):
+    refused = {".": "the current folder", run: "its run folder", run / "checkpoint-16": "the checkpoint",
+               run.parent: "a folder holding its run folder", run / "checkpoint-16" / "x": "inside the checkpoint",
+               work.parent: "a folder holding the current folder", "/": "holding"}
+    for target, says in refused.items():
         code, err = flat_cli(cli, "export", run, "--format", "safetensors", "--out", target, "--overwrite")
         assert code == 1 and says in err, (target, err)
     assert tree(run) == run_files and (work / "data" / "precious.txt").read_text() == "mine"

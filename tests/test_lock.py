@@ -96,7 +96,8 @@ def test_second_train_or_resume_is_refused_with_the_pid_and_kill_9_frees_the_run
     run = outputs / "r"
     over = {**DATA, **TRAIN, "shards.path": shard_folder, "logging.output_dir": outputs, "logging.run_name": "r",
             "training.max_steps": 400}
-    first, first_err = start([*CLI, "train", *args(over)], logs, **{checkpoint.PAUSE_ENV: "0.05"})  # slow: 0.05 s a file
+    slow = {checkpoint.PAUSE_ENV: "0.05"}  # 0.05 s after each file of a checkpoint: a run that lasts
+    first, first_err = start([*CLI, "train", *args(over)], logs, **slow)
     deadline = time.monotonic() + 120
     while not (run / "checkpoint-2" / checkpoint.STATE).is_file():
         assert first.poll() is None and time.monotonic() < deadline, first_err.read_text()[-3000:]
