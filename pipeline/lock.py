@@ -55,6 +55,8 @@ def hold(folder: Path, verb: str):
         yield
         return
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DitpipeError(f"'{folder}' exists and is not a folder; choose another")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = _acquire(folder / NAME, verb)
