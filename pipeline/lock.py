@@ -3,7 +3,8 @@
 `ditpipe train` and `resume` lock the run folder, `encode` the shard folder, `export` the output folder. A second
 process on the same folder exits at once (LockHeld, exit code 75), naming the holder's pid, which the holder writes
 into the file after locking. The kernel drops a flock when its process dies, so a lock file left by a killed
-process (kill -9, a crash, a lost node) blocks nothing: the next process simply locks it again.
+process (kill -9, a crash, a lost node) blocks nothing: the next process simply locks it again. (Forked DataLoader
+workers share the lock's open file; after a kill -9 of their parent they exit within seconds, and with them the lock.)
 
 Under torchrun / accelerate launch only global rank 0 (RANK) takes the lock; the others work under it. flock works
 across the machines of an NFSv4 mount (Linux emulates it with POSIX byte-range locks there); on file systems without
