@@ -13,6 +13,7 @@ previous checkpoints as they were. Everything loads with `torch.load(weights_onl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -177,33 +178,101 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
+# What every checkpoint must hold, whatever its training_state.json lists: a state file that omits one would
+# otherwise validate, and fail (or silently resume without it) later. ema.pt also, when the saved config keeps an EMA.
+REQUIRED_FILES = ("model.pt", "optimizer.pt", "rng-rank0.pt", "config.yaml")
+REQUIRED_KEYS = ("written_by", "step", "epoch", "samples_consumed", "total_steps", "world_size", "files")
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, MemoryError)  # hostile JSON
+
+
 def validate(ckpt: Path) -> dict:
-    """The checkpoint's training state, after checking that every recorded file is present, whole and unaltered."""
+    """The checkpoint's training state, after checking that it lists every required file and key, and that every
+    listed file is present, whole and unaltered."""
     ckpt = Path(ckpt)
+    if ckpt.is_symlink() and not ckpt.exists():
+        raise CheckpointError(f"'{ckpt}' is a link to '{os.readlink(ckpt)}', which does not exist (storage not "
+                              "mounted?)")
     try:
         state = json.loads((ckpt / STATE).read_text())
         files = state["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"'{ckpt}' has no readable {STATE} ({e}); it is incomplete or not a ditpipe "
-                              "checkpoint") from None
-    for fname, rec in files.items():
+        records = [(name, int(rec["bytes"]), str(rec["sha256"])) for name, rec in files.items()]
+    except UNREADABLE as e:
+        raise CheckpointError(f"'{ckpt}' has no readable {STATE} ({type(e).__name__}: {str(e)[:200]}); it is "
+                              "incomplete or not a ditpipe checkpoint") from None
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"'{ckpt}/{STATE}' lacks {', '.join(missing)}; it is incomplete or not a ditpipe "
+                              "checkpoint")
+    for fname, size, sha in records:
         path = ckpt / fname
+        if Path(fname).name != fname or fname in ("", ".", ".."):
+            raise CheckpointError(f"'{ckpt}/{STATE}' lists {fname!r}, which is not a file name in the checkpoint")
         if not path.is_file():
             raise CheckpointError(f"'{ckpt}' is missing {fname}")
-        if path.stat().st_size != rec["bytes"] or atomic.sha256_file(path) != rec["sha256"]:
+        if path.stat().st_size != size or atomic.sha256_file(path) != sha:
             raise CheckpointError(f"'{ckpt}/{fname}' does not match its recorded size and sha256 (damaged)")
+    required = REQUIRED_FILES + (("ema.pt",) if "config.yaml" in files and _uses_ema(ckpt / "config.yaml") else ())
+    unlisted = [f for f in required if f not in files]
+    if unlisted:
+        raise CheckpointError(f"'{ckpt}/{STATE}' does not list {', '.join(unlisted)}, which every checkpoint holds; "
+                              "it is incomplete or was altered")
     return state
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a checkpoint or an export, which anyone may have altered: any failure (bad JSON, nesting
+    deeper than Python recurses, not an object) is one CheckpointError naming the file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except UNREADABLE as e:
+        raise CheckpointError(f"'{path}' is not readable JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"'{path}' does not hold a JSON object")
+    return value
+
+
+def read_manifest(ckpt: Path) -> dict:
+    """A checkpoint's manifest.json (the shard manifest's codec, labels, latent... sections), its latent shape
+    checked as a shard manifest's is: sample and export size their model from it."""
+    from pipeline.shards import check_latent_shape
+
+    manifest = read_json(Path(ckpt) / "manifest.json")
+    check_latent_shape(manifest, Path(ckpt) / "manifest.json")
+    return manifest
+
+
+def read_config(ckpt: Path):
+    """A checkpoint's config.yaml as a Config; problems name the file."""
+    from pipeline.config import load_saved_config
+
+    return load_saved_config(Path(ckpt) / "config.yaml")
+
+
+def _uses_ema(config: Path) -> bool:
+    """training.use_ema of a checkpoint's config.yaml (already checked against its sha256)."""
+    import yaml
+
+    from pipeline.config import TrainingConfig
+
+    try:
+        tree = yaml.safe_load(config.read_text())
+        value = (tree.get("training") or {}).get("use_ema", TrainingConfig.model_fields["use_ema"].default)
+    except (yaml.YAMLError, *UNREADABLE) as e:
+        raise CheckpointError(f"'{config}' is not a readable config ({type(e).__name__}); the checkpoint is damaged "
+                              "or not ditpipe's") from None
+    return bool(value)
+
+
 def list_checkpoints(run_dir: Path) -> list[tuple[int, bool, Path]]:
-    """(step, is_epoch, path) of every checkpoint folder, newest step first (step checkpoints before epoch ones)."""
+    """(step, is_epoch, path) of every checkpoint folder, newest step first (step checkpoints before epoch ones).
+    Symbolic links to checkpoint folders are listed (resume follows them); prune never touches them."""
     found = []
     for p in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
         m = _NAME.match(p.name)
-        if m and p.is_dir():
+        if m and (p.is_dir() or p.is_symlink()):  # a link (moved to other storage) counts; a dangling one as damaged
             try:
                 step = int(json.loads((p / STATE).read_text())["step"])
-            except (OSError, ValueError, KeyError, TypeError):
+            except UNREADABLE:
                 step = -1 if m.group(1) else int(m.group(2))  # damaged: still listed, so fallback can name it
             found.append((step, bool(m.group(1)), p))
     return sorted(found, key=lambda x: (-x[0], x[1]))
@@ -221,6 +290,51 @@ def find_resumable(run_dir: Path, warn: Callable[[str], None]) -> tuple[Path, di
     raise CheckpointError(f"no valid checkpoint in '{run_dir}'" + ("" if candidates else " (none was written yet)"))
 
 
+# The shard manifest's sections that say what a run trains on. `created_by` (the ditpipe version that wrote it),
+# `latent_norm` (derived from the config) and anything an encode adds to describe itself are left out, so that
+# re-encoding the same data, or checking it again, is not "other shards".
+SHARD_KEYS = ("format_version", "source", "codec", "latent", "labels", "captions", "format", "samples_per_shard",
+              "num_inputs", "num_samples", "num_shards", "shards", "skipped", "converted", "stats")
+
+
+def _digest(value) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def shards_record(manifest: dict) -> dict:
+    """What every checkpoint records of the shards it was trained on (training_state.json's `shards`): the sha256
+    of the manifest's canonical JSON (its SHARD_KEYS sections, keys sorted, no whitespace: json.dumps(...,
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False)), a digest of each section, and the counts, so a
+    refusal can say what changed."""
+    body = {k: manifest[k] for k in SHARD_KEYS if k in manifest}
+    return {"manifest_sha256": _digest(body), "sections": {k: _digest(v)[:16] for k, v in body.items()},
+            "num_samples": manifest.get("num_samples"), "num_shards": manifest.get("num_shards")}
+
+
+def check_same_shards(saved: dict, manifest: dict, ckpt: Path, folder) -> str | None:
+    """Refuse to resume `ckpt` on shards other than its own, naming what changed. A checkpoint written before the
+    shards were recorded resumes; the returned notice says that they could not be checked."""
+    then = saved.get("shards")
+    if not isinstance(then, dict) or "manifest_sha256" not in then:
+        return (f"'{ckpt}' was written before checkpoints recorded their shards, so ditpipe cannot check that "
+                f"'{folder}' holds the shards it was trained on")
+    now = shards_record(manifest)
+    if now["manifest_sha256"] == then["manifest_sha256"]:
+        return None
+    changes = [f"{k} {then.get(k)} in the checkpoint, {now[k]} now" for k in ("num_samples", "num_shards")
+               if then.get(k) != now[k]]
+    old = then.get("sections") or {}
+    sections = [k for k in SHARD_KEYS if old.get(k) != now["sections"].get(k) and k not in ("num_samples",
+                                                                                            "num_shards")]
+    if "shards" in sections:
+        sections[sections.index("shards")] = "shards (the shard files' sha256)"
+    changes += [f"changed: {', '.join(sections)}"] if sections else []
+    raise CheckpointError(f"'{ckpt}' was trained on other shards than '{folder}' holds now ({'; '.join(changes)}); "
+                          "resume on the shards it was trained on (data at shards.path as they were), or start a new "
+                          f"run from its weights: ditpipe train --init-from {ckpt}")
+
+
 def clean_temporaries(run_dir: Path) -> None:
     """Remove half-written checkpoint folders of a killed run (only our own hidden `.checkpoint-*.tmp`)."""
     for p in Path(run_dir).glob(f".checkpoint-*{atomic.TMP_SUFFIX}"):
@@ -229,13 +343,15 @@ def clean_temporaries(run_dir: Path) -> None:
 
 def prune(run_dir: Path, keep_steps: int | None, keep_epochs: int | None) -> list[Path]:
     """Keep the newest `keep_steps` step checkpoints and `keep_epochs` epoch checkpoints (None keeps all). Only
-    folders whose training_state.json says ditpipe wrote them are deleted, and never the one `latest` names."""
+    folders whose training_state.json says ditpipe wrote them are deleted, and never the one `latest` names. A
+    symbolic link (a checkpoint moved to other storage and linked back) is neither followed, deleted nor counted."""
     latest = (Path(run_dir) / LATEST).read_text().strip() if (Path(run_dir) / LATEST).is_file() else None
     removed = []
     for is_epoch, keep in ((False, keep_steps), (True, keep_epochs)):
         if keep is None:
             continue
-        ours = [p for step, e, p in list_checkpoints(run_dir) if e == is_epoch and step >= 0 and _is_ours(p)]
+        ours = [p for step, e, p in list_checkpoints(run_dir)
+                if e == is_epoch and step >= 0 and not p.is_symlink() and _is_ours(p)]
         for p in ours[keep:]:
             if p.name != latest:
                 # rename first, so a kill mid-delete leaves a temporary that clean_temporaries removes, not a
@@ -251,14 +367,21 @@ def prune(run_dir: Path, keep_steps: int | None, keep_epochs: int | None) -> lis
 def _is_ours(path: Path) -> bool:
     try:
         return json.loads((path / STATE).read_text()).get("written_by", "").startswith("ditpipe")
-    except (OSError, ValueError, AttributeError):
+    except UNREADABLE:
         return False
 
 
 def load_tensors(path: Path, mmap: bool = False) -> dict:
-    """A saved state dict, never unpickled beyond tensors and plain values. `mmap`: tensors stay backed by the file
-    (the page cache), so ranks that load the same checkpoint share one copy in host memory."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    """A `.pt` file's tensors, never unpickling anything else; any failure (a pickle that weights_only refuses, a
+    truncated zip, a tensor larger than its storage, ...) is one CheckpointError naming the file. `mmap`: tensors
+    stay backed by the file (the page cache), so ranks that load the same checkpoint share one copy in host memory."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - whatever a hostile or damaged file raises, the message is the same
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"cannot load '{path}' with torch.load(weights_only=True) ({type(e).__name__}: "
+                              f"{first}); it is damaged, or holds more than tensors and is refused (ditpipe never "
+                              "unpickles objects)") from None
 
 
 # ---------------------------------------------------------------------------------------------------- RNG state

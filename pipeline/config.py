@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import re
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -26,11 +27,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+# Bounds on the sizes a config, a shard manifest or a checkpoint may ask for, checked before anything is allocated:
+# an altered file could otherwise demand any amount of memory (a latent of 30000 x 30000 asks 7.2 GB for pos_embed
+# alone). They are generous: DiT-XL/2 at 512 px has 1,024 tokens, width 1152, depth 28, 16 heads and 675 M
+# parameters. pipeline/model.py checks every model against them; shards.check_latent_shape every manifest.
+MAX_IMAGE_SIZE = 4096  # data.image_size, and a manifest's latent side
+MAX_TOKENS = 16_384  # a 128 x 128 patch grid: 2048 px at f8 / patch 2, or 256 px pixel-space at patch 2
+MAX_HIDDEN = 8_192
+MAX_DEPTH = 256
+MAX_HEADS = 256
+MAX_PATCH = 64
+MAX_CHANNELS = 1_024  # latent channels (DC-AE's deepest has 128)
+MAX_CLASSES = 1_000_000
+MAX_TEXT_DIM = 16_384  # the caption encoder's width (T5-XXL: 4096)
+MAX_PARAMETERS = 8_000_000_000  # about 32 GB in fp32
+
+
 class DataConfig(_Section):
     dataset_name: Literal["coco", "custom", "shapes"] = "coco"
     dataset_path: str = "./data"  # COCO root or custom folder; unused for shapes
     split: Literal["train", "val"] = "train"  # COCO split: train2017 / val2017
-    image_size: int = Field(256, ge=8, le=4096)
+    image_size: int = Field(256, ge=8, le=MAX_IMAGE_SIZE)
     num_samples: Optional[int] = Field(5000, ge=1)  # deterministic subset; null = all
     seed: int = Field(0, ge=0)  # picks the subset and generates `shapes`; separate from training.seed
     captions: bool = False  # embed every caption once with text.encoder (needs the `text` extra)
@@ -69,10 +86,10 @@ class VaeConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = "DiT-B/2"
-    hidden_size: Optional[int] = Field(None, ge=1)
-    depth: Optional[int] = Field(None, ge=1)
-    num_heads: Optional[int] = Field(None, ge=1)
-    patch_size: Optional[int] = Field(None, ge=1)
+    hidden_size: Optional[int] = Field(None, ge=1, le=MAX_HIDDEN)
+    depth: Optional[int] = Field(None, ge=1, le=MAX_DEPTH)
+    num_heads: Optional[int] = Field(None, ge=1, le=MAX_HEADS)
+    patch_size: Optional[int] = Field(None, ge=1, le=MAX_PATCH)
     conditioning: Literal["auto", "class", "none", "caption"] = "auto"
     # Fine-tuning: start from these weights (an official DiT .pt, our checkpoint or run folder, or an exported
     # .safetensors); the step count and the optimizer start fresh. Ignored on resume.
@@ -132,6 +149,14 @@ class LoggingConfig(_Section):
     output_dir: str = "./outputs"
     run_name: Optional[str] = None  # default: the config file's stem
     tensorboard: bool = True
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_component(cls, v):  # the run folder is output_dir/run_name: nothing else, and nowhere outside it
+        if v is not None and (v in ("", ".", "..") or any(c in v for c in "/\\\0") or Path(v).is_absolute()):
+            raise ValueError(f"{v!r} is not a folder name: a run name is one path component, without '/', '\\', "
+                             "'..' or an absolute path (logging.output_dir says where runs go)")
+        return v
 
 
 class ValidationConfig(_Section):
@@ -318,17 +343,34 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Defaults ← YAML file ← overrides, validated at once. Raises ConfigError with every problem."""
     tree: dict[str, Any] = {}
     if path is not None:
-        file = resolve_config_path(str(path))
-        try:
-            loaded = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError([(str(file), f"is not valid YAML: {e}")], header="cannot read config") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError([(str(file), "must hold a mapping of sections (data:, training:, ...)")])
-        tree = loaded or {}
+        tree = read_yaml(resolve_config_path(str(path)))
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
     return validate_tree(tree)
+
+
+def read_yaml(file: Path) -> dict[str, Any]:
+    """A config file's tree. Anything unreadable (bad YAML, nesting deep enough to exhaust the parser, a document
+    too large for memory, bytes that are not text) is a ConfigError naming the file, never a traceback."""
+    try:
+        loaded = yaml.safe_load(Path(file).read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError([(str(file), f"is not valid YAML: {e}")], header="cannot read config") from None
+    except (RecursionError, MemoryError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError([(str(file), f"cannot be read as YAML ({type(e).__name__}: {str(e)[:200]})")],
+                          header="cannot read config") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError([(str(file), "must hold a mapping of sections (data:, training:, ...)")])
+    return loaded or {}
+
+
+def load_saved_config(file: Path) -> Config:
+    """A config that ditpipe wrote (a checkpoint's config.yaml) and anyone may have altered: read and validated,
+    every problem reported under the file's name."""
+    try:
+        return validate_tree(read_yaml(file))
+    except ConfigError as e:
+        raise ConfigError(e.problems, header=f"invalid configuration in '{file}'") from None
 
 
 def validate_tree(tree: dict[str, Any]) -> Config:
@@ -356,6 +398,6 @@ def _describe(err: ValidationError) -> list[tuple[str, str]]:
                 problems.append((k, msg))
         else:
             got = item.get("input")
-            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            got_text = "" if isinstance(got, dict) else f" (got {reprlib.repr(got)})"  # bounded: YAML aliases nest
             problems.append((key or "<root>", f"{item['msg']}{got_text}"))
     return problems

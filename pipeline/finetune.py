@@ -14,7 +14,6 @@ or safetensors: nothing is unpickled.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +59,7 @@ def _from_checkpoint(path: Path, weights: str) -> InitSource:
     state = checkpoint.validate(path)  # every file's size and sha256
     name = "ema.pt" if weights == "ema" and (path / "ema.pt").is_file() else "model.pt"
     why = "" if name == f"{'ema' if weights == 'ema' else 'model'}.pt" else " (it has no ema.pt: use_ema was off)"
-    manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").is_file() else {}
+    manifest = checkpoint.read_json(path / "manifest.json") if (path / "manifest.json").is_file() else {}
     return InitSource(checkpoint.load_tensors(path / name), f"{path} ({name}, step {state['step']}){why}",
                       (manifest.get("labels") or {}).get("names"), manifest)
 
@@ -73,7 +72,7 @@ def _from_safetensors(path: Path) -> InitSource:
     except Exception as e:  # a truncated or foreign file
         raise DitpipeError(f"cannot read '{path}' as safetensors ({e}); export it again with `ditpipe export`") from None
     config = path.parent / EXPORT_CONFIG
-    meta = json.loads(config.read_text()) if config.is_file() else {}
+    meta = checkpoint.read_json(config) if config.is_file() else {}
     manifest = meta.get("manifest") or {}
     return InitSource(tensors, f"{path} ({meta.get('weights', 'unknown')} weights, step {meta.get('step', '?')})",
                       (manifest.get("labels") or {}).get("names"), manifest)

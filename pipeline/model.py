@@ -13,6 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.config import (MAX_CHANNELS, MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_HIDDEN, MAX_PARAMETERS, MAX_PATCH,
+                             MAX_TOKENS)
+
 
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -172,6 +175,34 @@ class FinalLayer(nn.Module):
         return self.linear(x)  # (N, T, p * p * C_out)
 
 
+def check_size(*, input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes=0, mlp_ratio=4.0,
+               per_block=0, extra=0) -> None:
+    """Raise ValueError, naming the value, for a model beyond the bounds of pipeline/config.py (checked before
+    anything is allocated). `per_block` and `extra`: parameters a variant adds to each block and in all (the caption
+    model's cross-attention and caption projections)."""
+    sizes = {"input_size": input_size, "patch_size": patch_size, "in_channels": in_channels,
+             "hidden_size": hidden_size, "depth": depth, "num_heads": num_heads}
+    for key, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    bounds = {"hidden_size": (hidden_size, MAX_HIDDEN), "depth": (depth, MAX_DEPTH),
+              "num_heads": (num_heads, MAX_HEADS), "patch_size": (patch_size, MAX_PATCH),
+              "in_channels": (in_channels, MAX_CHANNELS), "num_classes": (num_classes, MAX_CLASSES)}
+    for key, (value, bound) in bounds.items():
+        if value > bound:
+            raise ValueError(f"{key} {value:,} is over the bound of {bound:,} (pipeline/config.py)")
+    tokens = (input_size // patch_size) ** 2
+    if tokens > MAX_TOKENS:
+        raise ValueError(f"input_size {input_size} at patch_size {patch_size} makes {tokens:,} tokens, over the bound "
+                         f"of {MAX_TOKENS:,} (pipeline/config.py); the latent shape is wrong, or the patch too small")
+    d, io = hidden_size, patch_size ** 2 * in_channels * 3  # patch embedding in, eps + sigma out
+    block = int(2 * mlp_ratio * d * d) + 10 * d * d + per_block  # qkv, proj, MLP, adaLN
+    params = depth * block + tokens * d + (num_classes + 1) * d + io * d + 256 * d + 3 * d * d + extra
+    if params > MAX_PARAMETERS:
+        raise ValueError(f"about {params:,} parameters (hidden_size {d}, depth {depth}), over the bound of "
+                         f"{MAX_PARAMETERS:,} (pipeline/config.py)")
+
+
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone."""
 
@@ -191,6 +222,8 @@ class DiT(nn.Module):
         gradient_checkpointing=False,
     ):
         super().__init__()
+        check_size(input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+                   depth=depth, num_heads=num_heads, num_classes=num_classes, mlp_ratio=mlp_ratio)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:

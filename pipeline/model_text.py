@@ -17,8 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model import (DIT_PRESETS, DiT, DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder,
+from pipeline.config import MAX_TEXT_DIM
+from pipeline.model import (DIT_PRESETS, DiT, DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, check_size,
                             get_2d_sincos_pos_embed, modulate)
+
 from pipeline.text import Caption
 
 CAPTION_PRESETS = {name.replace("DiT-", "DiT-T-"): arch for name, arch in DIT_PRESETS.items()}
@@ -110,6 +112,11 @@ class CaptionDiT(nn.Module):
                  mlp_ratio=4.0, text_dim=384, caption_dropout_prob=0.1, learn_sigma=True, qk_norm=False,
                  gradient_checkpointing=False):
         super().__init__()
+        if not isinstance(text_dim, int) or not 1 <= text_dim <= MAX_TEXT_DIM:
+            raise ValueError(f"text_dim {text_dim!r} is not an encoder width in 1..{MAX_TEXT_DIM:,}")
+        check_size(input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+                   depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, per_block=4 * hidden_size ** 2,
+                   extra=2 * (text_dim + hidden_size) * hidden_size)  # cross-attention; caption projections
         if input_size % patch_size or hidden_size % num_heads or hidden_size % 4:
             raise ValueError(f"need input_size % patch_size == 0, hidden_size % num_heads == 0 and hidden_size % 4 "
                              f"== 0; got {input_size}, {patch_size}, {hidden_size}, {num_heads}")

@@ -167,7 +167,7 @@ def load_sidecar(folder: Path, shard: str) -> dict | None:
         if path.stat().st_size != meta["bytes"] or atomic.sha256_file(path) != meta["sha256"]:
             return None
         return meta
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -245,12 +245,33 @@ def load_manifest(folder: Path) -> dict:
                          "(rerunning the same command finishes an interrupted encode)")
     try:
         manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise ShardError(f"'{path}' is not valid JSON ({e}); re-encode with `ditpipe encode ... --overwrite`") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"'{path}' has format_version {manifest.get('format_version')!r}; this ditpipe reads "
-                         f"{FORMAT_VERSION}. Re-encode with this version (`--overwrite`)")
+    except (ValueError, RecursionError, MemoryError) as e:  # RecursionError: JSON nested deeper than Python recurses
+        raise ShardError(f"'{path}' is not valid JSON ({type(e).__name__}: {str(e)[:200]}); re-encode with "
+                         "`ditpipe encode ... --overwrite`") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ShardError(f"'{path}' has format_version {version!r}; this ditpipe reads {FORMAT_VERSION}. Re-encode "
+                         "with this version (`--overwrite`)")
+    check_latent_shape(manifest, path)
     return manifest
+
+
+def check_latent_shape(manifest: dict, where) -> None:
+    """Refuse a latent shape that the manifest's own source and codec do not give: (k <= 4 slices, C, side, side)
+    with side = source.image_size / codec.downsample. Training sizes its model from this shape, so an altered one
+    could otherwise make it allocate any amount of memory."""
+    from pipeline.config import MAX_IMAGE_SIZE
+
+    latent, source, codec = (manifest.get(k) if isinstance(manifest.get(k), dict) else {}
+                             for k in ("latent", "source", "codec"))
+    shape, size, down = latent.get("shape"), source.get("image_size"), codec.get("downsample")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(type(x) is int and x > 0 for x in shape)
+            and shape[0] <= 4 and shape[2] == shape[3] <= MAX_IMAGE_SIZE):
+        raise ShardError(f"'{where}': latent.shape {shape!r} is not (k <= 4 slices, C, H, W) with H = W <= "
+                         f"{MAX_IMAGE_SIZE}; the manifest is damaged or was altered")
+    if type(size) is int and type(down) is int and down > 0 and shape[2] != size // down:
+        raise ShardError(f"'{where}': latent.shape {shape} does not match source.image_size {size} / "
+                         f"codec.downsample {down} = {size // down}; the manifest is damaged or was altered")
 
 
 @dataclass

@@ -7,6 +7,7 @@ every verb that takes a config.
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -353,6 +354,19 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         err.print("[yellow]interrupted[/]: rerun the same command to continue where it stopped")
         return 130
+    except (RecursionError, MemoryError, pickle.UnpicklingError, OSError) as e:
+        # What an untrusted or damaged file raises where no reader named it (each reader of ours does): still one line
+        err.print(f"[bold red]error:[/] {escape(_unhandled(e))}", highlight=False, soft_wrap=True)
+        return 1
+
+
+def _unhandled(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f": '{e.filename}'" if e.filename else "") + " (an operating-system error)"
+    what = {RecursionError: "data nested too deeply to read", MemoryError: "out of memory"}
+    return (f"{what.get(type(e), 'a file that is not plain data')} ({type(e).__name__}: {str(e)[:200]}) while "
+            "reading an input; run `ditpipe verify` on the shard folder, or check the checkpoint, config or weights "
+            "file named on the command line")
 
 
 def entry() -> None:

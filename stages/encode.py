@@ -24,10 +24,11 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 from rich.table import Table
 from rich.text import Text
 
-from pipeline import atomic, shards
+from pipeline import atomic, lock, shards
 from pipeline.codec import encode_with_backoff, load_codec
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, ShardError
+from pipeline.loader import is_url
 from pipeline.sources import BadImage, Source, make_source
 
 
@@ -87,6 +88,7 @@ def _first(batch):
     return batch
 
 
+@lock.holding(lambda cfg, **_: (None if is_url(cfg.shards.path or "") else cfg.shards_path, "encode"))
 def encode(cfg: Config, overwrite: bool = False, console: Console | None = None) -> dict:
     """Encode what `cfg.data` describes into `cfg.shards_path`. Returns the manifest.
 
@@ -200,7 +202,7 @@ def _prepare_folder(out: Path, header: dict, fmt: str, overwrite: bool, write: b
     params_file = out / shards.PARAMS
     if out.exists() and not out.is_dir():
         raise ShardError(f"'{out}' exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(not lock.is_lock(p) for p in out.iterdir()):
         if not params_file.is_file():
             raise ShardError(f"'{out}' exists and is not a ditpipe shard folder; choose another --out")
         old = json.loads(params_file.read_text())

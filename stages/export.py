@@ -7,8 +7,12 @@
                            diffusers' DiTPipeline assumes: class 1000 is its null class) also DIR/vae/,
                            DIR/scheduler/ and model_index.json, a folder `DiTPipeline.from_pretrained` samples from.
 
-The folder is written under a temporary name and renamed, so a crash leaves no half export. An existing --out is
-replaced only with --overwrite, and only once the new export is complete.
+The folder is written under a temporary name and renamed, so a crash leaves no half export. Every export holds
+MARKER, which lists its files, so an earlier export can be told from anything else. An existing --out is replaced only
+with --overwrite, only when it is an export of ours holding nothing but the files it lists, and only once the new
+export is complete (the old one is moved aside, then deleted). `.`, the checkpoint, its run folder, their ancestors,
+the home folder and the root are refused as --out whatever the flags say. The output folder's lock
+(pipeline/lock.py) is held throughout.
 """
 
 from __future__ import annotations
@@ -19,16 +23,16 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 
-from pipeline import __version__, checkpoint
-from pipeline.config import Config, validate_tree
+from pipeline import __version__, atomic, checkpoint, lock
+from pipeline.config import Config
 from pipeline.errors import DitpipeError
 from pipeline.latent_norm import LatentNorm
 
 FORMATS = ("safetensors", "diffusers")
 PIPELINE_CLASSES = 1000  # diffusers' DiTPipeline hard-codes class 1000 as the null class
+MARKER = "ditpipe-export.json"  # in every export: what wrote it and its files, so --overwrite knows what it replaces
 
 
 def export(checkpoint_path: Path, fmt: str, out: Path, *, raw: bool = False, vae: str | None = None,
@@ -38,23 +42,37 @@ def export(checkpoint_path: Path, fmt: str, out: Path, *, raw: bool = False, vae
         raise DitpipeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     ckpt, cfg, manifest, model, meta = open_checkpoint(Path(checkpoint_path), raw, console)
     out = Path(out)
-    _refuse_existing(out, overwrite)
-    tmp = out.parent / f".{out.name}.export-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        if fmt == "safetensors":
-            _write_safetensors(tmp, model, meta)
-        else:
-            _write_diffusers(tmp, model, cfg, manifest, meta, vae, console)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)  # --overwrite: only now that the new export is whole
-    os.replace(tmp, out)
+    _refuse_protected(out, ckpt)
+    with lock.hold(out, "export"):
+        _refuse_existing(out, overwrite)
+        tmp, aside = (out.parent / f".{out.name}.export-{what}{atomic.TMP_SUFFIX}" for what in ("new", "old"))
+        shutil.rmtree(tmp, ignore_errors=True)  # our own hidden name, left by a killed export (we hold the lock)
+        tmp.mkdir(parents=True)
+        try:
+            if fmt == "safetensors":
+                _write_safetensors(tmp, model, meta)
+            else:
+                _write_diffusers(tmp, model, cfg, manifest, meta, vae, console, out.name)
+            _write_marker(tmp, fmt, meta)
+            _swap(tmp, out, aside)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     console.print(f"exported {ckpt} ({meta['weights']} weights, step {meta['step']}) → {out} ({fmt})")
     return out
+
+
+def _swap(tmp: Path, out: Path, aside: Path) -> None:
+    """Put the complete export `tmp` at `out`; an earlier export there is moved to `aside` first and deleted only
+    once the new one is in place. The locked `.lock` moves into the new folder, so the lock never lapses."""
+    if (out / lock.NAME).exists():
+        os.replace(out / lock.NAME, tmp / lock.NAME)
+    if aside.exists():
+        shutil.rmtree(aside)  # a killed export's moved-aside folder (our hidden name)
+    os.replace(out, aside)
+    os.replace(tmp, out)
+    atomic.fsync_dir(out.parent)
+    shutil.rmtree(aside)
 
 
 def open_checkpoint(path: Path, raw: bool, console: Console):
@@ -71,8 +89,7 @@ def open_checkpoint(path: Path, raw: bool, console: Console):
     if not (path / checkpoint.STATE).is_file():
         path = checkpoint.find_resumable(path, lambda m: console.print(f"[yellow]warning:[/] {m}"))[0]
     state = checkpoint.validate(path)
-    cfg = validate_tree(yaml.safe_load((path / "config.yaml").read_text()))
-    manifest = json.loads((path / "manifest.json").read_text())
+    cfg, manifest = checkpoint.read_config(path), checkpoint.read_manifest(path)
     weights = "raw" if raw else "ema"
     file = path / ("model.pt" if raw else "ema.pt")
     if not file.is_file():
@@ -98,12 +115,49 @@ def architecture(cfg: Config, model) -> dict:
             "class_dropout_prob": model.class_dropout_prob, "qk_norm": cfg.model.qk_norm}
 
 
+def _refuse_protected(out: Path, ckpt: Path) -> None:
+    """--out may never be a folder whose replacement loses what is not an export: `.`, the checkpoint, its run
+    folder, any folder holding them, the home folder or the root. Checked before the lock makes the folder."""
+    if out.is_symlink() or out.is_file():
+        raise DitpipeError(f"--out '{out}' is a {'symbolic link' if out.is_symlink() else 'file'}; name a folder")
+    target = out.resolve()
+    for keep, what in ((Path.cwd(), "the current folder"), (ckpt.parent, "its run folder"), (ckpt, "the checkpoint")):
+        keep = keep.resolve()
+        if target == keep or target in keep.parents:
+            raise DitpipeError(f"--out '{out}' is {what if target == keep else f'a folder holding {what}'} ('{keep}')"
+                               "; an export goes into a folder of its own, e.g. --out exports/NAME")
+    if ckpt.resolve() in target.parents:
+        raise DitpipeError(f"--out '{out}' is inside the checkpoint '{ckpt}'; an export goes into a folder of its "
+                           "own, e.g. --out exports/NAME")
+    if target == Path.home().resolve() or target == Path(target.anchor):  # when `.` is not below them
+        raise DitpipeError(f"--out '{out}' is the home folder or the root; an export goes into a folder of its own, "
+                           "e.g. --out exports/NAME")
+
+
 def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.is_file():
-        raise DitpipeError(f"--out '{out}' is a file; name a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    present = sorted(p.name for p in out.iterdir() if not lock.is_lock(p))
+    if not present:
+        return
+    if not overwrite:
         raise DitpipeError(f"--out '{out}' already exists and is not empty; choose another folder or pass "
-                           "--overwrite to replace it")
+                           "--overwrite to replace an earlier export there")
+    try:
+        listed = set(json.loads((out / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise DitpipeError(f"--out '{out}' is not an earlier ditpipe export (it has no readable {MARKER}), so "
+                           "--overwrite will not replace it; choose another folder") from None
+    foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not lock.is_lock(p)
+                     and str(p.relative_to(out)) not in listed | {MARKER})
+    if foreign:
+        raise DitpipeError(f"--out '{out}' is an earlier export, but also holds files it did not write ("
+                           f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); move them out, or "
+                           "choose another folder")
+
+
+def _write_marker(folder: Path, fmt: str, meta: dict) -> None:
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    (folder / MARKER).write_text(json.dumps({"written_by": meta["written_by"], "format": fmt,
+                                             "checkpoint": meta["checkpoint"], "files": files}, indent=1))
 
 
 def _write_safetensors(folder: Path, model, meta: dict) -> None:
@@ -116,7 +170,8 @@ def _write_safetensors(folder: Path, model, meta: dict) -> None:
 
 
 def _write_diffusers(folder: Path, model, cfg: Config, manifest: dict, meta: dict, vae: str | None,
-                     console: Console) -> None:
+                     console: Console, name: str) -> None:
+    """Into `folder` (a temporary); `name` is the final folder's, for the messages."""
     from diffusers import DiTTransformer2DModel
 
     from pipeline.diffusers_dit import diffusers_config, to_diffusers
@@ -127,7 +182,7 @@ def _write_diffusers(folder: Path, model, cfg: Config, manifest: dict, meta: dic
     reason = _no_pipeline_reason(model, cfg, manifest, meta["latent_norm"])
     if reason:
         transformer.save_pretrained(folder / "transformer")
-        console.print(f"transformer only ({reason}): {folder.name}/transformer loads with "
+        console.print(f"transformer only ({reason}): {name}/transformer loads with "
                       "DiTTransformer2DModel.from_pretrained")
     else:
         _write_pipeline(folder, transformer, cfg, manifest, vae, console)

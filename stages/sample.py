@@ -9,7 +9,6 @@ manifest names (offline for minilm), checked against the recorded weights hash.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline import checkpoint
 from pipeline.codec import default_device, load_codec
-from pipeline.config import validate_tree
 from pipeline.diffusion import make_objective
 from pipeline.errors import DitpipeError
 from pipeline.generate import decode, generate
@@ -56,13 +54,10 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
     if not (path / checkpoint.STATE).is_file() and path.is_dir():  # a run folder: its newest valid checkpoint
         path = checkpoint.find_resumable(path, warn)[0]
     state = checkpoint.validate(path)
-    import yaml
-
     from pipeline.shards import text_encoder_of
     from pipeline.training import build_model, conditioning_for, num_classes_for
 
-    cfg = validate_tree(yaml.safe_load((path / "config.yaml").read_text()))
-    manifest = json.loads((path / "manifest.json").read_text())
+    cfg, manifest = checkpoint.read_config(path), checkpoint.read_manifest(path)
     num_classes = num_classes_for(cfg, manifest)
     model = build_model(cfg, manifest, num_classes)
     weights = "ema.pt" if use_ema and (path / "ema.pt").is_file() else "model.pt"
@@ -96,12 +91,11 @@ def _official(path: Path, model_name: str | None, image_size: int | None, vae: s
     if not model_name or not image_size:
         raise DitpipeError(f"'{path}' is a bare state dict (an official DiT checkpoint?): pass --model (e.g. "
                            "DiT-XL/2) and --image-size (e.g. 256) so ditpipe knows its shape")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle that weights_only refuses, or not a torch file at all
-        raise DitpipeError(f"cannot load '{path}' as a plain state dict with weights_only=True ({e})") from None
-    if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
-        state = state["ema"]  # training checkpoints of the official code: {"model", "ema", "opt", "args"}
+    from pipeline.finetune import describe, load_init
+
+    state = load_init(path, "ema").state  # weights_only; an official training checkpoint's "ema" entry
+    if not {"x_embedder.proj.weight", "final_layer.linear.weight"} <= set(state):
+        raise DitpipeError(f"'{path}' is not a DiT state dict: {describe(state)}")
     codec = load_codec(vae, "fp32", device)
     if image_size % codec.downsample:
         raise DitpipeError(f"--image-size {image_size} is not a multiple of the VAE's downsample {codec.downsample}")

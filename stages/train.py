@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pipeline import __version__, checkpoint, shards
+from pipeline import __version__, checkpoint, lock, shards
 from pipeline.config import Config, validate_tree
 from pipeline.device import describe, make_accelerator, peak_tflops
 from pipeline.diffusion import make_objective
@@ -74,6 +74,12 @@ def _run_name(cfg: Config, config_name: str | None) -> str:
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
+def _run_dir(cfg: Config, config_name: str | None, resume: Path | None) -> Path:
+    return Path(resume).parent if resume else Path(cfg.logging.output_dir) / _run_name(cfg, config_name)
+
+
+@lock.holding(lambda cfg, config_name, resume, **_: (_run_dir(cfg, config_name, resume),
+                                                      "resume" if resume else "train"))
 def train(cfg: Config, config_name: str | None = None, resume: Path | None = None,
           console: Console | None = None) -> Path:
     """Train (or resume, from the checkpoint folder `resume`) and return the run folder."""
@@ -100,7 +106,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         raise ConfigError([("validation.shards" if cfg.validation.shards else "data.val_fraction",
                             "the held-out loss is not built for caption models yet; drop the key for this run")])
     latent_shape = tuple(manifest["latent"]["shape"][1:])  # (C, H, W)
-    run_dir = resume.parent if resume else Path(cfg.logging.output_dir) / _run_name(cfg, config_name)
+    run_dir = _run_dir(cfg, config_name, resume)
     total_steps = saved["total_steps"] if saved else plan.steps_per_epoch * t.num_epochs
     end_step = min(plan.steps_per_epoch * t.num_epochs, t.max_steps or math.inf)
     if saved and end_step < saved["step"]:  # the final save would file this state under an earlier step's name
@@ -120,6 +126,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
     if saved:
         _check_same_encoders(resume, manifest)
+        if (notice := checkpoint.check_same_shards(saved, manifest, resume, folder)) and acc.is_main_process:
+            console.print(f"[yellow]note:[/] {notice}", highlight=False, soft_wrap=True)
     else:
         _refuse_existing_run_dir(run_dir)  # on every rank, before rank 0 makes it: all ranks exit with the message
         acc.wait_for_everyone()
@@ -160,7 +168,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 
     def save(name: str, step: int) -> None:
         checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, step_fn),
-                        _ckpt_state(cfg, step, plan, total_steps, int(stats.nonfinite_total)), group=group,
+                        _ckpt_state(cfg, step, plan, total_steps, int(stats.nonfinite_total), manifest), group=group,
                         needed_bytes=_needed_bytes(raw))
         if acc.is_main_process:
             checkpoint.prune(run_dir, cfg.checkpointing.total_limit, cfg.checkpointing.keep_epochs)
@@ -339,14 +347,14 @@ def _shard_prompts(folder: Path, count: int = 8) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- state
 
 
-def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, nonfinite_total: int) -> dict:
+def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, nonfinite_total: int, manifest: dict) -> dict:
     from importlib.metadata import version
 
     return {"written_by": f"ditpipe {__version__}", "step": step, "epoch": step // plan.steps_per_epoch,
             "samples_consumed": step * plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
             "total_steps": total_steps, "world_size": plan.world_size, "global_batch": plan.global_batch,
             "batch_size": plan.batch_size, "gradient_accumulation_steps": plan.accum, "config_hash": cfg.hash(),
-            "nonfinite_total": nonfinite_total,
+            "nonfinite_total": nonfinite_total, "shards": checkpoint.shards_record(manifest),
             "versions": {name: version(name) for name in ("torch", "accelerate", "numpy", "ditpipe")}}
 
 
@@ -449,7 +457,7 @@ def _check_same_encoders(ckpt: Path, manifest: dict) -> None:
     path = ckpt / "manifest.json"
     if not path.is_file():
         return
-    then = json.loads(path.read_text())
+    then = checkpoint.read_json(path)
     pairs = [("codec", (then.get("codec") or {}).get("hash"), manifest["codec"].get("hash")),
              ("caption encoder", (shards.text_encoder_of(then) or {}).get("hash"),
               (shards.text_encoder_of(manifest) or {}).get("hash"))]
@@ -486,7 +494,7 @@ def _validated(group: checkpoint.Group, ckpt: Path) -> dict:
 
 
 def _refuse_existing_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(not lock.is_lock(p) for p in run_dir.iterdir()):
         raise DitpipeError(f"run folder '{run_dir}' already exists. Continue it with `ditpipe resume {run_dir}`, or "
                            "start a new run with --logging.run_name NAME")
 

@@ -74,7 +74,7 @@ def _step(precision):
     from pipeline.device import make_accelerator
     from pipeline.diffusion import make_objective
     from pipeline.latent_norm import LatentNorm
-from pipeline.loader import Plan
+    from pipeline.loader import Plan
     from pipeline.model import build_dit
     from pipeline.step import Micro, build_step
 

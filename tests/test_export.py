@@ -113,9 +113,9 @@ def test_export_refusals_name_the_file_and_the_fix(run, tmp_path, cli):
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     code, _, err = cli("export", str(run), "--format", "safetensors", "--out", str(tmp_path / "busy"))
     assert code == 1 and "busy" in err and "--overwrite" in err and (tmp_path / "busy" / "keep.txt").exists()
-    code, _, _ = cli("export", str(run), "--format", "safetensors", "--out", str(tmp_path / "busy"), "--overwrite")
-    assert code == 0 and (tmp_path / "busy" / "model.safetensors").exists()
-    assert not (tmp_path / "busy" / "keep.txt").exists()
+    code, _, err = cli("export", str(run), "--format", "safetensors", "--out", str(tmp_path / "busy"), "--overwrite")
+    assert code == 1 and "not an earlier ditpipe export" in err  # --overwrite replaces exports of ours only
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["keep.txt"]
     torch.save({"w": torch.ones(1)}, tmp_path / "DiT-XL-2-256x256.pt")
     code, _, err = cli("export", str(tmp_path / "DiT-XL-2-256x256.pt"), "--format", "diffusers", "--out",
                        str(tmp_path / "x"))
@@ -127,6 +127,53 @@ def test_export_refusals_name_the_file_and_the_fix(run, tmp_path, cli):
     with pytest.raises(DitpipeError, match="class-conditional only.*--format safetensors"):
         export(uncond, "diffusers", tmp_path / "z")
     assert not list(tmp_path.glob(".z*"))  # no temporary left behind
+
+
+def flat_cli(cli, *argv) -> tuple[int, str]:
+    """(exit code, stderr with rich's line wrapping undone)."""
+    code, _, err = cli(*argv)
+    return code, " ".join(err.split())
+
+
+def tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_replaces_only_an_earlier_export_and_never_the_run_or_cwd(run, tmp_path, cli, monkeypatch):
+    out = tmp_path / "exports" / "e"
+    code, err = flat_cli(cli, "export", run, "--format", "diffusers", "--out", out)
+    assert code == 0 and "transformer only" in err and "e/transformer loads with" in err, err
+    assert ".tmp" not in err and "export-new" not in err  # the messages name the final folder, never a temporary
+    marker = json.loads((out / "ditpipe-export.json").read_text())
+    assert marker["format"] == "diffusers" and set(marker["files"]) == set(tree(out)) - {"ditpipe-export.json"}
+    code, err = flat_cli(cli, "export", run, "--format", "safetensors", "--out", out, "--overwrite")  # ours: replaced
+    assert code == 0, err
+    assert set(tree(out)) == {"model.safetensors", "config.json", "ditpipe-export.json"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["e"]  # the old export, moved aside, is gone
+    before = tree(out)
+    # a failure after the lock (diffusers refuses an unconditional model) leaves the earlier export as it was
+    uncond = train_tiny(tmp_path / "u", 32, **{"training.max_steps": 1, "model.conditioning": "none"})
+    code, err = flat_cli(cli, "export", uncond, "--format", "diffusers", "--out", out, "--overwrite")
+    assert code == 1 and "class-conditional only" in err and tree(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["e"]
+    (out / "notes.txt").write_text("mine")  # something the export did not write: --overwrite keeps off
+    code, err = flat_cli(cli, "export", run, "--format", "safetensors", "--out", out, "--overwrite")
+    assert code == 1 and "notes.txt" in err and (out / "notes.txt").read_text() == "mine"
+
+    # the run, the checkpoint, a folder inside it, their ancestors and `.` are never --out, even with --overwrite
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "precious.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    run_files = tree(run)
+    refused = {".": "the current folder", run: "its run folder", run / "checkpoint-16": "the checkpoint",
+               run.parent: "a folder holding its run folder", run / "checkpoint-16" / "x": "inside the checkpoint",
+               work.parent: "a folder holding the current folder", "/": "holding"}
+    for target, says in refused.items():
+        code, err = flat_cli(cli, "export", run, "--format", "safetensors", "--out", target, "--overwrite")
+        assert code == 1 and says in err, (target, err)
+    assert tree(run) == run_files and (work / "data" / "precious.txt").read_text() == "mine"
+    assert sorted(p.name for p in work.iterdir()) == ["data"]
 
 
 def test_a_1000_class_model_becomes_a_dit_pipeline_that_samples_offline(tmp_path, tiny_vae):

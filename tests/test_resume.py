@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from pipeline.schedule import lr_at
 from stages.encode import encode
 from stages.train import find_checkpoint, resume_config, train
 
-from conftest import assert_common_checkpoints_equal
+from conftest import assert_common_checkpoints_equal, resign
 
 CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
 STEPS_PER_EPOCH, EPOCHS = 16, 3  # 256 samples / batch 16
@@ -530,20 +531,25 @@ def test_every_file_loads_weights_only_and_is_listed_with_size_and_sha256(refere
 
 
 def writers_for(tensor: torch.Tensor, fail: Exception | None = None) -> dict:
+    """The files every checkpoint must hold (checkpoint.REQUIRED_FILES), `optimizer.pt` failing with `fail`."""
     def broken(path: Path) -> None:
         path.write_bytes(b"partial")
         raise fail
 
-    ws = {"model.pt": lambda p: torch.save({"w": tensor}, p)}
-    if fail is not None:
-        ws["optimizer.pt"] = broken
-    return ws
+    return {"model.pt": lambda p: torch.save({"w": tensor}, p),
+            "optimizer.pt": broken if fail is not None else lambda p: torch.save({"state": {}}, p),
+            "rng-rank0.pt": lambda p: torch.save({"torch": torch.zeros(2)}, p),
+            "config.yaml": lambda p: p.write_text("training:\n  use_ema: false\n")}
+
+
+SAVED_STATE = {"written_by": "ditpipe test", "step": 4, "epoch": 0, "samples_consumed": 64, "total_steps": 8,
+               "world_size": 1}
 
 
 def test_low_space_and_enospc_keep_the_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    state = {"written_by": "ditpipe test", "step": 4}
+    state = SAVED_STATE
     checkpoint.save(run, "checkpoint-4", writers_for(torch.ones(3)), state)
     before = validate(run / "checkpoint-4")
 
@@ -597,7 +603,7 @@ def test_a_full_disk_during_torch_save_keeps_the_previous_checkpoint(tmp_path):
 def test_same_name_save_keeps_a_valid_checkpoint_and_replaces_a_damaged_one(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    state = {"written_by": "ditpipe test", "step": 4}
+    state = SAVED_STATE
     checkpoint.save(run, "checkpoint-4", writers_for(torch.ones(3)), state)
     sha = validate(run / "checkpoint-4")["files"]["model.pt"]["sha256"]
     checkpoint.save(run, "checkpoint-4", writers_for(torch.zeros(3)), state)  # valid: kept as it is
@@ -619,3 +625,103 @@ def test_clean_temporaries_removes_only_our_hidden_folders(tmp_path):
     (run / ".other.tmp").mkdir()
     checkpoint.clean_temporaries(run)
     assert sorted(p.name for p in run.iterdir()) == [".other.tmp", "keep.tmp"]
+
+
+# ---------------------------------------------------------------------------------------------------- 9. issue 15
+
+
+def test_symlinked_checkpoints_are_never_pruned_and_still_resume(tmp_path, shards, cli):
+    run = train(load_config(None, run_config(shards, tmp_path / "outputs", **{
+        "logging.run_name": "ln", "training.max_steps": 8, "checkpointing.every_epoch": False})))
+    storage = tmp_path / "storage"  # checkpoints moved to other storage and linked back
+    storage.mkdir()
+    for name in ("checkpoint-4", "checkpoint-8"):
+        shutil.move(run / name, storage / name)
+        (run / name).symlink_to(storage / name)
+    stored = {p.name: sorted(q.name for q in p.iterdir()) for p in storage.iterdir()}
+    assert checkpoint.prune(run, 1, 1) == []  # links are neither followed, deleted nor counted
+    (run / "checkpoint-99").symlink_to(tmp_path / "unmounted" / "checkpoint-99")  # storage that is gone
+    warnings = []
+    assert checkpoint.find_resumable(run, warnings.append)[0] == run / "checkpoint-8"  # through the link
+    assert len(warnings) == 1 and "checkpoint-99' is a link to" in warnings[0] and "does not exist" in warnings[0]
+    # the resumed run prunes after every save (total_limit 1): its own checkpoints go, the links stay
+    code, _, err = cli("resume", run, "--training.max_steps", "16", "--checkpointing.total_limit", "1")
+    assert code == 0, err
+    assert names(run) == {"checkpoint-4", "checkpoint-8", "checkpoint-99", "checkpoint-16"}
+    assert all((run / n).is_symlink() for n in ("checkpoint-4", "checkpoint-8", "checkpoint-99"))
+    assert {p.name: sorted(q.name for q in p.iterdir()) for p in storage.iterdir()} == stored
+    validate(run / "checkpoint-8")
+
+
+def canonical_sha256(manifest: dict) -> str:
+    """The shard manifest's sha256 as checkpoints record it: its content sections, canonical JSON."""
+    body = {k: manifest[k] for k in checkpoint.SHARD_KEYS if k in manifest}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+                          ).hexdigest()
+
+
+def test_resume_refuses_other_shards_naming_what_changed(tmp_path, shards, cli):
+    own = tmp_path / "shards"
+    shutil.copytree(shards, own)
+    run = train(load_config(None, run_config(own, tmp_path / "outputs", **{"logging.run_name": "sh",
+                                                                           "training.max_steps": 8})))
+    manifest = json.loads((own / "manifest.json").read_text())
+    for name in ("checkpoint-4", "checkpoint-8"):
+        assert validate(run / name)["shards"]["manifest_sha256"] == canonical_sha256(manifest)
+    # the same dataset, image size and codec (what resume compared until now), other samples
+    encode(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 192,
+                              "data.seed": 1, "vae.name": "pixel", "data.num_workers": 0,
+                              "shards.samples_per_shard": 100, "shards.path": str(own)}), overwrite=True)
+    code, _, err = cli("resume", run, "--training.max_steps", "12")
+    err = " ".join(err.split())
+    assert code == 1 and "was trained on other shards" in err, err
+    assert "num_samples 256 in the checkpoint, 192 now" in err and "shards (the shard files' sha256)" in err
+    assert "source" in err and not (run / "checkpoint-12").exists()
+    # the same shards, copied elsewhere and re-verified, are the same shards
+    shutil.rmtree(own)
+    shutil.copytree(shards, own)
+    code, _, err = cli("resume", run, "--training.max_steps", "12")
+    assert code == 0 and "written before" not in err, err
+    # a checkpoint from before the shards were recorded resumes, and says it could not check them
+    state_file = run / "checkpoint-12" / checkpoint.STATE
+    state = json.loads(state_file.read_text())
+    del state["shards"]
+    state_file.write_text(json.dumps(state))
+    code, _, err = cli("resume", run, "--training.max_steps", "16")
+    assert code == 0 and "written before checkpoints recorded their shards" in " ".join(err.split()), err
+
+
+def test_validate_requires_the_files_and_keys_every_checkpoint_holds(short_run, tmp_path):
+    ckpt = short_run / "checkpoint-8"
+    validate(ckpt)
+    for drop in ("model.pt", "optimizer.pt", "rng-rank0.pt", "ema.pt", "config.yaml", "step", "world_size", "files"):
+        copy = tmp_path / f"without-{drop}"
+        shutil.copytree(ckpt, copy)
+        state = json.loads((copy / checkpoint.STATE).read_text())
+        if drop in state["files"]:  # gone from the list and the folder, as a mixed or hand-made checkpoint may be
+            del state["files"][drop]
+            (copy / drop).unlink()
+        else:
+            del state[drop]
+        (copy / checkpoint.STATE).write_text(json.dumps(state))
+        with pytest.raises(CheckpointError, match=f"{drop.replace('.', '[.]')}"):
+            validate(copy)
+    copy = tmp_path / "escape"
+    shutil.copytree(ckpt, copy)
+    state = json.loads((copy / checkpoint.STATE).read_text())
+    state["files"]["../escape/model.pt"] = state["files"]["model.pt"]
+    (copy / checkpoint.STATE).write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="not a file name in the checkpoint"):
+        validate(copy)
+    # without an EMA in the saved config, ema.pt is not required
+    copy = tmp_path / "no-ema"
+    shutil.copytree(ckpt, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["training"]["use_ema"] = False
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    (copy / "ema.pt").unlink()
+    state = json.loads((copy / checkpoint.STATE).read_text())
+    del state["files"]["ema.pt"]
+    (copy / checkpoint.STATE).write_text(json.dumps(state))
+    resign(copy)
+    assert validate(copy)["step"] == 8

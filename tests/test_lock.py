@@ -1,0 +1,188 @@
+"""One process per run, shard or export folder (pipeline/lock.py): a second `ditpipe` on the same folder exits at
+once naming the holder's pid; a holder killed with -9 blocks nothing; the `.lock` file is never taken for data.
+
+Every process here is real: the CLI in subprocesses, kills are real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import checkpoint, lock, shards
+from pipeline.config import load_config
+from stages.encode import encode
+
+CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
+# Holds a folder's lock as encode/export/train would, until killed (stands in for a long encode or export).
+HOLDER = [sys.executable, "-c", "import sys, time; from pipeline import lock\n"
+          "with lock.hold(sys.argv[1], sys.argv[2]):\n    print('locked', flush=True); time.sleep(600)"]
+DATA = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 64, "vae.name": "pixel",
+        "data.num_workers": 0}
+TRAIN = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+         "training.mixed_precision": "no", "training.batch_size": 16, "training.gradient_accumulation_steps": 1,
+         "logging.tensorboard": False, "logging.steps": 1, "checkpointing.steps": 2}
+
+
+def env(**extra) -> dict:
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "250", **extra}
+    e.pop("RANK", None)
+    e.pop(checkpoint.PAUSE_ENV, None)
+    return {**e, **extra}
+
+
+def args(over: dict) -> list[str]:
+    return [a for k, v in over.items() for a in (f"--{k}", "null" if v is None else str(v))]
+
+
+def start(cmd: list[str], logs: Path, **extra) -> tuple[subprocess.Popen, Path]:
+    logs.mkdir(parents=True, exist_ok=True)
+    err = logs / f"{time.monotonic_ns()}.err"
+    with open(err, "wb") as e:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=e, env=env(**extra)), err
+
+
+def hold_in_subprocess(folder: Path, verb: str, logs: Path) -> subprocess.Popen:
+    proc, _ = start([*HOLDER, str(folder), verb], logs)
+    assert proc.stdout.readline().strip() == b"locked"
+    return proc
+
+
+def refused(cmd: list[str], logs: Path, holder: int, verb: str) -> str:
+    """Run `cmd` to its end; it must exit 75 with one error line naming the holder's verb and pid."""
+    proc, err = start(cmd, logs)
+    assert proc.wait(120) == lock.LockHeld.exit_code, err.read_text()[-3000:]
+    lines = [line for line in err.read_text().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err.read_text(), err.read_text()
+    assert f"ditpipe {verb} (pid {holder} on " in lines[0] and "in use" in lines[0], lines[0]
+    return lines[0]
+
+
+def refused_here(cli, argv: list, holder: int, verb: str) -> None:
+    """`ditpipe ARGV` in this process, against a holder in another: exit 75, one line naming the holder."""
+    code, _, err = cli(*argv)
+    assert code == lock.LockHeld.exit_code and f"ditpipe {verb} (pid {holder} on " in err, err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def shard_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("lock") / "shards"
+    encode(load_config(None, {**DATA, "shards.path": str(folder)}))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_second_train_or_resume_is_refused_with_the_pid_and_kill_9_frees_the_run(tmp_path, shard_folder, cli):
+    outputs, logs = tmp_path / "outputs", tmp_path / "logs"
+    run = outputs / "r"
+    over = {**DATA, **TRAIN, "shards.path": shard_folder, "logging.output_dir": outputs, "logging.run_name": "r",
+            "training.max_steps": 400}
+    slow = {checkpoint.PAUSE_ENV: "0.05"}  # 0.05 s after each file of a checkpoint: a run that lasts
+    first, first_err = start([*CLI, "train", *args(over)], logs, **slow)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint-2" / checkpoint.STATE).is_file():
+        assert first.poll() is None and time.monotonic() < deadline, first_err.read_text()[-3000:]
+        time.sleep(0.05)
+    holder = json.loads((run / lock.NAME).read_text())
+    assert holder["pid"] == first.pid and holder["verb"] == "train"
+
+    refused([*CLI, "resume", str(run)], logs, first.pid, "train")
+    refused_here(cli, ["train", *args(over)], first.pid, "train")  # not "the run folder exists": the lock first
+    assert first.poll() is None  # the refusals did not wait for the holder to finish
+
+    kill_9(first)
+    assert (run / lock.NAME).is_file()  # the dead holder's file is left behind, and blocks nothing
+    newest = checkpoint.find_resumable(run, warn=pytest.fail)[1]["step"]
+    code, _, err = cli("resume", run, "--training.max_steps", newest + 2)
+    assert code == 0, err
+    assert checkpoint.validate(run / checkpoint.step_name(newest + 2))["step"] == newest + 2
+    assert not (run / lock.NAME).exists()  # released with the run
+
+
+def test_second_encode_and_export_are_refused_and_a_stale_lock_blocks_nothing(tmp_path, shard_folder, cli):
+    logs = tmp_path / "logs"
+    folder = tmp_path / "shards"
+    holder = hold_in_subprocess(folder, "encode", logs)
+    argv = ["encode", *args({**DATA, "shards.path": folder})]
+    refused_here(cli, argv, holder.pid, "encode")
+    assert sorted(p.name for p in folder.iterdir()) == [lock.NAME]  # the refused encode wrote nothing
+    kill_9(holder)
+    code, _, err = cli(*argv)  # the folder holds only the dead holder's .lock: not "not a ditpipe shard folder"
+    assert code == 0, err
+    assert shards.load_manifest(folder)["num_samples"] == 64
+
+    out = tmp_path / "exports" / "x"
+    holder = hold_in_subprocess(out, "export", logs)
+    code, _, err = cli("train", *args({**DATA, **TRAIN, "shards.path": folder, "training.max_steps": 2,
+                                       "logging.output_dir": tmp_path / "outputs", "logging.run_name": "e"}))
+    assert code == 0, err
+    run = tmp_path / "outputs" / "e"
+    refused_here(cli, ["export", run, "--format", "safetensors", "--out", out, "--overwrite"], holder.pid, "export")
+    kill_9(holder)
+    code, _, err = cli("export", run, "--format", "safetensors", "--out", out)
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file() and not (out / lock.NAME).exists()
+
+
+def test_lock_files_are_never_data(tmp_path, shard_folder, cli):
+    """verify, inspect, checkpoint discovery and retention skip `.lock`, held or stale."""
+    logs = tmp_path / "logs"
+    holder = hold_in_subprocess(shard_folder, "encode", logs)
+    try:
+        code, _, err = cli("verify", shard_folder)
+        assert code == 0 and "64 samples, every sha256 and sample checked" in " ".join(err.split()), err
+        code, out, _ = cli("inspect", shard_folder)
+        assert code == 0 and "64 of 64 inputs" in out
+    finally:
+        kill_9(holder)
+    run = tmp_path / "run"
+    holder = hold_in_subprocess(run, "train", logs)
+    kill_9(holder)  # a stale .lock, alone in the folder: a new run may start there
+    from stages.train import train
+
+    cfg = load_config(None, {**DATA, **TRAIN, "shards.path": str(shard_folder), "logging.output_dir": str(tmp_path),
+                             "logging.run_name": "run", "training.max_steps": 4, "checkpointing.total_limit": 1})
+    assert train(cfg) == run
+    kept = ["checkpoint-4", "checkpoint-epoch-1"]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(("checkpoint", "."))) == kept
+    assert [p.name for _, _, p in checkpoint.list_checkpoints(run)] == kept
+
+
+def test_only_global_rank_0_takes_the_lock(tmp_path, monkeypatch):
+    folder = tmp_path / "f"
+    holder = hold_in_subprocess(folder, "train", tmp_path / "logs")
+    try:
+        with pytest.raises(lock.LockHeld, match=f"pid {holder.pid}"):
+            with lock.hold(folder, "train"):
+                pass
+        monkeypatch.setenv("RANK", "1")  # torchrun's other ranks work under rank 0's lock
+        with lock.hold(folder, "train"):
+            pass
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(lock.LockHeld):
+            with lock.hold(folder, "train"):
+                pass
+    finally:
+        kill_9(holder)
+    with lock.hold(folder, "train"):  # the holder is dead: its lock went with it
+        assert json.loads((folder / lock.NAME).read_text())["pid"] == os.getpid()
+    assert not folder.exists() or not any(folder.iterdir())
