@@ -383,7 +383,7 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, q = key
         indices = self.order(epoch, self.plan.positions(q, self.rank))
-        shape = (len(indices), *self.store.shape[1:])  # (B, C, H, W)
+        shape = (len(indices), *self.store.manifest["latent"]["shape"][1:])  # (B, C, H, W)
         mean = _batch_tensor(shape)
         std = _batch_tensor(shape) if self.view.has_std else None
         means, stds, labels = mean.numpy(), None if std is None else std.numpy(), []

@@ -85,10 +85,9 @@ class StepStats:
     """Device-side counters the step updates and the loop reads only at log steps."""
 
     device: torch.device
-    # Summed over the ranks at log steps, these are the global mean step loss and the number of steps it averages:
-    # each rank adds its share (loss / world, 1 / world), so a resume on another world size adds up the same.
-    loss_sum: torch.Tensor = None  # () float32: this rank's share of the finite step losses since the last read
-    finite_steps: torch.Tensor = None  # () float32: this rank's share of the count of those steps
+    # The same on every rank: the step's loss is all-reduced with its finiteness flag (one collective a step).
+    loss_sum: torch.Tensor = None  # () float32: the global mean step losses of finite steps since the last read
+    finite_steps: torch.Tensor = None  # () float32: how many steps that sum holds
     nonfinite_run: torch.Tensor = None  # () long: steps in a row with a non-finite loss on some rank
     nonfinite_total: torch.Tensor = None  # () long: such steps in the whole run (checkpointed)
     nonfinite_worst: torch.Tensor = None  # () long: the longest such run since the last read
@@ -167,7 +166,7 @@ class Step:
                 acc.backward(loss / plan.accum)
             if observe is not None:
                 observe(step, micro, m, loss, mine)
-        bad = _any_rank(acc, ~torch.isfinite(step_loss))  # () bool, the same on every rank
+        global_loss, bad = _over_ranks(acc, step_loss)  # () mean over the ranks, () bool: any rank non-finite
         grad_norm = acc.clip_grad_norm_(self.raw.parameters(), self.max_grad_norm or math.inf)  # unscales first
         applied = torch.isfinite(grad_norm)  # () bool: false for a poisoned step and for an fp16 overflow
         inner = self.opt.optimizer
@@ -178,19 +177,22 @@ class Step:
         if self.ema is not None:
             self.ema.update(ema_decay(step, self.ema_decay, self.ema_warmup), applied)
         self.opt.zero_grad(set_to_none=True)
-        stats.loss_sum += torch.where(bad, 0.0, step_loss) / plan.world_size
-        stats.finite_steps += (~bad).float() / plan.world_size
+        stats.loss_sum += torch.where(bad, 0.0, global_loss)
+        stats.finite_steps += (~bad).float()
         stats.nonfinite_run.copy_(torch.where(bad, stats.nonfinite_run + 1, 0))
         stats.nonfinite_total += bad.long()
         torch.maximum(stats.nonfinite_worst, stats.nonfinite_run, out=stats.nonfinite_worst)
         stats.grad_norm.copy_(grad_norm.float())
 
 
-def _any_rank(acc, flag: torch.Tensor) -> torch.Tensor:
-    """`flag` or-ed over the ranks, on the device: an all-reduce that the host never waits for (NCCL enqueues it)."""
+def _over_ranks(acc, step_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the step loss averaged over the ranks, whether any rank's was non-finite), on the device and the same on
+    every rank: one all-reduce that the host never waits for (NCCL enqueues it)."""
+    bad = ~torch.isfinite(step_loss)
     if acc.num_processes == 1:
-        return flag
-    return acc.reduce(flag.float(), "sum") > 0
+        return step_loss, bad
+    both = acc.reduce(torch.stack([bad.float(), torch.nan_to_num(step_loss, nan=0.0, posinf=0.0, neginf=0.0)]), "sum")
+    return both[1] / acc.num_processes, both[0] > 0
 
 
 def build_step(acc, model: torch.nn.Module, objective, plan: Plan, latent_shape: tuple[int, int, int], *,

@@ -154,7 +154,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                                          start_step, end_step, device)
     batches = iter(loader)  # draws a base seed from torch's global RNG: restore the saved states after it
     if saved:
-        _restore_rank_state(resume, saved, rank, world, stats, device)
+        _restore_rank_state(resume, saved, rank, stats, device)
     to_y = batch_condition(conditioning, device)
     last: list[Micro] = []  # the latest micro-batch: the closing summary counts FLOPs on one like it
 
@@ -221,10 +221,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             bar.update(epoch_task, advance=1, loss=last_loss)
             since_log += 1
             if done % cfg.logging.steps == 0 or done == end_step:  # the one place the loop reads the device
-                loss_sum, finite = step_fn.stats.take_window()
-                sums = acc.reduce(torch.stack([loss_sum, finite]), "sum") if world > 1 else torch.stack([loss_sum,
-                                                                                                       finite])
-                mean_loss = float(sums[0]) / float(sums[1]) if float(sums[1]) else math.nan
+                loss_sum, finite = (float(x) for x in step_fn.stats.take_window())  # the same on every rank
+                mean_loss = loss_sum / finite if finite else math.nan
                 worst = int(stats.take_worst_run())
                 ips = since_log * plan.global_batch / max(time.time() - t_log, 1e-9)
                 last_loss = mean_loss
@@ -427,22 +425,17 @@ def elastic_split(cfg: Config, saved: dict, world: int, ckpt: Path) -> str | Non
             "same samples and draws at every step")
 
 
-def _restore_rank_state(ckpt: Path, saved: dict, rank: int, world: int, stats, device: torch.device) -> None:
-    """The saved per-rank state that still applies: this rank's global RNG states when the checkpoint has its file
-    (the step draws from keyed generators alone, so a rank the run did not have needs none), and, on rank 0, every
-    saved rank's share of the unlogged loss window, so the first log line after a resume on any world size averages
-    the same steps as an uninterrupted run's."""
+def _restore_rank_state(ckpt: Path, saved: dict, rank: int, stats, device: torch.device) -> None:
+    """The saved state that still applies on any world size: this rank's global RNG states when the checkpoint has
+    its file (the step draws from keyed generators alone, so a rank the run did not have needs none), and the
+    unlogged loss window, the same in every rank's file, so the first log line after a resume averages the same
+    steps as an uninterrupted run's."""
     own = ckpt / f"rng-rank{rank}.pt"
-    windows = [own] if own.is_file() else []
     if own.is_file():
         checkpoint.set_rng_state(checkpoint.load_tensors(own), device)
-    if rank == 0:  # the saved ranks this launch does not have: rank 0 takes their shares
-        windows += [ckpt / f"rng-rank{r}.pt" for r in range(world, int(saved["world_size"]))]
-    for path in windows:
-        if path.is_file():
-            window = checkpoint.load_tensors(path)["log_window"]
-            stats.loss_sum += window[0].to(device)
-            stats.finite_steps += window[1].to(device)
+    window = checkpoint.load_tensors(own if own.is_file() else ckpt / "rng-rank0.pt")["log_window"]
+    stats.loss_sum += window[0].to(device)
+    stats.finite_steps += window[1].to(device)
     stats.nonfinite_total.fill_(int(saved.get("nonfinite_total", 0)))
 
 
