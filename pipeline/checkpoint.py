@@ -335,6 +335,33 @@ def check_same_shards(saved: dict, manifest: dict, ckpt: Path, folder) -> str | 
                           f"run from its weights: ditpipe train --init-from {ckpt}")
 
 
+def newest_valid(run_dir: Path, before: int) -> tuple[str, dict] | None:
+    """(path, training state) of the newest valid step checkpoint at or before step `before`, or None."""
+    for step, is_epoch, path in list_checkpoints(run_dir):
+        if 0 <= step <= before and not is_epoch:
+            try:
+                return str(path), validate(path)
+            except CheckpointError:
+                continue
+    return None
+
+
+def abandon_after(run_dir: Path, step: int, keep: str) -> list[Path]:
+    """Move every checkpoint of ours after `step` aside as `<name>.abandoned` (training.recover went back to
+    `keep`: they hold the failure's state) and point `latest` at `keep`. Nothing is deleted."""
+    moved = []
+    for s, _, path in list_checkpoints(run_dir):
+        if s > step and not path.is_symlink() and _is_ours(path):
+            aside, n = path.with_name(f"{path.name}.abandoned"), 1
+            while aside.exists():
+                n += 1
+                aside = path.with_name(f"{path.name}.abandoned-{n}")
+            os.replace(path, aside)
+            moved.append(aside)
+    atomic.write_bytes(Path(run_dir) / LATEST, (keep + "\n").encode())
+    return moved
+
+
 def clean_temporaries(run_dir: Path) -> None:
     """Remove half-written checkpoint folders of a killed run (only our own hidden `.checkpoint-*.tmp`)."""
     for p in Path(run_dir).glob(f".checkpoint-*{atomic.TMP_SUFFIX}"):

@@ -123,6 +123,14 @@ class TrainingConfig(_Section):
     ema_warmup: bool = True
     max_nonfinite_steps: int = Field(10, ge=1)  # non-finite losses in a row before the run stops (read at log steps)
     # CUDA: deterministic kernels, so a resumed run continues bit for bit (slower; off: equal only statistically)
+    # training.recover (pipeline/recovery.py): after the non-finite stop rule fires, or a loss spike, go back to the
+    # last good checkpoint in-process, skip the data the failure consumed, scale the LR, and go on
+    recover: bool = False
+    recover_spike_factor: float = Field(3.0, ge=0.0)  # a spike step: loss above this × its running median; 0: off
+    recover_spike_steps: int = Field(20, ge=1)  # spike steps in a row that make a recovery
+    recover_window: int = Field(200, ge=10)  # steps in the running median
+    recover_lr_factor: float = Field(1.0, gt=0.0, le=1.0)  # the LR is multiplied by this at each recovery
+    recover_max: int = Field(3, ge=1)  # recoveries before the run stops as without training.recover
     deterministic: bool = False
     tf32: bool = True  # CUDA: fp32 matmuls and convolutions on tensor cores (ignored when deterministic)
 

@@ -37,6 +37,22 @@ class MetricsLog:
                 if isinstance(value, (int, float)):
                     self.tb.add_scalar(f"{prefix}/{name}", value, step)
 
+    def rewind(self, step: int) -> None:
+        """Drop what was logged after `step` (training.recover went back there), as a resume does."""
+        if not self.enabled:
+            return
+        path = Path(self.file.name)
+        self.file.close()
+        kept = [line for line in path.read_text().splitlines() if _step(line) <= step]
+        write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        self.file = open(path, "a", buffering=1)
+        if self.tb is not None:  # TensorBoard keeps the abandoned points; a new writer purges them from `step` on
+            logdir = self.tb.get_logdir()
+            self.tb.close()
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(logdir, purge_step=step)
+
     def image(self, step: int, tag: str, image) -> None:
         """An (H, W, 3) uint8 image, e.g. a validation grid, in TensorBoard."""
         if self.enabled and self.tb is not None:

@@ -91,12 +91,15 @@ class StepStats:
     nonfinite_run: torch.Tensor = None  # () long: steps in a row with a non-finite loss on some rank
     nonfinite_total: torch.Tensor = None  # () long: such steps in the whole run (checkpointed)
     nonfinite_worst: torch.Tensor = None  # () long: the longest such run since the last read
+    nonfinite_start: torch.Tensor = None  # () long: the first step of the current run
+    nonfinite_worst_start: torch.Tensor = None  # () long: the first step of the longest one
     grad_norm: torch.Tensor = None  # () float32: the last step's gradient norm before clipping
 
     def __post_init__(self):
         zero = lambda dtype: torch.zeros((), dtype=dtype, device=self.device)  # noqa: E731
         self.loss_sum, self.finite_steps, self.grad_norm = (zero(torch.float32) for _ in range(3))
         self.nonfinite_run, self.nonfinite_total, self.nonfinite_worst = (zero(torch.long) for _ in range(3))
+        self.nonfinite_start, self.nonfinite_worst_start = zero(torch.long), zero(torch.long)
 
     def take_window(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss sum, finite steps) since the last call, and reset them: the next log line's window."""
@@ -105,11 +108,19 @@ class StepStats:
         self.finite_steps.zero_()
         return out
 
-    def take_worst_run(self) -> torch.Tensor:
-        """The longest run of non-finite steps since the last call (the stop rule reads it at log steps)."""
-        out = self.nonfinite_worst.clone()
+    def take_worst_run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the longest run of non-finite steps since the last call, its first step): the stop rule, and
+        training.recover's choice of checkpoint, read them at log steps."""
+        out = self.nonfinite_worst.clone(), self.nonfinite_worst_start.clone()
         self.nonfinite_worst.copy_(self.nonfinite_run)
+        self.nonfinite_worst_start.copy_(self.nonfinite_start)
         return out
+
+    def reset_runs(self) -> None:
+        """After a recovery: the loss window and the runs start again (the total stays)."""
+        for t in (self.loss_sum, self.finite_steps, self.nonfinite_run, self.nonfinite_worst, self.nonfinite_start,
+                  self.nonfinite_worst_start):
+            t.zero_()
 
 
 @dataclass
@@ -139,14 +150,18 @@ class Step:
         self.stats = StepStats(self.acc.device)
 
     def __call__(self, step: int, lr: float, feed: Callable[[], Micro],
-                 observe: Callable[[int, int, Micro, torch.Tensor, Draws], None] | None = None) -> None:
+                 observe: Callable[[int, int, Micro, torch.Tensor, Draws], None] | None = None,
+                 position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Optimizer step `step` (0-based) at learning rate `lr`: `plan.accum` micro-batches from `feed`, then
-        clipping, the optimizer and the EMA. `observe(step, micro, batch, loss, draws)` sees each micro-batch's loss
-        and its positions' draws (a debugging aid; reading them syncs)."""
+        clipping, the optimizer and the EMA; returns (the step loss over all ranks, whether it was non-finite) as
+        device tensors. The draws are keyed on the step's data `position` (the step itself unless a recovery
+        skipped data). `observe(step, micro, batch, loss, draws)` sees each micro-batch's loss and its positions'
+        draws (a debugging aid; reading them syncs)."""
         acc, plan, stats, device = self.acc, self.plan, self.stats, self.acc.device
         for group in self.opt.param_groups:
             group["lr"] = lr
-        draws = step_draws(self.objective, step_generator(self.seed, step, device), plan.global_batch,
+        draws = step_draws(self.objective, step_generator(self.seed, step if position is None else position, device),
+                           plan.global_batch,
                            self.latent_shape, self.drop_prob, self.posterior, device)
         step_loss = torch.zeros((), device=device)
         for micro in range(plan.accum):
@@ -180,9 +195,13 @@ class Step:
         stats.loss_sum += torch.where(bad, 0.0, global_loss)
         stats.finite_steps += (~bad).float()
         stats.nonfinite_run.copy_(torch.where(bad, stats.nonfinite_run + 1, 0))
+        stats.nonfinite_start.copy_(torch.where(bad & (stats.nonfinite_run == 1), step, stats.nonfinite_start))
+        stats.nonfinite_worst_start.copy_(torch.where(stats.nonfinite_run > stats.nonfinite_worst,
+                                                      stats.nonfinite_start, stats.nonfinite_worst_start))
         stats.nonfinite_total += bad.long()
         torch.maximum(stats.nonfinite_worst, stats.nonfinite_run, out=stats.nonfinite_worst)
         stats.grad_norm.copy_(grad_norm.float())
+        return global_loss, bad
 
 
 def _over_ranks(acc, step_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

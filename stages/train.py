@@ -35,9 +35,10 @@ from pipeline.latent_norm import LatentNorm
 from pipeline.loader import Plan
 from pipeline.metrics import MetricsLog
 from pipeline.schedule import lr_at
-from pipeline.step import Micro, Step, build_step, forward_flops
+from pipeline.step import Micro, Step, build_step, forward_flops, load_state
 from pipeline.training import (batch_condition, build_model, conditioning_for, num_classes_for, open_data,
                                training_batches)
+from pipeline.recovery import RecoveryState, SpikeWatch, injected
 from pipeline.validation import HeldOut, loss_sums, open_held_out
 
 # Debugging aid (see _SampleRecord): a path; each rank appends the global sample indices of every micro-batch.
@@ -139,6 +140,9 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                          resume=resume if saved else None)
     raw, ema, stats = step_fn.raw, step_fn.ema, step_fn.stats
     start_step = int(saved["step"]) if saved else 0
+    recovery = RecoveryState.from_state(saved)  # data offset, LR scale, recoveries so far
+    watch = SpikeWatch(device, t.recover_spike_factor, t.recover_window) if t.recover and t.recover_spike_factor \
+        else None
     if saved and acc.is_main_process:
         checkpoint.clean_temporaries(run_dir)  # half-written checkpoints of the killed run
 
@@ -150,26 +154,36 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             console.print(f"[cyan]elastic:[/] {elastic_note}", highlight=False, soft_wrap=True)
         for note in init_notes:
             console.print(f"[cyan]init:[/] {note}", highlight=False, soft_wrap=True)
-    loader, posterior = training_batches(cfg, manifest, store, online, plan, rank, conditioning, excluded,
-                                         start_step, end_step, device)
-    batches = iter(loader)  # draws a base seed from torch's global RNG: restore the saved states after it
+    def data_from(step: int) -> None:
+        """The data stream from optimizer step `step` on, at data position `step + data_offset`."""
+        data.pop("batches", None)  # a recovery's new stream replaces the old (its workers stop)
+        loader, data["posterior"] = training_batches(cfg, manifest, store, online, plan, rank, conditioning,
+                                                     excluded, step + recovery.data_offset,
+                                                     end_step + recovery.data_offset, device)
+        data["batches"] = iter(loader)  # draws a base seed from torch's global RNG: the saved states come after
+
+    data: dict = {}
+    data_from(start_step)
     if saved:
         _restore_rank_state(resume, saved, rank, stats, device)
     to_y = batch_condition(conditioning, device)
     last: list[Micro] = []  # the latest micro-batch: the closing summary counts FLOPs on one like it
 
     def feed() -> Micro:
-        batch = next(batches)
-        last[:] = [Micro(*posterior(batch), to_y(batch), batch)]  # mean, std (B, C, H, W) on the device, y
-        return last[0]
+        batch = next(data["batches"])
+        m = Micro(*data["posterior"](batch), to_y(batch), batch)  # mean, std (B, C, H, W) on the device, y
+        if (kind := injected(data["position"])) is not None:  # a test hook; never set in real runs
+            m = m._replace(mean=m.mean * (torch.nan if kind == "nan" else 30.0))
+        last[:] = [m]
+        return m
 
     record = _SampleRecord.from_env(rank)
     stop = _StopFlag()
 
     def save(name: str, step: int) -> None:
         checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, step_fn),
-                        _ckpt_state(cfg, step, plan, total_steps, int(stats.nonfinite_total), manifest), group=group,
-                        needed_bytes=_needed_bytes(raw))
+                        {**_ckpt_state(cfg, step, plan, total_steps, int(stats.nonfinite_total), manifest),
+                         **recovery.record()}, group=group, needed_bytes=_needed_bytes(raw))
         if acc.is_main_process:
             checkpoint.prune(run_dir, cfg.checkpointing.total_limit, cfg.checkpointing.keep_epochs)
 
@@ -200,7 +214,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     with bar, stop.installed(), _oom_advice(device, plan):
         if held is not None and cfg.validation.every_steps and not saved:
             validate(0, grid=False)  # where a fine-tune starts from, and a from-scratch run's baseline
-        for step in range(start_step, end_step):
+        step = start_step
+        while step < end_step:
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
             if step > start_step and step_in_epoch == 0 and cfg.checkpointing.every_epoch:
                 save(checkpoint.epoch_name(epoch), step)
@@ -214,16 +229,20 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             if epoch_task is None or step_in_epoch == 0:
                 epoch_task = _epoch_task(bar, epoch, t.num_epochs, plan.steps_per_epoch, step_in_epoch)
 
-            lr = lr_at(step, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps, total_steps)
-            step_fn(step, lr, feed, record.write if record is not None else None)  # no host sync inside
+            lr = recovery.lr_scale * lr_at(step, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,
+                                           total_steps)
+            data["position"] = step + recovery.data_offset  # keys the step's data and draws
+            loss, bad = step_fn(step, lr, feed, record.write if record is not None else None, data["position"])
+            if watch is not None:
+                watch.update(step, loss, bad)  # on the device, like the step
 
-            done = step + 1
+            done = step = step + 1
             bar.update(epoch_task, advance=1, loss=last_loss)
             since_log += 1
             if done % cfg.logging.steps == 0 or done == end_step:  # the one place the loop reads the device
                 loss_sum, finite = (float(x) for x in step_fn.stats.take_window())  # the same on every rank
                 mean_loss = loss_sum / finite if finite else math.nan
-                worst = int(stats.take_worst_run())
+                worst, worst_start = (int(x) for x in stats.take_worst_run())
                 ips = since_log * plan.global_batch / max(time.time() - t_log, 1e-9)
                 last_loss = mean_loss
                 bar.update(epoch_task, loss=mean_loss, ips=ips)
@@ -233,10 +252,19 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                 log.scalars(done, loss=mean_loss, lr=lr, grad_norm=float(stats.grad_norm), img_per_s=ips,
                             peak_mem_gib=peak, epoch=epoch + 1, nonfinite_total=int(stats.nonfinite_total))
                 since_log, t_log = 0, time.time()
-                if worst >= t.max_nonfinite_steps:  # rank-consistent: every rank counted the same steps
-                    raise DitpipeError(f"{worst} non-finite losses in a row by step {done}; stopping. Lower "
-                                       "training.learning_rate, use bf16 instead of fp16, or set model.qk_norm: "
-                                       "true; resume from the last checkpoint")
+                # rank-consistent: every rank counted the same steps
+                failure = (f"{worst} non-finite losses in a row by step {done}", worst_start) \
+                    if worst >= t.max_nonfinite_steps else _spike(watch, t, done)
+                if failure and not (t.recover and recovery.recoveries < t.recover_max):
+                    raise DitpipeError(f"{failure[0]}; stopping. Lower training.learning_rate, use bf16 instead of "
+                                       "fp16, or set model.qk_norm: true (or training.recover: true); resume from "
+                                       "the last checkpoint")
+                if failure:
+                    step = _recover(failure, done, run_dir, group, step_fn, recovery, t, log, bar.console)
+                    stats.reset_runs()
+                    if watch is not None:
+                        watch.reset_runs()
+                    data_from(step)
 
         if end_step % plan.steps_per_epoch == 0 and cfg.checkpointing.every_epoch and end_step > start_step:
             save(checkpoint.epoch_name(end_step // plan.steps_per_epoch), end_step)
@@ -423,6 +451,44 @@ def elastic_split(cfg: Config, saved: dict, world: int, ckpt: Path) -> str | Non
     return (f"the run was trained on {saved['world_size']} process(es) (batch {run_b} × accumulation {run_a}), this "
             f"launch has {world}: batch {choice[0]} × accumulation {choice[1]} keeps its global batch {g}, so the "
             "same samples and draws at every step")
+
+
+def _spike(watch, t, done: int) -> tuple[str, int] | None:
+    """(what happened, the step it began) when the spike watch saw `recover_spike_steps` spike steps in a row."""
+    if watch is None:
+        return None
+    run, start = watch.take()
+    if run < t.recover_spike_steps:
+        return None
+    return (f"the loss stayed above {t.recover_spike_factor:g}× its running median for {run} steps from step "
+            f"{start}", start)
+
+
+def _recover(failure: tuple[str, int], now: int, run_dir: Path, group: checkpoint.Group, step: Step,
+             recovery: RecoveryState, t, log: MetricsLog, console: Console) -> int:
+    """training.recover: back to the newest valid checkpoint from before the failure began, in this process, with
+    the data the failed stretch consumed skipped and the LR scaled; returns the step to go on from. Newer
+    checkpoints (written during the failure) are moved aside as `<name>.abandoned`, never deleted."""
+    what, began = failure
+    chosen = group.broadcast(checkpoint.newest_valid(run_dir, before=began) if group.rank == 0 else None)
+    if chosen is None:
+        raise DitpipeError(f"{what}; training.recover found no valid checkpoint from before step {began} to go back "
+                           f"to in '{run_dir}' (checkpoint more often with checkpointing.steps); stopping")
+    ckpt, state = Path(chosen[0]), chosen[1]
+    load_state(ckpt, step.raw, step.ema, step.opt.optimizer, step.acc.scaler)
+    if group.rank == 0:
+        checkpoint.abandon_after(run_dir, int(state["step"]), ckpt.name)
+    back = int(state["step"])
+    recovery.data_offset += now - back  # step `back` now reads what step `now` would have: the stretch is skipped
+    recovery.lr_scale *= t.recover_lr_factor
+    recovery.recoveries += 1
+    log.rewind(back)
+    log.scalars(back, recovered_from=now, reason=what, checkpoint=ckpt.name, **recovery.record())
+    if group.rank == 0:
+        console.print(f"[yellow]recovered:[/] {what}; back to {ckpt.name}, skipping {now - back} steps of data "
+                      f"(data offset {recovery.data_offset}), LR × {recovery.lr_scale:g} "
+                      f"({recovery.recoveries}/{t.recover_max} recoveries)", highlight=False, soft_wrap=True)
+    return back
 
 
 def _restore_rank_state(ckpt: Path, saved: dict, rank: int, stats, device: torch.device) -> None:
