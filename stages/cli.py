@@ -23,7 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True)
 out = Console()
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
-OVERRIDES_HELP = "Any config key as --section.key VALUE (e.g. --data.dataset_name custom), or --set section.key=VALUE."
+OVERRIDES_HELP = ("Any config key as --section.key VALUE (e.g. --data.dataset_name custom), or --set section.key=VALUE."
+                  " Every key with its value, default and meaning: ditpipe config show \\[--config C] \\[overrides].")
 
 
 def _version(value: bool) -> None:
@@ -335,6 +336,41 @@ def verify(shards_dir: Path = typer.Argument(..., metavar="SHARDS", help="A shar
     from stages.shardtools import verify as run_verify
 
     run_verify(shards_dir, err)
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Show the resolved config.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show", context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
+def config_show(ctx: typer.Context,
+                config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped "
+                                                                                  "name).")) -> None:
+    """Every config key: its value (defaults ← --config ← overrides), its default, and what it means.
+
+    Example: ditpipe config show --config quickstart --training.num_epochs 20
+    """
+    from pipeline.config import key_table
+
+    rows = [(key, _show(value), _show(default), meaning, value != default)
+            for key, value, default, meaning in key_table(build_config(config, {}, ctx.args))]
+    widths = [max(len(r[i]) for r in rows + [("key", "value", "default")]) for i in range(3)]
+    line = "  {:<%d}  {:<%d}  {:<%d}  {}" % tuple(widths)
+    out.print(line.format("key", "value", "default", "meaning"), style="bold", markup=False, soft_wrap=True)
+    for key, value, default, meaning, changed in rows:
+        out.print(("*" if changed else " ") + line.format(key, value, default, meaning)[1:], markup=False,
+                  highlight=False, soft_wrap=True)
+    out.print("* differs from the default. Override any key with --section.key VALUE.", markup=False,
+              highlight=False)
+
+
+def _show(value: Any) -> str:
+    """A value as YAML writes it on one line (null, true, [0.5, 1.0])."""
+    import json
+
+    if isinstance(value, tuple):
+        value = list(value)
+    return value if isinstance(value, str) else json.dumps(value).replace("None", "null")
 
 
 def main(argv: list[str] | None = None) -> int:
