@@ -145,8 +145,10 @@ def resume(
     stage.train(stage.resume_config(ckpt, overrides=parse_overrides(args)), resume=ckpt, console=err)
 
 
-def _interval(text: str) -> tuple[float, float]:
-    """--cfg-interval LOW,HIGH → (low, high), checked: noise levels with 0 <= low <= high <= 1."""
+def _interval(text: str | None) -> tuple[float, float] | None:
+    """--cfg-interval LOW,HIGH → (low, high), checked: noise levels with 0 <= low <= high <= 1; None if not given."""
+    if text is None:
+        return None
     try:
         low, high = (float(x) for x in text.split(","))
     except ValueError:
@@ -160,32 +162,43 @@ def _warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
+def _run_default(key: str, official: str) -> str:
+    return f"Default: the run's validation.{key} (an official DiT .pt: {official})."
+
+
 @app.command()
 def sample(
     checkpoint_path: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder, a run folder (its newest valid "
                                                                   "checkpoint), or an official DiT .pt state dict."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default, when the checkpoint has them)."),
-    classes: Optional[str] = typer.Option(None, help="Comma-separated class ids, cycled to --num (default: all)."),
-    num: Optional[int] = typer.Option(None, help="Number of samples (default: one per class, or 16)."),
-    cfg_scale: float = typer.Option(4.0, help="Classifier-free guidance scale; 1 = plain conditional sampling."),
-    cfg_interval: str = typer.Option("0,1", help="LOW,HIGH: guide only at noise levels in [LOW, HIGH] (0 data, "
-                                               "1 noise); e.g. 0.5,1 guides the layout but not the fine detail."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default 250 for ddpm/ddim, 50 for euler/heun)."),
-    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim (ddpm models), euler | heun (flow models)."),
-    seed: int = typer.Option(0, help="Seed; the same seed gives the same samples."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated class ids or names (red_circle,3), cycled to "
+                                                     "--num (default: all)."),
+    num: Optional[int] = typer.Option(None, min=1, help="Number of samples (default: one per class, or 16)."),
+    cfg_scale: Optional[float] = typer.Option(None, min=1.0, help="Classifier-free guidance scale; 1 = plain "
+                                                                  "conditional sampling. "
+                                                                  + _run_default("cfg_scale", "4, as official sample.py")),
+    cfg_interval: Optional[str] = typer.Option(None, help="LOW,HIGH: guide only at noise levels in [LOW, HIGH] (0 "
+                                                          "data, 1 noise); e.g. 0.5,1 guides the layout but not the "
+                                                          "fine detail. " + _run_default("cfg_interval", "0,1")),
+    steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps. "
+                                                       + _run_default("sampling_steps", "250")),
+    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim (ddpm models), euler | heun (flow models). "
+                                                     + _run_default("sampler", "ddpm")),
+    seed: int = typer.Option(0, min=0, help="Seed; the same seed gives the same samples."),
     out: Path = typer.Option(Path("grid.png"), help="Grid PNG (one class per column when classes repeat)."),
     out_dir: Optional[Path] = typer.Option(None, help="Also one PNG per sample: <index>_class<k>.png."),
-    batch_size: int = typer.Option(64, help="Samples per batch."),
+    batch_size: int = typer.Option(64, min=1, help="Samples per batch."),
     vae: Optional[str] = typer.Option(None, help="Decoder override (default: the checkpoint's codec; "
                                                  "stabilityai/sd-vae-ft-ema for official checkpoints)."),
     model: Optional[str] = typer.Option(None, help="Official checkpoints only: the preset, e.g. DiT-XL/2."),
-    image_size: Optional[int] = typer.Option(None, help="Official checkpoints only: pixels, e.g. 256."),
+    image_size: Optional[int] = typer.Option(None, min=8, help="Official checkpoints only: pixels, e.g. 256."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Caption models: what to draw; repeat for "
                                                                       "more prompts (cycled to --num)."),
     text_encoder: Optional[str] = typer.Option(None, help="Caption models: a local copy of the manifest's text "
                                                           "encoder (checked by its weights hash)."),
 ) -> None:
-    """Sample a grid (and per-sample PNGs) from a checkpoint, with classifier-free guidance.
+    """Sample a grid (and per-sample PNGs) from a checkpoint, with classifier-free guidance. The sampler, steps and
+    guidance default to what the run validated with; every value used is printed.
 
     Example: ditpipe sample --checkpoint outputs/quickstart --num 64 --out-dir outputs/quickstart/samples
 
@@ -194,9 +207,9 @@ def sample(
     from stages.sample import sample as run_sample
 
     run_sample(checkpoint_path, use_ema=ema, classes=classes, num=num, cfg_scale=cfg_scale, steps=steps,
-               cfg_interval=_interval(cfg_interval),
-               sampler=sampler, seed=seed, out=out, out_dir=out_dir, batch_size=batch_size, vae=vae,
-               model_name=model, image_size=image_size, prompts=prompt, text_encoder=text_encoder, console=err)
+               cfg_interval=_interval(cfg_interval), sampler=sampler, seed=seed, out=out, out_dir=out_dir,
+               batch_size=batch_size, vae=vae, model_name=model, image_size=image_size, prompts=prompt,
+               text_encoder=text_encoder, console=err)
 
 
 @app.command()
@@ -204,31 +217,36 @@ def evaluate(
     checkpoint_path: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder, a run folder, or an official "
                                                                   "DiT .pt (with --model/--image-size)."),
     reference: str = typer.Option(..., help="Real images: an image folder, or pixel-codec shards."),
-    num: int = typer.Option(10000, help="Samples to generate (classes cycled evenly)."),
-    cfg_scale: float = typer.Option(1.0, help="Guidance scale (the paper reports FID at 1.0 and 1.5)."),
-    cfg_interval: str = typer.Option("0,1", help="LOW,HIGH: guide only at noise levels in [LOW, HIGH]."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default 250 for ddpm/ddim, 50 for euler/heun)."),
-    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim | euler | heun (default: the objective's)."),
-    seed: int = typer.Option(0, help="Seed for the generated samples."),
-    batch_size: int = typer.Option(50, help="Images per batch, for generation and Inception."),
+    num: int = typer.Option(10000, min=1, help="Samples to generate (classes cycled evenly)."),
+    cfg_scale: Optional[float] = typer.Option(None, min=1.0, help="Guidance scale. " + _run_default(
+                                                                      "cfg_scale", "1.5, as official sample_ddp.py")),
+    cfg_interval: Optional[str] = typer.Option(None, help="LOW,HIGH: guide only at noise levels in [LOW, HIGH]. "
+                                                          + _run_default("cfg_interval", "0,1")),
+    steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps. "
+                                                       + _run_default("sampling_steps", "250")),
+    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim | euler | heun. "
+                                                     + _run_default("sampler", "ddpm")),
+    seed: int = typer.Option(0, min=0, help="Seed for the generated samples."),
+    batch_size: int = typer.Option(50, min=1, help="Images per batch, for generation and Inception."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default, when present)."),
     kid: bool = typer.Option(False, "--kid", help="Also KID (reads the reference images again)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     cache_dir: Optional[Path] = typer.Option(None, help="Reference statistics cache (default ~/.cache/ditpipe/fid)."),
     vae: Optional[str] = typer.Option(None, help="Decoder override; official checkpoints default to sd-vae-ft-ema."),
     model: Optional[str] = typer.Option(None, help="Official checkpoints only: the preset, e.g. DiT-XL/2."),
-    image_size: Optional[int] = typer.Option(None, help="Official checkpoints only: pixels, e.g. 256."),
+    image_size: Optional[int] = typer.Option(None, min=8, help="Official checkpoints only: pixels, e.g. 256."),
 ) -> None:
-    """FID (and optionally KID) of generated samples against real images, offline (needs the `eval` extra).
+    """FID (and optionally KID) of generated samples against real images, offline (needs the `eval` extra). The
+    sampler, steps and guidance default to what the run validated with; every value used is printed.
 
     Example: ditpipe evaluate --checkpoint outputs/quickstart --reference shards/shapes-16px-pixel-4000 --num 2000
     """
     from stages.evaluate import evaluate as run_evaluate
 
     run_evaluate(checkpoint_path, reference, num=num, cfg_scale=cfg_scale, steps=steps, sampler=sampler, seed=seed,
-                 cfg_interval=_interval(cfg_interval),
-                 batch_size=batch_size, use_ema=ema, kid=kid, json_out=json_out, cache_dir=cache_dir, vae=vae,
-                 model_name=model, image_size=image_size, console=err)
+                 cfg_interval=_interval(cfg_interval), batch_size=batch_size, use_ema=ema, kid=kid,
+                 json_out=json_out, cache_dir=cache_dir, vae=vae, model_name=model, image_size=image_size,
+                 console=err)
 
 
 @app.command(context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
