@@ -229,6 +229,21 @@ class Config(_Section):
 
 SHIPPED_CONFIGS_PACKAGE = "ditpipe_configs"
 
+# Keys that may differ between a run's saved config and the one it resumes with (DESIGN.md, Runs and checkpoints):
+# where and how long it runs, and keys the trained weights never see: the data order and every random draw are
+# keyed on (seed, epoch, sample, step), not on the worker count; validation runs on a copy under a forked RNG;
+# the download and encode keys (vae.batch_size, text.batch_size) are read by `encode` only; max_nonfinite_steps
+# only decides when a failing run stops. A key ending in "." stands for its whole section.
+RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "training.max_nonfinite_steps", "data.num_workers",
+                     "data.download", "data.download_url", "vae.batch_size", "text.batch_size", "logging.",
+                     "checkpointing.", "validation.")
+
+
+def resumable_keys() -> str:
+    """RESUMABLE_CHANGES for people: `training.num_epochs, …, logging.*, checkpointing.* and validation.*`."""
+    names = [k + "*" if k.endswith(".") else k for k in RESUMABLE_CHANGES]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
 
 def known_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     """Every dotted key of the schema, e.g. `training.batch_size`."""

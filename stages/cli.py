@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline import __version__
+from pipeline.config import resumable_keys
 from pipeline.errors import DitpipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -92,6 +93,9 @@ def encode(
     run_encode(cfg, overwrite=overwrite, console=err)
 
 
+RESTRETCH_HELP = ("On resume: stretch the LR schedule (same peak, warm-up and type) over the run's new length, e.g. "
+                  "after --training.num_epochs N; recorded in the checkpoints. Without it, steps past the old end "
+                  "run at its final LR (about 0 for cosine).")
 @app.command(context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
 def train(
     ctx: typer.Context,
@@ -103,6 +107,7 @@ def train(
                                                        "run, step 0, fresh optimizer (model.init_from)."),
     init_weights: Optional[str] = typer.Option(None, help="ema | raw: which weights of one of our checkpoints "
                                                           "--init-from takes (model.init_weights, default ema)."),
+    restretch_schedule: bool = typer.Option(False, "--restretch-schedule", help=RESTRETCH_HELP),
 ) -> None:
     """Train a DiT on latent shards (made by `ditpipe encode` from the same config).
 
@@ -117,22 +122,30 @@ def train(
 
     if resume is not None:
         ckpt = stage.find_checkpoint(resume, Path(cfg.logging.output_dir), _warn)
-        stage.train(stage.resume_config(ckpt, new=cfg), resume=ckpt, console=err)
+        stage.train(stage.resume_config(ckpt, new=cfg), resume=ckpt, console=err,
+                    restretch_schedule=restretch_schedule)
     else:
+        if restretch_schedule:
+            raise DitpipeError("--restretch-schedule changes a resumed run's LR schedule; a new run's schedule "
+                               "already spans its num_epochs. Use it with --resume")
         stage.train(cfg, config_name=config, console=err)
 
 
-@app.command(context_settings=OVERRIDES, epilog="Only num_epochs, max_steps, logging.*, checkpointing.* and "
-                                                "validation.* may change: --training.num_epochs 80")
+RESUME_EPILOG = (f"Only the keys that cannot change the trained weights may differ from the run's config: "
+                 f"{resumable_keys()} (e.g. --training.num_epochs 80 --restretch-schedule).")
+
+
+@app.command(context_settings=OVERRIDES, epilog=RESUME_EPILOG)
 def resume(
     ctx: typer.Context,
     target: Optional[Path] = typer.Argument(None, metavar="[RUN_DIR_OR_CHECKPOINT]",
                                             help="Default: the run under ./outputs whose latest checkpoint is newest."),
     output_dir: Path = typer.Option(Path("./outputs"), help="Where to look for runs when no target is given."),
+    restretch_schedule: bool = typer.Option(False, "--restretch-schedule", help=RESTRETCH_HELP),
 ) -> None:
     """Continue a run exactly where its newest valid checkpoint left it.
 
-    Example: ditpipe resume outputs/train_config --training.num_epochs 80
+    Example: ditpipe resume outputs/train_config --training.num_epochs 80 --restretch-schedule
     """
     from pipeline.config import parse_overrides
     from stages import train as stage
@@ -141,8 +154,9 @@ def resume(
     if target is not None and str(target).startswith("--"):  # `resume --training.num_epochs 80`: no target given
         args, target = [str(target), *args], None
     ckpt = stage.find_checkpoint(target, output_dir, _warn)
-    err.print(f"resuming from {ckpt}")
-    stage.train(stage.resume_config(ckpt, overrides=parse_overrides(args)), resume=ckpt, console=err)
+    err.print(f"resuming from {ckpt}", highlight=False, soft_wrap=True)
+    stage.train(stage.resume_config(ckpt, overrides=parse_overrides(args)), resume=ckpt, console=err,
+                restretch_schedule=restretch_schedule)
 
 
 def _interval(text: str | None) -> tuple[float, float] | None:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import time
 from dataclasses import dataclass
@@ -22,11 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 from pipeline import __version__, checkpoint, shards
-from pipeline.config import Config, validate_tree
+from pipeline.config import RESUMABLE_CHANGES, Config, resumable_keys, validate_tree
 from pipeline.diffusion import make_objective, micro_loss
 from pipeline.ema import EMA, ema_decay
 from pipeline.errors import ConfigError, DitpipeError, ShardError
@@ -35,15 +38,14 @@ from pipeline.latent_norm import LatentNorm
 from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, Plan, is_url, make_loader, open_shards
 from pipeline.metrics import MetricsLog
 from pipeline.model import build_dit
-from pipeline.schedule import lr_at
+from pipeline.schedule import lr_at, restretched_length, schedule_warnings
 from pipeline.validation import HeldOut, loss_sums, open_held_out
 
 # Debugging aid (see _SampleRecord): a path; each rank appends the global sample indices of every micro-batch.
 RECORD_ENV = "DITPIPE_RECORD_SAMPLES"
-# Keys that may differ between a run's saved config and the one it resumes with (DESIGN.md, Runs and checkpoints).
 # A no-grad forward keeps no activations for backward, so the held-out loss takes this many times the micro-batch.
 EVAL_BATCH_FACTOR = 4
-RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "logging.", "checkpointing.", "validation.")
+MANY_CHECKPOINTS = 20  # the preflight warns when a run would keep more checkpoint folders than this
 
 
 @dataclass
@@ -73,14 +75,14 @@ def effective_precision(requested: str, device: torch.device) -> tuple[str, str 
 
 def encode_command(cfg: Config) -> str:
     d = cfg.data
-    parts = [f"ditpipe encode --dataset {d.dataset_name}"]
+    parts = ["ditpipe", "encode", "--dataset", d.dataset_name]
     if d.dataset_name != "shapes":
-        parts.append(f"--data-path {d.dataset_path}")
+        parts += ["--data-path", d.dataset_path]
     if d.dataset_name == "coco":
-        parts.append(f"--split {d.split}")
-    parts += [f"--image-size {d.image_size}", f"--num-samples {d.num_samples if d.num_samples else 'null'}",
-              f"--vae {cfg.vae.name}", f"--format {cfg.shards.format}", f"--out {cfg.shards_path}"]
-    return " ".join(parts)
+        parts += ["--split", d.split]
+    parts += ["--image-size", str(d.image_size), "--num-samples", str(d.num_samples or "null"), "--vae",
+              cfg.vae.name, "--format", cfg.shards.format, "--out", str(cfg.shards_path)]
+    return shlex.join(parts)
 
 
 def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
@@ -232,8 +234,9 @@ def _run_name(cfg: Config, config_name: str | None) -> str:
 
 
 def train(cfg: Config, config_name: str | None = None, resume: Path | None = None,
-          console: Console | None = None) -> Path:
-    """Train (or resume, from the checkpoint folder `resume`) and return the run folder."""
+          console: Console | None = None, restretch_schedule: bool = False) -> Path:
+    """Train (or resume, from the checkpoint folder `resume`) and return the run folder. `restretch_schedule` (on
+    resume) stretches the LR schedule over the run's current length (pipeline/schedule.py)."""
     from accelerate import Accelerator
 
     console = console or Console(stderr=True)
@@ -268,6 +271,17 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                             else "training.num_epochs",
                             f"the run would end at step {end_step}, but '{resume}' is already at step "
                             f"{saved['step']}; resume with an end at or past it")])
+    restretched = list(saved.get("restretched_at", [])) if saved else []  # steps where the schedule was restretched
+    if saved and restretch_schedule:
+        try:
+            total_steps = restretched_length(saved["step"], plan.steps_per_epoch * t.num_epochs)
+        except ValueError as e:
+            raise ConfigError([("training.num_epochs", str(e))]) from None
+        restretched.append(saved["step"])
+    if saved and end_step == saved["step"]:  # a finished run: nothing to do, so say how to extend it
+        if acc.is_main_process:
+            _finished(console, run_dir, saved, cfg, plan)
+        return run_dir
     spec = RunSpec(precision, notice, num_classes, plan, total_steps, run_dir,
                    held_spec.description if held_spec else None, conditioning)
 
@@ -300,7 +314,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process,
                      resume_step=start_step if saved else None)
     if acc.is_main_process:
-        _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step)
+        _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step,
+                   saved["total_steps"] if saved and restretch_schedule else None)
         for note in init_notes:
             console.print(f"[cyan]init:[/] {note}", highlight=False, soft_wrap=True)
     order = EpochOrder([min(manifest["samples_per_shard"], plan.num_samples - i) for i in
@@ -325,7 +340,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     to_y, conditional = batch_condition(conditioning, device), conditioning != "none"
     stop = _StopFlag()
     record = _SampleRecord.from_env(rank)
-    counters = {"nonfinite_total": saved.get("nonfinite_total", 0) if saved else 0, "nonfinite_run": 0}
+    counters = {"nonfinite_total": saved.get("nonfinite_total", 0) if saved else 0, "nonfinite_run": 0,
+                "restretched_at": restretched}
 
     def save(name: str, step: int) -> None:
         checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, raw, ema, opt, window),
@@ -528,7 +544,7 @@ def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, counters: 
     return {"written_by": f"ditpipe {__version__}", "step": step, "epoch": step // plan.steps_per_epoch,
             "samples_consumed": step * plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
             "total_steps": total_steps, "world_size": plan.world_size, "config_hash": cfg.hash(),
-            "nonfinite_total": counters["nonfinite_total"],
+            "nonfinite_total": counters["nonfinite_total"], "restretched_at": counters.get("restretched_at", []),
             "versions": {name: version(name) for name in ("torch", "accelerate", "numpy", "ditpipe")}}
 
 
@@ -688,10 +704,18 @@ def _all_true(acc, flag: bool) -> bool:
 # ---------------------------------------------------------------------------------------------------- console
 
 
+class _LossRate(ProgressColumn):
+    """`loss=0.1234 1,440 img/s`, or dashes until the first log step has measured them."""
+
+    def render(self, task) -> Text:
+        loss, ips = task.fields.get("loss", math.nan), task.fields.get("ips", 0.0)
+        return Text(f"loss={'–' if math.isnan(loss) else f'{loss:.4f}'} "
+                    f"{'–' if not ips else f'{ips:,.0f}'} img/s")
+
+
 def _progress(console: Console, enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                    TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(),
-                    TextColumn("loss={task.fields[loss]:.4f} {task.fields[ips]:,.0f} img/s"), console=console,
+                    TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(), _LossRate(), console=console,
                     disable=not enabled)
 
 
@@ -701,7 +725,8 @@ def _epoch_task(bar: Progress, epoch: int, num_epochs: int, steps: int, done: in
     return bar.add_task(f"Epoch {epoch + 1}/{num_epochs}", total=steps, completed=done, loss=math.nan, ips=0.0)
 
 
-def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, device, start_step, end_step) -> None:
+def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, device, start_step, end_step,
+               restretched_from: int | None = None) -> None:
     t, plan = cfg.training, spec.plan
     table = Table(title="ditpipe train", show_header=False, title_justify="left")
     table.add_row("device", f"{device} × {plan.world_size} process(es)")
@@ -718,17 +743,42 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
                           f"{tuple(manifest['latent']['shape'])}")
     table.add_row("batch", f"{t.batch_size} × {t.gradient_accumulation_steps} accumulation × {plan.world_size} = "
                            f"{plan.global_batch} per optimizer step")
-    table.add_row("steps", f"{plan.steps_per_epoch:,} optimizer steps per epoch; {end_step:,} to run"
-                           + (f" (from step {start_step:,})" if start_step else "")
-                           + f"; LR schedule over {spec.total_steps:,}")
+    table.add_row("steps", f"{plan.steps_per_epoch:,} optimizer steps per epoch; {end_step - start_step:,} to run"
+                           + (f", from step {start_step:,} to {end_step:,}" if start_step else ""))
+    lr = lambda step: lr_at(step, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,  # noqa: E731
+                            spec.total_steps)
+    table.add_row("LR", f"{cfg.lr_scheduler.type}, peak {t.learning_rate:.2e} after {cfg.lr_scheduler.warmup_steps:,}"
+                        f" warm-up steps, over {spec.total_steps:,} steps"
+                        + (f" (restretched from {restretched_from:,}: {lr(start_step):.2e} at step {start_step:,})"
+                           if restretched_from is not None else f"; {lr(start_step):.2e} now" if start_step else ""))
     if spec.held_out:
         every = (f"every {cfg.validation.every_steps:,} steps" if cfg.validation.every_steps
                  else "never: validation.every_steps is 0")
         table.add_row("held-out loss", f"{spec.held_out}; at {cfg.validation.loss_timesteps} fixed timesteps, {every}")
     table.add_row("output", str(spec.run_dir))
     console.print(table)
+    for loud, note in schedule_warnings(t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,
+                                        spec.total_steps, start_step, end_step):
+        console.print(f"[bold red]warning:[/] [bold]{note}[/]" if loud else f"[yellow]warning:[/] {note}",
+                      highlight=False, soft_wrap=True)
     if start_step and end_step > spec.total_steps:
-        console.print(f"[yellow]note:[/] steps beyond {spec.total_steps:,} continue at the schedule's final LR")
+        console.print(f"[yellow]note:[/] steps beyond {spec.total_steps:,} continue at the schedule's final LR "
+                      f"({lr(spec.total_steps):.2e}); --restretch-schedule stretches it over the run instead",
+                      highlight=False, soft_wrap=True)
+    kept = _checkpoints_kept(cfg, plan, start_step, end_step)
+    if sum(kept) > MANY_CHECKPOINTS:
+        console.print(f"[yellow]warning:[/] this run keeps {sum(kept)} checkpoint folders ({kept[0]} per-epoch, "
+                      f"{kept[1]} per-step), about {sum(kept) * _needed_bytes(raw) / 2**30:,.1f} GiB; keep fewer with "
+                      "--checkpointing.keep_epochs N and --checkpointing.total_limit N, or a larger "
+                      "checkpointing.steps", highlight=False, soft_wrap=True)
+
+
+def _checkpoints_kept(cfg: Config, plan: Plan, start_step: int, end_step: int) -> tuple[int, int]:
+    """(epoch, step) checkpoint folders this run writes and retention keeps."""
+    c, spe = cfg.checkpointing, plan.steps_per_epoch
+    epochs = end_step // spe - start_step // spe if c.every_epoch else 0
+    steps = end_step // c.steps - start_step // c.steps + (1 if end_step % c.steps else 0)  # + the final one
+    return min(epochs, c.keep_epochs or epochs), min(steps, c.total_limit or steps)
 
 
 def _caption_line(manifest: dict) -> str:
@@ -741,8 +791,26 @@ def _closing(console, run_dir: Path, loss: float, seconds: float, images: int, s
     final = run_dir / checkpoint.step_name(step)
     console.print(f"[green]done[/]: {step:,} steps, final loss {loss:.4f}, {seconds:.1f} s, "
                   f"{images / max(seconds, 1e-9):,.1f} img/s"
-                  + (f", {counters['nonfinite_total']} non-finite step(s) skipped" if counters["nonfinite_total"] else ""))
-    console.print(f"final model: {final}/model.pt (EMA: ema.pt); logs: {run_dir}/metrics.jsonl, {run_dir}/tensorboard")
+                  + (f", {counters['nonfinite_total']} non-finite step(s) skipped" if counters["nonfinite_total"] else ""),
+                  highlight=False, soft_wrap=True)
+    console.print(f"final model: {final}/model.pt (EMA: ema.pt); logs: {run_dir}/metrics.jsonl, {run_dir}/tensorboard",
+                  highlight=False, markup=False, soft_wrap=True)
+    console.print("next: " + shlex.join(["ditpipe", "sample", "--checkpoint", str(run_dir), "--out",
+                                         str(run_dir / "grid.png")]), highlight=False, markup=False, soft_wrap=True)
+
+
+def _finished(console, run_dir: Path, saved: dict, cfg: Config, plan: Plan) -> None:
+    """Resuming a run that has reached its end: nothing runs; say so, and how to go on."""
+    step, t = saved["step"], cfg.training
+    by_max = t.max_steps is not None and t.max_steps == step
+    more = 2 * t.num_epochs
+    extend = ["ditpipe", "resume", str(run_dir)] + (["--training.max_steps", "null"] if by_max else []) + [
+        "--training.num_epochs", str(more), "--restretch-schedule"]
+    console.print(f"[green]finished[/]: '{run_dir}' is at step {step:,}, the end of its "
+                  + (f"training.max_steps {t.max_steps:,}" if by_max else f"{t.num_epochs} epochs") + "; nothing to "
+                  f"run. To train further, extend it (e.g. to {more} epochs, {more * plan.steps_per_epoch:,} steps, "
+                  "with the LR schedule stretched over them):", highlight=False, soft_wrap=True)
+    console.print("  " + shlex.join(extend), highlight=False, markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------- resume
@@ -782,10 +850,11 @@ def resume_config(ckpt: Path, new: Config | None = None, overrides: dict | None 
     cfg = new
     old = validate_tree(saved).to_dict()
     new = cfg.to_dict()
-    refused = [(f"{s}.{k}", f"was {old[s][k]!r} in the run, now {new[s][k]!r}; only "
-                            f"{', '.join(RESUMABLE_CHANGES)}* may change on resume (start a new run instead)")
+    refused = [(f"{s}.{k}", f"was {old[s][k]!r} in the run, now {new[s][k]!r}")
                for s in new for k in new[s]
                if new[s][k] != old[s][k] and not f"{s}.{k}".startswith(RESUMABLE_CHANGES)]
     if refused:
-        raise ConfigError(refused, header=f"cannot resume '{ckpt}' with a different config")
+        raise ConfigError(refused, header=f"cannot resume '{ckpt}' with a different config (only {resumable_keys()} "
+                                          "may change on resume; for anything else start a new run, e.g. with "
+                                          "--init-from this checkpoint)")
     return cfg
