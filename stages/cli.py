@@ -348,15 +348,29 @@ def export(
 
 
 @app.command()
-def inspect(shards_dir: Path = typer.Argument(..., metavar="SHARDS", help="A shard folder."),
-            as_json: bool = typer.Option(False, "--json", help="Print the raw manifest.")) -> None:
-    """Summarise a shard folder's manifest: source, codec, latent layout, labels, shards, skips.
+def inspect(path: Path = typer.Argument(..., metavar="PATH", help="A shard folder, a run folder or a checkpoint."),
+            as_json: bool = typer.Option(False, "--json", help="Print it as JSON (a shard folder: its manifest).")) -> None:
+    """Summarise a shard folder (source, codec, latent layout, labels, shards, skips), a run (its state and every
+    checkpoint: step, epoch, loss, EMA, valid, which one `latest` names) or a checkpoint (its config and manifest).
 
-    Example: ditpipe inspect shards/shapes
+    Example: ditpipe inspect shards/shapes; ditpipe inspect outputs/quickstart
     """
     from stages.shardtools import inspect as run_inspect
 
-    run_inspect(shards_dir, as_json, out)
+    run_inspect(path, as_json, out)
+
+
+@app.command()
+def runs(output_dir: Path = typer.Argument(Path("./outputs"), metavar="[OUTPUT_DIR]",
+                                           help="Where the runs are (logging.output_dir)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")) -> None:
+    """List the runs under OUTPUT_DIR: state (running, finished, stopped), last step, last loss, checkpoints, age.
+
+    Example: ditpipe runs outputs
+    """
+    from stages.runs import list_runs
+
+    list_runs(output_dir, out, as_json)
 
 
 @app.command()
