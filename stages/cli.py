@@ -7,6 +7,8 @@ every verb that takes a config.
 
 from __future__ import annotations
 
+import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -37,7 +39,18 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
-    pass
+    _quiet_third_party_warnings()
+
+
+def _quiet_third_party_warnings() -> None:
+    """Libraries' deprecation notices (e.g. huggingface_hub's `local_dir_use_symlinks` while diffusers looks for a
+    VAE) are for their callers' authors, not for our users; printed in front of our own messages they bury them."""
+    import warnings
+
+    theirs = r"(?!pipeline|stages)"  # the module a warning is attributed to
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=theirs)
+    warnings.filterwarnings("ignore", message=r"(?s).*\bdeprecated\b", category=UserWarning, module=theirs)
 
 
 def build_config(config: Optional[str], shorthands: dict[str, Any], extra: list[str]):
@@ -59,19 +72,22 @@ def encode(
     split: Optional[str] = typer.Option(None, help="COCO split: train | val (data.split)"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Shard folder (shards.path)"),
     image_size: Optional[int] = typer.Option(None, help="Pixels (data.image_size)"),
-    num_samples: Optional[int] = typer.Option(None, help="Deterministic subset size (data.num_samples)"),
+    num_samples: Optional[str] = typer.Option(None, help="Deterministic subset size, or null for all "
+                                                         "(data.num_samples)"),
     seed: Optional[int] = typer.Option(None, help="Subset and shapes seed (data.seed)"),
     vae: Optional[str] = typer.Option(None, help="diffusers AutoencoderKL id or local folder, or 'pixel' (vae.name)"),
     vae_dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 (vae.dtype)"),
     batch_size: Optional[int] = typer.Option(None, help="Encode batch, halved on OOM (vae.batch_size)"),
     fmt: Optional[str] = typer.Option(None, "--format", help="wds | parquet (shards.format)"),
     store: Optional[str] = typer.Option(None, help="mean_std | mean (shards.store)"),
-    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Also encode the mirror (shards.flip)"),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips in training (VAE "
+                                        "codecs also encode the mirror; shards.flip). --no-flip for digits, text, "
+                                        "logos, maps: a mirrored glyph is another glyph."),
     samples_per_shard: Optional[int] = typer.Option(None, help="Inputs per shard (shards.samples_per_shard)"),
     num_workers: Optional[int] = typer.Option(None, help="Decode workers (data.num_workers)"),
     download: Optional[bool] = typer.Option(None, "--download", help="COCO: fetch the official archives first"),
     captions: Optional[bool] = typer.Option(None, "--captions/--no-captions", help="Also embed every caption once "
-                                            "with the text encoder (data.captions; needs ditpipe[text])"),
+                                            "with the text encoder (data.captions; needs ditpipe\\[text])"),
     text_encoder: Optional[str] = typer.Option(None, help="minilm (offline) | clip | t5 | hub id | local folder "
                                                           "(text.encoder)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards made with other parameters."),
@@ -82,20 +98,30 @@ def encode(
 
     Text-to-image: ditpipe encode --dataset coco --data-path data/coco --captions --text-encoder minilm
     """
-    cfg = build_config(config, {
+    shorthands = {
         "data.dataset_name": dataset, "data.dataset_path": data_path, "data.split": split, "shards.path": out_dir,
-        "data.image_size": image_size, "data.num_samples": num_samples, "data.seed": seed, "vae.name": vae,
+        "data.image_size": image_size, "data.seed": seed, "vae.name": vae,
         "vae.dtype": vae_dtype, "vae.batch_size": batch_size, "shards.format": fmt, "shards.store": store,
         "shards.flip": flip, "shards.samples_per_shard": samples_per_shard, "data.num_workers": num_workers,
-        "data.download": download, "data.captions": captions, "text.encoder": text_encoder}, ctx.args)
+        "data.download": download, "data.captions": captions, "text.encoder": text_encoder}
+    # --num-samples null means all, as --data.num_samples null does: it goes in as a dotted override (read as YAML)
+    extra = (["--data.num_samples", num_samples] if num_samples is not None else []) + list(ctx.args)
+    cfg = build_config(config, shorthands, extra)
     from stages.encode import encode as run_encode
 
     run_encode(cfg, overwrite=overwrite, console=err)
+    # what comes next: train on these shards, with the same config and overrides (they name the same folder)
+    given = [a for k, v in shorthands.items() if v is not None and k != "data.download"
+             for a in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
+    err.print("next: " + shlex.join(["ditpipe", "train", *(["--config", config] if config else []), *given, *extra]),
+              highlight=False, markup=False, soft_wrap=True)
 
 
 RESTRETCH_HELP = ("On resume: stretch the LR schedule (same peak, warm-up and type) over the run's new length, e.g. "
                   "after --training.num_epochs N; recorded in the checkpoints. Without it, steps past the old end "
                   "run at its final LR (about 0 for cosine).")
+
+
 @app.command(context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
 def train(
     ctx: typer.Context,

@@ -127,7 +127,7 @@ def _write_diffusers(folder: Path, model, cfg: Config, manifest: dict, meta: dic
     reason = _no_pipeline_reason(model, cfg, manifest, meta["latent_norm"])
     if reason:
         transformer.save_pretrained(folder / "transformer")
-        console.print(f"transformer only ({reason}): {folder.name}/transformer loads with "
+        console.print(f"transformer only ({reason}): its transformer/ folder loads with "  # folder: a temporary
                       "DiTTransformer2DModel.from_pretrained")
     else:
         _write_pipeline(folder, transformer, cfg, manifest, vae, console)

@@ -40,6 +40,7 @@ from pipeline.metrics import MetricsLog
 from pipeline.model import build_dit
 from pipeline.schedule import lr_at, restretched_length, schedule_warnings
 from pipeline.validation import HeldOut, loss_sums, open_held_out
+from pipeline.workers import capped_workers
 
 # Debugging aid (see _SampleRecord): a path; each rank appends the global sample indices of every micro-batch.
 RECORD_ENV = "DITPIPE_RECORD_SAMPLES"
@@ -329,7 +330,10 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         source, codec = online
         dataset = ImageBatches(source, order, plan, rank, t.seed, (c, h, w), cfg.shards.flip, codec.stores_std)
         to_latents = _online(codec, norm, device)
-    loader = make_loader(dataset, plan, start_step, end_step, cfg.data.num_workers, pin_memory=device.type == "cuda")
+    workers, fewer = capped_workers(cfg.data.num_workers)
+    if fewer and acc.is_main_process:
+        console.print(f"[yellow]note:[/] {fewer}", highlight=False, soft_wrap=True)
+    loader = make_loader(dataset, plan, start_step, end_step, workers, pin_memory=device.type == "cuda")
     batches = iter(loader)  # draws a base seed from torch's global RNG: restore the saved states after it
     window = {"loss": torch.zeros((), device=device), "steps": 0}  # the loss averaged into the next log line
     if saved and (resume / f"rng-rank{rank}.pt").is_file():
