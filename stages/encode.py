@@ -112,6 +112,11 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     if fewer_workers and rank == 0:
         console.print(f"[yellow]note:[/] {fewer_workers}", highlight=False, soft_wrap=True)
     source = _source_with_download_bar(cfg, console)
+    if not cfg.shards.path and cfg.data.num_samples and len(source) < cfg.data.num_samples and rank == 0:
+        console.print(f"[yellow]note:[/] data.num_samples {cfg.data.num_samples:,} asks for more than the "
+                      f"{len(source):,} inputs there: all are encoded, into {cfg.shards_path}, named by the number "
+                      "asked for so that `train` with the same config finds it (--num-samples null names it -all)",
+                      highlight=False, soft_wrap=True)
     codec = load_codec(cfg.vae.name, cfg.vae.dtype, device=_local_device(), use_slicing=cfg.vae.use_slicing)
     if cfg.data.image_size % codec.downsample:
         raise ConfigError([("data.image_size", f"{cfg.data.image_size} is not a multiple of the codec's downsample "

@@ -38,6 +38,11 @@ def test_num_samples_null_means_all_and_names_the_folder_so(tmp_path, monkeypatc
                        "--num-samples", "null", "--num-workers", "0")
     assert code == 0, err
     assert shards.load_manifest(tmp_path / "shards" / "custom-16px-pixel-all")["num_samples"] == 3
+    code, _, err = cli("encode", "--dataset", "custom", "--data-path", "imgs", "--vae", "pixel", "--image-size", "16",
+                       "--num-workers", "0")  # the default num_samples, 5000: the name says what was asked for
+    assert code == 0, err
+    assert "note: data.num_samples 5,000 asks for more than the 3 inputs there" in " ".join(err.split())
+    assert shards.load_manifest(tmp_path / "shards" / "custom-16px-pixel-5000")["num_samples"] == 3
 
 
 def test_encode_ends_with_the_train_command_that_finds_its_shards(tmp_path, monkeypatch, cli):
