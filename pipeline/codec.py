@@ -136,8 +136,9 @@ def load_codec(name: str, dtype: str = "fp32", device: torch.device | None = Non
 
 
 def _from_hub(cls, name: str, dtype: torch.dtype):
-    fixes = (f"Fixes: on a machine with network, `huggingface-cli download {name}` (then copy the cache), or "
-             f"download the model folder and pass --vae /path/to/folder; or use --vae pixel for a VAE-free run.")
+    folder = f"/models/{name.rstrip('/').rsplit('/', 1)[-1]}"
+    fixes = (f"Fixes: on a machine with network, `hf download {name} --local-dir {folder}`, copy that folder here and"
+             f" pass --vae {folder}; or use --vae pixel for a VAE-free run.")
     try:  # the local Hugging Face cache first: works offline and never touches the network
         return cls.from_pretrained(name, local_files_only=True, torch_dtype=dtype)
     except Exception:

@@ -44,95 +44,112 @@ MAX_PARAMETERS = 8_000_000_000  # about 32 GB in fp32
 
 
 class DataConfig(_Section):
-    dataset_name: Literal["coco", "custom", "shapes"] = "coco"
-    dataset_path: str = "./data"  # COCO root or custom folder; unused for shapes
-    split: Literal["train", "val"] = "train"  # COCO split: train2017 / val2017
-    image_size: int = Field(256, ge=8, le=MAX_IMAGE_SIZE)
-    num_samples: Optional[int] = Field(5000, ge=1)  # deterministic subset; null = all
-    seed: int = Field(0, ge=0)  # picks the subset and generates `shapes`; separate from training.seed
-    captions: bool = False  # embed every caption once with text.encoder (needs the `text` extra)
-    source: Literal["shards", "images"] = "shards"  # images = online VAE every step (the baseline)
-    num_workers: int = Field(4, ge=0, le=256)
-    shuffle_window: int = Field(8, ge=1)  # shards shuffled together each epoch: locality vs. mixing
-    download: bool = False  # COCO only: fetch the official archives first
-    download_url: str = "http://images.cocodataset.org"  # COCO mirror (tests point it at 127.0.0.1)
+    dataset_name: Literal["coco", "custom", "shapes"] = Field(
+        "coco", description="coco, custom (your folder) or shapes (built in, generated, no download)")
+    dataset_path: str = Field("./data", description="raw images: the COCO root or the custom folder (unused for shapes)")
+    split: Literal["train", "val"] = Field("train", description="COCO split: train (train2017) or val (val2017)")
+    image_size: int = Field(256, ge=8, le=MAX_IMAGE_SIZE, description="pixels; a multiple of the codec's downsample factor")
+    num_samples: Optional[int] = Field(5000, ge=1, description="deterministic subset of the inputs; null takes all")
+    seed: int = Field(0, ge=0, description="picks the subset and generates shapes (separate from training.seed)")
+    captions: bool = Field(False, description="embed every caption once with text.encoder (the `text` extra)")
+    source: Literal["shards", "images"] = Field(
+        "shards", description="shards (precomputed latents) or images (online VAE every step: the baseline)")
+    num_workers: int = Field(4, ge=0, le=256, description="loader and decoder worker processes (capped at the CPUs)")
+    shuffle_window: int = Field(8, ge=1, description="shards shuffled together each epoch: locality against mixing")
+    download: bool = Field(False, description="COCO only: fetch the official archives first (encode)")
+    download_url: str = Field("http://images.cocodataset.org", description="the COCO mirror to download from")
     # scale: the codec's scaling/shift factors (DiT); channel: the manifest's per-channel mean/std (LightningDiT, EDM2)
-    latent_norm: Literal["scale", "channel"] = "scale"
-    # Held out from training for the validation loss: a deterministic subset (keyed on data.seed), never trained on
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    latent_norm: Literal["scale", "channel"] = Field(
+        "scale", description="scale (codec scaling/shift factors, as DiT) or channel (manifest per-channel mean/std)")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction held out (keyed on data.seed), never "
+                                                                 "trained on, for the validation loss")
 
 
 class ShardsConfig(_Section):
-    path: Optional[str] = None  # default: shards/<dataset>-<split>-<size>px-<codec>-<num_samples|all>
-    format: Literal["wds", "parquet"] = "wds"
-    samples_per_shard: int = Field(1000, ge=1)
-    store: Literal["mean_std", "mean"] = "mean_std"
-    flip: bool = True
+    path: Optional[str] = Field(None, description="shard folder; null: shards/<dataset>-<split>-<size>px-<codec>-"
+                                                  "<num_samples or all>")
+    format: Literal["wds", "parquet"] = Field("wds", description="wds (WebDataset tar) or parquet")
+    samples_per_shard: int = Field(1000, ge=1, description="inputs per shard file")
+    store: Literal["mean_std", "mean"] = Field("mean_std", description="mean_std (fresh posterior draws in training)"
+                                                                       " or mean (4x smaller)")
+    flip: bool = Field(True, description="random horizontal flips in training (VAE codecs also encode the mirror); "
+                                         "off for glyphs, text, logos, maps")
 
 
 class TextConfig(_Section):
-    # The caption encoder (data.captions): minilm (offline) | clip | t5 | a hub id or local folder (pipeline/text.py)
-    encoder: str = "minilm"
-    max_tokens: int = Field(77, ge=1, le=77)  # per caption; longer captions are truncated
-    batch_size: int = Field(256, ge=1)  # captions per encoder call
+    encoder: str = Field("minilm", description="caption encoder: minilm (offline), clip, t5, a hub id or a local "
+                                               "folder")
+    max_tokens: int = Field(77, ge=1, le=77, description="tokens per caption; longer captions are truncated")
+    batch_size: int = Field(256, ge=1, description="captions per text-encoder call (encode)")
 
 
 class VaeConfig(_Section):
-    name: str = "stabilityai/sd-vae-ft-ema"  # diffusers id, local folder, or "pixel"
-    dtype: Literal["fp32", "bf16"] = "fp32"  # never fp16: SD VAEs overflow to NaN there
-    use_slicing: bool = False
-    batch_size: int = Field(32, ge=1)  # encode batch; halved on out-of-memory
+    name: str = Field("stabilityai/sd-vae-ft-ema", description="diffusers AutoencoderKL id, local folder, or pixel "
+                                                               "(no VAE)")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32 or bf16; never fp16 (SD VAEs overflow to NaN)")
+    use_slicing: bool = Field(False, description="encode one image at a time (less memory)")
+    batch_size: int = Field(32, ge=1, description="encode batch; halved on out-of-memory")
 
 
 class ModelConfig(_Section):
-    name: str = "DiT-B/2"
-    hidden_size: Optional[int] = Field(None, ge=1, le=MAX_HIDDEN)
-    depth: Optional[int] = Field(None, ge=1, le=MAX_DEPTH)
-    num_heads: Optional[int] = Field(None, ge=1, le=MAX_HEADS)
-    patch_size: Optional[int] = Field(None, ge=1, le=MAX_PATCH)
-    conditioning: Literal["auto", "class", "none", "caption"] = "auto"
-    # Fine-tuning: start from these weights (an official DiT .pt, our checkpoint or run folder, or an exported
-    # .safetensors); the step count and the optimizer start fresh. Ignored on resume.
-    init_from: Optional[str] = None
-    init_weights: Literal["ema", "raw"] = "ema"  # which weights of one of our checkpoints init_from takes
-    learn_sigma: bool = True
-    class_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)  # CFG dropout of the label or the caption, per sample
-    qk_norm: bool = False
-    gradient_checkpointing: bool = False
-    compile: bool = False
+    name: str = Field("DiT-B/2", description="preset (DiT-S/B/L/XL × patch 2/4/8; DiT-T-* for captions)")
+    hidden_size: Optional[int] = Field(None, ge=1, le=MAX_HIDDEN, description="overrides the preset's width")
+    depth: Optional[int] = Field(None, ge=1, le=MAX_DEPTH, description="overrides the preset's number of blocks")
+    num_heads: Optional[int] = Field(None, ge=1, le=MAX_HEADS, description="overrides the preset's attention heads")
+    patch_size: Optional[int] = Field(None, ge=1, le=MAX_PATCH, description="overrides the preset's patch size")
+    conditioning: Literal["auto", "class", "none", "caption"] = Field(
+        "auto", description="auto (from the manifest: captions, else labels, else none), class, none or caption")
+    init_from: Optional[str] = Field(None, description="fine-tune from these weights (official .pt, our checkpoint or"
+                                                       " run, .safetensors); a new run; ignored on resume")
+    init_weights: Literal["ema", "raw"] = Field("ema", description="which weights of one of our checkpoints "
+                                                                   "init_from takes")
+    learn_sigma: bool = Field(True, description="DiT's learned variance (ddpm only)")
+    class_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0, description="label or caption dropout per sample, what "
+                                                                       "guidance needs")
+    qk_norm: bool = Field(False, description="normalise queries and keys (fp16 stability)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower")
+    compile: bool = Field(False, description="torch.compile the model")
 
 
 class DiffusionConfig(_Section):
-    objective: Literal["ddpm", "flow"] = "ddpm"
+    objective: Literal["ddpm", "flow"] = Field("ddpm", description="ddpm (DiT's ε-prediction) or flow (rectified "
+                                                                   "flow)")
 
 
 class TrainingConfig(_Section):
-    seed: int = Field(0, ge=0)
-    batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(4, ge=1)
-    num_epochs: int = Field(50, ge=1)
-    max_steps: Optional[int] = Field(None, ge=1)
-    learning_rate: float = Field(1e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)  # DiT's; short runs at a high LR train faster with 0.95
-    mixed_precision: Literal["fp16", "bf16", "no"] = "fp16"
-    max_grad_norm: float = Field(1.0, ge=0.0)  # 0 disables clipping
-    use_ema: bool = True
-    ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
-    ema_warmup: bool = True
-    max_nonfinite_steps: int = Field(10, ge=1)  # non-finite losses in a row before the run stops (read at log steps)
-    # CUDA: deterministic kernels, so a resumed run continues bit for bit (slower; off: equal only statistically)
-    # training.recover (pipeline/recovery.py): after the non-finite stop rule fires, or a loss spike, go back to the
-    # last good checkpoint in-process, skip the data the failure consumed, scale the LR, and go on
-    recover: bool = False
-    recover_spike_factor: float = Field(3.0, ge=0.0)  # a spike step: loss above this × its running median; 0: off
-    recover_spike_steps: int = Field(20, ge=1)  # spike steps in a row that make a recovery
-    recover_window: int = Field(200, ge=10)  # steps in the running median
-    recover_lr_factor: float = Field(1.0, gt=0.0, le=1.0)  # the LR is multiplied by this at each recovery
-    recover_max: int = Field(3, ge=1)  # recoveries before the run stops as without training.recover
-    deterministic: bool = False
-    tf32: bool = True  # CUDA: fp32 matmuls and convolutions on tensor cores (ignored when deterministic)
+    seed: int = Field(0, ge=0, description="model init, data order, flips, noise and timesteps")
+    batch_size: int = Field(4, ge=1, description="per process, per micro-batch")
+    gradient_accumulation_steps: int = Field(4, ge=1, description="micro-batches per optimizer step")
+    num_epochs: int = Field(50, ge=1, description="epochs; the LR schedule spans them all")
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps (the schedule "
+                                                             "still spans num_epochs)")
+    learning_rate: float = Field(1e-4, gt=0.0, description="peak LR, after the warm-up")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam β1")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam β2: DiT's 0.999; short runs at a high LR "
+                                                                 "train faster with 0.95")
+    mixed_precision: Literal["fp16", "bf16", "no"] = Field("fp16", description="fp16, bf16 or no (fp32); fp16 on a "
+                                                                               "CPU runs as bf16")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping; 0 disables it")
+    use_ema: bool = Field(True, description="keep an EMA of the weights (sampling uses it)")
+    ema_decay: float = Field(0.9999, ge=0.0, le=1.0, description="EMA decay per optimizer step")
+    ema_warmup: bool = Field(True, description="decay min(ema_decay, (1 + step) / (10 + step)): a useful EMA in "
+                                               "short runs")
+    max_nonfinite_steps: int = Field(10, ge=1, description="non-finite losses in a row before the run stops "
+                                                           "(read at log steps)")
+    recover: bool = Field(False, description="after the non-finite stop rule or a loss spike, go back to the last good "
+                                             "checkpoint in-process, skip the data the failure consumed, go on "
+                                             "(pipeline/recovery.py)")
+    recover_spike_factor: float = Field(3.0, ge=0.0, description="a spike step: the loss above this × its running "
+                                                                 "median; 0 turns spike recovery off")
+    recover_spike_steps: int = Field(20, ge=1, description="spike steps in a row that make a recovery")
+    recover_window: int = Field(200, ge=10, description="steps in the spike watch's running median")
+    recover_lr_factor: float = Field(1.0, gt=0.0, le=1.0, description="the LR is multiplied by this at each recovery")
+    recover_max: int = Field(3, ge=1, description="recoveries before the run stops as without training.recover")
+    deterministic: bool = Field(False, description="CUDA: deterministic kernels, so a resumed run continues bit for "
+                                                   "bit (slower); off: equal only statistically")
+    tf32: bool = Field(True, description="CUDA: fp32 matmuls and convolutions on tensor cores (off when "
+                                         "deterministic)")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -141,22 +158,22 @@ class TrainingConfig(_Section):
 
 
 class LrSchedulerConfig(_Section):
-    type: Literal["cosine", "constant", "linear"] = "cosine"
-    warmup_steps: int = Field(500, ge=0)
+    type: Literal["cosine", "constant", "linear"] = Field("cosine", description="cosine or linear to 0, or constant")
+    warmup_steps: int = Field(500, ge=0, description="optimizer steps of linear warm-up")
 
 
 class CheckpointingConfig(_Section):
-    steps: int = Field(500, ge=1)
-    every_epoch: bool = True
-    total_limit: Optional[int] = Field(None, ge=1)  # newest N step checkpoints kept; null keeps all
-    keep_epochs: Optional[int] = Field(None, ge=1)  # newest N epoch checkpoints kept; null keeps all
+    steps: int = Field(500, ge=1, description="a checkpoint every N optimizer steps")
+    every_epoch: bool = Field(True, description="also a checkpoint at every epoch's end")
+    total_limit: Optional[int] = Field(None, ge=1, description="newest N step checkpoints kept; null keeps all")
+    keep_epochs: Optional[int] = Field(3, ge=1, description="newest N epoch checkpoints kept; null keeps all")
 
 
 class LoggingConfig(_Section):
-    steps: int = Field(50, ge=1)
-    output_dir: str = "./outputs"
-    run_name: Optional[str] = None  # default: the config file's stem
-    tensorboard: bool = True
+    steps: int = Field(50, ge=1, description="a `Step N, Loss: …` line and a metrics.jsonl line every N steps")
+    output_dir: str = Field("./outputs", description="where run folders go")
+    run_name: Optional[str] = Field(None, description="the run folder's name; null: the config file's stem")
+    tensorboard: bool = Field(True, description="also write TensorBoard scalars")
 
     @field_validator("run_name")
     @classmethod
@@ -168,19 +185,23 @@ class LoggingConfig(_Section):
 
 
 class ValidationConfig(_Section):
-    every_steps: int = Field(0, ge=0)  # grids and the held-out loss; 0 turns both off
-    grid: bool = True  # sample a grid each time (decodes with the codec); false: the held-out loss only
-    num_samples: int = Field(16, ge=1)
-    cfg_scale: float = Field(4.0, ge=1.0)
-    cfg_interval: tuple[float, float] = (0.0, 1.0)  # noise levels (0 data, 1 noise) where guidance applies
-    sampling_steps: int = Field(50, ge=1)
-    sampler: Optional[Literal["ddpm", "ddim", "euler", "heun"]] = None  # default: the objective's own
-    bf16: bool = True  # CUDA: sample the grids under bf16 autocast (the sampler's arithmetic stays fp32)
-    prompts: list[str] = []  # caption models: grid prompts; default: the first distinct captions in the shards
-    # The held-out loss: on a separately encoded shard folder (e.g. COCO `--split val`), or on data.val_fraction
-    shards: Optional[str] = None
-    loss_timesteps: int = Field(10, ge=1)  # fixed, evenly spaced timesteps per held-out sample
-    loss_max_samples: Optional[int] = Field(1024, ge=1)  # the first N held-out samples (by index); null: all
+    every_steps: int = Field(0, ge=0, description="grids and the held-out loss every N steps; 0 turns both off")
+    grid: bool = Field(True, description="sample a grid at each validation; false: the held-out loss only")
+    num_samples: int = Field(16, ge=1, description="samples in each validation grid")
+    cfg_scale: float = Field(4.0, ge=1.0, description="guidance scale of the grids; `ditpipe sample` defaults to it")
+    cfg_interval: tuple[float, float] = Field(
+        (0.0, 1.0), description="noise levels [low, high] (0 data, 1 noise) where guidance applies; sample's default")
+    sampling_steps: int = Field(50, ge=1, description="sampling steps of the grids; `ditpipe sample` defaults to it")
+    sampler: Optional[Literal["ddpm", "ddim", "euler", "heun"]] = Field(
+        None, description="sampler of the grids and of `ditpipe sample`; null: the objective's own")
+    bf16: bool = Field(True, description="CUDA: sample the grids under bf16 autocast (the sampler's arithmetic "
+                                         "stays fp32)")
+    prompts: list[str] = Field([], description="caption models: grid prompts; empty: the shards' first captions")
+    shards: Optional[str] = Field(None, description="a separately encoded held-out shard folder (instead of "
+                                                    "data.val_fraction)")
+    loss_timesteps: int = Field(10, ge=1, description="fixed, evenly spaced timesteps per held-out sample")
+    loss_max_samples: Optional[int] = Field(1024, ge=1, description="held-out samples evaluated (the first N); null:"
+                                                                    " all")
 
     @field_validator("cfg_interval")
     @classmethod
@@ -249,6 +270,24 @@ class Config(_Section):
 
 SHIPPED_CONFIGS_PACKAGE = "ditpipe_configs"
 
+# Keys that may differ between a run's saved config and the one it resumes with (DESIGN.md, Runs and checkpoints):
+# where and how long it runs, and keys the trained weights never see: the data order and every random draw are
+# keyed on (seed, epoch, sample, step), not on the worker count; validation runs on a copy under a forked RNG;
+# the download and encode keys (vae.batch_size, text.batch_size) are read by `encode` only; max_nonfinite_steps
+# and training.recover* only decide what a failing run does. training.batch_size and gradient_accumulation_steps
+# change the split of the global batch, never the samples or the draws, and train() refuses any that does not keep
+# the run's global batch (stages/train.py, elastic_split). A key ending in "." stands for its whole section.
+RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "training.max_nonfinite_steps", "training.recover",
+                     "training.batch_size", "training.gradient_accumulation_steps", "data.num_workers",
+                     "data.download", "data.download_url", "vae.batch_size", "text.batch_size", "logging.",
+                     "checkpointing.", "validation.")
+
+
+def resumable_keys() -> str:
+    """RESUMABLE_CHANGES for people: `training.num_epochs, …, logging.*, checkpointing.* and validation.*`."""
+    names = [k + "*" if k.endswith(".") else k for k in RESUMABLE_CHANGES]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
 
 def known_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     """Every dotted key of the schema, e.g. `training.batch_size`."""
@@ -260,6 +299,16 @@ def known_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{name}")
     return keys
+
+
+def key_table(cfg: Config) -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, value in `cfg`, default, one line of meaning) for every key, in schema order: `config show`."""
+    rows = []
+    for section, sfield in Config.model_fields.items():
+        values = getattr(cfg, section)
+        for name, field in type(values).model_fields.items():
+            rows.append((f"{section}.{name}", getattr(values, name), field.default, field.description or ""))
+    return rows
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -388,18 +437,28 @@ def validate_tree(tree: dict[str, Any]) -> Config:
         raise ConfigError(_describe(e)) from None
 
 
+def suggest(key: str, keys: list[str]) -> str | None:
+    """The known key a misspelt one most likely meant: the same name in another (or a misspelt) section first
+    (`training.image_size` → `data.image_size`, `trainig.batch_size` → `training.batch_size`), then spelling."""
+    leaf = key.rsplit(".", 1)[-1]
+    same = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if same:
+        return max(same, key=lambda k: difflib.SequenceMatcher(None, key, k).ratio())
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _describe(err: ValidationError) -> list[tuple[str, str]]:
     keys = known_keys()
     problems = []
     for item in err.errors():
         key = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
-            # A known key under another section first (`training.image_size` → `data.image_size`), then spelling.
-            leaf = key.rsplit(".", 1)[-1]
-            close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
-            close = close or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            problems.append((key, f"unknown key{hint}"))
+            got = item.get("input")
+            # An unknown section (`--trainig.batch_size`) arrives as one dict: judge each dotted key in it.
+            for bad in [f"{key}.{k}" for k in got] if isinstance(got, dict) and got else [key]:
+                close = suggest(bad, keys)
+                problems.append((bad, "unknown key" + (f"; did you mean '{close}'?" if close else "")))
         elif item["type"] == "value_error" and not key:
             for part in str(item["msg"]).removeprefix("Value error, ").split(" || "):
                 k, _, msg = part.partition(": ")

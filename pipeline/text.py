@@ -237,7 +237,7 @@ def _load(where: str, name: str):
     local = Path(where).exists()
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     fixes = (f"Fixes: `--text-encoder minilm` works offline ({INSTALL}); or, on a machine with network, "
-             f"`huggingface-cli download {where}` and copy the cache, or pass a local folder to --text-encoder")
+             f"`hf download {where} --local-dir FOLDER`, copy it here and pass --text-encoder FOLDER")
     errors = []
     for local_only in ((True,) if local or offline else (True, False)):
         try:

@@ -5,6 +5,7 @@ train` and `ditpipe bench train`, and by `sample` / `export` to rebuild a run's 
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import torch
@@ -17,15 +18,16 @@ from pipeline.model import build_dit
 
 
 def encode_command(cfg: Config) -> str:
+    """The `ditpipe encode` command that makes the shards `cfg` trains on, shell-quoted."""
     d = cfg.data
-    parts = [f"ditpipe encode --dataset {d.dataset_name}"]
+    parts = ["ditpipe", "encode", "--dataset", d.dataset_name]
     if d.dataset_name != "shapes":
-        parts.append(f"--data-path {d.dataset_path}")
+        parts += ["--data-path", d.dataset_path]
     if d.dataset_name == "coco":
-        parts.append(f"--split {d.split}")
-    parts += [f"--image-size {d.image_size}", f"--num-samples {d.num_samples if d.num_samples else 'null'}",
-              f"--vae {cfg.vae.name}", f"--format {cfg.shards.format}", f"--out {cfg.shards_path}"]
-    return " ".join(parts)
+        parts += ["--split", d.split]
+    parts += ["--image-size", str(d.image_size), "--num-samples", str(d.num_samples or "null"), "--vae",
+              cfg.vae.name, "--format", cfg.shards.format, "--out", str(cfg.shards_path)]
+    return shlex.join(parts)
 
 
 def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
@@ -156,7 +158,7 @@ def batch_condition(conditioning: str, device: torch.device):
 
 
 def training_batches(cfg: Config, manifest: dict, store, online, plan, rank: int, conditioning: str, exclude,
-                     start_step: int, end_step: int, device: torch.device):
+                     start_step: int, end_step: int, device: torch.device, num_workers: int):
     """(DataLoader, posterior): this rank's micro-batches from optimizer step `start_step` to `end_step`, read from
     the shards (or, for the online baseline, decoded images), and the function that turns one into the posterior's
     (mean, std or None) on `device`. The order is EpochOrder's: a pure function of (training.seed, epoch,
@@ -174,5 +176,5 @@ def training_batches(cfg: Config, manifest: dict, store, online, plan, rank: int
         source, codec = online
         dataset = ImageBatches(source, order, plan, rank, t.seed, cfg.shards.flip)
         posterior = online_latents(codec)
-    loader = make_loader(dataset, plan, start_step, end_step, cfg.data.num_workers, pin_memory=device.type == "cuda")
+    loader = make_loader(dataset, plan, start_step, end_step, num_workers, pin_memory=device.type == "cuda")
     return loader, posterior

@@ -871,7 +871,7 @@ class _Trainer:
                                   compile=cfg.model.compile)
         self.total_steps = 10**6
         self.loader, self.to_latents = training_batches(cfg, manifest, store, online, plan, 0, conditioning, None, 0,
-                                                        self.total_steps, device)
+                                                        self.total_steps, device, workers)
         self.batches, self.to_y = iter(self.loader), batch_condition(conditioning, device)
         self.step_index = 0
 

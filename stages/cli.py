@@ -7,7 +7,9 @@ every verb that takes a config.
 
 from __future__ import annotations
 
+import json
 import pickle
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline import __version__
+from pipeline.config import resumable_keys
 from pipeline.errors import DitpipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -24,7 +27,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True)
 out = Console()
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
-OVERRIDES_HELP = "Any config key as --section.key VALUE (e.g. --data.dataset_name custom), or --set section.key=VALUE."
+OVERRIDES_HELP = ("Any config key as --section.key VALUE (e.g. --data.dataset_name custom), or --set section.key=VALUE."
+                  " Every key with its value, default and meaning: ditpipe config show \\[--config C] \\[overrides].")
 
 
 def _version(value: bool) -> None:
@@ -36,7 +40,18 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
-    pass
+    _quiet_third_party_warnings()
+
+
+def _quiet_third_party_warnings() -> None:
+    """Libraries' deprecation notices (e.g. huggingface_hub's `local_dir_use_symlinks` while diffusers looks for a
+    VAE) are for their callers' authors, not for our users; printed in front of our own messages they bury them."""
+    import warnings
+
+    theirs = r"(?!pipeline|stages)"  # the module a warning is attributed to
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=theirs)
+    warnings.filterwarnings("ignore", message=r"(?s).*\bdeprecated\b", category=UserWarning, module=theirs)
 
 
 def build_config(config: Optional[str], shorthands: dict[str, Any], extra: list[str]):
@@ -58,19 +73,22 @@ def encode(
     split: Optional[str] = typer.Option(None, help="COCO split: train | val (data.split)"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Shard folder (shards.path)"),
     image_size: Optional[int] = typer.Option(None, help="Pixels (data.image_size)"),
-    num_samples: Optional[int] = typer.Option(None, help="Deterministic subset size (data.num_samples)"),
+    num_samples: Optional[str] = typer.Option(None, help="Deterministic subset size, or null for all "
+                                                         "(data.num_samples)"),
     seed: Optional[int] = typer.Option(None, help="Subset and shapes seed (data.seed)"),
     vae: Optional[str] = typer.Option(None, help="diffusers AutoencoderKL id or local folder, or 'pixel' (vae.name)"),
     vae_dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 (vae.dtype)"),
     batch_size: Optional[int] = typer.Option(None, help="Encode batch, halved on OOM (vae.batch_size)"),
     fmt: Optional[str] = typer.Option(None, "--format", help="wds | parquet (shards.format)"),
     store: Optional[str] = typer.Option(None, help="mean_std | mean (shards.store)"),
-    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Also encode the mirror (shards.flip)"),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips in training (VAE "
+                                        "codecs also encode the mirror; shards.flip). --no-flip for digits, text, "
+                                        "logos, maps: a mirrored glyph is another glyph."),
     samples_per_shard: Optional[int] = typer.Option(None, help="Inputs per shard (shards.samples_per_shard)"),
     num_workers: Optional[int] = typer.Option(None, help="Decode workers (data.num_workers)"),
     download: Optional[bool] = typer.Option(None, "--download", help="COCO: fetch the official archives first"),
     captions: Optional[bool] = typer.Option(None, "--captions/--no-captions", help="Also embed every caption once "
-                                            "with the text encoder (data.captions; needs ditpipe[text])"),
+                                            "with the text encoder (data.captions; needs ditpipe\\[text])"),
     text_encoder: Optional[str] = typer.Option(None, help="minilm (offline) | clip | t5 | hub id | local folder "
                                                           "(text.encoder)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards made with other parameters."),
@@ -81,15 +99,28 @@ def encode(
 
     Text-to-image: ditpipe encode --dataset coco --data-path data/coco --captions --text-encoder minilm
     """
-    cfg = build_config(config, {
+    shorthands = {
         "data.dataset_name": dataset, "data.dataset_path": data_path, "data.split": split, "shards.path": out_dir,
-        "data.image_size": image_size, "data.num_samples": num_samples, "data.seed": seed, "vae.name": vae,
+        "data.image_size": image_size, "data.seed": seed, "vae.name": vae,
         "vae.dtype": vae_dtype, "vae.batch_size": batch_size, "shards.format": fmt, "shards.store": store,
         "shards.flip": flip, "shards.samples_per_shard": samples_per_shard, "data.num_workers": num_workers,
-        "data.download": download, "data.captions": captions, "text.encoder": text_encoder}, ctx.args)
+        "data.download": download, "data.captions": captions, "text.encoder": text_encoder}
+    # --num-samples null means all, as --data.num_samples null does: it goes in as a dotted override (read as YAML)
+    extra = (["--data.num_samples", num_samples] if num_samples is not None else []) + list(ctx.args)
+    cfg = build_config(config, shorthands, extra)
     from stages.encode import encode as run_encode
 
     run_encode(cfg, overwrite=overwrite, console=err)
+    # what comes next: train on these shards, with the same config and overrides (they name the same folder)
+    given = [a for k, v in shorthands.items() if v is not None and k != "data.download"
+             for a in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
+    err.print("next: " + shlex.join(["ditpipe", "train", *(["--config", config] if config else []), *given, *extra]),
+              highlight=False, markup=False, soft_wrap=True)
+
+
+RESTRETCH_HELP = ("On resume: stretch the LR schedule (same peak, warm-up and type) over the run's new length, e.g. "
+                  "after --training.num_epochs N; recorded in the checkpoints. Without it, steps past the old end "
+                  "run at its final LR (about 0 for cosine).")
 
 
 @app.command(context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
@@ -103,6 +134,7 @@ def train(
                                                        "run, step 0, fresh optimizer (model.init_from)."),
     init_weights: Optional[str] = typer.Option(None, help="ema | raw: which weights of one of our checkpoints "
                                                           "--init-from takes (model.init_weights, default ema)."),
+    restretch_schedule: bool = typer.Option(False, "--restretch-schedule", help=RESTRETCH_HELP),
 ) -> None:
     """Train a DiT on latent shards (made by `ditpipe encode` from the same config).
 
@@ -117,22 +149,30 @@ def train(
 
     if resume is not None:
         ckpt = stage.find_checkpoint(resume, Path(cfg.logging.output_dir), _warn)
-        stage.train(stage.resume_config(ckpt, new=cfg), resume=ckpt, console=err)
+        stage.train(stage.resume_config(ckpt, new=cfg), resume=ckpt, console=err,
+                    restretch_schedule=restretch_schedule)
     else:
+        if restretch_schedule:
+            raise DitpipeError("--restretch-schedule changes a resumed run's LR schedule; a new run's schedule "
+                               "already spans its num_epochs. Use it with --resume")
         stage.train(cfg, config_name=config, console=err)
 
 
-@app.command(context_settings=OVERRIDES, epilog="Only num_epochs, max_steps, logging.*, checkpointing.* and "
-                                                "validation.* may change: --training.num_epochs 80")
+RESUME_EPILOG = (f"Only the keys that cannot change the trained weights may differ from the run's config: "
+                 f"{resumable_keys()} (e.g. --training.num_epochs 80 --restretch-schedule).")
+
+
+@app.command(context_settings=OVERRIDES, epilog=RESUME_EPILOG)
 def resume(
     ctx: typer.Context,
     target: Optional[Path] = typer.Argument(None, metavar="[RUN_DIR_OR_CHECKPOINT]",
                                             help="Default: the run under ./outputs whose latest checkpoint is newest."),
     output_dir: Path = typer.Option(Path("./outputs"), help="Where to look for runs when no target is given."),
+    restretch_schedule: bool = typer.Option(False, "--restretch-schedule", help=RESTRETCH_HELP),
 ) -> None:
     """Continue a run exactly where its newest valid checkpoint left it.
 
-    Example: ditpipe resume outputs/train_config --training.num_epochs 80
+    Example: ditpipe resume outputs/train_config --training.num_epochs 80 --restretch-schedule
     """
     from pipeline.config import parse_overrides
     from stages import train as stage
@@ -141,12 +181,15 @@ def resume(
     if target is not None and str(target).startswith("--"):  # `resume --training.num_epochs 80`: no target given
         args, target = [str(target), *args], None
     ckpt = stage.find_checkpoint(target, output_dir, _warn)
-    err.print(f"resuming from {ckpt}")
-    stage.train(stage.resume_config(ckpt, overrides=parse_overrides(args)), resume=ckpt, console=err)
+    err.print(f"resuming from {ckpt}", highlight=False, soft_wrap=True)
+    stage.train(stage.resume_config(ckpt, overrides=parse_overrides(args)), resume=ckpt, console=err,
+                restretch_schedule=restretch_schedule)
 
 
-def _interval(text: str) -> tuple[float, float]:
-    """--cfg-interval LOW,HIGH → (low, high), checked: noise levels with 0 <= low <= high <= 1."""
+def _interval(text: str | None) -> tuple[float, float] | None:
+    """--cfg-interval LOW,HIGH → (low, high), checked: noise levels with 0 <= low <= high <= 1; None if not given."""
+    if text is None:
+        return None
     try:
         low, high = (float(x) for x in text.split(","))
     except ValueError:
@@ -160,32 +203,43 @@ def _warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
+def _run_default(key: str, official: str) -> str:
+    return f"Default: the run's validation.{key} (an official DiT .pt: {official})."
+
+
 @app.command()
 def sample(
     checkpoint_path: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder, a run folder (its newest valid "
                                                                   "checkpoint), or an official DiT .pt state dict."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default, when the checkpoint has them)."),
-    classes: Optional[str] = typer.Option(None, help="Comma-separated class ids, cycled to --num (default: all)."),
-    num: Optional[int] = typer.Option(None, help="Number of samples (default: one per class, or 16)."),
-    cfg_scale: float = typer.Option(4.0, help="Classifier-free guidance scale; 1 = plain conditional sampling."),
-    cfg_interval: str = typer.Option("0,1", help="LOW,HIGH: guide only at noise levels in [LOW, HIGH] (0 data, "
-                                               "1 noise); e.g. 0.5,1 guides the layout but not the fine detail."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default 250 for ddpm/ddim, 50 for euler/heun)."),
-    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim (ddpm models), euler | heun (flow models)."),
-    seed: int = typer.Option(0, help="Seed; the same seed gives the same samples."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated class ids or names (red_circle,3), cycled to "
+                                                     "--num (default: all)."),
+    num: Optional[int] = typer.Option(None, min=1, help="Number of samples (default: one per class, or 16)."),
+    cfg_scale: Optional[float] = typer.Option(None, min=1.0, help="Classifier-free guidance scale; 1 = plain "
+                                                                  "conditional sampling. "
+                                                                  + _run_default("cfg_scale", "4, as official sample.py")),
+    cfg_interval: Optional[str] = typer.Option(None, help="LOW,HIGH: guide only at noise levels in [LOW, HIGH] (0 "
+                                                          "data, 1 noise); e.g. 0.5,1 guides the layout but not the "
+                                                          "fine detail. " + _run_default("cfg_interval", "0,1")),
+    steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps. "
+                                                       + _run_default("sampling_steps", "250")),
+    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim (ddpm models), euler | heun (flow models). "
+                                                     + _run_default("sampler", "ddpm")),
+    seed: int = typer.Option(0, min=0, help="Seed; the same seed gives the same samples."),
     out: Path = typer.Option(Path("grid.png"), help="Grid PNG (one class per column when classes repeat)."),
     out_dir: Optional[Path] = typer.Option(None, help="Also one PNG per sample: <index>_class<k>.png."),
-    batch_size: int = typer.Option(64, help="Samples per batch."),
+    batch_size: int = typer.Option(64, min=1, help="Samples per batch."),
     vae: Optional[str] = typer.Option(None, help="Decoder override (default: the checkpoint's codec; "
                                                  "stabilityai/sd-vae-ft-ema for official checkpoints)."),
     model: Optional[str] = typer.Option(None, help="Official checkpoints only: the preset, e.g. DiT-XL/2."),
-    image_size: Optional[int] = typer.Option(None, help="Official checkpoints only: pixels, e.g. 256."),
+    image_size: Optional[int] = typer.Option(None, min=8, help="Official checkpoints only: pixels, e.g. 256."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Caption models: what to draw; repeat for "
                                                                       "more prompts (cycled to --num)."),
     text_encoder: Optional[str] = typer.Option(None, help="Caption models: a local copy of the manifest's text "
                                                           "encoder (checked by its weights hash)."),
 ) -> None:
-    """Sample a grid (and per-sample PNGs) from a checkpoint, with classifier-free guidance.
+    """Sample a grid (and per-sample PNGs) from a checkpoint, with classifier-free guidance. The sampler, steps and
+    guidance default to what the run validated with; every value used is printed.
 
     Example: ditpipe sample --checkpoint outputs/quickstart --num 64 --out-dir outputs/quickstart/samples
 
@@ -194,9 +248,9 @@ def sample(
     from stages.sample import sample as run_sample
 
     run_sample(checkpoint_path, use_ema=ema, classes=classes, num=num, cfg_scale=cfg_scale, steps=steps,
-               cfg_interval=_interval(cfg_interval),
-               sampler=sampler, seed=seed, out=out, out_dir=out_dir, batch_size=batch_size, vae=vae,
-               model_name=model, image_size=image_size, prompts=prompt, text_encoder=text_encoder, console=err)
+               cfg_interval=_interval(cfg_interval), sampler=sampler, seed=seed, out=out, out_dir=out_dir,
+               batch_size=batch_size, vae=vae, model_name=model, image_size=image_size, prompts=prompt,
+               text_encoder=text_encoder, console=err)
 
 
 @app.command()
@@ -204,31 +258,36 @@ def evaluate(
     checkpoint_path: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder, a run folder, or an official "
                                                                   "DiT .pt (with --model/--image-size)."),
     reference: str = typer.Option(..., help="Real images: an image folder, or pixel-codec shards."),
-    num: int = typer.Option(10000, help="Samples to generate (classes cycled evenly)."),
-    cfg_scale: float = typer.Option(1.0, help="Guidance scale (the paper reports FID at 1.0 and 1.5)."),
-    cfg_interval: str = typer.Option("0,1", help="LOW,HIGH: guide only at noise levels in [LOW, HIGH]."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default 250 for ddpm/ddim, 50 for euler/heun)."),
-    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim | euler | heun (default: the objective's)."),
-    seed: int = typer.Option(0, help="Seed for the generated samples."),
-    batch_size: int = typer.Option(50, help="Images per batch, for generation and Inception."),
+    num: int = typer.Option(10000, min=1, help="Samples to generate (classes cycled evenly)."),
+    cfg_scale: Optional[float] = typer.Option(None, min=1.0, help="Guidance scale. " + _run_default(
+                                                                      "cfg_scale", "1.5, as official sample_ddp.py")),
+    cfg_interval: Optional[str] = typer.Option(None, help="LOW,HIGH: guide only at noise levels in [LOW, HIGH]. "
+                                                          + _run_default("cfg_interval", "0,1")),
+    steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps. "
+                                                       + _run_default("sampling_steps", "250")),
+    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim | euler | heun. "
+                                                     + _run_default("sampler", "ddpm")),
+    seed: int = typer.Option(0, min=0, help="Seed for the generated samples."),
+    batch_size: int = typer.Option(50, min=1, help="Images per batch, for generation and Inception."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default, when present)."),
     kid: bool = typer.Option(False, "--kid", help="Also KID (reads the reference images again)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     cache_dir: Optional[Path] = typer.Option(None, help="Reference statistics cache (default ~/.cache/ditpipe/fid)."),
     vae: Optional[str] = typer.Option(None, help="Decoder override; official checkpoints default to sd-vae-ft-ema."),
     model: Optional[str] = typer.Option(None, help="Official checkpoints only: the preset, e.g. DiT-XL/2."),
-    image_size: Optional[int] = typer.Option(None, help="Official checkpoints only: pixels, e.g. 256."),
+    image_size: Optional[int] = typer.Option(None, min=8, help="Official checkpoints only: pixels, e.g. 256."),
 ) -> None:
-    """FID (and optionally KID) of generated samples against real images, offline (needs the `eval` extra).
+    """FID (and optionally KID) of generated samples against real images, offline (needs the `eval` extra). The
+    sampler, steps and guidance default to what the run validated with; every value used is printed.
 
     Example: ditpipe evaluate --checkpoint outputs/quickstart --reference shards/shapes-16px-pixel-4000 --num 2000
     """
     from stages.evaluate import evaluate as run_evaluate
 
     run_evaluate(checkpoint_path, reference, num=num, cfg_scale=cfg_scale, steps=steps, sampler=sampler, seed=seed,
-                 cfg_interval=_interval(cfg_interval),
-                 batch_size=batch_size, use_ema=ema, kid=kid, json_out=json_out, cache_dir=cache_dir, vae=vae,
-                 model_name=model, image_size=image_size, console=err)
+                 cfg_interval=_interval(cfg_interval), batch_size=batch_size, use_ema=ema, kid=kid,
+                 json_out=json_out, cache_dir=cache_dir, vae=vae, model_name=model, image_size=image_size,
+                 console=err)
 
 
 @app.command(context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
@@ -316,15 +375,29 @@ def export(
 
 
 @app.command()
-def inspect(shards_dir: Path = typer.Argument(..., metavar="SHARDS", help="A shard folder."),
-            as_json: bool = typer.Option(False, "--json", help="Print the raw manifest.")) -> None:
-    """Summarise a shard folder's manifest: source, codec, latent layout, labels, shards, skips.
+def inspect(path: Path = typer.Argument(..., metavar="PATH", help="A shard folder, a run folder or a checkpoint."),
+            as_json: bool = typer.Option(False, "--json", help="Print it as JSON (a shard folder: its manifest).")) -> None:
+    """Summarise a shard folder (source, codec, latent layout, labels, shards, skips), a run (its state and every
+    checkpoint: step, epoch, loss, EMA, valid, which one `latest` names) or a checkpoint (its config and manifest).
 
-    Example: ditpipe inspect shards/shapes
+    Example: ditpipe inspect shards/shapes; ditpipe inspect outputs/quickstart
     """
     from stages.shardtools import inspect as run_inspect
 
-    run_inspect(shards_dir, as_json, out)
+    run_inspect(path, as_json, out)
+
+
+@app.command()
+def runs(output_dir: Path = typer.Argument(Path("./outputs"), metavar="[OUTPUT_DIR]",
+                                           help="Where the runs are (logging.output_dir)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")) -> None:
+    """List the runs under OUTPUT_DIR: state (running, finished, stopped), last step, last loss, checkpoints, age.
+
+    Example: ditpipe runs outputs
+    """
+    from stages.runs import list_runs
+
+    list_runs(output_dir, out, as_json)
 
 
 @app.command()
@@ -336,6 +409,41 @@ def verify(shards_dir: Path = typer.Argument(..., metavar="SHARDS", help="A shar
     from stages.shardtools import verify as run_verify
 
     run_verify(shards_dir, err)
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Show the resolved config.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show", context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
+def config_show(ctx: typer.Context,
+                config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped "
+                                                                                  "name).")) -> None:
+    """Every config key: its value (defaults ← --config ← overrides), its default, and what it means.
+
+    Example: ditpipe config show --config quickstart --training.num_epochs 20
+    """
+    from pipeline.config import key_table
+
+    rows = [(key, _show(value), _show(default), meaning, value != default)
+            for key, value, default, meaning in key_table(build_config(config, {}, ctx.args))]
+    widths = [max(len(r[i]) for r in rows + [("key", "value", "default")]) for i in range(3)]
+    line = "  {:<%d}  {:<%d}  {:<%d}  {}" % tuple(widths)
+    out.print(line.format("key", "value", "default", "meaning"), style="bold", markup=False, soft_wrap=True)
+    for key, value, default, meaning, changed in rows:
+        out.print(("*" if changed else " ") + line.format(key, value, default, meaning)[1:], markup=False,
+                  highlight=False, soft_wrap=True)
+    out.print("* differs from the default. Override any key with --section.key VALUE.", markup=False,
+              highlight=False)
+
+
+def _show(value: Any) -> str:
+    """A value as YAML writes it on one line (null, true, [0.5, 1.0])."""
+    import json
+
+    if isinstance(value, tuple):
+        value = list(value)
+    return value if isinstance(value, str) else json.dumps(value).replace("None", "null")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,15 +30,24 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, ShardError
 from pipeline.loader import is_url
 from pipeline.sources import BadImage, Source, make_source
+from pipeline.workers import capped_workers
 
 
 class RateColumn(ProgressColumn):
+    """The one rate of encode (and verify): items done this run / seconds since the bar started; items found done
+    already (the `reused` field) do not count. The encode summary prints the same number."""
+
     def __init__(self, unit: str):
         super().__init__()
         self.unit = unit
 
     def render(self, task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} {self.unit}/s", style="cyan")
+        return Text(f"{mean_rate(task):,.0f} {self.unit}/s", style="cyan")
+
+
+def mean_rate(task) -> float:
+    seconds = task.finished_time or task.elapsed
+    return (task.completed - task.fields.get("reused", 0)) / seconds if seconds else 0.0
 
 
 def progress_bar(console: Console, unit: str = "img", disable: bool = False) -> Progress:
@@ -101,7 +110,15 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
                                            "only. Encode there, then copy the folder to the object store (training "
                                            "reads fsspec URLs read-only)")])
     rank, world, barrier = _distributed()
+    fewer_workers = capped_workers(cfg.data.num_workers)[1]
+    if fewer_workers and rank == 0:
+        console.print(f"[yellow]note:[/] {fewer_workers}", highlight=False, soft_wrap=True)
     source = _source_with_download_bar(cfg, console)
+    if not cfg.shards.path and cfg.data.num_samples and len(source) < cfg.data.num_samples and rank == 0:
+        console.print(f"[yellow]note:[/] data.num_samples {cfg.data.num_samples:,} asks for more than the "
+                      f"{len(source):,} inputs there: all are encoded, into {cfg.shards_path}, named by the number "
+                      "asked for so that `train` with the same config finds it (--num-samples null names it -all)",
+                      highlight=False, soft_wrap=True)
     codec = load_codec(cfg.vae.name, cfg.vae.dtype, device=_local_device(), use_slicing=cfg.vae.use_slicing)
     if cfg.data.image_size % codec.downsample:
         raise ConfigError([("data.image_size", f"{cfg.data.image_size} is not a multiple of the codec's downsample "
@@ -124,13 +141,13 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     done_before = 0
     with progress_bar(console, disable=rank != 0) as bar:
         task = bar.add_task(f"encode → {out}" + (f" (rank 0 of {world})" if world > 1 else ""),
-                            total=sum(min(n_per, len(source) - i * n_per) for i in mine))
+                            total=sum(min(n_per, len(source) - i * n_per) for i in mine), reused=0)
         for i in mine:
             start, stop = i * n_per, min((i + 1) * n_per, len(source))
             name = shards.shard_name(fmt, i)
             if shards.load_sidecar(out, name) is not None:  # complete and verified: keep it
                 done_before += stop - start
-                bar.update(task, advance=stop - start)
+                bar.update(task, advance=stop - start, reused=done_before)
                 continue
             _encode_shard(source, codec, text_encoder, cfg, out / name, latent_shape, start, stop, loader_state,
                           lambda n: bar.update(task, advance=n))
@@ -140,7 +157,11 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     barrier()
     manifest = shards.load_manifest(out)
     if rank == 0:
-        _summary(console, manifest, out, time.time() - t0, done_before if world == 1 else 0, loader_state)
+        _summary(console, manifest, out, time.time() - t0, done_before if world == 1 else 0, loader_state,
+                 mean_rate(bar.tasks[0]))
+    if manifest["num_samples"] == 0:
+        raise DataError(f"no usable image: all {manifest['num_inputs']:,} input(s) were skipped (the reasons are above"
+                        f" and in {out / shards.MANIFEST}); fix or replace them, delete '{out}' and encode again")
     return manifest
 
 
@@ -249,7 +270,7 @@ def _encode_shard(source, codec, text_encoder, cfg: Config, path: Path, latent_s
     text_cache: dict = {}  # per shard, so a shard's bytes depend only on its own inputs (resume gives the same)
     batches = [list(range(b, min(b + cfg.vae.batch_size, stop))) for b in range(start, stop, cfg.vae.batch_size)]
     loader = torch.utils.data.DataLoader(_Decode(source), batch_sampler=batches, collate_fn=_first,
-                                         num_workers=min(cfg.data.num_workers, len(os.sched_getaffinity(0))))
+                                         num_workers=capped_workers(cfg.data.num_workers)[0])
     try:
         for batch in loader:
             _encode_batch(batch, source, codec, text_encoder, cfg, writer, tally, state, text_cache)
@@ -296,7 +317,8 @@ def _encode_batch(batch, source, codec, text_encoder, cfg: Config, writer, tally
         writer.add(meta["key"], lat, meta, text)
 
 
-def _summary(console: Console, manifest: dict, out: Path, seconds: float, reused: int, state: dict) -> None:
+def _summary(console: Console, manifest: dict, out: Path, seconds: float, reused: int, state: dict,
+             rate: float) -> None:
     encoded = manifest["num_samples"]
     table = Table(title=f"encoded into {out}", show_header=False)
     table.add_row("encoded", f"{encoded:,}")
@@ -305,8 +327,7 @@ def _summary(console: Console, manifest: dict, out: Path, seconds: float, reused
     table.add_row("shards", f"{manifest['num_shards']} ({manifest['format']})")
     table.add_row("bytes", f"{sum(s['bytes'] for s in manifest['shards']):,}")
     table.add_row("time", f"{seconds:.1f} s" + (f" ({reused:,} inputs reused from complete shards)" if reused else ""))
-    fresh = max(1, manifest["num_inputs"] - reused)
-    table.add_row("rate", f"{fresh / max(seconds, 1e-9):,.1f} inputs/s")
+    table.add_row("rate", f"{rate:,.0f} img/s (this run's inputs / its encoding seconds)")
     if state.get("halvings"):
         table.add_row("batch", f"halved {state['halvings']}× on out-of-memory, now {state['batch']}")
     console.print(table)

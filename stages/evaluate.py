@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline.errors import DitpipeError
 from pipeline.generate import decode, generate
 from pipeline.images import to_uint8
-from stages.sample import load_sampleable
+from stages.sample import describe_settings, load_sampleable, resolve_settings
 
 
 def _bar(console: Console) -> Progress:
@@ -27,12 +27,14 @@ def _bar(console: Console) -> Progress:
                     console=console)
 
 
-def evaluate(checkpoint_path: Path, reference, *, num: int = 10000, cfg_scale: float = 1.0, steps: int | None = None,
+def evaluate(checkpoint_path: Path, reference, *, num: int = 10000, cfg_scale: float | None = None,
+             steps: int | None = None,
              sampler: str | None = None, seed: int = 0, batch_size: int = 50, use_ema: bool = True,
              kid: bool = False, json_out: Path | None = None, cache_dir: Path | None = None, vae: str | None = None,
              model_name: str | None = None, image_size: int | None = None,
-             cfg_interval: tuple[float, float] = (0.0, 1.0), console: Console | None = None) -> dict:
-    """Generate `num` samples (classes cycled evenly) and compare them with `reference`. Returns the results."""
+             cfg_interval: tuple[float, float] | None = None, console: Console | None = None) -> dict:
+    """Generate `num` samples (classes cycled evenly) and compare them with `reference`. Returns the results.
+    Sampling settings left None come from the checkpoint (its validation.*), or official DiT's FID settings."""
     from pipeline import fid
 
     console = console or Console(stderr=True)
@@ -42,6 +44,11 @@ def evaluate(checkpoint_path: Path, reference, *, num: int = 10000, cfg_scale: f
     if s.text_encoder is not None:  # FID over prompts needs a prompt set (e.g. COCO val captions): not built yet
         raise DitpipeError("evaluate scores class and unconditional models; caption models are not supported yet "
                            "(text-to-image FID needs a prompt set, e.g. COCO val captions)")
+    st = resolve_settings(s, "evaluate", sampler, steps, cfg_scale, cfg_interval)
+    given = {k for k, v in {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
+                            "cfg_interval": cfg_interval}.items() if v is not None}
+    console.print(f"sampling {num:,} from {s.description}: {describe_settings(s, st, seed, given)}", highlight=False,
+                  soft_wrap=True)
     device = next(s.model.parameters()).device
     size = s.latent_shape[1] * s.codec.downsample
     extractor = fid.InceptionFeatures(device)
@@ -54,8 +61,6 @@ def evaluate(checkpoint_path: Path, reference, *, num: int = 10000, cfg_scale: f
                   + (f", {ref.skipped} unusable files skipped" if ref.skipped else ""), soft_wrap=True)
 
     num_classes = s.model.num_classes if s.model.y_embedder is not None else 0
-    sampler = sampler or s.objective.default_sampler
-    steps = steps or (250 if sampler in ("ddpm", "ddim") else 50)
     generated: list[np.ndarray] = []
 
     def batches():
@@ -64,8 +69,8 @@ def evaluate(checkpoint_path: Path, reference, *, num: int = 10000, cfg_scale: f
             for b, start in enumerate(range(0, num, batch_size)):
                 count = min(batch_size, num - start)
                 y = torch.arange(start, start + count) % num_classes if num_classes else None
-                z = generate(s.model, s.objective, s.latent_shape, y, count, sampler, steps, cfg_scale, seed + b,
-                             device, cfg_interval=cfg_interval)
+                z = generate(s.model, s.objective, s.latent_shape, y, count, st.sampler, st.steps, st.cfg_scale,
+                             seed + b, device, cfg_interval=st.cfg_interval)
                 images = to_uint8(decode(z, s.codec, s.norm))  # (B, H, W, 3)
                 if kid:
                     generated.append(images)
@@ -75,7 +80,8 @@ def evaluate(checkpoint_path: Path, reference, *, num: int = 10000, cfg_scale: f
     mu, sigma, n = fid.image_stats(batches(), extractor, device)
     result = {"fid": fid.frechet_distance(mu, sigma, ref.mu, ref.sigma), "num_generated": n,
               "num_reference": ref.n, "checkpoint": s.description, "reference": str(reference),
-              "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "cfg_interval": list(cfg_interval), "seed": seed, "image_size": size,
+              "sampler": st.sampler, "steps": st.steps, "cfg_scale": st.cfg_scale if s.guidable else None,
+              "cfg_interval": list(st.cfg_interval) if s.guidable else None, "seed": seed, "image_size": size,
               "seconds": round(time.time() - t0, 1)}
     if kid:
         result.update(_kid(fid, reference, size, batch_size, np.concatenate(generated), extractor, device))

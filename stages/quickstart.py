@@ -8,6 +8,7 @@ the three commands that do the same step by step. The samples are scored with a 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -42,12 +43,9 @@ def quickstart(out: Path = Path("outputs/quickstart"), overrides: dict | None = 
     console.rule("2/3 train a small DiT (configs/quickstart.yaml)")
     run = train(cfg, config_name="quickstart", console=console)
     console.rule("3/3 sample one class per column")
-    v, per_class = cfg.validation, 8
-    samples = out / "samples"
-    images = sample(run, num=per_class * len(SHAPES_CLASS_NAMES), cfg_scale=v.cfg_scale, steps=v.sampling_steps,
-                    sampler=v.sampler, seed=cfg.training.seed, cfg_interval=v.cfg_interval, out=out / "grid.png",
-                    out_dir=samples,
-                    console=console)
+    per_class, samples = 8, out / "samples"
+    images = sample(run, num=per_class * len(SHAPES_CLASS_NAMES), seed=cfg.training.seed, out=out / "grid.png",
+                    out_dir=samples, console=console)  # sampler, steps and guidance: the run's validation.*
     labels = np.arange(len(images)) % len(SHAPES_CLASS_NAMES)
     accuracy = float(np.mean([classify_shape(img) == y for img, y in zip(images, labels)]))
     loss_png = plot_loss(run, out / "loss.png", "quickstart: training loss")
@@ -55,7 +53,7 @@ def quickstart(out: Path = Path("outputs/quickstart"), overrides: dict | None = 
     result = {"accuracy": accuracy, "seconds": round(seconds, 1), "grid": str(out / "grid.png"),
               "samples": str(samples), "loss_plot": str(loss_png), "run": str(run), "shards": str(cfg.shards_path)}
     (out / MARKER).write_text(json.dumps(result, indent=1) + "\n")
-    _report(console, cfg, result, overrides)
+    _report(console, result, step_by_step(out, overrides))
     return result
 
 
@@ -67,7 +65,25 @@ def _clear_previous(out: Path) -> None:
     shutil.rmtree(out)  # our own earlier quickstart: run it again from scratch (same seed, same result)
 
 
-def _report(console: Console, cfg, result: dict, overrides: dict) -> None:
+def step_by_step(out: Path, overrides: dict) -> list[list[str]]:
+    """The quickstart as three commands a user can paste: the same config and overrides, trained into a run folder
+    of its own (`<out>-by-hand`), so it never collides with the quickstart's own run."""
+    mine = ("logging.output_dir", "logging.run_name")
+    extra = [a for k, v in overrides.items() if k not in mine for a in (f"--{k}", _arg(v))]
+    run = out.with_name(f"{out.name}-by-hand")
+    return [["ditpipe", "encode", "--config", "quickstart", *extra],
+            ["ditpipe", "train", "--config", "quickstart", *extra, "--logging.output_dir", str(run.parent),
+             "--logging.run_name", run.name],
+            ["ditpipe", "sample", "--checkpoint", str(run), "--num", "64", "--out", str(run / "grid.png"),
+             "--out-dir", str(run / "samples")]]
+
+
+def _arg(value) -> str:
+    """An override's value as the command line reads it back (YAML: null, true, [0.5, 1.0])."""
+    return value if isinstance(value, str) else json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def _report(console: Console, result: dict, commands: list[list[str]]) -> None:
     t = Table(title="quickstart", show_header=False, title_justify="left")
     t.add_row("time", f"{result['seconds']:.0f} s")
     t.add_row("class accuracy", f"{result['accuracy']:.1%} of the samples show their class's colour and shape "
@@ -78,13 +94,6 @@ def _report(console: Console, cfg, result: dict, overrides: dict) -> None:
     t.add_row("run", f"{result['run']} (checkpoints, config.yaml, metrics.jsonl, tensorboard/)")
     t.add_row("shards", result["shards"])
     console.print(t)
-    extra = " ".join(f"--{k} {v}" for k, v in overrides.items())
-    v = cfg.validation
-    console.print("The same, step by step:")
-    console.print(f"  ditpipe encode --config quickstart {extra}", highlight=False)
-    console.print(f"  ditpipe train --config configs/quickstart.yaml {extra}", highlight=False)
-    console.print(f"  ditpipe sample --checkpoint {result['run']} --num 64 --cfg-scale {v.cfg_scale:g} --steps "
-                  f"{v.sampling_steps}" + (f" --sampler {v.sampler}" if v.sampler else "")
-                  + (f" --cfg-interval {v.cfg_interval[0]:g},{v.cfg_interval[1]:g}"
-                     if tuple(v.cfg_interval) != (0.0, 1.0) else "")
-                  + f" --out {result['grid']} --out-dir {result['samples']}", highlight=False)
+    console.print("The same, step by step (sampling uses the run's own validation settings):")
+    for argv in commands:  # unwrapped and shell-quoted: each line pastes as it is
+        console.print("  " + shlex.join(argv), highlight=False, markup=False, soft_wrap=True)

@@ -30,6 +30,21 @@ from pipeline.model import build_dit
 OFFICIAL_DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
 
+@dataclass(frozen=True)
+class Settings:
+    """How to sample: what `sample` and `evaluate` use unless a flag says otherwise."""
+
+    sampler: str
+    steps: int
+    cfg_scale: float
+    cfg_interval: tuple[float, float]  # noise levels (0 data, 1 noise) where guidance applies
+
+
+# An official DiT .pt carries no settings: the official scripts' own defaults, DDPM × 250 guided at every step, at
+# cfg 4.0 in sample.py and 1.5 in sample_ddp.py (the paper's FID-50K).
+OFFICIAL_SETTINGS = {"sample": Settings("ddpm", 250, 4.0, (0.0, 1.0)), "evaluate": Settings("ddpm", 250, 1.5, (0.0, 1.0))}
+
+
 @dataclass
 class Sampleable:
     """Everything needed to turn noise into images."""
@@ -42,6 +57,15 @@ class Sampleable:
     class_names: list[str] | None
     description: str
     text_encoder: dict | None = None  # a caption model's encoder identity (the manifest's), else None
+    settings: Settings | None = None  # the run's validation.* sampling settings; None: an official checkpoint
+    origin: str = "official DiT's scripts"  # where `settings` come from, for the printed line
+
+    @property
+    def guidable(self) -> bool:
+        """Conditional with a learned null condition (a class model trained with label dropout, or captions)."""
+        if self.text_encoder is not None:
+            return True
+        return self.model.y_embedder is not None and getattr(self.model, "null_class", None) is not None
 
 
 def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None, model_name: str | None = None,
@@ -49,6 +73,9 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
                     warn=lambda msg: None) -> Sampleable:
     device = device or default_device()
     path = Path(path)
+    if not path.exists():
+        raise DitpipeError(f"checkpoint '{path}' does not exist; pass a checkpoint folder, a run folder (e.g. "
+                           "outputs/quickstart; `ditpipe runs` lists them) or an official DiT .pt")
     if path.is_file():
         return _official(path, model_name, image_size, vae or OFFICIAL_DEFAULT_VAE, device)
     if not (path / checkpoint.STATE).is_file() and path.is_dir():  # a run folder: its newest valid checkpoint
@@ -69,11 +96,13 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
     codec = load_codec(vae or manifest["codec"]["name"], manifest["codec"]["dtype"], device)
     labels = manifest.get("labels")
     caption = conditioning_for(cfg, manifest) == "caption"
-    return Sampleable(model.to(device).eval(), make_objective(cfg.diffusion.objective, model.learn_sigma),
-                      tuple(manifest["latent"]["shape"][1:]), codec,
+    objective, v = make_objective(cfg.diffusion.objective, model.learn_sigma), cfg.validation
+    return Sampleable(model.to(device).eval(), objective, tuple(manifest["latent"]["shape"][1:]), codec,
                       checkpoint_norm(cfg, manifest, codec if vae else None),
                       labels["names"] if labels and num_classes else None, f"{path} ({weights}, step {state['step']})",
-                      text_encoder_of(manifest) if caption else None)
+                      text_encoder_of(manifest) if caption else None,
+                      Settings(v.sampler or objective.default_sampler, v.sampling_steps, v.cfg_scale,
+                               tuple(v.cfg_interval)), "the run's validation settings")
 
 
 def checkpoint_norm(cfg, manifest: dict, other_codec=None) -> LatentNorm:
@@ -118,18 +147,79 @@ def _official(path: Path, model_name: str | None, image_size: int | None, vae: s
                       norm, None, f"{path} (official layout, {model_name})")
 
 
-def class_list(classes: str | None, num: int | None, num_classes: int) -> list[int] | None:
-    """The label of every sample: --classes cycled to --num, or every class in turn."""
+def class_list(classes: str | None, num: int | None, num_classes: int,
+               names: list[str] | None = None) -> list[int] | None:
+    """The label of every sample: --classes (ids or the manifest's class names, comma-separated) cycled to --num,
+    or every class in turn."""
     if num_classes == 0:
         if classes:
             raise DitpipeError("this model is unconditional; drop --classes")
         return None
-    chosen = list(range(num_classes)) if not classes else [int(c) for c in classes.split(",") if c.strip()]
-    bad = [c for c in chosen if not 0 <= c < num_classes]
-    if bad:
-        raise DitpipeError(f"--classes {bad} out of range: the model has classes 0..{num_classes - 1}")
+    if classes is None:
+        chosen = list(range(num_classes))
+    else:
+        chosen = [_class_id(c.strip(), num_classes, names) for c in classes.split(",") if c.strip()]
+        if not chosen:
+            raise DitpipeError(f"--classes {classes!r} names no class; {_known_classes(num_classes, names)}")
     n = num or len(chosen)
     return [chosen[i % len(chosen)] for i in range(n)]
+
+
+def _class_id(text: str, num_classes: int, names: list[str] | None) -> int:
+    if names and text in names[:num_classes]:
+        return names.index(text)
+    try:
+        k = int(text)
+    except ValueError:
+        k = None
+    if k is None or not 0 <= k < num_classes:
+        what = "out of range" if k is not None else "not a class id or name"
+        raise DitpipeError(f"--classes {text!r}: {what}; {_known_classes(num_classes, names)}")
+    return k
+
+
+def _known_classes(num_classes: int, names: list[str] | None) -> str:
+    if not names:
+        return f"the model has classes 0..{num_classes - 1}"
+    shown = ", ".join(f"{i} {n}" for i, n in enumerate(names[:num_classes][:20]))
+    return f"the model's classes are {shown}" + (f", … ({num_classes} in all)" if num_classes > 20 else "")
+
+
+def resolve_settings(s: Sampleable, purpose: str, sampler: str | None = None, steps: int | None = None,
+                     cfg_scale: float | None = None, cfg_interval: tuple[float, float] | None = None) -> Settings:
+    """The flags given, and for the rest the checkpoint's own settings (its validation.*), or for an official
+    checkpoint the official scripts' (`purpose`: sample or evaluate)."""
+    base = s.settings or OFFICIAL_SETTINGS[purpose]
+    chosen = Settings(sampler or base.sampler, steps or base.steps, base.cfg_scale if cfg_scale is None else cfg_scale,
+                      tuple(cfg_interval or base.cfg_interval))
+    if chosen.sampler not in s.objective.samplers:
+        raise DitpipeError(f"unknown sampler {chosen.sampler!r} for a {s.objective.name} model; valid samplers: "
+                           f"{', '.join(s.objective.samplers)}")
+    if steps is not None and steps < 1:
+        raise DitpipeError(f"--steps {steps}: needs at least 1 sampling step")
+    if cfg_scale is not None and not s.guidable and cfg_scale != 1.0:
+        raise DitpipeError(f"--cfg-scale {cfg_scale:g}: this model has no null condition to guide with ("
+                           + ("it is unconditional" if s.model.y_embedder is None and s.text_encoder is None
+                              else "trained without label dropout") + "); drop --cfg-scale")
+    return chosen
+
+
+def describe_settings(s: Sampleable, st: Settings, seed: int, given: set[str]) -> str:
+    """One line with every value used: `heun × 20 steps, cfg 3 at noise 0.5–1, seed 0 (...)`; no cfg for models
+    that cannot be guided."""
+    parts = [f"{st.sampler} × {st.steps} steps"]
+    if s.guidable:
+        low, high = st.cfg_interval
+        parts.append(f"cfg {st.cfg_scale:g}" + (" (no guidance)" if st.cfg_scale == 1.0 else
+                                                 f" at noise {low:g}–{high:g}"))
+    else:
+        parts.append("unconditional" if s.model.y_embedder is None and s.text_encoder is None
+                     else "no guidance (trained without label dropout)")
+    parts.append(f"seed {seed}")
+    defaults = [k for k in ("sampler", "steps", "cfg_scale", "cfg_interval") if k not in given]
+    if not s.guidable:
+        defaults = [k for k in defaults if not k.startswith("cfg")]
+    return ", ".join(parts) + (f" (defaults from {s.origin})" if defaults else "")
 
 
 def prompt_list(prompts: list[str] | None, classes: str | None, num: int | None, text_encoder: dict | None):
@@ -150,101 +240,112 @@ def prompt_list(prompts: list[str] | None, classes: str | None, num: int | None,
 
 
 def sample(checkpoint_path: Path, *, use_ema: bool = True, classes: str | None = None, num: int | None = None,
-           cfg_scale: float = 4.0, steps: int | None = None, sampler: str | None = None, seed: int = 0,
-           cfg_interval: tuple[float, float] = (0.0, 1.0), out: Path | None = Path("grid.png"),
+           cfg_scale: float | None = None, steps: int | None = None, sampler: str | None = None, seed: int = 0,
+           cfg_interval: tuple[float, float] | None = None, out: Path | None = Path("grid.png"),
            out_dir: Path | None = None, batch_size: int = 64,
            vae: str | None = None, model_name: str | None = None, image_size: int | None = None,
            prompts: list[str] | None = None, text_encoder: str | None = None,
            console: Console | None = None) -> np.ndarray:
-    """Generate, write the grid and/or the per-sample PNGs, and return the images (N, H, W, 3) uint8."""
+    """Generate, write the grid and/or the per-sample PNGs, and return the images (N, H, W, 3) uint8. Sampling
+    settings left None come from the checkpoint (its validation.*), or official DiT's for an official .pt."""
     console = console or Console(stderr=True)
     warn = lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True)  # noqa: E731
+    if num is not None and num < 1:
+        raise DitpipeError(f"--num {num}: needs at least 1 sample")
+    if batch_size < 1:
+        raise DitpipeError(f"--batch-size {batch_size}: needs at least 1")
+    _check_out(out)
     s = load_sampleable(checkpoint_path, use_ema=use_ema, vae=vae, model_name=model_name, image_size=image_size,
                         warn=warn)
+    settings = resolve_settings(s, "sample", sampler, steps, cfg_scale, cfg_interval)
+    given = {k for k, v in {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
+                            "cfg_interval": cfg_interval}.items() if v is not None}
     per_sample = prompt_list(prompts, classes, num, s.text_encoder)
     if per_sample is not None:
-        return _sample_prompts(s, per_sample, list(dict.fromkeys(prompts)), text_encoder, cfg_scale, steps, sampler,
-                               seed, out, out_dir, batch_size, console, cfg_interval)
-    num_classes = getattr(s.model, "num_classes", 0) if s.model.y_embedder is not None else 0
-    labels = class_list(classes, num, num_classes)
-    n = len(labels) if labels is not None else (num or 16)
-    sampler, steps = _sampler(s, sampler, steps)
-    images = generate_images(s, labels, n, sampler, steps, cfg_scale, seed, batch_size, console, cfg_interval)
+        conditioning, n = per_sample, len(per_sample)
+    else:
+        num_classes = getattr(s.model, "num_classes", 0) if s.model.y_embedder is not None else 0
+        conditioning = class_list(classes, num, num_classes, s.class_names)
+        n = len(conditioning) if conditioning is not None else (num or 16)
+    console.print(f"sampling {n} from {s.description}: {describe_settings(s, settings, seed, given)}",
+                  highlight=False, soft_wrap=True)
+    if per_sample is not None:
+        return _sample_prompts(s, per_sample, list(dict.fromkeys(prompts)), text_encoder, settings, seed, out,
+                               out_dir, batch_size, console)
+    labels = conditioning
+    images = generate_images(s, labels, n, settings, seed, batch_size, console)
     if out is not None:
         distinct = sorted(set(labels)) if labels is not None else []
         per_class = labels is not None and len(distinct) <= 16 and labels[: len(distinct)] == distinct
         ncols = len(distinct) if per_class else int(math.ceil(math.sqrt(n)))
         names = [(s.class_names or [str(c) for c in range(num_classes)])[c] for c in distinct] if per_class else None
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        make_grid(images, ncols, column_labels=names, min_cell=64).save(out)
-        guided = "" if tuple(cfg_interval) == (0.0, 1.0) else f" at noise {cfg_interval[0]:g}–{cfg_interval[1]:g}"
-        console.print(f"grid: {out}  ({n} samples, {sampler} × {steps} steps, cfg {cfg_scale:g}{guided}, seed {seed}; "
-                      f"{s.description})", soft_wrap=True)
+        _save(make_grid(images, ncols, column_labels=names, min_cell=64), out)
+        console.print(f"grid: {out}  ({n} samples)", highlight=False, soft_wrap=True)
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        from PIL import Image
-
-        for i, img in enumerate(images):
-            name = f"{i:04d}_class{labels[i]}.png" if labels is not None else f"{i:04d}.png"
-            Image.fromarray(img).save(out_dir / name)
-        console.print(f"samples: {out_dir}/ ({n} PNGs)")
+        files = [f"{i:04d}_class{labels[i]}.png" if labels is not None else f"{i:04d}.png" for i in range(n)]
+        _write_each(images, out_dir, files)
+        console.print(f"samples: {out_dir}/ ({n} PNGs)", highlight=False, soft_wrap=True)
     return images
 
 
-def _sampler(s: Sampleable, sampler: str | None, steps: int | None) -> tuple[str, int]:
-    sampler = sampler or s.objective.default_sampler
-    if sampler not in s.objective.samplers:
-        raise DitpipeError(f"unknown sampler {sampler!r} for a {s.objective.name} model; valid samplers: "
-                           f"{', '.join(s.objective.samplers)}")
-    return sampler, steps or (250 if sampler in ("ddpm", "ddim") else 50)
+def _check_out(out: Path | None) -> None:
+    """Before any sampling: the grid's format comes from its suffix, so an unknown one would fail only at the end."""
+    from PIL import Image
+
+    if out is not None and Path(out).suffix.lower() not in Image.registered_extensions():
+        raise DitpipeError(f"--out {out}: the grid is an image; give it a suffix PIL writes, e.g. {Path(out).stem}.png")
+
+
+def _save(image, out: Path) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+
+
+def _write_each(images: np.ndarray, out_dir: Path, names: list[str]) -> None:
+    from PIL import Image
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for img, name in zip(images, names):
+        Image.fromarray(img).save(Path(out_dir) / name)
 
 
 def _sample_prompts(s: Sampleable, per_sample: list[str], distinct: list[str], text_encoder: str | None,
-                    cfg_scale: float, steps: int | None, sampler: str | None, seed: int, out: Path | None,
-                    out_dir: Path | None, batch_size: int, console: Console,
-                    cfg_interval: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+                    settings: Settings, seed: int, out: Path | None, out_dir: Path | None, batch_size: int,
+                    console: Console) -> np.ndarray:
     """A caption model's samples: one column per distinct prompt; files <index>_prompt<k>.png, k = the prompt's
     position among the distinct --prompt values."""
     from pipeline.text import encode_prompts, load_for_manifest
 
     device = next(s.model.parameters()).device
     enc = load_for_manifest(s.text_encoder, device, text_encoder)
-    sampler, steps = _sampler(s, sampler, steps)
-    images = generate_images(s, encode_prompts(enc, per_sample), len(per_sample), sampler, steps, cfg_scale, seed,
-                             batch_size, console, cfg_interval)
+    images = generate_images(s, encode_prompts(enc, per_sample), len(per_sample), settings, seed, batch_size,
+                             console)
     which = [distinct.index(p) for p in per_sample]
     if out is not None:
         per_column = len(distinct) <= 16 and which[: len(distinct)] == list(range(len(distinct)))
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        make_grid(images, len(distinct) if per_column else int(math.ceil(math.sqrt(len(images)))),
-                  column_labels=[p[:24] for p in distinct] if per_column else None, min_cell=64).save(out)
-        console.print(f"grid: {out}  ({len(images)} samples, {sampler} × {steps} steps, cfg {cfg_scale:g}, seed "
-                      f"{seed}; {s.description})", soft_wrap=True)
+        _save(make_grid(images, len(distinct) if per_column else int(math.ceil(math.sqrt(len(images)))),
+                        column_labels=[p[:24] for p in distinct] if per_column else None, min_cell=64), out)
+        console.print(f"grid: {out}  ({len(images)} samples)", highlight=False, soft_wrap=True)
     if out_dir is not None:
-        from PIL import Image
-
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        for i, (img, k) in enumerate(zip(images, which)):
-            Image.fromarray(img).save(Path(out_dir) / f"{i:04d}_prompt{k}.png")
-        console.print(f"samples: {out_dir}/ ({len(images)} PNGs; prompt k = the k-th distinct --prompt)")
+        _write_each(images, out_dir, [f"{i:04d}_prompt{k}.png" for i, k in enumerate(which)])
+        console.print(f"samples: {out_dir}/ ({len(images)} PNGs; prompt k = the k-th distinct --prompt)",
+                      highlight=False, soft_wrap=True)
     return images
 
 
-def generate_images(s: Sampleable, labels, n: int, sampler: str, steps: int, cfg_scale: float,
-                    seed: int, batch_size: int, console: Console,
-                    cfg_interval: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+def generate_images(s: Sampleable, labels, n: int, settings: Settings, seed: int, batch_size: int,
+                    console: Console) -> np.ndarray:
     """n images in batches; batch b uses seed `seed + b`, so a sample depends on the seed and batch size only."""
     device = next(s.model.parameters()).device
-    chunks = []
+    st, chunks = settings, []
     with Progress(TextColumn("sample"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console) as bar:
-        task = bar.add_task("sample", total=math.ceil(n / batch_size) * steps)
+        task = bar.add_task("sample", total=math.ceil(n / batch_size) * st.steps)
         for b, start in enumerate(range(0, n, batch_size)):
             count = min(batch_size, n - start)
             y = None if labels is None else _take(labels, start, count)
-            z = generate(s.model, s.objective, s.latent_shape, y, count, sampler, steps, cfg_scale, seed + b, device,
-                         progress=lambda i, total: bar.advance(task), cfg_interval=cfg_interval)
+            z = generate(s.model, s.objective, s.latent_shape, y, count, st.sampler, st.steps, st.cfg_scale, seed + b,
+                         device, progress=lambda i, total: bar.advance(task), cfg_interval=st.cfg_interval)
             chunks.append(to_uint8(decode(z, s.codec, s.norm)))
     return np.concatenate(chunks)
 

@@ -1,4 +1,5 @@
-"""`ditpipe inspect` and `ditpipe verify`: read a shard folder's manifest, and check every byte of it."""
+"""`ditpipe inspect` and `ditpipe verify`: read a shard folder's manifest (or a run's or checkpoint's summary,
+stages/runs.py), and check every byte of it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,19 @@ from pipeline.errors import ShardError
 
 
 def inspect(folder: Path, as_json: bool, console: Console) -> None:
+    from stages import runs
+
+    if runs.is_checkpoint(folder):  # checked first: a checkpoint holds a manifest.json excerpt too
+        runs.inspect_checkpoint(folder, console, as_json)
+        return
+    if runs.is_run(folder):
+        runs.inspect_run(folder, console, as_json)
+        return
+    if not (Path(folder) / shards.MANIFEST).is_file():
+        raise ShardError(f"'{folder}' is not a shard folder, a run or a checkpoint (no {shards.MANIFEST}, "
+                         f"training_state.json or checkpoint folders)" + ("; it does not exist" if not
+                                                                          Path(folder).exists() else "")
+                         + ". Make shards with `ditpipe encode`; list runs with `ditpipe runs`")
     m = shards.load_manifest(folder)
     if as_json:
         console.print_json(json.dumps(m))

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import time
 from dataclasses import dataclass
@@ -22,11 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 from pipeline import __version__, checkpoint, lock, shards
-from pipeline.config import Config, validate_tree
+from pipeline.config import RESUMABLE_CHANGES, Config, resumable_keys, validate_tree
 from pipeline.device import describe, make_accelerator, peak_tflops
 from pipeline.diffusion import make_objective
 from pipeline.errors import ConfigError, DitpipeError, ShardError
@@ -34,21 +37,19 @@ from pipeline.finetune import init_from
 from pipeline.latent_norm import LatentNorm
 from pipeline.loader import Plan
 from pipeline.metrics import MetricsLog
-from pipeline.schedule import lr_at
+from pipeline.recovery import RecoveryState, SpikeWatch, injected
+from pipeline.schedule import lr_at, restretched_length, schedule_warnings
 from pipeline.step import Micro, Step, build_step, forward_flops, load_state
 from pipeline.training import (batch_condition, build_model, conditioning_for, num_classes_for, open_data,
                                training_batches)
-from pipeline.recovery import RecoveryState, SpikeWatch, injected
 from pipeline.validation import HeldOut, loss_sums, open_held_out
+from pipeline.workers import capped_workers
 
 # Debugging aid (see _SampleRecord): a path; each rank appends the global sample indices of every micro-batch.
 RECORD_ENV = "DITPIPE_RECORD_SAMPLES"
-# Keys that may differ between a run's saved config and the one it resumes with (DESIGN.md, Runs and checkpoints).
 # A no-grad forward keeps no activations for backward, so the held-out loss takes this many times the micro-batch.
 EVAL_BATCH_FACTOR = 4
-# training.batch_size and gradient_accumulation_steps may change only with the global batch kept (`elastic_split`).
-RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "training.batch_size",
-                     "training.gradient_accumulation_steps", "logging.", "checkpointing.", "validation.")
+MANY_CHECKPOINTS = 20  # the preflight warns when a run would keep more checkpoint folders than this
 
 
 @dataclass
@@ -82,8 +83,9 @@ def _run_dir(cfg: Config, config_name: str | None, resume: Path | None) -> Path:
 @lock.holding(lambda cfg, config_name, resume, **_: (_run_dir(cfg, config_name, resume),
                                                       "resume" if resume else "train"))
 def train(cfg: Config, config_name: str | None = None, resume: Path | None = None,
-          console: Console | None = None) -> Path:
-    """Train (or resume, from the checkpoint folder `resume`) and return the run folder."""
+          console: Console | None = None, restretch_schedule: bool = False) -> Path:
+    """Train (or resume, from the checkpoint folder `resume`) and return the run folder. `restretch_schedule` (on
+    resume) stretches the LR schedule over the run's current length (pipeline/schedule.py)."""
     console = console or Console(stderr=True)
     t = cfg.training
     acc, precision, notice = make_accelerator(t.mixed_precision, tf32=t.tf32, deterministic=t.deterministic)
@@ -115,6 +117,17 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                             else "training.num_epochs",
                             f"the run would end at step {end_step}, but '{resume}' is already at step "
                             f"{saved['step']}; resume with an end at or past it")])
+    restretched = list(saved.get("restretched_at", [])) if saved else []  # steps where the schedule was restretched
+    if saved and restretch_schedule:
+        try:
+            total_steps = restretched_length(saved["step"], plan.steps_per_epoch * t.num_epochs)
+        except ValueError as e:
+            raise ConfigError([("training.num_epochs", str(e))]) from None
+        restretched.append(saved["step"])
+    if saved and end_step == saved["step"]:  # a finished run: nothing to do, so say how to extend it
+        if acc.is_main_process:
+            _finished(console, run_dir, saved, cfg, plan)
+        return run_dir
     spec = RunSpec(precision, notice, num_classes, plan, total_steps, run_dir,
                    held_spec.description if held_spec else None, conditioning)
 
@@ -149,17 +162,22 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process,
                      resume_step=start_step if saved else None)
     if acc.is_main_process:
-        _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step)
+        _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step,
+                   saved["total_steps"] if saved and restretch_schedule else None)
         if elastic_note:
             console.print(f"[cyan]elastic:[/] {elastic_note}", highlight=False, soft_wrap=True)
         for note in init_notes:
             console.print(f"[cyan]init:[/] {note}", highlight=False, soft_wrap=True)
+    workers, fewer = capped_workers(cfg.data.num_workers)
+    if fewer and acc.is_main_process:
+        console.print(f"[yellow]note:[/] {fewer}", highlight=False, soft_wrap=True)
+
     def data_from(step: int) -> None:
         """The data stream from optimizer step `step` on, at data position `step + data_offset`."""
         data.pop("batches", None)  # a recovery's new stream replaces the old (its workers stop)
         loader, data["posterior"] = training_batches(cfg, manifest, store, online, plan, rank, conditioning,
                                                      excluded, step + recovery.data_offset,
-                                                     end_step + recovery.data_offset, device)
+                                                     end_step + recovery.data_offset, device, workers)
         data["batches"] = iter(loader)  # draws a base seed from torch's global RNG: the saved states come after
 
     data: dict = {}
@@ -182,7 +200,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 
     def save(name: str, step: int) -> None:
         checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, step_fn),
-                        {**_ckpt_state(cfg, step, plan, total_steps, int(stats.nonfinite_total), manifest),
+                        {**_ckpt_state(cfg, step, plan, total_steps, int(stats.nonfinite_total), manifest,
+                                       restretched),
                          **recovery.record()}, group=group, needed_bytes=_needed_bytes(raw))
         if acc.is_main_process:
             checkpoint.prune(run_dir, cfg.checkpointing.total_limit, cfg.checkpointing.keep_epochs)
@@ -373,7 +392,8 @@ def _shard_prompts(folder: Path, count: int = 8) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- state
 
 
-def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, nonfinite_total: int, manifest: dict) -> dict:
+def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, nonfinite_total: int, manifest: dict,
+                restretched: list[int]) -> dict:
     from importlib.metadata import version
 
     return {"written_by": f"ditpipe {__version__}", "step": step, "epoch": step // plan.steps_per_epoch,
@@ -381,6 +401,7 @@ def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, nonfinite_
             "total_steps": total_steps, "world_size": plan.world_size, "global_batch": plan.global_batch,
             "batch_size": plan.batch_size, "gradient_accumulation_steps": plan.accum, "config_hash": cfg.hash(),
             "nonfinite_total": nonfinite_total, "shards": checkpoint.shards_record(manifest),
+            "restretched_at": restretched,
             "versions": {name: version(name) for name in ("torch", "accelerate", "numpy", "ditpipe")}}
 
 
@@ -650,10 +671,18 @@ def _stop_requested(acc, stop: _StopFlag, step: int, log_every: int) -> bool:
 # ---------------------------------------------------------------------------------------------------- console
 
 
+class _LossRate(ProgressColumn):
+    """`loss=0.1234 1,440 img/s`, or dashes until the first log step has measured them."""
+
+    def render(self, task) -> Text:
+        loss, ips = task.fields.get("loss", math.nan), task.fields.get("ips", 0.0)
+        return Text(f"loss={'–' if math.isnan(loss) else f'{loss:.4f}'} "
+                    f"{'–' if not ips else f'{ips:,.0f}'} img/s")
+
+
 def _progress(console: Console, enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                    TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(),
-                    TextColumn("loss={task.fields[loss]:.4f} {task.fields[ips]:,.0f} img/s"), console=console,
+                    TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(), _LossRate(), console=console,
                     disable=not enabled)
 
 
@@ -663,7 +692,8 @@ def _epoch_task(bar: Progress, epoch: int, num_epochs: int, steps: int, done: in
     return bar.add_task(f"Epoch {epoch + 1}/{num_epochs}", total=steps, completed=done, loss=math.nan, ips=0.0)
 
 
-def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, device, start_step, end_step) -> None:
+def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, device, start_step, end_step,
+               restretched_from: int | None = None) -> None:
     t, plan = cfg.training, spec.plan
     table = Table(title="ditpipe train", show_header=False, title_justify="left")
     table.add_row("device", f"{describe(device)} × {plan.world_size} process(es)")
@@ -680,17 +710,42 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
                           f"{tuple(manifest['latent']['shape'])}")
     table.add_row("batch", f"{t.batch_size} × {t.gradient_accumulation_steps} accumulation × {plan.world_size} = "
                            f"{plan.global_batch} per optimizer step")
-    table.add_row("steps", f"{plan.steps_per_epoch:,} optimizer steps per epoch; {end_step:,} to run"
-                           + (f" (from step {start_step:,})" if start_step else "")
-                           + f"; LR schedule over {spec.total_steps:,}")
+    table.add_row("steps", f"{plan.steps_per_epoch:,} optimizer steps per epoch; {end_step - start_step:,} to run"
+                           + (f", from step {start_step:,} to {end_step:,}" if start_step else ""))
+    lr = lambda step: lr_at(step, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,  # noqa: E731
+                            spec.total_steps)
+    table.add_row("LR", f"{cfg.lr_scheduler.type}, peak {t.learning_rate:.2e} after {cfg.lr_scheduler.warmup_steps:,}"
+                        f" warm-up steps, over {spec.total_steps:,} steps"
+                        + (f" (restretched from {restretched_from:,}: {lr(start_step):.2e} at step {start_step:,})"
+                           if restretched_from is not None else f"; {lr(start_step):.2e} now" if start_step else ""))
     if spec.held_out:
         every = (f"every {cfg.validation.every_steps:,} steps" if cfg.validation.every_steps
                  else "never: validation.every_steps is 0")
         table.add_row("held-out loss", f"{spec.held_out}; at {cfg.validation.loss_timesteps} fixed timesteps, {every}")
     table.add_row("output", str(spec.run_dir))
     console.print(table)
+    for loud, note in schedule_warnings(t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,
+                                        spec.total_steps, start_step, end_step):
+        console.print(f"[bold red]warning:[/] [bold]{note}[/]" if loud else f"[yellow]warning:[/] {note}",
+                      highlight=False, soft_wrap=True)
     if start_step and end_step > spec.total_steps:
-        console.print(f"[yellow]note:[/] steps beyond {spec.total_steps:,} continue at the schedule's final LR")
+        console.print(f"[yellow]note:[/] steps beyond {spec.total_steps:,} continue at the schedule's final LR "
+                      f"({lr(spec.total_steps):.2e}); --restretch-schedule stretches it over the run instead",
+                      highlight=False, soft_wrap=True)
+    kept = _checkpoints_kept(cfg, plan, start_step, end_step)
+    if sum(kept) > MANY_CHECKPOINTS:
+        console.print(f"[yellow]warning:[/] this run keeps {sum(kept)} checkpoint folders ({kept[0]} per-epoch, "
+                      f"{kept[1]} per-step), about {sum(kept) * _needed_bytes(raw) / 2**30:,.1f} GiB; keep fewer with "
+                      "--checkpointing.keep_epochs N and --checkpointing.total_limit N, or a larger "
+                      "checkpointing.steps", highlight=False, soft_wrap=True)
+
+
+def _checkpoints_kept(cfg: Config, plan: Plan, start_step: int, end_step: int) -> tuple[int, int]:
+    """(epoch, step) checkpoint folders this run writes and retention keeps."""
+    c, spe = cfg.checkpointing, plan.steps_per_epoch
+    epochs = end_step // spe - start_step // spe if c.every_epoch else 0
+    steps = end_step // c.steps - start_step // c.steps + (1 if end_step % c.steps else 0)  # + the final one
+    return min(epochs, c.keep_epochs or epochs), min(steps, c.total_limit or steps)
 
 
 def _caption_line(manifest: dict) -> str:
@@ -717,8 +772,26 @@ def _closing(console, run_dir: Path, loss: float, seconds: float, images: int, s
     if flops_per_sample and peak:
         speed += f", MFU {flops_per_sample * rate / world / (peak * 1e12):.1%} of {peak:g} TFLOP/s bf16"
     console.print(f"[green]done[/]: {step:,} steps, final loss {loss:.4f}, {seconds:.1f} s, {speed}"
-                  + (f", {nonfinite} non-finite step(s) skipped" if nonfinite else ""), highlight=False)
-    console.print(f"final model: {final}/model.pt (EMA: ema.pt); logs: {run_dir}/metrics.jsonl, {run_dir}/tensorboard")
+                  + (f", {nonfinite} non-finite step(s) skipped" if nonfinite else ""), highlight=False,
+                  soft_wrap=True)
+    console.print(f"final model: {final}/model.pt (EMA: ema.pt); logs: {run_dir}/metrics.jsonl, {run_dir}/tensorboard",
+                  highlight=False, markup=False, soft_wrap=True)
+    console.print("next: " + shlex.join(["ditpipe", "sample", "--checkpoint", str(run_dir), "--out",
+                                         str(run_dir / "grid.png")]), highlight=False, markup=False, soft_wrap=True)
+
+
+def _finished(console, run_dir: Path, saved: dict, cfg: Config, plan: Plan) -> None:
+    """Resuming a run that has reached its end: nothing runs; say so, and how to go on."""
+    step, t = saved["step"], cfg.training
+    by_max = t.max_steps is not None and t.max_steps == step
+    more = 2 * t.num_epochs
+    extend = ["ditpipe", "resume", str(run_dir)] + (["--training.max_steps", "null"] if by_max else []) + [
+        "--training.num_epochs", str(more), "--restretch-schedule"]
+    console.print(f"[green]finished[/]: '{run_dir}' is at step {step:,}, the end of its "
+                  + (f"training.max_steps {t.max_steps:,}" if by_max else f"{t.num_epochs} epochs") + "; nothing to "
+                  f"run. To train further, extend it (e.g. to {more} epochs, {more * plan.steps_per_epoch:,} steps, "
+                  "with the LR schedule stretched over them):", highlight=False, soft_wrap=True)
+    console.print("  " + shlex.join(extend), highlight=False, markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------- resume
@@ -758,10 +831,11 @@ def resume_config(ckpt: Path, new: Config | None = None, overrides: dict | None 
     cfg = new
     old = validate_tree(saved).to_dict()
     new = cfg.to_dict()
-    refused = [(f"{s}.{k}", f"was {old[s][k]!r} in the run, now {new[s][k]!r}; only "
-                            f"{', '.join(RESUMABLE_CHANGES)}* may change on resume (start a new run instead)")
+    refused = [(f"{s}.{k}", f"was {old[s][k]!r} in the run, now {new[s][k]!r}")
                for s in new for k in new[s]
                if new[s][k] != old[s][k] and not f"{s}.{k}".startswith(RESUMABLE_CHANGES)]
     if refused:
-        raise ConfigError(refused, header=f"cannot resume '{ckpt}' with a different config")
+        raise ConfigError(refused, header=f"cannot resume '{ckpt}' with a different config (only {resumable_keys()} "
+                                          "may change on resume; for anything else start a new run, e.g. with "
+                                          "--init-from this checkpoint)")
     return cfg

@@ -27,7 +27,7 @@ def test_version(cli):
     assert code == 0 and out.strip() == f"ditpipe {__version__}"
 
 
-@pytest.mark.parametrize("verb", ["encode", "inspect", "verify"])
+@pytest.mark.parametrize("verb", ["encode", "inspect", "verify", "runs", "sample", "evaluate", "resume"])
 def test_every_verb_has_help_with_an_example(cli, verb):
     code, out, _ = cli(verb, "--help")
     assert code == 0

@@ -155,3 +155,24 @@ def test_cli_config_errors_exit_2_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "training.batchsize" in proc.stderr and "did you mean 'training.batch_size'" in proc.stderr
     assert "data.image_size" in proc.stderr
+
+
+def test_a_misspelt_section_suggests_the_same_named_key_before_spelling():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"trainig.batch_size": 8, "trainig.learning_rate": 1e-3, "data.batch_size": 2})
+    problems = dict(info.value.problems)
+    assert "did you mean 'training.batch_size'" in problems["trainig.batch_size"]  # not training.seed
+    assert "did you mean 'training.learning_rate'" in problems["trainig.learning_rate"]
+    assert problems["data.batch_size"].endswith("batch_size'?")  # a batch_size of another section
+
+
+def test_config_show_lists_every_key_with_value_default_and_meaning(cli):
+    code, out, err = cli("config", "show", "--config", "quickstart", "--training.num_epochs", "20")
+    assert code == 0, err
+    rows = {line[2:].split()[0]: line for line in out.splitlines()[1:] if line[2:3].strip()}
+    assert set(known_keys()) <= set(rows)
+    assert rows["training.num_epochs"].startswith("*") and rows["training.num_epochs"][2:].split()[1:3] == ["20", "50"]
+    assert rows["training.seed"].startswith(" ") and "model init, data order" in rows["training.seed"]
+    assert all(len(row[2:].split(None, 3)) == 4 for row in rows.values())  # key, value, default and a meaning
+    code, out, _ = cli("train", "--help")
+    assert "ditpipe config show" in " ".join(out.split())

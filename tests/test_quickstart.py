@@ -2,6 +2,7 @@
 recognisable: a simple colour-and-shape classifier must find each class's colour and shape in ≥ 90 % of them."""
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +57,16 @@ def test_short_quickstart_writes_every_artefact_and_repeats_exactly(tmp_path, mo
     report = json.loads((out / "quickstart.json").read_text())
     assert 0.0 <= report["accuracy"] <= 1.0 and report["accuracy"] == pytest.approx(class_accuracy(out / "samples"))
     assert (out / "checkpoint-8" / "model.pt").is_file() and (out / "metrics.jsonl").is_file()
-    flat = " ".join(err.split())
-    assert "ditpipe encode --config quickstart" in flat
-    assert "ditpipe train --config configs/quickstart.yaml" in flat and "ditpipe sample --checkpoint" in flat
     first = (out / "samples" / "0009_class1.png").read_bytes()
+    # The step-by-step commands, unwrapped (one line each at 80 columns) and runnable exactly as printed.
+    printed = [line.strip() for line in err.split("The same, step by step")[1].splitlines()[1:]]
+    assert [shlex.split(c)[1] for c in printed] == ["encode", "train", "sample"], err[-2000:]
+    for command in printed:
+        code, _, step_err = cli(*shlex.split(command)[1:])
+        assert code == 0, (command, step_err[-3000:])
+    by_hand = tmp_path / "outputs" / "qs-by-hand"  # a run folder of its own, next to the quickstart's
+    assert len(list((by_hand / "samples").glob("*_class*.png"))) == 64 and (by_hand / "grid.png").is_file()
+    assert (by_hand / "samples" / "0009_class1.png").read_bytes() == first  # the same run, the same samples
     code, _, err = cli(*args)  # again: the earlier quickstart is replaced, and the result is the same
     assert code == 0, err[-3000:]
     assert (out / "samples" / "0009_class1.png").read_bytes() == first

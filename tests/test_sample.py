@@ -9,7 +9,7 @@ from pipeline.diffusion import make_objective
 from pipeline.errors import DitpipeError
 from pipeline.generate import generate
 from pipeline.model import build_dit
-from stages.sample import class_list, load_sampleable, sample
+from stages.sample import OFFICIAL_SETTINGS, class_list, load_sampleable, resolve_settings, sample
 
 from conftest import train_tiny
 
@@ -136,6 +136,73 @@ def test_class_list():
         class_list("9", None, 8)
     with pytest.raises(DitpipeError, match="unconditional"):
         class_list("1", None, 0)
+
+
+def test_classes_by_name_and_every_bad_value_is_a_one_line_error(run_dir, tmp_path, cli):
+    from pipeline.sources import SHAPES_CLASS_NAMES
+
+    names = list(SHAPES_CLASS_NAMES)
+    assert class_list("red_circle, 3,yellow_square", None, 8, names) == [0, 3, 7]
+    with pytest.raises(DitpipeError, match="'red_cirle': not a class id or name; the model's classes are 0 red_circle"):
+        class_list("red_cirle", None, 8, names)
+    code, _, err = cli("sample", "--checkpoint", run_dir, "--classes", "green_square,blue_circle", "--num", "2",
+                       "--steps", "2", "--out", tmp_path / "g.png", "--out-dir", tmp_path / "d")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["0000_class3.png", "0001_class4.png"]
+    for args, code_wanted, words in [
+            (["--classes", "red_circel"], 1, "not a class id or name"), (["--classes", "1.5"], 1, "red_circle"),
+            (["--classes", ","], 1, "names no class"), (["--classes", "8"], 1, "out of range"),
+            (["--num", "0"], 2, "--num"), (["--steps", "0"], 2, "--steps"), (["--batch-size", "0"], 2, "--batch-size"),
+            (["--seed", "-1"], 2, "--seed"), (["--cfg-scale", "0.5"], 2, "--cfg-scale"),
+            (["--cfg-interval", "a,b"], 2, "--cfg-interval"), (["--out", str(tmp_path / "grid.txt")], 1, "suffix")]:
+        code, _, err = cli("sample", "--checkpoint", run_dir, "--steps", "2", "--out", tmp_path / "x.png", *args)
+        assert code == code_wanted and words in err and "Traceback" not in err, (args, err)
+    code, _, err = cli("sample", "--checkpoint", tmp_path / "nowhere")
+    assert code == 1 and "'" + str(tmp_path / "nowhere") + "' does not exist" in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def tuned_flow_run(tmp_path_factory):
+    """A flow run that validated with its own sampler settings, as the quickstart's does."""
+    return train_tiny(tmp_path_factory.mktemp("flow"), 64, **{
+        "training.max_steps": 3, "diffusion.objective": "flow", "validation.sampler": "heun",
+        "validation.sampling_steps": 3, "validation.cfg_scale": 2.5, "validation.cfg_interval": [0.5, 1.0]})
+
+
+def test_sampling_defaults_to_the_runs_validation_settings_and_prints_every_value(tuned_flow_run, tmp_path, cli):
+    run = tuned_flow_run
+    code, _, err = cli("sample", "--checkpoint", run, "--num", "8", "--out", tmp_path / "a.png",
+                       "--out-dir", tmp_path / "a")
+    assert code == 0, err
+    assert "heun × 3 steps, cfg 2.5 at noise 0.5–1, seed 0 (defaults from the run's validation settings)" in err
+    explicit = sample(run, num=8, sampler="heun", steps=3, cfg_scale=2.5, cfg_interval=(0.5, 1.0), out=None)
+    assert np.array_equal(np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "a").iterdir())]), explicit)
+    code, _, err = cli("sample", "--checkpoint", run, "--num", "8", "--sampler", "euler", "--cfg-scale", "1",
+                       "--out", tmp_path / "b.png")
+    assert code == 0 and "euler × 3 steps, cfg 1 (no guidance), seed 0 (defaults from" in err
+    code, _, err = cli("sample", "--checkpoint", run, "--num", "8", "--sampler", "heun", "--steps", "4",
+                       "--cfg-scale", "3", "--cfg-interval", "0,1", "--seed", "2", "--out", tmp_path / "c.png")
+    assert code == 0 and "heun × 4 steps, cfg 3 at noise 0–1, seed 2" in err and "defaults from" not in err
+
+
+def test_unconditional_models_print_no_cfg_and_refuse_one(tmp_path_factory, tmp_path, cli):
+    run = train_tiny(tmp_path_factory.mktemp("uncond"), 32, **{"training.max_steps": 2,
+                                                               "model.conditioning": "none"})
+    code, _, err = cli("sample", "--checkpoint", run, "--num", "2", "--steps", "2", "--out", tmp_path / "u.png")
+    assert code == 0, err
+    line = next(x for x in err.splitlines() if x.startswith("sampling"))
+    assert "ddpm × 2 steps, unconditional, seed 0" in line and "cfg" not in line
+    code, _, err = cli("sample", "--checkpoint", run, "--cfg-scale", "3", "--out", tmp_path / "u.png")
+    assert code == 1 and "unconditional" in err and "drop --cfg-scale" in err
+
+
+def test_official_checkpoints_keep_official_dits_settings(tmp_path, tiny_vae, capsys):
+    model = build_dit("DiT-S/8", input_size=16, in_channels=4, num_classes=1000)
+    torch.save(model.state_dict(), tmp_path / "DiT-S-8-32x32.pt")
+    s = load_sampleable(tmp_path / "DiT-S-8-32x32.pt", model_name="DiT-S/8", image_size=32, vae=str(tiny_vae))
+    assert resolve_settings(s, "sample") == OFFICIAL_SETTINGS["sample"]  # official sample.py: DDPM 250, cfg 4.0
+    assert resolve_settings(s, "evaluate").cfg_scale == 1.5  # official sample_ddp.py, the paper's FID-50K
+    assert resolve_settings(s, "sample", steps=3).steps == 3 and OFFICIAL_SETTINGS["sample"].steps == 250
 
 
 def test_cli_sample(run_dir, tmp_path, cli):

@@ -1,0 +1,259 @@
+"""`ditpipe runs` and `ditpipe inspect RUN|CHECKPOINT`: what the output folder holds, without loading a model.
+
+A run folder is `<output_dir>/<run>/` with its `config.yaml`, `metrics.jsonl`, `latest` and checkpoint folders
+(pipeline/checkpoint.py). Its state:
+- running: a live train/resume process holds the run's lock (`<run>/.lock`, an exclusive flock);
+- finished: the newest checkpoint is at the run's end (its epochs, or training.max_steps);
+- stopped: neither (interrupted, killed, or stopped early); resume it;
+- unknown: not finished, and no lock file to ask (a run written before runs were locked).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import checkpoint
+from pipeline.errors import DitpipeError
+
+LOCK = ".lock"  # held (flock LOCK_EX) by the train/resume process of a run, with its pid written inside
+
+
+def lock_holder(run_dir: Path) -> tuple[bool | None, int | None]:
+    """(held, pid) of the run's lock: True with the holder's pid while a process trains the run, False when the
+    lock file exists but nobody holds it, None when there is no lock file to ask. Never creates the file, and
+    holds a shared lock only for the instant of the test."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None, None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            return True, int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False, None
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class CheckpointInfo:
+    name: str
+    step: int | None
+    epoch: int | None
+    ema: bool
+    valid: bool | None  # None: not checked (listing runs does not hash every file)
+    problem: str = ""
+    loss: float | None = None  # the training loss logged at (or just before) the checkpoint's step
+
+
+@dataclass
+class RunInfo:
+    path: str
+    state: str
+    step: int | None  # the last logged step (metrics.jsonl), else the newest checkpoint's
+    end_step: int | None
+    loss: float | None
+    latest: str | None
+    age_s: float | None  # since the run last wrote anything we read
+    pid: int | None = None
+    checkpoints: list[CheckpointInfo] = field(default_factory=list)
+
+
+def is_run(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and not (path / checkpoint.STATE).is_file() and (
+        (path / checkpoint.LATEST).is_file() or (path / "config.yaml").is_file() and (
+            (path / "metrics.jsonl").is_file() or bool(checkpoint.list_checkpoints(path))))
+
+
+def is_checkpoint(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / checkpoint.STATE).is_file()
+
+
+def run_info(run_dir: Path, check: bool = False) -> RunInfo:
+    """What a run folder holds; `check` validates every checkpoint (every file's size and sha256)."""
+    run_dir = Path(run_dir)
+    losses = _losses(run_dir)
+    latest_file = run_dir / checkpoint.LATEST
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    ckpts = [_checkpoint_info(p, losses, check) for _, _, p in checkpoint.list_checkpoints(run_dir)]
+    newest = next((c for c in ckpts if c.name == latest), None) or next(iter(ckpts), None)
+    end = _end_step(run_dir / newest.name) if newest else None
+    step = max([s for s in (max(losses, default=None), newest.step if newest else None) if s is not None],
+               default=None)
+    held, pid = lock_holder(run_dir)
+    if held:
+        state = "running"
+    elif newest is not None and end is not None and newest.step is not None and newest.step >= end:
+        state = "finished"
+    else:
+        state = "stopped" if held is False else "unknown"
+    stamps = [p.stat().st_mtime for p in (run_dir / "metrics.jsonl", latest_file, run_dir / "config.yaml")
+              if p.is_file()]
+    return RunInfo(str(run_dir), state, step, end, losses.get(step) if step in losses else _last(losses), latest,
+                   time.time() - max(stamps) if stamps else None, pid, ckpts)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """step → logged training loss, from metrics.jsonl (validation lines carry no `loss`)."""
+    out = {}
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+            if "loss" in row:
+                out[int(row["step"])] = float(row["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    return out
+
+
+def _last(losses: dict[int, float]) -> float | None:
+    return losses[max(losses)] if losses else None
+
+
+def _checkpoint_info(path: Path, losses: dict[int, float], check: bool) -> CheckpointInfo:
+    try:
+        state = checkpoint.validate(path) if check else json.loads((path / checkpoint.STATE).read_text())
+        problem, valid = "", True if check else None
+    except (checkpoint.CheckpointError, OSError, ValueError) as e:
+        state, problem, valid = {}, str(e), False
+    step = state.get("step")
+    logged = [s for s in losses if step is not None and s <= step]
+    return CheckpointInfo(path.name, step, state.get("epoch"), (path / "ema.pt").is_file(), valid, problem,
+                          losses[max(logged)] if logged else None)
+
+
+def _end_step(ckpt: Path) -> int | None:
+    """Where the run that wrote `ckpt` ends: its epochs, or training.max_steps when that comes first."""
+    try:
+        state = json.loads((ckpt / checkpoint.STATE).read_text())
+        t = yaml.safe_load((ckpt / "config.yaml").read_text())["training"]
+        end = int(state["steps_per_epoch"]) * int(t["num_epochs"])
+        return min(end, int(t["max_steps"])) if t.get("max_steps") else end
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _num(value, fmt: str = ",") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+# ---------------------------------------------------------------------------------------------------- the verbs
+
+
+def list_runs(output_dir: Path, console: Console, as_json: bool = False) -> list[RunInfo]:
+    """`ditpipe runs`: every run under `output_dir`, most recently active first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise DitpipeError(f"'{output_dir}' does not exist; runs live in logging.output_dir (default ./outputs)")
+    runs = sorted((run_info(p) for p in output_dir.iterdir() if is_run(p)),
+                  key=lambda r: r.age_s if r.age_s is not None else float("inf"))
+    if as_json:
+        console.print_json(json.dumps([asdict(r) | {"checkpoints": len(r.checkpoints)} for r in runs]))
+        return runs
+    if not runs:
+        console.print(f"no runs under '{output_dir}' (start one with `ditpipe train` or `ditpipe quickstart`)")
+        return runs
+    t = Table(title=f"runs in {output_dir}", title_justify="left")
+    for name in ("run", "state", "step", "loss", "checkpoints", "latest", "age"):
+        t.add_column(name, justify="right" if name in ("step", "loss", "checkpoints", "age") else "left",
+                     overflow="fold")
+    colour = {"running": "cyan", "finished": "green", "stopped": "yellow"}
+    for r in runs:
+        state = r.state + (f" (pid {r.pid})" if r.pid else "")
+        t.add_row(Path(r.path).name, f"[{colour.get(r.state, 'white')}]{state}[/]",
+                  f"{_num(r.step)}/{_num(r.end_step)}", _num(r.loss, ".4f"), str(len(r.checkpoints)),
+                  r.latest or "–", _age(r.age_s))
+    console.print(t)
+    console.print("details: ditpipe inspect RUN; continue a stopped run: ditpipe resume RUN", highlight=False,
+                  soft_wrap=True)
+    return runs
+
+
+def inspect_run(run_dir: Path, console: Console, as_json: bool = False) -> RunInfo:
+    """`ditpipe inspect RUN`: the run's state and every checkpoint, validated."""
+    info = run_info(run_dir, check=True)
+    if as_json:
+        console.print_json(json.dumps(asdict(info)))
+        return info
+    console.print(f"run {run_dir}: {info.state}" + (f" (pid {info.pid})" if info.pid else "")
+                  + f", step {_num(info.step)} of {_num(info.end_step)}, loss {_num(info.loss, '.4f')}, last write "
+                  f"{_age(info.age_s)} ago", highlight=False, soft_wrap=True)
+    t = Table(show_header=True, title_justify="left")
+    for name in ("checkpoint", "step", "epoch", "loss", "EMA", "valid", "latest"):
+        t.add_column(name, justify="right" if name in ("step", "epoch", "loss") else "left", no_wrap=True)
+    for c in info.checkpoints:
+        t.add_row(c.name, _num(c.step), _num(c.epoch), _num(c.loss, ".4f"), "yes" if c.ema else "no",
+                  "[green]yes[/]" if c.valid else "[red]no[/] ¹", "←" if c.name == info.latest else "")
+    console.print(t)
+    for c in info.checkpoints:
+        if not c.valid:
+            console.print(f"¹ {c.problem}", highlight=False, soft_wrap=True)
+    return info
+
+
+def inspect_checkpoint(ckpt: Path, console: Console, as_json: bool = False) -> dict:
+    """`ditpipe inspect CHECKPOINT`: its training state, validated, and a summary of its config and manifest."""
+    ckpt = Path(ckpt)
+    try:
+        state, problem = checkpoint.validate(ckpt), ""
+    except checkpoint.CheckpointError as e:
+        state, problem = json.loads((ckpt / checkpoint.STATE).read_text()), str(e)
+    cfg = yaml.safe_load((ckpt / "config.yaml").read_text()) if (ckpt / "config.yaml").is_file() else {}
+    manifest = json.loads((ckpt / "manifest.json").read_text()) if (ckpt / "manifest.json").is_file() else {}
+    if as_json:
+        console.print_json(json.dumps({"state": state, "valid": not problem, "config": cfg, "manifest": manifest}))
+        return state
+    t = Table(title=str(ckpt), show_header=False, title_justify="left")
+    t.add_row("valid", "yes: every file's size and sha256 match" if not problem else f"[red]no[/]: {problem}")
+    t.add_row("step", f"{state.get('step', 0):,} of the schedule's {state.get('total_steps', 0):,} (epoch "
+                      f"{state.get('epoch')}, {state.get('samples_consumed', 0):,} samples, world size "
+                      f"{state.get('world_size')})" + (f"; LR schedule restretched at step(s) "
+                                                      f"{', '.join(map(str, state['restretched_at']))}"
+                                                      if state.get("restretched_at") else ""))
+    t.add_row("files", ", ".join(sorted(state.get("files", {}))))
+    t.add_row("written by", f"{state.get('written_by')} ("
+              + ", ".join(f"{k} {v}" for k, v in state.get("versions", {}).items()) + ")")
+    m, tr, d = cfg.get("model", {}), cfg.get("training", {}), cfg.get("data", {})
+    shape = ", ".join(f"{k} {m[k]}" for k in ("hidden_size", "depth", "num_heads", "patch_size") if m.get(k))
+    t.add_row("model", f"{m.get('name')}" + (f" ({shape})" if shape else "") + f", {cfg.get('diffusion', {}).get('objective')}"
+              f", conditioning {m.get('conditioning')}")
+    t.add_row("training", f"batch {tr.get('batch_size')} × {tr.get('gradient_accumulation_steps')} accumulation, LR "
+                          f"{tr.get('learning_rate')} ({cfg.get('lr_scheduler', {}).get('type')}), "
+                          f"{tr.get('num_epochs')} epochs, precision {tr.get('mixed_precision')}, EMA "
+                          + (f"{tr.get('ema_decay')}" if tr.get("use_ema") else "off"))
+    t.add_row("data", f"{d.get('dataset_name')} at {d.get('image_size')} px, shards "
+                      f"{cfg.get('shards', {}).get('path') or '(derived from the config)'}")
+    v = cfg.get("validation", {})
+    t.add_row("sampling", f"{v.get('sampler') or 'the objective default'} × {v.get('sampling_steps')}, cfg "
+                          f"{v.get('cfg_scale')} at noise {v.get('cfg_interval')} (what `ditpipe sample` uses)")
+    codec, labels, latent = manifest.get("codec") or {}, manifest.get("labels"), manifest.get("latent") or {}
+    t.add_row("codec", f"{codec.get('name')} ({codec.get('kind')}, hash {str(codec.get('hash'))[:12]})")
+    t.add_row("latent", f"{tuple(latent.get('shape', ()))}, normalised by {(manifest.get('latent_norm') or {}).get('kind')}")
+    t.add_row("labels", "none" if not labels else f"{labels['num_classes']} classes: "
+              + ", ".join(labels["names"][:12]) + (" …" if labels["num_classes"] > 12 else ""))
+    console.print(t)
+    return state
