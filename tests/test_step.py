@@ -39,8 +39,9 @@ SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 def test_the_step_reads_nothing_back_to_the_host_outside_log_steps(tmp_path, shards, monkeypatch):
     """20 steps of the real `train()` (logging only at the last step, no checkpoint or validation before it): every
-    host read of a tensor value is recorded with the loop's step; none happens in steps 0-18. The log step (19)
-    and the set-up may read."""
+    host read of a tensor value is recorded with the loop's `step` (the step running, then, once it is done, the
+    next one's number); none happens while steps 0-19 run or between them. The log after the last step (the loop's
+    `step` is 20 by then) and the set-up may read."""
     reads: list[tuple[int | None, str]] = []
 
     def loop_step() -> int | None:
@@ -65,9 +66,9 @@ def test_the_step_reads_nothing_back_to_the_host_outside_log_steps(tmp_path, sha
                              "model.class_dropout_prob": 0.1})
     run = train(cfg, config_name="sync")
     monkeypatch.undo()
-    in_steps = [(step, name) for step, name in reads if step is not None and step < 19]
+    in_steps = [(step, name) for step, name in reads if step is not None and step < 20]
     assert in_steps == [], in_steps[:10]
-    assert any(step == 19 for step, _ in reads)  # the one log line reads the loss (the spy does see reads)
+    assert any(step == 20 for step, _ in reads)  # the one log line reads the loss (the spy does see reads)
     assert read_metrics(run)[-1]["step"] == 20
 
 
