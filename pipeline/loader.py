@@ -190,6 +190,7 @@ class ShardStore:
         self._open: dict[int, tuple] = {}
         self._texts: dict[int, object] = {}  # shard → caption index (tar) or the 'text' column (Parquet)
         self.text = shards.text_encoder_of(manifest)
+        self.num_classes = shards.num_classes(manifest)
 
     def __getstate__(self):  # worker processes open their own maps
         return {**self.__dict__, "_open": {}, "_texts": {}}
@@ -202,7 +203,8 @@ class ShardStore:
             entry = self.manifest["shards"][s]
             remote = self._fetch(entry) if self.url else None
             side = json.loads(remote[1] if remote else (self.folder / entry["sidecar"]).read_text())
-            labels = np.array([-1 if x is None else x for x in side["labels"]], dtype=np.int64)
+            where = _url_join(self.url, entry["name"]) if self.url else self.folder / entry["name"]
+            labels = np.array(shards.checked_labels(side["labels"], self.num_classes, str(where)), dtype=np.int64)
             if self.manifest["format"] == "wds":
                 if remote:
                     mm = remote[0]
