@@ -32,7 +32,8 @@ from pipeline.ema import EMA, ema_decay
 from pipeline.errors import ConfigError, DitpipeError, ShardError
 from pipeline.finetune import init_from
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, Plan, is_url, make_loader, open_shards
+from pipeline.loader import (EpochOrder, ImageBatches, MicroBatches, Plan, is_url, make_loader, open_shards,
+                            unconfirmed_remote)
 from pipeline.metrics import MetricsLog
 from pipeline.model import build_dit
 from pipeline.schedule import lr_at
@@ -774,6 +775,8 @@ def resume_config(ckpt: Path, new: Config | None = None, overrides: dict | None 
 
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
     if new is None:
+        if remote := unconfirmed_remote(saved, overrides or {}):
+            raise ConfigError(remote, header=f"cannot resume '{ckpt}' from a remote location it names itself")
         merged = json.loads(json.dumps(saved))
         for key, value in (overrides or {}).items():
             section, _, name = key.partition(".")
