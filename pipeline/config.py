@@ -38,7 +38,7 @@ class DataConfig(_Section):
     num_workers: int = Field(4, ge=0, le=256)
     shuffle_window: int = Field(8, ge=1)  # shards shuffled together each epoch: locality vs. mixing
     download: bool = False  # COCO only: fetch the official archives first
-    download_url: str = "http://images.cocodataset.org"  # COCO mirror (tests point it at 127.0.0.1)
+    download_url: str = "https://images.cocodataset.org"  # COCO mirror; archives must match the pinned sha256
     # scale: the codec's scaling/shift factors (DiT); channel: the manifest's per-channel mean/std (LightningDiT, EDM2)
     latent_norm: Literal["scale", "channel"] = "scale"
     # Held out from training for the validation loss: a deterministic subset (keyed on data.seed), never trained on
