@@ -37,6 +37,10 @@ class DataConfig(_Section):
     source: Literal["shards", "images"] = "shards"  # images = online VAE every step (the baseline)
     num_workers: int = Field(4, ge=0, le=256)
     shuffle_window: int = Field(8, ge=1)  # shards shuffled together each epoch: locality vs. mixing
+    # The budget an input must fit, checked before decoding (file size, then the header's width × height): larger
+    # inputs are skipped with the reason. 40 MP covers 8K UHD and 6000×6000 photos; PIL's own bomb guard stays on.
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_file_bytes: int = Field(256 << 20, ge=1)
     download: bool = False  # COCO only: fetch the official archives first
     download_url: str = "https://images.cocodataset.org"  # COCO mirror; archives must match the pinned sha256
     # scale: the codec's scaling/shift factors (DiT); channel: the manifest's per-channel mean/std (LightningDiT, EDM2)
