@@ -69,6 +69,9 @@ class VaeConfig(_Section):
     dtype: Literal["fp32", "bf16"] = "fp32"  # never fp16: SD VAEs overflow to NaN there
     use_slicing: bool = False
     batch_size: int = Field(32, ge=1)  # encode batch; halved on out-of-memory
+    # CUDA: let cuDNN time its convolution kernels per shape (faster); its choice may differ between processes, so
+    # the same command then writes the same bytes only up to the last bit of some latents. false: byte-identical.
+    cudnn_benchmark: bool = True
 
 
 class ModelConfig(_Section):

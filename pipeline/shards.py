@@ -37,12 +37,32 @@ TEXT_MEMBER = "text.npy"
 _SHARD_RE = re.compile(r"^(shard-\d{5}\.tar|part-\d{5}\.parquet)$")
 
 
+REUSE_DIR = ".reuse"  # hard links of the shards an update replaces, until its manifest is written (pipeline/reuse.py)
+
+
 def shard_name(fmt: str, i: int) -> str:
     return f"shard-{i:05d}.tar" if fmt == "wds" else f"part-{i:05d}.parquet"
 
 
+def shard_index(name: str) -> int | None:
+    """i of `shard-0000i.tar` / `part-0000i.parquet`; None for any other name."""
+    return int(name.split("-", 1)[1].split(".", 1)[0]) if _SHARD_RE.match(name) else None
+
+
 def sidecar_name(shard: str) -> str:
     return shard.rsplit(".", 1)[0] + ".meta.json"
+
+
+def stat_name(shard: str) -> str:
+    """The shard's file-stat cache: {file: [size, mtime_ns, sha256, checked_ns]} of its inputs, when they were hashed.
+    Only a cache (a missing or stale one costs hashing), so it is not part of the manifest's checksums."""
+    return shard.rsplit(".", 1)[0] + ".stat.json"
+
+
+def listing_sha256(metas: list[dict]) -> str:
+    """Digest of a shard's source-derived sample metadata (keys, indices, files, labels, captions): what a rerun
+    compares to tell a shard whose images are unchanged but whose labels or captions moved."""
+    return _sha(json_bytes({"metas": metas}))
 
 
 def latent_slices(stores_std: bool, store: str, flip: bool) -> list[str]:

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from pipeline.atomic import sha256_file
 from pipeline.config import DataConfig
 from pipeline.download import download_coco, recorded_archives
 from pipeline.errors import DataError
@@ -46,7 +48,13 @@ SHAPES_PARAPHRASES = ("{c} {k}", "a {c} {k} on black", "a {c} {k} on a black bac
 
 
 class BadImage(Exception):
-    """This input is skipped; the message is the reason recorded in the manifest."""
+    """This input is skipped; the message is the reason recorded in the manifest. `sha256`, `pixels` and `stat`
+    carry what was learnt about the file before it failed (None where it failed first), as in `Loaded`."""
+
+    def __init__(self, reason: str, sha256: str | None = None, pixels: int | None = None,
+                 stat: tuple[int, int, int] | None = None):
+        super().__init__(reason)
+        self.sha256, self.pixels, self.stat = sha256, pixels, stat
 
 
 @dataclass(frozen=True)
@@ -60,11 +68,14 @@ class InputItem:
 
 @dataclass
 class Loaded:
-    """One decoded, preprocessed input: RGB uint8 (size, size, 3), the source bytes' sha256, conversion notes."""
+    """One decoded, preprocessed input: RGB uint8 (size, size, 3), the source bytes' sha256, conversion notes; for
+    files also the header's pixel count and `stat`: (size, mtime_ns, when it was taken, ns) just before the read."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     sha256: str
     notes: list[str] = field(default_factory=list)
+    source_pixels: int | None = None
+    stat: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -89,6 +100,24 @@ class Source:
         if self.name == "shapes":
             return render_shape(self.seed, index, self.image_size)
         return load_image(self.root / item.file, self.image_size, self.max_pixels, self.max_file_bytes)
+
+    def stat(self, index: int) -> tuple[int, int, int] | None:
+        """(size, mtime_ns, now_ns) of input `index`'s file; None for generated or unreadable inputs."""
+        item = self.items[index]
+        if item.file is None:
+            return None
+        try:
+            st = os.stat(self.root / item.file)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns, time.time_ns()
+
+    def file_sha256(self, index: int) -> str | None:
+        """sha256 of input `index`'s bytes (what `load` records), or None when it cannot be read."""
+        try:
+            return sha256_file(self.root / self.items[index].file)
+        except OSError:
+            return None
 
     def sample_meta(self, index: int) -> dict:
         """The per-sample JSON fields that come from the source (the label, captions and the source file)."""
@@ -130,7 +159,8 @@ def load_image(path: Path, size: int, max_pixels: int = DataConfig().max_pixels,
     header) are refused before any pixel is decoded."""
     try:
         with open(path, "rb") as f:
-            nbytes = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            nbytes, stat = st.st_size, (st.st_size, st.st_mtime_ns, time.time_ns())
             if nbytes <= max_file_bytes:
                 data = f.read(nbytes + 1)  # read(n) allocates n bytes up front: the file's size, not the cap
                 if len(data) > nbytes:  # it grew meanwhile: the rest, still capped
@@ -138,18 +168,20 @@ def load_image(path: Path, size: int, max_pixels: int = DataConfig().max_pixels,
                 nbytes = len(data)
     except OSError as e:
         raise BadImage(f"unreadable: {e.strerror or e}") from None
-    if nbytes == 0:
-        raise BadImage("empty file (0 bytes)")
     if reason := over_budget(nbytes, None, max_pixels, max_file_bytes):
-        raise BadImage(reason)
+        raise BadImage(reason, stat=stat)  # not even hashed: a fresh encode and an update record the same
     sha = hashlib.sha256(data).hexdigest()
+    if nbytes == 0:
+        raise BadImage("empty file (0 bytes)", sha, stat=stat)
     notes: list[str] = []
+    pixels = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # EXIF and palette warnings are noise here; bombs still raise
             img = Image.open(io.BytesIO(data))  # the header only; PIL's bomb guard runs here
-            if reason := over_budget(None, img.size[0] * img.size[1], max_pixels, max_file_bytes):
-                raise BadImage(reason)
+            pixels = img.size[0] * img.size[1]
+            if reason := over_budget(None, pixels, max_pixels, max_file_bytes):
+                raise BadImage(reason, sha, pixels, stat)
             if img.format == "JPEG":
                 img.draft("RGB", (size, size))  # decode at a reduced DCT scale that still covers the target
             img.load()
@@ -160,19 +192,19 @@ def load_image(path: Path, size: int, max_pixels: int = DataConfig().max_pixels,
                 img = ImageOps.exif_transpose(img)
                 notes.append(f"EXIF orientation {orientation} applied")
     except Image.DecompressionBombError as e:
-        raise BadImage(f"decompression bomb refused: {e}") from None
+        raise BadImage(f"decompression bomb refused: {e}", sha, pixels, stat) from None
     except UnidentifiedImageError:
-        raise BadImage("not an image PIL can identify") from None
+        raise BadImage("not an image PIL can identify", sha, pixels, stat) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadImage(f"corrupt or truncated image: {e}") from None
+        raise BadImage(f"corrupt or truncated image: {e}", sha, pixels, stat) from None
     w, h = img.size
     if max(w, h) / max(1, min(w, h)) > MAX_ASPECT:
-        raise BadImage(f"extreme aspect ratio {w}x{h} (more than {MAX_ASPECT:g}:1)")
+        raise BadImage(f"extreme aspect ratio {w}x{h} (more than {MAX_ASPECT:g}:1)", sha, pixels, stat)
     top = None
     if img.mode in HIGH_BIT_MODES:  # shrink in 16 bits first: scaling at full size costs 8 bytes a pixel
         top = full_scale(img)  # of the whole image: halving averages a lone bright pixel away
         img = _halve(img, size)
-    return Loaded(center_crop(to_rgb(img, notes, top), size, notes), sha, notes)
+    return Loaded(center_crop(to_rgb(img, notes, top), size, notes), sha, notes, pixels, stat)
 
 
 def _halve(img: Image.Image, size: int) -> Image.Image:
