@@ -411,20 +411,20 @@ def _summary(console: Console, manifest: dict, out: Path, seconds: float, counts
     table.add_row("shards", f"{manifest['num_shards']} ({manifest['format']})")
     table.add_row("bytes", f"{sum(s['bytes'] for s in manifest['shards']):,}")
     table.add_row("time", f"{seconds:.1f} s" + (f" ({kept:,} inputs reused from complete shards)" if kept else ""))
-    table.add_row("work", f"{encoded:,} inputs decoded, {reused:,} latents reused, {hashed:,} files hashed, "
-                          f"{rewritten:,} shards written")
     table.add_row("rate", f"{encoded / max(seconds, 1e-9):,.1f} inputs/s")
     if state.get("halvings"):
         table.add_row("batch", f"halved {state['halvings']}× on out-of-memory, now {state['batch']}")
     console.print(table)
+    console.print(f"this run: {encoded:,} inputs decoded, {reused:,} latents reused, {hashed:,} files hashed, "
+                  f"{rewritten:,} shards written", soft_wrap=True)
     if rewritten == 0 and not encoded:
         console.print(f"up to date: {manifest['num_inputs']:,} inputs unchanged (size and mtime, or sha256 where "
-                      "they moved); nothing decoded")
+                      "they moved); nothing decoded", soft_wrap=True)
     elif manifest.get("update") and rewritten:
         u = manifest["update"]
         console.print(f"updated: {u['changed']:,} changed, {u['added']:,} added, {u['removed']:,} removed; "
                       f"{u['shards_rewritten']:,} of {manifest['num_shards']} shards rewritten"
-                      + (f", {u['shards_removed']} removed" if u["shards_removed"] else ""))
+                      + (f", {u['shards_removed']} removed" if u["shards_removed"] else ""), soft_wrap=True)
     if manifest["skipped"]:
         reasons: dict[str, int] = {}
         for s in manifest["skipped"]:
