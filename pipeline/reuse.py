@@ -107,6 +107,13 @@ def _sha(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 class Pool:
     """The complete shards of a folder and of its .reuse/, indexed by the inputs they hold, and its stat cache."""
 
@@ -116,28 +123,27 @@ class Pool:
         self.held: dict[tuple[str, str | None], list[Held]] = {}  # (file, sha256) → copies; (file, None) → any sha
         self.stats: dict[str, list[list]] = {}
         self.hashed = 0  # files hashed by `fingerprints`
-        donors: dict[str, Donor] = {}
+        in_folder: dict[str, Donor] = {}
         ext = ".tar" if fmt == "wds" else ".parquet"
-        for folder in (self.out / shards.REUSE_DIR, self.out):  # .reuse/ first: a donor there is never replaced
+        for folder in (self.out, self.out / shards.REUSE_DIR):
             for side_path in sorted(folder.glob("*.meta.json")) if folder.is_dir() else ():
                 try:
                     blob = side_path.read_bytes()
                     side = json.loads(blob)
-                    in_folder = folder == self.out
-                    name = side["shard"] if in_folder else side_path.name.replace(".meta.json", ext)
-                    if side.get("format") != fmt or (in_folder and shards.sidecar_name(name) != side_path.name):
+                    name = side["shard"] if folder == self.out else side_path.name.replace(".meta.json", ext)
+                    if side.get("format") != fmt or (folder == self.out and shards.sidecar_name(name) != side_path.name):
                         continue
                     start, stop = side["inputs"]
                 except (OSError, ValueError, KeyError, TypeError):
                     continue  # not a sidecar of ours, or a damaged one: nothing to reuse
                 sha = _sha(blob)
-                donor = donors.get(sha) or Donor(folder / name, side, sha, None)
-                if in_folder and shards.shard_index(name) is not None:
-                    donor.position = shards.shard_index(name)
-                    self.at[donor.position] = donor
-                if sha not in donors:
-                    donors[sha] = donor
-                    self._index(donor, start, stop)
+                same = in_folder.get(sha)
+                if same is not None and _same_file(same.path, folder / name):
+                    continue  # the .reuse/ link of a shard still in place: one donor
+                donor = Donor(folder / name, side, sha, shards.shard_index(name) if folder == self.out else None)
+                if donor.position is not None:
+                    self.at[donor.position] = in_folder[sha] = donor
+                self._index(donor, start, stop)
         for stat_path in self.out.glob("*.stat.json"):
             try:
                 for file, entry in json.loads(stat_path.read_text()).items():

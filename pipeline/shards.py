@@ -44,9 +44,13 @@ def shard_name(fmt: str, i: int) -> str:
     return f"shard-{i:05d}.tar" if fmt == "wds" else f"part-{i:05d}.parquet"
 
 
+_OURS_RE = re.compile(r"^(?:shard|part)-(\d{5})\.(?:tar|parquet|meta\.json|stat\.json)$")
+
+
 def shard_index(name: str) -> int | None:
-    """i of `shard-0000i.tar` / `part-0000i.parquet`; None for any other name."""
-    return int(name.split("-", 1)[1].split(".", 1)[0]) if _SHARD_RE.match(name) else None
+    """i of a shard file or of its sidecar or stat cache (`shard-0000i.tar`, `part-0000i.meta.json`, ...)."""
+    match = _OURS_RE.match(name)
+    return int(match.group(1)) if match else None
 
 
 def sidecar_name(shard: str) -> str:

@@ -359,8 +359,7 @@ def _finish(out: Path, header: dict, num_shards: int, fmt: str, baseline) -> Non
     if manifest is not None:
         atomic.write_json(out / shards.MANIFEST, manifest)
     for p in out.iterdir():
-        i = shards.shard_index(p.name.replace(".meta.json", ".tar").replace(".stat.json", ".tar"))
-        if i is not None and i >= num_shards:
+        if (i := shards.shard_index(p.name)) is not None and i >= num_shards:
             p.unlink()
     shutil.rmtree(out / shards.REUSE_DIR, ignore_errors=True)
 

@@ -121,8 +121,12 @@ def test_repainted_images_are_never_mixed_into_a_kept_shard(tmp_path, cli, tiny_
     assert run(cli, "verify", out)
 
 
-def test_changed_added_and_removed_images_update_only_what_changed(folder, tmp_path, cli, tiny_vae):
+@pytest.mark.parametrize("fmt", ["wds", "parquet"])
+def test_changed_added_and_removed_images_update_only_what_changed(folder, tmp_path, cli, tiny_vae, fmt):
     out = tmp_path / "s"
+    encode_args = lambda *a, **k: globals()["encode_args"](*a, **k) + ["--format", fmt]  # noqa: E731
+    stamps = lambda out: {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)  # noqa: E731
+                          for p in out.glob(shards.shard_name(fmt, 0).replace("00000", "*"))}
     run(cli, *encode_args(folder, out, tiny_vae))
     before = stamps(out)
     assert len(before) == 3  # inputs 0-3, 4-7, 8-9 in name order: cat/001 … cat/009, then dog/000 …
@@ -150,8 +154,8 @@ def test_changed_added_and_removed_images_update_only_what_changed(folder, tmp_p
     err = run(cli, *encode_args(folder, out, tiny_vae))
     assert "1 inputs decoded" in err and "1 of 3 shards rewritten" in err, err
     after = stamps(out)
-    assert after["shard-00000.tar"] == before["shard-00000.tar"] and after["shard-00001.tar"] == before[
-        "shard-00001.tar"] and after["shard-00002.tar"] != before["shard-00002.tar"]
+    names = [shards.shard_name(fmt, i) for i in range(3)]
+    assert [after[n] == before[n] for n in names] == [True, True, False]
 
 
 def test_a_shrunk_folder_loses_its_last_shard_and_a_relabelled_one_is_rewritten_without_decoding(folder, tmp_path,
@@ -292,3 +296,28 @@ def test_an_update_killed_half_way_then_rerun_writes_what_one_update_writes(tmp_
               and (killed / n).read_bytes() != (whole / n).read_bytes()]
     assert differ == []
     assert manifest_of(whole)["update"]["added"] == 1 and manifest_of(whole)["update"]["changed"] == 8
+
+
+@pytest.mark.slow
+def test_a_two_process_update_writes_what_one_process_writes(tmp_path, cli, tiny_vae):
+    folder = tmp_path / "images"
+    make_folder(folder, n=20)
+    base = tmp_path / "base"
+    run(cli, *encode_args(folder, base, tiny_vae))
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(base, one)
+    shutil.copytree(base, two)
+    write_image(folder, "cat/000.jpg", seed=500)
+    write_image(folder, "dog/006.jpg", seed=600)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for out, launcher in ((one, [str(bin_dir / "ditpipe")]),
+                          (two, [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                                 str(bin_dir / "ditpipe")])):
+        proc = subprocess.run([*launcher, *map(str, encode_args(folder, out, tiny_vae))], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 changed, 1 added, 0 removed; 6 of 6 shards rewritten" in " ".join(proc.stderr.split())
+    names = sorted(p.name for p in one.iterdir())
+    assert sorted(p.name for p in two.iterdir()) == names
+    assert [n for n in names if not n.endswith(".stat.json") and (one / n).read_bytes() != (two / n).read_bytes()] == []
