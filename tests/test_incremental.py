@@ -27,8 +27,8 @@ from pipeline import shards
 
 PER_SHARD = 4
 # Reused latents were encoded in other batches than a fresh encode puts them in, and a convolution's kernel (and so its
-# rounding) depends on the batch size. Measured with the tiny VAE (test_update_rounding_against_a_fresh_encode): no
-# difference at 16 px; at 32 and 64 px at most 2^-10 (one fp16 step at magnitude 1-2) in 0.07-0.12 % of the values.
+# rounding) depends on the batch size. Measured with the tiny VAE at 32 px (test_update_rounding_against_a_fresh_encode):
+# at most 2^-10 (one fp16 step at magnitude 1-2), in 0.065 % of the values.
 TOLERANCE = 2.0**-10
 
 
