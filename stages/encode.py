@@ -1,9 +1,11 @@
 """`ditpipe encode`: every input through the codec once, into verified latent shards and a manifest.
 
 Shard i holds inputs [i·n, (i+1)·n). With `data.captions`, every caption of every kept input also goes through the
-text encoder once, into `<key>.text.npy` beside its latent. Shards already complete (sidecar present, size and sha256 matching) are kept,
-so rerunning the same command after a crash or kill -9 finishes the job and gives the same bytes. Decoding and
-resizing run in DataLoader workers; the codec runs in this process; an encode batch never crosses a shard.
+text encoder once, into `<key>.text.npy` beside its latent. A rerun reuses what the folder holds (pipeline/reuse.py):
+a shard whose inputs are unchanged is kept, any other is rewritten from reused latents plus the inputs that changed
+or were added, so rerunning after a crash or kill -9 finishes the job with the same bytes, and rerunning after the
+images changed updates the shards. Decoding and resizing run in the workers of one DataLoader; the codec runs in this
+process; a writer thread assembles the shards (pipeline/assemble.py); an encode batch never crosses a shard.
 """
 
 from __future__ import annotations

@@ -274,15 +274,28 @@ def test_update_rounding_against_a_fresh_encode(tmp_path, cli, tiny_vae, capsys)
               f"{(d > 0).mean() * 100:.3f} %, samples with a difference {(d.reshape(len(d), -1).max(1) > 0).mean():.1%}")
 
 
-def test_an_update_killed_half_way_then_rerun_writes_what_one_update_writes(tmp_path, cli, tiny_vae):
+def two_copies(tmp_path: Path, cli, vae: Path, n: int, names: tuple[str, str]) -> tuple[Path, Path, Path]:
+    """A folder of n images encoded once, the shard folder copied twice (`names`), then an image added at the very
+    front of the folder: every shard's contents move by one. Returns (images, copy, copy)."""
     folder = tmp_path / "images"
-    make_folder(folder, n=60)
-    base = tmp_path / "base"
-    run(cli, *encode_args(folder, base, tiny_vae))
-    killed, whole = tmp_path / "killed", tmp_path / "whole"
-    shutil.copytree(base, killed)
-    shutil.copytree(base, whole)
-    write_image(folder, "cat/000.jpg", seed=500)  # added at the very front: every shard's contents move by one
+    make_folder(folder, n=n)
+    run(cli, *encode_args(folder, tmp_path / "base", vae))
+    copies = [tmp_path / name for name in names]
+    for c in copies:
+        shutil.copytree(tmp_path / "base", c)
+    write_image(folder, "cat/000.jpg", seed=500)
+    return folder, *copies
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    """The same files with the same bytes, but for the stat caches (they say when each file was hashed)."""
+    names = sorted(p.name for p in a.iterdir())
+    assert sorted(p.name for p in b.iterdir()) == names
+    assert [n for n in names if not n.endswith(".stat.json") and (a / n).read_bytes() != (b / n).read_bytes()] == []
+
+
+def test_an_update_killed_half_way_then_rerun_writes_what_one_update_writes(tmp_path, cli, tiny_vae):
+    folder, killed, whole = two_copies(tmp_path, cli, tiny_vae, 60, ("killed", "whole"))
     for i in range(3, 60, 8):
         write_image(folder, f"{'cat' if i % 2 else 'dog'}/{i:03d}.jpg", seed=1000 + i)  # and some repainted
 
@@ -290,24 +303,13 @@ def test_an_update_killed_half_way_then_rerun_writes_what_one_update_writes(tmp_
     assert (killed / shards.REUSE_DIR).is_dir() and "update" not in manifest_of(killed)  # killed mid-update
     assert encode_process(folder, killed, tiny_vae) == 0
     assert encode_process(folder, whole, tiny_vae) == 0
-    names = sorted(p.name for p in whole.iterdir())
-    assert sorted(p.name for p in killed.iterdir()) == names
-    differ = [n for n in names if not n.endswith(".stat.json")  # a cache: when each file was hashed
-              and (killed / n).read_bytes() != (whole / n).read_bytes()]
-    assert differ == []
+    assert_same_files(killed, whole)
     assert manifest_of(whole)["update"]["added"] == 1 and manifest_of(whole)["update"]["changed"] == 8
 
 
 @pytest.mark.slow
 def test_a_two_process_update_writes_what_one_process_writes(tmp_path, cli, tiny_vae):
-    folder = tmp_path / "images"
-    make_folder(folder, n=20)
-    base = tmp_path / "base"
-    run(cli, *encode_args(folder, base, tiny_vae))
-    one, two = tmp_path / "one", tmp_path / "two"
-    shutil.copytree(base, one)
-    shutil.copytree(base, two)
-    write_image(folder, "cat/000.jpg", seed=500)
+    folder, one, two = two_copies(tmp_path, cli, tiny_vae, 20, ("one", "two"))
     write_image(folder, "dog/006.jpg", seed=600)
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -318,6 +320,4 @@ def test_a_two_process_update_writes_what_one_process_writes(tmp_path, cli, tiny
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 changed, 1 added, 0 removed; 6 of 6 shards rewritten" in " ".join(proc.stderr.split())
-    names = sorted(p.name for p in one.iterdir())
-    assert sorted(p.name for p in two.iterdir()) == names
-    assert [n for n in names if not n.endswith(".stat.json") and (one / n).read_bytes() != (two / n).read_bytes()] == []
+    assert_same_files(one, two)
