@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import atomic, shards
@@ -43,6 +43,7 @@ class Donor:
     sidecar: dict
     sidecar_sha: str
     position: int | None  # the shard index it sits at in the folder; None when it is only in .reuse/
+    records: list = field(default_factory=list)  # [file, sha256, pixels] per input (from its JSON before `sources`)
     _valid: bool | None = None
 
     def valid(self) -> bool:
@@ -152,7 +153,7 @@ class Pool:
                 continue
 
     def _index(self, donor: Donor, start: int, stop: int) -> None:
-        records = donor.sidecar.get("sources") or self._legacy_records(donor, start, stop)
+        records = donor.records = donor.sidecar.get("sources") or self._legacy_records(donor, start, stop)
         skipped = {s["index"] - start: s["reason"] for s in donor.sidecar.get("skipped", [])}
         sample = 0
         for offset, record in enumerate(records[: stop - start]):
@@ -160,8 +161,9 @@ class Pool:
             held = Held(donor, offset, None if reason else sample, reason, list(record))
             sample += reason is None
             if record[0] is not None:
-                self.held.setdefault((record[0], record[1]), []).append(held)
                 self.held.setdefault((record[0], None), []).append(held)
+                if record[1] is not None:
+                    self.held.setdefault((record[0], record[1]), []).append(held)
 
     def _legacy_records(self, donor: Donor, start: int, stop: int) -> list[list]:
         """A sidecar from before `sources`: the records its samples' JSON carries (skips are not reusable)."""
@@ -298,9 +300,9 @@ def keep_for_reuse(out: Path, donor: Donor) -> None:
     atomic.fsync_dir(target.parent)
 
 
-def records_by_file(sidecars: list[dict]) -> dict[str, str | None]:
-    """file → sha256 over the `sources` of some sidecars (the inputs a manifest's shards cover)."""
-    return {r[0]: r[1] for side in sidecars for r in side.get("sources") or () if r[0] is not None}
+def records_by_file(records: list[list]) -> dict[str, str | None]:
+    """file → sha256 over some shards' input records (the inputs a manifest's shards cover)."""
+    return {r[0]: r[1] for r in records if r[0] is not None}
 
 
 def update_section(old_manifest: dict, old_sha: str, old_files: dict, new_manifest: dict, new_files: dict) -> dict:

@@ -340,10 +340,10 @@ def _baseline(out: Path, pool: reuse.Pool) -> tuple[dict, str, dict] | None:
         manifest = shards.load_manifest(out)
     except (OSError, ShardError):
         return None
-    by_sha = {d.sidecar_sha: d for d in pool.at.values()}
-    by_sha.update({h.donor.sidecar_sha: h.donor for copies in pool.held.values() for h in copies})
-    sides = [by_sha[s["sidecar_sha256"]].sidecar for s in manifest["shards"] if s["sidecar_sha256"] in by_sha]
-    return manifest, hashlib.sha256(blob).hexdigest(), reuse.records_by_file(sides)
+    by_sha = {h.donor.sidecar_sha: h.donor for copies in pool.held.values() for h in copies}
+    records = [r for s in manifest["shards"] if s["sidecar_sha256"] in by_sha
+               for r in by_sha[s["sidecar_sha256"]].records]
+    return manifest, hashlib.sha256(blob).hexdigest(), reuse.records_by_file(records)
 
 
 def _finish(out: Path, header: dict, num_shards: int, fmt: str, baseline) -> None:
@@ -355,9 +355,9 @@ def _finish(out: Path, header: dict, num_shards: int, fmt: str, baseline) -> Non
         if {k: v for k, v in old.items() if k != "update"} == manifest:
             manifest = None  # nothing changed: the folder's bytes stay as they are
         else:
-            sides = [json.loads((out / shards.sidecar_name(shards.shard_name(fmt, i))).read_text())
-                     for i in range(num_shards)]
-            manifest["update"] = reuse.update_section(old, old_sha, old_files, manifest, reuse.records_by_file(sides))
+            records = [r for i in range(num_shards) for r in json.loads(
+                (out / shards.sidecar_name(shards.shard_name(fmt, i))).read_text())["sources"]]
+            manifest["update"] = reuse.update_section(old, old_sha, old_files, manifest, reuse.records_by_file(records))
     if manifest is not None:
         atomic.write_json(out / shards.MANIFEST, manifest)
     for p in out.iterdir():

@@ -226,6 +226,32 @@ def test_a_raised_pixel_budget_encodes_only_the_images_it_now_admits(folder, tmp
     assert "1 inputs decoded" in err and manifest_of(out)["skipped"] == [], err
 
 
+def test_a_folder_from_before_source_records_is_upgraded_without_decoding(folder, tmp_path, cli, tiny_vae):
+    """Sidecars written before `sources` and `listing_sha256` existed (and params with the file count): the first
+    rerun hashes the files, reuses every latent by the sha256 in its sample JSON, and rewrites the shards once."""
+    out = tmp_path / "s"
+    run(cli, *encode_args(folder, out, tiny_vae))
+    manifest = manifest_of(out)
+    for entry in manifest["shards"]:
+        side_path = out / entry["sidecar"]
+        side = json.loads(side_path.read_text())
+        del side["sources"], side["listing_sha256"]
+        side_path.write_text(json.dumps(side))
+        entry["sidecar_sha256"] = shards._sha(side_path.read_bytes())
+        (out / shards.stat_name(entry["name"])).unlink()
+    (out / shards.MANIFEST).write_text(json.dumps(manifest))
+    params = json.loads((out / shards.PARAMS).read_text())
+    params["source"]["num_inputs_available"] = 10
+    (out / shards.PARAMS).write_text(json.dumps(params))
+    err = run(cli, *encode_args(folder, out, tiny_vae))
+    assert "0 inputs decoded, 10 latents reused, 10 files hashed, 3 shards written" in err, err
+    assert "0 changed, 0 added, 0 removed" in err, err
+    fresh = tmp_path / "fresh"
+    run(cli, *encode_args(folder, fresh, tiny_vae))
+    assert_same_samples(out, fresh)
+    assert "0 files hashed, 0 shards written" in run(cli, *encode_args(folder, out, tiny_vae))
+
+
 # ---------------------------------------------------------------------------------------------------- kill -9
 
 
