@@ -7,6 +7,7 @@ literals; `identity()` is what the manifest records so a cache can never be reus
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -52,6 +53,9 @@ class PixelCodec:
         self.device = torch.device(device)
         return self
 
+    def release_memory(self) -> None:
+        pass  # nothing on a device to free
+
 
 class VaeCodec:
     """diffusers AutoencoderKL. Runs in fp32 or bf16 and never under fp16 autocast: SD VAEs overflow to NaN there."""
@@ -88,10 +92,19 @@ class VaeCodec:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_unit_range(images).to(self.device, self.dtype)  # (N, 3, H, W)
+        """uint8 (N, H, W, 3), on any device → posterior (mean, std). The bytes move (asynchronously from pinned
+        memory) and become floats on the VAE's device; NHWC permuted is channels_last, the layout the VAE runs in."""
+        x = to_unit_range(images.to(self.device, non_blocking=True)).to(self.dtype)  # (N, 3, H, W)
         with torch.autocast(device_type=self.device.type, enabled=False):
             dist = self.vae.encode(x).latent_dist
         return dist.mean.float(), dist.std.float()  # (N, C, H/f, W/f) each
+
+    def release_memory(self) -> None:
+        """After an out-of-memory: collect what the failed call left in reference cycles, then hand the allocator's
+        cached blocks back to the device, so the retry at half the batch starts from a clean pool."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -155,28 +168,37 @@ def _from_hub(cls, name: str, dtype: torch.dtype):
 
 
 def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "cudnn_status_alloc_failed" in text
 
 
 def encode_with_backoff(codec, images: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Encode in chunks of `state["batch"]`; on out-of-memory halve it (kept for later batches) and retry."""
+    """Encode in chunks of `state["batch"]`; on out-of-memory halve it (kept for later batches) and retry. The retry
+    happens after the `except` block is left: until then the exception's traceback holds the failed chunk's
+    activations, and freeing memory inside the block would free nothing."""
     means, stds, start = [], [], 0
     while start < len(images):
         n = state["batch"]
-        try:
-            mean, std = codec.encode(images[start : start + n])
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not is_oom(e):
-                raise
+        result = _encode_or_oom(codec, images[start : start + n])
+        if isinstance(result, str):  # out of memory; the exception and its frames are gone by now
             if n == 1:
-                raise CodecError(f"the VAE ran out of memory even at batch 1 ({e}); try --vae-dtype bf16, "
-                                 "vae.use_slicing, or a smaller --image-size") from None
+                raise CodecError(f"the VAE ran out of memory even at batch 1 ({result}); try --vae-dtype bf16, "
+                                 "vae.use_slicing, or a smaller --image-size")
             state["batch"] = max(1, n // 2)
             state["halvings"] = state.get("halvings", 0) + 1
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            codec.release_memory()
             continue
-        means.append(mean)
-        stds.append(std)
+        means.append(result[0])
+        stds.append(result[1])
         start += n
     return torch.cat(means), (torch.cat(stds) if stds[0] is not None else None)
+
+
+def _encode_or_oom(codec, chunk: torch.Tensor):
+    """(mean, std), or the out-of-memory message as a string: only the text leaves the `except` block."""
+    try:
+        return codec.encode(chunk)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not is_oom(e):
+            raise
+        return str(e)

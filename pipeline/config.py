@@ -56,8 +56,15 @@ class DataConfig(_Section):
         "shards", description="shards (precomputed latents) or images (online VAE every step: the baseline)")
     num_workers: int = Field(4, ge=0, le=256, description="loader and decoder worker processes (capped at the CPUs)")
     shuffle_window: int = Field(8, ge=1, description="shards shuffled together each epoch: locality against mixing")
+    # The budget an input must fit, checked before decoding (file size, then the header's width × height): larger
+    # inputs are skipped with the reason. 40 MP covers 8K UHD and 6000×6000 photos; PIL's own bomb guard stays on.
+    max_pixels: int = Field(40_000_000, ge=1, description="inputs with more pixels (by their header) are skipped "
+                                                          "before decoding")
+    max_file_bytes: int = Field(256 << 20, ge=1, description="inputs larger than this file size are skipped before "
+                                                             "decoding")
     download: bool = Field(False, description="COCO only: fetch the official archives first (encode)")
-    download_url: str = Field("http://images.cocodataset.org", description="the COCO mirror to download from")
+    download_url: str = Field("https://images.cocodataset.org", description="the COCO mirror to download from; "
+                                                                            "archives must match the pinned sha256")
     # scale: the codec's scaling/shift factors (DiT); channel: the manifest's per-channel mean/std (LightningDiT, EDM2)
     latent_norm: Literal["scale", "channel"] = Field(
         "scale", description="scale (codec scaling/shift factors, as DiT) or channel (manifest per-channel mean/std)")
@@ -89,6 +96,10 @@ class VaeConfig(_Section):
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32 or bf16; never fp16 (SD VAEs overflow to NaN)")
     use_slicing: bool = Field(False, description="encode one image at a time (less memory)")
     batch_size: int = Field(32, ge=1, description="encode batch; halved on out-of-memory")
+    # cuDNN's timed choice of kernels may differ between processes: the same command then writes the same bytes only
+    # up to the last bit of some latents.
+    cudnn_benchmark: bool = Field(True, description="CUDA: cuDNN times its convolution kernels per shape (faster); "
+                                                    "false: byte-identical encodes across processes")
 
 
 class ModelConfig(_Section):

@@ -9,10 +9,11 @@ into windows of `window` shards, and the samples inside each window are permuted
 at a time (locality), yet any position is computable on its own, so resume needs only the samples consumed, and
 the order does not depend on the worker count.
 
-Locations. A shard folder is a local path, or a URL that fsspec understands (`file://`, `s3://` with s3fs installed,
-`gs://`, `https://`, ...). URLs are read-only and the slower path: each shard is fetched whole into memory when the
-loader first needs it (at most `max_open` at a time per process) and checked against the manifest's sha256. `pipe:`
-commands are refused: the loader reads samples by index, not as a stream.
+Locations. A shard folder is a local path, or a URL of one of REMOTE_PROTOCOLS (`file://`, `s3://` with s3fs
+installed, `gs://`, `https://`, `hf://`, ...). URLs are read-only and the slower path: each shard is fetched whole into
+memory when the loader first needs it (at most `max_open` at a time per process), never more than the manifest's
+size for it, and checked against the manifest's sha256. `pipe:` commands are refused: the loader reads samples by
+index, not as a stream. On resume, a URL that only the checkpoint's config names is refused (`unconfirmed_remote`).
 
 The loader is a copy. Per sample it draws one thing, the flip bit, keyed on (seed, epoch, global sample index)
 (`sample_key`, a 64-bit hash whose top bit is the flip), picks the stored slices that bit names (mean, std, or their
@@ -163,18 +164,58 @@ def refuse_pipe(location) -> None:
                          "local or shared folder, or give an fsspec URL (s3://..., gs://..., file://...)")
 
 
-def _read_url(url: str) -> bytes:
-    """The whole object at an fsspec URL (read-only; never a `pipe:` command)."""
-    refuse_pipe(url)
+# The fsspec protocols a shard location may name: local files, object stores, HTTP(S), the Hugging Face hub, and
+# fsspec's in-process `memory` filesystem. Anything else (ssh, ftp, smb, git, chained `a::b` URLs, ...) is refused:
+# a location is data, and other protocols reach hosts and credentials nobody meant to hand a shard folder.
+REMOTE_PROTOCOLS = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "hf", "memory")
+MAX_META_BYTES = 64 << 20  # a manifest or sidecar read from a URL: far above any real one (~100 KB a shard)
+REMOTE_KEYS = ("shards.path", "validation.shards")  # config keys that name shard locations
+
+
+def check_location(location) -> None:
+    """Refuse a `pipe:` command and any URL whose protocol is not in REMOTE_PROTOCOLS; local paths pass."""
+    refuse_pipe(location)
+    text = str(location)
+    if not is_url(text):
+        return
+    protocol = text.split("://", 1)[0].lower()
+    if "::" in text or protocol not in REMOTE_PROTOCOLS:
+        raise ShardError(f"'{text}': shard locations may use only the protocols {', '.join(REMOTE_PROTOCOLS)} "
+                         "(no chained '::' URLs); copy the shards to one of those, or to a local folder")
+
+
+def _read_url(url: str, limit: int) -> bytes:
+    """The object at an fsspec URL (read-only; never a `pipe:` command), at most `limit` bytes: one byte more is
+    read, so an object larger than it should be is refused rather than held in memory whole."""
+    check_location(url)
     import fsspec
 
     try:
         with fsspec.open(url, "rb") as f:
-            return f.read()
+            data = f.read(limit + 1)
     except ImportError as e:  # the protocol's package (s3fs, gcsfs, ...) is not installed
         raise ShardError(f"cannot read '{url}': {e}") from None
     except (OSError, ValueError) as e:
         raise ShardError(f"cannot read '{url}': {e}") from None
+    if len(data) > limit:
+        raise ShardError(f"'{url}' is larger than the {limit:,} bytes expected (the manifest's size for a shard); it "
+                         "was changed at the remote location or is not ours; re-upload the shard folder")
+    return data
+
+
+def unconfirmed_remote(saved: dict, given: dict) -> list[tuple[str, str]]:
+    """(key, message) for every shard location that a checkpoint's saved config (`saved`, the YAML tree) makes a
+    URL while the command line (`given`, dotted overrides) does not name it again: on resume a checkpoint found on
+    disk must not choose where data is fetched from."""
+    problems = []
+    for key in REMOTE_KEYS:
+        section, name = key.split(".")
+        value = (saved.get(section) or {}).get(name)
+        if value is not None and is_url(value) and given.get(key) != value:
+            problems.append((key, f"the checkpoint's config reads shards from the remote location '{value}'; a "
+                                  f"config found on disk does not choose remote locations: name it on the command "
+                                  f"line to confirm (--{key} {value})"))
+    return problems
 
 
 class ShardStore:
@@ -193,6 +234,7 @@ class ShardStore:
         self._open: dict[int, tuple] = {}
         self._texts: dict[int, object] = {}  # shard → caption index (tar) or the 'text' column (Parquet)
         self.text = shards.text_encoder_of(manifest)
+        self.num_classes = shards.num_classes(manifest)
 
     def __getstate__(self):  # worker processes open their own maps
         return {**self.__dict__, "_open": {}, "_texts": {}}
@@ -205,7 +247,8 @@ class ShardStore:
             entry = self.manifest["shards"][s]
             remote = self._fetch(entry) if self.url else None
             side = json.loads(remote[1] if remote else (self.folder / entry["sidecar"]).read_text())
-            labels = np.array([-1 if x is None else x for x in side["labels"]], dtype=np.int64)
+            where = _url_join(self.url, entry["name"]) if self.url else self.folder / entry["name"]
+            labels = np.array(shards.checked_labels(side["labels"], self.num_classes, str(where)), dtype=np.int64)
             if self.manifest["format"] == "wds":
                 if remote:
                     mm = remote[0]
@@ -254,7 +297,8 @@ class ShardStore:
         """(shard bytes, sidecar bytes) of a remote shard, both checked against the manifest's sha256."""
         import hashlib
 
-        data, side = _read_url(_url_join(self.url, entry["name"])), _read_url(_url_join(self.url, entry["sidecar"]))
+        data = _read_url(_url_join(self.url, entry["name"]), int(entry["bytes"]))
+        side = _read_url(_url_join(self.url, entry["sidecar"]), MAX_META_BYTES)
         for what, blob, want in ((entry["name"], data, entry["sha256"]), (entry["sidecar"], side,
                                                                           entry.get("sidecar_sha256"))):
             if want and hashlib.sha256(blob).hexdigest() != want:
@@ -465,7 +509,7 @@ class RunKeys(torch.utils.data.Sampler):
 
 
 def open_shards(folder: Path | str) -> tuple[ShardStore, dict]:
-    refuse_pipe(folder)
+    check_location(folder)
     manifest = _load_url_manifest(str(folder)) if is_url(folder) else shards.load_manifest(folder)
     if manifest["num_samples"] == 0:
         raise ShardError(f"'{folder}' holds no samples (every input was skipped); see its manifest's 'skipped'")
@@ -476,7 +520,7 @@ def _load_url_manifest(url: str) -> dict:
     """`shards.load_manifest` for an fsspec URL folder."""
     where = _url_join(url, shards.MANIFEST)
     try:
-        manifest = json.loads(_read_url(where))
+        manifest = json.loads(_read_url(where, MAX_META_BYTES))
     except ShardError as e:
         raise ShardError(f"no readable {shards.MANIFEST} at '{url}' ({e}); the URL must name a finished ditpipe "
                          "shard folder, uploaded whole") from None

@@ -37,12 +37,36 @@ TEXT_MEMBER = "text.npy"
 _SHARD_RE = re.compile(r"^(shard-\d{5}\.tar|part-\d{5}\.parquet)$")
 
 
+REUSE_DIR = ".reuse"  # hard links of the shards an update replaces, until its manifest is written (pipeline/reuse.py)
+
+
 def shard_name(fmt: str, i: int) -> str:
     return f"shard-{i:05d}.tar" if fmt == "wds" else f"part-{i:05d}.parquet"
 
 
+_OURS_RE = re.compile(r"^(?:shard|part)-(\d{5})\.(?:tar|parquet|meta\.json|stat\.json)$")
+
+
+def shard_index(name: str) -> int | None:
+    """i of a shard file or of its sidecar or stat cache (`shard-0000i.tar`, `part-0000i.meta.json`, ...)."""
+    match = _OURS_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
 def sidecar_name(shard: str) -> str:
     return shard.rsplit(".", 1)[0] + ".meta.json"
+
+
+def stat_name(shard: str) -> str:
+    """The shard's file-stat cache: {file: [size, mtime_ns, sha256, checked_ns]} of its inputs, when they were hashed.
+    Only a cache (a missing or stale one costs hashing), so it is not part of the manifest's checksums."""
+    return shard.rsplit(".", 1)[0] + ".stat.json"
+
+
+def listing_sha256(metas: list[dict]) -> str:
+    """Digest of a shard's source-derived sample metadata (keys, indices, files, labels, captions): what a rerun
+    compares to tell a shard whose images are unchanged but whose labels or captions moved."""
+    return _sha(json_bytes({"metas": metas}))
 
 
 def latent_slices(stores_std: bool, store: str, flip: bool) -> list[str]:
@@ -336,6 +360,30 @@ def _npy_header_len(buf, offset: int) -> int:
     return 12 + int.from_bytes(buf[offset + 8 : offset + 12], "little")
 
 
+def num_classes(manifest: dict) -> int:
+    """The label space's size; 0 for unconditional shards (every label must then be null)."""
+    return int((manifest.get("labels") or {}).get("num_classes") or 0)
+
+
+def label_problem(label, n_classes: int) -> str | None:
+    """Why a stored label is unusable, or None. A label is an int in [0, n_classes), or null / -1 for none: anything
+    else (n_classes itself, the null class the model reserves for CFG) would train silently as something else."""
+    if label is None or (type(label) is int and -1 <= label < n_classes):
+        return None
+    return (f"label {label!r} is outside the manifest's {n_classes} classes (0..{n_classes - 1}, or null / -1 for "
+            "none)")
+
+
+def checked_labels(labels: list, n_classes: int, where: str) -> list[int]:
+    """Sidecar labels as ints (-1 for none), each range-checked; a bad one is a ShardError naming `where`."""
+    for i, label in enumerate(labels):
+        problem = label_problem(label, n_classes)
+        if problem:
+            raise ShardError(f"{where}: sample {i}'s {problem}; the shard is damaged or was made for another label "
+                             "set (run `ditpipe verify`, re-encode it)")
+    return [-1 if x is None else x for x in labels]
+
+
 def iter_samples(folder: Path) -> Iterator[Sample]:
     manifest = load_manifest(folder)
     for shard in manifest["shards"]:
@@ -354,6 +402,7 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
     problems: list[str] = []
     shape, checked = tuple(manifest["latent"]["shape"]), 0
     enc = text_encoder_of(manifest)
+    n_classes = num_classes(manifest)
     allowed = set(SAMPLE_MEMBERS) | ({TEXT_MEMBER} if enc else set())
     listed = {s["name"] for s in manifest["shards"]}
     for p in sorted(folder.iterdir()):
@@ -375,9 +424,11 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
             side = None
         else:
             side = json.loads(side_path.read_text())
+            bad = [(i, p) for i, x in enumerate(side.get("labels") or []) if (p := label_problem(x, n_classes))]
+            problems += [f"{entry['sidecar']}: sample {i}'s {p}" for i, p in bad[:3]]
         try:
             reader = _decode_tar if manifest["format"] == "wds" else _decode_parquet
-            n = reader(path, shape, allowed, side, problems, enc)
+            n = reader(path, shape, allowed, side, problems, enc, n_classes)
         except Exception as e:  # a truncated or garbled file: report it, check the rest
             problems.append(f"{name}: cannot be read ({type(e).__name__}: {e})")
             n = 0
@@ -392,7 +443,7 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
 
 
 def _check_sample(where: str, key: str, latent_bytes: bytes | None, meta_text: str | None, shape, problems,
-                  from_npy: bool) -> bool:
+                  from_npy: bool, n_classes: int) -> bool:
     ok = True
     if latent_bytes is None or meta_text is None:
         problems.append(f"{where}: sample '{key}' lacks its {'latent' if latent_bytes is None else 'json'} member")
@@ -414,6 +465,9 @@ def _check_sample(where: str, key: str, latent_bytes: bytes | None, meta_text: s
         meta = json.loads(meta_text)
         if meta.get("key") != key:
             problems.append(f"{where}: sample '{key}' json names key {meta.get('key')!r}")
+            ok = False
+        if label_problem(meta.get("label"), n_classes):
+            problems.append(f"{where}: sample '{key}' {label_problem(meta.get('label'), n_classes)}")
             ok = False
     except ValueError as e:
         problems.append(f"{where}: sample '{key}' json does not parse ({e})")
@@ -448,7 +502,7 @@ def _check_text(where: str, key: str, data: bytes | None, meta_text: str | None,
 
 
 def _decode_tar(path: Path, shape, allowed: set[str], side: dict | None, problems: list[str],
-                enc: dict | None = None) -> int:
+                enc: dict | None, n_classes: int) -> int:
     samples: dict[str, dict[str, tuple[int, bytes]]] = {}
     order: list[str] = []
     with tarfile.open(path, mode="r:") as tar:  # plain parsing, deliberately not our offset index
@@ -471,7 +525,7 @@ def _decode_tar(path: Path, shape, allowed: set[str], side: dict | None, problem
         members = samples[key]
         latent, meta = members.get("latent.npy"), members.get("json")
         meta_text = meta and meta[1].decode("utf-8", "replace")
-        ok = _check_sample(path.name, key, latent and latent[1], meta_text, shape, problems, from_npy=True)
+        ok = _check_sample(path.name, key, latent and latent[1], meta_text, shape, problems, True, n_classes)
         if enc is not None:
             text = members.get(TEXT_MEMBER)
             ok = _check_text(path.name, key, text and text[1], meta_text, enc, problems) and ok
@@ -493,7 +547,7 @@ def _decode_tar(path: Path, shape, allowed: set[str], side: dict | None, problem
 
 
 def _decode_parquet(path: Path, shape, allowed, side: dict | None, problems: list[str],
-                    enc: dict | None = None) -> int:
+                    enc: dict | None, n_classes: int) -> int:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
@@ -509,7 +563,7 @@ def _decode_parquet(path: Path, shape, allowed, side: dict | None, problems: lis
     texts = table.column("text").to_pylist() if enc else [None] * len(keys)
     for key, latent, meta, text in zip(keys, table.column("latent").to_pylist(), table.column("json").to_pylist(),
                                        texts):
-        ok = _check_sample(path.name, key, latent, meta, shape, problems, from_npy=False)
+        ok = _check_sample(path.name, key, latent, meta, shape, problems, False, n_classes)
         good += (_check_text(path.name, key, text, meta, enc, problems) and ok) if enc else ok
     if side is not None and side.get("keys") != keys:
         problems.append(f"{path.name}: keys differ from its sidecar's")

@@ -6,11 +6,14 @@ must be a pure function of the data on disk and the config.
 
 Preprocessing is the ADM/DiT center crop. Odd images are converted, not dropped, and each conversion is noted:
   - EXIF orientation is applied;
-  - CMYK, grayscale, palette → RGB; 16-bit → 8-bit by scaling (PIL would clip it to white);
+  - CMYK, grayscale, palette → RGB; 16-bit → 8-bit by scaling (PIL would clip it to white), in float32 after
+    the halvings of the crop, so a large 16-bit image never exists as floats at full size;
   - transparency (RGBA, LA, palette+transparency) is composited onto white;
   - images smaller than the target are upscaled (bicubic), as ADM's crop does; noted as "upscaled from WxH".
 Inputs that cannot be used are skipped with a reason: unreadable, empty, not an image, corrupt or truncated, a
-decompression bomb (PIL's guard stays on), or an aspect ratio beyond MAX_ASPECT (its crop would be meaningless).
+decompression bomb (PIL's guard stays on), an aspect ratio beyond MAX_ASPECT (its crop would be meaningless), or
+beyond the budget: a file over `data.max_file_bytes` or an image over `data.max_pixels`, both refused before any
+pixel is decoded (the size from the file system, the pixels from the header).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +30,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from pipeline.atomic import sha256_file
 from pipeline.config import DataConfig
 from pipeline.download import download_coco, recorded_archives
 from pipeline.errors import DataError
 
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # scaled to 8-bit, never clipped
+PIXEL_BUDGET_REASON, FILE_CAP_REASON = "over the pixel budget", "file over the size cap"  # skip reasons' prefixes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_ASPECT = 50.0
 SHAPES_COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
@@ -40,7 +48,13 @@ SHAPES_PARAPHRASES = ("{c} {k}", "a {c} {k} on black", "a {c} {k} on a black bac
 
 
 class BadImage(Exception):
-    """This input is skipped; the message is the reason recorded in the manifest."""
+    """This input is skipped; the message is the reason recorded in the manifest. `sha256`, `pixels` and `stat`
+    carry what was learnt about the file before it failed (None where it failed first), as in `Loaded`."""
+
+    def __init__(self, reason: str, sha256: str | None = None, pixels: int | None = None,
+                 stat: tuple[int, int, int] | None = None):
+        super().__init__(reason)
+        self.sha256, self.pixels, self.stat = sha256, pixels, stat
 
 
 @dataclass(frozen=True)
@@ -54,11 +68,14 @@ class InputItem:
 
 @dataclass
 class Loaded:
-    """One decoded, preprocessed input: RGB uint8 (size, size, 3), the source bytes' sha256, conversion notes."""
+    """One decoded, preprocessed input: RGB uint8 (size, size, 3), the source bytes' sha256, conversion notes; for
+    files also the header's pixel count and `stat`: (size, mtime_ns, when it was taken, ns) just before the read."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     sha256: str
     notes: list[str] = field(default_factory=list)
+    source_pixels: int | None = None
+    stat: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -70,6 +87,8 @@ class Source:
     class_names: list[str] | None  # None: no labels (unconditional)
     params: dict  # what defines the input list; recorded in the manifest
     seed: int = 0
+    max_pixels: int = DataConfig().max_pixels  # the budget `load` enforces before decoding (data.max_pixels)
+    max_file_bytes: int = DataConfig().max_file_bytes
 
     def __len__(self) -> int:
         return len(self.items)
@@ -80,7 +99,25 @@ class Source:
             raise BadImage(item.problem)
         if self.name == "shapes":
             return render_shape(self.seed, index, self.image_size)
-        return load_image(self.root / item.file, self.image_size)
+        return load_image(self.root / item.file, self.image_size, self.max_pixels, self.max_file_bytes)
+
+    def stat(self, index: int) -> tuple[int, int, int] | None:
+        """(size, mtime_ns, now_ns) of input `index`'s file; None for generated or unreadable inputs."""
+        item = self.items[index]
+        if item.file is None:
+            return None
+        try:
+            st = os.stat(self.root / item.file)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns, time.time_ns()
+
+    def file_sha256(self, index: int) -> str | None:
+        """sha256 of input `index`'s bytes (what `load` records), or None when it cannot be read."""
+        try:
+            return sha256_file(self.root / self.items[index].file)
+        except OSError:
+            return None
 
     def sample_meta(self, index: int) -> dict:
         """The per-sample JSON fields that come from the source (the label, captions and the source file)."""
@@ -97,26 +134,54 @@ class Source:
 def make_source(data: DataConfig, download_progress=None) -> Source:
     """The source `data` describes. `download_progress(name, done, total)` reports a COCO download's bytes."""
     if data.dataset_name == "coco":
-        return _coco(data, download_progress)
-    return _custom(data) if data.dataset_name == "custom" else _shapes(data)
+        source = _coco(data, download_progress)
+    else:
+        source = _custom(data) if data.dataset_name == "custom" else _shapes(data)
+    source.max_pixels, source.max_file_bytes = data.max_pixels, data.max_file_bytes
+    return source
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
 
 
-def load_image(path: Path, size: int) -> Loaded:
+def over_budget(nbytes: int | None, pixels: int | None, max_pixels: int, max_file_bytes: int) -> str | None:
+    """The skip reason of an input beyond the budget (from its file size and header size alone), or None."""
+    if nbytes is not None and nbytes > max_file_bytes:
+        return f"{FILE_CAP_REASON}: {nbytes:,} bytes > {max_file_bytes:,} (data.max_file_bytes)"
+    if pixels is not None and pixels > max_pixels:
+        return f"{PIXEL_BUDGET_REASON}: {pixels:,} pixels > {max_pixels:,} (data.max_pixels)"
+    return None
+
+
+def load_image(path: Path, size: int, max_pixels: int = DataConfig().max_pixels,
+               max_file_bytes: int = DataConfig().max_file_bytes) -> Loaded:
+    """Decode and preprocess one file. Files over `max_file_bytes` and images over `max_pixels` (read from the
+    header) are refused before any pixel is decoded."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            nbytes, stat = st.st_size, (st.st_size, st.st_mtime_ns, time.time_ns())
+            if nbytes <= max_file_bytes:
+                data = f.read(nbytes + 1)  # read(n) allocates n bytes up front: the file's size, not the cap
+                if len(data) > nbytes:  # it grew meanwhile: the rest, still capped
+                    data += f.read(max_file_bytes + 1 - len(data))
+                nbytes = len(data)
     except OSError as e:
         raise BadImage(f"unreadable: {e.strerror or e}") from None
-    if not data:
-        raise BadImage("empty file (0 bytes)")
+    if reason := over_budget(nbytes, None, max_pixels, max_file_bytes):
+        raise BadImage(reason, stat=stat)  # not even hashed: a fresh encode and an update record the same
     sha = hashlib.sha256(data).hexdigest()
+    if nbytes == 0:
+        raise BadImage("empty file (0 bytes)", sha, stat=stat)
     notes: list[str] = []
+    pixels = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # EXIF and palette warnings are noise here; bombs still raise
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # the header only; PIL's bomb guard runs here
+            pixels = img.size[0] * img.size[1]
+            if reason := over_budget(None, pixels, max_pixels, max_file_bytes):
+                raise BadImage(reason, sha, pixels, stat)
             if img.format == "JPEG":
                 img.draft("RGB", (size, size))  # decode at a reduced DCT scale that still covers the target
             img.load()
@@ -127,15 +192,26 @@ def load_image(path: Path, size: int) -> Loaded:
                 img = ImageOps.exif_transpose(img)
                 notes.append(f"EXIF orientation {orientation} applied")
     except Image.DecompressionBombError as e:
-        raise BadImage(f"decompression bomb refused: {e}") from None
+        raise BadImage(f"decompression bomb refused: {e}", sha, pixels, stat) from None
     except UnidentifiedImageError:
-        raise BadImage("not an image PIL can identify") from None
+        raise BadImage("not an image PIL can identify", sha, pixels, stat) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadImage(f"corrupt or truncated image: {e}") from None
+        raise BadImage(f"corrupt or truncated image: {e}", sha, pixels, stat) from None
     w, h = img.size
     if max(w, h) / max(1, min(w, h)) > MAX_ASPECT:
-        raise BadImage(f"extreme aspect ratio {w}x{h} (more than {MAX_ASPECT:g}:1)")
-    return Loaded(center_crop(to_rgb(img, notes), size, notes), sha, notes)
+        raise BadImage(f"extreme aspect ratio {w}x{h} (more than {MAX_ASPECT:g}:1)", sha, pixels, stat)
+    top = None
+    if img.mode in HIGH_BIT_MODES:  # shrink in 16 bits first: scaling at full size costs 8 bytes a pixel
+        top = full_scale(img)  # of the whole image: halving averages a lone bright pixel away
+        img = _halve(img, size)
+    return Loaded(center_crop(to_rgb(img, notes, top), size, notes), sha, notes, pixels, stat)
+
+
+def _halve(img: Image.Image, size: int) -> Image.Image:
+    """The BOX halvings of `center_crop`, in the image's own mode (16-bit stays 2 bytes a pixel)."""
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    return img
 
 
 def _orientation(img: Image.Image) -> int | None:
@@ -145,15 +221,22 @@ def _orientation(img: Image.Image) -> int | None:
         return None
 
 
-def to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
+def full_scale(img: Image.Image) -> float:
+    """The value that maps to 255 for a high-bit image: 65535 for 16-bit files and for values past 255, else 255."""
+    return 65535.0 if img.mode.startswith("I;16") or img.getextrema()[1] > 255 else 255.0
+
+
+def to_rgb(img: Image.Image, notes: list[str], top: float | None = None) -> Image.Image:
+    """RGB, noting any conversion. `top`: a high-bit image's full scale (default: `full_scale(img)`)."""
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    if mode in HIGH_BIT_MODES:  # float32, at the size it has by now (load_image halves it first)
+        arr = np.asarray(img, dtype=np.float32)
+        top = top or full_scale(img)
         notes.append(f"{mode} scaled to 8-bit")
-        return Image.fromarray(np.clip(np.rint(arr * 255.0 / top), 0, 255).astype(np.uint8), "L").convert("RGB")
+        scaled = np.clip(np.rint(arr * np.float32(255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled).convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
     if has_alpha:
         notes.append(f"{mode} with transparency composited on white")

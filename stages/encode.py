@@ -1,19 +1,22 @@
 """`ditpipe encode`: every input through the codec once, into verified latent shards and a manifest.
 
 Shard i holds inputs [i·n, (i+1)·n). With `data.captions`, every caption of every kept input also goes through the
-text encoder once, into `<key>.text.npy` beside its latent. Shards already complete (sidecar present, size and sha256 matching) are kept,
-so rerunning the same command after a crash or kill -9 finishes the job and gives the same bytes. Decoding and
-resizing run in DataLoader workers; the codec runs in this process; an encode batch never crosses a shard.
+text encoder once, into `<key>.text.npy` beside its latent. A rerun reuses what the folder holds (pipeline/reuse.py):
+a shard whose inputs are unchanged is kept, any other is rewritten from reused latents plus the inputs that changed
+or were added, so rerunning after a crash or kill -9 finishes the job with the same bytes, and rerunning after the
+images changed updates the shards. Decoding and resizing run in the workers of one DataLoader; the codec runs in this
+process; a writer thread assembles the shards (pipeline/assemble.py); an encode batch never crosses a shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +27,13 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 from rich.table import Table
 from rich.text import Text
 
-from pipeline import atomic, lock, shards
+from pipeline import atomic, lock, reuse, shards
+from pipeline.assemble import Assembler, DonorCache, Encoded
 from pipeline.codec import encode_with_backoff, load_codec
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, ShardError
 from pipeline.loader import is_url
-from pipeline.sources import BadImage, Source, make_source
+from pipeline.sources import BadImage, Loaded, Source, make_source
 from pipeline.workers import capped_workers
 
 
@@ -56,25 +60,20 @@ def progress_bar(console: Console, unit: str = "img", disable: bool = False) -> 
 
 
 @dataclass
-class ShardTally:
-    """What one shard's encode produced, beyond its samples: the sidecar's extra fields."""
+class Decoded:
+    """One batch, decoded and collated in a DataLoader worker: the good inputs' pixels stacked as uint8 (pinned and
+    copied to the device as bytes, a quarter of float32's), the others with why they are skipped."""
 
-    skipped: list = field(default_factory=list)
-    converted: list = field(default_factory=list)
-    sums: np.ndarray | None = None
-    sumsq: np.ndarray | None = None
-    count_px: int = 0
+    indices: list[int]
+    pixels: torch.Tensor | None  # (G, H, W, 3) uint8
+    good: list[tuple[int, Loaded]]  # in batch order, each without its pixels (they are in `pixels`)
+    failed: list[tuple[int, str, str | None, int | None, tuple | None]]  # (index, reason, sha256, pixels, stat)
 
-    def add_stats(self, first_slice: np.ndarray) -> None:  # (N, C, H, W) float32
-        s = first_slice.astype(np.float64).sum(axis=(0, 2, 3))
-        q = np.square(first_slice.astype(np.float64)).sum(axis=(0, 2, 3))
-        self.sums, self.sumsq = (s, q) if self.sums is None else (self.sums + s, self.sumsq + q)
-        self.count_px += first_slice.shape[0] * first_slice.shape[2] * first_slice.shape[3]
+    def __len__(self) -> int:
+        return len(self.indices)
 
-    def sidecar(self, start: int, stop: int) -> dict:
-        return {"inputs": [start, stop], "skipped": self.skipped, "converted": self.converted,
-                "sum": None if self.sums is None else self.sums.tolist(),
-                "sumsq": None if self.sumsq is None else self.sumsq.tolist(), "count_px": self.count_px}
+    def pin_memory(self) -> "Decoded":  # DataLoader(pin_memory=True) calls this in its pinning thread
+        return replace(self, pixels=None if self.pixels is None else self.pixels.pin_memory())
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -90,16 +89,20 @@ class _Decode(torch.utils.data.Dataset):
         try:
             return i, self.source.load(i), None
         except BadImage as e:
-            return i, None, str(e)
+            return i, None, (i, str(e), e.sha256, e.pixels, e.stat)
 
 
-def _first(batch):
-    return batch
+def _collate(items) -> Decoded:
+    good = [(i, loaded) for i, loaded, _ in items if loaded is not None]
+    pixels = torch.from_numpy(np.stack([loaded.pixels for _, loaded in good])) if good else None
+    return Decoded([i for i, _, _ in items], pixels, [(i, replace(loaded, pixels=None)) for i, loaded in good],
+                   [fail for _, _, fail in items if fail is not None])
 
 
 @lock.holding(lambda cfg, **_: (None if is_url(cfg.shards.path or "") else cfg.shards_path, "encode"))
 def encode(cfg: Config, overwrite: bool = False, console: Console | None = None) -> dict:
-    """Encode what `cfg.data` describes into `cfg.shards_path`. Returns the manifest.
+    """Encode what `cfg.data` describes into `cfg.shards_path`, reusing what the folder already holds. Returns the
+    manifest.
 
     Under torchrun / accelerate launch, rank r encodes shards r, r + world, ...; rank 0 merges the manifest after
     a barrier. Each shard is the same bytes whichever rank writes it, so the result equals a one-process encode."""
@@ -123,58 +126,119 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     if cfg.data.image_size % codec.downsample:
         raise ConfigError([("data.image_size", f"{cfg.data.image_size} is not a multiple of the codec's downsample "
                                                f"factor {codec.downsample} ({cfg.vae.name})")])
+    _tune_for_device(codec, cfg)
     out = cfg.shards_path
     n_per, fmt = cfg.shards.samples_per_shard, cfg.shards.format
     text_encoder = _text_encoder(cfg, source)
     slices = shards.latent_slices(codec.stores_std, cfg.shards.store, cfg.shards.flip)
     header = shards.manifest_header(source, codec, n_per, slices, flip_at_load=not codec.stores_std and cfg.shards.flip,
                                     text_encoder=text_encoder.identity() if text_encoder else None)
-    latent_shape = tuple(header["latent"]["shape"])
     _prepare_folder(out, header, fmt, overwrite, write=False)  # every rank refuses the same folder the same way
     barrier()
     if rank == 0:
         _prepare_folder(out, header, fmt, overwrite, write=True)
     barrier()
     num_shards = max(1, math.ceil(len(source) / n_per))
+    pool = reuse.Pool(out, header, fmt)
+    baseline = _baseline(out, pool) if rank == 0 else None
     mine = range(rank, num_shards, world)
-    loader_state = {"batch": cfg.vae.batch_size}
-    done_before = 0
-    with progress_bar(console, disable=rank != 0) as bar:
+    fps = pool.fingerprints(source, [g for i in mine for g in range(i * n_per, min((i + 1) * n_per, len(source)))],
+                            capped_workers(cfg.data.num_workers)[0])
+    plans = [reuse.plan_shard(pool, source, i, n_per, fmt, fps) for i in mine]
+    for plan in plans:
+        here = pool.at.get(plan.index)
+        if not plan.kept and here is not None and here.valid():
+            reuse.keep_for_reuse(out, here)  # before anything is replaced: every rank may draw on it
+        elif plan.kept and reuse.stat_cache_stale(out, plan):
+            reuse.write_stat_cache(out, plan.name, plan.entries)  # touched, not changed: the shard stays
+    if rank == 0:
+        for position, donor in pool.at.items():
+            if position >= num_shards and donor.valid():  # the source shrank: its old last shards may hold samples
+                reuse.keep_for_reuse(out, donor)
+    barrier()
+    state = {"batch": cfg.vae.batch_size, "reused": 0, "encoded": 0}
+    kept = sum(p.stop - p.start for p in plans if p.kept)
+    with progress_bar(console, disable=rank != 0) as bar:  # counts what this run decodes and encodes
         task = bar.add_task(f"encode → {out}" + (f" (rank 0 of {world})" if world > 1 else ""),
-                            total=sum(min(n_per, len(source) - i * n_per) for i in mine), reused=0)
-        for i in mine:
-            start, stop = i * n_per, min((i + 1) * n_per, len(source))
-            name = shards.shard_name(fmt, i)
-            if shards.load_sidecar(out, name) is not None:  # complete and verified: keep it
-                done_before += stop - start
-                bar.update(task, advance=stop - start, reused=done_before)
-                continue
-            _encode_shard(source, codec, text_encoder, cfg, out / name, latent_shape, start, stop, loader_state,
-                          lambda n: bar.update(task, advance=n))
+                            total=sum(len(p.to_encode()) for p in plans if not p.kept), reused=0)
+        _write_shards([p for p in plans if not p.kept], source, codec, text_encoder, cfg, pool,
+                      tuple(header["latent"]["shape"]), state, lambda n: bar.update(task, advance=n))
+    counts = _sum_over_ranks([kept, state["reused"], state["encoded"], pool.hashed,
+                              sum(not p.kept for p in plans)], world)
     barrier()
     if rank == 0:
-        atomic.write_json(out / shards.MANIFEST, shards.build_manifest(out, header, num_shards, fmt))
+        _finish(out, header, num_shards, fmt, baseline)
     barrier()
     manifest = shards.load_manifest(out)
     if rank == 0:
-        _summary(console, manifest, out, time.time() - t0, done_before if world == 1 else 0, loader_state,
-                 mean_rate(bar.tasks[0]))
+        _summary(console, manifest, out, time.time() - t0, counts, state, mean_rate(bar.tasks[0]))
     if manifest["num_samples"] == 0:
         raise DataError(f"no usable image: all {manifest['num_inputs']:,} input(s) were skipped (the reasons are above"
                         f" and in {out / shards.MANIFEST}); fix or replace them, delete '{out}' and encode again")
     return manifest
 
 
+def _write_shards(plans: list, source: Source, codec, text_encoder, cfg: Config, pool: reuse.Pool, latent_shape,
+                  state: dict, advance) -> None:
+    """Rewrite the shards `plans` name: one DataLoader decodes every input to encode, batches never cross a shard,
+    and a writer thread assembles each shard (reused latents, new ones, skips) while the next batch is encoded."""
+    size = cfg.vae.batch_size
+    chunks = {p.index: [p.to_encode()[k : k + size] for k in range(0, len(p.to_encode()), size)] for p in plans}
+    order = [c for p in plans for c in chunks[p.index]]
+    batches = iter(torch.utils.data.DataLoader(
+        _Decode(source), batch_sampler=order, collate_fn=_collate, pin_memory=codec.device.type == "cuda",
+        num_workers=min(capped_workers(cfg.data.num_workers)[0], len(order)))) if order else iter(())
+    donors = DonorCache(pool)
+    with Assembler(pool.out, cfg.shards.format, latent_shape, text_encoder is not None, donors) as writer:
+        for plan in plans:
+            text_cache: dict = {}  # per shard, so a shard's bytes depend only on its own inputs (resume gives the same)
+            writer.put("shard", plan, _changed_caption_texts(plan, donors, text_encoder, cfg, text_cache))
+            state["reused"] += sum(e.action == "reuse" for e in plan.entries)
+            for _ in chunks[plan.index]:
+                batch = next(batches)
+                _encode_batch(batch, source, codec, text_encoder, cfg, writer, state, text_cache)
+                advance(len(batch))
+            writer.put("end")
+
+
+def _changed_caption_texts(plan, donors: DonorCache, text_encoder, cfg: Config, text_cache: dict) -> dict:
+    """Caption records for reused latents whose captions changed (the image did not); the rest reuse theirs."""
+    if text_encoder is None:
+        return {}
+    stale = [e for e in plan.entries if e.action == "reuse"
+             and donors.sample(e.held).meta.get("captions", []) != plan.metas[e.index - plan.start].get("captions", [])]
+    if not stale:
+        return {}
+    records = text_encoder.encode_records([list(plan.metas[e.index - plan.start].get("captions", [])) for e in stale],
+                                          cfg.text.batch_size, text_cache)
+    return {e.index: r for e, r in zip(stale, records)}
+
+
 def _distributed():
-    """(rank, world size, barrier) from torchrun's / accelerate's environment; one process needs no group."""
+    """(rank, world size, barrier) from torchrun's / accelerate's environment; one process needs no group. On CUDA
+    each rank selects its own GPU before the process group exists, so NCCL's collectives (the barriers) run on it
+    rather than on whichever device a rank happens to have current."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, lambda: None
     import torch.distributed as dist
 
+    device = _local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, dist.barrier
+
+
+def _sum_over_ranks(values: list[int], world: int) -> list[int]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    total = torch.tensor(values, dtype=torch.int64, device=_local_device())
+    dist.all_reduce(total)
+    return total.tolist()
 
 
 def _text_encoder(cfg: Config, source: Source):
@@ -193,8 +257,20 @@ def _text_encoder(cfg: Config, source: Source):
 
 def _local_device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ConfigError([("LOCAL_RANK", f"{local}, but this process sees {torch.cuda.device_count()} CUDA "
+                                              "device(s); start at most that many processes per node")])
+        return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def _tune_for_device(codec, cfg: Config) -> None:
+    """On CUDA: the VAE in channels_last (the layout tensor cores want; the uint8 NHWC batch permuted is already
+    in it) and cuDNN's timed choice of convolution kernels (vae.cudnn_benchmark)."""
+    if codec.device.type == "cuda" and codec.stores_std:
+        torch.backends.cudnn.benchmark = cfg.vae.cudnn_benchmark
+        codec.vae.to(memory_format=torch.channels_last)
 
 
 def _source_with_download_bar(cfg: Config, console: Console) -> Source:
@@ -212,14 +288,24 @@ def _source_with_download_bar(cfg: Config, console: Console) -> Source:
         return make_source(cfg.data, download_progress=report)
 
 
-def _prepare_folder(out: Path, header: dict, fmt: str, overwrite: bool, write: bool) -> None:
-    """Refuse an existing folder made with other parameters (unless --overwrite); with `write`, clean it up and
-    record ours."""
+# What the listing happens to hold, not how it is encoded: an update may change these (pipeline/reuse.py).
+_CONTENT_KEYS = ("num_inputs_available", "archives_sha256")
+
+
+def _params(header: dict, fmt: str) -> dict:
     params = {k: header[k] for k in ("source", "codec", "latent", "samples_per_shard")}
+    params["source"] = {k: v for k, v in params["source"].items() if k not in _CONTENT_KEYS}
     if shards.text_encoder_of(header):  # other caption embeddings are other shards
         params["text_encoder"] = shards.text_encoder_of(header)
     params["format_version"] = shards.FORMAT_VERSION
     params["format"] = fmt  # a wds folder re-encoded as parquet would keep stale tars that verify then rejects
+    return params
+
+
+def _prepare_folder(out: Path, header: dict, fmt: str, overwrite: bool, write: bool) -> None:
+    """Refuse an existing folder made with other parameters (unless --overwrite); with `write`, clean it up and
+    record ours. Images added, removed or changed are not other parameters: the encode updates the shards."""
+    params = _params(header, fmt)
     params_file = out / shards.PARAMS
     if out.exists() and not out.is_dir():
         raise ShardError(f"'{out}' exists and is not a folder; choose another --out")
@@ -227,6 +313,7 @@ def _prepare_folder(out: Path, header: dict, fmt: str, overwrite: bool, write: b
         if not params_file.is_file():
             raise ShardError(f"'{out}' exists and is not a ditpipe shard folder; choose another --out")
         old = json.loads(params_file.read_text())
+        old["source"] = {k: v for k, v in (old.get("source") or {}).items() if k not in _CONTENT_KEYS}
         if old != params and not overwrite:
             diff = _diff(old, params)
             raise ShardError(f"'{out}' holds shards made with other parameters ({diff}); pass --overwrite to replace "
@@ -238,7 +325,7 @@ def _prepare_folder(out: Path, header: dict, fmt: str, overwrite: bool, write: b
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f".*{atomic.TMP_SUFFIX}"):  # temporaries of a killed run
         stale.unlink()
-    if not params_file.is_file():
+    if not params_file.is_file() or json.loads(params_file.read_text()) != params:  # new, or of an older ditpipe
         atomic.write_json(params_file, params)
 
 
@@ -258,79 +345,107 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
 def _remove_ours(out: Path) -> None:
     """--overwrite deletes only files ditpipe writes in a shard folder, nothing else."""
     for p in out.iterdir():
-        if shards._SHARD_RE.match(p.name) or p.name.endswith(".meta.json") or p.name in (shards.MANIFEST,
-                                                                                          shards.PARAMS):
+        if shards._SHARD_RE.match(p.name) or p.name.endswith((".meta.json", ".stat.json")) or p.name in (
+                shards.MANIFEST, shards.PARAMS):
             p.unlink()
+    shutil.rmtree(out / shards.REUSE_DIR, ignore_errors=True)
 
 
-def _encode_shard(source, codec, text_encoder, cfg: Config, path: Path, latent_shape, start: int, stop: int,
-                  state: dict, advance) -> None:
-    writer = shards.ShardWriter(path, cfg.shards.format, latent_shape, text=text_encoder is not None)
-    tally = ShardTally()
-    text_cache: dict = {}  # per shard, so a shard's bytes depend only on its own inputs (resume gives the same)
-    batches = [list(range(b, min(b + cfg.vae.batch_size, stop))) for b in range(start, stop, cfg.vae.batch_size)]
-    loader = torch.utils.data.DataLoader(_Decode(source), batch_sampler=batches, collate_fn=_first,
-                                         num_workers=capped_workers(cfg.data.num_workers)[0])
+def _baseline(out: Path, pool: reuse.Pool) -> tuple[dict, str, dict] | None:
+    """(manifest, its sha256, file → sha256 of its inputs) of the folder's last complete encode, read before
+    anything is replaced: what an update reports its changes against."""
     try:
-        for batch in loader:
-            _encode_batch(batch, source, codec, text_encoder, cfg, writer, tally, state, text_cache)
-            advance(len(batch))
-        writer.close(tally.sidecar(start, stop))
-    except BaseException:
-        writer.abort()
-        raise
+        blob = (out / shards.MANIFEST).read_bytes()
+        manifest = shards.load_manifest(out)
+    except (OSError, ShardError):
+        return None
+    by_sha = {h.donor.sidecar_sha: h.donor for copies in pool.held.values() for h in copies}
+    records = [r for s in manifest["shards"] if s["sidecar_sha256"] in by_sha
+               for r in by_sha[s["sidecar_sha256"]].records]
+    return manifest, hashlib.sha256(blob).hexdigest(), reuse.records_by_file(records)
 
 
-def _encode_batch(batch, source, codec, text_encoder, cfg: Config, writer, tally: ShardTally, state: dict,
-                  text_cache: dict | None = None) -> None:
-    good = [(i, loaded) for i, loaded, _ in batch if loaded is not None]
-    for i, _, reason in batch:
-        if reason is not None:
-            tally.skipped.append({"index": i, "file": source.sample_meta(i)["file"], "reason": reason})
-    if not good:
+def _finish(out: Path, header: dict, num_shards: int, fmt: str, baseline) -> None:
+    """Rank 0, after every shard is written: merge the manifest (rewritten only if it changes, with what the update
+    changed), then remove what is left of the old state: shards past the new end and .reuse/."""
+    manifest = shards.build_manifest(out, header, num_shards, fmt)
+    if baseline is not None:
+        old, old_sha, old_files = baseline
+        if {k: v for k, v in old.items() if k != "update"} == manifest:
+            manifest = None  # nothing changed: the folder's bytes stay as they are
+        else:
+            records = [r for i in range(num_shards) for r in json.loads(
+                (out / shards.sidecar_name(shards.shard_name(fmt, i))).read_text())["sources"]]
+            manifest["update"] = reuse.update_section(old, old_sha, old_files, manifest, reuse.records_by_file(records))
+    if manifest is not None:
+        atomic.write_json(out / shards.MANIFEST, manifest)
+    for p in out.iterdir():
+        if (i := shards.shard_index(p.name)) is not None and i >= num_shards:
+            p.unlink()
+    shutil.rmtree(out / shards.REUSE_DIR, ignore_errors=True)
+
+
+def _encode_batch(batch: Decoded, source: Source, codec, text_encoder, cfg: Config, writer: Assembler, state: dict,
+                  text_cache: dict) -> None:
+    """Encode one decoded batch and hand the latents to the writer thread. The uint8 pixels go to the device as they
+    are (from pinned memory, asynchronously) and become floats there; the latents come back through an asynchronous
+    copy the writer thread waits for, so the next batch's forward is queued while this one is written."""
+    state["encoded"] += len(batch)
+    if batch.pixels is None:
+        writer.put("batch", Encoded(None, None, [], [], batch.failed))
         return
-    images = torch.from_numpy(np.stack([loaded.pixels for _, loaded in good]))  # (N, H, W, 3) uint8
+    n = len(batch.good)
+    images = batch.pixels.to(codec.device, non_blocking=True) if codec.stores_std else batch.pixels  # (N, H, W, 3)
     with_flip = codec.stores_std and cfg.shards.flip
     if with_flip:
         images = torch.cat([images, images.flip(2)])  # (2N, H, W, 3): mirror along W
     mean, std = encode_with_backoff(codec, images, state)  # (2N | N, C, h, w) float32
     parts = [mean] if std is None or cfg.shards.store == "mean" else [mean, std]
     if with_flip:
-        parts = [p[: len(good)] for p in parts] + [p[len(good):] for p in parts]
-    latents = torch.stack(parts, dim=1).cpu().numpy()  # (N, k, C, h, w) float32
-    half = latents.astype(np.float16)
-    finite = np.isfinite(half).reshape(len(good), -1).all(axis=1)
-    tally.add_stats(latents[finite, 0])
-    texts = [None] * len(good)
+        parts = [p[:n] for p in parts] + [p[n:] for p in parts]
+    latents, ready = _to_host(torch.stack(parts, dim=1))  # (N, k, C, h, w) float32
+    texts = [None] * n
     if text_encoder is not None:  # every caption of the batch in one go: the encoder runs once per caption, ever
-        texts = text_encoder.encode_records([list(source.items[i].captions) for i, _ in good], cfg.text.batch_size,
-                                            text_cache)
-    for (i, loaded), lat, ok, text in zip(good, half, finite, texts):
-        meta = source.sample_meta(i)
-        if not ok:
-            tally.skipped.append({"index": i, "file": meta["file"], "reason": "non-finite latent (codec overflow)"})
-            continue
-        meta["sha256"] = loaded.sha256
-        if loaded.notes:
-            meta["notes"] = loaded.notes
-            tally.converted.append({"index": i, "file": meta["file"], "notes": loaded.notes})
-        writer.add(meta["key"], lat, meta, text)
+        texts = text_encoder.encode_records([list(source.items[i].captions) for i, _ in batch.good],
+                                            cfg.text.batch_size, text_cache)
+    writer.put("batch", Encoded(latents, ready, batch.good, texts, batch.failed))
 
 
-def _summary(console: Console, manifest: dict, out: Path, seconds: float, reused: int, state: dict,
+def _to_host(latents: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """A CUDA tensor copied into pinned host memory without waiting, and the event that marks the copy done."""
+    if latents.device.type != "cuda":
+        return latents, None
+    host = torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True)
+    host.copy_(latents, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def _summary(console: Console, manifest: dict, out: Path, seconds: float, counts: list[int], state: dict,
              rate: float) -> None:
-    encoded = manifest["num_samples"]
+    kept, reused, encoded, hashed, rewritten = counts
     table = Table(title=f"encoded into {out}", show_header=False)
-    table.add_row("encoded", f"{encoded:,}")
+    table.add_row("encoded", f"{manifest['num_samples']:,}")
     table.add_row("skipped", f"{len(manifest['skipped']):,}")
     table.add_row("converted", f"{len(manifest['converted']):,}")
     table.add_row("shards", f"{manifest['num_shards']} ({manifest['format']})")
     table.add_row("bytes", f"{sum(s['bytes'] for s in manifest['shards']):,}")
-    table.add_row("time", f"{seconds:.1f} s" + (f" ({reused:,} inputs reused from complete shards)" if reused else ""))
-    table.add_row("rate", f"{rate:,.0f} img/s (this run's inputs / its encoding seconds)")
+    table.add_row("time", f"{seconds:.1f} s" + (f" ({kept:,} inputs reused from complete shards)" if kept else ""))
+    table.add_row("rate", f"{rate:,.0f} img/s (this run's encoded inputs / its encoding seconds, as the bar)")
     if state.get("halvings"):
         table.add_row("batch", f"halved {state['halvings']}× on out-of-memory, now {state['batch']}")
     console.print(table)
+    console.print(f"this run: {encoded:,} inputs decoded, {reused:,} latents reused, {hashed:,} files hashed, "
+                  f"{rewritten:,} shards written", soft_wrap=True)
+    if rewritten == 0 and not encoded:
+        console.print(f"up to date: {manifest['num_inputs']:,} inputs unchanged (size and mtime, or sha256 where "
+                      "they moved); nothing decoded", soft_wrap=True)
+    elif manifest.get("update") and rewritten:
+        u = manifest["update"]
+        console.print(f"updated: {u['changed']:,} changed, {u['added']:,} added, {u['removed']:,} removed; "
+                      f"{u['shards_rewritten']:,} of {manifest['num_shards']} shards rewritten"
+                      + (f", {u['shards_removed']} removed" if u["shards_removed"] else ""), soft_wrap=True)
     if manifest["skipped"]:
         reasons: dict[str, int] = {}
         for s in manifest["skipped"]:

@@ -35,7 +35,7 @@ from pipeline.diffusion import make_objective
 from pipeline.errors import ConfigError, DitpipeError, ShardError
 from pipeline.finetune import init_from
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import Plan
+from pipeline.loader import Plan, unconfirmed_remote
 from pipeline.metrics import MetricsLog
 from pipeline.recovery import RecoveryState, SpikeWatch, injected
 from pipeline.schedule import lr_at, restretched_length, schedule_warnings
@@ -823,6 +823,8 @@ def resume_config(ckpt: Path, new: Config | None = None, overrides: dict | None 
 
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
     if new is None:
+        if remote := unconfirmed_remote(saved, overrides or {}):
+            raise ConfigError(remote, header=f"cannot resume '{ckpt}' from a remote location it names itself")
         merged = json.loads(json.dumps(saved))
         for key, value in (overrides or {}).items():
             section, _, name = key.partition(".")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -277,18 +278,28 @@ def test_local_folder_with_broken_weights(tiny_vae, tmp_path):
 # ---------------------------------------------------------------------------------------------------- OOM backoff
 
 
-class LimitedCodec:
-    """The real codec behind a simulated memory limit: more than `limit` images at once raise OutOfMemoryError."""
+class LimitedCodec(VaeCodec):
+    """Our VAE codec on a device with room for `limit` images at once: a larger batch allocates its activations and
+    then fails as CUDA does, with torch.OutOfMemoryError (or `error`). Records each call's batch and, whenever the
+    back-off frees memory, whether the failed call's activations were still alive then."""
 
-    def __init__(self, real, limit: int, error=None):
-        self.real, self.limit, self.calls = real, limit, []
+    def __init__(self, real: VaeCodec, limit: int, error=None):
+        super().__init__(real.vae, real.name, real.dtype_name, real.device)
+        self.limit, self.calls, self.alive_at_release = limit, [], []
         self.error = error or (lambda n: torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {n} GiB"))
+        self._failed = lambda: None
 
     def encode(self, x):
         self.calls.append(len(x))
         if len(x) > self.limit:
+            activations = torch.empty(len(x), 4, 1 << 12)  # what the failed forward held when it ran out
+            self._failed = weakref.ref(activations)
             raise self.error(len(x))
-        return self.real.encode(x)
+        return super().encode(x)
+
+    def release_memory(self):
+        self.alive_at_release.append(self._failed() is not None)
+        super().release_memory()
 
 
 def test_backoff_halves_and_matches_unconstrained(codec):
@@ -308,6 +319,14 @@ def test_backoff_halves_and_matches_unconstrained(codec):
     assert limited.calls == [2, 2, 1] and state["halvings"] == 2
 
 
+def test_backoff_frees_memory_after_leaving_the_except_block(codec):
+    """Inside `except`, the traceback still holds the failed call's frames and so its activations: memory freed there
+    frees nothing. The back-off frees (gc + empty_cache) once the exception is gone, before each retry."""
+    limited = LimitedCodec(codec, limit=1)
+    encode_with_backoff(limited, images(4, 16), {"batch": 4})
+    assert limited.alive_at_release == [False, False]  # one release per halving (4 → 2 → 1), none held alive
+
+
 def test_backoff_recognises_runtime_oom_message(codec):
     x = images(4, 16)
     limited = LimitedCodec(codec, limit=1, error=lambda n: RuntimeError("CUDA error: out of memory"))
@@ -318,9 +337,16 @@ def test_backoff_recognises_runtime_oom_message(codec):
     assert is_oom(torch.OutOfMemoryError("x")) and not is_oom(RuntimeError("shape mismatch"))
 
 
+class LimitedPixelCodec(PixelCodec):
+    def encode(self, x):
+        if len(x) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return super().encode(x)
+
+
 def test_backoff_pixel_codec_keeps_std_none():
     x = images(5, 8)
-    mean, std = encode_with_backoff(LimitedCodec(PixelCodec(), limit=2), x, {"batch": 4})
+    mean, std = encode_with_backoff(LimitedPixelCodec(), x, {"batch": 4})
     assert std is None and torch.equal(mean, PixelCodec().encode(x)[0])
 
 

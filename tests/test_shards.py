@@ -597,3 +597,50 @@ def test_same_command_writes_the_same_bytes(tmp_path, tiny_vae, fmt):
     assert len([f for f in files_a if f.endswith((".tar", ".parquet"))]) == 3
     for name in files_a:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+
+
+def set_label(folder: Path, shard: str, position: int, label) -> None:
+    """Write `label` into a sample's json member and its sidecar, then rehash everything (as an attacker would), so
+    only the range check can notice."""
+    members = tar_members(folder / shard)
+    name, data = [(n, d) for n, d in members if n.endswith(".json")][position]
+    meta = json.loads(data)
+    meta["label"] = label
+    members[members.index((name, data))] = (name, shards.json_bytes(meta))
+    write_tar(folder / shard, members)
+    side_path = folder / shards.sidecar_name(shard)
+    side = json.loads(side_path.read_text())
+    side["labels"][position] = label
+    side_path.write_text(json.dumps(side))
+    attacker_rehash(folder, shard)
+
+
+@pytest.mark.parametrize("label", [8, 9, -2, 1.5, "red_circle"])
+def test_a_label_outside_the_class_range_is_refused_by_verify_and_the_loader(copy_of, cli, label):
+    from pipeline.loader import open_shards
+
+    folder = copy_of("wds")
+    set_label(folder, "shard-00001.tar", 2, label)  # shapes has 8 classes: 8 would train as the null class
+    problems, _ = shards.verify(folder)
+    assert any(p.startswith("shard-00001") and "label" in p and "8 classes" in p for p in problems), problems
+    code, text = verify_cli(cli, folder)
+    assert code != 0 and "shard-00001" in text and "label" in text
+    store, _ = open_shards(folder)
+    store.read(0)  # shard 0 is clean
+    with pytest.raises(ShardError, match=r"shard-00001\.tar.*label"):
+        store.read(5)
+
+
+def test_labels_at_the_edges_of_the_range_are_accepted(copy_of):
+    from pipeline.loader import open_shards
+
+    folder = copy_of("wds")
+    set_label(folder, "shard-00001.tar", 0, 7)
+    set_label(folder, "shard-00001.tar", 1, 0)
+    problems, _ = shards.verify(folder)
+    assert problems == []
+    store, _ = open_shards(folder)
+    assert [store.read(g)[1] for g in (5, 6)] == [7, 0]

@@ -609,3 +609,60 @@ def test_sha256_is_of_the_source_bytes(tmp_path):
     b.write_bytes(blob)
     c.write_bytes(jpeg_bytes(photo(50, 40, 2)))
     assert load_image(a, 16).sha256 == load_image(b, 16).sha256 != load_image(c, 16).sha256
+
+
+# ---------------------------------------------------------------------------------------------------- pixel budget
+
+
+def test_an_image_over_the_pixel_budget_is_refused_from_its_header(tmp_path):
+    """A 16-bit 13,000 × 13,000 PNG header (169 MP, under PIL's own 179 MP bomb limit) over a garbage body: refused
+    as over the budget, which proves nothing was decoded (decoding the body would fail as corrupt)."""
+    path = tmp_path / "huge16.png"
+    path.write_bytes(png_chunks(13000, 13000, 16, 0, b"\x00" * 64)[:-12] + b"garbage")
+    assert 13000 * 13000 < 2 * Image.MAX_IMAGE_PIXELS  # PIL alone would try to decode it
+    with pytest.raises(BadImage, match=r"over the pixel budget: 169,000,000 pixels > 40,000,000 \(data.max_pixels\)"):
+        load_image(path, 32)
+    assert DataConfig().max_pixels == 40_000_000
+    with pytest.raises(BadImage, match="corrupt or truncated"):  # the control: with room, it would be decoded
+        load_image(path, 32, max_pixels=200_000_000)
+
+
+def test_a_file_over_the_size_cap_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "big.jpg"
+    path.write_bytes(jpeg_bytes(photo(64, 48)) + b"\0" * 5000)
+    with pytest.raises(BadImage, match=r"file over the size cap: .* bytes > 4,000 \(data.max_file_bytes\)"):
+        load_image(path, 16, max_file_bytes=4000)
+    assert load_image(path, 16, max_file_bytes=1 << 20).pixels.shape == (16, 16, 3)
+
+
+def test_a_16_bit_image_is_scaled_after_shrinking(tmp_path):
+    """2048² 16-bit gray: scaling at full size made an 8-byte float per pixel (32 MiB); now the halvings come first, so
+    the float array is the size of the halved image (< 4 × the target)."""
+    import tracemalloc
+
+    ramp = (np.arange(2048, dtype=np.float64)[:, None] * 32 + np.zeros(2048)).astype(">u2")  # rows 0 … 65504
+    path = tmp_path / "gray16-2k.png"
+    path.write_bytes(png_chunks(2048, 2048, 16, 0, b"".join(b"\x00" + r.tobytes() for r in ramp)))
+    tracemalloc.start()
+    try:
+        loaded = load_image(path, 64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak:,} bytes traced"
+    rows = loaded.pixels[..., 0].astype(float).mean(axis=1)
+    assert "I;16 scaled to 8-bit" in loaded.notes[0] and rows[0] < 6 and rows[-1] > 249 and np.all(np.diff(rows) > 0)
+
+
+def test_the_budget_skips_through_encode_with_the_reason_recorded(tmp_path, cli):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "small.jpg").write_bytes(jpeg_bytes(photo(30, 30)))
+    (folder / "wide.jpg").write_bytes(jpeg_bytes(photo(60, 40)))
+    code, _, err = cli("encode", "--dataset", "custom", "--data-path", folder, "--vae", "pixel", "--image-size", 16,
+                       "--num-workers", 0, "--out", tmp_path / "s", "--data.max_pixels", 1000)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 1
+    assert [(s["file"], s["reason"].split(":")[0]) for s in manifest["skipped"]] == [("wide.jpg",
+                                                                                      "over the pixel budget")]
