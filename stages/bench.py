@@ -11,12 +11,13 @@ Parts
 -----
 encode   our real encode stage (`stages.encode.encode`: decode workers, ADM crop, codec, shard writer, manifest)
          against the bare VAE forward at the same batch and size, running the same forwards (image and mirror,
-         in chunks of the encode batch, as `encode_with_backoff` does). Both rates are steady-state: images after
+         in chunks of the encode batch, as `encode_with_backoff` does; `codec.forward`, the encoder alone). Both rates are steady-state: images after
          the first batch over the time from its end to the last batch's end (the pipeline's batches are stamped
          by wrapping `stages.encode._encode_batch`); the whole call's rate (codec load and hash, workers,
          manifest) is reported beside. Plus JPEG decode with and without PIL's draft mode. VAE shapes: `sd`
-         (sd-vae-ft-ema's architecture with random weights: the same cost) or `tiny`; both are built offline and
-         loaded through `from_pretrained`, the real loading path.
+         (sd-vae-ft-ema's architecture with random weights: the same cost), `dc-ae` (DC-AE f32c32's, Sana's:
+         32× down, 32 channels, deterministic) or `tiny`; all are built offline and loaded through
+         `from_pretrained`, the real loading path.
 loader   training-ready samples/s (flip chosen, the stored fp16 slices copied and collated into batches: what
          `MicroBatches` yields through `make_loader`; ε is drawn by the training step on the device) from our tar shards and our Parquet shards, against fast-DiT's layout (one `.npy` per
          sample for the latent, one for the label) read by `np.load` and then doing the very same work (the same
@@ -90,11 +91,6 @@ from pipeline.errors import ConfigError, DitpipeError
 SCHEMA = "ditpipe-bench/1"
 PARTS = ("encode", "loader", "train", "memory")
 MARKER = "DITPIPE-BENCH-RESULT "
-# sd-vae-ft-ema's config (DESIGN.md): the same architecture, hence the same cost, with random weights.
-VAE_SHAPES = {
-    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
-    "tiny": dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
-}
 NUM_CLASSES = 8  # the synthetic latents carry shapes' 8 labels, so both train modes build the same model
 
 
@@ -149,6 +145,7 @@ class BenchOptions:
         return o
 
     def check(self) -> None:
+        from pipeline.codec import SHAPES as VAE_SHAPES  # sd-vae-ft-ema's architecture, tiny, DC-AE f32c32's
         from pipeline.model import DIT_PRESETS
 
         problems = []
@@ -164,6 +161,8 @@ class BenchOptions:
             problems.append(("--model", f"{self.model!r}: one of {', '.join(DIT_PRESETS)}"))
         if self.image_size % 8 or self.image_size < 16:
             problems.append(("--image-size", f"{self.image_size}: a multiple of 8 (the VAE's downsample), ≥ 16"))
+        elif self.vae_shape == "dc-ae" and self.image_size % 32:
+            problems.append(("--image-size", f"{self.image_size}: a multiple of 32 for --vae-shape dc-ae (32× down)"))
         if self.encode_source not in ("jpeg", "shapes"):
             problems.append(("--encode-source", f"{self.encode_source!r}: use jpeg or shapes"))
         for name in ("repeats", "loader_batch", "memory_steps", "jpeg_count", "accum"):
@@ -372,19 +371,10 @@ def task_machine(o: BenchOptions) -> dict:
 
 
 def task_prepare_vae(o: BenchOptions, path: str) -> dict:
-    """A random-init AutoencoderKL of the chosen shape, saved with save_pretrained (loaded later for real)."""
-    import torch
-    from diffusers import AutoencoderKL
+    """A random-init autoencoder of the chosen shape, saved with save_pretrained (loaded later for real)."""
+    from pipeline.codec import save_random_autoencoder
 
-    torch.manual_seed(0)
-    shape = VAE_SHAPES[o.vae_shape]
-    levels = len(shape["block_out_channels"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-                        up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=4,
-                        sample_size=256 if o.vae_shape == "sd" else o.image_size, **shape)
-    vae.save_pretrained(path)
-    return {"parameters": sum(p.numel() for p in vae.parameters()),
-            "encoder_parameters": sum(p.numel() for p in vae.encoder.parameters())}
+    return save_random_autoencoder(o.vae_shape, Path(path), sample_size=o.image_size)
 
 
 def _photo(rng, w: int, h: int):
@@ -581,12 +571,9 @@ def task_encode_bare(o: BenchOptions, vae_dir: str) -> dict:
     x = (both.permute(0, 3, 1, 2).float() / 127.5 - 1).to(device, codec.dtype)  # (2B, 3, S, S)
     sizes = [b] * (o.encode_images // b) + ([o.encode_images % b] if o.encode_images % b else [])
 
-    @torch.no_grad()
     def forwards(n: int) -> None:
         for chunk in (x[:n], x[b : b + n]):  # the images, then their mirrors
-            with torch.autocast(device_type=device.type, enabled=False):
-                dist = codec.vae.encode(chunk).latent_dist
-            dist.mean.float(), dist.std.float()
+            codec.forward(chunk)  # the encoder and its (mean, std) or latent, as the encode stage takes them
 
     _say(f"bare VAE: {o.encode_images} images × 2 forwards at batch {b}")
     stamps = []

@@ -237,6 +237,10 @@ def sample(
                                                                       "more prompts (cycled to --num)."),
     text_encoder: Optional[str] = typer.Option(None, help="Caption models: a local copy of the manifest's text "
                                                           "encoder (checked by its weights hash)."),
+    size: Optional[str] = typer.Option(None, help="WxH pixels, e.g. 320x208: another size than the run's most "
+                                                  "common bucket (any multiple of downsample × patch)."),
+    decoder: Optional[str] = typer.Option(None, help="Decode with this autoencoder instead (e.g. TAESD for an "
+                                                     "SD-VAE run); checked to share the run's latent space."),
 ) -> None:
     """Sample a grid (and per-sample PNGs) from a checkpoint, with classifier-free guidance. The sampler, steps and
     guidance default to what the run validated with; every value used is printed.
@@ -250,7 +254,7 @@ def sample(
     run_sample(checkpoint_path, use_ema=ema, classes=classes, num=num, cfg_scale=cfg_scale, steps=steps,
                cfg_interval=_interval(cfg_interval), sampler=sampler, seed=seed, out=out, out_dir=out_dir,
                batch_size=batch_size, vae=vae, model_name=model, image_size=image_size, prompts=prompt,
-               text_encoder=text_encoder, console=err)
+               text_encoder=text_encoder, console=err, size=size, decoder=decoder)
 
 
 @app.command()
@@ -309,7 +313,7 @@ def bench(
                                help="What to measure; several as a comma-separated list (encode,train)."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON result here."),
-    vae_shape: str = typer.Option("sd", help="sd (sd-vae-ft-ema's architecture, random weights: the same cost) | tiny"),
+    vae_shape: str = typer.Option("sd", help="sd (sd-vae-ft-ema's architecture, random weights: the same cost) | dc-ae (DC-AE f32c32, Sana's) | tiny"),
     vae_dtype: str = typer.Option("fp32", help="fp32 | bf16 (vae.dtype)"),
     model: str = typer.Option("DiT-S/2", help="DiT preset for the train and memory parts."),
     image_size: int = typer.Option(256, help="Pixels (latent side = image size / 8)."),
