@@ -86,8 +86,9 @@ class Assembler:
     """The writer thread. `put` blocks while a few messages wait (the decode and VAE cannot run far ahead), and
     raises the thread's error, if it failed, in the encode loop."""
 
-    def __init__(self, out: Path, fmt: str, latent_shape: tuple, text: bool, donors: DonorCache):
-        self.out, self.fmt, self.latent_shape, self.text, self.donors = Path(out), fmt, latent_shape, text, donors
+    def __init__(self, out: Path, fmt: str, header: dict, text: bool, donors: DonorCache):
+        """`header`: the manifest header, whose latent shape (or a shard's bucket's) each shard is written in."""
+        self.out, self.fmt, self.header, self.text, self.donors = Path(out), fmt, header, text, donors
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ditpipe-shard-writer", daemon=True)
@@ -133,7 +134,8 @@ class Assembler:
     def _on_shard(self, plan: reuse.ShardPlan, texts: dict) -> None:
         self._plan, self._texts, self._next, self._done = plan, texts, 0, {}
         self._tally = ShardTally()
-        self._writer = shards.ShardWriter(self.out / plan.name, self.fmt, self.latent_shape, text=self.text)
+        self._writer = shards.ShardWriter(self.out / plan.name, self.fmt, shards.latent_shape_of(self.header, plan.bucket),
+                                          text=self.text)
 
     def _on_batch(self, batch: Encoded) -> None:
         for index, reason, sha, pixels, stat in batch.failed:
@@ -152,7 +154,7 @@ class Assembler:
         plan = self._plan
         assert self._next == len(plan.entries), f"{plan.name}: {len(plan.entries) - self._next} inputs never arrived"
         sidecar = {**self._tally.sidecar(plan.start, plan.stop), "sources": [e.record for e in plan.entries],
-                   "listing_sha256": plan.listing}
+                   "listing_sha256": plan.listing, **({} if plan.bucket is None else {"bucket": plan.bucket})}
         self._writer.close(sidecar)
         self._writer = None
         reuse.write_stat_cache(self.out, plan.name, plan.entries)

@@ -14,7 +14,7 @@ import re
 import reprlib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -70,6 +70,20 @@ class DataConfig(_Section):
         "scale", description="scale (codec scaling/shift factors, as DiT) or channel (manifest per-channel mean/std)")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction held out (keyed on data.seed), never "
                                                                  "trained on, for the validation loss")
+    buckets: Union[Literal["square", "auto"], list[tuple[int, int]]] = Field(
+        "square", description="square (centre crop, as DiT), auto (about image_size² pixels, 1:2 to 2:1) or a "
+                              "list of [w, h]: each image to the nearest aspect ratio (pipeline/buckets.py)")
+
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_sizes(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty bucket list; use square, auto or a list of [w, h] sizes")
+            bad = [f"{w}x{h}" for w, h in v if not (8 <= w <= MAX_IMAGE_SIZE and 8 <= h <= MAX_IMAGE_SIZE)]
+            if bad:
+                raise ValueError(f"bucket side(s) outside 8..{MAX_IMAGE_SIZE} pixels: {', '.join(bad)}")
+        return v
 
 
 class ShardsConfig(_Section):
@@ -120,6 +134,12 @@ class ModelConfig(_Section):
     qk_norm: bool = Field(False, description="normalise queries and keys (fp16 stability)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower")
     compile: bool = Field(False, description="torch.compile the model")
+
+    @property
+    def patch(self) -> int:
+        """The patch size this config builds with: patch_size, else the preset's (`DiT-B/2` → 2)."""
+        tail = self.name.rsplit("/", 1)[-1]
+        return self.patch_size or (int(tail) if tail.isdigit() else 2)
 
 
 class DiffusionConfig(_Section):
@@ -208,6 +228,8 @@ class ValidationConfig(_Section):
     bf16: bool = Field(True, description="CUDA: sample the grids under bf16 autocast (the sampler's arithmetic "
                                          "stays fp32)")
     prompts: list[str] = Field([], description="caption models: grid prompts; empty: the shards' first captions")
+    decoder: Optional[str] = Field(None, description="decode the grids with this autoencoder instead of the run's "
+                                                     "codec, e.g. TAESD for an SD-VAE run (same latent space)")
     shards: Optional[str] = Field(None, description="a separately encoded held-out shard folder (instead of "
                                                     "data.val_fraction)")
     loss_timesteps: int = Field(10, ge=1, description="fixed, evenly spaced timesteps per held-out sample")
@@ -267,6 +289,9 @@ class Config(_Section):
         stem = f"{self.data.dataset_name}{split}-{self.data.image_size}px-{self.codec_short_name}-{n}"
         if self.data.captions:  # embeddings of another encoder are other shards
             stem += f"-{Path(self.text.encoder.rstrip('/')).name.lower()}"
+        if self.data.buckets != "square":  # other crops are other shards
+            listed = hashlib.sha256(json.dumps(self.data.buckets).encode()).hexdigest()[:8]
+            stem += "-auto" if self.data.buckets == "auto" else f"-buckets{listed}"
         return Path("shards") / stem
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,7 +5,9 @@ micro-batch q of an epoch covers epoch positions [q·B·W, (q+1)·B·W); rank r 
 `steps_per_epoch · global_batch` are that epoch's dropped remainder. Every rank gets the same number of batches.
 
 Order. Position → sample is an index-addressable permutation keyed on (seed, epoch): the shards are permuted, cut
-into windows of `window` shards, and the samples inside each window are permuted. Reads stay within a few shards
+into windows of `window` shards, and the samples inside each window are permuted. With aspect-ratio buckets
+(BucketOrder) each bucket is ordered so on its own, and the epoch interleaves the buckets' global batches in a
+keyed order: a step's whole global batch is one bucket's, on every rank. Reads stay within a few shards
 at a time (locality), yet any position is computable on its own, so resume needs only the samples consumed, and
 the order does not depend on the worker count.
 
@@ -48,7 +50,7 @@ from pipeline.errors import ShardError
 from pipeline.latent_norm import LatentNorm
 
 # Tags that keep the keyed random streams apart.
-_SHARD_ORDER, _WINDOW_ORDER, _SAMPLE, _CAPTION = 0, 1, 2, 3
+_SHARD_ORDER, _WINDOW_ORDER, _SAMPLE, _CAPTION, _BUCKET, _BUCKET_ORDER = 0, 1, 2, 3, 4, 5
 _U32 = 2**32
 _U64 = 2**64 - 1
 _LATENT_ITEMSIZE = np.dtype(shards.LATENT_DTYPE).itemsize
@@ -113,15 +115,19 @@ class Plan:
 
 class EpochOrder:
     """position → global sample index for each epoch; shuffled within windows of `window` shards. `exclude` (global
-    indices, e.g. the held-out validation samples) are never ordered: every epoch covers only the others."""
+    indices, e.g. the held-out validation samples) are never ordered: every epoch covers only the others. `only`:
+    the shards this order covers (default all), e.g. one bucket's; `salt` keys its streams apart from others'."""
 
-    def __init__(self, counts: list[int], seed: int, window: int, exclude: np.ndarray | None = None):
+    def __init__(self, counts: list[int], seed: int, window: int, exclude: np.ndarray | None = None,
+                 only: list[int] | None = None, salt: tuple[int, ...] = ()):
         starts = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))[:-1]])
         self.members = [np.arange(a, a + n) for a, n in zip(starts, counts)]  # global indices of each shard
+        if only is not None:
+            self.members = [self.members[s] for s in only]
         if exclude is not None and len(exclude):
             self.members = [np.setdiff1d(m, exclude, assume_unique=True) for m in self.members]
         self.counts = np.array([len(m) for m in self.members], dtype=np.int64)
-        self.seed, self.window = seed, max(1, window)
+        self.seed, self.window, self.salt = seed, max(1, window), tuple(salt)
 
     @property
     def num_samples(self) -> int:
@@ -129,7 +135,7 @@ class EpochOrder:
 
     @lru_cache(maxsize=4)
     def _epoch(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
-        shard_perm = keyed_rng(self.seed, epoch, _SHARD_ORDER).permutation(len(self.counts))
+        shard_perm = keyed_rng(self.seed, epoch, _SHARD_ORDER, *self.salt).permutation(len(self.counts))
         windows = [shard_perm[i : i + self.window] for i in range(0, len(shard_perm), self.window)]
         sizes = np.array([self.counts[w].sum() for w in windows])
         return windows, np.concatenate([[0], np.cumsum(sizes)])
@@ -139,12 +145,57 @@ class EpochOrder:
         """Global sample indices of window w, in this epoch's order."""
         shards_in_window = self._epoch(epoch)[0][w]
         members = np.concatenate([self.members[s] for s in shards_in_window])
-        return members[keyed_rng(self.seed, epoch, _WINDOW_ORDER, w).permutation(len(members))]
+        return members[keyed_rng(self.seed, epoch, _WINDOW_ORDER, w, *self.salt).permutation(len(members))]
 
     def __call__(self, epoch: int, positions: np.ndarray) -> np.ndarray:
         _, bounds = self._epoch(epoch)
         w = np.searchsorted(bounds, positions, side="right") - 1
         return np.array([self._window(epoch, int(wi))[p - bounds[wi]] for wi, p in zip(w, positions)], dtype=np.int64)
+
+
+class BucketOrder:
+    """position → global sample index over aspect-ratio buckets, a pure function of (seed, epoch, position) as
+    EpochOrder is: each bucket has its own keyed EpochOrder (over its shards, shuffled within windows); an epoch
+    is a keyed interleaving of the buckets' global batches, floor(n_b / G) of bucket b (its remainder dropped for
+    this epoch, as Plan drops the whole set's), so global batch s of an epoch, positions [s·G, (s+1)·G), comes
+    from one bucket, whichever rank or micro-batch reads it: every rank takes the same bucket at a step, every
+    usable sample of a bucket is read once an epoch, and every rank reads the same number of batches."""
+
+    def __init__(self, counts: list[int], shard_buckets: list[int], num_buckets: int, seed: int, window: int,
+                 global_batch: int, exclude: np.ndarray | None = None):
+        self.orders = [EpochOrder(counts, seed, window, exclude, only=[s for s, b in enumerate(shard_buckets)
+                                                                         if b == k], salt=(_BUCKET, k))
+                       for k in range(num_buckets)]
+        self.batches = np.array([o.num_samples // global_batch for o in self.orders], dtype=np.int64)  # per epoch
+        self.seed, self.global_batch = seed, global_batch
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(o.num_samples for o in self.orders))
+
+    @property
+    def usable(self) -> int:
+        """Samples an epoch trains on: every bucket's whole global batches (Plan's num_samples)."""
+        return int(self.batches.sum()) * self.global_batch
+
+    @lru_cache(maxsize=4)
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket of each global batch of the epoch, its index among that bucket's batches)."""
+        seq = keyed_rng(self.seed, epoch, _BUCKET_ORDER).permutation(np.repeat(np.arange(len(self.orders)),
+                                                                                self.batches))
+        nth = np.zeros(len(seq), dtype=np.int64)
+        for k in range(len(self.orders)):
+            nth[seq == k] = np.arange(int(self.batches[k]))
+        return seq, nth
+
+    def __call__(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        seq, nth = self._epoch(epoch)
+        step, offset = np.divmod(np.asarray(positions, dtype=np.int64), self.global_batch)
+        out = np.empty(len(step), dtype=np.int64)
+        for k in np.unique(seq[step]):  # one bucket for a micro-batch's positions: they are one global batch's
+            mine = seq[step] == k
+            out[mine] = self.orders[int(k)](epoch, nth[step[mine]] * self.global_batch + offset[mine])
+        return out
 
 
 def is_url(location) -> bool:
@@ -226,8 +277,9 @@ class ShardStore:
     def __init__(self, folder: Path | str, manifest: dict, max_open: int = 16):
         self.url = str(folder) if is_url(folder) else None
         self.folder, self.manifest = (folder if self.url else Path(folder)), manifest
-        self.shape = tuple(manifest["latent"]["shape"])
-        self.nbytes = int(np.prod(self.shape)) * np.dtype(shards.LATENT_DTYPE).itemsize
+        # Each shard's latent shape: the manifest's, or its aspect-ratio bucket's (one bucket a shard).
+        self.buckets = [s.get("bucket") for s in manifest["shards"]]
+        self.shapes = [shards.latent_shape_of(manifest, b) for b in self.buckets]
         self.counts = [s["samples"] for s in manifest["shards"]]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.max_open = max_open
@@ -245,6 +297,9 @@ class ShardStore:
                 self._texts.pop(next(iter(self._open)), None)
                 self._open.pop(next(iter(self._open)))
             entry = self.manifest["shards"][s]
+            shape = self.shapes[s]
+            per = math.prod(shape)
+            nbytes = per * _LATENT_ITEMSIZE
             remote = self._fetch(entry) if self.url else None
             side = json.loads(remote[1] if remote else (self.folder / entry["sidecar"]).read_text())
             where = _url_join(self.url, entry["name"]) if self.url else self.folder / entry["name"]
@@ -256,23 +311,22 @@ class ShardStore:
                     with open(self.folder / entry["name"], "rb") as f:
                         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 index = np.asarray(side["index"], dtype=np.int64).reshape(-1, 4)
-                header = shards.npy_bytes(np.zeros(self.shape, shards.LATENT_DTYPE))[: -self.nbytes]
+                header = shards.npy_bytes(np.zeros(shape, shards.LATENT_DTYPE))[: -nbytes]
                 # No dtype or shape is ever read on trust: member sizes here, each sample's .npy header when it is
                 # read (in `read`). Checking every header here touched every page of the shard in each worker that
                 # opens it (each worker opens every shard of a window): 3.6 ms of CPU an open, 14 µs a sample.
-                bad = np.flatnonzero((index[:, 1] != len(header) + self.nbytes) | (index[:, 0] < len(header))
+                bad = np.flatnonzero((index[:, 1] != len(header) + nbytes) | (index[:, 0] < len(header))
                                      | (index[:, 0] + index[:, 1] > len(mm)))
                 if len(bad):
                     raise ShardError(f"{self.folder / entry['name']}: sample '{side['keys'][bad[0]]}' is not a float16 "
-                                     f"{self.shape} array; the shard is damaged (run `ditpipe verify`)")
-                self._header = header
+                                     f"{shape} array; the shard is damaged (run `ditpipe verify`)")
                 if self.text:
                     text_index = np.asarray(side["text"]["index"], dtype=np.int64).reshape(-1, 2)
                     if len(text_index) != len(index) or (text_index.sum(1) > len(mm)).any():
                         raise ShardError(f"{self.folder / entry['name']}: its caption index does not fit the shard; "
                                          "the shard is damaged (run `ditpipe verify`)")
                     self._texts[s] = text_index
-                self._open[s] = ("wds", mm, index[:, 0] + len(header), labels)
+                self._open[s] = ("wds", mm, index[:, 0] + len(header), labels, (shape, header, per))
             else:
                 import pyarrow.parquet as pq
 
@@ -286,11 +340,10 @@ class ShardStore:
                 col = table.column(0)
                 if self.text:
                     self._texts[s] = table.column(1)
-                per = self.nbytes // _LATENT_ITEMSIZE
                 chunks = [np.frombuffer(c.buffers()[1], dtype=shards.LATENT_DTYPE)[c.offset * per :][: len(c) * per]
-                          .reshape((len(c), *self.shape)) for c in col.chunks if len(c)]
+                          .reshape((len(c), *shape)) for c in col.chunks if len(c)]
                 starts = np.cumsum([0] + [len(c) for c in chunks]).tolist()
-                self._open[s] = ("parquet", chunks, starts, labels)
+                self._open[s] = ("parquet", chunks, starts, labels, (shape, None, per))
         return self._open[s]
 
     def _fetch(self, entry: dict) -> tuple[bytes, bytes]:
@@ -309,23 +362,26 @@ class ShardStore:
     def read(self, g: int) -> tuple[np.ndarray, int]:
         """(latent (k, C, H, W) float16, label or -1) of global sample g."""
         s = int(np.searchsorted(self.starts, g, side="right") - 1)
-        kind, data, offsets, labels = self._shard(s)
+        kind, data, offsets, labels, (shape, header, n) = self._shard(s)  # n: elements (not np.prod a sample: 4 µs)
         i = g - self.starts[s]
         if kind == "wds":
             self._reads = self.__dict__.get("_reads", 0) + 1
             if self._reads % _RELEASE_EVERY == 0:
                 self.release()
             offset = int(offsets[i])
-            if data[offset - len(self._header) : offset] != self._header:  # the page the read touches anyway
+            if data[offset - len(header) : offset] != header:  # the page the read touches anyway
                 raise ShardError(f"{self.folder / self.manifest['shards'][s]['name']}: sample {i} is not a float16 "
-                                 f"{self.shape} array; the shard is damaged (run `ditpipe verify`)")
-            n = self.nbytes // _LATENT_ITEMSIZE  # not np.prod per sample: 4 µs
-            return np.frombuffer(data, dtype=shards.LATENT_DTYPE, count=n, offset=offset).reshape(self.shape), \
+                                 f"{shape} array; the shard is damaged (run `ditpipe verify`)")
+            return np.frombuffer(data, dtype=shards.LATENT_DTYPE, count=n, offset=offset).reshape(shape), \
                 int(labels[i])
         if len(data) == 1:
             return data[0][i], int(labels[i])
         k = bisect.bisect_right(offsets, i) - 1  # the row group's chunk
         return data[k][i - offsets[k]], int(labels[i])
+
+    def shape_of(self, g: int) -> tuple[int, ...]:
+        """(k, C, H, W) of global sample g's latent: its shard's (bucket's)."""
+        return self.shapes[int(np.searchsorted(self.starts, g, side="right") - 1)]
 
     def read_text(self, g: int) -> np.ndarray:
         """The caption record (K,) of global sample g (pipeline/text.py's layout, checked, never unpickled)."""
@@ -352,7 +408,7 @@ class ShardStore:
         +30 MiB per worker at 8 px from 1k to 100k samples, up to max_open × 33 MB for 4×4×32×32 latents. Costs
         a few µs of CPU a 32 KB sample (a read faults its pages in again). Views handed out stay valid."""
         if hasattr(mmap, "MADV_DONTNEED"):
-            for kind, data, _, _ in self._open.values():
+            for kind, data, *_ in self._open.values():
                 if kind == "wds" and isinstance(data, mmap.mmap):  # not a fetched (URL) shard
                     data.madvise(mmap.MADV_DONTNEED)
 
@@ -427,7 +483,7 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, q = key
         indices = self.order(epoch, self.plan.positions(q, self.rank))
-        shape = (len(indices), *self.store.manifest["latent"]["shape"][1:])  # (B, C, H, W)
+        shape = (len(indices), *self.store.shape_of(int(indices[0]))[1:])  # (B, C, H, W): one bucket a batch
         mean = _batch_tensor(shape)
         std = _batch_tensor(shape) if self.view.has_std else None
         means, stds, labels = mean.numpy(), None if std is None else std.numpy(), []

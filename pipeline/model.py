@@ -2,7 +2,10 @@
 
 The module names and parameter shapes equal the official ones, so official checkpoints load with strict=True.
 Additions, all off by default (the default layout and numerics stay official): QK-norm, gradient checkpointing,
-an unconditional mode (num_classes=0), label dropout driven by a caller-given mask, and CFG on all eps channels.
+an unconditional mode (num_classes=0), label dropout driven by a caller-given mask, CFG on all eps channels, and
+latents of any size (`any_grid`, for aspect-ratio buckets): the sin-cos position embedding of another patch grid is
+computed as `get_2d_sincos_pos_embed` does for any size and cached per grid, while the `pos_embed` parameter keeps
+the square grid's, so official checkpoints still load strictly.
 """
 
 import math
@@ -220,6 +223,7 @@ class DiT(nn.Module):
         learn_sigma=True,
         qk_norm=False,
         gradient_checkpointing=False,
+        any_grid=False,
     ):
         super().__init__()
         check_size(input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
@@ -244,6 +248,7 @@ class DiT(nn.Module):
         self.class_dropout_prob = class_dropout_prob
         self.learn_sigma = learn_sigma
         self.gradient_checkpointing = gradient_checkpointing
+        self.any_grid = any_grid  # latents of any size the patch divides; off: input_size² only, as official
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -300,12 +305,13 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
-    def unpatchify(self, x):
-        """(N, T, p * p * C) -> (N, C, H, W)."""
-        c, p, h = self.out_channels, self.patch_size, self.x_embedder.grid_size
-        x = x.reshape(x.shape[0], h, h, p, p, c)  # (N, h, w, p, p, C)
+    def unpatchify(self, x, grid=None):
+        """(N, T, p * p * C) -> (N, C, H, W) for the patch grid (h, w) (default: the square one)."""
+        c, p = self.out_channels, self.patch_size
+        h, w = grid or (self.x_embedder.grid_size,) * 2
+        x = x.reshape(x.shape[0], h, w, p, p, c)  # (N, h, w, p, p, C)
         x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, h, p, w, p)
-        return x.reshape(x.shape[0], c, h * p, h * p)  # (N, C, H, W)
+        return x.reshape(x.shape[0], c, h * p, w * p)  # (N, C, H, W)
 
     def forward(self, x, t, y=None, force_drop_ids=None):
         """
@@ -313,12 +319,11 @@ class DiT(nn.Module):
         force_drop_ids: optional (N,) bool/0-1 mask of labels to replace by the null class (no random draw);
         if None, labels are dropped at random with class_dropout_prob in training mode only, as official.
         """
-        if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            raise ValueError(f"expected latents of size {self.input_size}x{self.input_size}, got {tuple(x.shape)}")
+        grid = patch_grid(self, x)
         if (y is None) != (self.y_embedder is None):
             raise ValueError("y must be given for a class-conditional model and None for an unconditional one"
                              f" (num_classes={self.num_classes})")
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
+        x = self.x_embedder(x) + grid_pos_embed(self, grid)  # (N, T, D), where T = H * W / patch_size ** 2
         c = self.t_embedder(t)  # (N, D)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
@@ -327,7 +332,7 @@ class DiT(nn.Module):
             # Checkpointing trades compute for memory: activations are recomputed in backward.
             x = checkpoint(block, x, c, use_reentrant=False) if use_checkpoint else block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
-        return self.unpatchify(x)  # (N, out_channels, H, W)
+        return self.unpatchify(x, grid)  # (N, out_channels, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=None):
         """
@@ -360,13 +365,46 @@ class DiT(nn.Module):
 # https://github.com/facebookresearch/mae/blob/main/util/pos_embed.py
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """Returns pos_embed of shape (grid_size * grid_size, embed_dim), as official (no cls token)."""
-    grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.meshgrid(grid_w, grid_h)  # here w goes first
-    grid = np.stack(grid, axis=0)  # (2, g, g)
-    grid = grid.reshape([2, 1, grid_size, grid_size])
+    """Returns pos_embed of shape (h * w, embed_dim) for grid_size g (a g × g grid, as official, no cls token) or
+    (h, w): row-major over the grid, as PatchEmbed flattens it."""
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    grid_h = np.arange(gh, dtype=np.float32)
+    grid_w = np.arange(gw, dtype=np.float32)
+    grid = np.meshgrid(grid_w, grid_h)  # here w goes first; each (h, w)
+    grid = np.stack(grid, axis=0)  # (2, h, w)
+    grid = grid.reshape([2, 1, gh, gw])
     return get_2d_sincos_pos_embed_from_grid(embed_dim, grid)
+
+
+def patch_grid(model, x) -> tuple[int, int]:
+    """The patch grid (h, w) of latents x (N, C, H, W) for `model` (a DiT or the caption DiT), refusing what it
+    cannot take: any size the patch divides with `any_grid`, else its one input_size² (as official)."""
+    H, W = x.shape[-2:]
+    p = model.patch_size
+    if not getattr(model, "any_grid", False) and (H, W) != (model.input_size, model.input_size):
+        raise ValueError(f"expected latents of size {model.input_size}x{model.input_size}, got {tuple(x.shape)}")
+    if H % p or W % p:
+        raise ValueError(f"latents of size {H}x{W} are not whole {p}x{p} patches")
+    if (H // p) * (W // p) > MAX_TOKENS:
+        raise ValueError(f"latents of size {H}x{W} at patch {p} make {(H // p) * (W // p):,} tokens, over the bound "
+                         f"of {MAX_TOKENS:,} (pipeline/config.py)")
+    return H // p, W // p
+
+
+def grid_pos_embed(model, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, h·w, D) position embedding of a patch grid: the `pos_embed` parameter for the square grid the model was
+    built for (what official checkpoints carry), else computed once per grid, device and dtype and cached (not part
+    of the state dict: it is a pure function of the grid)."""
+    g = model.x_embedder.grid_size
+    if tuple(grid) == (g, g):
+        return model.pos_embed
+    ref = model.pos_embed
+    cache = model.__dict__.setdefault("_grid_pos_embeds", {})
+    key = (tuple(grid), ref.device, ref.dtype)
+    if key not in cache:
+        table = get_2d_sincos_pos_embed(ref.shape[-1], tuple(grid))  # (h·w, D)
+        cache[key] = torch.from_numpy(table).float().unsqueeze(0).to(ref.device, ref.dtype)
+    return cache[key]
 
 
 def get_2d_sincos_pos_embed_from_grid(embed_dim, grid):
@@ -415,6 +453,7 @@ def build_dit(
     depth=None,
     num_heads=None,
     patch_size=None,
+    any_grid=False,
 ):
     """Build a DiT from a preset name such as "DiT-XL/2"; explicit hidden_size/depth/num_heads/patch_size win."""
     if name not in DIT_PRESETS:
@@ -429,5 +468,6 @@ def build_dit(
         class_dropout_prob=class_dropout_prob,
         qk_norm=qk_norm,
         gradient_checkpointing=gradient_checkpointing,
+        any_grid=any_grid,
         **arch,
     )

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import MAX_TEXT_DIM
 from pipeline.model import (DIT_PRESETS, DiT, DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, check_size,
-                            get_2d_sincos_pos_embed, modulate)
+                            get_2d_sincos_pos_embed, grid_pos_embed, modulate, patch_grid)
 
 from pipeline.text import Caption
 
@@ -164,18 +164,17 @@ class CaptionDiT(nn.Module):
             nn.init.constant_(layer.bias, 0)
 
     def forward(self, x, t, y: Caption, force_drop_ids=None):
-        if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            raise ValueError(f"expected latents of size {self.input_size}x{self.input_size}, got {tuple(x.shape)}")
+        grid = patch_grid(self, x)  # any size with `any_grid` (aspect-ratio buckets), as DiT
         if not isinstance(y, Caption):
             raise ValueError("a caption model needs y = Caption(tokens, mask, pooled), not class labels")
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        x = self.x_embedder(x) + grid_pos_embed(self, grid)  # (N, T, D)
         context, mask, pooled = self.y_embedder(y, self.training, force_drop_ids)  # (N, L, D), (N, L), (N, D)
         c = self.t_embedder(t) + pooled  # (N, D)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             x = (checkpoint(block, x, c, context, mask, use_reentrant=False) if use_checkpoint
                  else block(x, c, context, mask))  # (N, T, D)
-        return self.unpatchify(self.final_layer(x, c))  # (N, out_channels, H, W)
+        return self.unpatchify(self.final_layer(x, c), grid)  # (N, out_channels, H, W)
 
     def null_condition(self, y: Caption) -> Caption | None:
         """The unconditional half for guidance: the null caption (an empty mask), or None without caption dropout."""

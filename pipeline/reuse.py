@@ -99,6 +99,7 @@ class ShardPlan:
     entries: list[Entry]
     listing: str
     kept: bool  # the shard in the folder is already exactly this
+    bucket: int | None = None  # its aspect-ratio bucket (pipeline/buckets.py); None: square
 
     def to_encode(self) -> list[int]:
         return [e.index for e in self.entries if e.action == "encode"]
@@ -207,11 +208,14 @@ class Pool:
         return out
 
 
-def plan_shard(pool: Pool, source: Source, i: int, per_shard: int, fmt: str, fps: dict[int, tuple]) -> ShardPlan:
-    start, stop = i * per_shard, min((i + 1) * per_shard, len(source))
+def plan_shard(pool: Pool, source: Source, i: int, span: tuple[int, int, int | None], fmt: str,
+               fps: dict[int, tuple]) -> ShardPlan:
+    """Shard i's plan for its `span` (start, stop, bucket) of the input list (Source.spans)."""
+    start, stop, bucket = span
     metas = [source.sample_meta(g) for g in range(start, stop)]
     entries = [_plan_input(pool, source, g, i, metas[g - start]["file"], fps.get(g)) for g in range(start, stop)]
-    plan = ShardPlan(i, shards.shard_name(fmt, i), start, stop, metas, entries, shards.listing_sha256(metas), False)
+    plan = ShardPlan(i, shards.shard_name(fmt, i), start, stop, metas, entries, shards.listing_sha256(metas), False,
+                     bucket)
     here = pool.at.get(i)
     plan.kept = here is not None and here.valid() and _unchanged(here, plan)
     return plan
@@ -245,6 +249,8 @@ def _unchanged(here: Donor, plan: ShardPlan) -> bool:
     """The shard at the plan's place already holds exactly what the plan would write."""
     side = here.sidecar
     if side.get("inputs") != [plan.start, plan.stop] or side.get("listing_sha256") != plan.listing:
+        return False
+    if side.get("bucket") != plan.bucket:
         return False
     if side.get("sources") != [e.record for e in plan.entries]:
         return False

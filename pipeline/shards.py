@@ -6,7 +6,10 @@
     shards/<name>/part-00000.parquet     or Parquet: key, latent (fixed_size_binary), json (+ text: .npy bytes)
     shards/<name>/shard-00000.meta.json  sidecar: count, keys, labels, member offsets, skips, per-channel sums
 
-Shard i holds inputs [i·n, (i+1)·n) of the source's input list. A shard is complete when its sidecar exists and
+Shard i holds inputs [i·n, (i+1)·n) of the source's input list. With aspect-ratio buckets the input list is ordered
+by bucket and cut within each bucket's run, so a shard holds one bucket: its latents have that bucket's shape
+(`buckets[b].latent_shape`; the manifest's `latent.shape` stays the square one of `source.image_size`), its
+sidecar and manifest entry name it (`bucket`), and the manifest counts each bucket's samples and shards. A shard is complete when its sidecar exists and
 records the shard file's size and sha256; the manifest is the merge of the sidecars in shard order, so a resumed or
 multi-process encode gives the same manifest as one uninterrupted process. Readers never unpickle: arrays come
 from `np.load(allow_pickle=False)` or `np.frombuffer`, metadata from JSON.
@@ -69,11 +72,13 @@ def listing_sha256(metas: list[dict]) -> str:
     return _sha(json_bytes({"metas": metas}))
 
 
-def latent_slices(stores_std: bool, store: str, flip: bool) -> list[str]:
-    """The named slices of `latent.npy`'s first axis (DESIGN.md, shard schema)."""
-    if not stores_std:  # pixel codec: the image alone; its flip is exact at load time
+def latent_slices(stores_std: bool, store: str, flip: bool, image: bool | None = None) -> list[str]:
+    """The named slices of `latent.npy`'s first axis (DESIGN.md, shard schema). `image`: the pixel codec (by
+    default, a codec without a std), whose flip is exact at load time; a deterministic autoencoder (DC-AE, TAESD)
+    stores its latent alone, as `mean`."""
+    if not stores_std if image is None else image:  # pixel codec: the image alone
         return ["image"]
-    names = ["mean", "std"] if store == "mean_std" else ["mean"]
+    names = ["mean", "std"] if store == "mean_std" and stores_std else ["mean"]
     return names + [f"{n}_flip" for n in names] if flip else names
 
 
@@ -199,7 +204,11 @@ def manifest_header(source, codec, samples_per_shard: int, slices: list[str], fl
                     text_encoder: dict | None = None) -> dict:
     """Everything the manifest says besides the shards: source, codec, latent layout, labels, captions.
     `text_encoder`: the caption encoder's identity when the captions are embedded (`<key>.text.npy`)."""
-    side = source.image_size // codec.downsample
+    side, f = source.image_size // codec.downsample, codec.downsample
+    sizes = getattr(source, "bucket_sizes", None)  # aspect-ratio buckets (w, h), or None: square
+    buckets = None if sizes is None else [
+        {"size": [w, h], "latent_shape": [len(slices), codec.latent_channels, h // f, w // f]}
+        for w, h in sizes]
     return {
         "created_by": f"ditpipe {__version__}",
         "source": source.params,
@@ -212,6 +221,7 @@ def manifest_header(source, codec, samples_per_shard: int, slices: list[str], fl
                      if text_encoder or any(it.captions for it in source.items) else None),
         "samples_per_shard": samples_per_shard,
         "num_inputs": len(source),
+        **({"buckets": buckets} if buckets else {}),  # absent for square: its manifest is as before, byte for byte
     }
 
 
@@ -225,12 +235,17 @@ def build_manifest(folder: Path, header: dict, num_shards: int, fmt: str) -> dic
     shards, skipped, converted = [], [], []
     total, sums, sumsq, count = 0, None, None, 0
     text = {"captions": 0, "max_tokens": 0}
+    buckets = [{**b, "samples": 0, "shards": 0} for b in header.get("buckets") or []]
     for i in range(num_shards):
         name = shard_name(fmt, i)
         side = json.loads((folder / sidecar_name(name)).read_text())
         side_bytes = (folder / sidecar_name(name)).read_bytes()
         shards.append({"name": name, "samples": side["samples"], "bytes": side["bytes"], "sha256": side["sha256"],
                        "sidecar": sidecar_name(name), "sidecar_sha256": _sha(side_bytes)})
+        if buckets:
+            shards[-1]["bucket"] = side["bucket"]
+            buckets[side["bucket"]]["samples"] += side["samples"]
+            buckets[side["bucket"]]["shards"] += 1
         total += side["samples"]
         if "text" in side:
             text = {"captions": text["captions"] + side["text"]["captions"],
@@ -249,8 +264,17 @@ def build_manifest(folder: Path, header: dict, num_shards: int, fmt: str) -> dic
     if (header.get("captions") or {}).get("encoder"):  # the loader pads every batch to max_tokens seen
         header = {**header, "captions": {**header["captions"], "num_captions": text["captions"],
                                          "max_tokens_seen": max(1, text["max_tokens"])}}
+    if buckets:
+        header = {**header, "buckets": buckets}
     return {"format_version": FORMAT_VERSION, **header, "format": fmt, "num_samples": total,
             "num_shards": num_shards, "shards": shards, "skipped": skipped, "converted": converted, "stats": stats}
+
+
+def latent_shape_of(manifest: dict, bucket: int | None) -> tuple[int, ...]:
+    """(k, C, H, W) of a shard's latents: its bucket's, or the manifest's one shape (square, bucket None)."""
+    if bucket is None:
+        return tuple(manifest["latent"]["shape"])
+    return tuple(manifest["buckets"][bucket]["latent_shape"])
 
 
 def _sha(data: bytes) -> str:
@@ -296,6 +320,32 @@ def check_latent_shape(manifest: dict, where) -> None:
     if type(size) is int and type(down) is int and down > 0 and shape[2] != size // down:
         raise ShardError(f"'{where}': latent.shape {shape} does not match source.image_size {size} / "
                          f"codec.downsample {down} = {size // down}; the manifest is damaged or was altered")
+    if "buckets" in manifest:
+        _check_buckets(manifest, shape, down, where)
+
+
+def _check_buckets(manifest: dict, shape: list, down, where) -> None:
+    """Each bucket's latent shape is its size / the downsample factor, with the manifest's slices and channels, and
+    each shard names one of the buckets: the loader and the model size themselves from these."""
+    from pipeline.config import MAX_IMAGE_SIZE
+
+    buckets, entries = manifest.get("buckets"), manifest.get("shards")
+    if not (isinstance(buckets, list) and buckets and all(isinstance(b, dict) for b in buckets)):
+        raise ShardError(f"'{where}': buckets is not a list of buckets; the manifest is damaged or was altered")
+    for i, b in enumerate(buckets):
+        size, lat = b.get("size"), b.get("latent_shape")
+        ok = (isinstance(size, list) and len(size) == 2 and all(type(x) is int and 0 < x <= MAX_IMAGE_SIZE
+                                                                for x in size)
+              and type(down) is int and down > 0 and isinstance(lat, list)
+              and lat == [shape[0], shape[1], size[1] // down, size[0] // down])
+        if not ok:
+            raise ShardError(f"'{where}': bucket {i} ({size!r}, latent {lat!r}) does not match its size / "
+                             f"codec.downsample {down} with latent.shape's slices and channels; the manifest is "
+                             "damaged or was altered")
+    for e in entries if isinstance(entries, list) else []:
+        if not (isinstance(e, dict) and type(e.get("bucket")) is int and 0 <= e["bucket"] < len(buckets)):
+            raise ShardError(f"'{where}': shard {e.get('name') if isinstance(e, dict) else e!r} names no bucket of "
+                             "the manifest's; the manifest is damaged or was altered")
 
 
 @dataclass
@@ -321,8 +371,8 @@ def _read_text(data, manifest: dict) -> np.ndarray:
 def iter_shard(folder: Path, shard: str, manifest: dict, sidecar: dict | None = None) -> Iterator[Sample]:
     """Fast read of one shard: tar through its offset index + mmap, Parquet through binary columns."""
     folder = Path(folder)
-    shape = tuple(manifest["latent"]["shape"])
     sidecar = sidecar or json.loads((folder / sidecar_name(shard)).read_text())
+    shape = latent_shape_of(manifest, sidecar.get("bucket"))
     if manifest["format"] == "wds":
         expected = npy_bytes(np.zeros(shape, LATENT_DTYPE))  # every latent member is exactly this header + data
         with open(folder / shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -400,7 +450,7 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
     folder = Path(folder)
     manifest = load_manifest(folder)
     problems: list[str] = []
-    shape, checked = tuple(manifest["latent"]["shape"]), 0
+    checked = 0
     enc = text_encoder_of(manifest)
     n_classes = num_classes(manifest)
     allowed = set(SAMPLE_MEMBERS) | ({TEXT_MEMBER} if enc else set())
@@ -426,6 +476,10 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
             side = json.loads(side_path.read_text())
             bad = [(i, p) for i, x in enumerate(side.get("labels") or []) if (p := label_problem(x, n_classes))]
             problems += [f"{entry['sidecar']}: sample {i}'s {p}" for i, p in bad[:3]]
+            if side.get("bucket") != entry.get("bucket"):
+                problems.append(f"{entry['sidecar']}: bucket {side.get('bucket')!r}, the manifest says "
+                                f"{entry.get('bucket')!r}")
+        shape = latent_shape_of(manifest, entry.get("bucket"))  # each bucket's latents have their own shape
         try:
             reader = _decode_tar if manifest["format"] == "wds" else _decode_parquet
             n = reader(path, shape, allowed, side, problems, enc, n_classes)

@@ -4,7 +4,10 @@ A source lists its inputs up front (cheap: paths, labels, captions), in a determ
 later, per input, in DataLoader workers (`Source.load`). Shards are cut from this list by input index, so the list
 must be a pure function of the data on disk and the config.
 
-Preprocessing is the ADM/DiT center crop. Odd images are converted, not dropped, and each conversion is noted:
+Preprocessing is the ADM/DiT center crop; with aspect-ratio buckets (`data.buckets`, pipeline/buckets.py) each image
+is resized to cover the bucket nearest its aspect ratio, then centre-cropped (the same halvings and bicubic resize),
+and the input list is ordered by bucket so that a shard holds one bucket: `assign_buckets` reads every file's header
+(its size, EXIF-rotated) for that. Odd images are converted, not dropped, and each conversion is noted:
   - EXIF orientation is applied;
   - CMYK, grayscale, palette → RGB; 16-bit → 8-bit by scaling (PIL would clip it to white), in float32 after
     the halvings of the crop, so a large 16-bit image never exists as floats at full size;
@@ -21,15 +24,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from pipeline import buckets as bucketing
 from pipeline.atomic import sha256_file
 from pipeline.config import DataConfig
 from pipeline.download import download_coco, recorded_archives
@@ -64,11 +70,12 @@ class InputItem:
     label: int | None = None
     captions: tuple[str, ...] = ()
     problem: str | None = None  # known before decoding (e.g. outside any class folder): skipped with this reason
+    size: tuple[int, int] | None = None  # (w, h) of its aspect-ratio bucket; None: the square image_size crop
 
 
 @dataclass
 class Loaded:
-    """One decoded, preprocessed input: RGB uint8 (size, size, 3), the source bytes' sha256, conversion notes; for
+    """One decoded, preprocessed input: RGB uint8 (h, w, 3) of its size, the source bytes' sha256, notes; for
     files also the header's pixel count and `stat`: (size, mtime_ns, when it was taken, ns) just before the read."""
 
     pixels: np.ndarray | None
@@ -89,6 +96,7 @@ class Source:
     seed: int = 0
     max_pixels: int = DataConfig().max_pixels  # the budget `load` enforces before decoding (data.max_pixels)
     max_file_bytes: int = DataConfig().max_file_bytes
+    bucket_sizes: list[tuple[int, int]] | None = None  # aspect-ratio buckets (w, h); None: square
 
     def __len__(self) -> int:
         return len(self.items)
@@ -99,7 +107,23 @@ class Source:
             raise BadImage(item.problem)
         if self.name == "shapes":
             return render_shape(self.seed, index, self.image_size)
-        return load_image(self.root / item.file, self.image_size, self.max_pixels, self.max_file_bytes)
+        return load_image(self.root / item.file, item.size or self.image_size, self.max_pixels, self.max_file_bytes)
+
+    def spans(self, per_shard: int) -> list[tuple[int, int, int | None]]:
+        """(start, stop, bucket) of each shard: inputs [i·n, (i+1)·n); with buckets, cut within each bucket's run of
+        the input list, so that a shard holds one bucket (bucket None: square)."""
+        if self.bucket_sizes is None:
+            n = len(self.items)
+            return [(i * per_shard, min((i + 1) * per_shard, n), None) for i in range(max(1, math.ceil(n / per_shard)))]
+        out, start = [], 0
+        while start < len(self.items):
+            size = self.items[start].size
+            stop = start
+            while stop < len(self.items) and stop - start < per_shard and self.items[stop].size == size:
+                stop += 1
+            out.append((start, stop, self.bucket_sizes.index(size)))
+            start = stop
+        return out or [(0, 0, 0)]
 
     def stat(self, index: int) -> tuple[int, int, int] | None:
         """(size, mtime_ns, now_ns) of input `index`'s file; None for generated or unreadable inputs."""
@@ -141,6 +165,42 @@ def make_source(data: DataConfig, download_progress=None) -> Source:
     return source
 
 
+# ---------------------------------------------------------------------------------------------------- buckets
+
+
+def assign_buckets(source: Source, sizes: list[tuple[int, int]], threads: int = 4) -> Source:
+    """`source` with every input given the bucket nearest its aspect ratio (from its header, EXIF-rotated), its
+    inputs ordered by bucket (in `sizes` order; listing order within one), so that shards hold one bucket each.
+    An input whose header cannot be read goes to the most square bucket; its decode then says why it is skipped."""
+    if source.name == "shapes":
+        raise DataError("data.buckets: the shapes dataset is generated square; use data.buckets square, or a coco "
+                        "or custom folder")
+    files = [None if it.file is None or it.problem else source.root / it.file for it in source.items]
+    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, threads)) as pool:
+        warnings.simplefilter("ignore")  # PIL's EXIF and bomb warnings; a bomb fails its decode later
+        dims = list(pool.map(lambda f: None if f is None else _header_size(f, source.max_file_bytes), files))
+    square = bucketing.nearest(1, 1, sizes)
+    bucket = [square if d is None else bucketing.nearest(*d, sizes) for d in dims]
+    order = sorted(range(len(source.items)), key=lambda i: (bucket[i], i))
+    items = [replace(source.items[i], key=f"{k:08d}", size=tuple(sizes[bucket[i]])) for k, i in enumerate(order)]
+    params = {**source.params, "buckets": [list(b) for b in sizes],
+              "crop": "resize to cover the bucket nearest the aspect ratio, centre crop (ADM's halvings, bicubic)"}
+    return replace(source, items=items, params=params, bucket_sizes=[tuple(b) for b in sizes])
+
+
+def _header_size(path: Path, max_file_bytes: int) -> tuple[int, int] | None:
+    """(w, h) as displayed (EXIF orientation 5-8 swaps them), from the header alone; None when unreadable."""
+    try:
+        if os.path.getsize(path) > max_file_bytes:
+            return None
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = _orientation(img)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        return None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 # ---------------------------------------------------------------------------------------------------- decoding
 
 
@@ -153,10 +213,11 @@ def over_budget(nbytes: int | None, pixels: int | None, max_pixels: int, max_fil
     return None
 
 
-def load_image(path: Path, size: int, max_pixels: int = DataConfig().max_pixels,
+def load_image(path: Path, size: int | tuple[int, int], max_pixels: int = DataConfig().max_pixels,
                max_file_bytes: int = DataConfig().max_file_bytes) -> Loaded:
-    """Decode and preprocess one file. Files over `max_file_bytes` and images over `max_pixels` (read from the
-    header) are refused before any pixel is decoded."""
+    """Decode and preprocess one file to `size` (a square side, or a bucket's (w, h)). Files over `max_file_bytes`
+    and images over `max_pixels` (read from the header) are refused before any pixel is decoded."""
+    target = (size, size) if isinstance(size, int) else tuple(size)
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -183,7 +244,8 @@ def load_image(path: Path, size: int, max_pixels: int = DataConfig().max_pixels,
             if reason := over_budget(None, pixels, max_pixels, max_file_bytes):
                 raise BadImage(reason, sha, pixels, stat)
             if img.format == "JPEG":
-                img.draft("RGB", (size, size))  # decode at a reduced DCT scale that still covers the target
+                # decode at a reduced DCT scale that still covers the target in either orientation (EXIF comes later)
+                img.draft("RGB", (max(target), max(target)))
             img.load()
             if getattr(img, "n_frames", 1) > 1:
                 notes.append("first frame of an animation")
@@ -203,13 +265,14 @@ def load_image(path: Path, size: int, max_pixels: int = DataConfig().max_pixels,
     top = None
     if img.mode in HIGH_BIT_MODES:  # shrink in 16 bits first: scaling at full size costs 8 bytes a pixel
         top = full_scale(img)  # of the whole image: halving averages a lone bright pixel away
-        img = _halve(img, size)
-    return Loaded(center_crop(to_rgb(img, notes, top), size, notes), sha, notes, pixels, stat)
+        img = _halve(img, target)
+    return Loaded(cover_crop(to_rgb(img, notes, top), target, notes), sha, notes, pixels, stat)
 
 
-def _halve(img: Image.Image, size: int) -> Image.Image:
-    """The BOX halvings of `center_crop`, in the image's own mode (16-bit stays 2 bytes a pixel)."""
-    while min(*img.size) >= 2 * size:
+def _halve(img: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """The BOX halvings of `cover_crop`, while both sides stay at least twice the target's, in the image's own mode
+    (16-bit stays 2 bytes a pixel)."""
+    while img.size[0] >= 2 * target[0] and img.size[1] >= 2 * target[1]:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     return img
 
@@ -249,15 +312,21 @@ def to_rgb(img: Image.Image, notes: list[str], top: float | None = None) -> Imag
 
 def center_crop(img: Image.Image, size: int, notes: list[str]) -> np.ndarray:
     """ADM's center crop (guided-diffusion, used by DiT): halve with BOX while large, bicubic to the short side, crop."""
-    if min(img.size) < size:
+    return cover_crop(img, (size, size), notes)
+
+
+def cover_crop(img: Image.Image, target: tuple[int, int], notes: list[str]) -> np.ndarray:
+    """ADM's crop for any (w, h): halve with BOX while both sides are at least twice the target's, bicubic to the
+    smallest size that covers it, centre crop. For a square target this is exactly `center_crop`."""
+    tw, th = target
+    if img.size[0] < tw or img.size[1] < th:
         notes.append(f"upscaled from {img.size[0]}x{img.size[1]}")
-    while min(*img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = size / min(*img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    img = _halve(img, target)
+    scale = max(tw / img.size[0], th / img.size[1])
+    img = img.resize(tuple(max(t, round(x * scale)) for x, t in zip(img.size, target)), resample=Image.BICUBIC)
     arr = np.asarray(img)  # (H, W, 3) uint8
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return np.ascontiguousarray(arr[top : top + size, left : left + size])
+    top, left = (arr.shape[0] - th) // 2, (arr.shape[1] - tw) // 2
+    return np.ascontiguousarray(arr[top : top + th, left : left + tw])  # (th, tw, 3)
 
 
 # ---------------------------------------------------------------------------------------------------- shapes

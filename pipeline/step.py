@@ -134,7 +134,7 @@ class Step:
     ema: EMA | None
     objective: object
     plan: Plan
-    latent_shape: tuple[int, int, int]
+    latent_shape: tuple[int, int, int]  # the manifest's (square) one; a step draws for its batch's shape (bucket)
     norm: LatentNorm  # the manifest's latent normalisation, applied to z = mean + std·ε on the device
     posterior: bool  # the data has a std (a VAE posterior): the step draws ε
     seed: int
@@ -160,12 +160,12 @@ class Step:
         acc, plan, stats, device = self.acc, self.plan, self.stats, self.acc.device
         for group in self.opt.param_groups:
             group["lr"] = lr
+        m = feed()  # first: its shape is the step's bucket's (one bucket a global batch), which the draws take
         draws = step_draws(self.objective, step_generator(self.seed, step if position is None else position, device),
-                           plan.global_batch,
-                           self.latent_shape, self.drop_prob, self.posterior, device)
+                           plan.global_batch, tuple(m.mean.shape[1:]), self.drop_prob, self.posterior, device)
         step_loss = torch.zeros((), device=device)
         for micro in range(plan.accum):
-            m = feed()
+            m = m if micro == 0 else feed()
             start = (micro * plan.world_size + self.rank) * plan.batch_size  # this rank's block of the micro-batch
             mine = draws.at(start, start + plan.batch_size)
             z = m.mean.float() if m.std is None else m.mean.float() + m.std.float() * mine.eps  # (B, C, H, W)

@@ -13,7 +13,7 @@ import torch
 from pipeline import shards
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ShardError
-from pipeline.loader import is_url, open_shards
+from pipeline.loader import BucketOrder, EpochOrder, Plan, is_url, open_shards
 from pipeline.model import build_dit
 
 
@@ -50,8 +50,68 @@ def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
     if cfg.model.conditioning == "caption" and not enc:
         problems.append(("model.conditioning", "config says 'caption', but the shards carry no caption embeddings; "
                                                "encode with `ditpipe encode ... --captions`"))
+    problems += _bucket_problems(cfg, manifest)
     if problems:
         raise ConfigError(problems, header=f"the shards in '{folder}' do not match the config")
+
+
+def _bucket_problems(cfg: Config, manifest: dict) -> list[tuple[str, str]]:
+    """The config's data.buckets against the shards' (auto is recorded as the list it made), and every bucket's
+    latent a whole number of the model's patches."""
+    from pipeline.buckets import sizes_of
+
+    have = (manifest.get("source") or {}).get("buckets")
+    want = cfg.data.buckets
+    if (want == "square") != (have is None) or (isinstance(want, list) and [list(b) for b in want] != have):
+        return [("data.buckets", f"config says {want!r}, shards hold {'square crops' if have is None else have}; "
+                                 "encode with the same data.buckets")]
+    if have is None:
+        return []
+    problems = []
+    step = manifest["codec"]["downsample"] * cfg.model.patch
+    bad = [f"{w}x{h}" for w, h in sizes_of(manifest) if w % step or h % step]
+    if bad:
+        problems.append(("model.patch_size", f"patch {cfg.model.patch} does not tile the latents of bucket(s) "
+                                             f"{', '.join(bad)} (sides must be multiples of {step}); encode with "
+                                             "this model's patch, or pick a patch that divides them"))
+    if cfg.data.val_fraction or cfg.validation.shards:
+        problems.append(("data.val_fraction" if cfg.data.val_fraction else "validation.shards",
+                         "the held-out loss is not built for aspect-ratio buckets yet; drop the key for this run"))
+    return problems
+
+
+def epoch_order(cfg: Config, manifest: dict, counts: list[int], exclude, global_batch: int):
+    """The run's data order (a pure function of training.seed, the epoch and the position): EpochOrder over the
+    shards, or with aspect-ratio buckets a BucketOrder, whose global batches are one bucket each."""
+    t = cfg.training
+    if manifest.get("buckets"):
+        return BucketOrder(counts, [s["bucket"] for s in manifest["shards"]], len(manifest["buckets"]), t.seed,
+                           cfg.data.shuffle_window, global_batch, exclude)
+    return EpochOrder(counts, t.seed, cfg.data.shuffle_window, exclude=exclude)
+
+
+def make_plan(cfg: Config, manifest: dict, num_excluded: int, world: int) -> Plan:
+    """The run's Plan. An epoch has floor(N / G) global batches G; with buckets, every bucket's floor(n_b / G)."""
+    t = cfg.training
+    n = manifest["num_samples"] - num_excluded
+    if manifest.get("buckets"):
+        g = t.batch_size * t.gradient_accumulation_steps * world
+        n = epoch_order(cfg, manifest, [s["samples"] for s in manifest["shards"]], None, g).usable
+        if n == 0:
+            counts = ", ".join(f"{b['size'][0]}x{b['size'][1]}: {b['samples']}" for b in manifest["buckets"])
+            raise ConfigError([("training.batch_size", f"no bucket holds a whole global batch of {g} (batch × "
+                                                       f"accumulation × {world} processes); samples per bucket: "
+                                                       f"{counts}. A global batch comes from one bucket")])
+    return Plan(n, t.batch_size, t.gradient_accumulation_steps, world)
+
+
+def grid_shape(manifest: dict) -> tuple[int, int, int]:
+    """(C, H, W) that validation grids and `sample` draw by default: the most common bucket's, or the square one."""
+    from pipeline.buckets import most_common
+
+    if manifest.get("buckets"):
+        return tuple(manifest["buckets"][most_common(manifest)]["latent_shape"][1:])
+    return tuple(manifest["latent"]["shape"][1:])
 
 
 def _encoder_name(spec: str) -> str:
@@ -67,6 +127,9 @@ def open_data(cfg: Config, device: torch.device):
     encode would have written (minus the shards)."""
     folder = cfg.shards.path if is_url(cfg.shards.path or "") else cfg.shards_path  # a URL stays a string
     if cfg.data.source == "images":
+        if cfg.data.buckets != "square":
+            raise ConfigError([("data.buckets", "the online baseline (data.source: images) takes square crops only; "
+                                                "encode shards with these buckets and train on those")])
         if cfg.model.conditioning == "caption":
             raise ConfigError([("model.conditioning", "the online baseline (data.source: images) embeds no captions; "
                                                       "encode shards with --captions and train on those")])
@@ -76,7 +139,7 @@ def open_data(cfg: Config, device: torch.device):
         source = make_source(cfg.data)
         codec = load_codec(cfg.vae.name, cfg.vae.dtype, device, use_slicing=cfg.vae.use_slicing)
         manifest = shards.manifest_header(source, codec, cfg.shards.samples_per_shard,
-                                          shards.latent_slices(codec.stores_std, "mean_std", False),
+                                          codec.slices("mean_std", False),
                                           flip_at_load=cfg.shards.flip)
         manifest["num_samples"] = len(source)
         return manifest, Path(f"{cfg.data.dataset_name} images (online {cfg.vae.name})"), None, (source, codec)
@@ -120,7 +183,9 @@ def num_classes_for(cfg: Config, manifest: dict) -> int:
 
 
 def build_model(cfg: Config, manifest: dict, num_classes: int) -> torch.nn.Module:
-    """The official-layout DiT for class / unconditional runs, the caption DiT (model_text.py) for caption runs."""
+    """The official-layout DiT for class / unconditional runs, the caption DiT (model_text.py) for caption runs. It
+    takes latents of any size its patches tile (every bucket's, and `sample --size`); its pos_embed parameter stays
+    the square grid's of data.image_size, so checkpoints keep the official layout."""
     from pipeline.model_text import CAPTION_PRESETS, build_caption_dit
 
     _, channels, size, _ = manifest["latent"]["shape"]
@@ -130,21 +195,20 @@ def build_model(cfg: Config, manifest: dict, num_classes: int) -> torch.nn.Modul
         raise ConfigError([("model.name", f"{m.name} is a caption model; it needs shards with caption embeddings "
                                           f"(encode --captions) and model.conditioning caption or auto, or use "
                                           f"{m.name.replace('DiT-T-', 'DiT-')} for a class model")])
+    arch = dict(input_size=size, in_channels=channels, learn_sigma=m.learn_sigma and cfg.diffusion.objective == "ddpm",
+                qk_norm=m.qk_norm, gradient_checkpointing=m.gradient_checkpointing, hidden_size=m.hidden_size,
+                depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
     try:
         if caption:
-            return build_caption_dit(m.name, input_size=size, in_channels=channels,
-                                     text_dim=shards.text_encoder_of(manifest)["dim"],
-                                     learn_sigma=m.learn_sigma and cfg.diffusion.objective == "ddpm",
-                                     caption_dropout_prob=m.class_dropout_prob, qk_norm=m.qk_norm,
-                                     gradient_checkpointing=m.gradient_checkpointing, hidden_size=m.hidden_size,
-                                     depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
-        return build_dit(m.name, input_size=size, in_channels=channels, num_classes=num_classes,
-                         learn_sigma=m.learn_sigma and cfg.diffusion.objective == "ddpm",
-                         class_dropout_prob=m.class_dropout_prob if num_classes else 0.0, qk_norm=m.qk_norm,
-                         gradient_checkpointing=m.gradient_checkpointing, hidden_size=m.hidden_size, depth=m.depth,
-                         num_heads=m.num_heads, patch_size=m.patch_size)
+            model = build_caption_dit(m.name, text_dim=shards.text_encoder_of(manifest)["dim"],
+                                      caption_dropout_prob=m.class_dropout_prob, **arch)
+        else:
+            model = build_dit(m.name, num_classes=num_classes,
+                              class_dropout_prob=m.class_dropout_prob if num_classes else 0.0, **arch)
     except ValueError as e:
         raise ConfigError([("model", str(e))]) from None
+    model.any_grid = True
+    return model
 
 
 def batch_condition(conditioning: str, device: torch.device):
@@ -163,12 +227,12 @@ def training_batches(cfg: Config, manifest: dict, store, online, plan, rank: int
     the shards (or, for the online baseline, decoded images), and the function that turns one into the posterior's
     (mean, std or None) on `device`. The order is EpochOrder's: a pure function of (training.seed, epoch,
     position)."""
-    from pipeline.loader import EpochOrder, ImageBatches, MicroBatches, make_loader
+    from pipeline.loader import ImageBatches, MicroBatches, make_loader
 
     t, spp = cfg.training, manifest["samples_per_shard"]
     counts = store.counts if store is not None else [min(spp, manifest["num_samples"] - i)
                                                       for i in range(0, manifest["num_samples"], spp)]
-    order = EpochOrder(counts, t.seed, cfg.data.shuffle_window, exclude=exclude)
+    order = epoch_order(cfg, manifest, counts, exclude, plan.global_batch)
     if store is not None:
         dataset = MicroBatches(store, order, plan, rank, t.seed, captions=conditioning == "caption")
         posterior = precomputed_latents(device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -29,11 +28,11 @@ from rich.text import Text
 
 from pipeline import atomic, lock, reuse, shards
 from pipeline.assemble import Assembler, DonorCache, Encoded
-from pipeline.codec import encode_with_backoff, load_codec
+from pipeline.codec import encode_with_backoff, load_codec, with_class
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, ShardError
 from pipeline.loader import is_url
-from pipeline.sources import BadImage, Loaded, Source, make_source
+from pipeline.sources import BadImage, Loaded, Source, assign_buckets, make_source
 from pipeline.workers import capped_workers
 
 
@@ -126,25 +125,28 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     if cfg.data.image_size % codec.downsample:
         raise ConfigError([("data.image_size", f"{cfg.data.image_size} is not a multiple of the codec's downsample "
                                                f"factor {codec.downsample} ({cfg.vae.name})")])
+    if sizes := _bucket_sizes(cfg, codec):
+        source = assign_buckets(source, sizes, capped_workers(cfg.data.num_workers)[0] or 1)
     _tune_for_device(codec, cfg)
     out = cfg.shards_path
     n_per, fmt = cfg.shards.samples_per_shard, cfg.shards.format
     text_encoder = _text_encoder(cfg, source)
-    slices = shards.latent_slices(codec.stores_std, cfg.shards.store, cfg.shards.flip)
-    header = shards.manifest_header(source, codec, n_per, slices, flip_at_load=not codec.stores_std and cfg.shards.flip,
+    slices = codec.slices(cfg.shards.store, cfg.shards.flip)
+    header = shards.manifest_header(source, codec, n_per, slices, flip_at_load=codec.kind == "pixel" and cfg.shards.flip,
                                     text_encoder=text_encoder.identity() if text_encoder else None)
     _prepare_folder(out, header, fmt, overwrite, write=False)  # every rank refuses the same folder the same way
     barrier()
     if rank == 0:
         _prepare_folder(out, header, fmt, overwrite, write=True)
     barrier()
-    num_shards = max(1, math.ceil(len(source) / n_per))
+    spans = source.spans(n_per)  # (start, stop, bucket) of each shard
+    num_shards = len(spans)
     pool = reuse.Pool(out, header, fmt)
     baseline = _baseline(out, pool) if rank == 0 else None
     mine = range(rank, num_shards, world)
-    fps = pool.fingerprints(source, [g for i in mine for g in range(i * n_per, min((i + 1) * n_per, len(source)))],
+    fps = pool.fingerprints(source, [g for i in mine for g in range(*spans[i][:2])],
                             capped_workers(cfg.data.num_workers)[0])
-    plans = [reuse.plan_shard(pool, source, i, n_per, fmt, fps) for i in mine]
+    plans = [reuse.plan_shard(pool, source, i, spans[i], fmt, fps) for i in mine]
     for plan in plans:
         here = pool.at.get(plan.index)
         if not plan.kept and here is not None and here.valid():
@@ -161,8 +163,8 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     with progress_bar(console, disable=rank != 0) as bar:  # counts what this run decodes and encodes
         task = bar.add_task(f"encode → {out}" + (f" (rank 0 of {world})" if world > 1 else ""),
                             total=sum(len(p.to_encode()) for p in plans if not p.kept), reused=0)
-        _write_shards([p for p in plans if not p.kept], source, codec, text_encoder, cfg, pool,
-                      tuple(header["latent"]["shape"]), state, lambda n: bar.update(task, advance=n))
+        _write_shards([p for p in plans if not p.kept], source, codec, text_encoder, cfg, pool, header, state,
+                      lambda n: bar.update(task, advance=n))
     counts = _sum_over_ranks([kept, state["reused"], state["encoded"], pool.hashed,
                               sum(not p.kept for p in plans)], world)
     barrier()
@@ -178,7 +180,7 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     return manifest
 
 
-def _write_shards(plans: list, source: Source, codec, text_encoder, cfg: Config, pool: reuse.Pool, latent_shape,
+def _write_shards(plans: list, source: Source, codec, text_encoder, cfg: Config, pool: reuse.Pool, header: dict,
                   state: dict, advance) -> None:
     """Rewrite the shards `plans` name: one DataLoader decodes every input to encode, batches never cross a shard,
     and a writer thread assembles each shard (reused latents, new ones, skips) while the next batch is encoded."""
@@ -189,7 +191,7 @@ def _write_shards(plans: list, source: Source, codec, text_encoder, cfg: Config,
         _Decode(source), batch_sampler=order, collate_fn=_collate, pin_memory=codec.device.type == "cuda",
         num_workers=min(capped_workers(cfg.data.num_workers)[0], len(order)))) if order else iter(())
     donors = DonorCache(pool)
-    with Assembler(pool.out, cfg.shards.format, latent_shape, text_encoder is not None, donors) as writer:
+    with Assembler(pool.out, cfg.shards.format, header, text_encoder is not None, donors) as writer:
         for plan in plans:
             text_cache: dict = {}  # per shard, so a shard's bytes depend only on its own inputs (resume gives the same)
             writer.put("shard", plan, _changed_caption_texts(plan, donors, text_encoder, cfg, text_cache))
@@ -212,6 +214,17 @@ def _changed_caption_texts(plan, donors: DonorCache, text_encoder, cfg: Config, 
     records = text_encoder.encode_records([list(plan.metas[e.index - plan.start].get("captions", [])) for e in stale],
                                           cfg.text.batch_size, text_cache)
     return {e.index: r for e, r in zip(stale, records)}
+
+
+def _bucket_sizes(cfg: Config, codec) -> list[tuple[int, int]] | None:
+    """data.buckets resolved for this codec and the config's patch size; None for square."""
+    from pipeline.buckets import resolve
+
+    try:
+        return resolve(cfg.data.buckets, cfg.data.image_size, codec.downsample * cfg.model.patch)
+    except ValueError as e:
+        raise ConfigError([("data.buckets", f"{e} (codec {cfg.vae.name}: {codec.downsample}× down; model.name "
+                                            f"{cfg.model.name}: patch {cfg.model.patch})")]) from None
 
 
 def _distributed():
@@ -268,7 +281,7 @@ def _local_device() -> torch.device:
 def _tune_for_device(codec, cfg: Config) -> None:
     """On CUDA: the VAE in channels_last (the layout tensor cores want; the uint8 NHWC batch permuted is already
     in it) and cuDNN's timed choice of convolution kernels (vae.cudnn_benchmark)."""
-    if codec.device.type == "cuda" and codec.stores_std:
+    if codec.device.type == "cuda" and codec.kind != "pixel":
         torch.backends.cudnn.benchmark = cfg.vae.cudnn_benchmark
         codec.vae.to(memory_format=torch.channels_last)
 
@@ -314,6 +327,7 @@ def _prepare_folder(out: Path, header: dict, fmt: str, overwrite: bool, write: b
             raise ShardError(f"'{out}' exists and is not a ditpipe shard folder; choose another --out")
         old = json.loads(params_file.read_text())
         old["source"] = {k: v for k, v in (old.get("source") or {}).items() if k not in _CONTENT_KEYS}
+        old["codec"] = with_class(old.get("codec") or {})  # a record from before the class was recorded
         if old != params and not overwrite:
             diff = _diff(old, params)
             raise ShardError(f"'{out}' holds shards made with other parameters ({diff}); pass --overwrite to replace "
@@ -395,8 +409,9 @@ def _encode_batch(batch: Decoded, source: Source, codec, text_encoder, cfg: Conf
         writer.put("batch", Encoded(None, None, [], [], batch.failed))
         return
     n = len(batch.good)
-    images = batch.pixels.to(codec.device, non_blocking=True) if codec.stores_std else batch.pixels  # (N, H, W, 3)
-    with_flip = codec.stores_std and cfg.shards.flip
+    neural = codec.kind != "pixel"  # the pixel codec's flip is exact at load time: it encodes nothing
+    images = batch.pixels.to(codec.device, non_blocking=True) if neural else batch.pixels  # (N, H, W, 3)
+    with_flip = neural and cfg.shards.flip
     if with_flip:
         images = torch.cat([images, images.flip(2)])  # (2N, H, W, 3): mirror along W
     mean, std = encode_with_backoff(codec, images, state)  # (2N | N, C, h, w) float32

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline import checkpoint
-from pipeline.codec import default_device, load_codec
+from pipeline.codec import default_device, load_codec, load_decoder
 from pipeline.diffusion import make_objective
 from pipeline.errors import DitpipeError
 from pipeline.generate import decode, generate
@@ -59,6 +59,7 @@ class Sampleable:
     text_encoder: dict | None = None  # a caption model's encoder identity (the manifest's), else None
     settings: Settings | None = None  # the run's validation.* sampling settings; None: an official checkpoint
     origin: str = "official DiT's scripts"  # where `settings` come from, for the printed line
+    buckets: list[list[int]] | None = None  # the image sizes [w, h] the run trained on; None: an official checkpoint
 
     @property
     def guidable(self) -> bool:
@@ -70,8 +71,10 @@ class Sampleable:
 
 def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None, model_name: str | None = None,
                     image_size: int | None = None, device: torch.device | None = None,
-                    warn=lambda msg: None) -> Sampleable:
+                    warn=lambda msg: None, decoder: str | None = None) -> Sampleable:
+    """`decoder` (or `vae`): another autoencoder to decode with, checked against the run's codec (load_decoder)."""
     device = device or default_device()
+    vae = decoder or vae
     path = Path(path)
     if not path.exists():
         raise DitpipeError(f"checkpoint '{path}' does not exist; pass a checkpoint folder, a run folder (e.g. "
@@ -81,8 +84,9 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
     if not (path / checkpoint.STATE).is_file() and path.is_dir():  # a run folder: its newest valid checkpoint
         path = checkpoint.find_resumable(path, warn)[0]
     state = checkpoint.validate(path)
+    from pipeline.buckets import sizes_of
     from pipeline.shards import text_encoder_of
-    from pipeline.training import build_model, conditioning_for, num_classes_for
+    from pipeline.training import build_model, conditioning_for, grid_shape, num_classes_for
 
     cfg, manifest = checkpoint.read_config(path), checkpoint.read_manifest(path)
     num_classes = num_classes_for(cfg, manifest)
@@ -93,27 +97,23 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
         warn(f"the EMA has seen only {state['step']} updates with decay {cfg.training.ema_decay} (it averages over "
              f"about {1 / (1 - cfg.training.ema_decay):,.0f}); its samples may look like the initial model. "
              "Use --no-ema for the raw weights")
-    codec = load_codec(vae or manifest["codec"]["name"], manifest["codec"]["dtype"], device)
+    codec = load_decoder(vae or manifest["codec"]["name"], manifest["codec"], manifest["codec"]["dtype"], device)
     labels = manifest.get("labels")
     caption = conditioning_for(cfg, manifest) == "caption"
     objective, v = make_objective(cfg.diffusion.objective, model.learn_sigma), cfg.validation
-    return Sampleable(model.to(device).eval(), objective, tuple(manifest["latent"]["shape"][1:]), codec,
-                      checkpoint_norm(cfg, manifest, codec if vae else None),
+    return Sampleable(model.to(device).eval(), objective, grid_shape(manifest), codec, checkpoint_norm(cfg, manifest),
                       labels["names"] if labels and num_classes else None, f"{path} ({weights}, step {state['step']})",
                       text_encoder_of(manifest) if caption else None,
                       Settings(v.sampler or objective.default_sampler, v.sampling_steps, v.cfg_scale,
-                               tuple(v.cfg_interval)), "the run's validation settings")
+                               tuple(v.cfg_interval)), "the run's validation settings", sizes_of(manifest))
 
 
-def checkpoint_norm(cfg, manifest: dict, other_codec=None) -> LatentNorm:
+def checkpoint_norm(cfg, manifest: dict) -> LatentNorm:
     """The latent normalisation a checkpoint was trained with: as recorded (`latent_norm` in its manifest.json),
-    or, for checkpoints from before it was recorded, the codec's factors. With another decoder (`--vae`), `scale`
-    takes that decoder's own factors; `channel` keeps the recorded statistics, which describe the model's space."""
-    norm = (LatentNorm.from_record(manifest["latent_norm"]) if manifest.get("latent_norm")
+    or, for checkpoints from before it was recorded, the codec's factors. Another decoder (`--decoder`) takes the
+    run codec's raw latents and maps them into its own space itself (pipeline/codec.py, CrossDecoder)."""
+    return (LatentNorm.from_record(manifest["latent_norm"]) if manifest.get("latent_norm")
             else LatentNorm.from_manifest(manifest, cfg.data.latent_norm))
-    if other_codec is not None and norm.kind == "scale":
-        norm = LatentNorm.from_manifest({**manifest, "codec": other_codec.identity()}, "scale")
-    return norm
 
 
 def _official(path: Path, model_name: str | None, image_size: int | None, vae: str, device) -> Sampleable:
@@ -145,6 +145,26 @@ def _official(path: Path, model_name: str | None, image_size: int | None, vae: s
                                     "scale")  # official DiT: the VAE's own scaling factor
     return Sampleable(model.to(device).eval(), make_objective("ddpm", learn_sigma), (in_channels, size, size), codec,
                       norm, None, f"{path} (official layout, {model_name})")
+
+
+def sized_latent(s: Sampleable, size: str, warn) -> tuple[int, int, int]:
+    """The latent shape (C, H/f, W/f) of `--size WxH`: any size whose latent the model's patches tile; a size the
+    run never trained on (not one of its buckets) is allowed, with a warning."""
+    from pipeline.buckets import parse_size
+
+    try:
+        w, h = parse_size(size)
+    except ValueError as e:
+        raise DitpipeError(f"--size {size!r}: {e}") from None
+    step = s.codec.downsample * s.model.patch_size
+    if w % step or h % step:
+        raise DitpipeError(f"--size {w}x{h}: both sides must be multiples of {step} (the codec's downsample "
+                           f"{s.codec.downsample} × the model's patch {s.model.patch_size})")
+    shape = (s.latent_shape[0], h // s.codec.downsample, w // s.codec.downsample)
+    if s.buckets and [w, h] not in s.buckets:
+        warn(f"--size {w}x{h} is none of the run's buckets ({', '.join(f'{a}x{b}' for a, b in s.buckets)}); the "
+             "model has not seen this shape")
+    return shape
 
 
 def class_list(classes: str | None, num: int | None, num_classes: int,
@@ -245,9 +265,11 @@ def sample(checkpoint_path: Path, *, use_ema: bool = True, classes: str | None =
            out_dir: Path | None = None, batch_size: int = 64,
            vae: str | None = None, model_name: str | None = None, image_size: int | None = None,
            prompts: list[str] | None = None, text_encoder: str | None = None,
-           console: Console | None = None) -> np.ndarray:
+           console: Console | None = None, size: str | None = None, decoder: str | None = None) -> np.ndarray:
     """Generate, write the grid and/or the per-sample PNGs, and return the images (N, H, W, 3) uint8. Sampling
-    settings left None come from the checkpoint (its validation.*), or official DiT's for an official .pt."""
+    settings left None come from the checkpoint (its validation.*), or official DiT's for an official .pt.
+    `size` "WxH": another image size than the run's (most common) bucket; `decoder`: another autoencoder to decode
+    with (TAESD for an SD-VAE run), checked against the run's codec."""
     console = console or Console(stderr=True)
     warn = lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True)  # noqa: E731
     if num is not None and num < 1:
@@ -256,7 +278,9 @@ def sample(checkpoint_path: Path, *, use_ema: bool = True, classes: str | None =
         raise DitpipeError(f"--batch-size {batch_size}: needs at least 1")
     _check_out(out)
     s = load_sampleable(checkpoint_path, use_ema=use_ema, vae=vae, model_name=model_name, image_size=image_size,
-                        warn=warn)
+                        warn=warn, decoder=decoder)
+    if size is not None:
+        s.latent_shape = sized_latent(s, size, warn)
     settings = resolve_settings(s, "sample", sampler, steps, cfg_scale, cfg_interval)
     given = {k for k, v in {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
                             "cfg_interval": cfg_interval}.items() if v is not None}

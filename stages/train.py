@@ -40,8 +40,8 @@ from pipeline.metrics import MetricsLog
 from pipeline.recovery import RecoveryState, SpikeWatch, injected
 from pipeline.schedule import lr_at, restretched_length, schedule_warnings
 from pipeline.step import Micro, Step, build_step, forward_flops, load_state
-from pipeline.training import (batch_condition, build_model, conditioning_for, num_classes_for, open_data,
-                               training_batches)
+from pipeline.training import (batch_condition, build_model, conditioning_for, grid_shape, make_plan,
+                               num_classes_for, open_data, training_batches)
 from pipeline.validation import HeldOut, loss_sums, open_held_out
 from pipeline.workers import capped_workers
 
@@ -100,7 +100,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     elastic_note = None
     if saved:  # first: every later check (epoch length, end step) depends on the split of the global batch
         elastic_note = elastic_split(cfg, saved, world, resume)
-    plan = Plan(manifest["num_samples"] - len(excluded), t.batch_size, t.gradient_accumulation_steps, world)
+    plan = make_plan(cfg, manifest, len(excluded), world)
     if plan.steps_per_epoch == 0:
         raise ConfigError([("training.batch_size", f"the global batch ({plan.global_batch} = batch × accumulation × "
                                                    f"{world} processes) exceeds the {plan.num_samples} samples")])
@@ -341,7 +341,7 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
                     device: torch.device, cache: dict) -> Path:
     """A grid of `validation.num_samples` samples (EMA weights when kept), one class per column cycle, written to
     samples/step-NNNNNNN.png. The same seed every time, so grids compare across steps."""
-    from pipeline.codec import load_codec
+    from pipeline.codec import load_decoder
     from pipeline.generate import decode, generate
     from pipeline.images import make_grid, to_uint8
 
@@ -359,12 +359,11 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
         cache["text"].to(device)
         names = cache["prompts"]
         labels = encode_prompts(cache["text"], [names[i % len(names)] for i in range(n)])
-    _, channels, size, _ = manifest["latent"]["shape"]
-    z = generate(model, objective, (channels, size, size), labels, n, v.sampler, v.sampling_steps, v.cfg_scale,
+    z = generate(model, objective, grid_shape(manifest), labels, n, v.sampler, v.sampling_steps, v.cfg_scale,
                  cfg.training.seed, device, cfg_interval=v.cfg_interval, bf16=v.bf16)  # bf16 autocast on CUDA
     codec = manifest["codec"]
-    if "codec" not in cache:
-        cache["codec"] = load_codec(codec["name"], codec["dtype"], device)
+    if "codec" not in cache:  # the run's codec, or validation.decoder (checked to decode its latents)
+        cache["codec"] = load_decoder(v.decoder or codec["name"], codec, codec["dtype"], device)
     cache["codec"].to(device)
     images = to_uint8(decode(z, cache["codec"], LatentNorm.from_record(manifest["latent_norm"])))
     path = run_dir / "samples" / f"step-{step:07d}.png"
@@ -416,6 +415,8 @@ def _writers(acc, cfg: Config, manifest: dict, step: Step) -> dict:
     if not acc.is_main_process:
         return writers
     excerpt = {k: manifest.get(k) for k in ("codec", "labels", "captions", "latent", "source", "stats", "latent_norm")}
+    if manifest.get("buckets"):  # so `sample` knows the run's sizes from the checkpoint alone
+        excerpt["buckets"] = manifest["buckets"]
     writers.update({
         "model.pt": lambda p: torch.save(step.raw.state_dict(), p),
         "optimizer.pt": lambda p: torch.save(step.opt.state_dict(), p),
@@ -700,7 +701,7 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
     table.add_row("precision", spec.precision + (f"  ({spec.notice})" if spec.notice else ""))
     params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     table.add_row("model", f"{cfg.model.name} (hidden {raw.hidden_size}, depth {raw.depth}, patch {raw.patch_size}),"
-                           f" {params:,} trainable parameters, "
+                           f" {params:,} trainable parameters, {_tokens(manifest, raw.patch_size)}, "
                            + (f"{spec.num_classes} classes" if spec.num_classes else "unconditional"
                               if spec.conditioning == "none" else _caption_line(manifest)))
     table.add_row("objective", cfg.diffusion.objective)
@@ -738,6 +739,14 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
                       f"{kept[1]} per-step), about {sum(kept) * _needed_bytes(raw) / 2**30:,.1f} GiB; keep fewer with "
                       "--checkpointing.keep_epochs N and --checkpointing.total_limit N, or a larger "
                       "checkpointing.steps", highlight=False, soft_wrap=True)
+
+
+def _tokens(manifest: dict, patch: int) -> str:
+    """Tokens per image: `256 tokens per image`, or per bucket's image, from the fewest to the most."""
+    shapes = [b["latent_shape"] for b in manifest.get("buckets") or []] or [manifest["latent"]["shape"]]
+    counts = sorted({(h // patch) * (w // patch) for _, _, h, w in shapes})
+    return f"{counts[0]:,} tokens per image" if len(counts) == 1 else \
+        f"{counts[0]:,}–{counts[-1]:,} tokens per image over {len(shapes)} buckets"
 
 
 def _checkpoints_kept(cfg: Config, plan: Plan, start_step: int, end_step: int) -> tuple[int, int]:
