@@ -86,3 +86,8 @@ def most_common(manifest: dict) -> int:
     """The bucket with the most samples (the first of equals): validation grids and `sample` default to it."""
     buckets = manifest.get("buckets") or []
     return max(range(len(buckets)), key=lambda i: (buckets[i].get("samples", 0), -i)) if buckets else 0
+
+
+def describe(manifest: dict) -> str:
+    """`8x16: 6, 16x16: 9, ...`: each bucket's size and samples, for `inspect` and the encode summary."""
+    return ", ".join(f"{b['size'][0]}x{b['size'][1]}: {b['samples']:,}" for b in manifest["buckets"])

@@ -6,13 +6,15 @@ Reads only sizes, never pixels: a COCO annotation file's `images[].width/height`
     python scripts/bucket_coverage.py --folder data/custom --image-size 256 --multiple 16
 
 Prints one JSON line: images counted, the mean fraction kept by the centre crop and by the nearest `auto` bucket
-(or `--buckets WxH,WxH,...`), the worst case of each, and how many images each bucket gets.
+(or `--buckets WxH,WxH,...`), the worst case of each, and how many images each bucket gets; for a folder also the
+rate at which encode's bucket assignment reads the headers (files/s).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from pipeline import buckets
@@ -21,16 +23,22 @@ from pipeline import buckets
 def sizes_from(coco: str | None, folder: str | None) -> list[tuple[int, int]]:
     if coco:
         return [(im["width"], im["height"]) for im in json.loads(Path(coco).read_text())["images"]]
-    from PIL import Image
+    from pipeline.config import DataConfig
+    from pipeline.sources import _header_size, make_source
 
-    from pipeline.sources import IMAGE_EXTENSIONS
+    source = make_source(DataConfig(dataset_name="custom", dataset_path=folder, num_samples=None))
+    return [d for it in source.items if (d := _header_size(source.root / it.file, source.max_file_bytes))]
 
-    out = []
-    for p in sorted(Path(folder).rglob("*")):
-        if p.suffix.lower() in IMAGE_EXTENSIONS:
-            with Image.open(p) as img:
-                out.append(img.size)
-    return out
+
+def header_rate(folder: str, sizes: list[tuple[int, int]]) -> float:
+    """Files a second that encode's bucket assignment reads headers at (`assign_buckets`, 4 threads)."""
+    from pipeline.config import DataConfig
+    from pipeline.sources import assign_buckets, make_source
+
+    source = make_source(DataConfig(dataset_name="custom", dataset_path=folder, num_samples=None))
+    t0 = time.perf_counter()
+    assign_buckets(source, sizes, threads=4)
+    return len(source) / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -50,7 +58,8 @@ def main() -> None:
     print(json.dumps({"images": len(sizes), "centre_crop_kept": round(sum(square) / len(sizes), 4),
                       "buckets_kept": round(sum(bucketed) / len(sizes), 4), "centre_crop_worst": round(min(square), 4),
                       "buckets_worst": round(min(bucketed), 4),
-                      "per_bucket": {f"{w}x{h}": assigned.count((w, h)) for w, h in chosen}}))
+                      "per_bucket": {f"{w}x{h}": assigned.count((w, h)) for w, h in chosen},
+                      **({"header_reads_per_s": round(header_rate(a.folder, chosen))} if a.folder else {})}))
 
 
 if __name__ == "__main__":

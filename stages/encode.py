@@ -28,6 +28,7 @@ from rich.text import Text
 
 from pipeline import atomic, lock, reuse, shards
 from pipeline.assemble import Assembler, DonorCache, Encoded
+from pipeline.buckets import describe, resolve
 from pipeline.codec import encode_with_backoff, load_codec, with_class
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, ShardError
@@ -218,8 +219,6 @@ def _changed_caption_texts(plan, donors: DonorCache, text_encoder, cfg: Config, 
 
 def _bucket_sizes(cfg: Config, codec) -> list[tuple[int, int]] | None:
     """data.buckets resolved for this codec and the config's patch size; None for square."""
-    from pipeline.buckets import resolve
-
     try:
         return resolve(cfg.data.buckets, cfg.data.image_size, codec.downsample * cfg.model.patch)
     except ValueError as e:
@@ -445,6 +444,8 @@ def _summary(console: Console, manifest: dict, out: Path, seconds: float, counts
     table.add_row("skipped", f"{len(manifest['skipped']):,}")
     table.add_row("converted", f"{len(manifest['converted']):,}")
     table.add_row("shards", f"{manifest['num_shards']} ({manifest['format']})")
+    if manifest.get("buckets"):
+        table.add_row("buckets", describe(manifest))
     table.add_row("bytes", f"{sum(s['bytes'] for s in manifest['shards']):,}")
     table.add_row("time", f"{seconds:.1f} s" + (f" ({kept:,} inputs reused from complete shards)" if kept else ""))
     table.add_row("rate", f"{rate:,.0f} img/s (this run's encoded inputs / its encoding seconds, as the bar)")

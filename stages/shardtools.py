@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import shards
+from pipeline.buckets import describe
 from pipeline.errors import ShardError
 
 
@@ -34,10 +35,13 @@ def inspect(folder: Path, as_json: bool, console: Console) -> None:
     src, codec, lat = m["source"], m["codec"], m["latent"]
     t = Table(title=f"{folder}", show_header=False, title_justify="left")
     t.add_row("source", ", ".join(f"{k}={v}" for k, v in src.items()))
-    t.add_row("codec", f"{codec['name']} ({codec['kind']}, {codec['dtype']}, ×{codec['downsample']} down), "
+    t.add_row("codec", f"{codec['name']} ({codec.get('class', codec['kind'])}, {codec['dtype']}, "
+                       f"×{codec['downsample']} down, {codec['latent_channels']} channels), "
                        f"scaling {codec['scaling_factor']:g}, shift {codec['shift_factor']:g}, hash {codec['hash'][:12]}")
     t.add_row("latent", f"{lat['dtype']} {tuple(lat['shape'])}: {', '.join(lat['slices'])}"
                         + ("; flipped at load time" if lat.get("flip_at_load") else ""))
+    if m.get("buckets"):  # each shard's latents have its bucket's shape
+        t.add_row("buckets", describe(m))
     labels = m.get("labels")
     t.add_row("labels", "none (unconditional)" if not labels else
               f"{labels['num_classes']} classes: {', '.join(labels['names'][:12])}"

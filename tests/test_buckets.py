@@ -205,8 +205,12 @@ def test_a_wrong_config_for_bucketed_shards_is_refused_naming_the_key(custom_sha
 def test_bucketed_training_resumes_bitwise_in_process_and_samples_at_two_sizes(custom_shards, tmp_path):
     data, _ = custom_shards
     out = tmp_path / "outputs"
-    full = train(load_config(None, run_config(data, out, "full", **{"training.max_steps": 8})))
+    full = train(load_config(None, run_config(data, out, "full", **{
+        "training.max_steps": 8, "validation.every_steps": 8, "validation.num_samples": 4,
+        "validation.sampling_steps": 2})))
     _reset()
+    grid = Image.open(full / "samples" / "step-0000008.png")  # the most common bucket, 8x16 (the first of equals):
+    assert grid.size[0] == 2 * (4 * 8 + 2) + 2  # two labelled columns of 8 px wide cells, enlarged 4× (min_cell 64)
     half = train(load_config(None, run_config(data, out, "half", **{"training.max_steps": 4})))
     _reset()
     train(resume_config(half / "checkpoint-4", overrides={"training.max_steps": 8}), resume=half / "checkpoint-4")
@@ -264,6 +268,26 @@ def test_two_processes_read_every_bucketed_sample_once_an_epoch_one_bucket_a_ste
         assert len(seen[0]) == len(seen[1]) == 20  # equal batch counts on both ranks
         every = seen[0] + seen[1]
         assert sorted(every) == list(range(40))  # each sample exactly once (no remainder here: 8 = 2 × 4)
+
+
+def test_a_bucketed_encode_updates_itself_when_images_change(tmp_path, capsys):
+    photos = mixed_folder(tmp_path / "photos", per_class=1)
+    data = data_for("custom", photos, tmp_path / "shards")
+    before = encode(load_config(None, data))
+    (photos / "b" / "new-wide.jpg").write_bytes(jpeg_bytes(photo(90, 44, 7)))  # one more 2:1 photo
+    (photos / "a" / "0-04.jpg").write_bytes(jpeg_bytes(photo(64, 40, 8)))  # a square one becomes 5:3
+    capsys.readouterr()
+    after = encode(load_config(None, data))
+    assert "this run: 2 inputs decoded," in capsys.readouterr().err  # the others are reused or kept
+    fresh = encode(load_config(None, {**data, "shards.path": str(tmp_path / "fresh")}))
+    assert [b["samples"] for b in before["buckets"]] == [4, 4, 4, 4, 4]
+    assert [b["samples"] for b in after["buckets"]] == [b["samples"] for b in fresh["buckets"]] == [4, 4, 3, 5, 5]
+    assert after["update"]["changed"] == 1 and after["update"]["added"] == 1
+    key = lambda m, out: [(s.key, s.meta["file"], s.latent.shape) for s in shards.iter_samples(out)]  # noqa: E731
+    assert key(after, tmp_path / "shards") == key(fresh, tmp_path / "fresh")
+    assert shards.verify(tmp_path / "shards") == ([], 21)
+    again = encode(load_config(None, data))
+    assert {k: v for k, v in again.items() if k != "update"} == {k: v for k, v in after.items() if k != "update"}
 
 
 def test_square_shards_carry_no_bucket_fields(tmp_path):
