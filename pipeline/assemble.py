@@ -134,8 +134,8 @@ class Assembler:
     def _on_shard(self, plan: reuse.ShardPlan, texts: dict) -> None:
         self._plan, self._texts, self._next, self._done = plan, texts, 0, {}
         self._tally = ShardTally()
-        self._writer = shards.ShardWriter(self.out / plan.name, self.fmt, shards.latent_shape_of(self.header, plan.bucket),
-                                          text=self.text)
+        shape = shards.latent_shape_of(self.header, plan.bucket)  # the manifest's, or the shard's bucket's
+        self._writer = shards.ShardWriter(self.out / plan.name, self.fmt, shape, text=self.text)
 
     def _on_batch(self, batch: Encoded) -> None:
         for index, reason, sha, pixels, stat in batch.failed:

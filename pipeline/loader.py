@@ -379,10 +379,6 @@ class ShardStore:
         k = bisect.bisect_right(offsets, i) - 1  # the row group's chunk
         return data[k][i - offsets[k]], int(labels[i])
 
-    def shape_of(self, g: int) -> tuple[int, ...]:
-        """(k, C, H, W) of global sample g's latent: its shard's (bucket's)."""
-        return self.shapes[int(np.searchsorted(self.starts, g, side="right") - 1)]
-
     def read_text(self, g: int) -> np.ndarray:
         """The caption record (K,) of global sample g (pipeline/text.py's layout, checked, never unpickled)."""
         from pipeline.text import read_record
@@ -483,12 +479,13 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, q = key
         indices = self.order(epoch, self.plan.positions(q, self.rank))
-        shape = (len(indices), *self.store.shape_of(int(indices[0]))[1:])  # (B, C, H, W): one bucket a batch
+        first = self.store.read(int(indices[0]))
+        shape = (len(indices), *first[0].shape[1:])  # (B, C, H, W): the first sample's, its bucket's (one a batch)
         mean = _batch_tensor(shape)
         std = _batch_tensor(shape) if self.view.has_std else None
         means, stds, labels = mean.numpy(), None if std is None else std.numpy(), []
         for k, g in enumerate(indices):
-            stored, label = self.store.read(int(g))
+            stored, label = first if k == 0 else self.store.read(int(g))
             m, s = self.view.select(stored, sample_key(self.seed, epoch, g))  # (C, H, W) fp16 views
             means[k] = m
             if s is not None:

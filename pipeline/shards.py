@@ -8,11 +8,11 @@
 
 Shard i holds inputs [i·n, (i+1)·n) of the source's input list. With aspect-ratio buckets the input list is ordered
 by bucket and cut within each bucket's run, so a shard holds one bucket: its latents have that bucket's shape
-(`buckets[b].latent_shape`; the manifest's `latent.shape` stays the square one of `source.image_size`), its
-sidecar and manifest entry name it (`bucket`), and the manifest counts each bucket's samples and shards. A shard is complete when its sidecar exists and
-records the shard file's size and sha256; the manifest is the merge of the sidecars in shard order, so a resumed or
-multi-process encode gives the same manifest as one uninterrupted process. Readers never unpickle: arrays come
-from `np.load(allow_pickle=False)` or `np.frombuffer`, metadata from JSON.
+(`buckets[b].latent_shape`; the manifest's `latent.shape` stays the square one of `source.image_size`), its sidecar
+and manifest entry name it (`bucket`), and the manifest counts each bucket's samples and shards. A shard is complete
+when its sidecar exists and records the shard file's size and sha256; the manifest is the merge of the sidecars in
+shard order, so a resumed or multi-process encode gives the same manifest as one uninterrupted process. Readers
+never unpickle: arrays come from `np.load(allow_pickle=False)` or `np.frombuffer`, metadata from JSON.
 """
 
 from __future__ import annotations

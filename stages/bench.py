@@ -10,13 +10,13 @@ Progress goes to stderr; one JSON object goes to stdout (and to `--json`).
 Parts
 -----
 encode   our real encode stage (`stages.encode.encode`: decode workers, ADM crop, codec, shard writer, manifest)
-         against the bare VAE forward at the same batch and size, running the same forwards (image and mirror,
-         in chunks of the encode batch, as `encode_with_backoff` does; `codec.forward`, the encoder alone). Both rates are steady-state: images after
-         the first batch over the time from its end to the last batch's end (the pipeline's batches are stamped
-         by wrapping `stages.encode._encode_batch`); the whole call's rate (codec load and hash, workers,
-         manifest) is reported beside. Plus JPEG decode with and without PIL's draft mode. VAE shapes: `sd`
-         (sd-vae-ft-ema's architecture with random weights: the same cost), `dc-ae` (DC-AE f32c32's, Sana's:
-         32× down, 32 channels, deterministic) or `tiny`; all are built offline and loaded through
+         against the bare VAE forward at the same batch and size, running the same forwards (image and mirror, in
+         chunks of the encode batch, as `encode_with_backoff` does; `codec.forward`, the encoder alone). Both rates
+         are steady-state: images after the first batch over the time from its end to the last batch's end (the
+         pipeline's batches are stamped by wrapping `stages.encode._encode_batch`); the whole call's rate (codec load
+         and hash, workers, manifest) is reported beside. Plus JPEG decode with and without PIL's draft mode. VAE
+         shapes: `sd` (sd-vae-ft-ema's architecture with random weights: the same cost), `dc-ae` (DC-AE f32c32's,
+         Sana's: 32× down, 32 channels, deterministic) or `tiny`; all are built offline and loaded through
          `from_pretrained`, the real loading path.
 loader   training-ready samples/s (flip chosen, the stored fp16 slices copied and collated into batches: what
          `MicroBatches` yields through `make_loader`; ε is drawn by the training step on the device) from our tar shards and our Parquet shards, against fast-DiT's layout (one `.npy` per

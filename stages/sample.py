@@ -164,6 +164,7 @@ def sized_latent(s: Sampleable, size: str, warn) -> tuple[int, int, int]:
     if s.buckets and [w, h] not in s.buckets:
         warn(f"--size {w}x{h} is none of the run's buckets ({', '.join(f'{a}x{b}' for a, b in s.buckets)}); the "
              "model has not seen this shape")
+    s.model.any_grid = True  # an official checkpoint's model too: its pos_embed is computed for this grid
     return shape
 
 
