@@ -34,8 +34,9 @@ from pipeline.finetune import init_from
 from pipeline.latent_norm import LatentNorm
 from pipeline.loader import Plan
 from pipeline.metrics import MetricsLog
+from pipeline.phema import SNAPSHOT_DIR, clean_temporaries, write_snapshots
 from pipeline.schedule import lr_at
-from pipeline.step import Micro, Step, build_step, forward_flops
+from pipeline.step import PHEMA_FILE, Micro, Step, build_step, forward_flops
 from pipeline.training import (batch_condition, build_model, conditioning_for, num_classes_for, open_data,
                                training_batches)
 from pipeline.validation import HeldOut, loss_sums, open_held_out
@@ -129,6 +130,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     start_step = int(saved["step"]) if saved else 0
     if saved and acc.is_main_process:
         checkpoint.clean_temporaries(run_dir)  # half-written checkpoints of the killed run
+        clean_temporaries(run_dir / SNAPSHOT_DIR)  # and half-written post-hoc EMA snapshots
 
     log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process,
                      resume_step=start_step if saved else None)
@@ -160,7 +162,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     def save(name: str, step: int) -> None:
         checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, step_fn),
                         _ckpt_state(cfg, step, plan, total_steps, int(stats.nonfinite_total)), group=group,
-                        needed_bytes=_needed_bytes(raw))
+                        needed_bytes=_needed_bytes(raw, step_fn))
         if acc.is_main_process:
             checkpoint.prune(run_dir, cfg.checkpointing.total_limit, cfg.checkpointing.keep_epochs)
 
@@ -193,6 +195,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             validate(0, grid=False)  # where a fine-tune starts from, and a from-scratch run's baseline
         for step in range(start_step, end_step):
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+            if step > start_step and step % cfg.checkpointing.phema_every == 0:
+                _phema_snapshots(acc, run_dir, step_fn, step)
             if step > start_step and step_in_epoch == 0 and cfg.checkpointing.every_epoch:
                 save(checkpoint.epoch_name(epoch), step)
             if step > start_step and step % cfg.checkpointing.steps == 0:
@@ -231,6 +235,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                                        "training.learning_rate, use bf16 instead of fp16, or set model.qk_norm: "
                                        "true; resume from the last checkpoint")
 
+        if end_step > start_step:
+            _phema_snapshots(acc, run_dir, step_fn, end_step)
         if end_step % plan.steps_per_epoch == 0 and cfg.checkpointing.every_epoch and end_step > start_step:
             save(checkpoint.epoch_name(end_step // plan.steps_per_epoch), end_step)
         save(checkpoint.step_name(end_step), end_step)
@@ -367,14 +373,23 @@ def _writers(acc, cfg: Config, manifest: dict, step: Step) -> dict:
     })
     if step.ema is not None:
         writers["ema.pt"] = lambda p: torch.save(step.ema.state_dict(), p)
+    if step.phema is not None:
+        writers[PHEMA_FILE] = lambda p: torch.save(step.phema.state_dict(), p)
     if acc.scaler is not None:
         writers["scaler.pt"] = lambda p: torch.save(acc.scaler.state_dict(), p)
     return writers
 
 
-def _needed_bytes(raw) -> int:
+def _needed_bytes(raw, step: Step) -> int:
     params = sum(p.numel() * 4 for p in raw.parameters())
-    return params * 4  # model + EMA + two Adam moments, in fp32
+    return params * (4 + len(step.phema.emas if step.phema else []))  # model, EMA, Adam's 2 moments, post-hoc EMAs
+
+
+def _phema_snapshots(acc, run_dir: Path, step: Step, at: int) -> None:
+    """Rank 0 writes the post-hoc EMA snapshots of step `at`, before that step's checkpoint (so a checkpoint implies
+    its snapshots, and a resume from it need not write them again)."""
+    if step.phema is not None and acc.is_main_process:
+        write_snapshots(run_dir / SNAPSHOT_DIR, at, step.phema)
 
 
 def _check_world_size(saved: dict, world: int, ckpt: Path) -> None:
@@ -561,6 +576,11 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
         every = (f"every {cfg.validation.every_steps:,} steps" if cfg.validation.every_steps
                  else "never: validation.every_steps is 0")
         table.add_row("held-out loss", f"{spec.held_out}; at {cfg.validation.loss_timesteps} fixed timesteps, {every}")
+    if t.posthoc_ema:
+        size = 4 * sum(p.numel() for p in raw.state_dict().values()) * len(t.posthoc_ema_sigmas) / 2**20
+        table.add_row("post-hoc EMA", f"σ_rel {', '.join(f'{s:g}' for s in t.posthoc_ema_sigmas)}: snapshots every "
+                                      f"{cfg.checkpointing.phema_every:,} steps and at the end ({size:,.1f} MiB "
+                                      f"each step) in {spec.run_dir / SNAPSHOT_DIR}; `ditpipe ema` reconstructs")
     table.add_row("output", str(spec.run_dir))
     console.print(table)
     if start_step and end_step > spec.total_steps:
