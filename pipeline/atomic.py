@@ -50,3 +50,31 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def new_folder(out: Path, overwrite: bool):
+    """Yields an empty temporary folder beside `out`; when the block succeeds it becomes `out`. An existing
+    non-empty `out` is refused unless `overwrite`, and replaced only once the new folder is whole; on failure the
+    temporary goes and `out` stays as it was."""
+    import shutil
+
+    from pipeline.errors import DitpipeError
+
+    out = Path(out)
+    if out.is_file():
+        raise DitpipeError(f"--out '{out}' is a file; name a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DitpipeError(f"--out '{out}' already exists and is not empty; choose another folder or pass "
+                           "--overwrite to replace it")
+    tmp = out.parent / f".{out.name}.export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)  # --overwrite: only now that the new folder is whole
+    os.replace(tmp, out)

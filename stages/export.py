@@ -2,7 +2,8 @@
 
     --format safetensors   DIR/model.safetensors (EMA weights, or --raw) in the official DiT layout, and
                            DIR/config.json: the architecture, objective, latent normalisation, the shard manifest's
-                           codec/labels/captions sections, and the run's config. `--init-from DIR` reads it back.
+                           codec/labels/captions sections, and the run's config (pipeline/exported.py).
+                           `--init-from DIR`, `sample --checkpoint DIR`, `evaluate` and `export` read it back.
     --format diffusers     DIR/transformer/ for `DiTTransformer2DModel.from_pretrained`; with 1,000 classes (what
                            diffusers' DiTPipeline assumes: class 1000 is its null class) also DIR/vae/,
                            DIR/scheduler/ and model_index.json, a folder `DiTPipeline.from_pretrained` samples from.
@@ -14,18 +15,15 @@ replaced only with --overwrite, and only once the new export is complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 from rich.console import Console
 
-from pipeline import __version__, checkpoint
+from pipeline import __version__, atomic, checkpoint, exported
 from pipeline.config import Config, validate_tree
 from pipeline.errors import DitpipeError
-from pipeline.latent_norm import LatentNorm
 
 FORMATS = ("safetensors", "diffusers")
 PIPELINE_CLASSES = 1000  # diffusers' DiTPipeline hard-codes class 1000 as the null class
@@ -38,29 +36,28 @@ def export(checkpoint_path: Path, fmt: str, out: Path, *, raw: bool = False, vae
         raise DitpipeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     ckpt, cfg, manifest, model, meta = open_checkpoint(Path(checkpoint_path), raw, console)
     out = Path(out)
-    _refuse_existing(out, overwrite)
-    tmp = out.parent / f".{out.name}.export-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.new_folder(out, overwrite) as tmp:
         if fmt == "safetensors":
-            _write_safetensors(tmp, model, meta)
+            exported.write(tmp, model.state_dict(), meta)
         else:
             _write_diffusers(tmp, model, cfg, manifest, meta, vae, console)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)  # --overwrite: only now that the new export is whole
-    os.replace(tmp, out)
     console.print(f"exported {ckpt} ({meta['weights']} weights, step {meta['step']}) → {out} ({fmt})")
     return out
 
 
 def open_checkpoint(path: Path, raw: bool, console: Console):
-    """(checkpoint folder, config, manifest excerpt, model with the chosen weights, export metadata)."""
+    """(checkpoint folder, config, manifest excerpt, model with the chosen weights, export metadata). An export
+    folder (`ditpipe ema --out`, an earlier safetensors export) holds one set of weights and is taken as it is."""
     from pipeline.training import build_model, num_classes_for
 
+    folder = exported.folder_of(path)
+    if folder is not None:
+        if raw:
+            raise DitpipeError(f"'{folder}' is an export that holds one set of weights; drop --raw")
+        ex = exported.read(folder)
+        model = build_model(ex.cfg, ex.manifest, num_classes_for(ex.cfg, ex.manifest))
+        model.load_state_dict(ex.state, strict=True)
+        return folder, ex.cfg, ex.manifest, model.eval(), {**ex.meta, "written_by": f"ditpipe {__version__}"}
     if path.is_file():
         raise DitpipeError(f"'{path}' is a file; `ditpipe export` takes a ditpipe checkpoint folder (or a run folder: "
                            "its newest valid checkpoint). An official DiT .pt is already in the official layout: "
@@ -78,41 +75,10 @@ def open_checkpoint(path: Path, raw: bool, console: Console):
     if not file.is_file():
         raise DitpipeError(f"'{path}' has no ema.pt (the run had training.use_ema off); export the raw weights with "
                            "--raw")
-    num_classes = num_classes_for(cfg, manifest)
-    model = build_model(cfg, manifest, num_classes)
+    model = build_model(cfg, manifest, num_classes_for(cfg, manifest))
     model.load_state_dict(checkpoint.load_tensors(file), strict=True)
-    norm = manifest.get("latent_norm") or LatentNorm.from_manifest(manifest, cfg.data.latent_norm).record()
-    meta = {"format": "ditpipe-dit", "written_by": f"ditpipe {__version__}", "checkpoint": str(path),
-            "step": state["step"], "weights": weights, "model": architecture(cfg, model),
-            "objective": cfg.diffusion.objective, "latent_norm": norm,
-            "manifest": {k: manifest.get(k) for k in ("codec", "labels", "captions", "latent")},
-            "config": cfg.to_dict()}
+    meta = exported.metadata(cfg, manifest, model, source=str(path), step=state["step"], weights=weights)
     return path, cfg, manifest, model.eval(), meta
-
-
-def architecture(cfg: Config, model) -> dict:
-    """What builds the model again: `pipeline.model.DiT(**architecture minus name)`."""
-    return {"name": cfg.model.name, "input_size": model.input_size, "patch_size": model.patch_size,
-            "in_channels": model.in_channels, "hidden_size": model.hidden_size, "depth": model.depth,
-            "num_heads": model.num_heads, "num_classes": model.num_classes, "learn_sigma": model.learn_sigma,
-            "class_dropout_prob": model.class_dropout_prob, "qk_norm": cfg.model.qk_norm}
-
-
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.is_file():
-        raise DitpipeError(f"--out '{out}' is a file; name a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DitpipeError(f"--out '{out}' already exists and is not empty; choose another folder or pass "
-                           "--overwrite to replace it")
-
-
-def _write_safetensors(folder: Path, model, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "ditpipe": json.dumps(
-        {k: meta[k] for k in ("weights", "step", "objective")})})
-    (folder / "config.json").write_text(json.dumps(meta, indent=1))
 
 
 def _write_diffusers(folder: Path, model, cfg: Config, manifest: dict, meta: dict, vae: str | None,

@@ -39,13 +39,11 @@ from pipeline.schedule import lr_at
 from pipeline.step import PHEMA_FILE, Micro, Step, build_step, forward_flops
 from pipeline.training import (batch_condition, build_model, conditioning_for, num_classes_for, open_data,
                                training_batches)
-from pipeline.validation import HeldOut, loss_sums, open_held_out
+from pipeline.validation import HeldOut, eval_model, held_out_losses, open_held_out
 
 # Debugging aid (see _SampleRecord): a path; each rank appends the global sample indices of every micro-batch.
 RECORD_ENV = "DITPIPE_RECORD_SAMPLES"
 # Keys that may differ between a run's saved config and the one it resumes with (DESIGN.md, Runs and checkpoints).
-# A no-grad forward keeps no activations for backward, so the held-out loss takes this many times the micro-batch.
-EVAL_BATCH_FACTOR = 4
 RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "logging.", "checkpointing.", "validation.")
 
 
@@ -171,7 +169,9 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 
     def validate(step: int, grid: bool = True) -> None:
         if held is not None:
-            losses = held_out_losses(acc, cfg, manifest, held, raw, ema, objective, num_classes, evaluation)
+            weights = {"ema": ema.state_dict()} if ema is not None else {}
+            losses = held_out_losses(acc, cfg, manifest, held, {**weights, "raw": raw.state_dict()}, objective,
+                                     num_classes, evaluation)
             log.scalars(step, prefix="val", **losses)
             if acc.is_main_process:
                 bar.console.print(f"Step {step}, held-out loss: " + ", ".join(
@@ -254,39 +254,12 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 # ---------------------------------------------------------------------------------------------------- validation
 
 
-def eval_model(cfg: Config, manifest: dict, num_classes: int, weights: dict, device: torch.device,
-               cache: dict) -> torch.nn.Module:
-    """A model in eval mode holding `weights` (EMA or raw), built once per run and cached. Building initialises
-    weights, so it runs under a forked RNG: validation never moves the global RNG the saved states record."""
-    if "model" not in cache:
-        with torch.random.fork_rng(devices=[]):
-            cache["model"] = build_model(cfg, manifest, num_classes).eval()
-    cache["model"].to(device).load_state_dict(weights)
-    return cache["model"]
-
-
 def _park(cache: dict) -> None:
     """Move the cached evaluation model, decoder and text encoder to the CPU: on a tight GPU the step needs the
     3-4 GB they hold (XL/2 and its VAE) until the next validation brings them back."""
     for key in ("model", "codec", "text"):
         if key in cache:
             cache[key].to(torch.device("cpu"))
-
-
-def held_out_losses(acc, cfg: Config, manifest: dict, held: HeldOut, raw, ema, objective, num_classes: int,
-                    cache: dict) -> dict:
-    """The held-out loss with the EMA weights (when kept) and the raw ones: the mean over the fixed timesteps, and
-    the mean at each (`loss_<weights>_by_t`), summed over every rank's share."""
-    out = {}
-    weights = {"ema": ema.state_dict()} if ema is not None else {}
-    for name, state in {**weights, "raw": raw.state_dict()}.items():
-        model = eval_model(cfg, manifest, num_classes, state, acc.device, cache)
-        with acc.autocast():
-            sums = loss_sums(model, objective, held, num_classes, cfg.validation.loss_timesteps,
-                             EVAL_BATCH_FACTOR * cfg.training.batch_size, acc.device)  # (k,)
-        by_t = (acc.reduce(sums, "sum") if acc.num_processes > 1 else sums) / held.total  # (k,)
-        out[f"loss_{name}"], out[f"loss_{name}_by_t"] = float(by_t.mean()), [round(float(x), 6) for x in by_t]
-    return out
 
 
 def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classes: int, step: int, run_dir: Path,
