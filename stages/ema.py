@@ -220,4 +220,4 @@ def _table(console: Console, rows: list[dict], at: int, scorer: _Scorer | None) 
     best = min(candidates, key=lambda r: r[key]) if key == "held_out_loss" else max(candidates, key=lambda r: r[key])
     score = f"held-out loss {best[key]:.4f}" if key == "held_out_loss" else f"class accuracy {best[key]:.1%}"
     console.print(f"best: σ_rel {best['sigma_rel']:g} ({score}); write it with `ditpipe ema RUN --sigma-rel "
-                  f"{best['sigma_rel']:g} --step {at} --out DIR`", highlight=False)
+                  f"{best['sigma_rel']:g} --step {at} --out DIR`", highlight=False, soft_wrap=True)
