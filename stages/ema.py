@@ -125,8 +125,11 @@ class _Scorer:
 
     def __init__(self, cfg, manifest: dict, num: int, console: Console):
         from pipeline.device import make_accelerator
-        from pipeline.training import num_classes_for
+        from pipeline.training import conditioning_for, num_classes_for
 
+        if conditioning_for(cfg, manifest) == "caption":  # as in training: HeldOut reads labels, not captions
+            raise DitpipeError("--held-out scores class and unconditional models; caption models are not supported "
+                               "yet (reconstruct with --sigma-rel and evaluate the result)")
         self.cfg, self.manifest, self.num, self.cache = cfg, manifest, num, {}
         self.acc = make_accelerator(cfg.training.mixed_precision, tf32=cfg.training.tf32)[0]
         self.num_classes = num_classes_for(cfg, manifest)

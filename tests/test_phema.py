@@ -33,14 +33,6 @@ END, EVERY = 48, 4  # steps, and steps between snapshots: 12 snapshot steps
 UNTRACKED_TOLERANCE = 0.01
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """48 steps at a high LR (so the EMAs of different lengths differ), three tracked σ_rel, a snapshot every 4
