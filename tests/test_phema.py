@@ -244,7 +244,7 @@ def test_ema_writes_weights_that_sample_export_and_init_from_load(run, tmp_path,
 def test_sweep_scores_each_sigma_beside_the_classic_ema_and_names_the_best(run, capsys):
     from stages.ema import ema
 
-    rows = ema(run, sweep="0.05,0.1,0.2", held_out=True, num=32)  # what `ditpipe ema RUN --sweep ... --held-out` runs
+    rows = ema(run, sweep="0.05,0.1,0.2", held_out=True, num=16)  # what `ditpipe ema RUN --sweep ... --held-out` runs
     err = capsys.readouterr().err
     sigmas = [r["sigma_rel"] for r in rows]
     assert sigmas == [0.05, 0.1, 0.2, None, None] and [r["label"] for r in rows[3:]] == ["classic EMA (0.9999)",
