@@ -11,7 +11,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 from pipeline.diffusion import make_objective
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import EpochOrder, Plan, open_shards
+from pipeline.loader import EpochOrder, open_shards
 from pipeline.metrics import read_metrics
 from pipeline.model import build_dit
 from pipeline.validation import HeldOut, held_out_indices, loss_sums
