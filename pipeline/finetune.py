@@ -21,11 +21,11 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.errors import ConfigError, DitpipeError
+from pipeline.exported import CONFIG as EXPORT_CONFIG, WEIGHTS as EXPORT_WEIGHTS
 
 TABLE = "y_embedder.embedding_table.weight"
 POS = "pos_embed"
 TIME_BIAS = "t_embedder.mlp.2.bias"  # added to every conditioning vector, as the label embedding is
-EXPORT_CONFIG = "config.json"  # written beside model.safetensors by `ditpipe export --format safetensors`
 
 
 @dataclass
@@ -44,8 +44,8 @@ def load_init(path: str | Path, weights: str = "ema") -> InitSource:
     if not path.exists():
         raise DitpipeError(f"model.init_from: '{path}' does not exist. Pass an official DiT .pt (e.g. "
                            "DiT-XL-2-256x256.pt), a ditpipe checkpoint or run folder, or an exported .safetensors")
-    if path.is_dir() and (path / "model.safetensors").is_file():
-        path = path / "model.safetensors"
+    if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
+        path = path / EXPORT_WEIGHTS
     if path.is_dir():
         return _from_checkpoint(path, weights)
     if path.suffix == ".safetensors":

@@ -31,10 +31,12 @@ from pipeline.diffusion import micro_loss
 from pipeline.ema import EMA, ema_decay
 from pipeline.latent_norm import LatentNorm
 from pipeline.loader import Plan
+from pipeline.phema import PowerEMA
 
 # The optimizer's own execution flags: fixed by this build, never by a checkpoint (one written on a CPU without
 # fused kernels must not switch a GPU run to the unfused AdamW, which cannot skip a step on the device).
 _OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+PHEMA_FILE = "phema.pt"  # a checkpoint's post-hoc EMA shadows (PowerEMA.state_dict)
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -144,6 +146,7 @@ class Step:
     max_grad_norm: float
     ema_decay: float
     ema_warmup: bool
+    phema: PowerEMA | None = None  # the post-hoc EMAs (training.posthoc_ema), updated beside the classic EMA
     stats: StepStats = field(init=False)
 
     def __post_init__(self):
@@ -191,6 +194,8 @@ class Step:
         inner.__dict__.pop("found_inf", None)
         if self.ema is not None:
             self.ema.update(ema_decay(step, self.ema_decay, self.ema_warmup), applied)
+        if self.phema is not None:
+            self.phema.update(step, applied)
         self.opt.zero_grad(set_to_none=True)
         stats.loss_sum += torch.where(bad, 0.0, global_loss)
         stats.finite_steps += (~bad).float()
@@ -222,21 +227,24 @@ def build_step(acc, model: torch.nn.Module, objective, plan: Plan, latent_shape:
     t = training
     model = model.to(acc.device)  # first: the EMA, the optimizer and loaded state are made from these parameters
     ema = EMA(model) if t.use_ema else None
+    phema = PowerEMA(model, t.posthoc_ema_sigmas) if t.posthoc_ema else None
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
                             betas=(t.adam_beta1, t.adam_beta2), fused=True)  # fused: skips steps on the device
     if resume is not None:
-        load_state(resume, model, ema, opt, acc.scaler)
+        load_state(resume, model, ema, opt, acc.scaler, phema)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model, keep_torch_compile=False)
     if compile:
         model = torch.compile(model)
     return Step(acc, model, raw, opt, ema, objective, plan, latent_shape, norm, posterior, t.seed, rank, drop_prob,
-                conditional, t.max_grad_norm, t.ema_decay, t.ema_warmup)
+                conditional, t.max_grad_norm, t.ema_decay, t.ema_warmup, phema)
 
 
-def load_state(ckpt: Path, model: torch.nn.Module, ema: EMA | None, opt: torch.optim.Optimizer, scaler) -> None:
-    """A checkpoint's model, EMA, optimizer and loss-scaler state, into objects already on their device. The files
-    are memory-mapped: every rank reads them through the page cache instead of holding its own host copy."""
+def load_state(ckpt: Path, model: torch.nn.Module, ema: EMA | None, opt: torch.optim.Optimizer, scaler,
+               phema: PowerEMA | None = None) -> None:
+    """A checkpoint's model, EMA, optimizer, loss-scaler and post-hoc EMA state, into objects already on their
+    device. The files are memory-mapped: every rank reads them through the page cache instead of holding its own
+    host copy."""
     model.load_state_dict(checkpoint.load_tensors(ckpt / "model.pt", mmap=True), strict=True)
     flags = {k: opt.defaults[k] for k in _OPTIMIZER_FLAGS if k in opt.defaults}
     opt.load_state_dict(checkpoint.load_tensors(ckpt / "optimizer.pt", mmap=True))
@@ -247,6 +255,8 @@ def load_state(ckpt: Path, model: torch.nn.Module, ema: EMA | None, opt: torch.o
             state["step"] = state["step"].to(p.device, torch.float32)
     if ema is not None and (ckpt / "ema.pt").is_file():
         ema.load_state_dict(checkpoint.load_tensors(ckpt / "ema.pt", mmap=True))
+    if phema is not None:  # required: the config cannot switch posthoc_ema on at a resume
+        phema.load_state_dict(checkpoint.load_tensors(ckpt / PHEMA_FILE, mmap=True))
     if scaler is not None and (ckpt / "scaler.pt").is_file():
         scaler.load_state_dict(checkpoint.load_tensors(ckpt / "scaler.pt"))
 

@@ -21,10 +21,13 @@ from pipeline.diffusion import micro_loss
 from pipeline.errors import ConfigError
 from pipeline.latent_norm import LatentNorm
 from pipeline.loader import LatentView, keyed_rng, open_shards, sample_key
+from pipeline.training import build_model
 
 # Tags that keep the held-out set's keyed streams apart from the training ones (loader.py uses 0-2).
 _SPLIT, _NOISE = 100, 102
 _HELD_OUT_EPOCH = 1 << 40  # in the epoch slot of sample_key: no training epoch reaches it
+# A no-grad forward keeps no activations for backward, so the held-out loss takes this many times the micro-batch.
+EVAL_BATCH_FACTOR = 4
 
 
 def held_out_indices(num_samples: int, fraction: float, seed: int) -> np.ndarray:
@@ -82,6 +85,34 @@ def loss_sums(model, objective, held: HeldOut, num_classes: int, timesteps: int,
         loss = micro_loss(model, objective, x0, labels, num_classes > 0, t, noise, keep)  # (b·k,)
         sums += loss.double().view(b, timesteps).sum(0)  # (k,)
     return sums
+
+
+def eval_model(cfg, manifest: dict, num_classes: int, weights: dict, device: torch.device,
+               cache: dict) -> torch.nn.Module:
+    """A model in eval mode holding `weights` (EMA, raw or a reconstructed EMA), built once and kept in `cache`.
+    Building initialises weights, so it runs under a forked RNG: validation never moves the global RNG the saved
+    states record."""
+    if "model" not in cache:
+        with torch.random.fork_rng(devices=[]):
+            cache["model"] = build_model(cfg, manifest, num_classes).eval()
+    cache["model"].to(device).load_state_dict(weights)
+    return cache["model"]
+
+
+def held_out_losses(acc, cfg, manifest: dict, held: HeldOut, weights: dict[str, dict], objective, num_classes: int,
+                    cache: dict) -> dict:
+    """The held-out loss of each of `weights` ({name: state dict}, e.g. "ema" and "raw"): `loss_<name>`, the mean
+    over the fixed timesteps, and `loss_<name>_by_t`, the mean at each, summed over every rank's share. `acc` is the
+    run's Accelerator (its device, autocast and reduce)."""
+    out = {}
+    for name, state in weights.items():
+        model = eval_model(cfg, manifest, num_classes, state, acc.device, cache)
+        with acc.autocast():
+            sums = loss_sums(model, objective, held, num_classes, cfg.validation.loss_timesteps,
+                             EVAL_BATCH_FACTOR * cfg.training.batch_size, acc.device)  # (k,)
+        by_t = (acc.reduce(sums, "sum") if acc.num_processes > 1 else sums) / held.total  # (k,)
+        out[f"loss_{name}"], out[f"loss_{name}_by_t"] = float(by_t.mean()), [round(float(x), 6) for x in by_t]
+    return out
 
 
 @dataclass

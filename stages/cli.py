@@ -379,6 +379,33 @@ def export(
 
 
 @app.command()
+def ema(
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder trained with training.posthoc_ema true."),
+    sigma_rel: Optional[float] = typer.Option(None, "--sigma-rel", help="The EMA length to reconstruct (σ_rel, "
+                                                                        "EDM2's relative width; 0.05-0.2 is useful)."),
+    sweep: Optional[str] = typer.Option(None, help="Several σ_rel, comma-separated: reconstruct each (and score "
+                                                   "it with --held-out)."),
+    step: Optional[int] = typer.Option(None, help="The step to reconstruct at (a snapshot step; default the last)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="With --sigma-rel: the folder to write (model."
+                                                               "safetensors + config.json, as `export` writes)."),
+    held_out: bool = typer.Option(False, "--held-out", help="Score each: the held-out loss (data.val_fraction / "
+                                                            "validation.shards), the class accuracy on shapes."),
+    num: int = typer.Option(256, help="Samples per σ_rel for the class accuracy (shapes)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+) -> None:
+    """Post-hoc EMA (EDM2): reconstruct the EMA of any length from the run's snapshots, after training.
+
+    Example: ditpipe ema outputs/quickstart --sweep 0.02,0.05,0.1,0.2 --held-out
+
+    Then: ditpipe ema outputs/quickstart --sigma-rel 0.1 --out exports/quickstart-ema010
+    """
+    from stages.ema import ema as run_ema
+
+    run_ema(run, sigma_rel=sigma_rel, sweep=sweep, step=step, out=out_dir, held_out=held_out, num=num,
+            overwrite=overwrite, console=err)
+
+
+@app.command()
 def inspect(path: Path = typer.Argument(..., metavar="PATH", help="A shard folder, a run folder or a checkpoint."),
             as_json: bool = typer.Option(False, "--json", help="Print it as JSON (a shard folder: its manifest).")) -> None:
     """Summarise a shard folder (source, codec, latent layout, labels, shards, skips), a run (its state and every

@@ -2,7 +2,8 @@
 
     --format safetensors   DIR/model.safetensors (EMA weights, or --raw) in the official DiT layout, and
                            DIR/config.json: the architecture, objective, latent normalisation, the shard manifest's
-                           codec/labels/captions sections, and the run's config. `--init-from DIR` reads it back.
+                           codec/labels/captions sections, and the run's config (pipeline/exported.py).
+                           `--init-from DIR`, `sample --checkpoint DIR`, `evaluate` and `export` read it back.
     --format diffusers     DIR/transformer/ for `DiTTransformer2DModel.from_pretrained`; with 1,000 classes (what
                            diffusers' DiTPipeline assumes: class 1000 is its null class) also DIR/vae/,
                            DIR/scheduler/ and model_index.json, a folder `DiTPipeline.from_pretrained` samples from.
@@ -18,21 +19,17 @@ the home folder and the root are refused as --out whatever the flags say. The ou
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from pipeline import __version__, atomic, checkpoint, lock
+from pipeline import __version__, checkpoint, exported
 from pipeline.config import Config
 from pipeline.errors import DitpipeError
-from pipeline.latent_norm import LatentNorm
 
 FORMATS = ("safetensors", "diffusers")
 PIPELINE_CLASSES = 1000  # diffusers' DiTPipeline hard-codes class 1000 as the null class
-MARKER = "ditpipe-export.json"  # in every export: what wrote it and its files, so --overwrite knows what it replaces
 
 
 def export(checkpoint_path: Path, fmt: str, out: Path, *, raw: bool = False, vae: str | None = None,
@@ -42,43 +39,28 @@ def export(checkpoint_path: Path, fmt: str, out: Path, *, raw: bool = False, vae
         raise DitpipeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     ckpt, cfg, manifest, model, meta = open_checkpoint(Path(checkpoint_path), raw, console)
     out = Path(out)
-    _refuse_protected(out, ckpt)
-    with lock.hold(out, "export"):
-        _refuse_existing(out, overwrite)
-        tmp, aside = (out.parent / f".{out.name}.export-{what}{atomic.TMP_SUFFIX}" for what in ("new", "old"))
-        shutil.rmtree(tmp, ignore_errors=True)  # our own hidden name, left by a killed export (we hold the lock)
-        tmp.mkdir(parents=True)
-        try:
-            if fmt == "safetensors":
-                _write_safetensors(tmp, model, meta)
-            else:
-                _write_diffusers(tmp, model, cfg, manifest, meta, vae, console, out.name)
-            _write_marker(tmp, fmt, meta)
-            _swap(tmp, out, aside)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with exported.replacing(out, overwrite, protect=ckpt, fmt=fmt, meta=meta, verb="export") as tmp:
+        if fmt == "safetensors":
+            exported.write(tmp, model.state_dict(), meta)
+        else:
+            _write_diffusers(tmp, model, cfg, manifest, meta, vae, console, out.name)
     console.print(f"exported {ckpt} ({meta['weights']} weights, step {meta['step']}) → {out} ({fmt})")
     return out
 
 
-def _swap(tmp: Path, out: Path, aside: Path) -> None:
-    """Put the complete export `tmp` at `out`; an earlier export there is moved to `aside` first and deleted only
-    once the new one is in place. The locked `.lock` moves into the new folder, so the lock never lapses."""
-    if (out / lock.NAME).exists():
-        os.replace(out / lock.NAME, tmp / lock.NAME)
-    if aside.exists():
-        shutil.rmtree(aside)  # a killed export's moved-aside folder (our hidden name)
-    os.replace(out, aside)
-    os.replace(tmp, out)
-    atomic.fsync_dir(out.parent)
-    shutil.rmtree(aside)
-
-
 def open_checkpoint(path: Path, raw: bool, console: Console):
-    """(checkpoint folder, config, manifest excerpt, model with the chosen weights, export metadata)."""
+    """(checkpoint folder, config, manifest excerpt, model with the chosen weights, export metadata). An export
+    folder (`ditpipe ema --out`, an earlier safetensors export) holds one set of weights and is taken as it is."""
     from pipeline.training import build_model, num_classes_for
 
+    folder = exported.folder_of(path)
+    if folder is not None:
+        if raw:
+            raise DitpipeError(f"'{folder}' is an export that holds one set of weights; drop --raw")
+        ex = exported.read(folder)
+        model = build_model(ex.cfg, ex.manifest, num_classes_for(ex.cfg, ex.manifest))
+        model.load_state_dict(ex.state, strict=True)
+        return folder, ex.cfg, ex.manifest, model.eval(), {**ex.meta, "written_by": f"ditpipe {__version__}"}
     if path.is_file():
         raise DitpipeError(f"'{path}' is a file; `ditpipe export` takes a ditpipe checkpoint folder (or a run folder: "
                            "its newest valid checkpoint). An official DiT .pt is already in the official layout: "
@@ -95,78 +77,10 @@ def open_checkpoint(path: Path, raw: bool, console: Console):
     if not file.is_file():
         raise DitpipeError(f"'{path}' has no ema.pt (the run had training.use_ema off); export the raw weights with "
                            "--raw")
-    num_classes = num_classes_for(cfg, manifest)
-    model = build_model(cfg, manifest, num_classes)
+    model = build_model(cfg, manifest, num_classes_for(cfg, manifest))
     model.load_state_dict(checkpoint.load_tensors(file), strict=True)
-    norm = manifest.get("latent_norm") or LatentNorm.from_manifest(manifest, cfg.data.latent_norm).record()
-    meta = {"format": "ditpipe-dit", "written_by": f"ditpipe {__version__}", "checkpoint": str(path),
-            "step": state["step"], "weights": weights, "model": architecture(cfg, model),
-            "objective": cfg.diffusion.objective, "latent_norm": norm,
-            "manifest": {k: manifest.get(k) for k in ("codec", "labels", "captions", "latent")},
-            "config": cfg.to_dict()}
+    meta = exported.metadata(cfg, manifest, model, source=str(path), step=state["step"], weights=weights)
     return path, cfg, manifest, model.eval(), meta
-
-
-def architecture(cfg: Config, model) -> dict:
-    """What builds the model again: `pipeline.model.DiT(**architecture minus name)`."""
-    return {"name": cfg.model.name, "input_size": model.input_size, "patch_size": model.patch_size,
-            "in_channels": model.in_channels, "hidden_size": model.hidden_size, "depth": model.depth,
-            "num_heads": model.num_heads, "num_classes": model.num_classes, "learn_sigma": model.learn_sigma,
-            "class_dropout_prob": model.class_dropout_prob, "qk_norm": cfg.model.qk_norm}
-
-
-def _refuse_protected(out: Path, ckpt: Path) -> None:
-    """--out may never be a folder whose replacement loses what is not an export: `.`, the checkpoint, its run
-    folder, any folder holding them, the home folder or the root. Checked before the lock makes the folder."""
-    if out.is_symlink() or out.is_file():
-        raise DitpipeError(f"--out '{out}' is a {'symbolic link' if out.is_symlink() else 'file'}; name a folder")
-    target = out.resolve()
-    for keep, what in ((Path.cwd(), "the current folder"), (ckpt.parent, "its run folder"), (ckpt, "the checkpoint")):
-        keep = keep.resolve()
-        if target == keep or target in keep.parents:
-            raise DitpipeError(f"--out '{out}' is {what if target == keep else f'a folder holding {what}'} ('{keep}')"
-                               "; an export goes into a folder of its own, e.g. --out exports/NAME")
-    if ckpt.resolve() in target.parents:
-        raise DitpipeError(f"--out '{out}' is inside the checkpoint '{ckpt}'; an export goes into a folder of its "
-                           "own, e.g. --out exports/NAME")
-    if target == Path.home().resolve() or target == Path(target.anchor):  # when `.` is not below them
-        raise DitpipeError(f"--out '{out}' is the home folder or the root; an export goes into a folder of its own, "
-                           "e.g. --out exports/NAME")
-
-
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    present = sorted(p.name for p in out.iterdir() if not lock.is_lock(p))
-    if not present:
-        return
-    if not overwrite:
-        raise DitpipeError(f"--out '{out}' already exists and is not empty; choose another folder or pass "
-                           "--overwrite to replace an earlier export there")
-    try:
-        listed = set(json.loads((out / MARKER).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        raise DitpipeError(f"--out '{out}' is not an earlier ditpipe export (it has no readable {MARKER}), so "
-                           "--overwrite will not replace it; choose another folder") from None
-    foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not lock.is_lock(p)
-                     and str(p.relative_to(out)) not in listed | {MARKER})
-    if foreign:
-        raise DitpipeError(f"--out '{out}' is an earlier export, but also holds files it did not write ("
-                           f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); move them out, or "
-                           "choose another folder")
-
-
-def _write_marker(folder: Path, fmt: str, meta: dict) -> None:
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    (folder / MARKER).write_text(json.dumps({"written_by": meta["written_by"], "format": fmt,
-                                             "checkpoint": meta["checkpoint"], "files": files}, indent=1))
-
-
-def _write_safetensors(folder: Path, model, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "ditpipe": json.dumps(
-        {k: meta[k] for k in ("weights", "step", "objective")})})
-    (folder / "config.json").write_text(json.dumps(meta, indent=1))
 
 
 def _write_diffusers(folder: Path, model, cfg: Config, manifest: dict, meta: dict, vae: str | None,

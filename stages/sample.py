@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline import checkpoint
+from pipeline import checkpoint, exported
 from pipeline.codec import default_device, load_codec, load_decoder
 from pipeline.diffusion import make_objective
 from pipeline.errors import DitpipeError
@@ -78,34 +78,50 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
     path = Path(path)
     if not path.exists():
         raise DitpipeError(f"checkpoint '{path}' does not exist; pass a checkpoint folder, a run folder (e.g. "
-                           "outputs/quickstart; `ditpipe runs` lists them) or an official DiT .pt")
-    if path.is_file():
+                           "outputs/quickstart; `ditpipe runs` lists them), an export folder or an official DiT .pt")
+    folder = exported.folder_of(path)  # an export (`ditpipe export --format safetensors`, `ditpipe ema --out`)
+    if path.is_file() and folder is None:
         return _official(path, model_name, image_size, vae or OFFICIAL_DEFAULT_VAE, device)
-    if not (path / checkpoint.STATE).is_file() and path.is_dir():  # a run folder: its newest valid checkpoint
-        path = checkpoint.find_resumable(path, warn)[0]
-    state = checkpoint.validate(path)
     from pipeline.buckets import sizes_of
     from pipeline.shards import text_encoder_of
     from pipeline.training import build_model, conditioning_for, grid_shape, num_classes_for
 
-    cfg, manifest = checkpoint.read_config(path), checkpoint.read_manifest(path)
+    cfg, manifest, state, description = (_exported(folder, use_ema) if folder is not None
+                                         else _checkpoint(path, use_ema, warn))
     num_classes = num_classes_for(cfg, manifest)
     model = build_model(cfg, manifest, num_classes)
-    weights = "ema.pt" if use_ema and (path / "ema.pt").is_file() else "model.pt"
-    model.load_state_dict(checkpoint.load_tensors(path / weights), strict=True)
-    if weights == "ema.pt" and not cfg.training.ema_warmup and state["step"] < 1 / max(1e-12, 1 - cfg.training.ema_decay):
-        warn(f"the EMA has seen only {state['step']} updates with decay {cfg.training.ema_decay} (it averages over "
-             f"about {1 / (1 - cfg.training.ema_decay):,.0f}); its samples may look like the initial model. "
-             "Use --no-ema for the raw weights")
+    model.load_state_dict(state, strict=True)
     codec = load_decoder(vae or manifest["codec"]["name"], manifest["codec"], manifest["codec"]["dtype"], device)
     labels = manifest.get("labels")
     caption = conditioning_for(cfg, manifest) == "caption"
     objective, v = make_objective(cfg.diffusion.objective, model.learn_sigma), cfg.validation
     return Sampleable(model.to(device).eval(), objective, grid_shape(manifest), codec, checkpoint_norm(cfg, manifest),
-                      labels["names"] if labels and num_classes else None, f"{path} ({weights}, step {state['step']})",
+                      labels["names"] if labels and num_classes else None, description,
                       text_encoder_of(manifest) if caption else None,
                       Settings(v.sampler or objective.default_sampler, v.sampling_steps, v.cfg_scale,
                                tuple(v.cfg_interval)), "the run's validation settings", sizes_of(manifest))
+
+
+def _checkpoint(path: Path, use_ema: bool, warn) -> tuple:
+    """(config, manifest excerpt, state dict, description) of a checkpoint folder, or a run folder's newest."""
+    if not (path / checkpoint.STATE).is_file() and path.is_dir():  # a run folder: its newest valid checkpoint
+        path = checkpoint.find_resumable(path, warn)[0]
+    state = checkpoint.validate(path)
+    cfg, manifest = checkpoint.read_config(path), checkpoint.read_manifest(path)
+    weights = "ema.pt" if use_ema and (path / "ema.pt").is_file() else "model.pt"
+    if weights == "ema.pt" and not cfg.training.ema_warmup and state["step"] < 1 / max(1e-12, 1 - cfg.training.ema_decay):
+        warn(f"the EMA has seen only {state['step']} updates with decay {cfg.training.ema_decay} (it averages over "
+             f"about {1 / (1 - cfg.training.ema_decay):,.0f}); its samples may look like the initial model. "
+             "Use --no-ema for the raw weights")
+    return cfg, manifest, checkpoint.load_tensors(path / weights), f"{path} ({weights}, step {state['step']})"
+
+
+def _exported(folder: Path, use_ema: bool) -> tuple:
+    """The same for an export folder, which holds one set of weights."""
+    if not use_ema:
+        raise DitpipeError(f"'{folder}' is an export that holds one set of weights; drop --no-ema")
+    ex = exported.read(folder)
+    return ex.cfg, ex.manifest, ex.state, f"{folder} ({ex.description})"
 
 
 def checkpoint_norm(cfg, manifest: dict) -> LatentNorm:

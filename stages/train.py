@@ -37,18 +37,17 @@ from pipeline.finetune import init_from
 from pipeline.latent_norm import LatentNorm
 from pipeline.loader import Plan, unconfirmed_remote
 from pipeline.metrics import MetricsLog
+from pipeline.phema import SNAPSHOT_DIR, clean_temporaries, write_snapshots
 from pipeline.recovery import RecoveryState, SpikeWatch, injected
 from pipeline.schedule import lr_at, restretched_length, schedule_warnings
-from pipeline.step import Micro, Step, build_step, forward_flops, load_state
+from pipeline.step import PHEMA_FILE, Micro, Step, build_step, forward_flops, load_state
 from pipeline.training import (batch_condition, build_model, conditioning_for, grid_shape, make_plan,
                                num_classes_for, open_data, training_batches)
-from pipeline.validation import HeldOut, loss_sums, open_held_out
+from pipeline.validation import HeldOut, eval_model, held_out_losses, open_held_out
 from pipeline.workers import capped_workers
 
 # Debugging aid (see _SampleRecord): a path; each rank appends the global sample indices of every micro-batch.
 RECORD_ENV = "DITPIPE_RECORD_SAMPLES"
-# A no-grad forward keeps no activations for backward, so the held-out loss takes this many times the micro-batch.
-EVAL_BATCH_FACTOR = 4
 MANY_CHECKPOINTS = 20  # the preflight warns when a run would keep more checkpoint folders than this
 
 
@@ -158,6 +157,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         else None
     if saved and acc.is_main_process:
         checkpoint.clean_temporaries(run_dir)  # half-written checkpoints of the killed run
+        clean_temporaries(run_dir / SNAPSHOT_DIR)  # and half-written post-hoc EMA snapshots
 
     log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process,
                      resume_step=start_step if saved else None)
@@ -202,7 +202,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, step_fn),
                         {**_ckpt_state(cfg, step, plan, total_steps, int(stats.nonfinite_total), manifest,
                                        restretched),
-                         **recovery.record()}, group=group, needed_bytes=_needed_bytes(raw))
+                         **recovery.record()}, group=group, needed_bytes=_needed_bytes(raw, step_fn))
         if acc.is_main_process:
             checkpoint.prune(run_dir, cfg.checkpointing.total_limit, cfg.checkpointing.keep_epochs)
 
@@ -211,7 +211,9 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 
     def validate(step: int, grid: bool = True) -> None:
         if held is not None:
-            losses = held_out_losses(acc, cfg, manifest, held, raw, ema, objective, num_classes, evaluation)
+            weights = {"ema": ema.state_dict()} if ema is not None else {}
+            losses = held_out_losses(acc, cfg, manifest, held, {**weights, "raw": raw.state_dict()}, objective,
+                                     num_classes, evaluation)
             log.scalars(step, prefix="val", **losses)
             if acc.is_main_process:
                 bar.console.print(f"Step {step}, held-out loss: " + ", ".join(
@@ -236,6 +238,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         step = start_step
         while step < end_step:
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+            if step > start_step and step % cfg.checkpointing.phema_every == 0:
+                _phema_snapshots(acc, run_dir, step_fn, step)
             if step > start_step and step_in_epoch == 0 and cfg.checkpointing.every_epoch:
                 save(checkpoint.epoch_name(epoch), step)
             if step > start_step and step % cfg.checkpointing.steps == 0:
@@ -285,6 +289,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                         watch.reset_runs()
                     data_from(step)
 
+        if end_step > start_step:
+            _phema_snapshots(acc, run_dir, step_fn, end_step)
         if end_step % plan.steps_per_epoch == 0 and cfg.checkpointing.every_epoch and end_step > start_step:
             save(checkpoint.epoch_name(end_step // plan.steps_per_epoch), end_step)
         save(checkpoint.step_name(end_step), end_step)
@@ -302,39 +308,12 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 # ---------------------------------------------------------------------------------------------------- validation
 
 
-def eval_model(cfg: Config, manifest: dict, num_classes: int, weights: dict, device: torch.device,
-               cache: dict) -> torch.nn.Module:
-    """A model in eval mode holding `weights` (EMA or raw), built once per run and cached. Building initialises
-    weights, so it runs under a forked RNG: validation never moves the global RNG the saved states record."""
-    if "model" not in cache:
-        with torch.random.fork_rng(devices=[]):
-            cache["model"] = build_model(cfg, manifest, num_classes).eval()
-    cache["model"].to(device).load_state_dict(weights)
-    return cache["model"]
-
-
 def _park(cache: dict) -> None:
     """Move the cached evaluation model, decoder and text encoder to the CPU: on a tight GPU the step needs the
     3-4 GB they hold (XL/2 and its VAE) until the next validation brings them back."""
     for key in ("model", "codec", "text"):
         if key in cache:
             cache[key].to(torch.device("cpu"))
-
-
-def held_out_losses(acc, cfg: Config, manifest: dict, held: HeldOut, raw, ema, objective, num_classes: int,
-                    cache: dict) -> dict:
-    """The held-out loss with the EMA weights (when kept) and the raw ones: the mean over the fixed timesteps, and
-    the mean at each (`loss_<weights>_by_t`), summed over every rank's share."""
-    out = {}
-    weights = {"ema": ema.state_dict()} if ema is not None else {}
-    for name, state in {**weights, "raw": raw.state_dict()}.items():
-        model = eval_model(cfg, manifest, num_classes, state, acc.device, cache)
-        with acc.autocast():
-            sums = loss_sums(model, objective, held, num_classes, cfg.validation.loss_timesteps,
-                             EVAL_BATCH_FACTOR * cfg.training.batch_size, acc.device)  # (k,)
-        by_t = (acc.reduce(sums, "sum") if acc.num_processes > 1 else sums) / held.total  # (k,)
-        out[f"loss_{name}"], out[f"loss_{name}_by_t"] = float(by_t.mean()), [round(float(x), 6) for x in by_t]
-    return out
 
 
 def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classes: int, step: int, run_dir: Path,
@@ -425,14 +404,24 @@ def _writers(acc, cfg: Config, manifest: dict, step: Step) -> dict:
     })
     if step.ema is not None:
         writers["ema.pt"] = lambda p: torch.save(step.ema.state_dict(), p)
+    if step.phema is not None:
+        writers[PHEMA_FILE] = lambda p: torch.save(step.phema.state_dict(), p)
     if acc.scaler is not None:
         writers["scaler.pt"] = lambda p: torch.save(acc.scaler.state_dict(), p)
     return writers
 
 
-def _needed_bytes(raw) -> int:
+def _needed_bytes(raw, step: Step | None = None) -> int:
+    """A checkpoint's size, about: the model, the EMA, Adam's 2 moments and the post-hoc EMAs, in fp32."""
     params = sum(p.numel() * 4 for p in raw.parameters())
-    return params * 4  # model + EMA + two Adam moments, in fp32
+    return params * (4 + len(step.phema.emas if step is not None and step.phema else []))
+
+
+def _phema_snapshots(acc, run_dir: Path, step: Step, at: int) -> None:
+    """Rank 0 writes the post-hoc EMA snapshots of step `at`, before that step's checkpoint (so a checkpoint implies
+    its snapshots, and a resume from it need not write them again)."""
+    if step.phema is not None and acc.is_main_process:
+        write_snapshots(run_dir / SNAPSHOT_DIR, at, step.phema)
 
 
 def elastic_split(cfg: Config, saved: dict, world: int, ckpt: Path) -> str | None:
@@ -497,7 +486,7 @@ def _recover(failure: tuple[str, int], now: int, run_dir: Path, group: checkpoin
         raise DitpipeError(f"{what}; training.recover found no valid checkpoint from before step {began} to go back "
                            f"to in '{run_dir}' (checkpoint more often with checkpointing.steps); stopping")
     ckpt, state = Path(chosen[0]), chosen[1]
-    load_state(ckpt, step.raw, step.ema, step.opt.optimizer, step.acc.scaler)
+    load_state(ckpt, step.raw, step.ema, step.opt.optimizer, step.acc.scaler, step.phema)
     if group.rank == 0:
         checkpoint.abandon_after(run_dir, int(state["step"]), ckpt.name)
     back = int(state["step"])
@@ -723,6 +712,11 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
         every = (f"every {cfg.validation.every_steps:,} steps" if cfg.validation.every_steps
                  else "never: validation.every_steps is 0")
         table.add_row("held-out loss", f"{spec.held_out}; at {cfg.validation.loss_timesteps} fixed timesteps, {every}")
+    if t.posthoc_ema:
+        size = 4 * sum(p.numel() for p in raw.state_dict().values()) * len(t.posthoc_ema_sigmas) / 2**20
+        table.add_row("post-hoc EMA", f"σ_rel {', '.join(f'{s:g}' for s in t.posthoc_ema_sigmas)}: snapshots every "
+                                      f"{cfg.checkpointing.phema_every:,} steps and at the end ({size:,.1f} MiB "
+                                      f"each step) in {spec.run_dir / SNAPSHOT_DIR}; `ditpipe ema` reconstructs")
     table.add_row("output", str(spec.run_dir))
     console.print(table)
     for loud, note in schedule_warnings(t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,

@@ -252,7 +252,8 @@ def test_hub_id_offline_fails_clearly_and_fast(hub_id, tmp_path, monkeypatch):
     msg = str(err.value)
     assert hub_id in msg
     assert "--vae pixel" in msg
-    assert "--vae /path/to/folder" in msg  # the local-path fix
+    folder = f"/models/{hub_id.rsplit('/', 1)[-1]}"
+    assert f"`hf download {hub_id} --local-dir {folder}`" in msg and f"--vae {folder}" in msg  # the local-path fix
     assert "HF_HUB_OFFLINE" in msg
 
 

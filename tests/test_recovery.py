@@ -40,8 +40,6 @@ def test_recovery_state_round_trips_through_a_training_state():
 
 # ---------------------------------------------------------------------------------------------------- end to end
 
-import json  # noqa: E402
-import os  # noqa: E402
 
 import pytest  # noqa: E402
 

@@ -11,7 +11,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 from pipeline.diffusion import make_objective
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import EpochOrder, Plan, open_shards
+from pipeline.loader import EpochOrder, open_shards
 from pipeline.metrics import read_metrics
 from pipeline.model import build_dit
 from pipeline.validation import HeldOut, held_out_indices, loss_sums
@@ -23,14 +23,6 @@ TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "mod
         "training.learning_rate": 3e-3, "logging.steps": 4, "logging.tensorboard": False,
         "checkpointing.steps": 1000, "training.batch_size": 16, "training.gradient_accumulation_steps": 1,
         "validation.grid": False}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def shapes(folder, n=128, seed=0, size=16):
