@@ -20,14 +20,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so the next `train()` in this process makes its own Accelerator."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """accelerate keeps one process-wide state; `train()` makes its Accelerator first, so a run refused during its
     set-up (as many tests mean it to be) would otherwise leave the next test an Accelerator of another precision."""
     yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -22,7 +22,7 @@ from stages.encode import encode
 from stages.sample import sample
 from stages.train import RECORD_ENV, resume_config, train
 
-from conftest import assert_common_checkpoints_equal, jpeg_bytes, photo
+from conftest import assert_common_checkpoints_equal, jpeg_bytes, photo, reset_accelerate
 from test_distributed import Launch, cli_args  # real CLI launches: one process, or torchrun with gloo
 
 # (w, h) of the test photos, each aspect ratio several times: 1:2, 3:5, 1:1, 5:3, 2:1; and a 1:52 panorama.
@@ -72,12 +72,6 @@ def run_config(data: dict, outputs: Path, name: str, **over) -> dict:
             "training.num_epochs": 2, "training.learning_rate": 1e-3, "lr_scheduler.warmup_steps": 2,
             "logging.steps": 1, "logging.tensorboard": False, "checkpointing.steps": 2,
             "logging.output_dir": str(outputs), "logging.run_name": name, **over}
-
-
-def _reset() -> None:
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
 
 
 # ---------------------------------------------------------------------------------------------------- units
@@ -191,33 +185,52 @@ def test_a_mixed_folder_encodes_into_one_bucket_a_shard_and_verifies(custom_shar
     np.testing.assert_allclose(sample0.latent[0], want.transpose(2, 0, 1) / 127.5 - 1, atol=1e-3)  # (3, 8, 16)
 
 
+def test_verify_checks_each_shard_against_its_own_buckets_shape(custom_shards, tmp_path):
+    import shutil
+
+    data, manifest = custom_shards
+    out = tmp_path / "shards"
+    shutil.copytree(data["shards.path"], out)
+    swapped = json.loads((out / shards.MANIFEST).read_text())
+    first, last = swapped["buckets"][0], swapped["buckets"][-1]  # 8x16 and 16x8: as many numbers, another shape
+    for key in ("size", "latent_shape"):  # a consistent manifest (load_manifest checks that), wrong for the shards
+        first[key], last[key] = last[key], first[key]
+    (out / shards.MANIFEST).write_text(json.dumps(swapped))
+    problems, _ = shards.verify(out)
+    wrong = [s["name"] for s in manifest["shards"] if s["bucket"] in (0, len(AUTO_16_4) - 1)]
+    assert len(wrong) == 6 and all(any(p.startswith(name) for p in problems) for name in wrong)
+    assert not any(p.startswith(s["name"]) for s in manifest["shards"] if s["name"] not in wrong for p in problems)
+
+
 def test_a_wrong_config_for_bucketed_shards_is_refused_naming_the_key(custom_shards, tmp_path):
     from pipeline.errors import ConfigError
 
     data, _ = custom_shards
     with pytest.raises(ConfigError, match="data.buckets"):
         train(load_config(None, run_config({**data, "data.buckets": "square"}, tmp_path, "sq")))
-    _reset()
+    reset_accelerate()
     with pytest.raises(ConfigError, match=r"model.patch_size.*patch 8 does not tile"):
         train(load_config(None, run_config({**data, "model.name": "DiT-S/8"}, tmp_path, "p8")))
-    _reset()
+    reset_accelerate()
     with pytest.raises(ConfigError, match=r"no bucket holds a whole global batch of 16.*16x8: 8"):
         train(load_config(None, run_config(data, tmp_path, "big", **{"training.batch_size": 8})))
 
 
-def test_bucketed_training_resumes_bitwise_in_process_and_samples_at_two_sizes(custom_shards, tmp_path):
+def test_bucketed_training_resumes_bitwise_in_process_and_samples_at_two_sizes(custom_shards, tmp_path, capsys):
     data, _ = custom_shards
     out = tmp_path / "outputs"
+    capsys.readouterr()
     full = train(load_config(None, run_config(data, out, "full", **{
         "training.max_steps": 8, "validation.every_steps": 8, "validation.num_samples": 4,
         "validation.sampling_steps": 2})))
-    _reset()
+    reset_accelerate()
+    assert "8–16 tokens per image over 5 buckets" in capsys.readouterr().err  # 8x16 at patch 4: 2×4; 16x16: 4×4
     grid = Image.open(full / "samples" / "step-0000008.png")  # the most common bucket, 8x16 (the first of equals):
     assert grid.size[0] == 2 * (4 * 8 + 2) + 2  # two labelled columns of 8 px wide cells, enlarged 4× (min_cell 64)
     half = train(load_config(None, run_config(data, out, "half", **{"training.max_steps": 4})))
-    _reset()
+    reset_accelerate()
     train(resume_config(half / "checkpoint-4", overrides={"training.max_steps": 8}), resume=half / "checkpoint-4")
-    _reset()
+    reset_accelerate()
     assert "checkpoint-8" in assert_common_checkpoints_equal(half, full)
     wide = sample(full, num=2, steps=2, out=tmp_path / "wide.png", size="20x12", classes="a,b")
     tall = sample(full, num=2, steps=2, out=None, size="8x16", classes="a,b")
@@ -262,7 +275,7 @@ def test_caption_model_on_coco_buckets_trains_validates_and_samples_from_prompts
     run = train(load_config(None, run_config(data, tmp_path / "outputs", "cap", **{
         "training.max_steps": 2, "validation.every_steps": 2, "validation.num_samples": 2,
         "validation.sampling_steps": 2})))
-    _reset()
+    reset_accelerate()
     assert (run / "samples" / "step-0000002.png").is_file()
     images = sample(run, num=2, steps=2, out=None, prompts=["a 64 by 48 photo"], size="12x20")
     assert images.shape == (2, 20, 12, 3)

@@ -20,7 +20,7 @@ from stages.export import export
 from stages.sample import sample
 from stages.train import resume_config, train
 
-from conftest import assert_common_checkpoints_equal
+from conftest import assert_common_checkpoints_equal, reset_accelerate
 
 CPU = torch.device("cpu")
 
@@ -87,14 +87,8 @@ def run_over(base: dict, out: Path, name: str, patch: int, **over) -> dict:
             "lr_scheduler.warmup_steps": 1, **over}
 
 
-def _reset() -> None:
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-
-
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_autoencoder_through_encode_verify_train_resume_sample_export(tmp_path, autoencoders, kind):
+def test_autoencoder_through_encode_verify_train_resume_sample_export(tmp_path, autoencoders, kind, capsys):
     _, cls, down, channels, slices, patch = KINDS[kind]
     base = data(autoencoders[kind], tmp_path / "shards")
     manifest = encode(load_config(None, base))
@@ -115,13 +109,16 @@ def test_autoencoder_through_encode_verify_train_resume_sample_export(tmp_path, 
     assert batch["mean"].shape == (8, channels, 16 // down, 16 // down) and ("std" in batch) == (kind == "sd3")
 
     out = tmp_path / "out"
+    capsys.readouterr()
     full = train(load_config(None, run_over(base, out, "full", patch)))
-    _reset()
+    reset_accelerate()
+    tokens = (16 // down // patch) ** 2  # DC-AE at patch 1: 4×4 latents, 16 tokens; the f2 ones at patch 2: 16
+    assert f"{tokens} tokens per image" in capsys.readouterr().err  # the preflight
     half = train(load_config(None, run_over(base, out, "half", patch, **{"training.max_steps": 2})))
-    _reset()
+    reset_accelerate()
     ckpt = half / "checkpoint-2"
     train(resume_config(ckpt, overrides={"training.max_steps": 4}), resume=ckpt)
-    _reset()
+    reset_accelerate()
     assert "checkpoint-4" in assert_common_checkpoints_equal(half, full)  # the resumed run is the uninterrupted one
 
     images = sample(full, num=2, steps=2, out=tmp_path / "grid.png", out_dir=None)
@@ -166,10 +163,25 @@ def test_validation_decoder_and_sample_decoder_use_the_other_autoencoder(tmp_pat
     run = train(load_config(None, run_over(base, tmp_path / "out", "r", 2, **{
         "training.max_steps": 2, "validation.every_steps": 2, "validation.num_samples": 2,
         "validation.sampling_steps": 2, "validation.decoder": str(taesd)})))
-    _reset()
+    reset_accelerate()
     assert (run / "samples" / "step-0000002.png").is_file()
     ours = sample(run, num=2, steps=2, out=None, decoder=str(taesd))
     theirs = sample(run, num=2, steps=2, out=None)
     assert ours.shape == theirs.shape == (2, 16, 16, 3) and not (ours == theirs).all()  # another decoder decoded
     with pytest.raises(CodecError, match="cannot decode"):
         sample(run, num=2, steps=2, out=None, decoder=str(autoencoders["dc-ae"]))
+
+
+@pytest.mark.slow  # builds and saves DC-AE f32c32's real architecture (random weights, 1.2 GB): about 80 s here
+def test_bench_encode_measures_dc_ae_against_its_bare_forward(tmp_path):
+    from test_bench import close, ditpipe, positive
+
+    proc = ditpipe("bench", "encode", "--vae-shape", "dc-ae", "--image-size", "32", "--encode-images", "4",
+                   "--encode-batch", "2", "--jpeg-count", "2", "--num-workers", "1", "--threads", "1",
+                   "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    e = json.loads(proc.stdout)["encode"]
+    assert (e["vae_shape"], e["image_size"], e["batch_size"], e["forwards_per_image"]) == ("dc-ae", 32, 2, 2)
+    assert positive(e["pipeline_images_per_s"], e["bare_images_per_s"], e["vae_encoder_gflops_per_image"])
+    assert close(e["ratio"], e["pipeline_images_per_s"] / e["bare_images_per_s"])
+    assert e["vae_encoder_gflops_per_image"] > 4  # the real f32c32 encoder (5 GFLOPs at 32 px), not a toy
