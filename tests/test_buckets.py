@@ -2,7 +2,8 @@
 and position: exactly once per epoch, one bucket a global batch, on every rank), a model that takes any token grid
 while official checkpoints still load strictly, and a custom folder of mixed aspect ratios and a COCO-layout folder
 through encode → verify → train → kill -9 → resume bitwise → sample at two sizes; with two processes (torchrun,
-gloo) the exactly-once accounting over buckets; a 1:52 panorama is still skipped with its reason."""
+gloo) the exactly-once accounting over buckets; a 1:52 panorama is still skipped with its reason; `square` (the
+default) writes and orders exactly what the code before buckets did."""
 
 from __future__ import annotations
 
@@ -319,6 +320,41 @@ def test_a_bucketed_encode_updates_itself_when_images_change(tmp_path, capsys):
     assert shards.verify(tmp_path / "shards") == ([], 21)
     again = encode(load_config(None, data))
     assert {k: v for k, v in again.items() if k != "update"} == {k: v for k, v in after.items() if k != "update"}
+
+
+# What the code before buckets (main at 6d255bc) wrote and ordered for mixed_folder(per_class=1) at 16 px, pixel
+# codec, 4 samples a shard: the shard files' sha256 (first 16 hex digits; no float arithmetic but PIL's resize and
+# numpy's fp16 cast) and EpochOrder(counts, seed 3, window 2) at epoch 1.
+SQUARE_BEFORE = {"shard-00000.tar": "027be190d487b944", "shard-00001.tar": "d142890da65dd153",
+                 "shard-00002.tar": "8a308a35c1c4e582", "shard-00003.tar": "5cba22676c7e4f6e",
+                 "shard-00004.tar": "615162a2dd835b4e", "shard-00005.tar": "fd6d8d7de3c9fc3b"}
+ORDER_BEFORE = [9, 8, 7, 4, 6, 10, 5, 1, 3, 16, 17, 2, 15, 0, 18, 12, 19, 14, 13, 11]
+
+
+def test_square_default_is_byte_for_byte_the_code_before_buckets(tmp_path):
+    import hashlib
+
+    from pipeline.loader import EpochOrder
+    from pipeline.model import build_dit
+
+    photos = mixed_folder(tmp_path / "photos", per_class=1)
+    manifest = encode(load_config(None, {"data.dataset_name": "custom", "data.dataset_path": str(photos),
+                                         "data.image_size": 16, "data.num_samples": None, "vae.name": "pixel",
+                                         "shards.path": str(tmp_path / "s"), "shards.samples_per_shard": 4,
+                                         "data.num_workers": 0}))
+    assert {s["name"]: hashlib.sha256((tmp_path / "s" / s["name"]).read_bytes()).hexdigest()[:16]
+            for s in manifest["shards"]} == SQUARE_BEFORE
+    assert [s["file"] for s in manifest["skipped"]] == ["a/panorama.jpg"]  # skipped, as before
+    order = EpochOrder([s["samples"] for s in manifest["shards"]], 3, 2)
+    assert order(1, np.arange(order.num_samples)).tolist() == ORDER_BEFORE
+    # The model training builds (any_grid) computes the square grid exactly as the official forward does.
+    arch = dict(input_size=8, in_channels=4, num_classes=3, hidden_size=32, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    official = build_dit("DiT-S/2", **arch)
+    ours = build_dit("DiT-S/2", **arch, any_grid=True)
+    ours.load_state_dict(official.state_dict(), strict=True)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 500]), torch.tensor([0, 2])
+    assert torch.equal(ours.eval()(x, t, y), official.eval()(x, t, y))
 
 
 def test_square_shards_carry_no_bucket_fields(tmp_path):
