@@ -108,8 +108,8 @@ class TextConfig(_Section):
 
 
 class VaeConfig(_Section):
-    name: str = Field("stabilityai/sd-vae-ft-ema", description="diffusers AutoencoderKL id, local folder, or pixel "
-                                                               "(no VAE)")
+    name: str = Field("stabilityai/sd-vae-ft-ema", description="a diffusers autoencoder's id or local folder (its "
+                                                               "class from its config.json), or pixel (no VAE)")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32 or bf16; never fp16 (SD VAEs overflow to NaN)")
     use_slicing: bool = Field(False, description="encode one image at a time (less memory)")
     batch_size: int = Field(32, ge=1, description="encode batch; halved on out-of-memory")

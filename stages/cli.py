@@ -76,7 +76,7 @@ def encode(
     num_samples: Optional[str] = typer.Option(None, help="Deterministic subset size, or null for all "
                                                          "(data.num_samples)"),
     seed: Optional[int] = typer.Option(None, help="Subset and shapes seed (data.seed)"),
-    vae: Optional[str] = typer.Option(None, help="diffusers AutoencoderKL id or local folder, or 'pixel' (vae.name)"),
+    vae: Optional[str] = typer.Option(None, help="A diffusers autoencoder id or folder, or 'pixel' (vae.name)"),
     vae_dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 (vae.dtype)"),
     batch_size: Optional[int] = typer.Option(None, help="Encode batch, halved on OOM (vae.batch_size)"),
     fmt: Optional[str] = typer.Option(None, "--format", help="wds | parquet (shards.format)"),
