@@ -75,11 +75,13 @@ def kept_fraction(w: int, h: int, size: tuple[int, int] | None) -> float:
 
 
 def sizes_of(manifest: dict) -> list[list[int]]:
-    """The image sizes [w, h] a manifest's shards hold: its buckets', or the one square size."""
+    """The image sizes [w, h] a manifest's shards hold: its buckets', or the one square size ([] when unknown)."""
     if manifest.get("buckets"):
         return [list(b["size"]) for b in manifest["buckets"]]
-    size = manifest["source"]["image_size"]
-    return [[size, size]]
+    size = (manifest.get("source") or {}).get("image_size")  # an export folder's excerpt has no source section
+    if size is None and manifest["codec"].get("downsample"):
+        size = manifest["latent"]["shape"][-1] * manifest["codec"]["downsample"]
+    return [[size, size]] if size else []
 
 
 def most_common(manifest: dict) -> int:

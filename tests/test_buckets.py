@@ -215,6 +215,13 @@ def test_a_wrong_config_for_bucketed_shards_is_refused_naming_the_key(custom_sha
     reset_accelerate()
     with pytest.raises(ConfigError, match=r"no bucket holds a whole global batch of 16.*16x8: 8"):
         train(load_config(None, run_config(data, tmp_path, "big", **{"training.batch_size": 8})))
+    reset_accelerate()
+    with pytest.raises(ConfigError, match=r"data.val_fraction.*held-out loss is not built for aspect-ratio buckets"):
+        train(load_config(None, run_config(data, tmp_path, "held", **{"data.val_fraction": 0.2})))
+    reset_accelerate()
+    with pytest.raises(ConfigError, match=r"data.buckets.*online baseline .* takes square crops only"):
+        train(load_config(None, run_config(data, tmp_path, "online", **{"data.source": "images"})))
+    assert not any((tmp_path / name).exists() for name in ("sq", "p8", "big", "held", "online"))  # refused first
 
 
 def test_bucketed_training_resumes_bitwise_in_process_and_samples_at_two_sizes(custom_shards, tmp_path, capsys):
@@ -237,6 +244,11 @@ def test_bucketed_training_resumes_bitwise_in_process_and_samples_at_two_sizes(c
     tall = sample(full, num=2, steps=2, out=None, size="8x16", classes="a,b")
     default = sample(full, num=2, steps=2, out=None, classes="a,b")  # the most common bucket (the first of equals)
     assert wide.shape == (2, 12, 20, 3) and tall.shape == (2, 16, 8, 3) and default.shape == (2, 16, 8, 3)
+    from stages.export import export
+
+    export(full / "checkpoint-8", "safetensors", tmp_path / "export")  # an export folder keeps the run's buckets
+    assert sample(tmp_path / "export", num=2, steps=2, out=None, classes="a,b").shape == (2, 16, 8, 3)
+    assert sample(tmp_path / "export", num=2, steps=2, out=None, size="20x12", classes="a,b").shape == (2, 12, 20, 3)
 
 
 def kill_9_resume_and_sample(data: dict, root: Path) -> None:
