@@ -410,9 +410,10 @@ def _writers(acc, cfg: Config, manifest: dict, step: Step) -> dict:
     return writers
 
 
-def _needed_bytes(raw, step: Step) -> int:
+def _needed_bytes(raw, step: Step | None = None) -> int:
+    """A checkpoint's size, about: the model, the EMA, Adam's 2 moments and the post-hoc EMAs, in fp32."""
     params = sum(p.numel() * 4 for p in raw.parameters())
-    return params * (4 + len(step.phema.emas if step.phema else []))  # model, EMA, Adam's 2 moments, post-hoc EMAs
+    return params * (4 + len(step.phema.emas if step is not None and step.phema else []))
 
 
 def _phema_snapshots(acc, run_dir: Path, step: Step, at: int) -> None:

@@ -28,14 +28,6 @@ TINY = {"model.name": "DiT-T-S/4", "model.hidden_size": 32, "model.depth": 1, "m
         "training.learning_rate": 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory) -> Path:
     """128 16-px shapes with their captions embedded (pixel codec), in two tar shards."""

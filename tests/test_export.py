@@ -20,14 +20,6 @@ from stages.train import train
 from conftest import train_tiny
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """8 shapes classes, pixel codec, trained enough that every weight (adaLN, final layer) is away from its init."""

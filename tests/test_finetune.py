@@ -24,14 +24,6 @@ TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "mod
         "logging.tensorboard": False, "data.num_workers": 0, "logging.steps": 1, "lr_scheduler.warmup_steps": 0}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def three_classes(folder, n=20, size=16):
     """A custom folder of 3 classes the shapes model never saw by these names: red discs, blue squares, yellow
     discs, at random sizes and places."""

@@ -33,14 +33,6 @@ TINY = ["--model.name", "DiT-S/4", "--model.hidden_size", "32", "--model.depth",
         "1", "--training.max_steps", "1", "--logging.tensorboard", "false"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A tiny trained run (class-conditional, EMA on): checkpoint-2 in run/."""

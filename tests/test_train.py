@@ -29,14 +29,6 @@ TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "mod
         "checkpointing.steps": 1000}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def shapes_data(n=256, size=16, vae="pixel"):
     return {"data.dataset_name": "shapes", "data.image_size": size, "data.num_samples": n, "vae.name": vae}
 

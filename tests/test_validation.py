@@ -25,14 +25,6 @@ TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "mod
         "validation.grid": False}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def shapes(folder, n=128, seed=0, size=16):
     data = {"data.dataset_name": "shapes", "data.image_size": size, "data.num_samples": n, "vae.name": "pixel",
             "data.seed": seed, "shards.path": str(folder), "data.num_workers": 0, "shards.samples_per_shard": 50}
