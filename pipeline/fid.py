@@ -482,7 +482,11 @@ def _refuse_vae_shards(folder: Path, manifest: dict) -> None:
                        f"latents (decoded, they are reconstructions), not the real images FID compares against; {fix}")
 
 
-def _pixel_shard_batches(folder: Path, manifest: dict, image_size: int, batch_size: int) -> Iterator[np.ndarray]:
+def _pixel_shard_batches(folder: Path, manifest: dict, image_size: int, batch_size: int,
+                         limit: int | None = None) -> Iterator[np.ndarray]:
+    """The images of the shards' samples (the first `limit` of them), uint8 (B, 3, H, W) batches."""
+    import itertools
+
     from pipeline import shards
 
     shape = manifest["latent"]["shape"]
@@ -492,7 +496,7 @@ def _pixel_shard_batches(folder: Path, manifest: dict, image_size: int, batch_si
     slices = manifest["latent"].get("slices") or ["image"]
     idx = slices.index("image") if "image" in slices else 0
     buf = []
-    for sample in shards.iter_samples(folder):
+    for sample in itertools.islice(shards.iter_samples(folder), limit):
         img = sample.latent[idx].astype(np.float32)  # (3, H, W) in [-1, 1]
         buf.append(np.clip(np.rint((img + 1.0) * 127.5), 0, 255).astype(np.uint8))
         if len(buf) == batch_size:
@@ -556,6 +560,13 @@ def _loaded_batches(dataset, batch_size: int, num_workers: int, skipped: list) -
             yield np.stack(good)
 
 
+class ShardImages(NamedTuple):
+    """The images of the first `count` samples of pixel-codec shards (e.g. those whose captions were the prompts)."""
+
+    folder: Path
+    count: int
+
+
 class ImageList(NamedTuple):
     """Named images under a root (e.g. the COCO val2017 images whose captions were the prompts)."""
 
@@ -604,6 +615,15 @@ def reference_batches(folder_or_items, image_size: int, batch_size: int = 50, nu
             total = len(files)
             make_batches = lambda: _loaded_batches(_Folder(folder, files, image_size), batch_size,  # noqa: E731
                                                    num_workers, skipped)
+    elif isinstance(folder_or_items, ShardImages):
+        folder, total = Path(folder_or_items.folder), int(folder_or_items.count)
+        manifest = _shard_manifest(folder)
+        if manifest is None:
+            raise DataError(f"reference '{folder}' holds no shards (manifest.json)")
+        _refuse_vae_shards(folder, manifest)
+        key = _key(base | {"kind": "pixel-shards", "count": total,
+                           "manifest": hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()})
+        make_batches = lambda: _pixel_shard_batches(folder, manifest, image_size, batch_size, total)  # noqa: E731
     elif isinstance(folder_or_items, ImageList):
         root = Path(folder_or_items.root)
         files = [(rel, _maybe_sha(root, rel)) for rel in folder_or_items.names]
