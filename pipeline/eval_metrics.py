@@ -100,7 +100,10 @@ def kid(real, fake, subsets: int = 100, subset_size: int = 1000, seed: int = 0) 
     mod = _torchmetrics("torchmetrics.image.kid")
     with warnings.catch_warnings():  # "will save all extracted features in buffer": that is what KID needs
         warnings.simplefilter("ignore", UserWarning)
-        metric = mod.KernelInceptionDistance(feature=_Rows(), subsets=subsets, subset_size=min(subset_size, n))
+        # sync_on_compute=False: rank 0 alone computes it under torchrun; torchmetrics' default all_gather there
+        # would wait for ranks that never enter it
+        metric = mod.KernelInceptionDistance(feature=_Rows(), subsets=subsets, subset_size=min(subset_size, n),
+                                             sync_on_compute=False)
     metric.update(torch.as_tensor(np.asarray(real), dtype=torch.float64), real=True)
     metric.update(torch.as_tensor(np.asarray(fake), dtype=torch.float64), real=False)
     with torch.random.fork_rng():

@@ -209,6 +209,7 @@ CFG_CHANNELS_HELP = ("official (guide the first 3 latent channels, as official D
                      "official DiT .pt, all for ditpipe's own checkpoints.")
 PRECISION_HELP = "bf16 (autocast on CUDA; the default there) | fp32 (no autocast, TF32 off). A CPU computes in fp32."
 NPZ_HELP = "Also write the samples as the ADM evaluator's input: arr_0, uint8 N×H×W×3."
+TORCHRUN_NUM = "torchrun's own parser takes --num for its --numa-binding"
 
 
 def _run_default(key: str, official: str) -> str:
@@ -222,7 +223,8 @@ def sample(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default, when the checkpoint has them)."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated class ids or names (red_circle,3), cycled to "
                                                      "--num (default: all)."),
-    num: Optional[int] = typer.Option(None, min=1, help="Number of samples (default: one per class, or 16)."),
+    num: Optional[int] = typer.Option(None, "--num", "--num-samples", min=1, help="Number of samples (default: one "
+                                      "per class, or 16). Under torchrun spell it --num-samples (" + TORCHRUN_NUM + ")."),
     cfg_scale: Optional[float] = typer.Option(None, min=1.0, help="Classifier-free guidance scale; 1 = plain "
                                                                   "conditional sampling. "
                                                                   + _run_default("cfg_scale", "4, as official sample.py")),
@@ -277,8 +279,9 @@ def evaluate(
     reference: Optional[str] = typer.Option(None, help="Real images: an image folder, pixel-codec shards, or an ADM "
                                                        "reference batch .npz (its stored statistics are used as they "
                                                        "are). Caption models default to the prompts' own images."),
-    num: Optional[int] = typer.Option(None, min=1, help="Samples to generate (default 10,000, classes cycled; "
-                                                        "--protocol dit: 50,000; caption models: one per prompt)."),
+    num: Optional[int] = typer.Option(None, "--num", "--num-samples", min=1, help="Samples to generate (default "
+                                      "10,000, classes cycled; --protocol dit: 50,000; caption models: one per "
+                                      "prompt). Under torchrun spell it --num-samples (" + TORCHRUN_NUM + ")."),
     cfg_scale: Optional[float] = typer.Option(None, min=1.0, help="Guidance scale. " + _run_default(
                                                                       "cfg_scale", "1.5, as official sample_ddp.py")),
     cfg_interval: Optional[str] = typer.Option(None, help="LOW,HIGH: guide only at noise levels in [LOW, HIGH]. "
