@@ -123,7 +123,10 @@ class TrainingFID:
 def _shard_reference(manifest: dict, folder: Path, count: int):
     from pipeline.fid import ShardImages
 
-    if "shards" not in manifest or (manifest.get("codec") or {}).get("kind") != "pixel":
+    if "shards" not in manifest:
+        raise ConfigError([("validation.fid_reference", "data.source: images has no shards to take reference images "
+                            "from; set it to the image folder (or an ADM reference batch .npz)")])
+    if (manifest.get("codec") or {}).get("kind") != "pixel":
         raise ConfigError([("validation.fid_reference", "FID during training needs real images: these training "
                             "data hold VAE latents (decoded, they are reconstructions); set it to an image folder, "
                             "pixel-codec shards or an ADM reference batch .npz")])
