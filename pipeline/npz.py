@@ -78,7 +78,7 @@ def read_images(path: Path, batch_size: int) -> Iterator[np.ndarray]:
             data = f.read(count * h * w * c)
             if len(data) != count * h * w * c:
                 raise _refuse(path, f"its arr_0 ends after {start} of {n} images (truncated)")
-            yield np.frombuffer(data, np.uint8).reshape(count, h, w, c)
+            yield np.frombuffer(bytearray(data), np.uint8).reshape(count, h, w, c)  # writable, for torch
 
 
 def read_stats(path: Path) -> dict[str, np.ndarray] | None:
