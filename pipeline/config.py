@@ -319,13 +319,15 @@ SHIPPED_CONFIGS_PACKAGE = "ditpipe_configs"
 # the run's global batch (stages/train.py, elastic_split). A key ending in "." stands for its whole section.
 RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "training.max_nonfinite_steps", "training.recover",
                      "training.batch_size", "training.gradient_accumulation_steps", "data.num_workers",
-                     "data.download", "data.download_url", "vae.batch_size", "text.batch_size", "logging.",
+                     "data.download", "vae.batch_size", "text.batch_size", "logging.",
                      "checkpointing.", "validation.")
 
 
 def resumable_keys() -> str:
-    """RESUMABLE_CHANGES for people: `training.num_epochs, …, logging.*, checkpointing.* and validation.*`."""
-    names = [k + "*" if k.endswith(".") else k for k in RESUMABLE_CHANGES]
+    """RESUMABLE_CHANGES for people: `training.num_epochs, …, logging.*, checkpointing.* and validation.*`; a `*` marks
+    an entry that covers more than one key (training.recover*: recover, recover_max, …)."""
+    keys = known_keys()
+    names = [k + "*" if any(x != k and x.startswith(k) for x in keys) else k for k in RESUMABLE_CHANGES]
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 

@@ -46,7 +46,7 @@ def test_num_samples_null_means_all_and_names_the_folder_so(tmp_path, monkeypatc
 
 
 def test_encode_ends_with_the_train_command_that_finds_its_shards(tmp_path, monkeypatch, cli):
-    from stages.train import check_manifest
+    from pipeline.training import check_manifest
 
     monkeypatch.chdir(tmp_path)
     code, _, err = cli("encode", "--dataset", "shapes", "--vae", "pixel", "--image-size", "16", "--num-samples", "40",

@@ -577,13 +577,15 @@ def test_a_full_disk_during_torch_save_keeps_the_previous_checkpoint(tmp_path):
     """A real full disk, as a file-size limit (RLIMIT_FSIZE): torch.save raises RuntimeError ("file write failed"),
     not OSError. The save reports the full disk with the free space, removes its temporary folder, and leaves the
     previous checkpoint and `latest` as they were."""
+    run = tmp_path / "run"
+    run.mkdir()
+    checkpoint.save(run, "checkpoint-4", writers_for(torch.ones(3)), SAVED_STATE)  # a whole checkpoint first
     code = textwrap.dedent(f"""
         import resource, torch
         from pathlib import Path
         from pipeline import checkpoint
-        run = Path({str(tmp_path / "run")!r}); run.mkdir()
-        state = {{"written_by": "ditpipe test", "step": 4}}
-        checkpoint.save(run, "checkpoint-4", {{"model.pt": lambda p: torch.save({{"w": torch.ones(3)}}, p)}}, state)
+        run = Path({str(run)!r})
+        state = {SAVED_STATE!r}
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MiB files at most; Python ignores SIGXFSZ
         try:
             checkpoint.save(run, "checkpoint-8", {{"model.pt": lambda p: torch.save({{"w": torch.ones(1 << 20)}}, p)}},
@@ -595,7 +597,6 @@ def test_a_full_disk_during_torch_save_keeps_the_previous_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ERROR could not write checkpoint checkpoint-8" in proc.stdout, proc.stdout
     assert "is full (RuntimeError" in proc.stdout and "GiB free" in proc.stdout
-    run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-4", "latest"]  # no .checkpoint-8.tmp left
     assert validate(run / "checkpoint-4")["step"] == 4 and (run / "latest").read_text().strip() == "checkpoint-4"
 
