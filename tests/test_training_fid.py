@@ -61,3 +61,32 @@ def test_vae_shards_need_a_fid_reference_and_nothing_is_created(tmp_path, tiny_v
     with pytest.raises(ConfigError, match="validation.fid_reference") as e:
         train(load_config(None, cfg))
     assert "image folder" in str(e.value) and not (tmp_path / "out" / "r").exists()
+
+
+@pytest.mark.slow  # a torchrun launch of 2 processes (gloo): about half a minute on 2 cores
+def test_every_rank_takes_part_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stages.encode import encode
+
+    data = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 32, "vae.name": "pixel",
+            "shards.path": str(tmp_path / "shards"), "data.num_workers": 0}
+    encode(load_config(None, data))
+    over = {**data, "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+            "training.mixed_precision": "no", "training.batch_size": 4, "training.gradient_accumulation_steps": 1,
+            "training.max_steps": 2, "logging.output_dir": str(tmp_path / "out"), "logging.run_name": "r",
+            "logging.tensorboard": "false", "validation.fid_every_steps": 1, "validation.fid_samples": 7,
+            "validation.sampling_steps": 2, "validation.fid_reference_samples": 16}
+    bin_ = Path(sys.executable).parent
+    p = subprocess.run([str(bin_ / "torchrun"), "--standalone", "--nproc_per_node", "2", str(bin_ / "ditpipe"),
+                        "train", *[str(a) for k, v in over.items() for a in (f"--{k}", v)]],
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "out" / "r" / "metrics.jsonl").read_text().splitlines()]
+    fids = {x["step"]: x["val_fid"] for x in lines if "val_fid" in x}
+    assert sorted(fids) == [1, 2] and all(math.isfinite(v) for v in fids.values())
+    assert "Step 1, FID:" in p.stderr and "(7 EMA samples vs 16 reference images" in p.stderr  # 4 + 3 gathered
