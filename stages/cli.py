@@ -203,6 +203,15 @@ def _warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
+PROTOCOL_HELP = ("dit: the DiT paper's FID-50K sampling (250 DDPM steps, cfg 1.5, 50,000 samples, labels uniform at "
+                 "random); flags given still win.")
+CFG_CHANNELS_HELP = ("official (guide the first 3 latent channels, as official DiT) | all. Default: official for an "
+                     "official DiT .pt, all for ditpipe's own checkpoints.")
+PRECISION_HELP = "bf16 (autocast on CUDA; the default there) | fp32 (no autocast, TF32 off). A CPU computes in fp32."
+NPZ_HELP = "Also write the samples as the ADM evaluator's input: arr_0, uint8 N×H×W×3."
+TORCHRUN_NUM = "torchrun's own parser takes --num for its --numa-binding"
+
+
 def _run_default(key: str, official: str) -> str:
     return f"Default: the run's validation.{key} (an official DiT .pt: {official})."
 
@@ -214,7 +223,8 @@ def sample(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default, when the checkpoint has them)."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated class ids or names (red_circle,3), cycled to "
                                                      "--num (default: all)."),
-    num: Optional[int] = typer.Option(None, min=1, help="Number of samples (default: one per class, or 16)."),
+    num: Optional[int] = typer.Option(None, "--num", "--num-samples", min=1, help="Number of samples (default: one "
+                                      "per class, or 16). Under torchrun spell it --num-samples (" + TORCHRUN_NUM + ")."),
     cfg_scale: Optional[float] = typer.Option(None, min=1.0, help="Classifier-free guidance scale; 1 = plain "
                                                                   "conditional sampling. "
                                                                   + _run_default("cfg_scale", "4, as official sample.py")),
@@ -241,28 +251,41 @@ def sample(
                                                   "common bucket (any multiple of downsample × patch)."),
     decoder: Optional[str] = typer.Option(None, help="Decode with this autoencoder instead (e.g. TAESD for an "
                                                      "SD-VAE run); checked to share the run's latent space."),
+    protocol: Optional[str] = typer.Option(None, help=PROTOCOL_HELP),
+    cfg_channels: Optional[str] = typer.Option(None, help=CFG_CHANNELS_HELP),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
+    npz_out: Optional[Path] = typer.Option(None, "--npz", help=NPZ_HELP),
 ) -> None:
-    """Sample a grid (and per-sample PNGs) from a checkpoint, with classifier-free guidance. The sampler, steps and
-    guidance default to what the run validated with; every value used is printed.
+    """Sample a grid (and per-sample PNGs, or an ADM .npz) from a checkpoint, with classifier-free guidance. The
+    sampler, steps and guidance default to what the run validated with; every value used is printed. Sample i's
+    noise is keyed on (seed, i): the same images for any batch size, and under torchrun for any process count.
 
     Example: ditpipe sample --checkpoint outputs/quickstart --num 64 --out-dir outputs/quickstart/samples
 
     Caption model: ditpipe sample --checkpoint outputs/shapes_captions --prompt "a blue square" --prompt "a red circle"
+
+    The DiT paper's 50,000 on 8 GPUs: torchrun --nproc_per_node 8 $(which ditpipe) sample --checkpoint
+    DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 --protocol dit --batch-size 256 --npz samples.npz
     """
     from stages.sample import sample as run_sample
 
     run_sample(checkpoint_path, use_ema=ema, classes=classes, num=num, cfg_scale=cfg_scale, steps=steps,
                cfg_interval=_interval(cfg_interval), sampler=sampler, seed=seed, out=out, out_dir=out_dir,
                batch_size=batch_size, vae=vae, model_name=model, image_size=image_size, prompts=prompt,
-               text_encoder=text_encoder, console=err, size=size, decoder=decoder)
+               text_encoder=text_encoder, protocol=protocol, cfg_channels=cfg_channels, precision=precision,
+               npz_out=npz_out, console=err, size=size, decoder=decoder)
 
 
 @app.command()
 def evaluate(
     checkpoint_path: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder, a run folder, or an official "
                                                                   "DiT .pt (with --model/--image-size)."),
-    reference: str = typer.Option(..., help="Real images: an image folder, or pixel-codec shards."),
-    num: int = typer.Option(10000, min=1, help="Samples to generate (classes cycled evenly)."),
+    reference: Optional[str] = typer.Option(None, help="Real images: an image folder, pixel-codec shards, or an ADM "
+                                                       "reference batch .npz (its stored statistics are used as they "
+                                                       "are). Caption models default to the prompts' own images."),
+    num: Optional[int] = typer.Option(None, "--num", "--num-samples", min=1, help="Samples to generate (default "
+                                      "10,000, classes cycled; --protocol dit: 50,000; caption models: one per "
+                                      "prompt). Under torchrun spell it --num-samples (" + TORCHRUN_NUM + ")."),
     cfg_scale: Optional[float] = typer.Option(None, min=1.0, help="Guidance scale. " + _run_default(
                                                                       "cfg_scale", "1.5, as official sample_ddp.py")),
     cfg_interval: Optional[str] = typer.Option(None, help="LOW,HIGH: guide only at noise levels in [LOW, HIGH]. "
@@ -274,24 +297,40 @@ def evaluate(
     seed: int = typer.Option(0, min=0, help="Seed for the generated samples."),
     batch_size: int = typer.Option(50, min=1, help="Images per batch, for generation and Inception."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default, when present)."),
-    kid: bool = typer.Option(False, "--kid", help="Also KID (reads the reference images again)."),
+    kid: bool = typer.Option(False, "--kid", help="Also KID (on the reference's features)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     cache_dir: Optional[Path] = typer.Option(None, help="Reference statistics cache (default ~/.cache/ditpipe/fid)."),
     vae: Optional[str] = typer.Option(None, help="Decoder override; official checkpoints default to sd-vae-ft-ema."),
     model: Optional[str] = typer.Option(None, help="Official checkpoints only: the preset, e.g. DiT-XL/2."),
     image_size: Optional[int] = typer.Option(None, min=8, help="Official checkpoints only: pixels, e.g. 256."),
+    protocol: Optional[str] = typer.Option(None, help=PROTOCOL_HELP),
+    cfg_channels: Optional[str] = typer.Option(None, help=CFG_CHANNELS_HELP),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
+    npz_out: Optional[Path] = typer.Option(None, "--npz", help=NPZ_HELP),
+    prompts: Optional[str] = typer.Option(None, help="Caption models: COCO captions_val2017.json, a text file of one "
+                                                     "prompt a line, or a caption shard folder; one image each."),
+    text_encoder: Optional[str] = typer.Option(None, help="Caption models: a local copy of the manifest's text "
+                                                          "encoder (checked by its weights hash)."),
+    inception_head: Optional[Path] = typer.Option(None, help="For the Inception Score: a file with the same "
+                                                             "Inception's classifier layer (inception-2015-12-05.pt "
+                                                             "or pt_inception-2015-12-05-*.pth)."),
 ) -> None:
-    """FID (and optionally KID) of generated samples against real images, offline (needs the `eval` extra). The
-    sampler, steps and guidance default to what the run validated with; every value used is printed.
+    """FID, sFID, precision/recall (and the Inception Score, with --inception-head) of generated samples against
+    real images, offline (needs the `eval` extra). The sampler, steps and guidance default to what the run validated
+    with; every value used is printed.
 
     Example: ditpipe evaluate --checkpoint outputs/quickstart --reference shards/shapes-16px-pixel-4000 --num 2000
+
+    The DiT paper's table: torchrun --nproc_per_node 8 $(which ditpipe) evaluate --checkpoint DiT-XL-2-256x256.pt
+    --model DiT-XL/2 --image-size 256 --protocol dit --reference VIRTUAL_imagenet256_labeled.npz --batch-size 256
     """
     from stages.evaluate import evaluate as run_evaluate
 
     run_evaluate(checkpoint_path, reference, num=num, cfg_scale=cfg_scale, steps=steps, sampler=sampler, seed=seed,
                  cfg_interval=_interval(cfg_interval), batch_size=batch_size, use_ema=ema, kid=kid,
                  json_out=json_out, cache_dir=cache_dir, vae=vae, model_name=model, image_size=image_size,
-                 console=err)
+                 protocol=protocol, cfg_channels=cfg_channels, precision=precision, npz_out=npz_out,
+                 prompts=prompts, text_encoder=text_encoder, inception_head=inception_head, console=err)
 
 
 @app.command(context_settings=OVERRIDES, epilog=OVERRIDES_HELP)

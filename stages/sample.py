@@ -10,6 +10,7 @@ manifest names (offline for minilm), checked against the recorded weights hash.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,27 +19,18 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline import checkpoint, exported
+from pipeline import checkpoint, exported, npz
 from pipeline.codec import default_device, load_codec, load_decoder
 from pipeline.diffusion import make_objective
 from pipeline.errors import DitpipeError
-from pipeline.generate import decode, generate
-from pipeline.images import make_grid, to_uint8
+from pipeline.generate import Settings, sample_batches
+from pipeline.images import make_grid
 from pipeline.latent_norm import LatentNorm
 from pipeline.model import build_dit
+from pipeline.protocol import conditioner, make_plan, protocol_defaults
+from pipeline.spread import Spread
 
 OFFICIAL_DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How to sample: what `sample` and `evaluate` use unless a flag says otherwise."""
-
-    sampler: str
-    steps: int
-    cfg_scale: float
-    cfg_interval: tuple[float, float]  # noise levels (0 data, 1 noise) where guidance applies
-
 
 # An official DiT .pt carries no settings: the official scripts' own defaults, DDPM × 250 guided at every step, at
 # cfg 4.0 in sample.py and 1.5 in sample_ddp.py (the paper's FID-50K).
@@ -276,18 +268,28 @@ def prompt_list(prompts: list[str] | None, classes: str | None, num: int | None,
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
+GRID_MAX = 256  # the grid shows (and `sample` returns) the first samples, at most this many
+
+
 def sample(checkpoint_path: Path, *, use_ema: bool = True, classes: str | None = None, num: int | None = None,
            cfg_scale: float | None = None, steps: int | None = None, sampler: str | None = None, seed: int = 0,
            cfg_interval: tuple[float, float] | None = None, out: Path | None = Path("grid.png"),
            out_dir: Path | None = None, batch_size: int = 64,
            vae: str | None = None, model_name: str | None = None, image_size: int | None = None,
-           prompts: list[str] | None = None, text_encoder: str | None = None,
-           console: Console | None = None, size: str | None = None, decoder: str | None = None) -> np.ndarray:
-    """Generate, write the grid and/or the per-sample PNGs, and return the images (N, H, W, 3) uint8. Sampling
-    settings left None come from the checkpoint (its validation.*), or official DiT's for an official .pt.
+           prompts: list[str] | None = None, text_encoder: str | None = None, protocol: str | None = None,
+           cfg_channels: str | None = None, precision: str | None = None, npz_out: Path | None = None,
+           console: Console | None = None, size: str | None = None,
+           decoder: str | None = None) -> np.ndarray | None:
+    """Generate; write the grid (the first GRID_MAX samples), the per-sample PNGs and/or the ADM `.npz`; return
+    the grid's images (N, H, W, 3) uint8 (on rank 0 of a torchrun launch; None on the others). Sampling settings
+    left None come from `protocol`, else the checkpoint (its validation.*), else official DiT's for an official .pt.
+    Sample i's noise (and random label) is keyed on (seed, i): the same images for any batch size or process count.
     `size` "WxH": another image size than the run's (most common) bucket; `decoder`: another autoencoder to decode
     with (TAESD for an SD-VAE run), checked against the run's codec."""
+    spread = Spread.start()
     console = console or Console(stderr=True)
+    if not spread.main:
+        console = Console(stderr=True, quiet=True)  # rank 0 speaks for the launch
     warn = lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True)  # noqa: E731
     if num is not None and num < 1:
         raise DitpipeError(f"--num {num}: needs at least 1 sample")
@@ -295,38 +297,110 @@ def sample(checkpoint_path: Path, *, use_ema: bool = True, classes: str | None =
         raise DitpipeError(f"--batch-size {batch_size}: needs at least 1")
     _check_out(out)
     s = load_sampleable(checkpoint_path, use_ema=use_ema, vae=vae, model_name=model_name, image_size=image_size,
-                        warn=warn, decoder=decoder)
+                        warn=warn, device=spread.device, decoder=decoder)
     if size is not None:
         s.latent_shape = sized_latent(s, size, warn)
-    settings = resolve_settings(s, "sample", sampler, steps, cfg_scale, cfg_interval)
-    given = {k for k, v in {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
-                            "cfg_interval": cfg_interval}.items() if v is not None}
+    base = protocol_defaults(protocol, s)
+    settings, given = settings_with(s, "sample", base, sampler, steps, cfg_scale, cfg_interval)
     per_sample = prompt_list(prompts, classes, num, s.text_encoder)
+    num_classes = getattr(s.model, "num_classes", 0) if s.model.y_embedder is not None else 0
+    chosen = None
     if per_sample is not None:
-        conditioning, n = per_sample, len(per_sample)
+        labels, n = "prompts", len(per_sample)
+    elif num_classes and classes is None and protocol:
+        labels, n = "random", num or base["num"]
     else:
-        num_classes = getattr(s.model, "num_classes", 0) if s.model.y_embedder is not None else 0
-        conditioning = class_list(classes, num, num_classes, s.class_names)
-        n = len(conditioning) if conditioning is not None else (num or 16)
+        chosen = class_list(classes, num, num_classes, s.class_names)
+        labels = "none" if chosen is None else "given" if classes else "cycled"
+        n = len(chosen) if chosen is not None else (num or 16)
+    plan = make_plan(s, official=s.settings is None, protocol=protocol, labels=labels, cfg_channels=cfg_channels,
+                     precision=precision, device=spread.device)
     console.print(f"sampling {n} from {s.description}: {describe_settings(s, settings, seed, given)}",
                   highlight=False, soft_wrap=True)
-    if per_sample is not None:
-        return _sample_prompts(s, per_sample, list(dict.fromkeys(prompts)), text_encoder, settings, seed, out,
-                               out_dir, batch_size, console)
-    labels = conditioning
-    images = generate_images(s, labels, n, settings, seed, batch_size, console)
+    console.print(f"  {plan.describe(s.guidable and settings.cfg_scale != 1.0, s.latent_shape[0], spread.device)}"
+                  + (f"; {spread.world} processes" if spread.world > 1 else ""), highlight=False, soft_wrap=True)
+    condition = conditioner(s, labels, seed, chosen, per_sample, text_encoder)
+    distinct = list(dict.fromkeys(prompts)) if per_sample is not None else None
+    width = max(4, len(str(n - 1)))
+
+    def name(i: int, y) -> str:
+        if per_sample is not None:
+            return f"{i:0{width}d}_prompt{distinct.index(per_sample[i])}.png"
+        return f"{i:0{width}d}_class{int(y)}.png" if y is not None else f"{i:0{width}d}.png"
+
+    keep, kept, part = min(n, GRID_MAX), [], npz.PartWriter(npz_out, spread.rank) if npz_out else None
+    t0 = time.time()
+    for idx, images in generated(s, spread, n, settings, seed, batch_size, condition, plan, console):
+        if out_dir is not None:
+            ys = condition(idx) if labels not in ("prompts", "none") else [None] * len(idx)
+            _write_each(images, out_dir, [name(i, y) for i, y in zip(idx, ys)])
+        if part is not None:
+            part.write(images)
+        kept += [img for i, img in zip(idx, images) if i < keep]
+    h, w = s.latent_shape[1] * s.codec.downsample, s.latent_shape[2] * s.codec.downsample
+    kept = spread.gather(np.stack(kept) if kept else np.zeros((0, h, w, 3), np.uint8))
+    if part is not None:
+        part.close()
+        spread.barrier()
+        if spread.main:
+            npz.join(npz_out, spread.world, n, (h, w, 3))
+    seconds = time.time() - t0
+    spread.barrier()
+    if not spread.main:
+        return None
+    console.print(f"{n:,} samples in {seconds:.1f} s: {n / seconds:.2f} samples/s"
+                  + (f" over {spread.world} processes" if spread.world > 1 else ""), highlight=False)
     if out is not None:
-        distinct = sorted(set(labels)) if labels is not None else []
-        per_class = labels is not None and len(distinct) <= 16 and labels[: len(distinct)] == distinct
-        ncols = len(distinct) if per_class else int(math.ceil(math.sqrt(n)))
-        names = [(s.class_names or [str(c) for c in range(num_classes)])[c] for c in distinct] if per_class else None
-        _save(make_grid(images, ncols, column_labels=names, min_cell=64), out)
-        console.print(f"grid: {out}  ({n} samples)", highlight=False, soft_wrap=True)
+        _grid(s, kept, out, condition, labels, num_classes, distinct, per_sample, n, console)
     if out_dir is not None:
-        files = [f"{i:04d}_class{labels[i]}.png" if labels is not None else f"{i:04d}.png" for i in range(n)]
-        _write_each(images, out_dir, files)
-        console.print(f"samples: {out_dir}/ ({n} PNGs)", highlight=False, soft_wrap=True)
-    return images
+        console.print(f"samples: {out_dir}/ ({n} PNGs" + ("; prompt k = the k-th distinct --prompt)"
+                                                          if per_sample is not None else ")"),
+                      highlight=False, soft_wrap=True)
+    if npz_out is not None:
+        console.print(f"npz: {npz_out} (arr_0: uint8 {n}×{h}×{w}×3, the ADM evaluator's sample batch)",
+                      highlight=False, soft_wrap=True)
+    return kept
+
+
+def settings_with(s: Sampleable, purpose: str, base: dict, sampler, steps, cfg_scale, cfg_interval):
+    """(Settings, the names set by a flag or the protocol): flags win over the protocol's `base`, which wins over
+    the checkpoint's defaults."""
+    pick = lambda flag, key: flag if flag is not None else base.get(key)  # noqa: E731
+    given = {k for k, v in {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
+                            "cfg_interval": cfg_interval}.items() if v is not None} | (set(base) - {"num", "labels"})
+    return resolve_settings(s, purpose, pick(sampler, "sampler"), pick(steps, "steps"), pick(cfg_scale, "cfg_scale"),
+                            pick(cfg_interval, "cfg_interval")), given
+
+
+def generated(s: Sampleable, spread: Spread, n: int, settings: Settings, seed: int, batch_size: int, condition,
+              plan, console: Console, what: str = "sample"):
+    """This process's share of the n samples: (indices, uint8 images (B, H, W, 3)) batch by batch, with a progress
+    bar (rank 0) over its sampling steps."""
+    share = spread.share(n)
+    with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                  disable=not spread.main) as bar:
+        task = bar.add_task(what, total=math.ceil(len(share) / batch_size) * settings.steps)
+        yield from sample_batches(s.model, s.objective, s.latent_shape, s.codec, s.norm, share, batch_size, settings,
+                                  seed, spread.device, condition, bf16=plan.bf16, cfg_channels=plan.cfg_channels,
+                                  progress=lambda i, total: bar.advance(task))
+
+
+def _grid(s: Sampleable, images: np.ndarray, out: Path, condition, labels: str, num_classes: int, distinct,
+          per_sample, n: int, console: Console) -> None:
+    """One class (or prompt) per column when the first samples go through them in order, else a square."""
+    names, ncols = None, int(math.ceil(math.sqrt(len(images))))
+    if per_sample is not None:
+        which = [distinct.index(p) for p in per_sample[: len(images)]]
+        if len(distinct) <= 16 and which[: len(distinct)] == list(range(len(distinct))):
+            names, ncols = [p[:24] for p in distinct], len(distinct)
+    elif labels not in ("none",):
+        ys = [int(y) for y in condition(range(len(images)))]
+        first = sorted(set(ys))
+        if len(first) <= 16 and ys[: len(first)] == first:
+            names, ncols = [(s.class_names or [str(c) for c in range(num_classes)])[c] for c in first], len(first)
+    _save(make_grid(images, ncols, column_labels=names, min_cell=64), out)
+    console.print(f"grid: {out}  ({len(images)} samples" + (f", the first of {n:,}" if len(images) < n else "") + ")",
+                  highlight=False, soft_wrap=True)
 
 
 def _check_out(out: Path | None) -> None:
@@ -348,51 +422,3 @@ def _write_each(images: np.ndarray, out_dir: Path, names: list[str]) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for img, name in zip(images, names):
         Image.fromarray(img).save(Path(out_dir) / name)
-
-
-def _sample_prompts(s: Sampleable, per_sample: list[str], distinct: list[str], text_encoder: str | None,
-                    settings: Settings, seed: int, out: Path | None, out_dir: Path | None, batch_size: int,
-                    console: Console) -> np.ndarray:
-    """A caption model's samples: one column per distinct prompt; files <index>_prompt<k>.png, k = the prompt's
-    position among the distinct --prompt values."""
-    from pipeline.text import encode_prompts, load_for_manifest
-
-    device = next(s.model.parameters()).device
-    enc = load_for_manifest(s.text_encoder, device, text_encoder)
-    images = generate_images(s, encode_prompts(enc, per_sample), len(per_sample), settings, seed, batch_size,
-                             console)
-    which = [distinct.index(p) for p in per_sample]
-    if out is not None:
-        per_column = len(distinct) <= 16 and which[: len(distinct)] == list(range(len(distinct)))
-        _save(make_grid(images, len(distinct) if per_column else int(math.ceil(math.sqrt(len(images)))),
-                        column_labels=[p[:24] for p in distinct] if per_column else None, min_cell=64), out)
-        console.print(f"grid: {out}  ({len(images)} samples)", highlight=False, soft_wrap=True)
-    if out_dir is not None:
-        _write_each(images, out_dir, [f"{i:04d}_prompt{k}.png" for i, k in enumerate(which)])
-        console.print(f"samples: {out_dir}/ ({len(images)} PNGs; prompt k = the k-th distinct --prompt)",
-                      highlight=False, soft_wrap=True)
-    return images
-
-
-def generate_images(s: Sampleable, labels, n: int, settings: Settings, seed: int, batch_size: int,
-                    console: Console) -> np.ndarray:
-    """n images in batches; batch b uses seed `seed + b`, so a sample depends on the seed and batch size only."""
-    device = next(s.model.parameters()).device
-    st, chunks = settings, []
-    with Progress(TextColumn("sample"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console) as bar:
-        task = bar.add_task("sample", total=math.ceil(n / batch_size) * st.steps)
-        for b, start in enumerate(range(0, n, batch_size)):
-            count = min(batch_size, n - start)
-            y = None if labels is None else _take(labels, start, count)
-            z = generate(s.model, s.objective, s.latent_shape, y, count, st.sampler, st.steps, st.cfg_scale, seed + b,
-                         device, progress=lambda i, total: bar.advance(task), cfg_interval=st.cfg_interval)
-            chunks.append(to_uint8(decode(z, s.codec, s.norm)))
-    return np.concatenate(chunks)
-
-
-def _take(labels, start: int, count: int):
-    """Samples [start, start + count) of the conditioning: class ids (a list) or a Caption."""
-    if isinstance(labels, list):
-        return torch.tensor(labels[start : start + count])
-    return type(labels)(*(f[start : start + count] for f in labels))

@@ -43,6 +43,7 @@ from pipeline.schedule import lr_at, restretched_length, schedule_warnings
 from pipeline.step import PHEMA_FILE, Micro, Step, build_step, forward_flops, load_state
 from pipeline.training import (batch_condition, build_model, conditioning_for, grid_shape, make_plan,
                                num_classes_for, open_data, training_batches)
+from pipeline.training_fid import TrainingFID
 from pipeline.validation import HeldOut, eval_model, held_out_losses, open_held_out
 from pipeline.workers import capped_workers
 
@@ -107,6 +108,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     if held_spec and conditioning == "caption":  # HeldOut reads labels, not caption records
         raise ConfigError([("validation.shards" if cfg.validation.shards else "data.val_fraction",
                             "the held-out loss is not built for caption models yet; drop the key for this run")])
+    # before the run folder exists: a bad reference loses nothing; rank 0 computes it (cached by content)
+    fid_watch = TrainingFID.start(cfg, manifest, folder, rank, world, device, num_classes, conditioning)
     latent_shape = tuple(manifest["latent"]["shape"][1:])  # (C, H, W)
     run_dir = _run_dir(cfg, config_name, resume)
     total_steps = saved["total_steps"] if saved else plan.steps_per_epoch * t.num_epochs
@@ -163,7 +166,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                      resume_step=start_step if saved else None)
     if acc.is_main_process:
         _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step,
-                   saved["total_steps"] if saved and restretch_schedule else None)
+                   saved["total_steps"] if saved and restretch_schedule else None,
+                   fid_watch.describe(plan.global_batch, end_step - start_step) if fid_watch else None)
         if elastic_note:
             console.print(f"[cyan]elastic:[/] {elastic_note}", highlight=False, soft_wrap=True)
         for note in init_notes:
@@ -226,6 +230,11 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         _park(evaluation)  # off the GPU until the next validation: the training step needs the memory
         acc.wait_for_everyone()
 
+    def training_fid(step: int) -> None:  # every rank samples its share (pipeline/training_fid.py)
+        fid_watch(step, (ema if ema is not None else raw).state_dict(), objective, device, evaluation, log,
+                  bar.console)
+        _park(evaluation)
+
     since_log = 0
     t_log = t_start = time.time()
     last_loss = math.nan
@@ -246,6 +255,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                 save(checkpoint.step_name(step), step)  # last, so `latest` names the step checkpoint
             if cfg.validation.every_steps and step > start_step and step % cfg.validation.every_steps == 0:
                 validate(step)
+            if fid_watch is not None and fid_watch.due(step, start_step, end_step):
+                training_fid(step)
             if _stop_requested(acc, stop, step, cfg.logging.steps):
                 save(checkpoint.step_name(step), step)
                 raise _Stopped(run_dir, step)
@@ -296,6 +307,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         save(checkpoint.step_name(end_step), end_step)
         if cfg.validation.every_steps and end_step > start_step:
             validate(end_step)
+        if fid_watch is not None and fid_watch.due(end_step, start_step, end_step):
+            training_fid(end_step)
     log.close()
     if acc.is_main_process:
         seconds = time.time() - t_start
@@ -683,7 +696,7 @@ def _epoch_task(bar: Progress, epoch: int, num_epochs: int, steps: int, done: in
 
 
 def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, device, start_step, end_step,
-               restretched_from: int | None = None) -> None:
+               restretched_from: int | None = None, fid_line: str | None = None) -> None:
     t, plan = cfg.training, spec.plan
     table = Table(title="ditpipe train", show_header=False, title_justify="left")
     table.add_row("device", f"{describe(device)} × {plan.world_size} process(es)")
@@ -712,6 +725,8 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
         every = (f"every {cfg.validation.every_steps:,} steps" if cfg.validation.every_steps
                  else "never: validation.every_steps is 0")
         table.add_row("held-out loss", f"{spec.held_out}; at {cfg.validation.loss_timesteps} fixed timesteps, {every}")
+    if fid_line:
+        table.add_row("training FID", fid_line)
     if t.posthoc_ema:
         size = 4 * sum(p.numel() for p in raw.state_dict().values()) * len(t.posthoc_ema_sigmas) / 2**20
         table.add_row("post-hoc EMA", f"σ_rel {', '.join(f'{s:g}' for s in t.posthoc_ema_sigmas)}: snapshots every "

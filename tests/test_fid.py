@@ -368,7 +368,7 @@ def test_uncached_batches_and_too_few_images(tmp_path):
     empty.mkdir()
     with pytest.raises(DitpipeError, match="no images"):
         fid.reference_stats(empty, SIZE, extractor=FakeExtractor())
-    with pytest.raises(DitpipeError, match="not a folder"):
+    with pytest.raises(DitpipeError, match="does not exist"):
         fid.reference_stats(tmp_path / "missing", SIZE, extractor=FakeExtractor())
 
 

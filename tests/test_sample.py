@@ -7,7 +7,7 @@ from PIL import Image
 
 from pipeline.diffusion import make_objective
 from pipeline.errors import DitpipeError
-from pipeline.generate import generate
+from pipeline.generate import SampleNoise, generate
 from pipeline.model import build_dit
 from stages.sample import OFFICIAL_SETTINGS, class_list, load_sampleable, resolve_settings, sample
 
@@ -105,9 +105,10 @@ def test_official_layout_state_dict_loads_strictly_and_samples(tmp_path, tiny_va
     images = sample(tmp_path / "DiT-S-8-32x32.pt", model_name="DiT-S/8", image_size=32, vae=str(tiny_vae),
                     classes="1,207,980", steps=3, out=tmp_path / "g.png")
     assert images.shape == (3, 32, 32, 3)
-    # the same weights through our own generate() give the same pixels
+    # the same weights through our own generate() give the same pixels: each sample's noise keyed on (seed,
+    # index), and official DiT's guidance of the first 3 channels (the default for an official checkpoint)
     z = generate(model.eval(), make_objective("ddpm", True), (4, 16, 16), torch.tensor([1, 207, 980]), 3, "ddpm", 3,
-                 4.0, 0, torch.device("cpu"))
+                 4.0, 0, torch.device("cpu"), cfg_channels=3, noise=SampleNoise(0, range(3), torch.device("cpu")))
     from pipeline.generate import decode
     from pipeline.images import to_uint8
 
