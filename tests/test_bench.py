@@ -39,6 +39,7 @@ def close(a, b, rel=0.02):
     return math.isclose(a, b, rel_tol=rel)
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_stdout_is_one_json_object_and_the_same_as_the_json_file(bench):
     printed, written, err = bench
     assert printed == written
@@ -52,6 +53,7 @@ def test_stdout_is_one_json_object_and_the_same_as_the_json_file(bench):
     assert "[bench] part encode" in err and "[bench] part memory done" in err  # progress on stderr, not stdout
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_encode_part(bench):
     e = bench[0]["encode"]
     assert (e["vae_shape"], e["image_size"], e["batch_size"], e["images"], e["source"]) == ("tiny", 32, 2, 4, "jpeg")
@@ -67,6 +69,7 @@ def test_encode_part(bench):
     assert j["draft_decoded_size"] == [80, 60]  # 640x480 at 1/8 scale still covers 32 px
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_loader_part(bench):
     lo = bench[0]["loader"]
     assert lo["samples"] == 512 and lo["sample_shape"] == [4, 4, 4, 4] and lo["batch_size"] == 64
@@ -82,6 +85,7 @@ def test_loader_part(bench):
     assert positive(*lo["cpu_ceiling_samples_per_s"].values(), lo["eps_ceiling_samples_per_s"])
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_train_part(bench):
     t = bench[0]["train"]
     assert (t["model"], t["vae_shape"], t["image_size"], t["latent_shape"]) == ("DiT-S/2", "tiny", 32, [4, 4, 4])
@@ -99,6 +103,7 @@ def test_train_part(bench):
     assert x["images"] == 250000 and close(x["precomputed_s"], 250000 / t["precomputed"]["images_per_s"])
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_memory_part(bench):
     m = bench[0]["memory"]
     pre, onl = m["train"]["precomputed"], m["train"]["online"]
@@ -118,6 +123,7 @@ def test_memory_part(bench):
         assert close(lo[fmt]["ratio"], large["total_peak_mib"] / small["total_peak_mib"], rel=1e-3)
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_targets_are_listed_with_their_values(bench):
     result = bench[0]
     listed = result["targets"]

@@ -146,6 +146,7 @@ def run_encode_process(out: Path, vae: Path, *, kill_when_partial: bool = False)
     return proc.returncode, log.read_text(errors="replace")
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_killed_encode_resumes_to_the_same_bytes(tmp_path, tiny_vae):
     killed, fresh = tmp_path / "killed", tmp_path / "fresh"
     code, err = run_encode_process(killed, tiny_vae, kill_when_partial=True)

@@ -17,6 +17,7 @@ def trained(tmp_path_factory):
     return run, tmp / "shards", tmp
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_evaluate_writes_fid_and_reuses_the_reference_cache(trained, cli):
     run, shards, tmp = trained
     args = ["evaluate", "--checkpoint", run, "--reference", shards, "--num", "24", "--steps", "2",

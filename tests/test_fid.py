@@ -178,6 +178,7 @@ def test_fid_of_a_set_against_itself_is_zero(real_set, extractor):
     assert abs(fid.frechet_distance(ref.mu, ref.sigma, ref.mu, ref.sigma)) < 1e-6
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_fid_grows_with_noise(real_set, extractor):
     folder, cache, images, ref = real_set
     rng = np.random.default_rng(1)
@@ -237,6 +238,7 @@ def test_frechet_distance_matches_scipy_and_torchmetrics():
     assert float(fresh.compute()) == pytest.approx(ours, rel=1e-6)
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_frechet_distance_of_rank_deficient_2048d_stats_against_themselves():
     rng = np.random.default_rng(0)
     acc = fid.StatsAccumulator()

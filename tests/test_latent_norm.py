@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.generate import decode, generate
+from pipeline.generate import SampleNoise, decode, generate
 from pipeline.images import to_uint8
 from pipeline.latent_norm import LatentNorm
 from pipeline.loader import LatentView, open_shards, sample_key
@@ -74,7 +74,8 @@ def test_training_records_channel_norm_and_sample_inverts_it(tmp_path):
     s = load_sampleable(run)
     assert s.norm == LatentNorm.from_record(record)
     images = sample(run, classes="0,5", steps=3, seed=7, out=None)
-    z = generate(s.model, s.objective, s.latent_shape, torch.tensor([0, 5]), 2, None, 3, 4.0, 7, torch.device("cpu"))
+    z = generate(s.model, s.objective, s.latent_shape, torch.tensor([0, 5]), 2, None, 3, 4.0, 7, torch.device("cpu"),
+                 noise=SampleNoise(7, [0, 1], torch.device("cpu")))  # sample i's noise keyed on (seed, i), as sample's
     mean = torch.tensor(record["shift"]).view(1, 3, 1, 1)
     std = 1 / torch.tensor(record["scale"]).view(1, 3, 1, 1)
     expected = ((z * std + mean).clamp(-1, 1) + 1) * 127.5  # the pixel codec decodes by clamping
