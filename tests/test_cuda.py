@@ -18,6 +18,8 @@ import torch
 from pipeline.config import load_config
 from pipeline.metrics import read_metrics
 
+from conftest import reset_accelerate
+
 pytestmark = pytest.mark.cuda
 
 CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
@@ -129,9 +131,7 @@ def test_resume_is_bitwise_with_training_deterministic(tmp_path, shards):
     common = {"training.mixed_precision": "bf16", "training.deterministic": True, "checkpointing.steps": 10}
     whole = train(config(tmp_path, shards, **common, **{"training.max_steps": 20, "logging.run_name": "whole"}))
     part = train(config(tmp_path, shards, **common, **{"training.max_steps": 10, "logging.run_name": "part"}))
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     proc = subprocess.run([*CLI, "resume", str(part), "--training.max_steps", "20"], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -39,7 +39,7 @@ from pipeline.metrics import read_metrics
 from stages.encode import encode
 from stages.train import RECORD_ENV, train
 
-from conftest import assert_common_checkpoints_equal
+from conftest import assert_common_checkpoints_equal, pixel_shards, reset_accelerate
 
 BIN = Path(sys.executable).parent
 ONE = [str(BIN / "ditpipe")]
@@ -218,11 +218,8 @@ def test_a_killed_rank_is_recovered_by_rerunning_the_same_encode(tiny_vae, one_p
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("dist-shards") / "shards"
-    encode(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": N,
-                              "vae.name": "pixel", "data.num_workers": 0, "shards.samples_per_shard": PER_SHARD,
-                              "shards.path": str(folder)}))
-    return folder
+    return pixel_shards(tmp_path_factory.mktemp("dist-shards") / "shards", N,
+                        **{"shards.samples_per_shard": PER_SHARD})
 
 
 def run_config(shards: Path, outputs: Path, name: str, precision: str = "no", **over) -> dict:
@@ -507,8 +504,7 @@ def test_an_existing_run_folder_is_refused_by_every_rank(shards, reference, tmp_
 
 def test_shards_from_an_fsspec_url_train_the_same_and_pipe_is_refused(shards, tmp_path, cli):
     import fsspec
-    from accelerate.state import AcceleratorState
-
+    
     parquet = tmp_path / "parquet"
     encode(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": N,
                               "vae.name": "pixel", "data.num_workers": 0, "shards.samples_per_shard": PER_SHARD,
@@ -517,7 +513,7 @@ def test_shards_from_an_fsspec_url_train_the_same_and_pipe_is_refused(shards, tm
     for folder in (shards, parquet):  # tar and Parquet shards, from a path and from a file:// URL
         runs = []
         for where in (str(folder), folder.resolve().as_uri()):
-            AcceleratorState._reset_state(reset_partial_state=True)
+            reset_accelerate()
             runs.append(train(load_config(None, {**cfg, "shards.path": where,
                                                  "logging.run_name": f"{folder.name}-{len(runs)}"})))
         wa, wb = (torch.load(r / "checkpoint-3" / "model.pt", weights_only=True) for r in runs)
@@ -530,12 +526,12 @@ def test_shards_from_an_fsspec_url_train_the_same_and_pipe_is_refused(shards, tm
         if p.suffix == ".tar":  # one byte of the tar's end padding: only the hash can tell
             data = data[:-1] + b"\x01"
         mem.pipe_file(f"/dist-test/{p.name}", data)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     with pytest.raises(ShardError, match="does not match the manifest's sha256"):
         train(load_config(None, {**cfg, "shards.path": "memory:///dist-test", "logging.run_name": "mem"}))
     mem.rm("/dist-test", recursive=True)
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     code, _, err = cli("train", *cli_args({**cfg, "shards.path": f"pipe:cat {shards}/shard-00000.tar",
                                            "logging.run_name": "pipe"}))
     assert code == 1 and "pipe: shard locations are not supported" in " ".join(err.split())

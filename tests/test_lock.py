@@ -83,14 +83,6 @@ def shard_folder(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_second_train_or_resume_is_refused_with_the_pid_and_kill_9_frees_the_run(tmp_path, shard_folder, cli):
     outputs, logs = tmp_path / "outputs", tmp_path / "logs"
     run = outputs / "r"

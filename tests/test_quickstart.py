@@ -16,14 +16,6 @@ SHORT = {"training.num_epochs": 2, "data.num_samples": 512, "validation.every_st
          "validation.sampling_steps": 4}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def class_accuracy(folder: Path) -> float:
     """From the PNG files alone: the label is in the name, the class is judged from the pixels."""
     files = sorted(folder.glob("*_class*.png"))

@@ -8,24 +8,20 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from accelerate.state import AcceleratorState
 
 from pipeline import loader, shards
 from pipeline.config import load_config
 from pipeline.errors import ShardError
 from pipeline.loader import open_shards
-from stages.encode import encode
+
+from conftest import pixel_shards, reset_accelerate
 
 N, PER_SHARD = 32, 16
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("remote") / "shards"
-    encode(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": N,
-                              "vae.name": "pixel", "data.num_workers": 0, "shards.samples_per_shard": PER_SHARD,
-                              "shards.path": str(out)}))
-    return out
+    return pixel_shards(tmp_path_factory.mktemp("remote") / "shards", N, **{"shards.samples_per_shard": PER_SHARD})
 
 
 @pytest.fixture
@@ -96,7 +92,7 @@ def test_resume_refuses_a_remote_location_only_the_checkpoint_names(folder, tmp_
             "checkpointing.steps": 2, "logging.output_dir": str(tmp_path / "out"), "logging.run_name": "r",
             "logging.tensorboard": False}
     run = train(load_config(None, over))
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
 
     code, _, err = cli("resume", run, "--training.max_steps", 3)
     text = " ".join(err.split())
@@ -104,6 +100,6 @@ def test_resume_refuses_a_remote_location_only_the_checkpoint_names(folder, tmp_
     assert not (run / "checkpoint-3").exists()
 
     code, _, err = cli("resume", run, "--training.max_steps", 3, "--shards.path", url)
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     assert code == 0, err
     assert (run / "checkpoint-3").is_dir()

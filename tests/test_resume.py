@@ -143,15 +143,7 @@ def start_resume(target, logs, pause=0.0, *extra) -> Proc:
 # ---------------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # in-process runs too: tiny ops only lose to thread hand-offs on a busy machine
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs too (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -6,27 +6,17 @@ import shlex
 import shutil
 
 import pytest
-import torch
 
 from pipeline import checkpoint
 from pipeline.config import load_config
 from pipeline.metrics import read_metrics
 from pipeline.schedule import lr_at, restretched_length, schedule_warnings
 from stages.encode import encode
-from stages.train import train
 
 SPE = 8  # steps per epoch: 128 samples / batch 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops only lose to thread hand-offs on a busy machine
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.fixture(scope="module")

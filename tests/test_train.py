@@ -23,6 +23,8 @@ from stages.encode import encode
 from pipeline.device import effective_precision
 from stages.train import train
 
+from conftest import reset_accelerate
+
 TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
         "data.num_workers": 0, "training.mixed_precision": "no", "lr_scheduler.warmup_steps": 0,
         "training.learning_rate": 1e-3, "logging.steps": 5, "logging.tensorboard": False,
@@ -247,9 +249,7 @@ def test_online_vae_mode_draws_what_the_shards_draw(tmp_path, tiny_vae):
     common = {**data, **TINY, "training.batch_size": 8, "training.gradient_accumulation_steps": 1,
               "training.max_steps": 3, "logging.steps": 1, "logging.output_dir": str(tmp_path / "out")}
     pre = train(load_config(None, {**common, "logging.run_name": "pre"}))
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     online = train(load_config(None, {**common, "logging.run_name": "online", "data.source": "images"}))
     a, b = [m["loss"] for m in read_metrics(pre)], [m["loss"] for m in read_metrics(online)]
     assert a == pytest.approx(b, rel=2e-3)
