@@ -148,6 +148,11 @@ class ModelConfig(_Section):
 class DiffusionConfig(_Section):
     objective: Literal["ddpm", "flow"] = Field("ddpm", description="ddpm (DiT's ε-prediction) or flow (rectified "
                                                                    "flow)")
+    timestep_mean: float = Field(0.0, ge=-3.0, le=3.0, description="flow: training times t = sigmoid(n), n ~ "
+                                                                    "N(timestep_mean, timestep_std²) (SD3's "
+                                                                    "logit-normal); > 0 favours high noise")
+    timestep_std: float = Field(1.0, gt=0.0, le=3.0, description="flow: the logit-normal's spread; narrower "
+                                                                 "trains mid-noise harder (the quickstart: 0.6)")
 
 
 class TrainingConfig(_Section):
@@ -292,6 +297,11 @@ class Config(_Section):
         if self.data.dataset_name == "shapes" and self.data.num_samples is None:
             problems.append("data.num_samples: the shapes dataset is generated, so it needs a number (got null)")
         samplers = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}[self.diffusion.objective]
+        plain = DiffusionConfig()
+        for key in ("timestep_mean", "timestep_std"):
+            if self.diffusion.objective != "flow" and getattr(self.diffusion, key) != getattr(plain, key):
+                problems.append(f"diffusion.{key}: it shapes flow's training times, and ddpm draws its timesteps "
+                                "uniformly; set diffusion.objective: flow, or leave it out")
         if self.validation.sampler is not None and self.validation.sampler not in samplers:
             problems.append(f"validation.sampler: {self.validation.sampler!r} does not sample a "
                             f"{self.diffusion.objective} model; use {' or '.join(samplers)}")

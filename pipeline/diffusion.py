@@ -19,6 +19,8 @@ import math
 import numpy as np
 import torch
 
+from pipeline.config import DiffusionConfig
+
 DDPM_SAMPLERS = ("ddpm", "ddim")
 FLOW_SAMPLERS = ("euler", "heun")
 OBJECTIVES = ("ddpm", "flow")
@@ -424,12 +426,14 @@ class Flow:
     out_channels_factor = 1
     learn_sigma = False
 
-    def __init__(self, time_scale=1000.0):
+    def __init__(self, timestep_mean: float, timestep_std: float, time_scale=1000.0):
+        self.timestep_mean, self.timestep_std = float(timestep_mean), float(timestep_std)
         # The model's timestep embedding was designed for DDPM's [0, 1000) range; t * 1000 reuses it.
         self.time_scale = float(time_scale)
 
     def __repr__(self):
-        return f"Flow(time_scale={self.time_scale})"
+        return (f"Flow(timestep_mean={self.timestep_mean}, timestep_std={self.timestep_std}, "
+                f"time_scale={self.time_scale})")
 
     def noise_level(self, t_model: float) -> float:
         """The model-time argument as a noise level in [0, 1]: 0 is data, 1 pure noise."""
@@ -440,8 +444,9 @@ class Flow:
         return model_fn(x, t * self.time_scale)[:, : x.shape[1]]  # (N, C, H, W)
 
     def sample_timesteps(self, n, generator, device):
-        """Logit-normal t = sigmoid(n), n ~ N(0, 1): (n,) float32 in (0, 1), concentrated around 0.5."""
-        return torch.sigmoid(_randn((n,), generator, device))  # (n,)
+        """Logit-normal t = sigmoid(m + s·n), n ~ N(0, 1): (n,) float32 in (0, 1), around sigmoid(m). (m, s) = (0, 1)
+        gives exactly sigmoid(n), the draws of runs from before the two keys existed."""
+        return torch.sigmoid(self.timestep_mean + self.timestep_std * _randn((n,), generator, device))  # (n,)
 
     def fixed_timesteps(self, k, device):
         """k evenly spaced times, the midpoints of k equal bins of (0, 1): (k,) float32 (0.05, ..., 0.95 for k = 10)."""
@@ -517,10 +522,11 @@ def micro_loss(model, objective, x0, labels, conditional: bool, t, noise, drop):
     return objective.training_losses(model_fn, x0, t, noise)["loss"]  # (N,)
 
 
-def make_objective(name, learn_sigma):
-    """The objective for diffusion.objective: "ddpm" (DiT's default; learn_sigma applies) or "flow"."""
+def make_objective(name, learn_sigma, diffusion: DiffusionConfig = DiffusionConfig()):
+    """The objective for diffusion.objective: "ddpm" (DiT's default; learn_sigma applies) or "flow", whose training
+    times follow `diffusion` (the run's config section; its defaults where only sampling is done)."""
     if name == "ddpm":
         return DDPM(learn_sigma=learn_sigma)
     if name == "flow":
-        return Flow()
+        return Flow(diffusion.timestep_mean, diffusion.timestep_std)
     raise ValueError(f"unknown objective {name!r}; valid objectives: {', '.join(OBJECTIVES)}")

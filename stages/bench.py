@@ -850,7 +850,7 @@ class _Trainer:
         self.latent_shape = tuple(manifest["latent"]["shape"][1:])
         torch.manual_seed(t.seed)
         model = build_model(cfg, manifest, num_classes_for(cfg, manifest)).to(device)
-        objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
+        objective = make_objective(cfg.diffusion.objective, model.learn_sigma, cfg.diffusion)
         self.step_fn = build_step(acc, model, objective, plan, self.latent_shape,
                                   norm=LatentNorm.from_manifest(manifest, cfg.data.latent_norm),
                                   posterior="std" in manifest["latent"]["slices"], training=t, rank=0,

@@ -159,7 +159,7 @@ class _Scorer:
         from pipeline.validation import eval_model, held_out_losses
 
         model = eval_model(self.cfg, self.manifest, self.num_classes, state, self.acc.device, self.cache)
-        objective = make_objective(self.cfg.diffusion.objective, model.learn_sigma)
+        objective = make_objective(self.cfg.diffusion.objective, model.learn_sigma, self.cfg.diffusion)
         scores = {}
         if self.held is not None:
             scores["held_out_loss"] = held_out_losses(self.acc, self.cfg, self.manifest, self.held, {"x": state},

@@ -86,7 +86,7 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
     codec = load_decoder(vae or manifest["codec"]["name"], manifest["codec"], manifest["codec"]["dtype"], device)
     labels = manifest.get("labels")
     caption = conditioning_for(cfg, manifest) == "caption"
-    objective, v = make_objective(cfg.diffusion.objective, model.learn_sigma), cfg.validation
+    objective, v = make_objective(cfg.diffusion.objective, model.learn_sigma, cfg.diffusion), cfg.validation
     return Sampleable(model.to(device).eval(), objective, grid_shape(manifest), codec, checkpoint_norm(cfg, manifest),
                       labels["names"] if labels and num_classes else None, description,
                       text_encoder_of(manifest) if caption else None,

@@ -139,7 +139,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     model = build_model(cfg, manifest, num_classes).to(device)  # on its device before anything is made from it
     init_notes = [] if saved or not cfg.model.init_from else init_from(  # a fine-tune; the EMA starts from it too
         model, cfg.model.init_from, cfg.model.init_weights, (manifest.get("labels") or {}).get("names"), manifest)
-    objective = make_objective(cfg.diffusion.objective, model.learn_sigma)
+    objective = make_objective(cfg.diffusion.objective, model.learn_sigma, cfg.diffusion)
     if saved:
         _check_same_encoders(resume, manifest)
         if (notice := checkpoint.check_same_shards(saved, manifest, resume, folder)) and acc.is_main_process:

@@ -117,6 +117,18 @@ def test_shapes_needs_a_sample_count():
     assert info.value.problems[0][0] == "data.num_samples"
 
 
+def test_timestep_shape_is_a_flow_key():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"diffusion.timestep_std": 0.6})  # the default objective is ddpm
+    assert [k for k, _ in info.value.problems] == ["diffusion.timestep_std"]
+    assert "flow" in info.value.problems[0][1]
+    cfg = load_config(None, {"diffusion.objective": "flow", "diffusion.timestep_std": 0.6})
+    assert (cfg.diffusion.timestep_mean, cfg.diffusion.timestep_std) == (0.0, 0.6)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"diffusion.objective": "flow", "diffusion.timestep_std": 0})
+    assert [k for k, _ in info.value.problems] == ["diffusion.timestep_std"]
+
+
 def test_config_hash_follows_content():
     a, b = load_config("train_config"), load_config("train_config", {"training.seed": 1})
     assert a.hash() == load_config("train_config").hash() != b.hash()

@@ -174,7 +174,7 @@ def test_low_precision_inputs_compute_in_float32():
         assert low[key].dtype == torch.float32
         torch.testing.assert_close(low[key], ref[key])
     tf = torch.tensor([0.1, 0.3, 0.5, 0.9])
-    assert Flow().training_losses(lambda x, ts: x, x0.bfloat16(), tf, noise.bfloat16())["loss"].dtype == torch.float32
+    assert make_objective("flow", False).training_losses(lambda x, ts: x, x0.bfloat16(), tf, noise.bfloat16())["loss"].dtype == torch.float32
 
 
 def test_vb_uses_frozen_eps():
@@ -381,7 +381,7 @@ def test_ddim_is_deterministic_given_noise_and_draws_initial_noise_from_generato
 #################################################################################
 
 def test_flow_logit_normal_timesteps():
-    f = Flow()
+    f = make_objective("flow", False)
     t = f.sample_timesteps(20000, gen(0), "cpu")
     assert t.shape == (20000,) and t.dtype == torch.float32
     assert torch.all((t > 0) & (t < 1))
@@ -392,8 +392,22 @@ def test_flow_logit_normal_timesteps():
     assert not torch.equal(f.sample_timesteps(16, gen(3), "cpu"), f.sample_timesteps(16, gen(4), "cpu"))
 
 
+def test_flow_timestep_mean_and_std_shape_the_draws_and_the_defaults_keep_the_old_ones():
+    from pipeline.config import DiffusionConfig
+
+    plain = make_objective("flow", False, DiffusionConfig(objective="flow"))
+    # The defaults draw exactly sigmoid(N(0, 1)), the draws of every flow run from before the two keys existed.
+    assert torch.equal(plain.sample_timesteps(4096, gen(5), "cpu"), torch.sigmoid(torch.randn(4096, generator=gen(5))))
+    narrow = make_objective("flow", False, DiffusionConfig(objective="flow", timestep_mean=0.5, timestep_std=0.6))
+    t = narrow.sample_timesteps(20000, gen(0), "cpu")
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean().item() - 0.5) < 0.03 and abs(logit.std().item() - 0.6) < 0.02
+    assert torch.allclose(logit, 0.5 + 0.6 * torch.randn(20000, generator=gen(0)), atol=1e-4)  # the same n, moved
+    assert "timestep_std=0.6" in repr(narrow)
+
+
 def test_flow_training_target():
-    f = Flow()
+    f = make_objective("flow", False)
     g = gen(1)
     x0 = torch.randn(4, 3, 4, 4, generator=g)
     noise = torch.randn(4, 3, 4, 4, generator=g)
@@ -428,7 +442,7 @@ def point_mass_velocity(x_star):
 def test_flow_samplers_land_on_point_mass(sampler):
     x_star = torch.randn(2, 3, 4, 4, generator=gen(2))
     calls = []
-    out = Flow().sample(point_mass_velocity(x_star), (2, 3, 4, 4), sampler, 10, gen(3), "cpu",
+    out = make_objective("flow", False).sample(point_mass_velocity(x_star), (2, 3, 4, 4), sampler, 10, gen(3), "cpu",
                         progress=lambda i, n: calls.append((i, n)))
     torch.testing.assert_close(out, x_star, atol=1e-4, rtol=0)
     assert calls == [(i, 10) for i in range(1, 11)]
@@ -449,7 +463,7 @@ def test_heun_beats_euler_on_curved_field():
     mu, s = 1.0, 0.5
     noise = torch.randn(4, 1, 4, 4, generator=gen(4), dtype=torch.float64)
     exact = mu + s * noise  # the ODE maps z at t=1 to mu + s z at t=0
-    f = Flow()
+    f = make_objective("flow", False)
     calls = {"n": 0}
     field = gaussian_velocity(mu, s)
 
@@ -469,7 +483,7 @@ def test_heun_beats_euler_on_curved_field():
 
 
 def test_flow_sample_is_deterministic_per_seed():
-    f = Flow()
+    f = make_objective("flow", False)
     field = gaussian_velocity(1.0, 0.5)
     a = f.sample(field, (2, 1, 3, 3), "heun", 4, gen(5), "cpu")
     assert torch.equal(a, f.sample(field, (2, 1, 3, 3), "heun", 4, gen(5), "cpu"))
@@ -485,7 +499,7 @@ def test_global_rng_untouched():
     before = torch.get_rng_state()
     g = gen(0)
     shape = (2, 2, 4, 4)
-    d, f = DDPM(learn_sigma=True), Flow()
+    d, f = DDPM(learn_sigma=True), make_objective("flow", False)
     x0 = torch.randn(shape, generator=g)
     noise = torch.randn(shape, generator=g)
     t = d.sample_timesteps(2, g, "cpu")
