@@ -75,6 +75,19 @@ def test_same_seed_same_weights_and_another_seed_differs(tmp_path, pixel_shards)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_flow_timestep_keys_reach_the_training_step(tmp_path, pixel_shards):
+    """diffusion.timestep_std changes the training draws (so the weights); its default is the draws from before."""
+    flow = {"diffusion.objective": "flow"}
+    plain = final_weights(train(cfg_for(tmp_path, pixel_shards, **flow, **{"logging.run_name": "plain"})))
+    same = final_weights(train(cfg_for(tmp_path, pixel_shards, **flow, **{"logging.run_name": "same",
+                                                                           "diffusion.timestep_std": 1.0,
+                                                                           "diffusion.timestep_mean": 0.0})))
+    narrow = final_weights(train(cfg_for(tmp_path, pixel_shards, **flow, **{"logging.run_name": "narrow",
+                                                                             "diffusion.timestep_std": 0.6})))
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    assert not all(torch.equal(plain[k], narrow[k]) for k in plain)
+
+
 def test_accumulation_splits_a_batch_exactly(tmp_path, pixel_shards):
     """batch 16 × 1 and batch 8 × 2 see the same samples and draws; only float summation order differs."""
     whole = final_weights(train(cfg_for(tmp_path, pixel_shards, **{"logging.run_name": "whole"})))
