@@ -522,11 +522,12 @@ def micro_loss(model, objective, x0, labels, conditional: bool, t, noise, drop):
     return objective.training_losses(model_fn, x0, t, noise)["loss"]  # (N,)
 
 
-def make_objective(name, learn_sigma, diffusion: DiffusionConfig = DiffusionConfig()):
+def make_objective(name, learn_sigma, diffusion: DiffusionConfig | None = None):
     """The objective for diffusion.objective: "ddpm" (DiT's default; learn_sigma applies) or "flow", whose training
-    times follow `diffusion` (the run's config section; its defaults where only sampling is done)."""
+    times follow `diffusion` (the run's config section; None: its defaults, where only sampling is done)."""
     if name == "ddpm":
         return DDPM(learn_sigma=learn_sigma)
     if name == "flow":
-        return Flow(diffusion.timestep_mean, diffusion.timestep_std)
+        d = diffusion or DiffusionConfig()
+        return Flow(d.timestep_mean, d.timestep_std)
     raise ValueError(f"unknown objective {name!r}; valid objectives: {', '.join(OBJECTIVES)}")
