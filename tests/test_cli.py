@@ -22,6 +22,20 @@ def test_help_does_not_import_torch():
         assert verb in proc.stdout
 
 
+@pytest.mark.parametrize("args, rc, joined_after", [(["--version"], 0, False), (["inspect", "nowhere"], 1, True)])
+def test_a_finished_command_leaves_the_process_group(tmp_path, args, rc, joined_after):
+    """A rank that finishes leaves its process group before the interpreter tears down (else gloo's threads can abort
+    it at exit); after an error it stays, so a rank never blocks in a teardown while a peer waits in a collective."""
+    code = ("import sys, torch.distributed as dist\n"
+            f"dist.init_process_group('gloo', init_method='file://{tmp_path}/group', rank=0, world_size=1)\n"
+            f"sys.argv = ['ditpipe', *{args!r}]\n"
+            "from stages.cli import entry\n"
+            "try:\n    entry()\nexcept SystemExit as e:\n    print('exit', e.code, dist.is_initialized())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-3:] == ["exit", str(rc), str(joined_after)]
+
+
 def test_version(cli):
     code, out, _ = cli("--version")
     assert code == 0 and out.strip() == f"ditpipe {__version__}"
