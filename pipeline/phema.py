@@ -169,12 +169,12 @@ def write_snapshots(folder: Path, step: int, phema: PowerEMA) -> list[Path]:
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     written = []
     for sigma, ema in zip(phema.sigma_rels, phema.emas):
         path = snapshot_path(folder, step, sigma)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in ema.state_dict().items()}
         try:
+            folder.mkdir(parents=True, exist_ok=True)  # in the try: a folder that cannot be made is the same failure
             with atomic_path(path) as tmp:
                 save_file(state, str(tmp), metadata={"format": "pt", "step": str(step), "sigma_rel": repr(sigma)})
                 _sort_metadata(tmp)

@@ -248,7 +248,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         while step < end_step:
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
             if step > start_step and step % cfg.checkpointing.phema_every == 0:
-                _phema_snapshots(acc, run_dir, step_fn, step)
+                _phema_snapshots(group, run_dir, step_fn, step)
             if step > start_step and step_in_epoch == 0 and cfg.checkpointing.every_epoch:
                 save(checkpoint.epoch_name(epoch), step)
             if step > start_step and step % cfg.checkpointing.steps == 0:
@@ -301,7 +301,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                     data_from(step)
 
         if end_step > start_step:
-            _phema_snapshots(acc, run_dir, step_fn, end_step)
+            _phema_snapshots(group, run_dir, step_fn, end_step)
         if end_step % plan.steps_per_epoch == 0 and cfg.checkpointing.every_epoch and end_step > start_step:
             save(checkpoint.epoch_name(end_step // plan.steps_per_epoch), end_step)
         save(checkpoint.step_name(end_step), end_step)
@@ -430,11 +430,22 @@ def _needed_bytes(raw, step: Step | None = None) -> int:
     return params * (4 + len(step.phema.emas if step is not None and step.phema else []))
 
 
-def _phema_snapshots(acc, run_dir: Path, step: Step, at: int) -> None:
+def _phema_snapshots(group: checkpoint.Group, run_dir: Path, step: Step, at: int) -> None:
     """Rank 0 writes the post-hoc EMA snapshots of step `at`, before that step's checkpoint (so a checkpoint implies
-    its snapshots, and a resume from it need not write them again)."""
-    if step.phema is not None and acc.is_main_process:
-        write_snapshots(run_dir / SNAPSHOT_DIR, at, step.phema)
+    its snapshots, and a resume from it need not write them again). Its failure (a full disk) is broadcast: every rank
+    stops with the same message, where the others would wait for rank 0 in the next step's all-reduce (under a
+    launcher that does not kill the rest, until the collective times out)."""
+    if step.phema is None:
+        return
+    failure = None
+    if group.rank == 0:
+        try:
+            write_snapshots(run_dir / SNAPSHOT_DIR, at, step.phema)
+        except DitpipeError as e:
+            failure = str(e)
+    failure = group.broadcast(failure)
+    if failure:
+        raise DitpipeError(failure)
 
 
 def elastic_split(cfg: Config, saved: dict, world: int, ckpt: Path) -> str | None:

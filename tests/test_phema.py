@@ -208,6 +208,42 @@ def test_kill_9_then_resume_continues_the_emas_and_rewrites_identical_snapshots(
         assert _sha(cut / phema.SNAPSHOT_DIR / name) == _sha(reference / phema.SNAPSHOT_DIR / name), name
 
 
+def test_a_snapshot_that_cannot_be_written_stops_every_rank_with_the_same_message(tmp_path):
+    """Two processes (torchrun, gloo) under a file-size limit (RLIMIT_FSIZE, a full disk to every writer): rank 0's
+    first snapshot fails, and rank 1 stops at the same step with the same one-line error instead of running into the
+    next step's all-reduce without its peer. No checkpoint is written, nothing is half-written."""
+    import resource
+
+    from stages.encode import encode
+
+    shards, outputs = tmp_path / "shards", tmp_path / "outputs"
+    encode(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 128,
+                              "vae.name": "pixel", "shards.path": str(shards), "data.num_workers": 0}))
+    # torchrun checks its workers every 3 s, not 0.1: time for each rank to stop on its own before a peer's exit
+    # makes torchrun stop the rest
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                "--monitor-interval", "3", str(Path(sys.executable).parent / "ditpipe")]
+    limit = 48 << 10  # the run's small files fit; a snapshot of the 1-block model (~130 kB) does not
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes fail with EFBIG
+
+    proc = subprocess.run([*torchrun, *_train_args(shards, outputs, "full")], env={**_env(), "COLUMNS": "250"},
+                          capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0, said[-3000:]
+    lines = [line for line in said.splitlines() if "could not write the post-hoc EMA snapshot" in line]
+    assert len(lines) == 2 and "step-0000002-sigma-0.05.safetensors" in lines[0], said[-3000:]
+    assert lines[0].split("error: ", 1)[-1] == lines[1].split("error: ", 1)[-1], lines  # one message, both ranks
+    # Each rank exited with the error's own code 1, not killed by torchrun for a peer's failure (a signal), and no
+    # traceback ran through ditpipe (torchrun prints its own for any failed child).
+    assert said.count("exitcode  : 1 (pid:") == 2 and "site-packages/accelerate" not in said, said[-3000:]
+    assert "stages/train.py" not in said and "gloo" not in said.lower(), said[-3000:]
+    run = outputs / "full"
+    assert not any(p.name.startswith("checkpoint-") for p in run.iterdir())
+    assert not list((run / phema.SNAPSHOT_DIR).iterdir())  # the temporary was removed, nothing half-written kept
+
+
 # ---------------------------------------------------------------------------------------------------- the verb
 
 
