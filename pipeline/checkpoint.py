@@ -64,6 +64,20 @@ class Group:
     broadcast: Callable[[object], object] = lambda value: value  # rank 0's value, returned on every rank
     gather: Callable[[object], list] = lambda value: [value]  # every rank's value, on every rank
 
+    def on_rank0(self, work: Callable[[], object], error: type[DitpipeError] = DitpipeError):
+        """work() on rank 0 alone (hashing gigabytes, writing a file), its result returned on every rank; when it
+        raises `error`, every rank raises one with the same message, so all ranks go on, or stop, together."""
+        answer = None
+        if self.rank == 0:
+            try:
+                answer = (work(), None)
+            except error as e:
+                answer = (None, str(e))
+        result, failure = self.broadcast(answer)
+        if failure is not None:
+            raise error(failure)
+        return result
+
 
 def save(run_dir: Path, name: str, writers: dict[str, Callable[[Path], None]], state: dict, *,
          group: Group = Group(), needed_bytes: int = 0) -> Path:

@@ -432,20 +432,11 @@ def _needed_bytes(raw, step: Step | None = None) -> int:
 
 def _phema_snapshots(group: checkpoint.Group, run_dir: Path, step: Step, at: int) -> None:
     """Rank 0 writes the post-hoc EMA snapshots of step `at`, before that step's checkpoint (so a checkpoint implies
-    its snapshots, and a resume from it need not write them again). Its failure (a full disk) is broadcast: every rank
-    stops with the same message, where the others would wait for rank 0 in the next step's all-reduce (under a
-    launcher that does not kill the rest, until the collective times out)."""
-    if step.phema is None:
-        return
-    failure = None
-    if group.rank == 0:
-        try:
-            write_snapshots(run_dir / SNAPSHOT_DIR, at, step.phema)
-        except DitpipeError as e:
-            failure = str(e)
-    failure = group.broadcast(failure)
-    if failure:
-        raise DitpipeError(failure)
+    its snapshots, and a resume from it need not write them again). Its failure (a full disk) stops every rank with
+    the same message, where the others would wait for rank 0 in the next step's all-reduce (under a launcher that
+    does not kill the rest, until the collective times out)."""
+    if step.phema is not None:
+        group.on_rank0(lambda: write_snapshots(run_dir / SNAPSHOT_DIR, at, step.phema))
 
 
 def elastic_split(cfg: Config, saved: dict, world: int, ckpt: Path) -> str | None:
@@ -574,17 +565,8 @@ def _group(acc) -> checkpoint.Group:
 
 def _validated(group: checkpoint.Group, ckpt: Path) -> dict:
     """checkpoint.validate(ckpt) on rank 0 alone (it hashes every file: gigabytes for XL/2), its result or its
-    error message sent to every rank, so all ranks go on, or stop with the same message, together."""
-    answer = None
-    if group.rank == 0:
-        try:
-            answer = checkpoint.validate(ckpt)
-        except checkpoint.CheckpointError as e:
-            answer = str(e)
-    answer = group.broadcast(answer)
-    if isinstance(answer, str):
-        raise checkpoint.CheckpointError(answer)
-    return answer
+    error sent to every rank, so all ranks go on, or stop with the same message, together."""
+    return group.on_rank0(lambda: checkpoint.validate(ckpt), checkpoint.CheckpointError)
 
 
 def _refuse_existing_run_dir(run_dir: Path) -> None:

@@ -22,12 +22,14 @@ def test_help_does_not_import_torch():
         assert verb in proc.stdout
 
 
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("args, rc, joined_after", [(["--version"], 0, False), (["inspect", "nowhere"], 1, True)])
-def test_a_finished_command_leaves_the_process_group(tmp_path, args, rc, joined_after):
+def test_a_finished_command_leaves_the_process_group(tmp_path, backend, args, rc, joined_after):
     """A rank that finishes leaves its process group before the interpreter tears down (else gloo's threads can abort
     it at exit); after an error it stays, so a rank never blocks in a teardown while a peer waits in a collective."""
-    code = ("import sys, torch.distributed as dist\n"
-            f"dist.init_process_group('gloo', init_method='file://{tmp_path}/group', rank=0, world_size=1)\n"
+    code = ("import sys, torch, torch.distributed as dist\n"
+            + ("torch.cuda.set_device(0)\n" if backend == "nccl" else "")  # NCCL's group on the GPU, as a rank's
+            + f"dist.init_process_group({backend!r}, init_method='file://{tmp_path}/group', rank=0, world_size=1)\n"
             f"sys.argv = ['ditpipe', *{args!r}]\n"
             "from stages.cli import entry\n"
             "try:\n    entry()\nexcept SystemExit as e:\n    print('exit', e.code, dist.is_initialized())\n")
