@@ -140,6 +140,14 @@ def _bcast(values, ndim):
     return values.reshape(-1, *([1] * (ndim - 1)))
 
 
+def at_level(model_fn, level: float):
+    """The model function for a call at noise `level` (0 data, 1 noise), known on the host by the sampler loop: one
+    that depends on the level (guidance intervals, pipeline.generate.ByLevel) says which function, any other is
+    itself."""
+    pick = getattr(model_fn, "at_level", None)
+    return model_fn if pick is None else pick(level)
+
+
 def _unknown_sampler(sampler, valid):
     return ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(valid)}")
 
@@ -213,7 +221,8 @@ class DDPM:
                 f"learn_sigma={self.learn_sigma})")
 
     def noise_level(self, t_model: float) -> float:
-        """The model-time argument (an original timestep) as a noise level in [0, 1]: 0 is data, 1 pure noise."""
+        """The model-time argument (an original timestep, a host number) as a noise level in [0, 1]: 0 is data, 1
+        pure noise."""
         return float(t_model) / (self.original_num_steps - 1)
 
     # -- schedule lookup -------------------------------------------------------------------------------------------
@@ -380,7 +389,7 @@ class DDPM:
             sample = sample + _bcast((t != 0).to(x.dtype), x.ndim) * sigma * noise
         return sample  # (N, C, H, W)
 
-    def _loop(self, step_fn, shape, steps, generator, device, noise, progress):
+    def _loop(self, step_fn, model_fn, shape, steps, generator, device, noise, progress):
         spaced = self.respaced(steps)
         x = noise.to(device) if noise is not None else _randn(shape, generator, device)  # (N, C, H, W)
         if tuple(x.shape) != tuple(shape):
@@ -389,7 +398,8 @@ class DDPM:
         with torch.no_grad():
             for k, i in enumerate(reversed(range(total))):
                 t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # (N,)
-                x = step_fn(spaced, x, t)  # (N, C, H, W)
+                fn = at_level(model_fn, spaced.noise_level(spaced.timestep_map[i]))  # the level from the host
+                x = step_fn(spaced, fn, x, t)  # (N, C, H, W)
                 if progress is not None:
                     progress(k + 1, total)
         return x
@@ -397,14 +407,14 @@ class DDPM:
     def p_sample_loop(self, model_fn, shape, steps, generator, device, noise=None, clip_denoised=False,
                       progress=None):
         """Ancestral sampling over the official respacing of `steps` (DiT samples with 250 and clip_denoised=False)."""
-        return self._loop(lambda sp, x, t: sp.p_sample(model_fn, x, t, generator, clip_denoised),
-                          shape, steps, generator, device, noise, progress)
+        return self._loop(lambda sp, fn, x, t: sp.p_sample(fn, x, t, generator, clip_denoised),
+                          model_fn, shape, steps, generator, device, noise, progress)
 
     def ddim_sample_loop(self, model_fn, shape, steps, generator, device, noise=None, clip_denoised=False,
                          progress=None, eta=0.0):
         """DDIM (eta 0 by default: deterministic given the initial noise) over the same respacing."""
-        return self._loop(lambda sp, x, t: sp.ddim_step(model_fn, x, t, generator, clip_denoised, eta),
-                          shape, steps, generator, device, noise, progress)
+        return self._loop(lambda sp, fn, x, t: sp.ddim_step(fn, x, t, generator, clip_denoised, eta),
+                          model_fn, shape, steps, generator, device, noise, progress)
 
     def sample(self, model_fn, shape, sampler, steps, generator, device, noise=None, progress=None):
         """Dispatch to "ddpm" (ancestral) or "ddim"; sampler None means the default."""
@@ -436,7 +446,7 @@ class Flow:
                 f"time_scale={self.time_scale})")
 
     def noise_level(self, t_model: float) -> float:
-        """The model-time argument as a noise level in [0, 1]: 0 is data, 1 pure noise."""
+        """The model-time argument (a host number) as a noise level in [0, 1]: 0 is data, 1 pure noise."""
         return float(t_model) / self.time_scale
 
     def _model(self, model_fn, x, t):
@@ -477,12 +487,12 @@ class Flow:
                 t_cur, t_next = grid[k], grid[k + 1]
                 dt = t_next - t_cur  # negative: we integrate towards the data
                 t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=_compute_dtype(x))  # (N,)
-                v = self._model(model_fn, x, t).to(x.dtype)  # (N, C, H, W)
+                v = self._model(at_level(model_fn, t_cur), x, t).to(x.dtype)  # (N, C, H, W)
                 x_next = x + dt * v  # (N, C, H, W)
                 # Heun's correction needs v at t_next, which is not defined at t = 0: the last step stays Euler.
                 if heun and t_next > 0:
                     t2 = torch.full((x.shape[0],), t_next, device=x.device, dtype=_compute_dtype(x))  # (N,)
-                    v2 = self._model(model_fn, x_next, t2).to(x.dtype)  # (N, C, H, W)
+                    v2 = self._model(at_level(model_fn, t_next), x_next, t2).to(x.dtype)  # (N, C, H, W)
                     x_next = x + dt * 0.5 * (v + v2)  # (N, C, H, W)
                 x = x_next
                 if progress is not None:

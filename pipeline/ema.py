@@ -1,4 +1,4 @@
-"""EMA of the model weights as an fp32 shadow, updated with one fused lerp per step."""
+"""EMA of the model weights as an fp32 shadow, updated by fused multi-tensor kernels once a step, on the device."""
 
 from __future__ import annotations
 
@@ -22,9 +22,17 @@ class EMA:
         """shadow ← shadow + (1 − decay)·(param − shadow). `applied` (a () bool on the parameters' device) says whether
         the optimizer really updated the parameters this step; where it did not (an fp16 overflow, a non-finite
         loss), the weight is 0 and the shadow stays, decided on the device without a host sync."""
-        shadows, params = zip(*self._pairs)
-        weight = 1.0 - decay if applied is None else applied.float() * (1.0 - decay)  # () tensor on the device
-        torch._foreach_lerp_(list(shadows), [p.detach().float() for p in params], weight)
+        shadows, params = (list(x) for x in zip(*self._pairs))
+        params = [p.detach().float() for p in params]  # the fp32 master weights themselves, or fp32 copies
+        if applied is None:
+            torch._foreach_lerp_(shadows, params, 1.0 - decay)  # a Python weight: a kernel argument, no read
+            return
+        # A () tensor weight must not reach `_foreach_lerp_`: its argument parser turns a 0-dim tensor into a Python
+        # number (`.item()`, a host sync every step on CUDA). `_foreach_mul_` takes a device tensor as it is.
+        weight = applied.float() * (1.0 - decay)  # () on the device
+        diffs = torch._foreach_sub(params, shadows)  # param − shadow, fp32
+        torch._foreach_mul_(diffs, weight)
+        torch._foreach_add_(shadows, diffs)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

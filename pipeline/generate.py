@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.device import autocast_bf16
+from pipeline.device import autocast_bf16, generator
 from pipeline.loader import sample_key
 
 # Epoch slots of `sample_key` for the sampling streams (training's epochs are small, the held-out set's is 1 << 40).
@@ -41,8 +41,7 @@ class SampleNoise:
 
     def __init__(self, seed: int, indices, device: torch.device):
         device = torch.device(device)
-        self.generators = [torch.Generator(device=device).manual_seed(sample_key(seed, _NOISE_STREAM, int(i)))
-                           for i in indices]
+        self.generators = [generator(device, sample_key(seed, _NOISE_STREAM, int(i))) for i in indices]
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -92,7 +91,7 @@ def generate(model, objective, latent_shape: tuple[int, int, int], labels: torch
 
 def _generate(model, objective, latent_shape, labels, n, sampler, steps, cfg_scale, seed, device, progress,
               cfg_interval, cfg_channels, noise) -> torch.Tensor:
-    gen = noise if noise is not None else torch.Generator(device=device).manual_seed(seed)
+    gen = noise if noise is not None else generator(device, seed)
     if labels is None:
         return objective.sample(lambda x, t: model(x, t), (n, *latent_shape), sampler, steps, gen, device,
                                 progress=progress)
@@ -104,19 +103,34 @@ def _generate(model, objective, latent_shape, labels, n, sampler, steps, cfg_sca
     shape = (n, *latent_shape)
     z = gen.randn(shape, device) if noise is not None else torch.randn(shape, generator=gen, device=device)  # (N, C, H, W)
     y = _cat(labels, null)  # (2N,) labels, or a Caption of 2N
-    lo, hi = cfg_interval
     channels = {} if cfg_channels is None else {"cfg_channels": cfg_channels}
 
-    def fn(x, t):  # x (2N, C, H, W), t (2N,) all equal
-        if lo <= objective.noise_level(t[0]) <= hi:
-            return model.forward_with_cfg(x, t, y, cfg_scale, **channels)  # (2N, C_out, H, W)
-        # Unguided: the conditional half alone, reused for the null half, which is discarded at the end.
+    def guided(x, t):  # x (2N, C, H, W), t (2N,) all equal
+        return model.forward_with_cfg(x, t, y, cfg_scale, **channels)  # (2N, C_out, H, W)
+
+    def unguided(x, t):  # the conditional half alone, reused for the null half, which is discarded at the end
         out = model(x[:n], t[:n], labels)  # (N, C_out, H, W)
         return torch.cat([out, out])  # (2N, C_out, H, W)
 
-    out = objective.sample(fn, (2 * n, *latent_shape), sampler, steps, gen, device, noise=torch.cat([z, z]),
-                           progress=progress)  # (2N, C, H, W)
+    out = objective.sample(ByLevel(guided, unguided, cfg_interval), (2 * n, *latent_shape), sampler, steps, gen,
+                           device, noise=torch.cat([z, z]), progress=progress)  # (2N, C, H, W)
     return out[:n]
+
+
+class ByLevel:
+    """A model function that guides inside the noise interval (lo, hi) and not outside. The sampler loops know each
+    call's noise level as a Python number and pick the function with `at_level` (pipeline.diffusion.at_level):
+    reading the level from the device's `t` would wait for the GPU once per sampling step."""
+
+    def __init__(self, inside, outside, interval: tuple[float, float]):
+        self.inside, self.outside, self.interval = inside, outside, interval
+
+    def at_level(self, level: float):
+        lo, hi = self.interval
+        return self.inside if lo <= level <= hi else self.outside
+
+    def __call__(self, x, t):
+        raise TypeError("ByLevel needs its noise level: call at_level(level) first (the sampler loops do)")
 
 
 def _null(model, y):

@@ -12,7 +12,8 @@ would have read. The draws of a step are keyed on its data position too, so the 
 new noise. `data_offset`, `lr_scale` and the number of recoveries are recorded in every checkpoint's
 training_state.json (a resume carries them on) and each recovery as a line of metrics.jsonl.
 
-The spike watch runs on the device like the rest of the step (a median over a fixed ring buffer, no host sync);
+The spike watch runs on the device like the rest of the step (a median over a fixed ring buffer by sort and gather:
+CUDA's torch.nanmedian syncs);
 the loop reads its verdict at log steps.
 """
 
@@ -60,7 +61,7 @@ class SpikeWatch:
     @torch.no_grad()
     def update(self, step: int, loss: torch.Tensor, bad: torch.Tensor) -> None:
         """Count step `step`'s loss (), or nothing when it was non-finite (`bad`)."""
-        median = torch.nanmedian(self.history)  # () NaN while empty
+        median = _nanmedian(self.history)  # () NaN while empty
         spike = ~bad & (self.seen >= SPIKE_WARMUP) & (loss > self.factor * median)
         self.run.copy_(torch.where(spike, self.run + 1, torch.where(bad, self.run, 0)))
         self.start.copy_(torch.where(spike & (self.run == 1), step, self.start))
@@ -81,6 +82,16 @@ class SpikeWatch:
     def reset_runs(self) -> None:
         for t in (self.run, self.start, self.worst, self.worst_start):
             t.zero_()
+
+
+def _nanmedian(x: torch.Tensor) -> torch.Tensor:
+    """torch.nanmedian of a 1-D tensor (the lower middle of the non-NaN values; NaN when there are none) without a
+    host sync: CUDA's nanmedian reads the NaN count back with `.item()`. NaN sorts last, so the median is a gather
+    at an index computed on the device."""
+    ordered = torch.sort(x).values  # (n,) NaN at the end
+    count = (~torch.isnan(x)).sum()  # () long
+    middle = ((count - 1).clamp(min=0) // 2).view(1)  # (1,) a device index
+    return torch.where(count > 0, ordered.index_select(0, middle)[0], torch.nan)  # ()
 
 
 def injected(position: int) -> str | None:

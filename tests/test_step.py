@@ -1,10 +1,9 @@
-"""The shared optimizer step (pipeline/step.py), through the real set-up: it reads nothing back to the host outside
-log steps, a non-finite step changes nothing (parameters, EMA, optimizer state) and is counted on the device, every
-part shares the model's device, and a state saved by an unfused optimizer loads into the fused one."""
+"""The shared optimizer step (pipeline/step.py), through the real set-up: a non-finite step changes nothing
+(parameters, EMA, optimizer state) and is counted on the device, every part shares the model's device, and a state
+saved by an unfused optimizer loads into the fused one. Its host reads: tests/test_host_syncs.py; its devices on a
+device that refuses CPU tensors: tests/test_devices.py."""
 
 from __future__ import annotations
-
-import inspect
 
 import pytest
 import torch
@@ -14,11 +13,9 @@ from pipeline.device import make_accelerator
 from pipeline.diffusion import make_objective
 from pipeline.latent_norm import LatentNorm
 from pipeline.loader import Plan
-from pipeline.metrics import read_metrics
 from pipeline.model import build_dit
 from pipeline.step import Micro, build_step, load_state
 from stages.encode import encode
-from stages.train import train
 
 TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
         "data.num_workers": 0, "training.mixed_precision": "bf16", "lr_scheduler.warmup_steps": 2,
@@ -31,45 +28,6 @@ def shards(tmp_path_factory):
     folder = tmp_path_factory.mktemp("px") / "shards"
     encode(load_config(None, {**TINY, "shards.samples_per_shard": 64, "shards.path": str(folder)}))
     return folder
-
-
-# Every way a tensor's value reaches the host (on CUDA each one waits for the GPU to finish everything queued).
-SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
-
-
-def test_the_step_reads_nothing_back_to_the_host_outside_log_steps(tmp_path, shards, monkeypatch):
-    """20 steps of the real `train()` (logging only at the last step, no checkpoint or validation before it): every
-    host read of a tensor value is recorded with the loop's `step` (the step running, then, once it is done, the
-    next one's number); none happens while steps 0-19 run or between them. The log after the last step (the loop's
-    `step` is 20 by then) and the set-up may read."""
-    reads: list[tuple[int | None, str]] = []
-
-    def loop_step() -> int | None:
-        frame = inspect.currentframe()
-        while frame is not None:
-            if frame.f_code.co_name == "train" and frame.f_code.co_filename.endswith("stages/train.py"):
-                return frame.f_locals.get("step")
-            frame = frame.f_back
-        return None
-
-    for name in SYNCS:
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *args, _original=original, _name=name, **kwargs):
-            reads.append((loop_step(), _name))
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
-    cfg = load_config(None, {**TINY, "shards.path": str(shards), "logging.output_dir": str(tmp_path / "out"),
-                             "training.batch_size": 4, "training.gradient_accumulation_steps": 2,
-                             "training.max_steps": 20, "logging.steps": 1000, "checkpointing.steps": 1000,
-                             "model.class_dropout_prob": 0.1})
-    run = train(cfg, config_name="sync")
-    monkeypatch.undo()
-    in_steps = [(step, name) for step, name in reads if step is not None and step < 20]
-    assert in_steps == [], in_steps[:10]
-    assert any(step == 20 for step, _ in reads)  # the one log line reads the loss (the spy does see reads)
-    assert read_metrics(run)[-1]["step"] == 20
 
 
 def built(tmp_path, shards, **over):
