@@ -31,6 +31,16 @@ def effective_precision(requested: str, device: torch.device) -> tuple[str, str 
     return requested, None
 
 
+def precision_advice(requested: str, device_type: str, native_bf16: bool) -> str | None:
+    """What bf16 would save where fp16 was asked on a GPU that has bf16 in hardware (Ampere and later). fp16 stays
+    the default (the training guide's, and the only fast choice before Ampere); the preflight says what the switch
+    buys. `native_bf16`: bf16_native(device), passed in so the decision is a pure function."""
+    if requested != "fp16" or device_type != "cuda" or not native_bf16:
+        return None
+    return ("this GPU has native bf16: training.mixed_precision bf16 runs at the same speed with no GradScaler "
+            "(no loss scale to find, no steps skipped on an fp16 overflow); fp16 kept, as asked")
+
+
 def configure(device: torch.device, *, tf32: bool = True, deterministic: bool = False) -> None:
     """Process-wide speed and reproducibility switches, set before the first CUDA kernel runs.
 
@@ -52,15 +62,51 @@ def configure(device: torch.device, *, tf32: bool = True, deterministic: bool = 
 def make_accelerator(requested_precision: str, *, tf32: bool = True, deterministic: bool = False):
     """(Accelerator, precision actually used, notice or None). The device comes from accelerate's process state
     (this rank's GPU under torchrun, else cuda:0, else the CPU); the precision is resolved for it."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+
+    from pipeline.spread import TIMEOUT
 
     cpu = not torch.cuda.is_available()
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before PartialState touches CUDA
-    device = PartialState(cpu=cpu).device
+    # PartialState creates the process group (the Accelerator reuses it, so its InitProcessGroupKwargs would come too
+    # late). The long timeout: every rank waits in a collective while rank 0 alone computes the training-FID
+    # reference statistics or checks a checkpoint; NCCL's default watchdog kills a wait of over 10 minutes.
+    state = PartialState(cpu=cpu, timeout=TIMEOUT)
+    device = state.device
     configure(device, tf32=tf32, deterministic=deterministic)
     precision, notice = effective_precision(requested_precision, device)
-    return Accelerator(mixed_precision=precision, cpu=cpu), precision, notice
+    if advice := precision_advice(precision, device.type, device.type == "cuda" and bf16_native(device)):
+        notice = f"{notice}; {advice}" if notice else advice
+    ddp = DistributedDataParallelKwargs(**ddp_options(deterministic, state.num_processes))
+    return Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp]), precision, notice
+
+
+def ddp_options(deterministic: bool, world: int) -> dict:
+    """How DDP wraps the model (accelerate's defaults otherwise).
+
+    gradient_as_bucket_view: each .grad is a view into DDP's all-reduce bucket, so there is no second model-sized
+    copy of the gradients and no copy into and out of the buckets each step (safe here: the step zeroes with
+    set_to_none and never detaches a gradient). static_graph stays off: it saves little without unused parameters
+    or reentrant checkpointing (the model checkpoints with use_reentrant=False), is untested with compile, and it
+    rebuilds the buckets after the first step as well (below).
+
+    find_unused_parameters under training.deterministic on 3 or more processes: DDP rebuilds its buckets once, after
+    the first step of each launch, in the order the gradients became ready, so a resumed run's first step reduces
+    in another bucket layout than the uninterrupted run's same step did. The all-reduce's summation order depends
+    on where a value sits in the buffer (ring chunks; NCCL also picks its algorithm by message size); with 2
+    processes a + b = b + a exactly, with 3 or more the sums differ in the last bit and the resume is no longer
+    bitwise. torch never rebuilds the buckets when find_unused_parameters is on (reducer.hpp,
+    should_rebuild_buckets), so every step of every launch reduces in one layout. Its cost, one walk of the
+    autograd graph per step, is paid only where bitwise resume was asked for."""
+    return {"gradient_as_bucket_view": True, "find_unused_parameters": deterministic and world >= 3}
+
+
+def generator(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded generator for draws made on `device`. The meta device, the test suite's stand-in for a GPU
+    (tests/devices.py), has no generator of its own: a CPU one stands in (draws on meta are shapes, no values)."""
+    device = torch.device(device)
+    return torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(seed)
 
 
 def describe(device: torch.device) -> str:

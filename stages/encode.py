@@ -29,11 +29,12 @@ from rich.text import Text
 from pipeline import atomic, lock, reuse, shards
 from pipeline.assemble import Assembler, DonorCache, Encoded
 from pipeline.buckets import describe, resolve
-from pipeline.codec import encode_with_backoff, load_codec, with_class
+from pipeline.codec import encode_with_backoff, load_codec, tune_for_device, with_class
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, ShardError
 from pipeline.loader import is_url
 from pipeline.sources import BadImage, Loaded, Source, assign_buckets, make_source
+from pipeline.spread import TIMEOUT
 from pipeline.workers import capped_workers
 
 
@@ -116,19 +117,18 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     fewer_workers = capped_workers(cfg.data.num_workers)[1]
     if fewer_workers and rank == 0:
         console.print(f"[yellow]note:[/] {fewer_workers}", highlight=False, soft_wrap=True)
-    source = _source_with_download_bar(cfg, console)
+    source = _source_once_per_node(cfg, console, world)
     if not cfg.shards.path and cfg.data.num_samples and len(source) < cfg.data.num_samples and rank == 0:
         console.print(f"[yellow]note:[/] data.num_samples {cfg.data.num_samples:,} asks for more than the "
                       f"{len(source):,} inputs there: all are encoded, into {cfg.shards_path}, named by the number "
                       "asked for so that `train` with the same config finds it (--num-samples null names it -all)",
                       highlight=False, soft_wrap=True)
-    codec = load_codec(cfg.vae.name, cfg.vae.dtype, device=_local_device(), use_slicing=cfg.vae.use_slicing)
+    codec = encode_codec(cfg)
     if cfg.data.image_size % codec.downsample:
         raise ConfigError([("data.image_size", f"{cfg.data.image_size} is not a multiple of the codec's downsample "
                                                f"factor {codec.downsample} ({cfg.vae.name})")])
     if sizes := _bucket_sizes(cfg, codec):
         source = assign_buckets(source, sizes, capped_workers(cfg.data.num_workers)[0] or 1)
-    _tune_for_device(codec, cfg)
     out = cfg.shards_path
     n_per, fmt = cfg.shards.samples_per_shard, cfg.shards.format
     text_encoder = _text_encoder(cfg, source)
@@ -239,7 +239,8 @@ def _distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # sample/evaluate's long timeout: the other ranks wait in a collective while one per node downloads COCO
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     return dist.get_rank(), world, dist.barrier
 
 
@@ -277,12 +278,38 @@ def _local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _tune_for_device(codec, cfg: Config) -> None:
-    """On CUDA: the VAE in channels_last (the layout tensor cores want; the uint8 NHWC batch permuted is already
-    in it) and cuDNN's timed choice of convolution kernels (vae.cudnn_benchmark)."""
-    if codec.device.type == "cuda" and codec.kind != "pixel":
-        torch.backends.cudnn.benchmark = cfg.vae.cudnn_benchmark
-        codec.vae.to(memory_format=torch.channels_last)
+def encode_codec(cfg: Config):
+    """The codec encode runs: on this rank's device, tuned for it as the bench's bare VAE and the online baseline are
+    (pipeline.codec.tune_for_device)."""
+    codec = load_codec(cfg.vae.name, cfg.vae.dtype, device=_local_device(), use_slicing=cfg.vae.use_slicing)
+    tune_for_device(codec, cfg.vae.cudnn_benchmark)
+    return codec
+
+
+def _source_once_per_node(cfg: Config, console: Console, world: int) -> Source:
+    """The inputs, downloading COCO first where asked. Under torchrun every rank would download and extract into the
+    same `.part` file and temporary folder, so one rank per node (LOCAL_RANK 0) does, into this node's data root,
+    while the others wait in a collective; then they find the data in place. A failed download stops every rank
+    with the downloading rank's message. (Several nodes sharing one data root would still race: download there
+    once first, with one process.)"""
+    if world == 1 or not (cfg.data.dataset_name == "coco" and cfg.data.download):
+        return _source_with_download_bar(cfg, console)
+    import torch.distributed as dist
+
+    source, error = None, None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            source = _source_with_download_bar(cfg, console)
+        except Exception as e:  # every rank must reach the collective below, whatever went wrong
+            error = e
+    errors: list[str | None] = [None] * world
+    said = None if error is None else str(error) if isinstance(error, DataError) else f"{type(error).__name__}: {error}"
+    dist.all_gather_object(errors, said)
+    if error is not None:
+        raise error
+    if failed := next((e for e in errors if e), None):
+        raise DataError(failed)  # the downloading rank's words: what to fix is the same for every rank
+    return source or make_source(cfg.data)
 
 
 def _source_with_download_bar(cfg: Config, console: Console) -> Source:
