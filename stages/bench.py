@@ -27,8 +27,9 @@ train    steps/s with precomputed latents against the online-VAE mode (`data.sou
          set-up and step that `ditpipe train` runs (`pipeline.step.build_step` and `Step`; `pipeline.training`'s
          data, model and batches; `pipeline.device.make_accelerator`), timed with one device sync per timed block,
          never per step; the ideal speedup (t_step + t_vae) / t_step from the two parts timed alone, and the
-         achieved fraction of it. FLOPs: 3 × the forward's, counted by `torch.utils.flop_counter.FlopCounterMode`
-         (`pipeline.step.forward_flops`, as train's closing MFU); MFU needs a peak (known GPUs, or `--peak-tflops`).
+         achieved fraction of it. FLOPs as `pipeline.step.FLOPS_CONVENTION` states (2 per multiply-add; 3 forwards
+         a step, 4 with gradient checkpointing; `torch.utils.flop_counter`), as train's closing MFU; the JSON
+         carries that statement. MFU needs a peak (known GPUs, or `--peak-tflops`).
 memory   peak memory of a training process (precomputed vs online, DataLoader in-process, a few steps): VmHWM on
          CPU, `torch.cuda.max_memory_allocated` on CUDA; whether the process imported diffusers / built an
          AutoencoderKL. And the loader's peak RSS (main process + workers' peaks) streaming over pixel-codec shards
@@ -59,7 +60,8 @@ JSON (schema "ditpipe-bench/1"; rates per second of wall time, times in seconds,
          eps_ceiling_samples_per_s}                           (cores / ε draw alone: the old loader's bound)
   train{model, vae_shape, vae_dtype, image_size, latent_shape, batch_size, accum, precision, num_workers,
         precomputed{steps, seconds, steps_per_s, images_per_s}, online{...}, speedup, t_step_s, t_vae_s,
-        ideal_ratio, achieved_fraction, dit_gflops_per_step, vae_gflops_per_step, mfu_precomputed, mfu_online,
+        ideal_ratio, achieved_fraction, gradient_checkpointing, flops_convention, dit_gflops_per_step,
+        vae_gflops_per_step, mfu_precomputed, mfu_online,
         extrapolate{images, precomputed_s, online_s}}
   memory{train{steps, batch_size, precomputed{peak_mib, cuda_peak_mib, diffusers_imported, vae_constructed},
                online{...}, online_over_precomputed},
@@ -105,6 +107,7 @@ class BenchOptions:
     model: str = "DiT-S/2"
     precision: str = "fp16"  # as training.mixed_precision, resolved per device as training does (CPU: bf16)
     compile: bool = False
+    gradient_checkpointing: bool = False  # model.gradient_checkpointing: the recomputed forward counts in the FLOPs
     batch_size: int = 0  # train micro-batch: 4 on CPU, 256 on CUDA
     accum: int = 1
     steps: int = 0  # timed steps at least: 3 on CPU, 20 on CUDA
@@ -187,7 +190,7 @@ class BenchOptions:
 
 def command_line(parts: list[str], opts: BenchOptions) -> str:
     """The `ditpipe bench` command that reproduces these options (defaults left out)."""
-    flags = {"compile": "--compile"}
+    flags = {"compile": "--compile", "gradient_checkpointing": "--gradient-checkpointing"}
     args = ["ditpipe", "bench", ",".join(parts)]
     for key, value in asdict(opts).items():
         if value == getattr(BenchOptions, key):
@@ -548,6 +551,19 @@ def task_encode_pipeline(o: BenchOptions, vae_dir: str, images_dir: str, out: st
             "bytes": sum(s["bytes"] for s in manifest["shards"])}
 
 
+def bare_codec(o: BenchOptions, vae_dir: str):
+    """The bare VAE, loaded and tuned as the encode stage loads and tunes its own (channels_last and cuDNN's timed
+    kernels on CUDA, at encode's default vae.cudnn_benchmark), so the bare rate is the one encode could reach."""
+    import torch
+
+    from pipeline.codec import load_codec, tune_for_device
+    from pipeline.config import VaeConfig
+
+    codec = load_codec(vae_dir, o.vae_dtype, device=torch.device(o.device))
+    tune_for_device(codec, VaeConfig().cudnn_benchmark)
+    return codec
+
+
 def task_encode_bare(o: BenchOptions, vae_dir: str) -> dict:
     """The VAE forwards alone, as the encode stage runs them: per batch of B images, the images and their mirrors
     (2B), in chunks of B (encode_with_backoff's batch), inputs already on the device; the same number of images."""
@@ -555,11 +571,9 @@ def task_encode_bare(o: BenchOptions, vae_dir: str) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.codec import load_codec
-
     device = torch.device(o.device)
     t0 = time.perf_counter()
-    codec = load_codec(vae_dir, o.vae_dtype, device=device)
+    codec = bare_codec(o, vae_dir)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     codec.weights_hash()
@@ -838,7 +852,8 @@ class _Trainer:
             "data.dataset_name": "shapes", "data.image_size": o.image_size, "data.num_samples": samples,
             "data.source": "images" if mode == "online" else "shards", "data.num_workers": workers,
             "shards.path": shards_dir, "vae.name": vae_dir, "vae.dtype": o.vae_dtype, "model.name": o.model,
-            "model.compile": o.compile, "training.batch_size": o.batch_size,
+            "model.compile": o.compile, "model.gradient_checkpointing": o.gradient_checkpointing,
+            "training.batch_size": o.batch_size,
             "training.gradient_accumulation_steps": o.accum, "training.mixed_precision": o.precision,
             "training.seed": o.seed, "logging.tensorboard": False})
         t = cfg.training
@@ -877,13 +892,14 @@ class _Trainer:
         self.step_fn(self.step_index, lr, feed or self.next_micro)
         self.step_index += 1
 
-    def step_flops(self, m) -> int:
-        """FLOPs of one optimizer step: 3 × the forward's (forward + backward) per micro-batch, as `ditpipe train`'s
-        closing MFU counts them (pipeline.step.forward_flops)."""
-        from pipeline.step import forward_flops
+    def step_flops(self, m) -> float:
+        """FLOPs of one optimizer step (`accum` micro-batches like m), counted as `ditpipe train`'s closing MFU
+        counts them (pipeline.step.train_flops_per_sample: 3 forwards, 4 with gradient checkpointing)."""
+        from pipeline.step import train_flops_per_sample
 
         s = self.step_fn
-        return 3 * forward_flops(s.raw, s.objective, m.mean.float(), m.y, s.conditional) * s.plan.accum
+        per_sample = train_flops_per_sample(s.raw, s.objective, m.mean.float(), m.y, s.conditional)
+        return per_sample * len(m.mean) * s.plan.accum
 
     def close(self) -> None:
         del self.batches, self.loader
@@ -938,6 +954,8 @@ def _train_samples(o: BenchOptions) -> int:
 
 
 def _part_train(o: BenchOptions, work: Path) -> dict:
+    from pipeline.step import FLOPS_CONVENTION
+
     vae_dir = _prepare_vae(o, work)
     samples = _train_samples(o)
     shards_dir = _prepare_train_shards(o, work, vae_dir, samples)
@@ -947,7 +965,8 @@ def _part_train(o: BenchOptions, work: Path) -> dict:
     images_per_step = o.batch_size * o.accum
     res: dict = {"model": o.model, "vae_shape": o.vae_shape, "vae_dtype": o.vae_dtype, "image_size": o.image_size,
                  "latent_shape": pre["latent_shape"], "batch_size": o.batch_size, "accum": o.accum,
-                 "precision": pre["precision"], "num_workers": o.num_workers, "compile": o.compile}
+                 "precision": pre["precision"], "num_workers": o.num_workers, "compile": o.compile,
+                 "gradient_checkpointing": o.gradient_checkpointing, "flops_convention": FLOPS_CONVENTION}
     rates = {}
     for name, r in (("precomputed", pre), ("online", onl)):
         sps = _rate(r["steps"], r["seconds"])
@@ -966,6 +985,9 @@ def _part_train(o: BenchOptions, work: Path) -> dict:
                 "extrapolate": {"images": o.extrapolate_images,
                                 "precomputed_s": _r(o.extrapolate_images / (rates["precomputed"] * images_per_step), 1),
                                 "online_s": _r(o.extrapolate_images / (rates["online"] * images_per_step), 1)}})
+    mfu = f"MFU {res['mfu_precomputed']:.1%} of {peak:g} TFLOP/s" if peak else "MFU n/a (no known peak)"
+    _say(f"train {o.model}: {res['precomputed']['images_per_s']:,.1f} img/s precomputed, {mfu}; "
+         f"{res['dit_gflops_per_step']:,.1f} GFLOP a step, {FLOPS_CONVENTION}")
     return res
 
 

@@ -358,6 +358,8 @@ def bench(
     image_size: int = typer.Option(256, help="Pixels (latent side = image size / 8)."),
     precision: str = typer.Option("fp16", help="Training precision as training.mixed_precision (CPU: bf16)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the DiT (model.compile)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
+                                                help="Recompute each block in backward (model.gradient_checkpointing)."),
     batch_size: int = typer.Option(0, help="Train micro-batch (0: 4 on CPU, 256 on CUDA)."),
     accum: int = typer.Option(1, help="Gradient accumulation steps per optimizer step."),
     steps: int = typer.Option(0, help="Timed optimizer steps, at least (0: 3 on CPU, 20 on CUDA)."),
@@ -387,7 +389,8 @@ def bench(
     from stages.bench import BenchOptions, run as run_bench
 
     opts = BenchOptions(device=device, vae_shape=vae_shape, vae_dtype=vae_dtype, image_size=image_size, model=model,
-                        precision=precision, compile=compile_model, batch_size=batch_size, accum=accum, steps=steps,
+                        precision=precision, compile=compile_model, gradient_checkpointing=gradient_checkpointing,
+                        batch_size=batch_size, accum=accum, steps=steps,
                         warmup=warmup, min_seconds=min_seconds, encode_images=encode_images,
                         encode_batch=encode_batch, encode_source=encode_source, jpeg_count=jpeg_count,
                         loader_samples=loader_samples, loader_batch=loader_batch, num_workers=num_workers,

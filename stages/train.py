@@ -40,7 +40,7 @@ from pipeline.metrics import MetricsLog
 from pipeline.phema import SNAPSHOT_DIR, clean_temporaries, write_snapshots
 from pipeline.recovery import RecoveryState, SpikeWatch, injected
 from pipeline.schedule import lr_at, restretched_length, schedule_warnings
-from pipeline.step import PHEMA_FILE, Micro, Step, build_step, forward_flops, load_state
+from pipeline.step import FLOPS_CONVENTION, PHEMA_FILE, Micro, Step, build_step, load_state
 from pipeline.training import (batch_condition, build_model, conditioning_for, grid_shape, make_plan,
                                num_classes_for, open_data, training_batches)
 from pipeline.training_fid import TrainingFID
@@ -725,8 +725,14 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
         table.add_row("post-hoc EMA", f"σ_rel {', '.join(f'{s:g}' for s in t.posthoc_ema_sigmas)}: snapshots every "
                                       f"{cfg.checkpointing.phema_every:,} steps and at the end ({size:,.1f} MiB "
                                       f"each step) in {spec.run_dir / SNAPSHOT_DIR}; `ditpipe ema` reconstructs")
+    from pipeline.memory import preflight as memory_preflight  # the prediction's logic lives there
+
+    memory_row, memory_warning = memory_preflight(cfg, manifest, raw, plan.world_size, device)
+    table.add_row("memory", memory_row)
     table.add_row("output", str(spec.run_dir))
     console.print(table)
+    if memory_warning:  # before any step: an out-of-memory a minute in wastes the start-up
+        console.print(f"[bold red]warning:[/] [bold]{memory_warning}[/]", highlight=False, soft_wrap=True)
     for loud, note in schedule_warnings(t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,
                                         spec.total_steps, start_step, end_step):
         console.print(f"[bold red]warning:[/] [bold]{note}[/]" if loud else f"[yellow]warning:[/] {note}",
@@ -766,13 +772,16 @@ def _caption_line(manifest: dict) -> str:
 
 
 def _train_flops_per_sample(step: Step, last: list, device: torch.device) -> float | None:
-    """About 3 × the forward FLOPs per sample (forward + backward), counted on the last micro-batch's shapes; only
-    on CUDA, where a peak makes it an MFU (a forward there costs milliseconds)."""
+    """Training FLOPs per sample as pipeline.step.FLOPS_CONVENTION states (3 forwards, 4 with gradient
+    checkpointing), counted on the last micro-batch's shapes; only on CUDA, where a peak makes it an MFU (a forward
+    there costs milliseconds)."""
+    from pipeline.step import train_flops_per_sample
+
     if device.type != "cuda" or not last:
         return None
     m = last[0]
     with torch.random.fork_rng(devices=[device]):
-        return 3 * forward_flops(step.raw, step.objective, m.mean.float(), m.y, step.conditional) / len(m.mean)
+        return train_flops_per_sample(step.raw, step.objective, m.mean.float(), m.y, step.conditional)
 
 
 def _closing(console, run_dir: Path, loss: float, seconds: float, images: int, step: int, nonfinite: int,
@@ -781,7 +790,8 @@ def _closing(console, run_dir: Path, loss: float, seconds: float, images: int, s
     rate = images / max(seconds, 1e-9)
     speed = f"{rate:,.1f} img/s" + (f" ({rate / world:,.1f} per process)" if world > 1 else "")
     if flops_per_sample and peak:
-        speed += f", MFU {flops_per_sample * rate / world / (peak * 1e12):.1%} of {peak:g} TFLOP/s bf16"
+        speed += (f", MFU {flops_per_sample * rate / world / (peak * 1e12):.1%} of {peak:g} TFLOP/s bf16 "
+                  f"({FLOPS_CONVENTION})")
     console.print(f"[green]done[/]: {step:,} steps, final loss {loss:.4f}, {seconds:.1f} s, {speed}"
                   + (f", {nonfinite} non-finite step(s) skipped" if nonfinite else ""), highlight=False,
                   soft_wrap=True)

@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from pipeline.step import FLOPS_CONVENTION, forward_flops, train_flops_per_sample
 from stages.bench import PARTS, SCHEMA, BenchOptions, command_line, targets
 
 TINY = ["--vae-shape", "tiny", "--image-size", "32", "--encode-images", "4", "--encode-batch", "2", "--jpeg-count",
@@ -99,6 +101,7 @@ def test_train_part(bench):
     assert close(t["ideal_ratio"], (t["t_step_s"] + t["t_vae_s"]) / t["t_step_s"])
     assert close(t["achieved_fraction"], t["speedup"] / t["ideal_ratio"])
     assert t["mfu_precomputed"] is None and t["mfu_online"] is None
+    assert t["gradient_checkpointing"] is False and t["flops_convention"] == FLOPS_CONVENTION
     x = t["extrapolate"]
     assert x["images"] == 250000 and close(x["precomputed_s"], 250000 / t["precomputed"]["images_per_s"])
 
@@ -168,3 +171,30 @@ def test_gpu_targets_apply_only_to_their_models():
     assert got["train MFU, DiT-XL/2 precomputed"]["met"] is True and got["train MFU, DiT-XL/2 precomputed"]["applies"]
     assert not got["50 epochs × 5,000 images, DiT-B/2, seconds"]["applies"]
     assert not got["train achieved fraction of the ideal speedup"]["applies"]  # a CPU target
+
+
+def test_training_flops_count_the_forward_that_gradient_checkpointing_recomputes():
+    from pipeline.diffusion import make_objective
+    from pipeline.model import build_dit
+
+    model = build_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=8, hidden_size=64, depth=2, num_heads=4)
+    objective, x, y = make_objective("ddpm", True), torch.zeros(2, 4, 8, 8), torch.zeros(2, dtype=torch.long)
+    forward = forward_flops(model, objective, x, y, True)
+    plain = train_flops_per_sample(model, objective, x, y, True)
+    model.gradient_checkpointing = True
+    assert plain == 3 * forward / 2  # per sample: forward + a backward of two forwards
+    assert train_flops_per_sample(model, objective, x, y, True) == pytest.approx(plain * 4 / 3)
+    assert "2 per multiply-add" in FLOPS_CONVENTION and "gradient checkpointing" in FLOPS_CONVENTION
+
+
+def test_dit_xl2_at_256px_counts_twice_the_papers_multiply_adds():
+    """The DiT paper gives DiT-XL/2 at 256 px 118.6 Gflops a forward, counting multiply-adds; the flop counter
+    counts 2 FLOPs each. Built on the meta device: the count needs shapes, not 675M initialised weights."""
+    from pipeline.diffusion import make_objective
+    from pipeline.model import build_dit
+
+    with torch.device("meta"):
+        model = build_dit("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000)
+        x, y = torch.zeros(1, 4, 32, 32), torch.zeros(1, dtype=torch.long)
+    flops = forward_flops(model, make_objective("ddpm", True), x, y, True)
+    assert flops / 2 / 1e9 == pytest.approx(118.6, rel=0.002)
