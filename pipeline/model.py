@@ -393,18 +393,29 @@ def patch_grid(model, x) -> tuple[int, int]:
 
 def grid_pos_embed(model, grid: tuple[int, int]) -> torch.Tensor:
     """(1, h·w, D) position embedding of a patch grid: the `pos_embed` parameter for the square grid the model was
-    built for (what official checkpoints carry), else computed once per grid, device and dtype and cached (not part
-    of the state dict: it is a pure function of the grid)."""
+    built for (what official checkpoints carry), else a table made once per grid, device and dtype and kept on the
+    model (not part of the state dict: it is a pure function of the grid). A compiled forward must only look the
+    table up: made in it (numpy, a dict filled on a shape), every bucket recompiled and those past torch's recompile
+    limit ran eager. So the step makes its buckets' tables before it compiles (prepare_grids)."""
     g = model.x_embedder.grid_size
     if tuple(grid) == (g, g):
         return model.pos_embed
     ref = model.pos_embed
-    cache = model.__dict__.setdefault("_grid_pos_embeds", {})
     key = (tuple(grid), ref.device, ref.dtype)
-    if key not in cache:
+    table = model.__dict__.get("_grid_pos_embeds", {}).get(key)
+    if table is None:  # a grid nobody prepared (eager sampling at a new size): made now, numpy's exact values
         table = get_2d_sincos_pos_embed(ref.shape[-1], tuple(grid))  # (h·w, D)
-        cache[key] = torch.from_numpy(table).float().unsqueeze(0).to(ref.device, ref.dtype)
-    return cache[key]
+        table = torch.from_numpy(table).float().unsqueeze(0).to(ref.device, ref.dtype)  # (1, h·w, D)
+        model.__dict__.setdefault("_grid_pos_embeds", {})[key] = table
+    return table
+
+
+def prepare_grids(model, grids) -> None:
+    """Make the position embedding of each patch grid (h, w) in `grids` now, on the device and in the dtype of the
+    model's pos_embed: call it once the model is on its device and before torch.compile, so that the compiled
+    forward only looks each table up (grid_pos_embed)."""
+    for grid in grids:
+        grid_pos_embed(model, tuple(grid))
 
 
 def get_2d_sincos_pos_embed_from_grid(embed_dim, grid):

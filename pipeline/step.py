@@ -2,9 +2,11 @@
 users run and a fix lands once.
 
 Set-up order (`build_step`), the rule that keeps every CUDA path right by construction:
-    model built → moved to the Accelerator's device → EMA and optimizer made from the on-device parameters →
-    saved state loaded into them → `acc.prepare` (DDP) → `torch.compile` (of the prepared module, so DDP's
-    all-reduce overlaps the backward and no `_orig_mod.` prefix reaches a checkpoint: `raw` is the plain module).
+    model built → moved to the Accelerator's device → its buckets' position embeddings made there → EMA and
+    optimizer made from the on-device parameters → saved state loaded into them → `acc.prepare` (DDP) →
+    `torch.compile` (of the prepared module, so DDP's all-reduce overlaps the backward and no `_orig_mod.` prefix
+    reaches a checkpoint: `raw` is the plain module; static shapes, one graph per bucket, each made at its first
+    step, and dynamo allowed one per bucket: `allow_graphs`).
 
 The step reads nothing back to the host. Everything it decides, it decides on the device:
 - a non-finite loss on any rank poisons that rank's last backward (loss × NaN), so the all-reduced gradient norm is
@@ -27,10 +29,12 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint
+from pipeline.device import generator
 from pipeline.diffusion import micro_loss
 from pipeline.ema import EMA, ema_decay
 from pipeline.latent_norm import LatentNorm
 from pipeline.loader import Plan
+from pipeline.model import prepare_grids
 from pipeline.phema import PowerEMA
 
 # The optimizer's own execution flags: fixed by this build, never by a checkpoint (one written on a CPU without
@@ -42,7 +46,7 @@ PHEMA_FILE = "phema.pt"  # a checkpoint's post-hoc EMA shadows (PowerEMA.state_d
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The generator of one optimizer step, the same on every rank: all of the step's draws come from it."""
     key = int(np.random.SeedSequence([seed, step, 3]).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(key)
+    return generator(device, key)
 
 
 class Draws(NamedTuple):
@@ -223,9 +227,12 @@ def build_step(acc, model: torch.nn.Module, objective, plan: Plan, latent_shape:
                norm: LatentNorm, posterior: bool, training, drop_prob: float, conditional: bool, compile: bool,
                rank: int, resume: Path | None = None) -> Step:
     """The step's parts in the order DESIGN.md prescribes (module docstring). `training` is the config's
-    TrainingConfig; `resume` a validated checkpoint folder to load the model, EMA, optimizer and scaler from."""
+    TrainingConfig; `resume` a validated checkpoint folder to load the model, EMA, optimizer and scaler from. The
+    model's `bucket_grids` (training.build_model; none for square shards) are the patch grids its batches take."""
     t = training
     model = model.to(acc.device)  # first: the EMA, the optimizer and loaded state are made from these parameters
+    grids = sorted(set(getattr(model, "bucket_grids", ())))  # the run's buckets' patch grids (training.build_model)
+    prepare_grids(model, grids)  # on the device, before compile: the compiled forward only looks them up
     ema = EMA(model) if t.use_ema else None
     phema = PowerEMA(model, t.posthoc_ema_sigmas) if t.posthoc_ema else None
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
@@ -235,9 +242,22 @@ def build_step(acc, model: torch.nn.Module, objective, plan: Plan, latent_shape:
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model, keep_torch_compile=False)
     if compile:
-        model = torch.compile(model)
+        allow_graphs(len(grids))
+        model = torch.compile(model, dynamic=False)  # one graph per bucket shape, each made at its first step
     return Step(acc, model, raw, opt, ema, objective, plan, latent_shape, norm, posterior, t.seed, rank, drop_prob,
                 conditional, t.max_grad_norm, t.ema_decay, t.ema_warmup, phema)
+
+
+def allow_graphs(count: int) -> None:
+    """Let dynamo keep `count` graphs of the forward (one a bucket). It keeps at most `recompile_limit` (8) per
+    function and runs the calls that would need more eager, silently and for the whole run: with 11 buckets, 3 ran
+    uncompiled. A run with more buckets raises the limit to their count rather than warn: the shapes are the
+    manifest's, known before step 0, so the graphs are bounded and each is made once; what it costs is one compile
+    a bucket, at that bucket's first step."""
+    from torch._dynamo import config
+
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7's name
+    setattr(config, name, max(getattr(config, name), count))
 
 
 def load_state(ckpt: Path, model: torch.nn.Module, ema: EMA | None, opt: torch.optim.Optimizer, scaler,
@@ -261,10 +281,16 @@ def load_state(ckpt: Path, model: torch.nn.Module, ema: EMA | None, opt: torch.o
         scaler.load_state_dict(checkpoint.load_tensors(ckpt / "scaler.pt"))
 
 
+# What `train_flops_per_sample` counts, stated beside every MFU (bench JSON, train's closing line): the DiT paper's
+# "Gflops" are multiply-adds (DiT-XL/2 at 256 px: 118.6), torch's flop counter counts 2 FLOPs per multiply-add.
+FLOPS_CONVENTION = ("FLOPs (2 per multiply-add; the DiT paper's Gflops are multiply-adds), counted by "
+                    "torch.utils.flop_counter: forward + backward = 3 x forward, + 1 forward recomputed with "
+                    "gradient checkpointing")
+
+
 def forward_flops(raw: torch.nn.Module, objective, x0: torch.Tensor, y, conditional: bool) -> int:
-    """FLOPs of one forward pass of `raw` and the objective on the micro-batch x0 (B, C, H, W), y
-    (torch.utils.flop_counter, without grad). A training step costs about 3× this (forward + backward): the
-    convention MFU figures use, whatever gradient checkpointing recomputes. Label dropout may draw from the global
+    """FLOPs (2 per multiply-add) of one forward pass of `raw` and the objective on the micro-batch x0 (B, C, H, W),
+    y (torch.utils.flop_counter, without grad; works on the meta device too). Label dropout may draw from the global
     RNG: callers that care fork it."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -272,3 +298,12 @@ def forward_flops(raw: torch.nn.Module, objective, x0: torch.Tensor, y, conditio
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         micro_loss(raw, objective, x0, y, conditional, t, torch.zeros_like(x0), None)
     return counter.get_total_flops()
+
+
+def train_flops_per_sample(raw: torch.nn.Module, objective, x0: torch.Tensor, y, conditional: bool) -> float:
+    """Training FLOPs per sample, as FLOPS_CONVENTION states: the backward costs two forwards (gradients of the
+    activations and of the weights), and gradient checkpointing runs each block's forward once more in the backward.
+    That recomputation is work the GPU does, so it is counted (PaLM's "hardware FLOPs"; its MFU would leave it out);
+    the embedders and the final layer are not recomputed but are under 0.1 % of a DiT's FLOPs."""
+    passes = 4 if getattr(raw, "gradient_checkpointing", False) else 3
+    return passes * forward_flops(raw, objective, x0, y, conditional) / len(x0)

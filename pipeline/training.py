@@ -133,11 +133,13 @@ def open_data(cfg: Config, device: torch.device):
         if cfg.model.conditioning == "caption":
             raise ConfigError([("model.conditioning", "the online baseline (data.source: images) embeds no captions; "
                                                       "encode shards with --captions and train on those")])
-        from pipeline.codec import load_codec
+        from pipeline.codec import load_codec, tune_for_device
         from pipeline.sources import make_source
 
         source = make_source(cfg.data)
         codec = load_codec(cfg.vae.name, cfg.vae.dtype, device, use_slicing=cfg.vae.use_slicing)
+        # tuned as encode tunes it, so the baseline is a fair one; cuDNN's timing is a choice deterministic forbids
+        tune_for_device(codec, cfg.vae.cudnn_benchmark and not cfg.training.deterministic)
         manifest = shards.manifest_header(source, codec, cfg.shards.samples_per_shard,
                                           codec.slices("mean_std", False),
                                           flip_at_load=cfg.shards.flip)
@@ -185,7 +187,8 @@ def num_classes_for(cfg: Config, manifest: dict) -> int:
 def build_model(cfg: Config, manifest: dict, num_classes: int) -> torch.nn.Module:
     """The official-layout DiT for class / unconditional runs, the caption DiT (model_text.py) for caption runs. It
     takes latents of any size its patches tile (every bucket's, and `sample --size`); its pos_embed parameter stays
-    the square grid's of data.image_size, so checkpoints keep the official layout."""
+    the square grid's of data.image_size, so checkpoints keep the official layout. `bucket_grids` lists every
+    bucket's patch grid (none for square shards): build_step makes their position embeddings before it compiles."""
     from pipeline.model_text import CAPTION_PRESETS, build_caption_dit
 
     _, channels, size, _ = manifest["latent"]["shape"]
@@ -208,6 +211,8 @@ def build_model(cfg: Config, manifest: dict, num_classes: int) -> torch.nn.Modul
     except ValueError as e:
         raise ConfigError([("model", str(e))]) from None
     model.any_grid = True
+    p, sizes = model.patch_size, [b["latent_shape"] for b in manifest.get("buckets") or []]  # (1, C, H, W) each
+    model.bucket_grids = [(h // p, w // p) for *_, h, w in sizes]
     return model
 
 

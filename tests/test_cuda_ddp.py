@@ -9,7 +9,7 @@ import torch
 from pipeline.spread import TIMEOUT
 
 from conftest import reset_accelerate
-from test_device import the_three_vaes
+from test_device_settings import the_three_vaes
 from test_ranks import torchrun_script
 
 
