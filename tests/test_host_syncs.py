@@ -128,3 +128,31 @@ def test_the_recorder_sees_reads_made_inside_cpp():
         torch.arange(4)[torch.arange(4) > 1]
     assert [r.op for r in mode.reads] == ["aten._local_scalar_dense.default", "aten.nanmedian.default",
                                           "aten.index.Tensor"]
+
+
+def test_fid_during_training_reads_nothing_back_inside_its_sampling_loops(shards):
+    """TrainingFID.score (every rank's share of keyed, guided samples, decoded and put through Inception): its
+    sampling steps read nothing back; what it reads is per batch of features and the gather at the end."""
+    pytest.importorskip("torchmetrics", reason="the `eval` extra is not installed")
+    from pipeline import shards as shard_format
+    from pipeline.diffusion import make_objective
+    from pipeline.latent_norm import LatentNorm
+    from pipeline.model import build_dit
+    from pipeline.training_fid import TrainingFID
+
+    cfg = load_config(None, {**TINY, "data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 128,
+                             "vae.name": "pixel", "shards.path": str(shards), "validation.fid_every_steps": 2,
+                             "validation.fid_samples": 4, "validation.fid_reference_samples": 8,
+                             "validation.sampling_steps": 3, "validation.cfg_scale": 4.0,
+                             "validation.cfg_interval": [0.3, 0.8]})
+    manifest = shard_format.load_manifest(shards)
+    manifest = {**manifest, "latent_norm": LatentNorm.from_manifest(manifest, cfg.data.latent_norm).record()}
+    watch = TrainingFID.start(cfg, manifest, shards, 0, 1, torch.device("cpu"), 8, "class")
+    torch.manual_seed(0)
+    model = build_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=8, learn_sigma=True, hidden_size=32,
+                      depth=1, num_heads=2).eval()
+    mode = HostReads()
+    with mode:
+        value, n, _ = watch.score(model, make_objective("ddpm", True), torch.device("cpu"), {})
+    assert n == 4 and value > 0
+    assert mode.in_sampling_steps() == [], "\n".join(map(str, mode.in_sampling_steps()[:3]))
