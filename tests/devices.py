@@ -54,10 +54,11 @@ class Read:
 
 
 class HostReads(TorchDispatchMode):
-    """Records every host read (module docstring). `serve`: answer reads of meta tensors (zeros) instead of
-    failing, for runs under `on_meta`."""
+    """Records every host read (module docstring). `serve`: answer reads of meta tensors instead of failing, for
+    runs under `on_meta`: copies with zeros, a value read with 0 (False), or with `serve(tensor, loop step)` where
+    `serve` is a function (a test that needs the loop to see, say, non-finite steps)."""
 
-    def __init__(self, serve: bool = False):
+    def __init__(self, serve=False):
         super().__init__()
         self.serve, self.reads = serve, []
 
@@ -66,9 +67,10 @@ class HostReads(TorchDispatchMode):
         src = args[1] if func is aten.copy_.default else args[0] if args else None
         meta = isinstance(src, torch.Tensor) and src.device.type == "meta"
         if func in READS or func in DATA_SIZED or func in CUDA_SYNCING:
-            self._record(func)
+            read = self._record(func)
             if meta and func is aten._local_scalar_dense.default and self.serve:
-                return False if src.dtype == torch.bool else 0
+                value = self.serve(src, read.step) if callable(self.serve) else 0
+                return bool(value) if src.dtype == torch.bool else value
         elif func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
             self._record(func)  # boolean indexing: a nonzero inside the kernel
         elif func in COPIES and _to_host(func, args, kwargs):
@@ -79,7 +81,7 @@ class HostReads(TorchDispatchMode):
                 return torch.zeros(src.shape, dtype=kwargs.get("dtype") or src.dtype)
         return func(*args, **kwargs)
 
-    def _record(self, func) -> None:
+    def _record(self, func) -> Read:
         frames = inspect.stack(context=0)[2:]
         within = tuple(f"{path}:{name}" for f in frames for path, name in IN_STEP + SAMPLING
                        if f.filename.endswith(path) and f.function == name)
@@ -88,6 +90,7 @@ class HostReads(TorchDispatchMode):
         stack = "".join(traceback.format_list([(f.filename, f.lineno, f.function, f.code_context and f.code_context[0])
                                                for f in frames if "/torch/" not in f.filename][:8][::-1]))
         self.reads.append(Read(str(func), step, within, stack))
+        return self.reads[-1]
 
     def between_log_steps(self, log_every: int, end_step: int) -> list[Read]:
         """The reads a training run must not make: any inside the step (or the loop's work beside it), and any in

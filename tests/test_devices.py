@@ -1,10 +1,12 @@
 """Every tensor of a run on the run's device, checked on a CPU: the Accelerator's device becomes `meta`
 (tests/devices.py on_meta), which refuses a non-scalar CPU tensor in any op with its tensors, as CUDA does. A whole
-`train()` (EMA, post-hoc EMA, the spike watch, held-out loss and sample grids, checkpoints) and a resume run there,
-and so do the samplers; `HostReads(serve=True)` answers the loop's reads at log steps and records every copy back to
+`train()` (EMA, post-hoc EMA, the spike watch, held-out loss and sample grids, checkpoints), a resume and a
+recovery run there, and so do the samplers; `HostReads(serve=True)` answers the loop's reads at log steps and records every copy back to
 the host, which a CPU run cannot see."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -45,6 +47,22 @@ def test_a_run_and_its_resume_keep_every_tensor_on_the_device(tmp_path, shards):
     with on_meta(), resumed:  # the checkpoint's state is loaded onto the device, and the steps after it run there
         train(load_config(None, {**cfg, "training.max_steps": END + LOG}), resume=run / f"checkpoint-{END}")
     assert ckpt.is_dir() and resumed.between_log_steps(LOG, END + LOG) == []
+
+
+def test_a_recovery_reloads_its_checkpoint_onto_the_device(tmp_path, shards):
+    """training.recover on meta: the loop is told (by the served reads) of non-finite steps from step 5 on, goes back
+    to checkpoint-3, loads it onto the device and trains on, and stops when it is told again (recover_max 1)."""
+    from pipeline.errors import DitpipeError
+
+    cfg = {**RUN, "shards.path": str(shards), "logging.output_dir": str(tmp_path / "out"), "logging.run_name": "r",
+           "training.max_nonfinite_steps": 1, "training.recover_max": 1, "training.max_steps": 9}
+    told = lambda t, step: step - 1 if t.dtype == torch.long and step is not None and step >= 6 else 0  # noqa: E731
+    mode = HostReads(serve=told)
+    with on_meta(), mode, pytest.raises(DitpipeError, match="non-finite losses in a row by step 6"):
+        train(load_config(None, cfg))
+    lines = [json.loads(x) for x in (tmp_path / "out" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["recovered_from"], x["checkpoint"]) for x in lines if "recovered_from" in x] == [(6, "checkpoint-3")]
+    assert mode.between_log_steps(LOG, 9) == []
 
 
 def device_types(step) -> set[str]:
