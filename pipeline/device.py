@@ -132,3 +132,40 @@ def autocast_bf16(device: torch.device, enabled: bool = True):
     sampling in fp32 is several times slower, and a DiT trained in mixed precision samples as well in bf16."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
                           and bf16_native(device))
+
+
+def leave_process_group() -> None:
+    """Leave torch.distributed's process group, if this process joined one, and free it while the interpreter is
+    still whole, so that gloo's threads (the group's `pt_gloo_runloop` workers and its transport's `gloo_tcp_loop`)
+    are joined here. Left running into interpreter exit, they now and then abort a rank that finished its work
+    (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489).
+
+    `destroy_process_group` alone does not free the group: `torch.distributed.nn.functional` (imported by
+    torch._dynamo, which DDP imports after the group exists) captured it as the default argument of ten functions
+    (`group=group.WORLD`, evaluated at import), so the group and its threads outlived it until interpreter exit."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # never imported (ditpipe --help): nothing to leave
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    world = getattr(dist.distributed_c10d, "_world", None)
+    groups = list(getattr(world, "pg_map", None) or [dist.group.WORLD])  # every group this process made
+    dist.destroy_process_group()
+    _forget_captured_groups(groups)
+    groups.clear()  # the last references: each group's destructor joins its threads now
+
+
+def _forget_captured_groups(groups: list) -> None:
+    """Replace each of `groups` where a function holds it as a default argument by None, the default a function
+    gets when it is defined before any group exists (torch.distributed's own meaning: the default group)."""
+    import gc
+    import types
+
+    ids = {id(g) for g in groups}
+    for f in gc.get_objects():  # functions are tracked by gc; their default tuples (of untracked objects) are not
+        if type(f) is not types.FunctionType:
+            continue
+        if f.__defaults__ and any(id(v) in ids for v in f.__defaults__):
+            f.__defaults__ = tuple(None if id(v) in ids else v for v in f.__defaults__)
+        if f.__kwdefaults__ and any(id(v) in ids for v in f.__kwdefaults__.values()):
+            f.__kwdefaults__ = {k: None if id(v) in ids else v for k, v in f.__kwdefaults__.items()}

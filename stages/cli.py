@@ -550,19 +550,12 @@ def _unhandled(e: BaseException) -> str:
             "file named on the command line")
 
 
-def _leave_process_group() -> None:
-    """Leave torch.distributed's process group, if this process joined one, while the interpreter is still whole.
-    Left to exit, gloo's worker threads are torn down by static destructors, which now and then aborts a rank that
-    finished its work (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489)."""
-    dist = sys.modules.get("torch.distributed")  # never imported (ditpipe --help): nothing to leave
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def entry() -> None:
     rv = main()
     if rv == 0:  # after an error a rank's peers may still wait in a collective: leave that teardown to the launcher
-        _leave_process_group()
+        from pipeline.device import leave_process_group
+
+        leave_process_group()
     sys.exit(rv)
 
 

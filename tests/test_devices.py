@@ -1,8 +1,8 @@
 """Every tensor of a run on the run's device, checked on a CPU: the Accelerator's device becomes `meta`
 (tests/devices.py on_meta), which refuses a non-scalar CPU tensor in any op with its tensors, as CUDA does. A whole
 `train()` (EMA, post-hoc EMA, the spike watch, held-out loss and sample grids, checkpoints), a resume and a
-recovery run there, and so do the samplers; `HostReads(serve=True)` answers the loop's reads at log steps and records every copy back to
-the host, which a CPU run cannot see."""
+recovery run there, and so do the samplers; `HostReads(serve=True)` answers the loop's reads at log steps and
+records every copy back to the host, which a CPU run cannot see."""
 
 from __future__ import annotations
 
@@ -100,8 +100,9 @@ def test_the_steps_parts_and_a_loaded_checkpoint_live_on_the_device(tmp_path, sh
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     cpu_step(0, 1e-3, lambda: Micro(torch.randn(4, 3, 16, 16), None, torch.arange(4)))
-    for name, state in (("model.pt", cpu_step.raw.state_dict()), ("ema.pt", cpu_step.ema.state_dict()),
-                        ("optimizer.pt", cpu_step.opt.optimizer.state_dict()), ("phema.pt", cpu_step.phema.state_dict())):
+    states = {"model.pt": cpu_step.raw.state_dict(), "ema.pt": cpu_step.ema.state_dict(),
+              "optimizer.pt": cpu_step.opt.optimizer.state_dict(), "phema.pt": cpu_step.phema.state_dict()}
+    for name, state in states.items():
         torch.save(state, ckpt / name)
     with on_meta() as meta:
         acc = make_accelerator("no")[0]

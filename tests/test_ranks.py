@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def torchrun_script(tmp_path: Path, code: str, procs: int, *args: str, timeout: float = 180) -> list[dict]:
     """Run `code` (a script) under torchrun on `procs` ranks (gloo on a CPU, NCCL on GPUs); each prints one JSON
     line, returned in rank order."""
-    script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(code))
+    script = tmp_path / "worker.py"  # ends as a CLI command does: the group left and freed (no abort at exit)
+    script.write_text(textwrap.dedent(code) + "\nfrom pipeline.device import leave_process_group\nleave_process_group()\n")
     p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(procs), str(script), *args],
                        capture_output=True, text=True, timeout=timeout, env=env(PYTHONPATH=ROOT), cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
