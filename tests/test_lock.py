@@ -5,6 +5,7 @@ Every process here is real: the CLI in subprocesses, kills are real signals."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -49,8 +50,8 @@ def start(cmd: list[str], logs: Path, **extra) -> tuple[subprocess.Popen, Path]:
 
 
 def hold_in_subprocess(folder: Path, verb: str, logs: Path) -> subprocess.Popen:
-    proc, _ = start([*HOLDER, str(folder), verb], logs)
-    assert proc.stdout.readline().strip() == b"locked"
+    proc, err = start([*HOLDER, str(folder), verb], logs)
+    assert proc.stdout.readline().strip() == b"locked", err.read_text()[-3000:]
     return proc
 
 
@@ -178,3 +179,106 @@ def test_only_global_rank_0_takes_the_lock(tmp_path, monkeypatch):
     with lock.hold(folder, "train"):  # the holder is dead: its lock went with it
         assert json.loads((folder / lock.NAME).read_text())["pid"] == os.getpid()
     assert not folder.exists() or not any(folder.iterdir())
+
+
+# Takes a folder's lock through the real `lock.holding` API, as encode and train do, then iterates a DataLoader with
+# two forked workers; each item takes a minute, so once the first batch is out both workers are busy for a long time.
+WORKERS = [sys.executable, "-c", """
+import os, sys, time, torch
+from pipeline import lock
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        if i >= 2:
+            time.sleep(60)  # an orphaned worker deep in a long read: it notices its parent's death only after
+        return os.getpid()
+
+@lock.holding(lambda folder: (folder, "encode"))
+def work(folder):
+    loader = torch.utils.data.DataLoader(Slow(), batch_size=1, num_workers=2, multiprocessing_context="fork")
+    batches = iter(loader)
+    pids = {int(next(batches)), int(next(batches))}
+    print(*sorted(pids), flush=True)
+    time.sleep(600)
+
+work(sys.argv[1])
+"""]
+
+
+def test_the_lock_dies_with_the_process_that_took_it_whatever_its_dataloader_workers_do(tmp_path):
+    """Item 0 of issue 25: a rerun one second after a kill -9 of the main process runs, while its forked DataLoader
+    workers are still alive (they inherit its descriptors); a second live holder is still refused."""
+    folder, logs = tmp_path / "shards", tmp_path / "logs"
+    main, err = start([*WORKERS, str(folder)], logs)
+    line = main.stdout.readline().split()
+    assert len(line) == 2, err.read_text()[-3000:]
+    workers = [int(p) for p in line]
+    try:
+        with pytest.raises(lock.LockHeld, match=f"pid {main.pid} on "):  # the live main process holds it
+            with lock.hold(folder, "encode"):
+                pass
+        kill_9(main)
+        time.sleep(1)
+        assert all(_alive(p) for p in workers)  # orphaned, and busy: they would keep an inherited lock
+        again = hold_in_subprocess(folder, "encode", logs)  # a rerun, in a process of its own
+        try:
+            assert json.loads((folder / lock.NAME).read_text())["pid"] == again.pid
+            with pytest.raises(lock.LockHeld, match=f"pid {again.pid} on "):  # a live holder still refuses
+                with lock.hold(folder, "encode"):
+                    pass
+        finally:
+            kill_9(again)
+    finally:
+        for pid in workers:  # the orphans we caused: end them by pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_never_write_through_a_link_nor_delete_a_file_we_did_not_make(tmp_path, shard_folder, cli):
+    """Issue 25, H2: a `.lock` that is a link (to a file, or to nothing yet) or a plain file ditpipe did not write is
+    refused by encode, train and export, neither written through nor deleted; a grid planted as a link is replaced,
+    its target untouched."""
+    precious, nowhere = tmp_path / "precious", tmp_path / "nowhere"
+    precious.write_text("the user's\n")
+    shards_here = tmp_path / "shards"
+    shards_here.mkdir()
+    (shards_here / lock.NAME).symlink_to(precious)
+    code, _, err = cli("encode", *args({**DATA, "shards.path": shards_here}))
+    assert code != 0 and "symbolic link" in err and str(shards_here / lock.NAME) in " ".join(err.split()), err
+    assert (shards_here / lock.NAME).is_symlink() and precious.read_text() == "the user's\n"
+
+    over = {**DATA, **TRAIN, "shards.path": shard_folder, "logging.output_dir": tmp_path / "outputs",
+            "logging.run_name": "r", "training.max_steps": 2, "validation.every_steps": 2,
+            "validation.num_samples": 4, "validation.sampling_steps": 2}
+    run = tmp_path / "outputs" / "r"
+    run.mkdir(parents=True)
+    (run / lock.NAME).symlink_to(nowhere)  # a dangling link: opening it to create would make its target
+    code, _, err = cli("train", *args(over))
+    assert code != 0 and "symbolic link" in err and not nowhere.exists(), err
+    (run / lock.NAME).unlink()
+    code, _, err = cli("train", *args(over))
+    assert code == 0, err
+
+    grid = run / "samples" / "step-0000004.png"
+    grid.symlink_to(precious)
+    code, _, err = cli("resume", run, "--training.max_steps", 4)
+    assert code == 0, err
+    assert precious.read_text() == "the user's\n" and not grid.is_symlink()
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    out = tmp_path / "exports" / "x"
+    out.mkdir(parents=True)
+    (out / lock.NAME).write_text("the user's\n")
+    code, _, err = cli("export", run, "--format", "safetensors", "--out", out)
+    assert code != 0 and str(out / lock.NAME) in " ".join(err.split()), err
+    assert (out / lock.NAME).read_text() == "the user's\n"

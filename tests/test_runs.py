@@ -1,14 +1,30 @@
 """`ditpipe runs` and `ditpipe inspect` of runs and checkpoints: states, steps, losses, validity, `latest`."""
 
-import fcntl
 import json
-import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from conftest import train_tiny
 from stages.runs import LOCK, lock_holder, run_info
+
+# Holds a run's lock through the real pipeline/lock.py, as `ditpipe train` does, until killed.
+HOLDER = [sys.executable, "-c", "import sys, time; from pipeline import lock\n"
+          "with lock.hold(sys.argv[1], 'train'):\n    print('locked', flush=True); time.sleep(600)"]
+
+
+def hold(run) -> subprocess.Popen:
+    proc = subprocess.Popen([*HOLDER, str(run)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"locked"
+    return proc
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +39,7 @@ def outputs(tmp_path_factory):
     for name in ("checkpoint-12", "checkpoint-16", "checkpoint-epoch-4", "checkpoint-epoch-3"):
         shutil.rmtree(stopped / name)
     (stopped / "latest").write_text("checkpoint-8\n")
-    (stopped / LOCK).write_text("12345\n")
+    kill_9(hold(stopped))  # a train killed with -9 leaves its lock file, held by nobody
     old = out / "old"  # the same, from before runs were locked: no lock file to ask
     shutil.copytree(stopped, old)
     (old / LOCK).unlink()
@@ -46,19 +62,24 @@ def test_runs_lists_each_run_with_state_step_loss_and_age(outputs, cli):
     assert code == 1 and "does not exist" in err
 
 
-def test_a_held_lock_is_a_running_run_with_its_pid(outputs):
+def test_a_held_lock_is_a_running_run_with_its_pid(outputs, cli):
+    """Issue 25, H22: the real lock (a JSON record), held by a live process, shows as running with that pid."""
     run = outputs / "stopped"
     assert lock_holder(run) == (False, None) and lock_holder(outputs / "old") == (None, None)
-    fd = os.open(run / LOCK, os.O_RDWR)
+    holder = hold(run)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a live train/resume process holds
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         info = run_info(run)
-        assert (info.state, info.pid) == ("running", os.getpid())
+        assert (info.state, info.pid) == ("running", holder.pid)
+        code, out, err = cli("runs", outputs, "--json")
+        row = next(r for r in json.loads(out) if r["path"] == str(run))
+        assert code == 0 and (row["state"], row["pid"]) == ("running", holder.pid), err
+        code, out, err = cli("runs", outputs)  # the table: "running (pid N)", folded in a narrow column
+        assert code == 0 and "(pid" in out and str(holder.pid) in out, out + err
+        code, out, err = cli("inspect", run)
+        assert code == 0 and f"running (pid {holder.pid})" in out, out + err
     finally:
-        os.close(fd)
-    assert run_info(run).state == "stopped"
+        kill_9(holder)
+    assert run_info(run).state == "stopped" and lock_holder(run) == (False, None)
     assert not (outputs / "old" / LOCK).exists()  # asking never creates a lock file
 
 
