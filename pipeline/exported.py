@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.markup import escape
 
 from pipeline import __version__, atomic, lock
 from pipeline.config import Config, validate_tree
@@ -55,9 +57,12 @@ def write(folder: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
     """The two files into `folder` (a temporary one the caller renames: see `replacing`)."""
     from safetensors.torch import save_file
 
+    from pipeline.phema import sort_metadata
+
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     save_file(state, str(Path(folder) / WEIGHTS), metadata={"format": "pt", "ditpipe": json.dumps(
         {k: meta[k] for k in ("weights", "step", "objective")})})
+    sort_metadata(Path(folder) / WEIGHTS)  # hash-map order otherwise: the same weights would differ in bytes
     (Path(folder) / CONFIG).write_text(json.dumps(meta, indent=1))
 
 
@@ -70,13 +75,16 @@ def replacing(out: Path, overwrite: bool, *, protect: Path, fmt: str, meta: dict
     its files. Under `out`'s lock throughout (pipeline/lock.py). `.`, `protect` (the checkpoint or run the weights
     come from), its parent, their ancestors, the home folder and the root are refused whatever the flags; an existing
     `out` is replaced only with `overwrite`, only when it is an export of ours holding nothing but what it lists, and
-    only once the new one is complete (the old one is moved aside, then deleted). On failure the temporary goes and
-    `out` stays as it was."""
+    only once the new one is complete (the old one is moved aside, then only the files it lists are deleted: a file
+    saved into it while the export ran is kept, see `_clear_aside`). On failure the temporary goes and `out` stays
+    as it was."""
     out = Path(out)
     _refuse_protected(out, Path(protect))
     with lock.hold(out, verb):
-        _refuse_existing(out, overwrite)
         tmp, aside = (out.parent / f".{out.name}.export-{what}{atomic.TMP_SUFFIX}" for what in ("new", "old"))
+        if aside.exists():  # a killed export's moved-aside folder, cleared by the same rule
+            _put_back(aside, out)
+        listed = _refuse_existing(out, overwrite)
         shutil.rmtree(tmp, ignore_errors=True)  # our own hidden name, left by a killed export (we hold the lock)
         tmp.mkdir(parents=True)
         try:
@@ -86,6 +94,7 @@ def replacing(out: Path, overwrite: bool, *, protect: Path, fmt: str, meta: dict
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _say_kept(out, _clear_aside(aside, out, listed))
 
 
 def _refuse_protected(out: Path, ckpt: Path) -> None:
@@ -107,10 +116,12 @@ def _refuse_protected(out: Path, ckpt: Path) -> None:
                            "e.g. --out exports/NAME")
 
 
-def _refuse_existing(out: Path, overwrite: bool) -> None:
+def _refuse_existing(out: Path, overwrite: bool) -> set[str]:
+    """The files of the earlier export at `out` (its MARKER's list and MARKER), the only ones it may delete; a
+    one-line refusal when `out` is not an export of ours or holds anything else."""
     present = sorted(p.name for p in out.iterdir() if not lock.is_lock(p))
     if not present:
-        return
+        return set()
     if not overwrite:
         raise DitpipeError(f"--out '{out}' already exists and is not empty; choose another folder or pass "
                            "--overwrite to replace an earlier export there")
@@ -125,6 +136,16 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
         raise DitpipeError(f"--out '{out}' is an earlier export, but also holds files it did not write ("
                            f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); move them out, or "
                            "choose another folder")
+    return listed | {MARKER}
+
+
+def _listed(folder: Path) -> set[str]:
+    """The files an export's MARKER lists (and MARKER), or nothing when it has none that reads."""
+    try:
+        files = json.loads((folder / MARKER).read_text())["files"]
+        return {str(f) for f in files} | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return set()
 
 
 def _write_marker(folder: Path, fmt: str, meta: dict) -> None:
@@ -134,16 +155,89 @@ def _write_marker(folder: Path, fmt: str, meta: dict) -> None:
 
 
 def _swap(tmp: Path, out: Path, aside: Path) -> None:
-    """Put the complete export `tmp` at `out`; an earlier export there is moved to `aside` first and deleted only
-    once the new one is in place. The locked `.lock` moves into the new folder, so the lock never lapses."""
+    """Put the complete export `tmp` at `out`; an earlier export there is moved to `aside` first (`_clear_aside`
+    then deletes what it listed). The locked `.lock` moves into the new folder, so the lock never lapses."""
     if (out / lock.NAME).exists():
         os.replace(out / lock.NAME, tmp / lock.NAME)
-    if aside.exists():
-        shutil.rmtree(aside)  # a killed export's moved-aside folder (our hidden name)
     os.replace(out, aside)
     os.replace(tmp, out)
     atomic.fsync_dir(out.parent)
-    shutil.rmtree(aside)
+
+
+def _clear_aside(aside: Path, out: Path, listed: set[str]) -> list[str]:
+    """Delete from the old export moved to `aside` only the regular files in `listed` (what it wrote), listed
+    again now, under the lock: the check before the export began cannot see a file saved into the folder while
+    the new one was being written. Anything else goes back to its place in `out`, or, where the new export took
+    its name, into a visible `<out>.kept` folder. Returns where what was kept is now, for the message."""
+    back, beside, kept = [], [], None
+    for path in [p for p in aside.rglob("*") if p.is_symlink() or not p.is_dir()]:  # links are moved, not entered
+        rel = str(path.relative_to(aside))
+        if rel in listed and path.is_file() and not path.is_symlink():
+            if rel != MARKER:  # MARKER goes last: a clear killed half way is redone from the same list
+                path.unlink()
+            continue
+        if _free(out / rel, out):
+            dest = out / rel
+            back.append(rel)
+        else:
+            kept = kept or _unused(out.with_name(f"{out.name}.kept"))
+            dest = kept / rel
+            beside.append(rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+    (aside / MARKER).unlink(missing_ok=True)
+    for folder in sorted((p for p in aside.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [aside]:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only empty ones
+    names = lambda xs: ", ".join(xs[:5]) + (" ..." if len(xs) > 5 else "")  # noqa: E731
+    where = ([f"in '{out}': {names(back)}"] if back else []) + (
+        [f"in '{kept}', as the new export took their names: {names(beside)}"] if beside else [])
+    if aside.exists():  # something was saved into it even while it was cleared: into sight, whole
+        rest = _unused(out.with_name(f"{out.name}.kept"))
+        os.replace(aside, rest)
+        where.append(f"what was saved while the old files were deleted, in '{rest}'")
+    return where
+
+
+def _put_back(aside: Path, out: Path) -> None:
+    """A killed export's moved-aside folder: its listed files go, the rest back into `out`; when the kill came
+    between the two renames (`out` holds nothing but the lock), the whole earlier export goes back."""
+    alone = all(lock.is_lock(p) for p in out.iterdir())
+    where = _clear_aside(aside, out, set() if alone else _listed(aside))
+    if alone:
+        _warn(f"put back the earlier export in '{out}', which an export killed while replacing it had moved aside")
+    else:
+        _say_kept(out, where)
+
+
+def _free(dest: Path, root: Path) -> bool:
+    """Whether `dest` (below `root`) can be made without touching anything there: no entry at it, and no file or
+    link where a folder above it must be."""
+    if os.path.lexists(dest):
+        return False
+    return all(not os.path.lexists(p) or (p.is_dir() and not p.is_symlink())
+               for p in dest.parents if root in p.parents or p == root)
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ...: the first name nothing has."""
+    n, name = 1, path
+    while os.path.lexists(name):
+        n += 1
+        name = path.with_name(f"{path.name}-{n}")
+    return name
+
+
+def _say_kept(out: Path, where: list[str]) -> None:
+    """One warning line naming every file that was kept rather than deleted, and where it is now."""
+    if not where:
+        return
+    _warn(f"'{out}' held files the earlier export did not write (saved while it was replaced); they were kept, "
+          f"not deleted: {'; '.join(where)}")
+
+
+def _warn(text: str) -> None:
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def folder_of(path: Path) -> Path | None:

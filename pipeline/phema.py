@@ -177,7 +177,7 @@ def write_snapshots(folder: Path, step: int, phema: PowerEMA) -> list[Path]:
             folder.mkdir(parents=True, exist_ok=True)  # in the try: a folder that cannot be made is the same failure
             with atomic_path(path) as tmp:
                 save_file(state, str(tmp), metadata={"format": "pt", "step": str(step), "sigma_rel": repr(sigma)})
-                _sort_metadata(tmp)
+                sort_metadata(tmp)
         except Exception as e:  # noqa: BLE001 (a full disk: OSError, or safetensors' own error): one line
             raise DitpipeError(f"could not write the post-hoc EMA snapshot '{path}' ({e}); free some space and "
                                "resume from the last checkpoint (`ditpipe resume`)") from None
@@ -185,7 +185,7 @@ def write_snapshots(folder: Path, step: int, phema: PowerEMA) -> list[Path]:
     return written
 
 
-def _sort_metadata(path: Path) -> None:
+def sort_metadata(path: Path) -> None:
     """safetensors writes its `__metadata__` in hash-map order, which changes from process to process; rewrite the
     header in place with the keys sorted (the same length: only the order of one object's entries changes)."""
     with open(path, "r+b") as f:
@@ -252,6 +252,21 @@ def pick_step(snapshots: list[Snapshot], step: int | None, folder: Path) -> int:
 def _some(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if len(steps) <= 8 else f"{', '.join(map(str, steps[:4]))}, …, {steps[-1]}"
 
+
+def abandon_after(folder: Path, step: int) -> list[Path]:
+    """Move every snapshot after `step` aside as `<name>.abandoned` (training.recover went back to `step`: they
+    hold the failed stretch, and `list_snapshots`, hence `ditpipe ema`, would use them). Nothing is deleted; a
+    name already taken by an earlier recovery gets `.abandoned-2`, `-3`, ... as checkpoints do."""
+    moved = []
+    for snap in list_snapshots(folder):
+        if snap.step > step:
+            aside, n = snap.path.with_name(f"{snap.path.name}.abandoned"), 1
+            while aside.exists():
+                n += 1
+                aside = snap.path.with_name(f"{snap.path.name}.abandoned-{n}")
+            snap.path.rename(aside)
+            moved.append(aside)
+    return moved
 
 
 def clean_temporaries(folder: Path) -> None:

@@ -8,8 +8,8 @@ the three commands that do the same step by step. The samples are scored with a 
 from __future__ import annotations
 
 import json
+import os
 import shlex
-import shutil
 import time
 from pathlib import Path
 
@@ -17,12 +17,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import atomic, lock
 from pipeline.config import load_config
 from pipeline.errors import DitpipeError
 from pipeline.metrics import plot_loss
 from pipeline.sources import SHAPES_CLASS_NAMES, classify_shape
 
-MARKER = "quickstart.json"  # written last; its presence makes the folder ours to replace on the next quickstart
+MARKER = "quickstart.json"  # written last, with every file the quickstart wrote: what the next one may replace
 
 
 def quickstart(out: Path = Path("outputs/quickstart"), overrides: dict | None = None,
@@ -52,17 +53,68 @@ def quickstart(out: Path = Path("outputs/quickstart"), overrides: dict | None = 
     seconds = time.time() - t0
     result = {"accuracy": accuracy, "seconds": round(seconds, 1), "grid": str(out / "grid.png"),
               "samples": str(samples), "loss_plot": str(loss_png), "run": str(run), "shards": str(cfg.shards_path)}
-    (out / MARKER).write_text(json.dumps(result, indent=1) + "\n")
+    atomic.write_json(out / MARKER, {**result, "files": _present(out)})
     _report(console, result, step_by_step(out, overrides))
     return result
 
 
 def _clear_previous(out: Path) -> None:
+    """Delete an earlier quickstart's files, only when the folder holds exactly what it wrote: its run can be
+    extended (`ditpipe resume ... --restretch-schedule`, as ditpipe suggests) and a user can save files there,
+    and neither is ours to delete. A file it wrote that is already gone (a clear killed half way) is no change."""
     if not out.exists():
         return
     if not (out / MARKER).is_file():
         raise DitpipeError(f"'{out}' exists and is not a finished quickstart; remove it or pass --out elsewhere")
-    shutil.rmtree(out)  # our own earlier quickstart: run it again from scratch (same seed, same result)
+    wrote = _recorded(out)
+    now = _present(out)
+    changed = sorted(rel for rel, sha in now.items() if wrote.get(rel) != sha)
+    if changed:
+        raise DitpipeError(f"'{out}' changed since the quickstart wrote it ({_describe(changed, wrote)}), so "
+                           "nothing was deleted: move those out of it, or keep it and pass --out elsewhere")
+    for rel in now:
+        (out / rel).unlink()
+    for folder in sorted({p for rel in now for p in (out / rel).parents if out in p.parents},
+                         key=lambda p: -len(p.parts)):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    (out / MARKER).unlink()  # last: a clear killed before this is finished by the next quickstart
+    if not any(out.iterdir()):
+        out.rmdir()
+
+
+def _recorded(out: Path) -> dict[str, str]:
+    """{file: sha256} of what the quickstart at `out` wrote, from its marker; refused when it has none."""
+    try:
+        files = json.loads((out / MARKER).read_text())["files"]
+        if isinstance(files, dict) and all(isinstance(v, str) for v in files.values()):
+            return files
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        pass
+    raise DitpipeError(f"'{out / MARKER}' does not list the files the quickstart wrote (an earlier ditpipe, or "
+                       f"damaged), so '{out}' is not replaced; remove the folder yourself or pass --out elsewhere")
+
+
+def _present(out: Path) -> dict[str, str]:
+    """{file: sha256} of every file under `out` but the marker and a lock. A link or anything else that is not a
+    regular file is listed as such, never followed or read (we write neither, so it never matches a record)."""
+    found = {}
+    for root, dirs, files in os.walk(out):  # does not enter linked folders
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = Path(root) / name
+            rel = path.relative_to(out).as_posix()
+            if rel != MARKER and not lock.is_lock(path):
+                regular = path.is_file() and not path.is_symlink()
+                found[rel] = atomic.sha256_file(path) if regular else "not a regular file"
+    return found
+
+
+def _describe(changed: list[str], wrote: dict[str, str]) -> str:
+    """The changed files, a folder the quickstart never had named once (`checkpoint-2000/`), at most six."""
+    known = {rel.split("/")[0] for rel in wrote}
+    names = sorted({rel.split("/")[0] + "/" if "/" in rel and rel.split("/")[0] not in known else rel
+                    for rel in changed})
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
 
 def step_by_step(out: Path, overrides: dict) -> list[list[str]]:
