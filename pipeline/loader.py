@@ -219,7 +219,7 @@ def refuse_pipe(location) -> None:
 # fsspec's in-process `memory` filesystem. Anything else (ssh, ftp, smb, git, chained `a::b` URLs, ...) is refused:
 # a location is data, and other protocols reach hosts and credentials nobody meant to hand a shard folder.
 REMOTE_PROTOCOLS = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "hf", "memory")
-MAX_META_BYTES = 64 << 20  # a manifest or sidecar read from a URL: far above any real one (~100 KB a shard)
+MAX_META_BYTES = shards.MAX_META_BYTES  # a manifest or sidecar, local or read from a URL
 REMOTE_KEYS = ("shards.path", "validation.shards")  # config keys that name shard locations
 
 
@@ -301,8 +301,9 @@ class ShardStore:
             per = math.prod(shape)
             nbytes = per * _LATENT_ITEMSIZE
             remote = self._fetch(entry) if self.url else None
-            side = json.loads(remote[1] if remote else (self.folder / entry["sidecar"]).read_text())
+            side = json.loads(remote[1] if remote else shards.read_meta(self.folder / entry["sidecar"]))
             where = _url_join(self.url, entry["name"]) if self.url else self.folder / entry["name"]
+            shards.check_sidecar(side, entry, where)  # reads below index by the manifest's count
             labels = np.array(shards.checked_labels(side["labels"], self.num_classes, str(where)), dtype=np.int64)
             if self.manifest["format"] == "wds":
                 if remote:
@@ -338,6 +339,9 @@ class ShardStore:
                 table = pq.read_table(where, columns=["latent"] + (["text"] if self.text else []),
                                       memory_map=not remote)
                 col = table.column(0)
+                if table.num_rows != entry["samples"]:
+                    raise ShardError(f"{self.url or self.folder}/{entry['name']}: {table.num_rows:,} rows, the manifest says {entry['samples']:,} "
+                                     "samples; the shard is damaged or was altered (run `ditpipe verify`)")
                 if self.text:
                     self._texts[s] = table.column(1)
                 chunks = [np.frombuffer(c.buffers()[1], dtype=shards.LATENT_DTYPE)[c.offset * per :][: len(c) * per]
@@ -564,6 +568,8 @@ class RunKeys(torch.utils.data.Sampler):
 def open_shards(folder: Path | str) -> tuple[ShardStore, dict]:
     check_location(folder)
     manifest = _load_url_manifest(str(folder)) if is_url(folder) else shards.load_manifest(folder)
+    if not is_url(folder):
+        shards.check_files(folder, manifest)  # the order allocates by the counts: they must fit the files
     if manifest["num_samples"] == 0:
         raise ShardError(f"'{folder}' holds no samples (every input was skipped); see its manifest's 'skipped'")
     return ShardStore(folder, manifest), manifest
@@ -582,6 +588,8 @@ def _load_url_manifest(url: str) -> dict:
     if manifest.get("format_version") != shards.FORMAT_VERSION:
         raise ShardError(f"'{where}' has format_version {manifest.get('format_version')!r}; this ditpipe reads "
                          f"{shards.FORMAT_VERSION}. Re-encode with this version")
+    shards.check_latent_shape(manifest, where)
+    shards.check_entries(manifest, where)  # its names become URLs: `../` would leave the folder there too
     return manifest
 
 

@@ -22,6 +22,7 @@ from pipeline import atomic
 from pipeline.errors import DataError
 
 STATS = {"mu": 1, "sigma": 2, "mu_s": 1, "sigma_s": 2}  # stored statistics and their ranks
+MAX_FEATURES = 8192  # a statistic's feature width (Inception pool 2048, ADM spatial 2023): sigma at most 512 MB
 
 
 def _refuse(path: Path, why: str) -> DataError:
@@ -90,12 +91,12 @@ def read_stats(path: Path) -> dict[str, np.ndarray] | None:
         return None
     out = {}
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with zipfile.ZipFile(path) as z:
             for key in STATS:
                 if key in names:
-                    out[key] = np.asarray(z[key], np.float64)
-    except ValueError as e:  # "Object arrays cannot be loaded when allow_pickle=False"
-        raise _refuse(path, f"its statistics cannot be read without unpickling ({e})") from None
+                    out[key] = _read_stat(z, path, key)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:  # a damaged zip: bad CRC, a member cut short
+        raise _refuse(path, f"its statistics cannot be read ({type(e).__name__}: {e})") from None
     for mean, cov in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if mean not in out and cov not in out:
             continue
@@ -104,6 +105,28 @@ def read_stats(path: Path) -> dict[str, np.ndarray] | None:
                 np.isfinite(m).all() and np.isfinite(s).all()):
             raise _refuse(path, f"its {mean}/{cov} are not a finite mean vector and its square covariance")
     return out
+
+
+def _read_stat(z: zipfile.ZipFile, path: Path, key: str) -> np.ndarray:
+    """One statistic as float64, its header checked before anything is allocated: a float of STATS' rank, at most
+    MAX_FEATURES wide, and a member exactly as large as its header says (a forged header can name any size)."""
+    name = key + ".npy" if key + ".npy" in z.namelist() else key
+    with z.open(name) as f:
+        shape, fortran, dtype = _header(f, path, key)
+        header = f.tell()
+        if dtype.kind != "f" or len(shape) != STATS[key] or any(not 0 < d <= MAX_FEATURES for d in shape):
+            raise _refuse(path, f"its {key} is {dtype} {tuple(shape)}, not a float{' vector' if STATS[key] == 1 else ''}"
+                                f"{' matrix' if STATS[key] == 2 else ''} of at most {MAX_FEATURES} features")
+        size = int(np.prod(shape)) * dtype.itemsize
+        stored = z.getinfo(name).file_size - header
+        if stored != size:
+            raise _refuse(path, f"its {key} holds {stored:,} bytes of data where its header {tuple(shape)} {dtype} "
+                                f"needs {size:,} ({'truncated' if stored < size else 'trailing bytes'})")
+        data = f.read(size)
+    if len(data) != size:  # the member ends before the size its zip entry records
+        raise _refuse(path, f"its {key} ends after {len(data):,} of {size:,} bytes (truncated)")
+    arr = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+    return np.asarray(arr, np.float64)
 
 
 class PartWriter:

@@ -38,6 +38,11 @@ LATENT_DTYPE = "float16"
 SAMPLE_MEMBERS = ("latent.npy", "json")  # the only tar members a sample may have (+ TEXT_MEMBER with captions)
 TEXT_MEMBER = "text.npy"
 _SHARD_RE = re.compile(r"^(shard-\d{5}\.tar|part-\d{5}\.parquet)$")
+# The only names a manifest may give its shards (fullmatch, ASCII digits): a plain file name of ours in the folder,
+# never a path: no separator, no `..`, not absolute (`shard_name` writes 5 digits, more past shard 99,999).
+_ENTRY_NAME = {"wds": re.compile(r"shard-[0-9]{5,9}\.tar"), "parquet": re.compile(r"part-[0-9]{5,9}\.parquet")}
+MAX_META_BYTES = 64 << 20  # a manifest or sidecar: far above any real one (~100 KB a shard)
+MAX_TOKENS = 4096  # a caption record's tokens (CLIP 77, T5 up to 512 in practice)
 
 
 REUSE_DIR = ".reuse"  # hard links of the shards an update replaces, until its manifest is written (pipeline/reuse.py)
@@ -188,15 +193,31 @@ class ShardWriter:
         self._ctx.__exit__(RuntimeError, None, None)  # removes the temporary file
 
 
+def read_meta(path: Path) -> bytes:
+    """A manifest or sidecar's bytes, at most MAX_META_BYTES: a regular file only, so a name or link that leads to
+    a device (`/dev/zero`) or a FIFO is refused instead of read until memory runs out."""
+    import os
+    import stat
+
+    with open(path, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ShardError(f"'{path}' is not a regular file; the shard folder is damaged or was altered")
+        data = f.read(MAX_META_BYTES + 1)
+    if len(data) > MAX_META_BYTES:
+        raise ShardError(f"'{path}' is larger than {MAX_META_BYTES:,} bytes, far more than any ditpipe manifest or "
+                         "sidecar; the shard folder is damaged or was altered (re-encode it)")
+    return data
+
+
 def load_sidecar(folder: Path, shard: str) -> dict | None:
     """The sidecar of a complete shard, or None when the shard is missing, partial or does not match it."""
     side, path = folder / sidecar_name(shard), folder / shard
     try:
-        meta = json.loads(side.read_text())
+        meta = json.loads(read_meta(side))
         if path.stat().st_size != meta["bytes"] or atomic.sha256_file(path) != meta["sha256"]:
             return None
         return meta
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, ShardError):
         return None
 
 
@@ -292,7 +313,7 @@ def load_manifest(folder: Path) -> dict:
         raise ShardError(f"no {MANIFEST} in '{folder}': not a finished ditpipe shard folder; run `ditpipe encode` "
                          "(rerunning the same command finishes an interrupted encode)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_meta(path))
     except (ValueError, RecursionError, MemoryError) as e:  # RecursionError: JSON nested deeper than Python recurses
         raise ShardError(f"'{path}' is not valid JSON ({type(e).__name__}: {str(e)[:200]}); re-encode with "
                          "`ditpipe encode ... --overwrite`") from None
@@ -301,7 +322,99 @@ def load_manifest(folder: Path) -> dict:
         raise ShardError(f"'{path}' has format_version {version!r}; this ditpipe reads {FORMAT_VERSION}. Re-encode "
                          "with this version (`--overwrite`)")
     check_latent_shape(manifest, path)
+    check_entries(manifest, path)
     return manifest
+
+
+def check_entries(manifest: dict, where) -> None:
+    """Refuse a shard entry whose name is not a plain shard file name of ours (with its sidecar's name), whose
+    counts are not non-negative integers, or that claims more samples than its recorded bytes can hold, and totals
+    that do not add up. Names become paths and counts become allocations (the loader's order holds an index per
+    sample), so a forged one could otherwise read outside the folder, or allocate gigabytes before anything fails.
+    `check_files` then holds the recorded bytes to the files' own sizes."""
+    fmt, entries = manifest.get("format"), manifest.get("shards")
+    if fmt not in _ENTRY_NAME or not isinstance(entries, list):
+        raise ShardError(f"'{where}': format {fmt!r} or shards is not a ditpipe manifest's (wds or parquet, a list "
+                         "of shards); the manifest is damaged or was altered")
+    _check_captions(manifest, where)
+    seen, total = set(), 0
+    for i, entry in enumerate(entries):
+        _check_entry(manifest, entry, i, seen, where)
+        total += entry["samples"]
+    if manifest.get("num_samples") != total or manifest.get("num_shards") != len(entries):
+        raise ShardError(f"'{where}': num_samples {manifest.get('num_samples')!r} and num_shards "
+                         f"{manifest.get('num_shards')!r} are not the shards' {total:,} samples in {len(entries):,} "
+                         "shards; the manifest is damaged or was altered (re-encode it)")
+
+
+def _check_captions(manifest: dict, where) -> None:
+    """The caption encoder's width and token counts, which size every batch's caption arrays."""
+    from pipeline.config import MAX_TEXT_DIM
+
+    captions = manifest.get("captions") or {}
+    enc = captions.get("encoder") if isinstance(captions, dict) else None
+    if enc is None:
+        return
+    dim, most, seen = (enc.get("dim"), enc.get("max_tokens"), captions.get("max_tokens_seen", 1)
+                       ) if isinstance(enc, dict) else (None, None, None)
+    if not all(type(x) is int for x in (dim, most, seen)) or not (
+            0 < dim <= MAX_TEXT_DIM and 0 < most <= MAX_TOKENS and 0 < seen <= most):
+        raise ShardError(f"'{where}': captions.encoder dim {dim!r}, max_tokens {most!r} and max_tokens_seen {seen!r} "
+                         f"are not 1..{MAX_TEXT_DIM}, 1..{MAX_TOKENS} and 1..max_tokens; the manifest is damaged or "
+                         "was altered (re-encode it)")
+
+
+def _check_entry(manifest: dict, entry, i: int, seen: set, where) -> None:
+    fmt = manifest["format"]
+    name = entry.get("name") if isinstance(entry, dict) else None
+    if not (isinstance(name, str) and _ENTRY_NAME[fmt].fullmatch(name)) or name in seen:
+        raise ShardError(f"'{where}': shards[{i}].name {name!r} is not a shard file name of this folder "
+                         f"({'shard-NNNNN.tar' if fmt == 'wds' else 'part-NNNNN.parquet'}, once each, no folder); the "
+                         "manifest is damaged or was altered (re-encode it)")
+    seen.add(name)
+    if entry.get("sidecar") != sidecar_name(name):
+        raise ShardError(f"'{where}': shards[{i}].sidecar {entry.get('sidecar')!r} is not {sidecar_name(name)!r}, "
+                         "the name of its shard's sidecar; the manifest is damaged or was altered (re-encode it)")
+    if "bucket" in entry and "buckets" not in manifest:
+        raise ShardError(f"'{where}': shards[{i}] names a bucket, but the manifest has no buckets; the manifest is "
+                         "damaged or was altered (re-encode it)")
+    samples, nbytes = entry.get("samples"), entry.get("bytes")
+    if not (type(samples) is int and type(nbytes) is int and samples >= 0 and nbytes >= 0):
+        raise ShardError(f"'{where}': shards[{i}] ({name}) samples {samples!r} and bytes {nbytes!r} are not counts; "
+                         "the manifest is damaged or was altered (re-encode it)")
+    per = int(np.prod(latent_shape_of(manifest, entry.get("bucket")))) * np.dtype(LATENT_DTYPE).itemsize
+    if samples * per > nbytes:  # every sample stores one latent of `per` bytes, uncompressed, in both formats
+        raise ShardError(f"'{where}': shards[{i}] ({name}) claims {samples:,} samples, more than its {nbytes:,} bytes "
+                         f"hold ({per:,} bytes a latent); the manifest is damaged or was altered (re-encode it)")
+
+
+def check_files(folder: Path, manifest: dict) -> None:
+    """Each shard file is a regular file of the size the manifest records: with `check_entries`, no count the
+    loader allocates for exceeds what the files hold. One stat a shard; `verify` checks the contents."""
+    import os
+    import stat
+
+    for entry in manifest["shards"]:
+        path = Path(folder) / entry["name"]
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise ShardError(f"{path}: {e.strerror}; the shard folder is incomplete (run `ditpipe verify`, rerun "
+                             "`ditpipe encode`)") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry["bytes"]:
+            raise ShardError(f"{path}: {st.st_size:,} bytes, the manifest ({MANIFEST}) says {entry['bytes']:,}; the "
+                             "shard was truncated or altered (run `ditpipe verify`, re-encode it)")
+
+
+def check_sidecar(side, entry: dict, where) -> None:
+    """A shard's sidecar, read to open the shard, lists as many samples as the manifest says (keys, labels and, for
+    tar, offsets): the loader indexes them by the manifest's count."""
+    n = entry["samples"]
+    lists = ("keys", "labels") + (("index",) if "index" in side else ()) if isinstance(side, dict) else ()
+    if not lists or any(not isinstance(side.get(k), list) or len(side[k]) != n for k in lists):
+        counts = {k: len(side[k]) for k in lists if isinstance(side.get(k), list)}
+        raise ShardError(f"{where}: its sidecar {entry['sidecar']} lists {counts or 'no samples'}, the manifest says "
+                         f"{n:,} samples; the shard folder is damaged or was altered (run `ditpipe verify`)")
 
 
 def check_latent_shape(manifest: dict, where) -> None:
@@ -371,7 +484,7 @@ def _read_text(data, manifest: dict) -> np.ndarray:
 def iter_shard(folder: Path, shard: str, manifest: dict, sidecar: dict | None = None) -> Iterator[Sample]:
     """Fast read of one shard: tar through its offset index + mmap, Parquet through binary columns."""
     folder = Path(folder)
-    sidecar = sidecar or json.loads((folder / sidecar_name(shard)).read_text())
+    sidecar = sidecar or json.loads(read_meta(folder / sidecar_name(shard)))
     shape = latent_shape_of(manifest, sidecar.get("bucket"))
     if manifest["format"] == "wds":
         expected = npy_bytes(np.zeros(shape, LATENT_DTYPE))  # every latent member is exactly this header + data
@@ -469,11 +582,12 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
         if atomic.sha256_file(path) != entry["sha256"]:
             problems.append(f"{name}: sha256 does not match the manifest (corrupted or tampered)")
         side_path = folder / entry["sidecar"]
-        if not side_path.is_file() or _sha(side_path.read_bytes()) != entry["sidecar_sha256"]:
+        side_bytes = read_meta(side_path) if side_path.is_file() else None
+        if side_bytes is None or _sha(side_bytes) != entry["sidecar_sha256"]:
             problems.append(f"{entry['sidecar']}: missing or does not match the manifest's sha256")
             side = None
         else:
-            side = json.loads(side_path.read_text())
+            side = json.loads(side_bytes)
             bad = [(i, p) for i, x in enumerate(side.get("labels") or []) if (p := label_problem(x, n_classes))]
             problems += [f"{entry['sidecar']}: sample {i}'s {p}" for i, p in bad[:3]]
             if side.get("bucket") != entry.get("bucket"):
