@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline import atomic
+from pipeline import atomic, safe_yaml
 from pipeline.errors import DitpipeError
 
 STATE = "training_state.json"
@@ -166,20 +166,29 @@ _DISK_FULL = ("no space left", "file too large", "disk quota", "file write faile
 
 
 def _write_failed(run_dir: Path, name: str, failure: str) -> str:
+    full, what = write_trouble(run_dir, failure)
+    return (f"could not write checkpoint {name} in '{run_dir}': {what}. Nothing of it was kept and the previous "
+            f"checkpoints are intact; {'free some space' if full else 'fix the cause'} and resume with "
+            f"`ditpipe resume {run_dir}`")
+
+
+def write_trouble(where: Path, failure: str | BaseException) -> tuple[bool, str]:
+    """(is it a full disk, "<what happened> (<failure>; <free space in `where`>[, the file-size limit])"): how every
+    failed write reads, so each message can name its own path and say whether freeing space will help."""
+    failure = failure if isinstance(failure, str) else _describe(failure)
     try:
-        free = f"{shutil.disk_usage(run_dir).free / 2**30:.2f} GiB free"
+        free = f"{shutil.disk_usage(where if Path(where).is_dir() else Path(where).parent).free / 2**30:.2f} GiB free"
     except OSError:
         free = "free space unknown"
     import resource
 
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY:
-        free += f", files limited to {limit / 2**20:.0f} MiB (ulimit -f)"
+        size = f"{limit / 2**20:.0f} MiB" if limit >= 2**20 else f"{limit / 2**10:.0f} KiB"
+        free += f", files limited to {size} (ulimit -f)"
     full = any(word in failure.lower() for word in _DISK_FULL)
     what = "the disk (or a file-size limit) is full" if full else "writing failed"
-    return (f"could not write checkpoint {name} in '{run_dir}': {what} ({failure}; {free}). Nothing of it was kept and "
-            f"the previous checkpoints are intact; {'free some space' if full else 'fix the cause'} and resume with "
-            f"`ditpipe resume {run_dir}`")
+    return full, f"{what} ({failure}; {free})"
 
 
 def _move_aside(path: Path) -> Path:
@@ -206,18 +215,9 @@ def validate(ckpt: Path) -> dict:
     if ckpt.is_symlink() and not ckpt.exists():
         raise CheckpointError(f"'{ckpt}' is a link to '{os.readlink(ckpt)}', which does not exist (storage not "
                               "mounted?)")
-    try:
-        state = json.loads((ckpt / STATE).read_text())
-        files = state["files"]
-        records = [(name, int(rec["bytes"]), str(rec["sha256"])) for name, rec in files.items()]
-    except UNREADABLE as e:
-        raise CheckpointError(f"'{ckpt}' has no readable {STATE} ({type(e).__name__}: {str(e)[:200]}); it is "
-                              "incomplete or not a ditpipe checkpoint") from None
-    missing = [k for k in REQUIRED_KEYS if k not in state]
-    if missing:
-        raise CheckpointError(f"'{ckpt}/{STATE}' lacks {', '.join(missing)}; it is incomplete or not a ditpipe "
-                              "checkpoint")
-    for fname, size, sha in records:
+    state = read_state(ckpt)
+    files = state["files"]
+    for fname, size, sha in ((name, rec["bytes"], rec["sha256"]) for name, rec in files.items()):
         path = ckpt / fname
         if Path(fname).name != fname or fname in ("", ".", ".."):
             raise CheckpointError(f"'{ckpt}/{STATE}' lists {fname!r}, which is not a file name in the checkpoint")
@@ -231,6 +231,67 @@ def validate(ckpt: Path) -> dict:
         raise CheckpointError(f"'{ckpt}/{STATE}' does not list {', '.join(unlisted)}, which every checkpoint holds; "
                               "it is incomplete or was altered")
     return state
+
+
+def read_state(ckpt: Path) -> dict:
+    """A checkpoint's training_state.json, every field checked (check_state), without hashing its files: what
+    listing, `runs` and retention read. Any problem is one CheckpointError naming the file (and the key)."""
+    path = Path(ckpt) / STATE
+    try:
+        state = json.loads(path.read_text())
+    except UNREADABLE as e:
+        raise CheckpointError(f"'{ckpt}' has no readable {STATE} ({type(e).__name__}: {str(e)[:200]}); it is "
+                              "incomplete or not a ditpipe checkpoint") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"'{path}' does not hold a JSON object; it is damaged or not a ditpipe checkpoint")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"'{path}' lacks {', '.join(missing)}; it is incomplete or not a ditpipe checkpoint")
+    return check_state(state, path)
+
+
+# Counts a training state holds, and their least value. Every reader does arithmetic on them (int(), ranges,
+# comparisons), so a bool, a float (Infinity, NaN, 2.0) or a string ("2") read from an altered file would raise far
+# from here; they are refused in one place instead. 2**62 keeps every product of them inside int64 for torch.
+_COUNTS = {"step": 0, "epoch": 0, "samples_consumed": 0, "total_steps": 0, "world_size": 1, "steps_per_epoch": 1,
+           "global_batch": 1, "batch_size": 1, "gradient_accumulation_steps": 1, "nonfinite_total": 0,
+           "data_offset": 0, "recoveries": 0}
+_MAX_COUNT = 2**62
+
+
+def check_state(state: dict, path: Path) -> dict:
+    """`state` when every field a reader uses has its type and range (`path`, the file, names it in the message);
+    optional fields are checked when present."""
+
+    def refuse(key: str, what: str):
+        raise CheckpointError(f"'{path}' {key} is {_show(state[key])}, not {what}; the checkpoint is damaged or was "
+                              "altered (ditpipe skips it and uses the newest valid one)")
+
+    for key, least in _COUNTS.items():
+        if key in state and not _is_count(state[key], least):
+            refuse(key, "a non-negative whole number" if least == 0 else f"a whole number ≥ {least}")
+    if not isinstance(state["written_by"], str):
+        refuse("written_by", "a string")
+    scale = state.get("lr_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        refuse("lr_scale", "a positive finite number")
+    at = state.get("restretched_at", [])
+    if not isinstance(at, list) or not all(_is_count(s, 0) for s in at):
+        refuse("restretched_at", "a list of steps")
+    files = state["files"]
+    if not isinstance(files, dict) or not all(
+            isinstance(rec, dict) and _is_count(rec.get("bytes"), 0) and isinstance(rec.get("sha256"), str)
+            for rec in files.values()):
+        refuse("files", "a table of {file name: {bytes, sha256}}")
+    return state
+
+
+def _is_count(value, least: int) -> bool:
+    return type(value) is int and least <= value <= _MAX_COUNT  # type(): a bool is an int to isinstance
+
+
+def _show(value) -> str:
+    return repr(value)[:60] if not isinstance(value, float) else json.dumps(value)  # inf as the file spells it
 
 
 def read_json(path: Path) -> dict:
@@ -269,11 +330,12 @@ def _uses_ema(config: Path) -> bool:
     from pipeline.config import TrainingConfig
 
     try:
-        tree = yaml.safe_load(config.read_text())
+        tree = safe_yaml.safe_load(config.read_text())
         value = (tree.get("training") or {}).get("use_ema", TrainingConfig.model_fields["use_ema"].default)
     except (yaml.YAMLError, *UNREADABLE) as e:
-        raise CheckpointError(f"'{config}' is not a readable config ({type(e).__name__}); the checkpoint is damaged "
-                              "or not ditpipe's") from None
+        why = str(e).splitlines()[0][:200] if isinstance(e, safe_yaml.AliasRefused) else type(e).__name__
+        raise CheckpointError(f"'{config}' is not a readable config ({why}); the checkpoint is damaged or not "
+                              "ditpipe's") from None
     return bool(value)
 
 
@@ -284,12 +346,21 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, bool, Path]]:
     for p in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
         m = _NAME.match(p.name)
         if m and (p.is_dir() or p.is_symlink()):  # a link (moved to other storage) counts; a dangling one as damaged
-            try:
-                step = int(json.loads((p / STATE).read_text())["step"])
-            except UNREADABLE:
+            step = _recorded_step(p)
+            if step is None:
                 step = -1 if m.group(1) else int(m.group(2))  # damaged: still listed, so fallback can name it
             found.append((step, bool(m.group(1)), p))
     return sorted(found, key=lambda x: (-x[0], x[1]))
+
+
+def _recorded_step(ckpt: Path) -> int | None:
+    """The step a checkpoint's state records, or None when it is unreadable or not a step (Infinity, "2", true):
+    only the step, so listing stays cheap and lists what validate() will then refuse by name."""
+    try:
+        step = json.loads((Path(ckpt) / STATE).read_text())["step"]
+    except UNREADABLE:
+        return None
+    return step if _is_count(step, 0) else None
 
 
 def find_resumable(run_dir: Path, warn: Callable[[str], None]) -> tuple[Path, dict]:
@@ -362,8 +433,11 @@ def newest_valid(run_dir: Path, before: int) -> tuple[str, dict] | None:
 
 def abandon_after(run_dir: Path, step: int, keep: str) -> list[Path]:
     """Move every checkpoint of ours after `step` aside as `<name>.abandoned` (training.recover went back to
-    `keep`: they hold the failure's state) and point `latest` at `keep`. Nothing is deleted."""
-    moved = []
+    `keep`: they hold the failure's state), and the post-hoc EMA snapshots after `step` with them, and point
+    `latest` at `keep`. Nothing is deleted."""
+    from pipeline import phema  # imported here, as pipeline.config is above: checkpoint loads without pydantic
+
+    moved = phema.abandon_after(Path(run_dir) / phema.SNAPSHOT_DIR, step)
     for s, _, path in list_checkpoints(run_dir):
         if s > step and not path.is_symlink() and _is_ours(path):
             aside, n = path.with_name(f"{path.name}.abandoned"), 1

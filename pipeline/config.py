@@ -14,11 +14,12 @@ import re
 import reprlib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import safe_yaml
 from pipeline.errors import ConfigError
 
 # The widest power-function EMA profile (γ = 0: the plain running mean); a wider one would weigh old weights more.
@@ -26,8 +27,23 @@ POSTHOC_MAX_SIGMA_REL = 12 ** -0.5
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors (with a suggestion), never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # Unknown keys are errors (with a suggestion), never silently ignored. No float key takes .inf or .nan (an
+    # infinite LR, decay, clipping norm or guidance scale passes every `gt`/`ge` bound and ruins a run), and no int
+    # key takes a bool (pydantic would read YAML's `true` as 1).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v, info):
+        if isinstance(v, bool) and _takes_int(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expects a whole number, got {str(v).lower()}")
+        return v
+
+
+def _takes_int(annotation) -> bool:
+    """An int key (or Optional[int]): where a bool is a mistake, not a value."""
+    return annotation is int or (get_origin(annotation) is Union and int in get_args(annotation)
+                                 and bool not in get_args(annotation))
 
 
 # Bounds on the sizes a config, a shard manifest or a checkpoint may ask for, checked before anything is allocated:
@@ -44,6 +60,11 @@ MAX_CHANNELS = 1_024  # latent channels (DC-AE's deepest has 128)
 MAX_CLASSES = 1_000_000
 MAX_TEXT_DIM = 16_384  # the caption encoder's width (T5-XXL: 4096)
 MAX_PARAMETERS = 8_000_000_000  # about 32 GB in fp32
+MAX_GRID = 256  # validation.num_samples: a 16 x 16 grid, sampled at every validation
+# Seeds: training.seed also seeds numpy's legacy global RNG, which takes 0 .. 2**32 - 1; data.seed is hashed into
+# 64-bit keys (pipeline/loader.py), so a larger one would alias a smaller one.
+MAX_TRAINING_SEED = 2**32 - 1
+MAX_DATA_SEED = 2**64 - 1
 
 
 class DataConfig(_Section):
@@ -53,7 +74,8 @@ class DataConfig(_Section):
     split: Literal["train", "val"] = Field("train", description="COCO split: train (train2017) or val (val2017)")
     image_size: int = Field(256, ge=8, le=MAX_IMAGE_SIZE, description="pixels; a multiple of the codec's downsample factor")
     num_samples: Optional[int] = Field(5000, ge=1, description="deterministic subset of the inputs; null takes all")
-    seed: int = Field(0, ge=0, description="picks the subset and generates shapes (separate from training.seed)")
+    seed: int = Field(0, ge=0, le=MAX_DATA_SEED, description="picks the subset and generates shapes (separate from "
+                                                            "training.seed)")
     captions: bool = Field(False, description="embed every caption once with text.encoder (the `text` extra)")
     source: Literal["shards", "images"] = Field(
         "shards", description="shards (precomputed latents) or images (online VAE every step: the baseline)")
@@ -156,7 +178,8 @@ class DiffusionConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    seed: int = Field(0, ge=0, description="model init, data order, flips, noise and timesteps")
+    seed: int = Field(0, ge=0, le=MAX_TRAINING_SEED, description="model init, data order, flips, noise and "
+                                                                "timesteps")
     batch_size: int = Field(4, ge=1, description="per process, per micro-batch")
     gradient_accumulation_steps: int = Field(4, ge=1, description="micro-batches per optimizer step")
     num_epochs: int = Field(50, ge=1, description="epochs; the LR schedule spans them all")
@@ -244,7 +267,7 @@ class LoggingConfig(_Section):
 class ValidationConfig(_Section):
     every_steps: int = Field(0, ge=0, description="grids and the held-out loss every N steps; 0 turns both off")
     grid: bool = Field(True, description="sample a grid at each validation; false: the held-out loss only")
-    num_samples: int = Field(16, ge=1, description="samples in each validation grid")
+    num_samples: int = Field(16, ge=1, le=MAX_GRID, description="samples in each validation grid")
     cfg_scale: float = Field(4.0, ge=1.0, description="guidance scale of the grids; `ditpipe sample` defaults to it")
     cfg_interval: tuple[float, float] = Field(
         (0.0, 1.0), description="noise levels [low, high] (0 data, 1 noise) where guidance applies; sample's default")
@@ -425,7 +448,7 @@ def parse_value(text: str) -> Any:
     """A command-line value, read the way YAML reads it (`null`, `true`, `8`, `[1, 2]`), but numbers written like
     `1e-4` stay numbers (PyYAML's YAML 1.1 reads them as strings; pydantic coerces strings later anyway)."""
     try:
-        value = yaml.safe_load(text) if text.strip() else text
+        value = safe_yaml.safe_load(text) if text.strip() else text
     except yaml.YAMLError:
         return text
     return float(value) if isinstance(value, str) and _is_number(value) else value
@@ -487,7 +510,7 @@ def read_yaml(file: Path) -> dict[str, Any]:
     """A config file's tree. Anything unreadable (bad YAML, nesting deep enough to exhaust the parser, a document
     too large for memory, bytes that are not text) is a ConfigError naming the file, never a traceback."""
     try:
-        loaded = yaml.safe_load(Path(file).read_text())
+        loaded = safe_yaml.safe_load(Path(file).read_text())  # no aliases: they can expand to gigabytes
     except yaml.YAMLError as e:
         raise ConfigError([(str(file), f"is not valid YAML: {e}")], header="cannot read config") from None
     except (RecursionError, MemoryError, UnicodeDecodeError, OSError) as e:

@@ -427,14 +427,17 @@ def _custom(data: DataConfig) -> Source:
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under '{root}'")
     rels = [p.relative_to(root).as_posix() for p in files]
-    class_dirs = sorted({r.split("/", 1)[0] for r in rels if "/" in r})
+    class_dirs = sorted({r.split("/", 1)[0] for r in rels if "/" in r and not _not_utf8(r.split("/", 1)[0])})
     class_names = class_dirs or None
-    captions = _custom_captions(root, rels)
+    captions, caption_problems = _custom_captions(root, rels)
     chosen = _subset(rels, data.num_samples, data.seed)
     items = []
     for i, rel in enumerate(chosen):
-        label, problem = None, None
-        if class_names is not None:
+        if _not_utf8(rel):  # manifests and shards hold names as UTF-8 text: one that is not cannot be recorded
+            items.append(InputItem(f"{i:08d}", _printable(rel), None, (), _NOT_UTF8_NAME))
+            continue
+        label, problem = None, caption_problems.get(rel)
+        if class_names is not None and problem is None:
             if "/" in rel:
                 label = class_names.index(rel.split("/", 1)[0])
             else:
@@ -443,13 +446,45 @@ def _custom(data: DataConfig) -> Source:
     return Source("custom", root, data.image_size, items, class_names, _file_params(data, root, len(rels)))
 
 
-def _custom_captions(root: Path, rels: list[str]) -> dict[str, list[str]]:
+_NOT_UTF8_NAME = "its file name is not valid UTF-8 (shards record names as UTF-8 text); rename it"
+
+
+def _not_utf8(text: str) -> bool:
+    """Python reads bytes that are not UTF-8 (file names, surrogateescape'd text) as lone surrogates."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _printable(rel: str) -> str:
+    """A name that is not UTF-8, as text that can be recorded: its odd bytes as \\xNN."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def _caption_list(value, where: str) -> tuple[list[str], str | None]:
+    """(captions, None) from a metadata value (a string, a list of strings, or null), or ([], why it is refused):
+    anything else is a damaged line, never read as its keys or str()'d."""
+    texts = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        return [], f"{where}: its caption is {type(value).__name__} {json.dumps(value)[:40]}, not a string or a list " \
+                   "of strings; fix that line"
+    if any(_not_utf8(t) for t in texts):
+        return [], f"{where}: its caption is not valid UTF-8; save the file as UTF-8"
+    return texts, None
+
+
+def _custom_captions(root: Path, rels: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Captions from `metadata.jsonl` at the root ({"file_name": ..., "text" | "caption" | "captions": ...}),
-    or else from a sidecar `<stem>.txt` beside the image (one caption per non-empty line)."""
+    or else from a sidecar `<stem>.txt` beside the image (one caption per non-empty line); and {file: why its
+    captions are refused} for the inputs to skip (a caption that is not text, or not UTF-8)."""
     out: dict[str, list[str]] = {}
+    problems: dict[str, str] = {}
     meta = root / "metadata.jsonl"
     if meta.is_file():
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        # surrogateescape: a line that is not UTF-8 still parses, and only the input it names is skipped
+        for n, line in enumerate(meta.read_bytes().decode("utf-8", "surrogateescape").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -457,14 +492,19 @@ def _custom_captions(root: Path, rels: list[str]) -> dict[str, list[str]]:
                 rel = _under(root, rec["file_name"], f"{meta}:{n}")
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise DataError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text' ({e})") from None
-            text = rec.get("captions", rec.get("text", rec.get("caption")))
-            out.setdefault(rel, []).extend([text] if isinstance(text, str) else [str(t) for t in text or []])
+            texts, problem = _caption_list(rec.get("captions", rec.get("text", rec.get("caption"))),
+                                           f"{meta.name}:{n}")
+            out.setdefault(rel, []).extend(texts)
+            if problem:
+                problems.setdefault(rel, problem)
     for rel in rels:
         sidecar = (root / rel).with_suffix(".txt")
-        if rel not in out and sidecar.is_file():
-            out[rel] = [ln.strip() for ln in sidecar.read_text(encoding="utf-8", errors="replace").splitlines()
-                        if ln.strip()]
-    return out
+        if rel not in out and sidecar.is_file() and not _not_utf8(rel):
+            lines = [ln.strip() for ln in sidecar.read_bytes().decode("utf-8", "surrogateescape").splitlines()]
+            out[rel], problem = _caption_list([ln for ln in lines if ln], sidecar.name)
+            if problem:
+                problems[rel] = problem
+    return out, problems
 
 
 def _coco(data: DataConfig, download_progress=None) -> Source:

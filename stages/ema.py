@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import checkpoint, exported, phema
+from pipeline import checkpoint, exported, phema, safe_yaml
 from pipeline.config import validate_tree
 from pipeline.errors import DitpipeError
 
@@ -41,7 +40,7 @@ def ema(run: Path, *, sigma_rel: float | None = None, sweep: str | None = None, 
     snapshots = phema.list_snapshots(run / phema.SNAPSHOT_DIR)
     at = phema.pick_step(snapshots, step, run / phema.SNAPSHOT_DIR)
     ckpt, saved = checkpoint.find_resumable(run, lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
-    cfg = validate_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))  # only resumable keys ever differ
+    cfg = validate_tree(safe_yaml.safe_load((ckpt / "config.yaml").read_text()))  # only resumable keys ever differ
     manifest = json.loads((ckpt / "manifest.json").read_text())
     scorer = _Scorer(cfg, manifest, num, console) if held_out else None
     rows = []
@@ -116,7 +115,10 @@ def _write(out: Path, overwrite: bool, cfg, manifest: dict, state: dict, run: Pa
     meta = exported.metadata(cfg, manifest, model, source=str(run), step=at, weights=f"post-hoc EMA σ_rel {sigma:g}",
                              posthoc_ema={"sigma_rel": sigma, "snapshots": len(fit.coefficients),
                                           "condition": fit.condition, "profile_error": fit.profile_error})
-    with exported.replacing(Path(out), overwrite, protect=Path(run), fmt="safetensors", meta=meta, verb="ema") as tmp:
+    from stages.export import written_to
+
+    with written_to(Path(out)), exported.replacing(Path(out), overwrite, protect=Path(run), fmt="safetensors",
+                                                   meta=meta, verb="ema") as tmp:
         exported.write(tmp, state, meta)
 
 

@@ -47,7 +47,13 @@ class RateColumn(ProgressColumn):
         self.unit = unit
 
     def render(self, task) -> Text:
-        return Text(f"{mean_rate(task):,.0f} {self.unit}/s", style="cyan")
+        return Text(f"{rate_text(mean_rate(task))} {self.unit}/s", style="cyan")
+
+
+def rate_text(rate: float) -> str:
+    """A rate that means something at any speed: whole numbers from 100 up (1,234), three significant digits below
+    (42.2, 0.125: a large VAE on a CPU encodes 0.1 img/s, which whole numbers would show as 0)."""
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
 
 
 def mean_rate(task) -> float:
@@ -383,10 +389,11 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
 
 
 def _remove_ours(out: Path) -> None:
-    """--overwrite deletes only files ditpipe writes in a shard folder, nothing else."""
+    """--overwrite deletes only files ditpipe writes in a shard folder, by their exact names (`shard-00003.tar`,
+    `part-00003.meta.json`, ...), nothing else: a user's `notes.meta.json` merely ends like a sidecar."""
     for p in out.iterdir():
-        if shards._SHARD_RE.match(p.name) or p.name.endswith((".meta.json", ".stat.json")) or p.name in (
-                shards.MANIFEST, shards.PARAMS):
+        if (shards.shard_index(p.name) is not None or p.name in (shards.MANIFEST, shards.PARAMS)) and (
+                p.is_file() and not p.is_symlink()):  # we write regular files: a folder or a link is not ours
             p.unlink()
     shutil.rmtree(out / shards.REUSE_DIR, ignore_errors=True)
 
@@ -475,7 +482,7 @@ def _summary(console: Console, manifest: dict, out: Path, seconds: float, counts
         table.add_row("buckets", describe(manifest))
     table.add_row("bytes", f"{sum(s['bytes'] for s in manifest['shards']):,}")
     table.add_row("time", f"{seconds:.1f} s" + (f" ({kept:,} inputs reused from complete shards)" if kept else ""))
-    table.add_row("rate", f"{rate:,.0f} img/s (this run's encoded inputs / its encoding seconds, as the bar)")
+    table.add_row("rate", f"{rate_text(rate)} img/s (this run's encoded inputs / its encoding seconds, as the bar)")
     if state.get("halvings"):
         table.add_row("batch", f"halved {state['halvings']}× on out-of-memory, now {state['batch']}")
     console.print(table)

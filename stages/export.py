@@ -18,6 +18,7 @@ the home folder and the root are refused as --out whatever the flags say. The ou
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -39,13 +40,29 @@ def export(checkpoint_path: Path, fmt: str, out: Path, *, raw: bool = False, vae
         raise DitpipeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     ckpt, cfg, manifest, model, meta = open_checkpoint(Path(checkpoint_path), raw, console)
     out = Path(out)
-    with exported.replacing(out, overwrite, protect=ckpt, fmt=fmt, meta=meta, verb="export") as tmp:
+    with written_to(out), exported.replacing(out, overwrite, protect=ckpt, fmt=fmt, meta=meta, verb="export") as tmp:
         if fmt == "safetensors":
             exported.write(tmp, model.state_dict(), meta)
         else:
             _write_diffusers(tmp, model, cfg, manifest, meta, vae, console, out.name)
     console.print(f"exported {ckpt} ({meta['weights']} weights, step {meta['step']}) → {out} ({fmt})")
     return out
+
+
+@contextlib.contextmanager
+def written_to(out: Path):
+    """A failed write of the export folder `out` (a full disk: OSError from Python, SafetensorError from
+    safetensors) as one line naming `out`. Put it outside `exported.replacing`, which has then removed the temporary
+    and left an earlier export as it was."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        full, what = checkpoint.write_trouble(out.parent, e)
+        raise DitpipeError(f"could not write '{out}': {what}. Nothing of it was kept (an earlier export there is as "
+                           f"it was); {'free some space' if full else 'fix the cause'} and run the command again") \
+            from None
 
 
 def open_checkpoint(path: Path, raw: bool, console: Console):

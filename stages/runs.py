@@ -2,7 +2,7 @@
 
 A run folder is `<output_dir>/<run>/` with its `config.yaml`, `metrics.jsonl`, `latest` and checkpoint folders
 (pipeline/checkpoint.py). Its state:
-- running: a live train/resume process holds the run's lock (`<run>/.lock`, an exclusive flock);
+- running: a live train/resume process holds the run's lock (`<run>/.lock`, an exclusive flock; pipeline/lock.py);
 - finished: the newest checkpoint is at the run's end (its epochs, or training.max_steps);
 - stopped: neither (interrupted, killed, or stopped early); resume it;
 - unknown: not finished, and no lock file to ask (a run written before runs were locked).
@@ -17,31 +17,30 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import checkpoint
+from pipeline import checkpoint, lock, safe_yaml
 from pipeline.errors import DitpipeError
 
-LOCK = ".lock"  # held (flock LOCK_EX) by the train/resume process of a run, with its pid written inside
+LOCK = lock.NAME  # held (flock LOCK_EX) by the train/resume process of a run, its record (pid, verb) inside
 
 
 def lock_holder(run_dir: Path) -> tuple[bool | None, int | None]:
     """(held, pid) of the run's lock: True with the holder's pid while a process trains the run, False when the
-    lock file exists but nobody holds it, None when there is no lock file to ask. Never creates the file, and
-    holds a shared lock only for the instant of the test."""
+    lock file exists but nobody holds it, None when there is no lock file to ask. Never creates the file, never
+    follows a link, and holds a shared lock only for the instant of the test."""
     path = Path(run_dir) / LOCK
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None, None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = os.read(fd, 64).decode(errors="replace").strip()
-            return True, int(text) if text.isdigit() else None
+            rec = lock.record(fd)  # the JSON record pipeline/lock.py writes after locking
+            return True, rec["pid"] if rec else None
         fcntl.flock(fd, fcntl.LOCK_UN)
         return False, None
     finally:
@@ -90,7 +89,8 @@ def run_info(run_dir: Path, check: bool = False) -> RunInfo:
     latest_file = run_dir / checkpoint.LATEST
     latest = latest_file.read_text().strip() if latest_file.is_file() else None
     ckpts = [_checkpoint_info(p, losses, check) for _, _, p in checkpoint.list_checkpoints(run_dir)]
-    newest = next((c for c in ckpts if c.name == latest), None) or next(iter(ckpts), None)
+    usable = [c for c in ckpts if c.valid is not False]  # a damaged checkpoint is skipped, as resume skips it
+    newest = next((c for c in usable if c.name == latest), None) or next(iter(usable), None)
     end = _end_step(run_dir / newest.name) if newest else None
     step = max([s for s in (max(losses, default=None), newest.step if newest else None) if s is not None],
                default=None)
@@ -127,7 +127,7 @@ def _last(losses: dict[int, float]) -> float | None:
 
 def _checkpoint_info(path: Path, losses: dict[int, float], check: bool) -> CheckpointInfo:
     try:
-        state = checkpoint.validate(path) if check else json.loads((path / checkpoint.STATE).read_text())
+        state = checkpoint.validate(path) if check else checkpoint.read_state(path)
         problem, valid = "", True if check else None
     except (checkpoint.CheckpointError, OSError, ValueError) as e:
         state, problem, valid = {}, str(e), False
@@ -140,11 +140,11 @@ def _checkpoint_info(path: Path, losses: dict[int, float], check: bool) -> Check
 def _end_step(ckpt: Path) -> int | None:
     """Where the run that wrote `ckpt` ends: its epochs, or training.max_steps when that comes first."""
     try:
-        state = json.loads((ckpt / checkpoint.STATE).read_text())
-        t = yaml.safe_load((ckpt / "config.yaml").read_text())["training"]
+        state = checkpoint.read_state(ckpt)
+        t = safe_yaml.safe_load((ckpt / "config.yaml").read_text())["training"]
         end = int(state["steps_per_epoch"]) * int(t["num_epochs"])
         return min(end, int(t["max_steps"])) if t.get("max_steps") else end
-    except (OSError, ValueError, KeyError, TypeError):
+    except (checkpoint.CheckpointError, OSError, ValueError, KeyError, TypeError, OverflowError):
         return None
 
 
@@ -188,6 +188,8 @@ def list_runs(output_dir: Path, console: Console, as_json: bool = False) -> list
                   f"{_num(r.step)}/{_num(r.end_step)}", _num(r.loss, ".4f"), str(len(r.checkpoints)),
                   r.latest or "–", _age(r.age_s))
     console.print(t)
+    for c in (c for r in runs for c in r.checkpoints if c.valid is False):
+        console.print(f"[yellow]warning:[/] skipping damaged checkpoint: {c.problem}", highlight=False, soft_wrap=True)
     console.print("details: ditpipe inspect RUN; continue a stopped run: ditpipe resume RUN", highlight=False,
                   soft_wrap=True)
     return runs
@@ -215,14 +217,22 @@ def inspect_run(run_dir: Path, console: Console, as_json: bool = False) -> RunIn
     return info
 
 
+def _state_or_nothing(ckpt: Path) -> dict:
+    """What a checkpoint that failed validation still tells (its state, when only its files are wrong)."""
+    try:
+        return checkpoint.read_state(ckpt)
+    except checkpoint.CheckpointError:
+        return {}
+
+
 def inspect_checkpoint(ckpt: Path, console: Console, as_json: bool = False) -> dict:
     """`ditpipe inspect CHECKPOINT`: its training state, validated, and a summary of its config and manifest."""
     ckpt = Path(ckpt)
     try:
         state, problem = checkpoint.validate(ckpt), ""
     except checkpoint.CheckpointError as e:
-        state, problem = json.loads((ckpt / checkpoint.STATE).read_text()), str(e)
-    cfg = yaml.safe_load((ckpt / "config.yaml").read_text()) if (ckpt / "config.yaml").is_file() else {}
+        state, problem = _state_or_nothing(ckpt), str(e)
+    cfg = safe_yaml.safe_load((ckpt / "config.yaml").read_text()) if (ckpt / "config.yaml").is_file() else {}
     manifest = json.loads((ckpt / "manifest.json").read_text()) if (ckpt / "manifest.json").is_file() else {}
     if as_json:
         console.print_json(json.dumps({"state": state, "valid": not problem, "config": cfg, "manifest": manifest}))

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline import checkpoint, exported, npz
+from pipeline.atomic import atomic_path
 from pipeline.codec import default_device, load_codec, load_decoder
 from pipeline.diffusion import make_objective
 from pipeline.errors import DitpipeError
@@ -412,13 +413,23 @@ def _check_out(out: Path | None) -> None:
 
 
 def _save(image, out: Path) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    """A PIL image to `out` under a temporary name, then renamed: a failed write (a full disk) leaves an earlier file
+    there whole, and is one line naming `out`."""
+    from PIL import Image
+
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:  # the temporary's suffix is .tmp: the format comes from out's
+            image.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
+    except OSError as e:
+        full, what = checkpoint.write_trouble(out.parent, e)
+        raise DitpipeError(f"could not write '{out}': {what}; an earlier file there is as it was. "
+                           f"{'Free some space' if full else 'Fix the cause'} and run the command again") from None
 
 
 def _write_each(images: np.ndarray, out_dir: Path, names: list[str]) -> None:
     from PIL import Image
 
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
     for img, name in zip(images, names):
-        Image.fromarray(img).save(Path(out_dir) / name)
+        _save(Image.fromarray(img), Path(out_dir) / name)

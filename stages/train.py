@@ -333,6 +333,7 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
                     device: torch.device, cache: dict) -> Path:
     """A grid of `validation.num_samples` samples (EMA weights when kept), one class per column cycle, written to
     samples/step-NNNNNNN.png. The same seed every time, so grids compare across steps."""
+    from pipeline import atomic
     from pipeline.codec import load_decoder
     from pipeline.generate import decode, generate
     from pipeline.images import make_grid, to_uint8
@@ -360,8 +361,10 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
     images = to_uint8(decode(z, cache["codec"], LatentNorm.from_record(manifest["latent_norm"])))
     path = run_dir / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(exist_ok=True)
-    make_grid(images, ncols=len(names) if names else int(math.ceil(n ** 0.5)), column_labels=names,
-              min_cell=64).save(path)
+    grid = make_grid(images, ncols=len(names) if names else int(math.ceil(n ** 0.5)), column_labels=names, min_cell=64)
+    # A temporary name renamed over `path`: a link planted there is replaced, never written through ("x": O_EXCL).
+    with atomic.atomic_path(path) as tmp, open(tmp, "xb") as f:
+        grid.save(f, format="PNG")
     return path
 
 
@@ -840,7 +843,7 @@ def find_checkpoint(target: Path | None, output_dir: Path, warn) -> Path:
 def resume_config(ckpt: Path, new: Config | None = None, overrides: dict | None = None) -> Config:
     """The config to resume with: the run's saved one, with `overrides` (dotted) applied, or `new` as given.
     Keys outside RESUMABLE_CHANGES that differ from the saved config are refused, each named."""
-    import yaml
+    from pipeline import safe_yaml as yaml  # no aliases: the JSON round trip below would expand them
 
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
     if new is None:
