@@ -12,9 +12,19 @@ close-on-exec). flock rather than POSIX record locks (`lockf`), which forks do n
 dropped when the process closes *any* descriptor of the file (a `runs` probe, a hash of the folder) and never
 conflicts with another lock of the same process.
 
-Under torchrun / accelerate launch only global rank 0 (RANK) takes the lock; the others work under it. flock works
-across the machines of an NFSv4 mount (Linux emulates it with POSIX byte-range locks there); on file systems without
-any locking it locks nothing.
+Shards are read under a shared lock (`hold(..., shared=True)`, flock LOCK_SH): `train` and `resume` hold one on their
+local shard folders (a URL cannot be locked) for the whole run, so any number of runs read one folder while `encode`,
+which takes it exclusively, is refused (and a run is refused while encode writes), each naming the other. A reader
+writes its record only when the file names no live reader (the one it names is enough to say who holds it; no
+exclusive holder can exist while it holds a shared lock); it pads the record to a fixed length, so that two readers
+writing at once leave one whole record, never a mix. On release only the last reader removes the file: it leaves
+when it cannot convert its lock to an exclusive one (others read); a reader that finds the file exclusively locked by
+a reader about to remove it tries again.
+
+Under torchrun / accelerate launch only global rank 0 (RANK) takes an exclusive lock, the others working under it
+(every rank takes a shared one). flock works across the machines of an NFSv4 mount (Linux emulates it with POSIX
+byte-range locks there); on file systems without any locking it locks nothing. A shard folder this user cannot write
+in (read-only shards) is read unlocked; the loader's checks against the manifest still refuse a changed shard.
 
 Never through a link, never someone else's file: `.lock` is opened with O_NOFOLLOW, must be a regular file with one
 link, and is written only when we created it or it holds a ditpipe lock record (or nothing: a ditpipe killed between
@@ -74,8 +84,14 @@ def takes_lock() -> bool:
 
 
 @contextlib.contextmanager
-def hold(folder: Path, verb: str):
-    """Hold `folder`'s lock (creating the folder when needed) for the body; raise LockHeld when it is taken."""
+def hold(folder: Path, verb: str, shared: bool = False):
+    """Hold `folder`'s lock (creating the folder when needed) for the body; raise LockHeld when it is taken.
+    `shared`: a reader's lock, taken with other readers' (every rank takes one); an absent folder (its reader will
+    say so) or one this user cannot create the lock file in (read-only shards) is read unlocked."""
+    if shared:
+        with _hold_shared(Path(folder), verb):
+            yield
+        return
     if not takes_lock():
         yield
         return
@@ -91,9 +107,10 @@ def hold(folder: Path, verb: str):
         _release(fd, folder / NAME, folder if created else None)
 
 
-def holding(where: Callable[..., tuple[Path | None, str]]):
-    """Decorate a stage's entry point so that it runs under `hold(*where(**its arguments))`: `where` takes the
-    entry point's arguments by name and returns (folder, verb); folder None (a URL, say) locks nothing."""
+def holding(where: Callable[..., tuple], shared: bool = False):
+    """Decorate a stage's entry point so that it runs under `hold(*where(**its arguments), shared=shared)`: `where`
+    takes the entry point's arguments by name and returns (folder, verb); folder None (a URL, say) locks nothing, a
+    list of folders locks each."""
 
     def wrap(fn):
         signature = inspect.signature(fn)
@@ -103,7 +120,10 @@ def holding(where: Callable[..., tuple[Path | None, str]]):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             folder, verb = where(**bound.arguments)
-            with hold(folder, verb) if folder is not None else contextlib.nullcontext():
+            with contextlib.ExitStack() as stack:
+                for f in folder if isinstance(folder, (list, tuple)) else [folder]:
+                    if f is not None:
+                        stack.enter_context(hold(f, verb, shared))
                 return fn(*args, **kwargs)
 
         return locked
@@ -122,14 +142,19 @@ def record(fd: int) -> dict | None:
     return None
 
 
-def _acquire(path: Path, verb: str) -> int:
+def _acquire(path: Path, verb: str, shared: bool = False) -> int:
     for _ in range(100):  # each retry means a holder removed the file between our open and our lock
-        fd, created = _open(path)
+        fd, created = _open(path, shared)
         if fd is None:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
+            rec = record(fd)
+            if not _names(path, fd) or (shared and rec is not None and rec.get("shared")):
+                os.close(fd)  # removed meanwhile, or the last reader is removing it (it holds it exclusively)
+                time.sleep(0.01)
+                continue
             holder = _holder(fd)
             os.close(fd)
             raise LockHeld(f"'{path.parent}' is in use by {holder}; wait for it to finish (or stop it), or choose "
@@ -140,15 +165,67 @@ def _acquire(path: Path, verb: str) -> int:
         if not created:
             _refuse_foreign(path, fd)
         rec = {"pid": os.getpid(), "verb": verb, "host": socket.gethostname(), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(rec) + "\n").encode(), 0)
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(rec) + "\n").encode(), 0)
+        elif not _live_reader(record(fd)):  # one whole record whoever writes last: fixed length, never truncated
+            with contextlib.suppress(OSError):  # a reader's read-only descriptor (`_open`) writes none
+                os.pwrite(fd, (json.dumps({**rec, "shared": True}).ljust(_SHARED_BYTES - 1) + "\n").encode(), 0)
         _HELD.add(fd)
         return fd
     raise LockHeld(f"could not lock '{path}': it keeps being replaced")
 
 
-def _open(path: Path) -> tuple[int | None, bool]:
-    """(descriptor, created) of the lock file, never through a link; (None, False) when the caller must retry."""
+_SHARED_BYTES = 1024  # a reader's padded record: longer than any record (a host name is at most 255 bytes)
+
+
+def _live_reader(rec: dict | None) -> bool:
+    """Whether a record names a reader that may still hold the lock (any on another host: its pid says nothing)."""
+    if rec is None or not rec.get("shared"):
+        return False  # no record, or an exclusive holder's: it has died, since we hold a shared lock
+    if rec.get("host") != socket.gethostname():
+        return True
+    if not 0 < rec["pid"] < 1 << 22:  # Linux's pid_max at most
+        return False
+    try:
+        os.kill(rec["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def _hold_shared(folder: Path, verb: str):
+    if not folder.is_dir():
+        yield  # nothing to read here: the reader says so in its own words
+        return
+    # a shard folder this user cannot write (read-only shards): its encode (another user's, or none) cannot be
+    # kept out from here; the loader's checks against the manifest still refuse a shard that changed
+    fd = None if not os.access(folder, os.W_OK) and not (folder / NAME).exists() else _acquire(
+        folder / NAME, verb, shared=True)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            _release_shared(fd, folder / NAME)
+
+
+def _release_shared(fd: int, path: Path) -> None:
+    """Leave a shared lock; the last reader out (the one that can lock exclusively) removes the file, as `_release`."""
+    _HELD.discard(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # other readers hold it: leave them the file
+        os.close(fd)
+        return
+    _release(fd, path, None)
+
+
+def _open(path: Path, shared: bool = False) -> tuple[int | None, bool]:
+    """(descriptor, created) of the lock file, never through a link; (None, False) when the caller must retry. A
+    reader that may not write the file (another user's reader made it) locks it through a read-only descriptor."""
     flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         return _regular(path, os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)), True  # EXCL: never a link's
@@ -158,7 +235,12 @@ def _open(path: Path) -> tuple[int | None, bool]:
     except FileExistsError:
         pass
     try:
-        return _regular(path, os.open(path, flags)), False
+        try:
+            return _regular(path, os.open(path, flags)), False
+        except PermissionError:
+            if not shared:
+                raise
+            return _regular(path, os.open(path, flags & ~os.O_RDWR | os.O_RDONLY)), False
     except FileNotFoundError:  # removed by its holder since: create it again
         return None, False
     except OSError as e:

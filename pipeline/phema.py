@@ -217,12 +217,15 @@ def list_snapshots(folder: Path) -> list[Snapshot]:
     return sorted(found, key=lambda s: (s.step, s.sigma_rel))
 
 
-def reconstruct(snapshots: list[Snapshot], step: int, sigma_rel: float) -> tuple[dict[str, torch.Tensor], Fit]:
+def reconstruct(snapshots: list[Snapshot], step: int, sigma_rel: float,
+                shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[dict[str, torch.Tensor], Fit]:
     """The EMA of `sigma_rel` at `step` from every snapshot at or before `step` (fp32, summed in fp64: the
-    coefficients can be large and cancel), and its fit."""
+    coefficients can be large and cancel), and its fit. Every snapshot used is first checked against `shapes` (the
+    run's model state dict's keys and shapes; without them, against the first snapshot), so nothing is broadcast."""
     from safetensors.torch import load_file
 
     used = [s for s in snapshots if s.step <= step]
+    check_snapshots(used, shapes)
     f = fit([s.step for s in used], [s.sigma_rel for s in used], step, sigma_rel)
     total: dict[str, torch.Tensor] = {}
     for snap, c in zip(used, f.coefficients):
@@ -230,6 +233,44 @@ def reconstruct(snapshots: list[Snapshot], step: int, sigma_rel: float) -> tuple
             part = v.double() * float(c)
             total[k] = total[k] + part if k in total else part
     return {k: v.float() for k, v in total.items()}, f
+
+
+def snapshot_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """A snapshot's keys and shapes, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_snapshots(snapshots: list[Snapshot], shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Every snapshot holds exactly the keys of `shapes` with those shapes (the run's model state dict; without it,
+    the first snapshot's): summing a (1,) tensor into a (96,) one would broadcast, and a missing or foreign key would
+    end in load_state_dict's traceback or, worse, weights averaged over only some snapshots. One line otherwise,
+    naming the file and the first differing key."""
+    against = "the run's model"
+    for snap in snapshots:
+        try:
+            have = snapshot_shapes(snap.path)
+        except Exception as e:  # noqa: BLE001 (a damaged or foreign file: name it)
+            raise DitpipeError(f"cannot read post-hoc EMA snapshot '{snap.path}' ({type(e).__name__}: {e}); move it "
+                               f"out of '{snap.path.parent}' and run again") from None
+        if shapes is None:
+            shapes, against = have, f"'{snap.path.name}'"
+        elif problem := _first_difference(have, shapes, against):
+            raise DitpipeError(f"post-hoc EMA snapshot '{snap.path}' does not match {against}: {problem}; it is not "
+                               f"this run's (move it out of '{snap.path.parent}' and run again)")
+
+
+def _first_difference(have: dict, want: dict, against: str) -> str | None:
+    for key in sorted(set(have) | set(want)):
+        if key not in want:
+            return f"it holds '{key}' {have[key]}, which {against} has not"
+        if key not in have:
+            return f"it lacks '{key}' {want[key]}, which {against} has"
+        if have[key] != want[key]:
+            return f"'{key}' is {have[key]} in it, {want[key]} in {against}"
+    return None
 
 
 def pick_step(snapshots: list[Snapshot], step: int | None, folder: Path) -> int:

@@ -2,11 +2,15 @@
 
 Every sidecar records, for each input of its range, `[file, sha256 of its bytes, pixel count]` (`sources`) and a digest
 of the source-derived sample metadata (`listing_sha256`: keys, files, labels, captions). Beside it, `<shard>.stat.json`
-caches each file's size and mtime from when it was hashed (only a cache: never part of the manifest's checksums).
+caches each file's size, mtime, ctime, inode and device from when it was hashed, as git's index does (only a
+cache: never part of the manifest's checksums; `sources.stat_key`).
 
 A rerun of `ditpipe encode`:
-  1. stats every input and hashes only the files whose size or mtime moved since they were hashed, or whose mtime was
-     then too recent to trust (mtime ticks are coarse: the "racy" window git knows too);
+  1. stats every input and hashes only the files whose size, mtime, ctime, inode or device moved since they were
+     hashed, or whose mtime was then too recent to trust (mtime ticks are coarse: the "racy" window git knows
+     too). A file rewritten to its old size with its mtime put back (`cp -p`, an archive, a fixed-size
+     format) still moved its ctime, which only root can set; an entry of an older cache, without ctime, inode and
+     device, matches nothing (hashed once again, never trusted);
   2. looks each input's (file, sha256) up among the complete shards of the folder and of `.reuse/`;
   3. keeps a shard whose inputs, outcomes and metadata are all unchanged, and rewrites any other from the latents it
      can reuse, from whichever shard holds them (an added image shifts every later one by a slot), plus the inputs
@@ -86,7 +90,7 @@ class Entry:
     record: list | None  # [file, sha256, pixels] as the sidecar records it; None until an encode says
     held: Held | None = None
     reason: str | None = None
-    stat: tuple[int, int, int] | None = None  # (size, mtime_ns, checked_ns) for the stat cache
+    stat: tuple[int, ...] | None = None  # sources.stat_key: (size, mtime_ns, checked_ns, ctime_ns, ino, dev)
 
 
 @dataclass
@@ -184,12 +188,17 @@ class Pool:
                                                                       h.donor.position or 0, h.donor.sidecar_sha))
         return next((h for h in copies if h.donor.valid()), None)
 
-    def cached_sha(self, file: str, size: int, mtime_ns: int) -> str | None:
-        shas = {e[2] for e in self.stats.get(file, ()) if e[0] == size and e[1] == mtime_ns and e[1] + RACY_NS < e[3]}
+    def cached_sha(self, file: str, stat: tuple) -> str | None:
+        """The cached sha256 of `file` when an entry has its size, mtime, ctime, inode and device (`stat`, a
+        `sources.stat_key`), and was hashed past the racy window of its mtime (as git: a file changed again since
+        moved its ctime too, unless within the same tick of the kernel's clock, a few ms)."""
+        key = _stat_key(stat)
+        shas = {e[2] for e in self.stats.get(file, ()) if key is not None and _cache_key(e) == key
+                and e[1] + RACY_NS < e[3]}
         return shas.pop() if len(shas) == 1 else None
 
     def fingerprints(self, source: Source, indices: list[int], threads: int) -> dict[int, tuple]:
-        """index → (stat, sha256) for inputs with a file: the sha from the stat cache where size and mtime match,
+        """index → (stat, sha256) for inputs with a file: the sha from the stat cache where the stat key matches,
         hashed where they moved (only for files some donor holds: a new file is hashed when it is encoded)."""
         out, todo = {}, []
         for g in indices:
@@ -197,7 +206,7 @@ class Pool:
             if stat is None:
                 continue
             file = source.items[g].file
-            sha = self.cached_sha(file, stat[0], stat[1])
+            sha = self.cached_sha(file, stat)
             out[g] = (stat, sha)
             if sha is None and (file, None) in self.held and stat[0] <= source.max_file_bytes:
                 todo.append(g)
@@ -264,9 +273,23 @@ def _unchanged(here: Donor, plan: ShardPlan) -> bool:
 
 
 def stat_cache(entries: list[Entry]) -> dict[str, list]:
-    """The stat-cache file of a shard: {file: [size, mtime_ns, sha256, checked_ns]} of its hashed inputs."""
-    return {e.record[0]: [*e.stat[:2], e.record[1], e.stat[2]] for e in entries
-            if e.stat is not None and e.record is not None and e.record[1] is not None}
+    """The stat-cache file of a shard: {file: [size, mtime_ns, sha256, checked_ns, ctime_ns, ino, dev]} of its
+    hashed inputs."""
+    return {e.record[0]: [*e.stat[:2], e.record[1], *e.stat[2:6]] for e in entries
+            if e.stat is not None and len(e.stat) == 6 and e.record is not None and e.record[1] is not None}
+
+
+def _stat_key(stat: tuple) -> tuple | None:
+    """(size, mtime_ns, ctime_ns, ino, dev) of a `sources.stat_key`."""
+    return (stat[0], stat[1], *stat[3:6]) if len(stat) == 6 else None
+
+
+def _cache_key(entry) -> tuple | None:
+    """(size, mtime_ns, ctime_ns, ino, dev) of a stat-cache entry; None for an entry of an older cache (size and
+    mtime only) or a damaged one: it matches nothing, so its file is hashed again."""
+    if not (isinstance(entry, list) and len(entry) == 7 and all(type(v) is int for v in entry[:2] + entry[3:])):
+        return None
+    return (entry[0], entry[1], *entry[4:7])
 
 
 def write_stat_cache(out: Path, name: str, entries: list[Entry]) -> None:
@@ -279,10 +302,12 @@ def write_stat_cache(out: Path, name: str, entries: list[Entry]) -> None:
 
 
 def stat_cache_stale(out: Path, plan: ShardPlan) -> bool:
-    """The shard's stat cache records other sizes, mtimes or hashes than its files have now (a touched file)."""
-    want = {f: v[:3] for f, v in stat_cache(plan.entries).items()}
+    """The shard's stat cache records other stat keys or hashes than its files have now (a touched file), or is
+    of an older format (without ctime, inode and device)."""
+    want = {f: v[:3] + v[4:] for f, v in stat_cache(plan.entries).items()}
     try:
-        return {f: v[:3] for f, v in json.loads((out / shards.stat_name(plan.name)).read_text()).items()} != want
+        return {f: v[:3] + v[4:] for f, v in json.loads((out / shards.stat_name(plan.name)).read_text()).items()
+                } != want
     except (OSError, ValueError, TypeError, AttributeError):
         return bool(want)
 

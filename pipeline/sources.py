@@ -73,10 +73,19 @@ class InputItem:
     size: tuple[int, int] | None = None  # (w, h) of its aspect-ratio bucket; None: the square image_size crop
 
 
+
+def stat_key(st: os.stat_result) -> tuple[int, ...]:
+    """What the encode's stat cache (pipeline/reuse.py) keys a file by, as git keys its index: (size, mtime_ns,
+    when it was taken (ns), ctime_ns, inode, device). ctime too, which no tool can set back (short of root or
+    changing the clock): a file rewritten to the same size with its mtime restored (`cp -p`, an archive, a fixed-size
+    format) still moved its ctime, and a file replaced by another one (a rename) has another inode."""
+    return st.st_size, st.st_mtime_ns, time.time_ns(), st.st_ctime_ns, st.st_ino, st.st_dev
+
+
 @dataclass
 class Loaded:
     """One decoded, preprocessed input: RGB uint8 (h, w, 3) of its size, the source bytes' sha256, notes; for
-    files also the header's pixel count and `stat`: (size, mtime_ns, when it was taken, ns) just before the read."""
+    files also the header's pixel count and `stat`: its `stat_key`, taken just before the read."""
 
     pixels: np.ndarray | None
     sha256: str
@@ -125,8 +134,8 @@ class Source:
             start = stop
         return out or [(0, 0, 0)]
 
-    def stat(self, index: int) -> tuple[int, int, int] | None:
-        """(size, mtime_ns, now_ns) of input `index`'s file; None for generated or unreadable inputs."""
+    def stat(self, index: int) -> tuple[int, ...] | None:
+        """`stat_key` of input `index`'s file; None for generated or unreadable inputs."""
         item = self.items[index]
         if item.file is None:
             return None
@@ -134,7 +143,7 @@ class Source:
             st = os.stat(self.root / item.file)
         except OSError:
             return None
-        return st.st_size, st.st_mtime_ns, time.time_ns()
+        return stat_key(st)
 
     def file_sha256(self, index: int) -> str | None:
         """sha256 of input `index`'s bytes (what `load` records), or None when it cannot be read."""
@@ -221,7 +230,7 @@ def load_image(path: Path, size: int | tuple[int, int], max_pixels: int = DataCo
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            nbytes, stat = st.st_size, (st.st_size, st.st_mtime_ns, time.time_ns())
+            nbytes, stat = st.st_size, stat_key(st)
             if nbytes <= max_file_bytes:
                 data = f.read(nbytes + 1)  # read(n) allocates n bytes up front: the file's size, not the cap
                 if len(data) > nbytes:  # it grew meanwhile: the rest, still capped
@@ -519,13 +528,18 @@ def _coco(data: DataConfig, download_progress=None) -> Source:
             f"({data.split}2017/*.jpg and annotations/captions_{data.split}2017.json), point --data-path at "
             f"your copy, or pass --download to fetch the official archives")
     captions: dict[str, list[str]] = {}
+    problems: dict[str, str] = {}  # image → why its captions are refused: the image is skipped with it
     if ann.is_file():
         try:
             doc = json.loads(ann.read_text(encoding="utf-8"))
             by_id = {im["id"]: _under(folder, im["file_name"], str(ann)) for im in doc["images"]}
             for a in doc.get("annotations", []):
                 if a.get("image_id") in by_id:
-                    captions.setdefault(by_id[a["image_id"]], []).append(str(a["caption"]).strip())
+                    # the metadata.jsonl rule: a string, a list of strings or null; never str() of anything else
+                    texts, problem = _caption_list(a["caption"], f"{ann.name}, annotation {a.get('id')}")
+                    captions.setdefault(by_id[a["image_id"]], []).extend(t.strip() for t in texts)
+                    if problem:
+                        problems.setdefault(by_id[a["image_id"]], problem)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"'{ann}' is not a COCO captions file ({e}); replace it or remove it") from None
         names = sorted(by_id.values())
@@ -535,8 +549,8 @@ def _coco(data: DataConfig, download_progress=None) -> Source:
         raise DataError(f"no images in '{folder}'")
     chosen = _subset(names, data.num_samples, data.seed)
     prefix = f"{data.split}2017/"
-    items = [InputItem(f"{i:08d}", prefix + name, None, tuple(captions.get(name, ())))
-             for i, name in enumerate(chosen)]
+    items = [InputItem(f"{i:08d}", prefix + name, None, () if name in problems else tuple(captions.get(name, ())),
+                       problems.get(name)) for i, name in enumerate(chosen)]
     params = _file_params(data, root, len(names)) | {"split": data.split, "captions_file": ann.is_file(),
                                                       "archives_sha256": recorded_archives(root, data.split)}
     return Source("coco", root, data.image_size, items, None, params)

@@ -121,6 +121,16 @@ def _encoder_name(spec: str) -> str:
     return spec if spec == "minilm" or spec in ALIASES or not Path(spec).exists() else str(Path(spec).resolve())
 
 
+def shard_folders(cfg: Config) -> list[Path]:
+    """The local shard folders a run reads (its shards, the held-out ones), which it holds a shared lock on
+    (pipeline/lock.py) from start to end, so that `encode` cannot rewrite them under it. A URL cannot be locked."""
+    folders = [] if cfg.data.source == "images" or is_url(cfg.shards.path or "") else [cfg.shards_path]
+    held_out = cfg.validation.shards
+    if held_out and not is_url(str(held_out)) and Path(held_out).resolve() not in [f.resolve() for f in folders]:
+        folders.append(Path(held_out))
+    return folders
+
+
 def open_data(cfg: Config, device: torch.device):
     """(manifest, shard folder, store, (source, codec) or None): shards for a normal run; for the online-VAE baseline
     (`data.source: images`) the source and the codec, on the run's `device` (the Accelerator's), with the manifest

@@ -170,7 +170,8 @@ def resume(
     output_dir: Path = typer.Option(Path("./outputs"), help="Where to look for runs when no target is given."),
     restretch_schedule: bool = typer.Option(False, "--restretch-schedule", help=RESTRETCH_HELP),
 ) -> None:
-    """Continue a run exactly where its newest valid checkpoint left it.
+    """Continue a run exactly where its newest valid checkpoint left it (a run whose start failed before its first
+    checkpoint starts again from its config.yaml).
 
     Example: ditpipe resume outputs/train_config --training.num_epochs 80 --restretch-schedule
     """
@@ -180,10 +181,45 @@ def resume(
     args = list(ctx.args)
     if target is not None and str(target).startswith("--"):  # `resume --training.num_epochs 80`: no target given
         args, target = [str(target), *args], None
+    if target is not None and _never_checkpointed(target):
+        if restretch_schedule:
+            raise DitpipeError(f"'{target}' has no checkpoint, so it starts again, and a new run's schedule already "
+                               "spans its num_epochs: drop --restretch-schedule")
+        stage.train(_fresh_start_config(target, parse_overrides(args)), console=err)
+        return
     ckpt = stage.find_checkpoint(target, output_dir, _warn)
     err.print(f"resuming from {ckpt}", highlight=False, soft_wrap=True)
     stage.train(stage.resume_config(ckpt, overrides=parse_overrides(args)), resume=ckpt, console=err,
                 restretch_schedule=restretch_schedule)
+
+
+def _never_checkpointed(run: Path) -> bool:
+    """A run folder whose start failed before its first checkpoint: its config.yaml and no checkpoint at all (a
+    damaged checkpoint is not this: resume falls back past it, or names it)."""
+    from pipeline import checkpoint
+
+    return (run.is_dir() and (run / "config.yaml").is_file() and not (run / checkpoint.STATE).exists()
+            and not (run / checkpoint.LATEST).exists() and not checkpoint.list_checkpoints(run))
+
+
+def _fresh_start_config(run: Path, overrides: dict):
+    """The run's saved config.yaml with `overrides` applied (anything may change: no weights were saved), as a new
+    run in the same folder; train replaces that failed start's files, or refuses a folder with files of the user's."""
+    from pipeline import safe_yaml
+    from pipeline.config import validate_tree
+    from pipeline.errors import ConfigError
+    from pipeline.loader import unconfirmed_remote
+
+    saved = safe_yaml.safe_load((run / "config.yaml").read_text())
+    if not isinstance(saved, dict):
+        raise DitpipeError(f"'{run / 'config.yaml'}' is not a ditpipe config; start the run with `ditpipe train`")
+    if remote := unconfirmed_remote(saved, overrides):
+        raise ConfigError(remote, header=f"cannot start '{run}' again from a remote location its config names")
+    merged = json.loads(json.dumps(saved))
+    for key, value in {**overrides, "logging.output_dir": str(run.parent), "logging.run_name": run.name}.items():
+        section, _, name = key.partition(".")
+        merged.setdefault(section, {})[name] = value
+    return validate_tree(merged)  # train says that it starts the run again, or why it cannot
 
 
 def _interval(text: str | None) -> tuple[float, float] | None:

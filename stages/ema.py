@@ -42,10 +42,12 @@ def ema(run: Path, *, sigma_rel: float | None = None, sweep: str | None = None, 
     ckpt, saved = checkpoint.find_resumable(run, lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
     cfg = validate_tree(safe_yaml.safe_load((ckpt / "config.yaml").read_text()))  # only resumable keys ever differ
     manifest = json.loads((ckpt / "manifest.json").read_text())
+    shapes = _model_shapes(cfg, manifest)
+    phema.check_snapshots([s for s in snapshots if s.step <= at], shapes)  # before the scorer loads any data
     scorer = _Scorer(cfg, manifest, num, console) if held_out else None
     rows = []
     for sigma in sigmas:
-        state, fit = phema.reconstruct(snapshots, at, sigma)
+        state, fit = phema.reconstruct(snapshots, at, sigma, shapes)
         console.print(f"σ_rel {sigma:g} at step {at:,}: {fit.summary()}", highlight=False, soft_wrap=True)
         if fit.profile_error > POOR_FIT:
             console.print(f"[yellow]warning:[/] σ_rel {sigma:g} is poorly represented by the snapshots (profile fit "
@@ -91,6 +93,15 @@ def _run_folder(path: Path) -> Path:
     if not path.is_dir():
         raise DitpipeError(f"'{path}' is not a run folder; pass one such as outputs/RUN")
     return path.parent if (path / checkpoint.STATE).is_file() else path
+
+
+def _model_shapes(cfg, manifest: dict) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of the run's model state dict, built on the meta device (nothing is allocated)."""
+    from pipeline.training import build_model, num_classes_for
+
+    with torch.device("meta"):
+        model = build_model(cfg, manifest, num_classes_for(cfg, manifest))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _checkpoint_at(run: Path, step: int) -> Path | None:

@@ -489,8 +489,8 @@ def _summary(console: Console, manifest: dict, out: Path, seconds: float, counts
     console.print(f"this run: {encoded:,} inputs decoded, {reused:,} latents reused, {hashed:,} files hashed, "
                   f"{rewritten:,} shards written", soft_wrap=True)
     if rewritten == 0 and not encoded:
-        console.print(f"up to date: {manifest['num_inputs']:,} inputs unchanged (size and mtime, or sha256 where "
-                      "they moved); nothing decoded", soft_wrap=True)
+        console.print(f"up to date: {manifest['num_inputs']:,} inputs unchanged (size, mtime, ctime, inode and "
+                      "device, or sha256 where they moved); nothing decoded", soft_wrap=True)
     elif manifest.get("update") and rewritten:
         u = manifest["update"]
         console.print(f"updated: {u['changed']:,} changed, {u['added']:,} added, {u['removed']:,} removed; "

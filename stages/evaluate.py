@@ -109,7 +109,8 @@ def evaluate(checkpoint_path: Path, reference=None, *, num: int | None = None, c
     if not spread.main:
         spread.barrier()
         return None
-    scores = eval_metrics.score(pool, spatial, ref, head=head, with_kid=kid, device=spread.device)
+    scores = eval_metrics.score(pool, spatial, ref, head=head, with_kid=kid, device=spread.device,
+                                adm=protocol == "dit")  # the evaluator's IS splits and fp16 distances, said in the JSON
     notes = scores.pop("notes")
     result = {**scores, "num_generated": int(len(pool)), "num_reference": ref.n, "checkpoint": s.description,
               "reference": str(reference), "reference_statistics": "stored" if ref.stored else "computed",

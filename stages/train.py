@@ -13,7 +13,9 @@ import json
 import math
 import os
 import random
+import re
 import shlex
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from pipeline import __version__, checkpoint, lock, shards
+from pipeline import __version__, atomic, checkpoint, lock, shards
 from pipeline.config import RESUMABLE_CHANGES, Config, resumable_keys, validate_tree
 from pipeline.device import describe, make_accelerator, peak_tflops
 from pipeline.diffusion import make_objective
@@ -42,7 +44,7 @@ from pipeline.recovery import RecoveryState, SpikeWatch, injected
 from pipeline.schedule import lr_at, restretched_length, schedule_warnings
 from pipeline.step import FLOPS_CONVENTION, PHEMA_FILE, Micro, Step, build_step, load_state
 from pipeline.training import (batch_condition, build_model, conditioning_for, grid_shape, make_plan,
-                               num_classes_for, open_data, training_batches)
+                               num_classes_for, open_data, shard_folders, training_batches)
 from pipeline.training_fid import TrainingFID
 from pipeline.validation import HeldOut, eval_model, held_out_losses, open_held_out
 from pipeline.workers import capped_workers
@@ -82,6 +84,7 @@ def _run_dir(cfg: Config, config_name: str | None, resume: Path | None) -> Path:
 
 @lock.holding(lambda cfg, config_name, resume, **_: (_run_dir(cfg, config_name, resume),
                                                       "resume" if resume else "train"))
+@lock.holding(lambda cfg, resume, **_: (shard_folders(cfg), "resume" if resume else "train"), shared=True)
 def train(cfg: Config, config_name: str | None = None, resume: Path | None = None,
           console: Console | None = None, restretch_schedule: bool = False) -> Path:
     """Train (or resume, from the checkpoint folder `resume`) and return the run folder. `restretch_schedule` (on
@@ -148,7 +151,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
         _refuse_existing_run_dir(run_dir)  # on every rank, before rank 0 makes it: all ranks exit with the message
         acc.wait_for_everyone()
         if acc.is_main_process:
-            _new_run_dir(run_dir, cfg)
+            _new_run_dir(run_dir, cfg, console)
     step_fn = build_step(acc, model, objective, plan, latent_shape, norm=norm, posterior=_posterior(manifest),
                          training=t, rank=rank, drop_prob=cfg.model.class_dropout_prob,
                          conditional=conditioning != "none", compile=cfg.model.compile,
@@ -572,16 +575,76 @@ def _validated(group: checkpoint.Group, ckpt: Path) -> dict:
     return group.on_rank0(lambda: checkpoint.validate(ckpt), checkpoint.CheckpointError)
 
 
-def _refuse_existing_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and any(not lock.is_lock(p) for p in run_dir.iterdir()):
-        raise DitpipeError(f"run folder '{run_dir}' already exists. Continue it with `ditpipe resume {run_dir}`, or "
-                           "start a new run with --logging.run_name NAME")
+# What a start that failed before its first checkpoint leaves, every file ditpipe's own by its exact name (and the
+# hidden temporaries a kill leaves of them): the next start of the run replaces them. Anything else is kept.
+def _or_its_temporary(name: str) -> re.Pattern:
+    """`name`, or the hidden temporary pipeline.atomic writes it through (`.<name>.<pid>.tmp`), left by a kill."""
+    return re.compile(rf"(?:{name})|\.(?:{name})\.\d+\.tmp")
 
 
-def _new_run_dir(run_dir: Path, cfg: Config) -> None:
-    _refuse_existing_run_dir(run_dir)
+_FAILED_START_FILES = _or_its_temporary(r"config\.yaml|metrics\.jsonl")
+_FAILED_START_DIRS = {  # sub-folder: its files
+    "samples": _or_its_temporary(r"step-\d{7}\.png"),
+    "tensorboard": re.compile(r"events\.out\.tfevents\.[^/]+"),
+    SNAPSHOT_DIR: _or_its_temporary(r"step-\d{7}-sigma-[\d.e+-]+\.safetensors"),
+}
+_FIRST_SAVE_TMP = re.compile(r"\.checkpoint-(epoch-)?\d+\.tmp")  # the first checkpoint, half written when killed
+
+
+def _failed_start_files(run_dir: Path) -> tuple[list[Path], Path | None]:
+    """(the files of an earlier start that failed before its first checkpoint, the first entry that is not one).
+    Ours are regular files (or our temporary folders), never links: a link planted there is someone else's."""
+    ours: list[Path] = []
+    for p in sorted(run_dir.iterdir()):
+        if lock.is_lock(p):
+            continue
+        if p.is_symlink():
+            return ours, p
+        if (_FAILED_START_FILES.fullmatch(p.name) and p.is_file()) or \
+                (_FIRST_SAVE_TMP.fullmatch(p.name) and p.is_dir()):
+            ours.append(p)
+            continue
+        pattern = _FAILED_START_DIRS.get(p.name)
+        if pattern is None or not p.is_dir():
+            return ours, p
+        for q in sorted(p.iterdir()):
+            if q.is_symlink() or not q.is_file() or not pattern.fullmatch(q.name):
+                return ours, q
+            ours.append(q)
+    return ours, None
+
+
+def _refuse_existing_run_dir(run_dir: Path) -> list[Path]:
+    """The files of an earlier start of this run that failed before its first checkpoint, which this start replaces
+    (none for a new folder). A folder with a checkpoint is resumed, not restarted; one holding anything ditpipe did
+    not write is refused, naming it (nothing of the user's is ever deleted)."""
+    if not run_dir.exists():
+        return []
+    if checkpoint.list_checkpoints(run_dir) or (run_dir / checkpoint.LATEST).exists():
+        raise DitpipeError(f"run folder '{run_dir}' already exists and holds checkpoints. Continue it with "
+                           f"`ditpipe resume {run_dir}`, or start a new run with --logging.run_name NAME")
+    ours, other = _failed_start_files(run_dir)
+    if other is not None:
+        raise DitpipeError(f"run folder '{run_dir}' already exists and holds '{other}', which ditpipe did not write "
+                           "there; move it out and run the same command again, or start a new run with "
+                           "--logging.run_name NAME")
+    return ours
+
+
+def _new_run_dir(run_dir: Path, cfg: Config, console: Console) -> None:
+    """Make the run folder, or start it again where an earlier start failed before its first checkpoint: that
+    start's files (and only they) are replaced, so its metrics, grids and snapshots never mix with this one's."""
+    if ours := _refuse_existing_run_dir(run_dir):  # again on rank 0, under the run's lock: nothing changed since
+        console.print(f"[yellow]note:[/] '{run_dir}' has no checkpoint (an earlier start failed before its first "
+                      f"one): starting it again, replacing that start's {len(ours)} file(s) (config.yaml, metrics, "
+                      "grids, post-hoc EMA snapshots)", highlight=False, soft_wrap=True)
+        for p in ours:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for sub in _FAILED_START_DIRS:
+            with contextlib.suppress(OSError):  # only an emptied folder goes
+                (run_dir / sub).rmdir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    atomic.write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())  # a temporary renamed: no link followed
 
 
 # ---------------------------------------------------------------------------------------------------- debugging
