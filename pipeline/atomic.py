@@ -21,9 +21,11 @@ def fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: Path):
-    """Yields a temporary path beside `path`; on success it is fsynced and renamed over `path`."""
+    """Yields a temporary path beside `path`, an empty regular file made here; on success it is fsynced and renamed
+    over `path`. Made with O_EXCL | O_NOFOLLOW: a file or link planted at the temporary name (a predictable one) is
+    never written through, and on failure only the file made here is removed, never one someone else put there."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    tmp, made = _fresh_temporary(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -31,8 +33,27 @@ def atomic_path(path: Path):
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            if (os.lstat(tmp).st_dev, os.lstat(tmp).st_ino) == made:
+                tmp.unlink()
+
+
+def _fresh_temporary(path: Path) -> tuple[Path, tuple[int, int]]:
+    """`.NAME.PID.tmp` beside `path` (or `.NAME.PID-K.tmp` where that name is taken), created empty, and its
+    (device, inode)."""
+    for k in range(100):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}{f'-{k}' if k else ''}{TMP_SUFFIX}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return tmp, (st.st_dev, st.st_ino)
+    raise FileExistsError(f"no free temporary name beside '{path}' (100 taken): remove the '.{path.name}.*.tmp' "
+                          "files there")
 
 
 def write_bytes(path: Path, data: bytes) -> None:

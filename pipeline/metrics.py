@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pipeline.atomic import write_bytes
@@ -14,11 +15,11 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
-        path = Path(run_dir) / "metrics.jsonl"
+        path = self.path = Path(run_dir) / "metrics.jsonl"
         if enabled and resume_step is not None and path.is_file():
             kept = [line for line in path.read_text().splitlines() if _step(line) <= resume_step]
             write_bytes(path, "".join(line + "\n" for line in kept).encode())
-        self.file = open(path, "a", buffering=1) if enabled else None
+        self.file = _append(path) if enabled else None
         self.tb = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
@@ -41,11 +42,11 @@ class MetricsLog:
         """Drop what was logged after `step` (training.recover went back there), as a resume does."""
         if not self.enabled:
             return
-        path = Path(self.file.name)
+        path = self.path
         self.file.close()
         kept = [line for line in path.read_text().splitlines() if _step(line) <= step]
         write_bytes(path, "".join(line + "\n" for line in kept).encode())
-        self.file = open(path, "a", buffering=1)
+        self.file = _append(path)
         if self.tb is not None:  # TensorBoard keeps the abandoned points; a new writer purges them from `step` on
             logdir = self.tb.get_logdir()
             self.tb.close()
@@ -94,3 +95,15 @@ def plot_loss(run_dir: Path, path: Path, title: str = "training loss") -> Path:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def _append(path: Path):
+    """metrics.jsonl opened to append, never through a link planted at its name (O_NOFOLLOW: refused, naming it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        from pipeline.errors import DitpipeError
+
+        raise DitpipeError(f"cannot append to '{path}' ({e.strerror}): it must be a regular file of this run, not "
+                           "a link; move it out and run the command again") from None
+    return os.fdopen(fd, "a", buffering=1)

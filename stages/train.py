@@ -365,8 +365,8 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
     path = run_dir / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(exist_ok=True)
     grid = make_grid(images, ncols=len(names) if names else int(math.ceil(n ** 0.5)), column_labels=names, min_cell=64)
-    # A temporary name renamed over `path`: a link planted there is replaced, never written through ("x": O_EXCL).
-    with atomic.atomic_path(path) as tmp, open(tmp, "xb") as f:
+    # A temporary name renamed over `path`: a link planted there is replaced, never written through.
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
         grid.save(f, format="PNG")
     return path
 
