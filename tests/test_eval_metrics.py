@@ -230,5 +230,5 @@ def test_pickled_or_malformed_npz_is_refused(tmp_path, case):
     with pytest.raises(DataError, match=r"ref\.npz' is not an ADM reference batch") as e:
         fid.reference_stats(path, SIZE, cache=False, extractor=fid.InceptionFeatures("cpu") if case == "truncated"
                             else None)
-    assert {"pickled images": "Python objects", "pickled statistics": "unpickling", "not a zip": "readable",
+    assert {"pickled images": "Python objects", "pickled statistics": "Python objects", "not a zip": "readable",
             "float images": "not uint8", "truncated": "truncated", "bad covariance": "covariance"}[case] in str(e.value)
