@@ -25,13 +25,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def torchrun_script(tmp_path: Path, code: str, procs: int, *args: str, timeout: float = 180) -> list[dict]:
     """Run `code` (a script) under torchrun on `procs` ranks (gloo on a CPU, NCCL on GPUs); each prints one JSON
-    line, returned in rank order."""
+    object, returned in rank order. The ranks share torchrun's stdout, so their lines can interleave: the objects
+    are read wherever they start, not line by line."""
     script = tmp_path / "worker.py"  # ends as a CLI command does: the group left and freed (no abort at exit)
     script.write_text(textwrap.dedent(code) + "\nfrom pipeline.device import leave_process_group\nleave_process_group()\n")
     p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(procs), str(script), *args],
                        capture_output=True, text=True, timeout=timeout, env=env(PYTHONPATH=ROOT), cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    decoder, rows, at = json.JSONDecoder(), [], p.stdout.find('{"rank"')
+    while at >= 0:
+        row, end = decoder.raw_decode(p.stdout, at)
+        rows.append(row)
+        at = p.stdout.find('{"rank"', end)
     assert len(rows) == procs, p.stdout[-3000:]
     return sorted(rows, key=lambda r: r["rank"])
 
