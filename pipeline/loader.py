@@ -323,7 +323,7 @@ class ShardStore:
             nbytes = per * _LATENT_ITEMSIZE
             remote = self._fetch(entry) if self.url else None
             side = json.loads(remote[1] if remote else self._local_sidecar(entry))
-            where = _url_join(self.url, entry["name"]) if self.url else self.folder / entry["name"]
+            where = self._where(entry["name"])
             shards.check_sidecar(side, entry, where)  # reads below index by the manifest's count
             labels = np.array(shards.checked_labels(side["labels"], self.num_classes, str(where)), dtype=np.int64)
             if self.manifest["format"] == "wds":
@@ -630,19 +630,7 @@ def _load_url_manifest(url: str) -> dict:
     except ShardError as e:
         raise ShardError(f"no readable {shards.MANIFEST} at '{url}' ({e}); the URL must name a finished ditpipe "
                          "shard folder, uploaded whole") from None
-    # what shards.load_manifest refuses from a path, refused the same way and in the same words
-    try:
-        manifest = json.loads(raw)
-    except (ValueError, RecursionError, MemoryError) as e:  # RecursionError: nested deeper than Python recurses
-        raise ShardError(f"'{where}' is not valid JSON ({type(e).__name__}: {str(e)[:200]}); re-encode and "
-                         "re-upload the shard folder") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != shards.FORMAT_VERSION:
-        raise ShardError(f"'{where}' has format_version {version!r}; this ditpipe reads {shards.FORMAT_VERSION}. "
-                         "Re-encode with this version")
-    shards.check_latent_shape(manifest, where)
-    shards.check_entries(manifest, where)  # its names become URLs: `../` would leave the folder there too
-    return manifest
+    return shards.parse_manifest(raw, where, remote=True)  # refused as from a path, in the same words
 
 
 def make_loader(dataset: torch.utils.data.Dataset, plan: Plan, start_step: int, end_step: int, num_workers: int,

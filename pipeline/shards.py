@@ -312,17 +312,23 @@ def load_manifest(folder: Path) -> dict:
     if not path.is_file():
         raise ShardError(f"no {MANIFEST} in '{folder}': not a finished ditpipe shard folder; run `ditpipe encode` "
                          "(rerunning the same command finishes an interrupted encode)")
+    return parse_manifest(read_meta(path), path)
+
+
+def parse_manifest(raw: bytes, where, remote: bool = False) -> dict:
+    """A manifest's bytes, parsed and checked (version, latent shape, names, counts) before any of it is used: the
+    same refusals, in the same words, for a shard folder on disk and at a URL (`remote`: the fix is a re-upload)."""
+    redo = "re-encode and re-upload the shard folder" if remote else "re-encode with `ditpipe encode ... --overwrite`"
     try:
-        manifest = json.loads(read_meta(path))
+        manifest = json.loads(raw)
     except (ValueError, RecursionError, MemoryError) as e:  # RecursionError: JSON nested deeper than Python recurses
-        raise ShardError(f"'{path}' is not valid JSON ({type(e).__name__}: {str(e)[:200]}); re-encode with "
-                         "`ditpipe encode ... --overwrite`") from None
+        raise ShardError(f"'{where}' is not valid JSON ({type(e).__name__}: {str(e)[:200]}); {redo}") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
-        raise ShardError(f"'{path}' has format_version {version!r}; this ditpipe reads {FORMAT_VERSION}. Re-encode "
-                         "with this version (`--overwrite`)")
-    check_latent_shape(manifest, path)
-    check_entries(manifest, path)
+        raise ShardError(f"'{where}' has format_version {version!r}; this ditpipe reads {FORMAT_VERSION}. Re-encode "
+                         f"with this version{'' if remote else ' (`--overwrite`)'}")
+    check_latent_shape(manifest, where)
+    check_entries(manifest, where)  # names become paths or URLs: `../` must not leave the folder
     return manifest
 
 
