@@ -11,6 +11,21 @@ def ema_decay(step: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
+CHUNK_ELEMENTS = 1 << 24  # the tensor-weighted update's (param − shadow) temporary: at most 64 MiB of fp32 a chunk
+
+
+def _chunks(sizes: list[int]) -> list[tuple[int, int]]:
+    """[lo, hi) runs of consecutive tensors holding at most CHUNK_ELEMENTS elements together (a larger tensor alone):
+    without them the update would hold a second fp32 copy of the whole model (2.7 GB for XL/2) for a moment."""
+    runs, lo, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > lo and total + n > CHUNK_ELEMENTS:
+            runs.append((lo, i))
+            lo, total = i, 0
+        total += n
+    return runs + [(lo, len(sizes))] if sizes else runs
+
+
 class EMA:
     def __init__(self, model: torch.nn.Module):
         # A float32 copy of every floating-point entry of the state dict (buffers too, e.g. pos_embed).
@@ -30,9 +45,10 @@ class EMA:
         # A () tensor weight must not reach `_foreach_lerp_`: its argument parser turns a 0-dim tensor into a Python
         # number (`.item()`, a host sync every step on CUDA). `_foreach_mul_` takes a device tensor as it is.
         weight = applied.float() * (1.0 - decay)  # () on the device
-        diffs = torch._foreach_sub(params, shadows)  # param − shadow, fp32
-        torch._foreach_mul_(diffs, weight)
-        torch._foreach_add_(shadows, diffs)
+        for lo, hi in _chunks([s.numel() for s in shadows]):  # the temporary stays small whatever the model's size
+            diffs = torch._foreach_sub(params[lo:hi], shadows[lo:hi])  # param − shadow, fp32
+            torch._foreach_mul_(diffs, weight)
+            torch._foreach_add_(shadows[lo:hi], diffs)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -319,3 +319,24 @@ def test_bad_input_is_one_line_naming_the_fix(run, tmp_path, cli):
         code, _, err = cli("ema", *args)
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not out.exists()
+
+
+def test_the_ema_update_in_chunks_equals_one_update_of_the_whole_model(monkeypatch):
+    """The tensor-weighted update works through chunks of parameters (no model-sized temporary): the same bits as
+    one update over all of them."""
+    import pipeline.ema as ema_module
+    from pipeline.model import build_dit
+
+    torch.manual_seed(0)
+    model = build_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=4, hidden_size=32, depth=2, num_heads=2)
+    whole, chunked = ema_module.EMA(model), ema_module.EMA(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    applied = torch.ones((), dtype=torch.bool)
+    whole.update(0.9, applied)
+    monkeypatch.setattr(ema_module, "CHUNK_ELEMENTS", 1000)  # many chunks, some tensors larger than one
+    assert len(ema_module._chunks([s.numel() for s, _ in chunked._pairs])) > 5
+    chunked.update(0.9, applied)
+    assert all(torch.equal(whole.shadow[k], chunked.shadow[k]) for k in whole.shadow)
+    assert not all(torch.equal(whole.shadow[k], v.float()) for k, v in model.state_dict().items())
