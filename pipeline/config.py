@@ -10,8 +10,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 import reprlib
+import stat
+import unicodedata
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
@@ -217,6 +220,9 @@ class TrainingConfig(_Section):
                                                    "bit (slower); off: equal only statistically")
     tf32: bool = Field(True, description="CUDA: fp32 matmuls and convolutions on tensor cores (off when "
                                          "deterministic)")
+    threads: Optional[int] = Field(None, ge=1, le=1024, description="CPU threads for torch's operators, per "
+                                                                    "process; null: OMP_NUM_THREADS if set, else on "
+                                                                    "a CPU the cores other work leaves free")
 
     @field_validator("posthoc_ema_sigmas")
     @classmethod
@@ -344,17 +350,31 @@ class Config(_Section):
 
     @property
     def shards_path(self) -> Path:
+        """shards.path, else the default folder named from the keys: `shards/custom-my_photos-256px-sd-vae-ft-ema-all`.
+        A custom folder's shards made before its name was in the default (`shards/custom-256px-…`) are still this
+        folder's while no folder of the new name exists: a run on them resumes (shards.path cannot change on
+        resume), and encode updates them instead of encoding everything again."""
         if self.shards.path:
             return Path(self.shards.path)
+        named = Path("shards") / self._shards_stem(with_folder=True)
+        if self.data.dataset_name == "custom" and not (named.exists() or named.is_symlink()):
+            legacy = Path("shards") / self._shards_stem(with_folder=False)
+            if _encoded_from(legacy, self.data.dataset_path):  # only this folder's: never another's under that name
+                return legacy
+        return named
+
+    def _shards_stem(self, with_folder: bool) -> str:
         n = "all" if self.data.num_samples is None else str(self.data.num_samples)
         split = f"-{self.data.split}" if self.data.dataset_name == "coco" else ""
-        stem = f"{self.data.dataset_name}{split}-{self.data.image_size}px-{self.codec_short_name}-{n}"
+        # two custom folders must not share a default shard folder: the source folder's name is in it
+        folder = f"-{folder_slug(self.data.dataset_path)}" if self.data.dataset_name == "custom" and with_folder else ""
+        stem = f"{self.data.dataset_name}{folder}{split}-{self.data.image_size}px-{self.codec_short_name}-{n}"
         if self.data.captions:  # embeddings of another encoder are other shards
             stem += f"-{Path(self.text.encoder.rstrip('/')).name.lower()}"
         if self.data.buckets != "square":  # other crops are other shards
             listed = hashlib.sha256(json.dumps(self.data.buckets).encode()).hexdigest()[:8]
             stem += "-auto" if self.data.buckets == "auto" else f"-buckets{listed}"
-        return Path("shards") / stem
+        return stem
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -366,18 +386,93 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def folder_slug(path: str) -> str:
+    """A folder's last path component as a safe, lower-cased part of a folder name: `data/My Photos/` →
+    `my_photos`. Only [a-z0-9._-] survive (accents dropped; anything else, spaces too, becomes one `_`), with no
+    leading dot or dash (a hidden folder, an option); `.` and `..` are named by the folder they stand for."""
+    name = Path(os.path.abspath(path)).name
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()  # é → e
+    slug = re.sub(r"[^a-z0-9._-]+", "_", ascii_name).lstrip(".-_")[:40].rstrip("._-")
+    # a name with no ASCII letter at all (`日本`) keeps a short hash of itself, not one name shared by all such
+    return slug or "folder-" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _encoded_from(folder: Path, dataset_path: str) -> bool:
+    """Whether `folder` is a shard folder encoded from the images at `dataset_path`, by the encode record written
+    first into it (pipeline/shards.py PARAMS; its source.path is resolved): read-only, bounded, never through a link,
+    and False for anything damaged or absent."""
+    from pipeline.shards import PARAMS
+
+    try:
+        if folder.is_symlink():
+            return False
+        fd = os.open(folder / PARAMS, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return False
+            source = json.loads(f.read(1 << 20)).get("source")  # a real record: well under a kilobyte
+        return isinstance(source, dict) and source.get("path") == str(Path(dataset_path).resolve())
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+def override_args(keys: dict[str, Any]) -> list[str]:
+    """{dotted key: value} as command-line overrides, each value as YAML reads it back (`null`, `true`, `[[1, 2]]`)."""
+    return [a for k, v in keys.items() for a in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
+
+
+CPU_RECIPE = "cpu"  # configs/cpu.yaml: the small DiT that encode's next step names on a machine without CUDA
+GPU_RECIPE = "train_config"
+
+
+def train_command(cfg: Config, config: str | None, overrides: dict[str, Any],
+                  device_type: str) -> tuple[list[str], str | None]:
+    """The `ditpipe train` argv that trains on the shards an encode of `cfg` just wrote, and, when it names the CPU
+    recipe, a line saying why. `config`, `overrides`: the encode's --config and every override it was given.
+
+    With CUDA (`device_type` "cuda"), or a config of the user's own (quickstart too): that config and the same
+    overrides, which name the same folder. On a CPU, in place of the GPU recipe (no --config, or train_config's): the
+    CPU recipe, and the folder by `--shards.path` with every key train checks against its manifest at the encode's
+    values, so that the recipe's own data keys cannot name another folder or refuse these shards."""
+    keys = {k: v for k, v in overrides.items() if k != "data.download"}  # a key of encode's alone
+    if device_type == "cuda" or not _is_gpu_recipe(config):
+        return ["ditpipe", "train", *(["--config", config] if config else []), *override_args(keys)], None
+    d = cfg.data
+    keys |= {"shards.path": str(cfg.shards_path), "data.dataset_name": d.dataset_name,
+             "data.image_size": d.image_size, "vae.name": cfg.vae.name,
+             "model.conditioning": cfg.model.conditioning}  # auto: class only where the folder has labels
+    if d.captions:
+        keys |= {"data.captions": True, "text.encoder": cfg.text.encoder}
+    if d.buckets != "square":  # the buckets were cut for this patch size
+        keys |= {"data.buckets": d.buckets, "model.patch_size": cfg.model.patch}
+    why = (f"(on a CPU: the small recipe configs/{CPU_RECIPE}.yaml; on a GPU: --config {config or GPU_RECIPE} with "
+           "the same keys)")
+    return ["ditpipe", "train", "--config", CPU_RECIPE, *override_args(keys)], why
+
+
+def _is_gpu_recipe(config: str | None) -> bool:
+    """No --config (the defaults are the GPU recipe's), or a file that holds the shipped train_config."""
+    if config is None:
+        return True
+    try:
+        return resolve_config_path(config).read_bytes() == shipped_configs()[GPU_RECIPE].read_bytes()
+    except (ConfigError, OSError, KeyError):
+        return False
+
+
 SHIPPED_CONFIGS_PACKAGE = "ditpipe_configs"
 
 # Keys that may differ between a run's saved config and the one it resumes with (DESIGN.md, Runs and checkpoints):
 # where and how long it runs, and keys the trained weights never see: the data order and every random draw are
 # keyed on (seed, epoch, sample, step), not on the worker count; validation runs on a copy under a forked RNG;
 # the download and encode keys (vae.batch_size, text.batch_size) are read by `encode` only; max_nonfinite_steps
-# and training.recover* only decide what a failing run does. training.batch_size and gradient_accumulation_steps
-# change the split of the global batch, never the samples or the draws, and train() refuses any that does not keep
-# the run's global batch (stages/train.py, elastic_split). A key ending in "." stands for its whole section.
+# and training.recover* only decide what a failing run does; training.threads changes no result (pipeline/threads.py).
+# training.batch_size and gradient_accumulation_steps change the split of the global batch, never the samples or the
+# draws, and train() refuses any that does not keep the run's global batch (stages/train.py, elastic_split). A key
+# ending in "." stands for its whole section.
 RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "training.max_nonfinite_steps", "training.recover",
-                     "training.batch_size", "training.gradient_accumulation_steps", "data.num_workers",
-                     "data.download", "vae.batch_size", "text.batch_size", "logging.",
+                     "training.threads", "training.batch_size", "training.gradient_accumulation_steps",
+                     "data.num_workers", "data.download", "vae.batch_size", "text.batch_size", "logging.",
                      "checkpointing.", "validation.")
 
 

@@ -117,6 +117,7 @@ def _fetch(url: str, root: Path, split: str, progress: Progress | None, pin: dic
                             f"the official one has {size:,} bytes, sha256 {want[:16]}…): delete it and retry")
         return final, sha
 
+    made = _missing_folders(downloads)
     downloads.mkdir(parents=True, exist_ok=True)
     part = downloads / f"{name}.part"
     sha = hashlib.sha256()
@@ -124,6 +125,7 @@ def _fetch(url: str, root: Path, split: str, progress: Progress | None, pin: dic
 
     def fail(err: object) -> DataError:
         part.unlink(missing_ok=True)
+        _remove_if_empty(made)  # offline: no empty .downloads/ (nor data root) left behind
         return DataError(
             f"could not download {url}: {err}. Check the network and retry, or download it "
             f"manually and place the data in {root} as {split}2017/*.jpg and "
@@ -163,6 +165,25 @@ def _fetch(url: str, root: Path, split: str, progress: Progress | None, pin: dic
         os.fsync(out.fileno())  # the rename below must never publish a file still in cache only
     os.replace(part, final)
     return final, sha.hexdigest()
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first: what `mkdir(parents=True)` creates."""
+    missing = []
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders this download created (deepest first) while they are empty: rmdir removes nothing else,
+    so a file anyone put there meanwhile keeps its folder."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 # ---------------------------------------------------------------- check and extract

@@ -164,6 +164,16 @@ class Source:
         return meta
 
 
+def missing_captions_note(source: Source) -> str | None:
+    """What a COCO source without its captions file means, for encode to say (the images are encoded all the same):
+    None for any other source, and for COCO with its captions."""
+    if source.name != "coco" or source.params.get("captions_file", True):
+        return None
+    ann = source.root / "annotations" / f"captions_{source.params['split']}2017.json"
+    return (f"COCO's captions file '{ann}' does not exist: these shards get no captions (a caption model or "
+            "--captions needs them; --download fetches the annotations archive)")
+
+
 def make_source(data: DataConfig, download_progress=None) -> Source:
     """The source `data` describes. `download_progress(name, done, total)` reports a COCO download's bytes."""
     if data.dataset_name == "coco":
@@ -527,6 +537,10 @@ def _coco(data: DataConfig, download_progress=None) -> Source:
             f"COCO images not found: '{folder}' does not exist. Put COCO 2017 at {root}/ "
             f"({data.split}2017/*.jpg and annotations/captions_{data.split}2017.json), point --data-path at "
             f"your copy, or pass --download to fetch the official archives")
+    if data.captions and not ann.is_file():  # asked for captions: an encode without any would be a silent loss
+        raise DataError(f"--captions (data.captions), but COCO's captions file '{ann}' does not exist; put "
+                        f"captions_{data.split}2017.json there (from the official annotations_trainval2017.zip; "
+                        "--download fetches it), or encode without --captions")
     captions: dict[str, list[str]] = {}
     problems: dict[str, str] = {}  # image → why its captions are refused: the image is skipped with it
     if ann.is_file():

@@ -156,10 +156,93 @@ def open_data(cfg: Config, device: torch.device):
         manifest["num_samples"] = len(source)
         return manifest, Path(f"{cfg.data.dataset_name} images (online {cfg.vae.name})"), None, (source, codec)
     if not is_url(folder) and not (folder / shards.MANIFEST).is_file():
-        raise ShardError(f"no shards at '{folder}'. Make them first with:\n  {encode_command(cfg)}")
+        raise missing_shards(cfg, folder)
     store, manifest = open_shards(folder)
     check_manifest(cfg, manifest, folder)
     return manifest, folder, store, None
+
+
+def missing_shards(cfg: Config, folder: Path) -> ShardError:
+    """No shards where `cfg` looks: the error names the folders beside it that hold shards of the same dataset (a
+    `-5000` beside an `-all`, another image size or codec, a custom folder's shards under the older name without the
+    folder's), each with the overrides that train on it, then the encode command that makes the missing ones."""
+    near = [f"'{where}' (add {shlex.join(args)})" for where, args in nearby_shards(cfg, folder)]
+    found = f"; other {cfg.data.dataset_name} shards are at {', '.join(near)}" if near else ""
+    return ShardError(f"no shards at '{folder}'{found}. Or make these first with:\n  {encode_command(cfg)}")
+
+
+MAX_SIBLINGS = 256  # folders looked at beside a missing shard folder (a pointer, not a search)
+
+
+def nearby_shards(cfg: Config, folder: Path, limit: int = 3) -> list[tuple[Path, list[str]]]:
+    """(folder, the override arguments that select it) for at most `limit` sibling folders of `folder` that hold a
+    manifest of the same dataset, fewest overrides first. Read-only: links are not followed, and a folder whose
+    manifest is damaged, or whose shards no override can select, is passed over in silence."""
+    import itertools
+
+    try:
+        siblings = sorted(itertools.islice(folder.parent.iterdir(), MAX_SIBLINGS))
+    except OSError:
+        return []
+    found = []
+    for sibling in siblings:
+        try:
+            args = _selecting(cfg, sibling) if sibling != folder else None
+        except Exception:  # noqa: BLE001 — a damaged neighbour only means no pointer to it
+            args = None
+        if args is not None:
+            found.append((sibling, args))
+    return sorted(found, key=lambda f: len(f[1]))[:limit]
+
+
+def _selecting(cfg: Config, sibling: Path) -> list[str] | None:
+    """The overrides that make `cfg` train on the shards in `sibling` (keys that rename the default folder, or
+    `--shards.path` and the keys `check_manifest` compares), or None when it holds none of this dataset's."""
+    import os
+    import stat
+
+    from pipeline.config import override_args, validate_tree
+
+    if sibling.is_symlink() or not sibling.is_dir() or not stat.S_ISREG(os.lstat(sibling / shards.MANIFEST).st_mode):
+        return None  # never through a link
+    manifest = shards.load_manifest(sibling)  # the checked reader: a damaged one raises, and is passed over
+    src, d = manifest["source"], cfg.data
+    if src.get("dataset") != d.dataset_name:
+        return None
+    have = {"data.image_size": src.get("image_size"), "vae.name": manifest["codec"]["name"]}
+    if d.dataset_name != "shapes" and src.get("path") != str(Path(d.dataset_path).resolve()):
+        have["data.dataset_path"] = src.get("path")
+    if d.dataset_name == "coco":
+        have["data.split"] = src.get("split")
+    have |= {"data.num_samples": src.get("num_samples"), "data.seed": src.get("seed")}
+    enc = shards.text_encoder_of(manifest)
+    have["data.captions"] = bool(enc)
+    if enc:
+        have["text.encoder"] = enc["name"]
+    tree, keys = cfg.to_dict(), {}
+    for key, value in have.items():
+        section, name = key.split(".")
+        if value is None and key != "data.num_samples":
+            continue  # not recorded (an older manifest): nothing to say about it
+        same = value == tree[section][name] or (key == "vae.name" and value == str(Path(cfg.vae.name).resolve())) \
+            or (key == "text.encoder" and value == _encoder_name(cfg.text.encoder))
+        if not same:
+            keys[key] = tree[section][name] = value
+    buckets = src.get("buckets")  # auto is recorded as the list it made: either names the shards' crops
+    if bool(buckets) != (d.buckets != "square") or (isinstance(d.buckets, list) and
+                                                   buckets != [list(b) for b in d.buckets]):
+        keys["data.buckets"] = tree["data"]["buckets"] = buckets or "square"
+    if (named := validate_tree(tree)).shards_path == sibling:
+        chosen = keys
+    else:
+        if buckets and keys.get("data.buckets") == buckets and \
+                validate_tree({**tree, "data": {**tree["data"], "buckets": "auto"}}).shards_path == sibling:
+            return override_args({**keys, "data.buckets": "auto"})
+        checked = ("data.image_size", "vae.name", "data.captions", "text.encoder", "data.buckets")
+        chosen = {"shards.path": str(sibling), **{k: v for k, v in keys.items() if k in checked}}
+        named = validate_tree({**tree, "shards": {**tree["shards"], "path": str(sibling)}})
+    check_manifest(named, manifest, sibling)  # train would accept them: else no pointer
+    return override_args(chosen)
 
 
 def precomputed_latents(device: torch.device):

@@ -111,11 +111,16 @@ def encode(
     from stages.encode import encode as run_encode
 
     run_encode(cfg, overwrite=overwrite, console=err)
-    # what comes next: train on these shards, with the same config and overrides (they name the same folder)
-    given = [a for k, v in shorthands.items() if v is not None and k != "data.download"
-             for a in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
-    err.print("next: " + shlex.join(["ditpipe", "train", *(["--config", config] if config else []), *given, *extra]),
-              highlight=False, markup=False, soft_wrap=True)
+    # what comes next: train on these shards (on a CPU with the small recipe: pipeline.config.train_command)
+    import torch
+
+    from pipeline.config import parse_overrides, train_command
+
+    given = {k: v for k, v in shorthands.items() if v is not None} | parse_overrides(extra)
+    argv, why = train_command(cfg, config, given, "cuda" if torch.cuda.is_available() else "cpu")
+    err.print("next: " + shlex.join(argv), highlight=False, markup=False, soft_wrap=True)
+    if why:
+        err.print(why, highlight=False, markup=False, soft_wrap=True)
 
 
 RESTRETCH_HELP = ("On resume: stretch the LR schedule (same peak, warm-up and type) over the run's new length, e.g. "
@@ -259,26 +264,28 @@ def sample(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default, when the checkpoint has them)."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated class ids or names (red_circle,3), cycled to "
                                                      "--num (default: all)."),
-    num: Optional[int] = typer.Option(None, "--num", "--num-samples", min=1, help="Number of samples (default: one "
-                                      "per class, or 16). Under torchrun spell it --num-samples (" + TORCHRUN_NUM + ")."),
-    cfg_scale: Optional[float] = typer.Option(None, min=1.0, help="Classifier-free guidance scale; 1 = plain "
-                                                                  "conditional sampling. "
-                                                                  + _run_default("cfg_scale", "4, as official sample.py")),
+    num: Optional[int] = typer.Option(None, "--num", min=1, metavar="N", help="Number of samples (default: one per "
+                                      "class, or 16). Under torchrun spell it --num-samples (" + TORCHRUN_NUM + ")."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, hidden=True, help="--num (torchrun)."),
+    cfg_scale: Optional[float] = typer.Option(None, min=1.0, metavar="SCALE", help="Classifier-free guidance scale; "
+                                              "1 = plain conditional sampling. "
+                                              + _run_default("cfg_scale", "4, as official sample.py")),
     cfg_interval: Optional[str] = typer.Option(None, help="LOW,HIGH: guide only at noise levels in [LOW, HIGH] (0 "
                                                           "data, 1 noise); e.g. 0.5,1 guides the layout but not the "
                                                           "fine detail. " + _run_default("cfg_interval", "0,1")),
-    steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps. "
-                                                       + _run_default("sampling_steps", "250")),
+    steps: Optional[int] = typer.Option(None, min=1, metavar="N", help="Sampling steps. "
+                                        + _run_default("sampling_steps", "250")),
     sampler: Optional[str] = typer.Option(None, help="ddpm | ddim (ddpm models), euler | heun (flow models). "
                                                      + _run_default("sampler", "ddpm")),
-    seed: int = typer.Option(0, min=0, help="Seed; the same seed gives the same samples."),
+    seed: int = typer.Option(0, min=0, metavar="N", help="Seed; the same seed gives the same samples."),
     out: Path = typer.Option(Path("grid.png"), help="Grid PNG (one class per column when classes repeat)."),
     out_dir: Optional[Path] = typer.Option(None, help="Also one PNG per sample: <index>_class<k>.png."),
-    batch_size: int = typer.Option(64, min=1, help="Samples per batch."),
+    batch_size: int = typer.Option(64, min=1, metavar="N", help="Samples per batch."),
     vae: Optional[str] = typer.Option(None, help="Decoder override (default: the checkpoint's codec; "
                                                  "stabilityai/sd-vae-ft-ema for official checkpoints)."),
     model: Optional[str] = typer.Option(None, help="Official checkpoints only: the preset, e.g. DiT-XL/2."),
-    image_size: Optional[int] = typer.Option(None, min=8, help="Official checkpoints only: pixels, e.g. 256."),
+    image_size: Optional[int] = typer.Option(None, min=8, metavar="N", help="Official checkpoints only: pixels, "
+                                                                             "e.g. 256."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Caption models: what to draw; repeat for "
                                                                       "more prompts (cycled to --num)."),
     text_encoder: Optional[str] = typer.Option(None, help="Caption models: a local copy of the manifest's text "
@@ -305,6 +312,9 @@ def sample(
     """
     from stages.sample import sample as run_sample
 
+    if num is not None and num_samples is not None and num != num_samples:
+        raise typer.BadParameter(f"--num {num} and --num-samples {num_samples} differ; give one")
+    num = num if num is not None else num_samples
     run_sample(checkpoint_path, use_ema=ema, classes=classes, num=num, cfg_scale=cfg_scale, steps=steps,
                cfg_interval=_interval(cfg_interval), sampler=sampler, seed=seed, out=out, out_dir=out_dir,
                batch_size=batch_size, vae=vae, model_name=model, image_size=image_size, prompts=prompt,
@@ -500,7 +510,8 @@ def inspect(path: Path = typer.Argument(..., metavar="PATH", help="A shard folde
 def runs(output_dir: Path = typer.Argument(Path("./outputs"), metavar="[OUTPUT_DIR]",
                                            help="Where the runs are (logging.output_dir)."),
          as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")) -> None:
-    """List the runs under OUTPUT_DIR: state (running, finished, stopped), last step, last loss, checkpoints, age.
+    """List the runs under OUTPUT_DIR: state (running, finished, stopped, failed, killed), last step, last loss,
+    checkpoints, age.
 
     Example: ditpipe runs outputs
     """

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
@@ -33,7 +34,7 @@ from pipeline.codec import encode_with_backoff, load_codec, tune_for_device, wit
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, ShardError
 from pipeline.loader import is_url
-from pipeline.sources import BadImage, Loaded, Source, assign_buckets, make_source
+from pipeline.sources import BadImage, Loaded, Source, assign_buckets, make_source, missing_captions_note
 from pipeline.spread import TIMEOUT
 from pipeline.workers import capped_workers
 
@@ -124,6 +125,8 @@ def encode(cfg: Config, overwrite: bool = False, console: Console | None = None)
     if fewer_workers and rank == 0:
         console.print(f"[yellow]note:[/] {fewer_workers}", highlight=False, soft_wrap=True)
     source = _source_once_per_node(cfg, console, world)
+    if (missing := missing_captions_note(source)) and rank == 0:
+        console.print(f"[yellow]note:[/] {escape(missing)}", highlight=False, soft_wrap=True)
     if not cfg.shards.path and cfg.data.num_samples and len(source) < cfg.data.num_samples and rank == 0:
         console.print(f"[yellow]note:[/] data.num_samples {cfg.data.num_samples:,} asks for more than the "
                       f"{len(source):,} inputs there: all are encoded, into {cfg.shards_path}, named by the number "

@@ -37,12 +37,12 @@ def test_num_samples_null_means_all_and_names_the_folder_so(tmp_path, monkeypatc
     code, _, err = cli("encode", "--dataset", "custom", "--data-path", "imgs", "--vae", "pixel", "--image-size", "16",
                        "--num-samples", "null", "--num-workers", "0")
     assert code == 0, err
-    assert shards.load_manifest(tmp_path / "shards" / "custom-16px-pixel-all")["num_samples"] == 3
+    assert shards.load_manifest(tmp_path / "shards" / "custom-imgs-16px-pixel-all")["num_samples"] == 3
     code, _, err = cli("encode", "--dataset", "custom", "--data-path", "imgs", "--vae", "pixel", "--image-size", "16",
                        "--num-workers", "0")  # the default num_samples, 5000: the name says what was asked for
     assert code == 0, err
     assert "note: data.num_samples 5,000 asks for more than the 3 inputs there" in " ".join(err.split())
-    assert shards.load_manifest(tmp_path / "shards" / "custom-16px-pixel-5000")["num_samples"] == 3
+    assert shards.load_manifest(tmp_path / "shards" / "custom-imgs-16px-pixel-5000")["num_samples"] == 3
 
 
 def test_encode_ends_with_the_train_command_that_finds_its_shards(tmp_path, monkeypatch, cli):
@@ -55,7 +55,8 @@ def test_encode_ends_with_the_train_command_that_finds_its_shards(tmp_path, monk
     line = next(x for x in err.splitlines() if x.startswith("next: "))  # one line, whatever the width
     argv = shlex.split(line[len("next: "):])
     assert argv[:2] == ["ditpipe", "train"]
-    cfg = load_config(None, parse_overrides(argv[2:]))
+    config = argv[3] if argv[2] == "--config" else None  # a CPU's line names the small recipe (--config cpu)
+    cfg = load_config(config, parse_overrides(argv[4:] if config else argv[2:]))
     assert cfg.shards_path == tmp_path / "my shards" or str(cfg.shards_path) == "my shards"
     assert cfg.shards.flip is False and cfg.data.num_samples == 40
     check_manifest(cfg, shards.load_manifest(cfg.shards_path), cfg.shards_path)  # train accepts these shards
