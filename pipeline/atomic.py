@@ -56,6 +56,18 @@ def _fresh_temporary(path: Path) -> tuple[Path, tuple[int, int]]:
                           "files there")
 
 
+def new_file_mode() -> int:
+    """The mode a file made here gets (0o666 less the umask), read without setting the umask (Linux shows it in
+    /proc; elsewhere it is set and put back at once). For files a library makes its own way: safetensors writes a
+    temporary it renames into place, 0600 whatever the umask."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return 0o666 & ~int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

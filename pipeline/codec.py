@@ -15,6 +15,7 @@ another autoencoder of the same latent space (TAESD for an SD-VAE run), after ch
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -243,6 +244,7 @@ def _family_class(config: dict, where: str):
 
 def _from_hub(name: str, dtype: torch.dtype):
     from diffusers import ConfigMixin
+    from huggingface_hub import constants
 
     folder = f"/models/{name.rstrip('/').rsplit('/', 1)[-1]}"
     fixes = (f"Fixes: on a machine with network, `hf download {name} --local-dir {folder}`, copy that folder here and"
@@ -258,9 +260,13 @@ def _from_hub(name: str, dtype: torch.dtype):
         raise
     except Exception:
         pass
+    missing = f"VAE '{name}' is not a local folder and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise CodecError(f"VAE '{name}' is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE "
-                         f"is set. {fixes}")
+        raise CodecError(f"{missing}, and HF_HUB_OFFLINE is set (offline), so the hub is not asked. {fixes}")
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    unreachable = hub_unreachable(endpoint)
+    if unreachable:  # asked once, briefly: the hub's client would retry for about 25 s, then blame config.json
+        raise CodecError(f"{missing}, and the hub ({endpoint}) is unreachable: {unreachable}. {fixes}")
     try:
         cls = _family_class(_Config.load_config(name), name)
         return cls.from_pretrained(name, torch_dtype=dtype)
@@ -270,6 +276,36 @@ def _from_hub(name: str, dtype: torch.dtype):
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CodecError(f"cannot load VAE '{name}': it is not a local folder, not in the Hugging Face cache, and "
                          f"the hub failed ({first}). {fixes}") from None
+
+
+HUB_PROBE_S = 3.0  # how long the hub may take to answer before it counts as unreachable
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_S) -> str | None:
+    """Why the hub at `endpoint` cannot be reached (no answer within `timeout` seconds, name resolution included, or
+    a gateway error), or None when it answers. One HEAD request through the environment's proxies (HTTPS_PROXY,
+    NO_PROXY: urllib's rules), asked once per process."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answer: list[str | None] = []
+
+    def ask() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            answer.append(None)
+        except urllib.error.HTTPError as e:  # it answered: a 4xx is an answer; a 5xx, a proxy's or the hub's fault
+            answer.append(f"it answered HTTP {e.code}" if e.code >= 500 else None)
+        except Exception as e:  # noqa: BLE001 (refused, no route, no DNS, a bad proxy, a bad URL: all unreachable)
+            reason = getattr(e, "reason", e)
+            answer.append(str(reason) or type(reason).__name__)
+
+    thread = threading.Thread(target=ask, daemon=True)  # getaddrinfo has no timeout of its own: bound it here
+    thread.start()
+    thread.join(timeout + 0.5)
+    return answer[0] if answer else f"no answer in {timeout:g} s"
 
 
 class CrossDecoder:

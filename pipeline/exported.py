@@ -89,12 +89,22 @@ def replacing(out: Path, overwrite: bool, *, protect: Path, fmt: str, meta: dict
         tmp.mkdir(parents=True)
         try:
             yield tmp
+            _as_umask_makes(tmp)
             _write_marker(tmp, fmt, meta)
             _swap(tmp, out, aside)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _say_kept(out, _clear_aside(aside, out, listed))
+
+
+def _as_umask_makes(folder: Path) -> None:
+    """Every file written into the temporary `folder` (all ours) gets the mode the umask gives a new file, as
+    config.json has: safetensors' writer (ours, and diffusers' save_pretrained) leaves its files 0600."""
+    mode = atomic.new_file_mode()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 def _refuse_protected(out: Path, ckpt: Path) -> None:

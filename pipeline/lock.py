@@ -26,6 +26,14 @@ Under torchrun / accelerate launch only global rank 0 (RANK) takes an exclusive 
 byte-range locks there); on file systems without any locking it locks nothing. A shard folder this user cannot write
 in (read-only shards) is read unlocked; the loader's checks against the manifest still refuse a changed shard.
 
+A run folder's holder also records how it ended (`hold(..., records_end=True)`, which `train` and `resume` pass):
+`ended.json` beside the lock, written atomically when the holder leaves: `finished` (the body returned), `stopped`
+(it raised an error of exit code 130, 128 + SIGINT: a signal stopped it, after a checkpoint) or `failed` (anything
+else; its message's first line, shortened), with the holder's pid and `since`, so that `ditpipe runs` can tell a
+record of the process whose lock file is left from an older one. A holder that changed nothing in the folder (a
+refusal before the run wrote anything) records nothing: the folder is as the previous one left it. A holder killed
+with -9 (or a power loss) records nothing and leaves its lock file, held by nobody: `runs` calls that `killed`.
+
 Never through a link, never someone else's file: `.lock` is opened with O_NOFOLLOW, must be a regular file with one
 link, and is written only when we created it or it holds a ditpipe lock record (or nothing: a ditpipe killed between
 creating and writing it); anything else is refused, naming it. It is the one file written in place (the lock lives
@@ -50,9 +58,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from pipeline import atomic
 from pipeline.errors import DitpipeError
 
 NAME = ".lock"
+END = "ended.json"  # how the last holder of a run folder's lock ended (`hold(..., records_end=True)`)
+STOPPED_EXIT = 130  # 128 + SIGINT: the exit code of an error that means "stopped by a signal" (train's _Stopped)
 _HELD: set[int] = set()  # the descriptors of the locks this process holds
 
 
@@ -74,8 +85,10 @@ class LockHeld(DitpipeError):
 
 
 def is_lock(path: Path) -> bool:
-    """True for a folder's lock file, which listings of run, checkpoint and shard folders must skip."""
-    return Path(path).name == NAME
+    """True for the lock's own files (the lock file, a run's end record and its temporary), which listings of run,
+    checkpoint and shard folders must skip."""
+    name = Path(path).name
+    return name in (NAME, END) or name.startswith(f".{END}.") and name.endswith(atomic.TMP_SUFFIX)
 
 
 def takes_lock() -> bool:
@@ -84,10 +97,11 @@ def takes_lock() -> bool:
 
 
 @contextlib.contextmanager
-def hold(folder: Path, verb: str, shared: bool = False):
+def hold(folder: Path, verb: str, shared: bool = False, records_end: bool = False):
     """Hold `folder`'s lock (creating the folder when needed) for the body; raise LockHeld when it is taken.
     `shared`: a reader's lock, taken with other readers' (every rank takes one); an absent folder (its reader will
-    say so) or one this user cannot create the lock file in (read-only shards) is read unlocked."""
+    say so) or one this user cannot create the lock file in (read-only shards) is read unlocked. `records_end` (a
+    run folder): write END when the body has changed the folder, saying how it ended."""
     if shared:
         with _hold_shared(Path(folder), verb):
             yield
@@ -101,16 +115,24 @@ def hold(folder: Path, verb: str, shared: bool = False):
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = _acquire(folder / NAME, verb)
+    before = _listing(folder) if records_end else None
     try:
         yield
+    except BaseException as e:
+        if before is not None:
+            _record_end(folder, fd, before, e)
+        raise
+    else:
+        if before is not None:
+            _record_end(folder, fd, before, None)
     finally:
         _release(fd, folder / NAME, folder if created else None)
 
 
-def holding(where: Callable[..., tuple], shared: bool = False):
-    """Decorate a stage's entry point so that it runs under `hold(*where(**its arguments), shared=shared)`: `where`
-    takes the entry point's arguments by name and returns (folder, verb); folder None (a URL, say) locks nothing, a
-    list of folders locks each."""
+def holding(where: Callable[..., tuple], shared: bool = False, records_end: bool = False):
+    """Decorate a stage's entry point so that it runs under `hold(*where(**its arguments), shared, records_end)`:
+    `where` takes the entry point's arguments by name and returns (folder, verb); folder None (a URL, say) locks
+    nothing, a list of folders locks each."""
 
     def wrap(fn):
         signature = inspect.signature(fn)
@@ -123,7 +145,7 @@ def holding(where: Callable[..., tuple], shared: bool = False):
             with contextlib.ExitStack() as stack:
                 for f in folder if isinstance(folder, (list, tuple)) else [folder]:
                     if f is not None:
-                        stack.enter_context(hold(f, verb, shared))
+                        stack.enter_context(hold(f, verb, shared, records_end))
                 return fn(*args, **kwargs)
 
         return locked
@@ -140,6 +162,81 @@ def record(fd: int) -> dict | None:
     except (OSError, ValueError, RecursionError):
         pass
     return None
+
+
+# ---------------------------------------------------------------------------------------------------- a run's end
+
+OUTCOMES = ("finished", "stopped", "failed")
+MESSAGE_CHARS = 300  # a failure's message in END: its first line, at most this long
+
+
+def ended(folder: Path) -> dict | None:
+    """The END record in `folder`: the holder's lock record (pid, verb, host, since) with "outcome" (one of
+    OUTCOMES), "message" and "ended"; None when there is none, or it does not read as one (a link, a folder, a
+    damaged or foreign file): never an exception."""
+    try:
+        fd = os.open(Path(folder) / END, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        rec = json.loads(os.read(fd, 1 << 16).decode()) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    finally:
+        os.close(fd)
+    if isinstance(rec, dict) and rec.get("outcome") in OUTCOMES and isinstance(rec.get("message"), str) \
+            and _is_int(rec.get("pid")) and isinstance(rec.get("since"), (int, float)) \
+            and not isinstance(rec["since"], bool):
+        return rec
+    return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def outcome(error: BaseException | None) -> tuple[str, str]:
+    """(outcome, message) of a holder whose body returned (None) or raised `error`: KeyboardInterrupt and an error
+    of exit code STOPPED_EXIT are a stop by signal, anything else a failure."""
+    if error is None:
+        return "finished", ""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    if text and not isinstance(error, DitpipeError):  # a bug's message means little without its type
+        line = f"{type(error).__name__}: {line}"
+    line = line if len(line) <= MESSAGE_CHARS else line[:MESSAGE_CHARS - 1].rstrip() + "…"
+    stopped = isinstance(error, KeyboardInterrupt) or getattr(error, "exit_code", None) == STOPPED_EXIT
+    return ("stopped" if stopped else "failed"), line
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """What `folder` holds at its top level, name → (mtime, size), the lock's own files left out: a run that wrote
+    anything (a log line, a checkpoint, `latest`) changes it."""
+    out = {}
+    for p in folder.iterdir():
+        if not is_lock(p):
+            with contextlib.suppress(OSError):  # gone meanwhile
+                st = p.lstat()
+                out[p.name] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _record_end(folder: Path, fd: int, before: dict, error: BaseException | None) -> None:
+    """Write END (atomically: a temporary made with O_EXCL | O_NOFOLLOW, renamed) when the body changed `folder`,
+    never over anything but an earlier record (a link, a folder or a foreign file there is left alone). Failing to
+    write it (a full disk) never hides how the body ended."""
+    with contextlib.suppress(OSError):
+        if _listing(folder) == before:
+            return
+        path = folder / END
+        if os.path.lexists(path) and ended(folder) is None:
+            return
+        what, message = outcome(error)
+        atomic.write_json(path, {**(record(fd) or {"pid": os.getpid(), "since": 0.0}), "outcome": what,
+                                 "message": message, "ended": time.time()})
+
+
+# ---------------------------------------------------------------------------------------------------- the lock
 
 
 def _acquire(path: Path, verb: str, shared: bool = False) -> int:

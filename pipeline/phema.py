@@ -21,13 +21,14 @@ or before N whose profile is nearest (in L2 over τ) to the wanted profile, then
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.atomic import TMP_SUFFIX, atomic_path
+from pipeline.atomic import TMP_SUFFIX, atomic_path, new_file_mode
 from pipeline.config import POSTHOC_MAX_SIGMA_REL as MAX_SIGMA_REL
 from pipeline.ema import EMA
 from pipeline.errors import DitpipeError
@@ -178,6 +179,7 @@ def write_snapshots(folder: Path, step: int, phema: PowerEMA) -> list[Path]:
             with atomic_path(path) as tmp:
                 save_file(state, str(tmp), metadata={"format": "pt", "step": str(step), "sigma_rel": repr(sigma)})
                 sort_metadata(tmp)
+                os.chmod(tmp, new_file_mode())  # safetensors leaves 0600 whatever the umask
         except Exception as e:  # noqa: BLE001 (a full disk: OSError, or safetensors' own error): one line
             raise DitpipeError(f"could not write the post-hoc EMA snapshot '{path}' ({e}); free some space and "
                                "resume from the last checkpoint (`ditpipe resume`)") from None

@@ -44,7 +44,7 @@ def export(checkpoint_path: Path, fmt: str, out: Path, *, raw: bool = False, vae
         if fmt == "safetensors":
             exported.write(tmp, model.state_dict(), meta)
         else:
-            _write_diffusers(tmp, model, cfg, manifest, meta, vae, console, out.name)
+            _write_diffusers(tmp, model, cfg, manifest, meta, vae, console, out)
     console.print(f"exported {ckpt} ({meta['weights']} weights, step {meta['step']}) → {out} ({fmt})")
     return out
 
@@ -101,8 +101,8 @@ def open_checkpoint(path: Path, raw: bool, console: Console):
 
 
 def _write_diffusers(folder: Path, model, cfg: Config, manifest: dict, meta: dict, vae: str | None,
-                     console: Console, name: str) -> None:
-    """Into `folder` (a temporary); `name` is the final folder's, for the messages."""
+                     console: Console, out: Path) -> None:
+    """Into `folder` (a temporary); `out` is the final folder, as the command named it, for the messages."""
     from diffusers import DiTTransformer2DModel
 
     from pipeline.diffusers_dit import diffusers_config, to_diffusers
@@ -113,8 +113,8 @@ def _write_diffusers(folder: Path, model, cfg: Config, manifest: dict, meta: dic
     reason = _no_pipeline_reason(model, cfg, manifest, meta["latent_norm"])
     if reason:
         transformer.save_pretrained(folder / "transformer")
-        console.print(f"transformer only ({reason}): {name}/transformer loads with "
-                      "DiTTransformer2DModel.from_pretrained")
+        console.print(f"transformer only ({reason}): {out / 'transformer'} loads with "
+                      "DiTTransformer2DModel.from_pretrained", markup=False, highlight=False, soft_wrap=True)
     else:
         _write_pipeline(folder, transformer, cfg, manifest, vae, console)
     (folder / "ditpipe.json").write_text(json.dumps({**meta, "diffusers_note": (

@@ -3,9 +3,13 @@
 A run folder is `<output_dir>/<run>/` with its `config.yaml`, `metrics.jsonl`, `latest` and checkpoint folders
 (pipeline/checkpoint.py). Its state:
 - running: a live train/resume process holds the run's lock (`<run>/.lock`, an exclusive flock; pipeline/lock.py);
-- finished: the newest checkpoint is at the run's end (its epochs, or training.max_steps);
-- stopped: neither (interrupted, killed, or stopped early); resume it;
-- unknown: not finished, and no lock file to ask (a run written before runs were locked).
+- finished, stopped, failed: how its last train/resume process ended, as it recorded (`<run>/ended.json`,
+  pipeline/lock.py): it reached its end step; a signal stopped it (Ctrl-C: it wrote a checkpoint; resume it); it
+  raised an error (the record keeps its message's first line);
+- killed: the lock file is left, held by nobody, and that process recorded no end (kill -9, a power loss, an
+  out-of-memory kill): resume it;
+- without a record (a run from before runs recorded their end): finished when the newest checkpoint is at the run's
+  end (its epochs, or training.max_steps), else unknown. A record that does not read (damaged) counts as none.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from pipeline import checkpoint, lock, safe_yaml
 from pipeline.errors import DitpipeError
@@ -28,23 +34,43 @@ LOCK = lock.NAME  # held (flock LOCK_EX) by the train/resume process of a run, i
 
 def lock_holder(run_dir: Path) -> tuple[bool | None, int | None]:
     """(held, pid) of the run's lock: True with the holder's pid while a process trains the run, False when the
-    lock file exists but nobody holds it, None when there is no lock file to ask. Never creates the file, never
-    follows a link, and holds a shared lock only for the instant of the test."""
+    lock file exists but nobody holds it, None when there is no lock file to ask."""
+    held, rec = _lock_state(run_dir)
+    return held, rec["pid"] if held and rec else None
+
+
+def _lock_state(run_dir: Path) -> tuple[bool | None, dict | None]:
+    """(held, the record in the lock file) as `lock_holder`. Never creates the file, never follows a link, and holds
+    a shared lock only for the instant of the test."""
     path = Path(run_dir) / LOCK
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None, None
     try:
+        rec = lock.record(fd)  # the JSON record pipeline/lock.py writes after locking
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            rec = lock.record(fd)  # the JSON record pipeline/lock.py writes after locking
-            return True, rec["pid"] if rec else None
+            return True, rec
         fcntl.flock(fd, fcntl.LOCK_UN)
-        return False, None
+        return False, rec
     finally:
         os.close(fd)
+
+
+def _state(run_dir: Path, at_end: bool) -> tuple[str, int | None, str]:
+    """(state, pid while running, the failure's or stop's message) of a run; see the module's docstring."""
+    held, rec = _lock_state(run_dir)
+    if held:
+        return "running", rec["pid"] if rec else None, ""
+    end = lock.ended(run_dir)
+    if held is False and not (end and rec and [end.get(k) for k in ("pid", "host", "since")]
+                              == [rec.get(k) for k in ("pid", "host", "since")]):
+        return "killed", None, ""  # its lock's holder died without recording an end (that record is older)
+    if end:
+        return end["outcome"], None, end["message"]
+    return ("finished" if at_end else "unknown"), None, ""
 
 
 @dataclass
@@ -68,6 +94,7 @@ class RunInfo:
     latest: str | None
     age_s: float | None  # since the run last wrote anything we read
     pid: int | None = None
+    message: str = ""  # how a failed (or stopped) run ended: its error's first line, as its process recorded it
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
 
 
@@ -94,17 +121,12 @@ def run_info(run_dir: Path, check: bool = False) -> RunInfo:
     end = _end_step(run_dir / newest.name) if newest else None
     step = max([s for s in (max(losses, default=None), newest.step if newest else None) if s is not None],
                default=None)
-    held, pid = lock_holder(run_dir)
-    if held:
-        state = "running"
-    elif newest is not None and end is not None and newest.step is not None and newest.step >= end:
-        state = "finished"
-    else:
-        state = "stopped" if held is False else "unknown"
+    state, pid, message = _state(run_dir, newest is not None and end is not None and newest.step is not None
+                                 and newest.step >= end)
     stamps = [p.stat().st_mtime for p in (run_dir / "metrics.jsonl", latest_file, run_dir / "config.yaml")
               if p.is_file()]
     return RunInfo(str(run_dir), state, step, end, losses.get(step) if step in losses else _last(losses), latest,
-                   time.time() - max(stamps) if stamps else None, pid, ckpts)
+                   time.time() - max(stamps) if stamps else None, pid, checkpoints=ckpts, message=message)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -177,22 +199,42 @@ def list_runs(output_dir: Path, console: Console, as_json: bool = False) -> list
     if not runs:
         console.print(f"no runs under '{output_dir}' (start one with `ditpipe train` or `ditpipe quickstart`)")
         return runs
-    t = Table(title=f"runs in {output_dir}", title_justify="left")
-    for name in ("run", "state", "step", "loss", "checkpoints", "latest", "age"):
-        t.add_column(name, justify="right" if name in ("step", "loss", "checkpoints", "age") else "left",
-                     overflow="fold")
-    colour = {"running": "cyan", "finished": "green", "stopped": "yellow"}
-    for r in runs:
-        state = r.state + (f" (pid {r.pid})" if r.pid else "")
-        t.add_row(Path(r.path).name, f"[{colour.get(r.state, 'white')}]{state}[/]",
-                  f"{_num(r.step)}/{_num(r.end_step)}", _num(r.loss, ".4f"), str(len(r.checkpoints)),
-                  r.latest or "–", _age(r.age_s))
-    console.print(t)
+    _print_runs(output_dir, runs, console)
+    for r in (r for r in runs if r.state == "failed"):
+        console.print(f"[red]{escape(Path(r.path).name)} failed:[/] {escape(r.message)}", highlight=False,
+                      soft_wrap=True)
     for c in (c for r in runs for c in r.checkpoints if c.valid is False):
         console.print(f"[yellow]warning:[/] skipping damaged checkpoint: {c.problem}", highlight=False, soft_wrap=True)
-    console.print("details: ditpipe inspect RUN; continue a stopped run: ditpipe resume RUN", highlight=False,
-                  soft_wrap=True)
+    console.print("details: ditpipe inspect RUN; resume a stopped or killed run: ditpipe resume RUN",
+                  highlight=False, soft_wrap=True)
     return runs
+
+
+_COLOUR = {"running": "cyan", "finished": "green", "stopped": "yellow", "killed": "yellow", "failed": "red"}
+_COLUMNS = ("run", "state", "step", "loss", "checkpoints", "latest", "age")
+
+
+def _print_runs(output_dir: Path, runs: list[RunInfo], console: Console) -> None:
+    """A table of the runs, each name whole on one line; where the terminal is too narrow for that table, each run
+    as two lines instead (its name, then the rest), never a name wrapped or cut."""
+    rows = [[escape(Path(r.path).name), f"[{_COLOUR.get(r.state, 'white')}]{r.state}[/]"
+             + (f" (pid {r.pid})" if r.pid else ""), f"{_num(r.step)}/{_num(r.end_step)}", _num(r.loss, ".4f"),
+             str(len(r.checkpoints)), escape(r.latest or "–"), _age(r.age_s)] for r in runs]
+    console.print(f"runs in {output_dir}", highlight=False, soft_wrap=True, markup=False)  # a path whole, too
+    widths = [max(Text.from_markup(x).cell_len for x in column) for column in zip(_COLUMNS, *rows)]
+    if sum(widths) + 3 * len(widths) + 1 <= console.width:  # each column's padding and border, and the last border
+        t = Table()
+        for name in _COLUMNS:
+            t.add_column(name, justify="right" if name in ("step", "loss", "checkpoints", "age") else "left",
+                         no_wrap=True)
+        for row in rows:
+            t.add_row(*row)
+        console.print(t)
+        return
+    for name, state, step, loss, ckpts, latest, age in rows:
+        console.print(f"[bold]{name}[/]", highlight=False, soft_wrap=True)
+        console.print(f"  {state}, step {step}, loss {loss}, {ckpts} checkpoints, latest {latest}, {age} ago",
+                      highlight=False, soft_wrap=True)
 
 
 def inspect_run(run_dir: Path, console: Console, as_json: bool = False) -> RunInfo:
@@ -202,8 +244,9 @@ def inspect_run(run_dir: Path, console: Console, as_json: bool = False) -> RunIn
         console.print_json(json.dumps(asdict(info)))
         return info
     console.print(f"run {run_dir}: {info.state}" + (f" (pid {info.pid})" if info.pid else "")
+                  + (f" ({info.message})" if info.state == "failed" else "")
                   + f", step {_num(info.step)} of {_num(info.end_step)}, loss {_num(info.loss, '.4f')}, last write "
-                  f"{_age(info.age_s)} ago", highlight=False, soft_wrap=True)
+                  f"{_age(info.age_s)} ago", highlight=False, soft_wrap=True, markup=False)
     t = Table(show_header=True, title_justify="left")
     for name in ("checkpoint", "step", "epoch", "loss", "EMA", "valid", "latest"):
         t.add_column(name, justify="right" if name in ("step", "epoch", "loss") else "left", no_wrap=True)
@@ -223,6 +266,16 @@ def _state_or_nothing(ckpt: Path) -> dict:
         return checkpoint.read_state(ckpt)
     except checkpoint.CheckpointError:
         return {}
+
+
+def _precision(state: dict, training: dict) -> str:
+    """The precision the run ran in, as its checkpoint records it (the config's fp16 runs as bf16 on a CPU, say);
+    an older checkpoint records none: then the config's, marked as such."""
+    configured = training.get("mixed_precision")
+    ran = state.get("precision")
+    if ran is None:
+        return f"{configured} (configured)"
+    return ran if ran == configured else f"{ran} (configured {configured})"
 
 
 def inspect_checkpoint(ckpt: Path, console: Console, as_json: bool = False) -> dict:
@@ -245,15 +298,15 @@ def inspect_checkpoint(ckpt: Path, console: Console, as_json: bool = False) -> d
                                                       f"{', '.join(map(str, state['restretched_at']))}"
                                                       if state.get("restretched_at") else ""))
     t.add_row("files", ", ".join(sorted(state.get("files", {}))))
-    t.add_row("written by", f"{state.get('written_by')} ("
-              + ", ".join(f"{k} {v}" for k, v in state.get("versions", {}).items()) + ")")
+    t.add_row("written by", f"{state.get('written_by')} ("  # which names ditpipe's own version already
+              + ", ".join(f"{k} {v}" for k, v in state.get("versions", {}).items() if k != "ditpipe") + ")")
     m, tr, d = cfg.get("model", {}), cfg.get("training", {}), cfg.get("data", {})
     shape = ", ".join(f"{k} {m[k]}" for k in ("hidden_size", "depth", "num_heads", "patch_size") if m.get(k))
     t.add_row("model", f"{m.get('name')}" + (f" ({shape})" if shape else "") + f", {cfg.get('diffusion', {}).get('objective')}"
               f", conditioning {m.get('conditioning')}")
     t.add_row("training", f"batch {tr.get('batch_size')} × {tr.get('gradient_accumulation_steps')} accumulation, LR "
                           f"{tr.get('learning_rate')} ({cfg.get('lr_scheduler', {}).get('type')}), "
-                          f"{tr.get('num_epochs')} epochs, precision {tr.get('mixed_precision')}, EMA "
+                          f"{tr.get('num_epochs')} epochs, precision {_precision(state, tr)}, EMA "
                           + (f"{tr.get('ema_decay')}" if tr.get("use_ema") else "off"))
     t.add_row("data", f"{d.get('dataset_name')} at {d.get('image_size')} px, shards "
                       f"{cfg.get('shards', {}).get('path') or '(derived from the config)'}")

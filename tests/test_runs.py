@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import train_tiny
+from pipeline import lock
 from stages.runs import LOCK, lock_holder, run_info
 
 # Holds a run's lock through the real pipeline/lock.py, as `ditpipe train` does, until killed.
@@ -40,9 +41,10 @@ def outputs(tmp_path_factory):
         shutil.rmtree(stopped / name)
     (stopped / "latest").write_text("checkpoint-8\n")
     kill_9(hold(stopped))  # a train killed with -9 leaves its lock file, held by nobody
-    old = out / "old"  # the same, from before runs were locked: no lock file to ask
+    old = out / "old"  # the same, from before runs were locked and recorded their end: no lock file, no record
     shutil.copytree(stopped, old)
     (old / LOCK).unlink()
+    (old / lock.END).unlink(missing_ok=True)
     return out
 
 
@@ -51,13 +53,13 @@ def test_runs_lists_each_run_with_state_step_loss_and_age(outputs, cli):
     assert code == 0, err
     rows = {r["path"].rsplit("/", 1)[1]: r for r in json.loads(out)}
     assert {k: (r["state"], r["step"], r["end_step"], r["latest"]) for k, r in rows.items()} == {
-        "done": ("finished", 16, 16, "checkpoint-16"), "stopped": ("stopped", 16, 16, "checkpoint-8"),
+        "done": ("finished", 16, 16, "checkpoint-16"), "stopped": ("killed", 16, 16, "checkpoint-8"),
         "old": ("unknown", 16, 16, "checkpoint-8")}
     logged = [json.loads(x) for x in (outputs / "done" / "metrics.jsonl").read_text().splitlines()]
     assert rows["done"]["loss"] == pytest.approx([x["loss"] for x in logged if "loss" in x][-1])
     assert all(r["age_s"] >= 0 for r in rows.values())
     code, out, _ = cli("runs", outputs)
-    assert code == 0 and "finished" in out and "stopped" in out and "16/16" in out
+    assert code == 0 and "finished" in out and "killed" in out and "16/16" in out
     code, _, err = cli("runs", outputs / "nowhere")
     assert code == 1 and "does not exist" in err
 
@@ -79,7 +81,7 @@ def test_a_held_lock_is_a_running_run_with_its_pid(outputs, cli):
         assert code == 0 and f"running (pid {holder.pid})" in out, out + err
     finally:
         kill_9(holder)
-    assert run_info(run).state == "stopped" and lock_holder(run) == (False, None)
+    assert run_info(run).state == "killed" and lock_holder(run) == (False, None)
     assert not (outputs / "old" / LOCK).exists()  # asking never creates a lock file
 
 
