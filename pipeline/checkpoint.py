@@ -115,6 +115,41 @@ def save(run_dir: Path, name: str, writers: dict[str, Callable[[Path], None]], s
     return final
 
 
+def link(run_dir: Path, source: str, name: str, *, group: Group = Group()) -> Path:
+    """Checkpoint `name` as a second name for checkpoint `source` of the same step (an epoch's end that is also a
+    step checkpoint): its files hard-linked, so the two cost the disk once (they were two full copies, 2 GB each
+    for DiT-B/2), and either can be pruned or moved without the other. Where the file system has no hard links, the
+    files are copied. Written whole under a temporary name like `save`; `latest` is left as it is. Rank 0 does the
+    work, and a failure stops every rank with the same message."""
+    run_dir = Path(run_dir)
+
+    def make() -> None:
+        final, tmp = run_dir / name, _tmp(run_dir, name)
+        if final.is_dir():
+            try:
+                validate(final)
+                return  # kept, as `save` keeps a valid checkpoint of its name
+            except CheckpointError:
+                _move_aside(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for f in sorted((run_dir / source).iterdir()):
+                try:
+                    os.link(f, tmp / f.name, follow_symlinks=False)
+                except OSError:  # no hard links here (some network and FUSE file systems): a copy is still right
+                    shutil.copy2(f, tmp / f.name, follow_symlinks=False)
+            atomic.fsync_dir(tmp)
+            os.replace(tmp, final)
+            atomic.fsync_dir(run_dir)
+        except Exception as e:  # noqa: BLE001 (as in save: whatever stops a write)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(_write_failed(run_dir, name, _describe(e))) from None
+
+    group.on_rank0(make, CheckpointError)
+    return run_dir / name
+
+
 def _prepare(run_dir: Path, name: str, needed_bytes: int) -> str:
     """Rank 0's decision for a save: "keep" (a valid checkpoint of this name exists), "write" (a fresh temporary
     folder is ready), or the message of why not."""
@@ -278,6 +313,8 @@ def check_state(state: dict, path: Path) -> dict:
     at = state.get("restretched_at", [])
     if not isinstance(at, list) or not all(_is_count(s, 0) for s in at):
         refuse("restretched_at", "a list of steps")
+    if state.get("precision", "no") not in ("fp16", "bf16", "no"):  # what ran (train's resolved precision)
+        refuse("precision", "fp16, bf16 or no")
     files = state["files"]
     if not isinstance(files, dict) or not all(
             isinstance(rec, dict) and _is_count(rec.get("bytes"), 0) and isinstance(rec.get("sha256"), str)

@@ -128,7 +128,7 @@ class BenchOptions:
     memory_image_size: int = 8
     memory_steps: int = 2
     peak_tflops: float = 0.0  # 0: from the device name (CUDA), none on CPU
-    threads: int = 0  # torch threads in each measuring process; 0: torch's default
+    threads: int = 0  # torch threads in each measuring process; 0: as `train` chooses (pipeline/threads.py)
     extrapolate_images: int = 250000  # 50 epochs × 5,000 images
     workdir: str = ""  # default: a temporary folder, removed afterwards
     seed: int = 0
@@ -275,10 +275,12 @@ def _child_main() -> None:
     spec = json.loads(sys.argv[1])
     o = BenchOptions(**spec["opts"])
     real_stdout, sys.stdout = sys.stdout, sys.stderr  # whatever a library prints stays off the result channel
-    if o.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(o.threads)
+    from pipeline.threads import apply as apply_threads
+
+    # as `train` chooses them (pipeline/threads.py): --threads N, else OMP_NUM_THREADS, else the free cores
+    apply_threads(o.threads or None, "cuda" if torch.cuda.is_available() else "cpu")
     result = TASKS[spec["task"]](o, **spec["args"])
     real_stdout.write(MARKER + json.dumps(result) + "\n")
     real_stdout.flush()

@@ -425,7 +425,7 @@ def bench(
     memory_image_size: int = typer.Option(8, help="Pixel-codec image size for the loader-memory shards."),
     memory_steps: int = typer.Option(2, help="Training steps in each memory measurement."),
     peak_tflops: float = typer.Option(0.0, help="Device peak for MFU (0: known GPUs, e.g. H200 989 bf16)."),
-    threads: int = typer.Option(0, help="torch threads in each measuring process (0: torch's default)."),
+    threads: int = typer.Option(0, help="torch threads in each measuring process (0: as train chooses them)."),
     workdir: Optional[Path] = typer.Option(None, help="Keep generated data here and reuse it (default: a temp dir)."),
 ) -> None:
     """Measure encode, loader, train and memory on this machine; print one JSON object (stdout, and --json).

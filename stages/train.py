@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -34,6 +33,7 @@ from pipeline import __version__, atomic, checkpoint, lock, shards
 from pipeline.config import RESUMABLE_CHANGES, Config, resumable_keys, validate_tree
 from pipeline.device import describe, make_accelerator, peak_tflops
 from pipeline.diffusion import make_objective
+from pipeline.estimate import LONG_ON_CPU_SECONDS, duration, remaining, step_seconds
 from pipeline.errors import ConfigError, DitpipeError, ShardError
 from pipeline.finetune import init_from
 from pipeline.latent_norm import LatentNorm
@@ -42,6 +42,8 @@ from pipeline.metrics import MetricsLog
 from pipeline.phema import SNAPSHOT_DIR, clean_temporaries, write_snapshots
 from pipeline.recovery import RecoveryState, SpikeWatch, injected
 from pipeline.schedule import lr_at, restretched_length, schedule_warnings
+from pipeline.threads import Threads
+from pipeline.threads import apply as apply_threads
 from pipeline.step import FLOPS_CONVENTION, PHEMA_FILE, Micro, Step, build_step, load_state
 from pipeline.training import (batch_condition, build_model, conditioning_for, grid_shape, make_plan,
                                num_classes_for, open_data, shard_folders, training_batches)
@@ -83,7 +85,7 @@ def _run_dir(cfg: Config, config_name: str | None, resume: Path | None) -> Path:
 
 
 @lock.holding(lambda cfg, config_name, resume, **_: (_run_dir(cfg, config_name, resume),
-                                                      "resume" if resume else "train"))
+                                                      "resume" if resume else "train"), records_end=True)
 @lock.holding(lambda cfg, resume, **_: (shard_folders(cfg), "resume" if resume else "train"), shared=True)
 def train(cfg: Config, config_name: str | None = None, resume: Path | None = None,
           console: Console | None = None, restretch_schedule: bool = False) -> Path:
@@ -93,6 +95,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     t = cfg.training
     acc, precision, notice = make_accelerator(t.mixed_precision, tf32=t.tf32, deterministic=t.deterministic)
     rank, world, device = acc.process_index, acc.num_processes, acc.device  # the run's only source of devices
+    threads = apply_threads(t.threads, device.type, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     group = _group(acc)
     manifest, folder, store, online = open_data(cfg, device)
     norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
@@ -167,21 +170,12 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 
     log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process,
                      resume_step=start_step if saved else None)
-    if acc.is_main_process:
-        _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step,
-                   saved["total_steps"] if saved and restretch_schedule else None,
-                   fid_watch.describe(plan.global_batch, end_step - start_step) if fid_watch else None)
-        if elastic_note:
-            console.print(f"[cyan]elastic:[/] {elastic_note}", highlight=False, soft_wrap=True)
-        for note in init_notes:
-            console.print(f"[cyan]init:[/] {note}", highlight=False, soft_wrap=True)
     workers, fewer = capped_workers(cfg.data.num_workers)
-    if fewer and acc.is_main_process:
-        console.print(f"[yellow]note:[/] {fewer}", highlight=False, soft_wrap=True)
 
     def data_from(step: int) -> None:
         """The data stream from optimizer step `step` on, at data position `step + data_offset`."""
         data.pop("batches", None)  # a recovery's new stream replaces the old (its workers stop)
+        data.pop("ahead", None)
         loader, data["posterior"] = training_batches(cfg, manifest, store, online, plan, rank, conditioning,
                                                      excluded, step + recovery.data_offset,
                                                      end_step + recovery.data_offset, device, workers)
@@ -194,9 +188,28 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     to_y = batch_condition(conditioning, device)
     last: list[Micro] = []  # the latest micro-batch: the closing summary counts FLOPs on one like it
 
-    def feed() -> Micro:
+    def next_micro() -> Micro:
         batch = next(data["batches"])
-        m = Micro(*data["posterior"](batch), to_y(batch), batch)  # mean, std (B, C, H, W) on the device, y
+        return Micro(*data["posterior"](batch), to_y(batch), batch)  # mean, std (B, C, H, W) on the device, y
+
+    data["ahead"] = next_micro()  # the first micro-batch: the preflight times a step on it, the first step trains on it
+    with _oom_advice(device, plan):  # the probe takes a step's memory: an out-of-memory shows here, explained
+        seconds = step_seconds(raw, objective, data["ahead"], norm, conditioning != "none", plan.accum, acc.autocast,
+                               device) if end_step > start_step else 0.0
+    if acc.is_main_process:
+        _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step,
+                   saved["total_steps"] if saved and restretch_schedule else None,
+                   fid_watch.describe(plan.global_batch, end_step - start_step) if fid_watch else None, threads,
+                   seconds)
+        if elastic_note:
+            console.print(f"[cyan]elastic:[/] {elastic_note}", highlight=False, soft_wrap=True)
+        for note in init_notes:
+            console.print(f"[cyan]init:[/] {note}", highlight=False, soft_wrap=True)
+        if fewer:
+            console.print(f"[yellow]note:[/] {fewer}", highlight=False, soft_wrap=True)
+
+    def feed() -> Micro:
+        m = data.pop("ahead", None) or next_micro()  # the micro-batch the preflight timed comes first
         if (kind := injected(data["position"])) is not None:  # a test hook; never set in real runs
             m = m._replace(mean=m.mean * (torch.nan if kind == "nan" else 30.0))
         last[:] = [m]
@@ -205,11 +218,15 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     record = _SampleRecord.from_env(rank)
     stop = _StopFlag()
 
-    def save(name: str, step: int) -> None:
+    def save(name: str, step: int, also: str | None = None) -> None:
+        """Checkpoint `name` of `step`; `also`, a second name for the same state (an epoch's end on a step
+        checkpoint), is linked to it rather than written again."""
         checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, step_fn),
                         {**_ckpt_state(cfg, step, plan, total_steps, int(stats.nonfinite_total), manifest,
-                                       restretched),
+                                       restretched, precision),
                          **recovery.record()}, group=group, needed_bytes=_needed_bytes(raw, step_fn))
+        if also:
+            checkpoint.link(run_dir, name, also, group=group)
         if acc.is_main_process:
             checkpoint.prune(run_dir, cfg.checkpointing.total_limit, cfg.checkpointing.keep_epochs)
 
@@ -240,6 +257,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 
     since_log = 0
     t_log = t_start = time.time()
+    t_first = None  # when the first step of this launch ended: the rate for the time left starts there (it skips the
+    # first step's one-off costs: compile, allocator, workers starting)
     last_loss = math.nan
     bar = _progress(console, acc.is_main_process)
     epoch_task = None
@@ -252,10 +271,11 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
             if step > start_step and step % cfg.checkpointing.phema_every == 0:
                 _phema_snapshots(group, run_dir, step_fn, step)
-            if step > start_step and step_in_epoch == 0 and cfg.checkpointing.every_epoch:
+            epoch_end = step > start_step and step_in_epoch == 0 and cfg.checkpointing.every_epoch
+            if step > start_step and step % cfg.checkpointing.steps == 0:  # `latest` names the step checkpoint
+                save(checkpoint.step_name(step), step, also=checkpoint.epoch_name(epoch) if epoch_end else None)
+            elif epoch_end:
                 save(checkpoint.epoch_name(epoch), step)
-            if step > start_step and step % cfg.checkpointing.steps == 0:
-                save(checkpoint.step_name(step), step)  # last, so `latest` names the step checkpoint
             if cfg.validation.every_steps and step > start_step and step % cfg.validation.every_steps == 0:
                 validate(step)
             if fid_watch is not None and fid_watch.due(step, start_step, end_step):
@@ -274,6 +294,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                 watch.update(step, loss, bad)  # on the device, like the step
 
             done = step = step + 1
+            t_first = t_first or time.time()
             bar.update(epoch_task, advance=1, loss=last_loss)
             since_log += 1
             if done % cfg.logging.steps == 0 or done == end_step:  # the one place the loop reads the device
@@ -282,9 +303,12 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                 worst, worst_start = (int(x) for x in stats.take_worst_run())
                 ips = since_log * plan.global_batch / max(time.time() - t_log, 1e-9)
                 last_loss = mean_loss
-                bar.update(epoch_task, loss=mean_loss, ips=ips)
+                left = remaining(time.time() - t_first, done - start_step - 1, end_step - done) \
+                    if done - start_step > 1 else remaining(time.time() - t_start, 1, end_step - done)
+                bar.update(epoch_task, loss=mean_loss, ips=ips, left=left)
                 if acc.is_main_process:
-                    bar.console.print(f"Step {done}, Loss: {mean_loss:.4f}, LR: {lr:.2e}", highlight=False)
+                    bar.console.print(f"Step {done}, Loss: {mean_loss:.4f}, LR: {lr:.2e}"
+                                      + (f", {duration(left)} left" if done < end_step else ""), highlight=False)
                 peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
                 log.scalars(done, loss=mean_loss, lr=lr, grad_norm=float(stats.grad_norm), img_per_s=ips,
                             peak_mem_gib=peak, epoch=epoch + 1, nonfinite_total=int(stats.nonfinite_total))
@@ -305,9 +329,9 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
 
         if end_step > start_step:
             _phema_snapshots(group, run_dir, step_fn, end_step)
-        if end_step % plan.steps_per_epoch == 0 and cfg.checkpointing.every_epoch and end_step > start_step:
-            save(checkpoint.epoch_name(end_step // plan.steps_per_epoch), end_step)
-        save(checkpoint.step_name(end_step), end_step)
+        epoch_end = end_step % plan.steps_per_epoch == 0 and cfg.checkpointing.every_epoch and end_step > start_step
+        save(checkpoint.step_name(end_step), end_step,
+             also=checkpoint.epoch_name(end_step // plan.steps_per_epoch) if epoch_end else None)
         if cfg.validation.every_steps and end_step > start_step:
             validate(end_step)
         if fid_watch is not None and fid_watch.due(end_step, start_step, end_step):
@@ -390,7 +414,7 @@ def _shard_prompts(folder: Path, count: int = 8) -> list[str]:
 
 
 def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, nonfinite_total: int, manifest: dict,
-                restretched: list[int]) -> dict:
+                restretched: list[int], precision: str) -> dict:
     from importlib.metadata import version
 
     return {"written_by": f"ditpipe {__version__}", "step": step, "epoch": step // plan.steps_per_epoch,
@@ -399,6 +423,7 @@ def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, nonfinite_
             "batch_size": plan.batch_size, "gradient_accumulation_steps": plan.accum, "config_hash": cfg.hash(),
             "nonfinite_total": nonfinite_total, "shards": checkpoint.shards_record(manifest),
             "restretched_at": restretched,
+            "precision": precision,  # what ran: the config's fp16 runs as bf16 on a CPU
             "versions": {name: version(name) for name in ("torch", "accelerate", "numpy", "ditpipe")}}
 
 
@@ -733,6 +758,14 @@ def _stop_requested(acc, stop: _StopFlag, step: int, log_every: int) -> bool:
 # ---------------------------------------------------------------------------------------------------- console
 
 
+class _RunLeft(ProgressColumn):
+    """The whole run's time left (`2 h 13 min left`), measured at log steps; a dash until the first."""
+
+    def render(self, task) -> Text:
+        left = task.fields.get("left")
+        return Text(f"{'–' if left is None else duration(left)} left")
+
+
 class _LossRate(ProgressColumn):
     """`loss=0.1234 1,440 img/s`, or dashes until the first log step has measured them."""
 
@@ -744,21 +777,25 @@ class _LossRate(ProgressColumn):
 
 def _progress(console: Console, enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                    TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(), _LossRate(), console=console,
-                    disable=not enabled)
+                    TimeElapsedColumn(), _RunLeft(), _LossRate(), console=console, disable=not enabled)
 
 
 def _epoch_task(bar: Progress, epoch: int, num_epochs: int, steps: int, done: int):
+    left = bar.tasks[-1].fields.get("left") if bar.tasks else None  # the run's time left carries over
     for task in bar.tasks:
         bar.update(task.id, visible=False)
-    return bar.add_task(f"Epoch {epoch + 1}/{num_epochs}", total=steps, completed=done, loss=math.nan, ips=0.0)
+    return bar.add_task(f"Epoch {epoch + 1}/{num_epochs}", total=steps, completed=done, loss=math.nan, ips=0.0,
+                        left=left)
 
 
 def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, device, start_step, end_step,
-               restretched_from: int | None = None, fid_line: str | None = None) -> None:
+               restretched_from: int | None = None, fid_line: str | None = None, threads: Threads | None = None,
+               step_seconds: float = 0.0) -> None:
     t, plan = cfg.training, spec.plan
     table = Table(title="ditpipe train", show_header=False, title_justify="left")
     table.add_row("device", f"{describe(device)} × {plan.world_size} process(es)")
+    if threads is not None:
+        table.add_row("threads", f"{threads.count} per process ({threads.why})")
     table.add_row("precision", spec.precision + (f"  ({spec.notice})" if spec.notice else ""))
     params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     table.add_row("model", f"{cfg.model.name} (hidden {raw.hidden_size}, depth {raw.depth}, patch {raw.patch_size}),"
@@ -795,8 +832,16 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
 
     memory_row, memory_warning = memory_preflight(cfg, manifest, raw, plan.world_size, device)
     table.add_row("memory", memory_row)
+    steps_left = end_step - start_step
+    total = steps_left * step_seconds
+    table.add_row("time", f"about {duration(total)} for {steps_left:,} steps ({step_seconds:.3g} s a step, timed "
+                          "on the first batch; the bar and log lines update it)")
     table.add_row("output", str(spec.run_dir))
     console.print(table)
+    if device.type == "cpu" and total > LONG_ON_CPU_SECONDS:  # before the first step: a CPU run of days is a mistake
+        console.print(f"[bold red]warning:[/] [bold]this run would take about {duration(total)} on this CPU. On a CPU "
+                      f"train the small recipe (configs/cpu.yaml) instead: {_small_recipe(cfg)}; or stop sooner with "
+                      "--training.max_steps N; or train on a GPU[/]", highlight=False, soft_wrap=True)
     if memory_warning:  # before any step: an out-of-memory a minute in wastes the start-up
         console.print(f"[bold red]warning:[/] [bold]{memory_warning}[/]", highlight=False, soft_wrap=True)
     for loud, note in schedule_warnings(t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,
@@ -813,6 +858,16 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
                       f"{kept[1]} per-step), about {sum(kept) * _needed_bytes(raw) / 2**30:,.1f} GiB; keep fewer with "
                       "--checkpointing.keep_epochs N and --checkpointing.total_limit N, or a larger "
                       "checkpointing.steps", highlight=False, soft_wrap=True)
+
+
+def _small_recipe(cfg: Config) -> str:
+    """The two commands that encode and train the CPU recipe (configs/cpu.yaml) on this run's images."""
+    d = cfg.data
+    source = ["--dataset", d.dataset_name] + (["--data-path", d.dataset_path] if d.dataset_name != "shapes" else [])
+    train_keys = ["--data.dataset_name", d.dataset_name] + (
+        ["--data.dataset_path", d.dataset_path] if d.dataset_name != "shapes" else [])
+    return (shlex.join(["ditpipe", "encode", "--config", "cpu", *source]) + " then "
+            + shlex.join(["ditpipe", "train", "--config", "cpu", *train_keys]))
 
 
 def _tokens(manifest: dict, patch: int) -> str:

@@ -18,6 +18,13 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# train() chooses its CPU threads from the machine's load when nothing sets them (pipeline/threads.py): the suite
+# pins torch's own default instead, so a run's speed does not depend on what else the machine runs. The tests of
+# that choice unset it.
+if "OMP_NUM_THREADS" not in os.environ:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 
 def reset_accelerate() -> None:
@@ -28,12 +35,14 @@ def reset_accelerate() -> None:
 
 
 @pytest.fixture
-def one_thread():
-    """One torch thread for the test: tiny in-process runs only lose to thread hand-offs on a busy machine."""
+def one_thread(monkeypatch):
+    """One torch thread for the test: tiny in-process runs only lose to thread hand-offs on a busy machine (train()
+    sets its threads from OMP_NUM_THREADS)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(threads)
 

@@ -285,7 +285,11 @@ def test_damaged_newest_checkpoints_fall_back_with_warnings_and_finish_bitwise(t
     (run / "checkpoint-20" / "optimizer.pt").unlink()
     state_file = run / "checkpoint-16" / checkpoint.STATE
     state_file.write_bytes(state_file.read_bytes()[:40])
-    flip_byte(run / "checkpoint-epoch-1" / "ema.pt")  # also step 16: both holders of step 16 are damaged
+    # checkpoint-epoch-1 is step 16 too, its files hard links to checkpoint-16's (one copy on disk): both holders
+    # of step 16 are damaged by that one truncation
+    assert (run / "checkpoint-epoch-1" / checkpoint.STATE).read_bytes() == state_file.read_bytes()
+    with pytest.raises(CheckpointError):
+        validate(run / "checkpoint-epoch-1")
 
     # named explicitly, a damaged checkpoint is refused (both spellings), with the file that is wrong
     code, _, err = cli("resume", run / "checkpoint-24")
@@ -301,7 +305,7 @@ def test_damaged_newest_checkpoints_fall_back_with_warnings_and_finish_bitwise(t
     proc = start_resume(run, tmp_path / "logs", 0.0, "--training.max_steps", "null").ok()
     err = proc.stderr()
     warnings = [line for line in err.splitlines() if "warning" in line and "damaged" in line]
-    for name in ("checkpoint-24", "checkpoint-20", "checkpoint-16", "checkpoint-epoch-1"):
+    for name in ("checkpoint-24", "checkpoint-20", "checkpoint-16"):  # the epoch one has no step to sort it by
         assert any(f"{name}'" in w or f"{name}/" in w for w in warnings), (name, err)
     assert f"resuming from {run / 'checkpoint-12'}" in err.replace("\n", "")
     assert_same_run(run, references("no"))
