@@ -376,3 +376,12 @@ def test_the_preflights_memory_prediction_matches_the_allocators_peak(checkpoint
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated()
     assert abs(predicted - measured) / measured < 0.15, (predicted / 2**30, measured / 2**30)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_the_preflights_probe_changes_nothing_of_the_run_on_the_gpu(precision):
+    """The time estimate's probe on CUDA (it synchronises the device around its timing): no RNG, weight or gradient
+    of the run changes, and the next real step is bitwise the one without a probe."""
+    from test_run_time import probe_leaves_no_trace
+
+    assert probe_leaves_no_trace(precision) < 60

@@ -198,3 +198,52 @@ def test_an_epoch_end_on_a_step_checkpoint_is_one_copy_on_disk(tmp_path, shards)
 
     shutil.rmtree(folder / "checkpoint-8")
     validate(folder / "checkpoint-epoch-1")
+
+
+def probe_leaves_no_trace(precision: str) -> float:
+    """Two identical steps on the Accelerator's device (CPU here, CUDA in test_cuda.py); the preflight's probe runs
+    on one: afterwards every RNG, the weights and the gradients (none) are as they were, and one real step on each
+    gives bitwise the same weights. Returns the probe's seconds."""
+    from conftest import reset_accelerate
+    from pipeline.device import make_accelerator
+    from pipeline.diffusion import make_objective
+    from pipeline.estimate import step_seconds
+    from pipeline.latent_norm import LatentNorm
+    from pipeline.loader import Plan
+    from pipeline.model import build_dit
+    from pipeline.step import Micro, build_step
+
+    cfg = load_config(None, {**TINY, "training.mixed_precision": precision, "training.gradient_accumulation_steps": 2})
+    steps = []
+    for _ in range(2):
+        reset_accelerate()
+        acc, _, _ = make_accelerator(precision)
+        torch.manual_seed(0)
+        model = build_dit("DiT-S/2", input_size=16, in_channels=3, num_classes=8, hidden_size=32, depth=1,
+                          num_heads=2, class_dropout_prob=0.1)
+        steps.append(build_step(acc, model, make_objective("ddpm", True), Plan(64, 8, 2, 1), (3, 16, 16),
+                                norm=LatentNorm("scale", (0.0,) * 3, (1.0,) * 3), posterior=False,
+                                training=cfg.training, drop_prob=0.1, conditional=True, compile=False, rank=0))
+    device = steps[0].acc.device
+    g = torch.Generator(device=device).manual_seed(0)
+    micro = Micro(torch.randn((8, 3, 16, 16), generator=g, device=device), None,
+                  torch.randint(0, 8, (8,), generator=g, device=device))
+    probed, plain = steps
+    weights = {k: v.clone() for k, v in probed.raw.state_dict().items()}
+    rngs = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    seconds = step_seconds(probed.raw, probed.objective, micro, probed.norm, True, 2, probed.acc.autocast, device)
+    assert seconds > 0
+    assert torch.equal(torch.get_rng_state(), rngs[0])  # label dropout drew under a forked RNG
+    if device.type == "cuda":
+        assert torch.equal(torch.cuda.get_rng_state(device), rngs[1])
+    assert all(p.grad is None for p in probed.raw.parameters())
+    assert all(torch.equal(weights[k], v) for k, v in probed.raw.state_dict().items())
+    for step in (probed, plain):
+        step(0, 1e-3, lambda: micro)
+    a, b = probed.raw.state_dict(), plain.raw.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    return seconds
+
+
+def test_the_preflights_probe_changes_nothing_of_the_run():
+    probe_leaves_no_trace("no")
