@@ -115,7 +115,7 @@ class VaeCodec:
                 "downsample": self.downsample, "latent_channels": self.latent_channels}
 
     def slices(self, store: str, flip: bool) -> list[str]:
-        """The named slices its shards store (DESIGN.md, shard schema): a deterministic latent has no std."""
+        """The named slices its shards store (docs/design.md, Shards): a deterministic latent has no std."""
         from pipeline.shards import latent_slices
 
         return latent_slices(self.stores_std, store, flip, image=False)
@@ -363,7 +363,7 @@ def load_decoder(name: str, encoder: dict, dtype: str = "fp32", device: torch.de
 SHAPES = {
     "sd": ("AutoencoderKL", dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                 latent_channels=4, sample_size=256)),  # sd-vae-ft-ema (DESIGN.md)
+                                 latent_channels=4, sample_size=256)),  # sd-vae-ft-ema (docs/design.md)
     "tiny": ("AutoencoderKL", dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
                                    down_block_types=("DownEncoderBlock2D",) * 4,
                                    up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)),

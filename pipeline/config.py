@@ -462,7 +462,7 @@ def _is_gpu_recipe(config: str | None) -> bool:
 
 SHIPPED_CONFIGS_PACKAGE = "ditpipe_configs"
 
-# Keys that may differ between a run's saved config and the one it resumes with (DESIGN.md, Runs and checkpoints):
+# Keys that may differ between a run's saved config and the one it resumes with (docs/design.md, Config):
 # where and how long it runs, and keys the trained weights never see: the data order and every random draw are
 # keyed on (seed, epoch, sample, step), not on the worker count; validation runs on a copy under a forked RNG;
 # the download and encode keys (vae.batch_size, text.batch_size) are read by `encode` only; max_nonfinite_steps

@@ -10,7 +10,7 @@
 `Flow` is rectified flow with velocity prediction: x_t = (1 - t) x0 + t ε, target ε - x0, logit-normal t, and the
 model sees t * 1000 so its timestep embedding covers the same range as DDPM's.
 
-Every random draw takes an explicit torch.Generator (DESIGN.md, Randomness); nothing here touches the global RNG.
+Every random draw takes an explicit torch.Generator (docs/design.md, Randomness); nothing here touches the global RNG.
 Classifier-free guidance is the caller's job: samplers only call model_fn(x, t).
 """
 
@@ -118,7 +118,7 @@ def linear_beta_schedule(num_timesteps, beta_start, beta_end):
 
 
 def _require_generator(generator):
-    # A draw from the global RNG would make the run depend on whatever else consumed it (DESIGN.md, Randomness).
+    # A draw from the global RNG would make the run depend on whatever else consumed it (docs/design.md, Randomness).
     if not isinstance(generator, torch.Generator):
         raise ValueError("pass an explicit torch.Generator for random draws; the global RNG is never used")
     return generator

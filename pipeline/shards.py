@@ -78,7 +78,7 @@ def listing_sha256(metas: list[dict]) -> str:
 
 
 def latent_slices(stores_std: bool, store: str, flip: bool, image: bool | None = None) -> list[str]:
-    """The named slices of `latent.npy`'s first axis (DESIGN.md, shard schema). `image`: the pixel codec (by
+    """The named slices of `latent.npy`'s first axis (docs/design.md, Shards). `image`: the pixel codec (by
     default, a codec without a std), whose flip is exact at load time; a deterministic autoencoder (DC-AE, TAESD)
     stores its latent alone, as `mean`."""
     if not stores_std if image is None else image:  # pixel codec: the image alone

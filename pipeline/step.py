@@ -226,9 +226,9 @@ def _over_ranks(acc, step_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def build_step(acc, model: torch.nn.Module, objective, plan: Plan, latent_shape: tuple[int, int, int], *,
                norm: LatentNorm, posterior: bool, training, drop_prob: float, conditional: bool, compile: bool,
                rank: int, resume: Path | None = None) -> Step:
-    """The step's parts in the order DESIGN.md prescribes (module docstring). `training` is the config's
-    TrainingConfig; `resume` a validated checkpoint folder to load the model, EMA, optimizer and scaler from. The
-    model's `bucket_grids` (training.build_model; none for square shards) are the patch grids its batches take."""
+    """The step's parts in the order docs/design.md prescribes (A step; the module docstring). `training` is the
+    config's TrainingConfig; `resume` a validated checkpoint folder to load the model, EMA, optimizer and scaler from.
+    The model's `bucket_grids` (training.build_model; none for square shards) are the patch grids its batches take."""
     t = training
     model = model.to(acc.device)  # first: the EMA, the optimizer and loaded state are made from these parameters
     grids = sorted(set(getattr(model, "bucket_grids", ())))  # the run's buckets' patch grids (training.build_model)

@@ -23,7 +23,7 @@ from pipeline.sources import (
     shape_params,
 )
 
-COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]  # DESIGN.md: red, green, blue, yellow
+COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]  # docs/design.md, shapes: red, green, blue, yellow
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
