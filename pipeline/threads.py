@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.workers import usable_cpus
+
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read in this order; torch itself reads the first at start-up
 SAMPLE_SECONDS = 0.25  # how long the CPU's busy time is sampled: 25 clock ticks a core, enough to tell 0 from 1
 
@@ -75,7 +77,7 @@ def choose(setting: int | None, device_type: str, processes_here: int = 1,
             return Threads(int(value), var)
     if device_type != "cpu":
         return Threads(torch.get_num_threads(), "torch's default")
-    have, busy = len(_mine()), busy_cores()
+    have, busy = usable_cpus(), busy_cores()
     free = max(1, round(have - min(busy, have)))
     share = max(1, free // max(processes_here, 1))
     return Threads(share, f"{have} core(s), {busy:.1f} busy with other work when the run started"

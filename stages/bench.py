@@ -88,6 +88,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline import __version__
+from pipeline.workers import usable_cpus
 from pipeline.errors import ConfigError, DitpipeError
 
 SCHEMA = "ditpipe-bench/1"
@@ -370,8 +371,8 @@ def task_machine(o: BenchOptions) -> dict:
     if cuda and not torch.cuda.is_available():
         raise DitpipeError("--device cuda, but torch sees no CUDA device")
     return {"device": o.device, "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or
-            platform.machine(), "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            platform.machine(), "cpu_count": usable_cpus(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "platform": platform.platform(), "peak_tflops": _peak_tflops(o)}
 
 
@@ -549,7 +550,7 @@ def task_encode_pipeline(o: BenchOptions, vae_dir: str, images_dir: str, out: st
     seconds = time.perf_counter() - t0
     images, steady_s = _steady(stamps)
     return {"images": manifest["num_samples"], "seconds": seconds, "steady_images": images, "steady_s": steady_s,
-            "workers": min(cfg.data.num_workers, len(os.sched_getaffinity(0))),
+            "workers": min(cfg.data.num_workers, usable_cpus()),
             "bytes": sum(s["bytes"] for s in manifest["shards"])}
 
 
@@ -810,7 +811,7 @@ def _part_loader(o: BenchOptions, work: Path) -> dict:
         (base / "done").write_text("ok\n")
     res = _child("loader_rates", o, folders=folders)
     med = {k: statistics.median(v) for k, v in res["trials"].items()}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cpus()
     us = res["per_sample_us"]
     return {"samples": o.loader_samples, "sample_shape": [4, 4, latent, latent], "batch_size": o.loader_batch,
             "num_workers": o.num_workers, "repeats": o.repeats,

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from pipeline import __version__, atomic, checkpoint, lock, shards
-from pipeline.config import RESUMABLE_CHANGES, Config, resumable_keys, validate_tree
+from pipeline.config import CPU_RECIPE, RESUMABLE_CHANGES, Config, override_args, resumable_keys, validate_tree
 from pipeline.device import describe, make_accelerator, peak_tflops
 from pipeline.diffusion import make_objective
 from pipeline.estimate import LONG_ON_CPU_SECONDS, duration, remaining, step_seconds
@@ -840,8 +841,8 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
     console.print(table)
     if device.type == "cpu" and total > LONG_ON_CPU_SECONDS:  # before the first step: a CPU run of days is a mistake
         console.print(f"[bold red]warning:[/] [bold]this run would take about {duration(total)} on this CPU. On a CPU "
-                      f"train the small recipe (configs/cpu.yaml) instead: {_small_recipe(cfg)}; or stop sooner with "
-                      "--training.max_steps N; or train on a GPU[/]", highlight=False, soft_wrap=True)
+                      f"train the small recipe (configs/{CPU_RECIPE}.yaml) instead: {escape(_small_recipe(cfg))}; or "
+                      "stop sooner with --training.max_steps N; or train on a GPU[/]", highlight=False, soft_wrap=True)
     if memory_warning:  # before any step: an out-of-memory a minute in wastes the start-up
         console.print(f"[bold red]warning:[/] [bold]{memory_warning}[/]", highlight=False, soft_wrap=True)
     for loud, note in schedule_warnings(t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,
@@ -863,11 +864,12 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
 def _small_recipe(cfg: Config) -> str:
     """The two commands that encode and train the CPU recipe (configs/cpu.yaml) on this run's images."""
     d = cfg.data
-    source = ["--dataset", d.dataset_name] + (["--data-path", d.dataset_path] if d.dataset_name != "shapes" else [])
-    train_keys = ["--data.dataset_name", d.dataset_name] + (
-        ["--data.dataset_path", d.dataset_path] if d.dataset_name != "shapes" else [])
-    return (shlex.join(["ditpipe", "encode", "--config", "cpu", *source]) + " then "
-            + shlex.join(["ditpipe", "train", "--config", "cpu", *train_keys]))
+    own = d.dataset_name != "shapes"  # a folder of images: its path goes with it
+    encode = ["--dataset", d.dataset_name, *(["--data-path", d.dataset_path] if own else [])]
+    train = override_args({"data.dataset_name": d.dataset_name,
+                           **({"data.dataset_path": d.dataset_path} if own else {})})
+    return (shlex.join(["ditpipe", "encode", "--config", CPU_RECIPE, *encode]) + " then "
+            + shlex.join(["ditpipe", "train", "--config", CPU_RECIPE, *train]))
 
 
 def _tokens(manifest: dict, patch: int) -> str:
