@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh: its parts are the ones README documents; an unknown part is a usage error; where there is
+"""scripts/gpu_check.sh: its parts are the ones docs/gpu.md documents; an unknown part is a usage error; where there is
 no CUDA device every part stops with a clear message and runs nothing."""
 
 import os
@@ -44,7 +44,7 @@ def test_an_unknown_part_is_a_usage_error_that_names_the_parts(tmp_path, args):
 
 
 def test_readme_gives_every_part_its_command_and_its_time(tmp_path):
-    section = ROOT.joinpath("README.md").read_text().split("### The GPU acceptance check", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "gpu.md").read_text().split("## The GPU acceptance check", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^scripts/gpu_check.sh (\S+)", section, re.M)
     assert sorted(documented) == sorted(script_parts(tmp_path)) == sorted(["wheelhouse", *GPU_PARTS])
     for part in documented:  # each command's line says how long it takes, and whether that was measured
