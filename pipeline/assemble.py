@@ -1,7 +1,7 @@
 """Shard assembly in a writer thread: encode's VAE forward of batch b+1 overlaps batch b's fp16 conversion, JSON,
 tar or Parquet writing, fsync and hashing.
 
-The encode loop (stages/encode.py) sends, in order: ("shard", plan, caption records) to start a shard, ("batch", ...)
+The encode loop (pipeline/encode.py) sends, in order: ("shard", plan, caption records) to start a shard, ("batch", ...)
 with each encoded batch's latents still on their way to host memory, and ("end",) to finish it. The thread writes
 each shard's inputs in input order, whatever the batches: reused latents (read from their donor shards), new ones
 and skips. So the bytes are exactly those of a sequential write, and writes stay atomic (ShardWriter).
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline import reuse, shards
+from pipeline.manifest import latent_shape_of
 from pipeline.sources import Loaded
 
 _STOP = object()
@@ -134,7 +135,7 @@ class Assembler:
     def _on_shard(self, plan: reuse.ShardPlan, texts: dict) -> None:
         self._plan, self._texts, self._next, self._done = plan, texts, 0, {}
         self._tally = ShardTally()
-        shape = shards.latent_shape_of(self.header, plan.bucket)  # the manifest's, or the shard's bucket's
+        shape = latent_shape_of(self.header, plan.bucket)  # the manifest's, or the shard's bucket's
         self._writer = shards.ShardWriter(self.out / plan.name, self.fmt, shape, text=self.text)
 
     def _on_batch(self, batch: Encoded) -> None:

@@ -9,7 +9,8 @@ mirrors (README, "Aspect-ratio buckets").
 
 An image goes to the bucket nearest its aspect ratio (in log ratio, ties to the earlier bucket), is resized to
 cover it and centre-cropped (pipeline/sources.py). The fraction of its pixels kept is min(r, rb) / max(r, rb) for
-aspect ratios r (image) and rb (bucket), against min(w, h)² / (w·h) for today's square centre crop.
+aspect ratios r (image) and rb (bucket), against min(w, h)² / (w·h) for today's square centre crop. What a shard
+folder's buckets are (sizes, latent shapes, the most common one) its manifest says: `pipeline/manifest.py`.
 """
 
 from __future__ import annotations
@@ -72,24 +73,3 @@ def kept_fraction(w: int, h: int, size: tuple[int, int] | None) -> float:
     """The fraction of a w×h image's pixels a cover-and-centre-crop to `size` keeps (None: a square crop)."""
     r, rb = w / h, 1.0 if size is None else size[0] / size[1]
     return min(r, rb) / max(r, rb)
-
-
-def sizes_of(manifest: dict) -> list[list[int]]:
-    """The image sizes [w, h] a manifest's shards hold: its buckets', or the one square size ([] when unknown)."""
-    if manifest.get("buckets"):
-        return [list(b["size"]) for b in manifest["buckets"]]
-    size = (manifest.get("source") or {}).get("image_size")  # an export folder's excerpt has no source section
-    if size is None and manifest["codec"].get("downsample"):
-        size = manifest["latent"]["shape"][-1] * manifest["codec"]["downsample"]
-    return [[size, size]] if size else []
-
-
-def most_common(manifest: dict) -> int:
-    """The bucket with the most samples (the first of equals): validation grids and `sample` default to it."""
-    buckets = manifest.get("buckets") or []
-    return max(range(len(buckets)), key=lambda i: (buckets[i].get("samples", 0), -i)) if buckets else 0
-
-
-def describe(manifest: dict) -> str:
-    """`8x16: 6, 16x16: 9, ...`: each bucket's size and samples, for `inspect` and the encode summary."""
-    return ", ".join(f"{b['size'][0]}x{b['size'][1]}: {b['samples']:,}" for b in manifest["buckets"])

@@ -1,9 +1,12 @@
-"""Checkpoints that survive anything: atomic folders, hashed files, a `latest` pointer, fallback, retention.
+"""Checkpoints that survive anything: atomic folders, hashed files, a `latest` pointer, fallback, retention; and
+the one place that says what a checkpoint holds, how it is read back, and where weights are opened from.
 
     outputs/<run>/checkpoint-500/         the training guide's layout
-        model.pt  ema.pt  optimizer.pt    raw state dicts (model/EMA in the official DiT layout)
-        scaler.pt  rng-rank0.pt           whatever else the state needs
-        config.yaml  manifest.json        the resolved config; the shard manifest's codec/labels/captions
+        model.pt  ema.pt  optimizer.pt    raw state dicts (model/EMA in the official DiT layout); ema.pt with
+                                          training.use_ema
+        phema.pt  scaler.pt               the post-hoc EMA shadows (training.posthoc_ema), the fp16 loss scaler
+        rng-rank0.pt ...                  each rank's global RNG states and unlogged loss window
+        config.yaml  manifest.json        the resolved config; the shard manifest's excerpt (manifest_excerpt)
         training_state.json               step, epoch, samples consumed, config hash, versions, every file's sha256
     outputs/<run>/latest                  the name of the newest complete checkpoint
 
@@ -20,7 +23,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,17 +32,36 @@ import torch
 
 from pipeline import atomic, safe_yaml
 from pipeline.errors import DitpipeError
+from pipeline.ranks import Group
 
+# Every file name of a run, a checkpoint and an export: the one place they are spelled.
 STATE = "training_state.json"
-LATEST = "latest"
+LATEST = "latest"  # in the run folder: the name of the newest complete checkpoint
+MODEL = "model.pt"
+EMA = "ema.pt"
+OPTIMIZER = "optimizer.pt"
+SCALER = "scaler.pt"
+PHEMA_FILE = "phema.pt"  # the post-hoc EMA shadows (PowerEMA.state_dict)
+CONFIG = "config.yaml"  # the resolved config; also in the run folder, from its start
+MANIFEST = "manifest.json"  # the shard manifest's excerpt (manifest_excerpt)
+EXPORT_WEIGHTS = "model.safetensors"  # an export folder's weights (pipeline/exported.py)
+EXPORT_CONFIG = "config.json"  # an export folder's metadata
+
+
+def rng_file(rank: int) -> str:
+    """The file of rank `rank`'s RNG states and unlogged loss window."""
+    return f"rng-rank{rank}.pt"
+
+
 _NAME = re.compile(r"^checkpoint-(epoch-)?(\d+)$")
-# Test hook: seconds to sleep after writing each file of a checkpoint, so a test can kill -9 a run while a
-# `.checkpoint-*.tmp` folder is half written. Unset (or 0) in normal use.
-PAUSE_ENV = "DITPIPE_CHECKPOINT_PAUSE_S"
 
 
 class CheckpointError(DitpipeError):
     pass
+
+
+class NoEMAError(CheckpointError):
+    """open_weights(..., "ema", fallback=False) on a checkpoint without ema.pt (training.use_ema was off)."""
 
 
 def step_name(step: int) -> str:
@@ -50,49 +72,29 @@ def epoch_name(epoch: int) -> str:
     return f"checkpoint-epoch-{epoch}"
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """Whether `name` is a checkpoint folder's (step_name or epoch_name)."""
+    return _NAME.match(name) is not None
+
+
 def _tmp(run_dir: Path, name: str) -> Path:
     return run_dir / f".{name}{atomic.TMP_SUFFIX}"
 
 
-@dataclass(frozen=True)
-class Group:
-    """The collectives a save across processes needs; the defaults are one process's. Every decision that changes
-    what the ranks do next (keep, write, fail) is rank 0's, broadcast: ranks that looked for themselves could
-    disagree (NFS attribute caching) and then run different numbers of barriers, which hangs NCCL."""
-
-    rank: int = 0
-    broadcast: Callable[[object], object] = lambda value: value  # rank 0's value, returned on every rank
-    gather: Callable[[object], list] = lambda value: [value]  # every rank's value, on every rank
-
-    def on_rank0(self, work: Callable[[], object], error: type[DitpipeError] = DitpipeError):
-        """work() on rank 0 alone (hashing gigabytes, writing a file), its result returned on every rank; when it
-        raises `error`, every rank raises one with the same message, so all ranks go on, or stop, together."""
-        answer = None
-        if self.rank == 0:
-            try:
-                answer = (work(), None)
-            except error as e:
-                answer = (None, str(e))
-        result, failure = self.broadcast(answer)
-        if failure is not None:
-            raise error(failure)
-        return result
-
-
 def save(run_dir: Path, name: str, writers: dict[str, Callable[[Path], None]], state: dict, *,
-         group: Group = Group(), needed_bytes: int = 0) -> Path:
+         group: Group = Group(), needed_bytes: int = 0, pause: float = 0.0) -> Path:
     """Every rank calls this with its own `writers` ({file name: write(path)}); rank 0 also hashes, renames and
     points `latest` at the result. An existing valid checkpoint of the same name is kept (it holds the same state);
     a damaged one is moved aside to `<name>.damaged` and written anew. Any failure to write (a full disk: torch.save
     raises RuntimeError, not OSError) removes the temporary folder on every path, leaves the previous checkpoints as
-    they were, and raises one CheckpointError on every rank."""
+    they were, and raises one CheckpointError on every rank. `pause`: seconds to sleep after each file (a test hook,
+    pipeline/hooks.py)."""
     run_dir, final, tmp = Path(run_dir), Path(run_dir) / name, _tmp(Path(run_dir), name)
     decision = group.broadcast(_prepare(run_dir, name, needed_bytes) if group.rank == 0 else None)
     if decision == "keep":
         return final
     if decision != "write":
         raise CheckpointError(decision)
-    pause = float(os.environ.get(PAUSE_ENV) or 0)
     failure = None
     try:
         for fname, write in writers.items():
@@ -238,7 +240,7 @@ def _move_aside(path: Path) -> Path:
 
 # What every checkpoint must hold, whatever its training_state.json lists: a state file that omits one would
 # otherwise validate, and fail (or silently resume without it) later. ema.pt also, when the saved config keeps an EMA.
-REQUIRED_FILES = ("model.pt", "optimizer.pt", "rng-rank0.pt", "config.yaml")
+REQUIRED_FILES = (MODEL, OPTIMIZER, rng_file(0), CONFIG)
 REQUIRED_KEYS = ("written_by", "step", "epoch", "samples_consumed", "total_steps", "world_size", "files")
 UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, MemoryError)  # hostile JSON
 
@@ -260,7 +262,7 @@ def validate(ckpt: Path) -> dict:
             raise CheckpointError(f"'{ckpt}' is missing {fname}")
         if path.stat().st_size != size or atomic.sha256_file(path) != sha:
             raise CheckpointError(f"'{ckpt}/{fname}' does not match its recorded size and sha256 (damaged)")
-    required = REQUIRED_FILES + (("ema.pt",) if "config.yaml" in files and _uses_ema(ckpt / "config.yaml") else ())
+    required = REQUIRED_FILES + ((EMA,) if CONFIG in files and _uses_ema(ckpt / CONFIG) else ())
     unlisted = [f for f in required if f not in files]
     if unlisted:
         raise CheckpointError(f"'{ckpt}/{STATE}' does not list {', '.join(unlisted)}, which every checkpoint holds; "
@@ -346,18 +348,32 @@ def read_json(path: Path) -> dict:
 def read_manifest(ckpt: Path) -> dict:
     """A checkpoint's manifest.json (the shard manifest's codec, labels, latent... sections), its latent shape
     checked as a shard manifest's is: sample and export size their model from it."""
-    from pipeline.shards import check_latent_shape
+    from pipeline.manifest import check_latent_shape
 
-    manifest = read_json(Path(ckpt) / "manifest.json")
-    check_latent_shape(manifest, Path(ckpt) / "manifest.json")
+    manifest = read_json(Path(ckpt) / MANIFEST)
+    check_latent_shape(manifest, Path(ckpt) / MANIFEST)
     return manifest
+
+
+# The shard manifest's sections that sampling needs; a checkpoint also records where the latents came from, their
+# statistics and the normalisation the run trained with (SHARD_KEYS, below, is what checks the shards themselves).
+EXCERPT_KEYS = ("codec", "labels", "captions", "latent")
+CHECKPOINT_EXCERPT_KEYS = EXCERPT_KEYS + ("source", "stats", "latent_norm")
+
+
+def manifest_excerpt(manifest: dict, keys: tuple[str, ...] = EXCERPT_KEYS) -> dict:
+    """The manifest excerpt a checkpoint (`keys` CHECKPOINT_EXCERPT_KEYS) or an export (EXCERPT_KEYS) records, in
+    `keys`' order; a bucketed run's buckets last, so `sample` knows the run's sizes from it alone."""
+    from pipeline.manifest import Manifest
+
+    return Manifest.of(manifest).excerpt(keys)
 
 
 def read_config(ckpt: Path):
     """A checkpoint's config.yaml as a Config; problems name the file."""
     from pipeline.config import load_saved_config
 
-    return load_saved_config(Path(ckpt) / "config.yaml")
+    return load_saved_config(Path(ckpt) / CONFIG)
 
 
 def _uses_ema(config: Path) -> bool:
@@ -536,6 +552,102 @@ def load_tensors(path: Path, mmap: bool = False) -> dict:
                               "unpickles objects)") from None
 
 
+# The optimizer's own execution flags: fixed by this build, never by a checkpoint (one written on a CPU without
+# fused kernels must not switch a GPU run to the unfused AdamW, which cannot skip a step on the device).
+OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_state(ckpt: Path, model: torch.nn.Module, ema, opt: torch.optim.Optimizer, scaler,  # ema: pipeline.ema.EMA
+               phema=None) -> None:  # phema: pipeline.phema.PowerEMA
+    """A checkpoint's model, EMA, optimizer, loss-scaler and post-hoc EMA state, into objects already on their
+    device. The files are memory-mapped: every rank reads them through the page cache instead of holding its own
+    host copy."""
+    model.load_state_dict(load_tensors(ckpt / MODEL, mmap=True), strict=True)
+    flags = {k: opt.defaults[k] for k in OPTIMIZER_FLAGS if k in opt.defaults}
+    opt.load_state_dict(load_tensors(ckpt / OPTIMIZER, mmap=True))
+    for group in opt.param_groups:
+        group.update(flags)
+    for p, state in opt.state.items():  # a step count saved by an unfused optimizer lives on the CPU
+        if flags.get("fused") and "step" in state:
+            state["step"] = state["step"].to(p.device, torch.float32)
+    if ema is not None and (ckpt / EMA).is_file():
+        ema.load_state_dict(load_tensors(ckpt / EMA, mmap=True))
+    if phema is not None:  # required: the config cannot switch posthoc_ema on at a resume
+        phema.load_state_dict(load_tensors(ckpt / PHEMA_FILE, mmap=True))
+    if scaler is not None and (ckpt / SCALER).is_file():
+        scaler.load_state_dict(load_tensors(ckpt / SCALER))
+
+
+# ---------------------------------------------------------------------------------------------------- what is written
+
+
+def state_record(cfg, step: int, plan, total_steps: int, nonfinite_total: int, manifest: dict,
+                 restretched: list[int], precision: str) -> dict:
+    """training_state.json's content (less `files`, which `save` adds, and the recovery record, which the run adds)
+    for the state after `step` optimizer steps of the run `cfg` (a Config), `plan` (a pipeline.order.Plan)."""
+    from importlib.metadata import version
+
+    from pipeline import __version__
+
+    return {"written_by": f"ditpipe {__version__}", "step": step, "epoch": step // plan.steps_per_epoch,
+            "samples_consumed": step * plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
+            "total_steps": total_steps, "world_size": plan.world_size, "global_batch": plan.global_batch,
+            "batch_size": plan.batch_size, "gradient_accumulation_steps": plan.accum, "config_hash": cfg.hash(),
+            "nonfinite_total": nonfinite_total, "shards": shards_record(manifest),
+            "restretched_at": restretched,
+            "precision": precision,  # what ran: the config's fp16 runs as bf16 on a CPU
+            "versions": {name: version(name) for name in ("torch", "accelerate", "numpy", "ditpipe")}}
+
+
+def writers(acc, cfg, manifest: dict, step) -> dict:
+    """{file: write(path)} for this rank, of the run `cfg` at `step` (a pipeline.step.Step). Every rank saves its
+    RNG states and its unlogged loss window (so the first log line after a resume averages the same steps as an
+    uninterrupted run's); rank 0 the model, optimizer, config, manifest excerpt, EMAs and loss scaler."""
+    rank, stats = acc.process_index, step.stats
+    log_window = torch.stack([stats.loss_sum.double().cpu(), stats.finite_steps.double().cpu()])  # a checkpoint syncs
+    device = acc.device
+    files = {rng_file(rank): lambda p: torch.save({**rng_state(device), "log_window": log_window}, p)}
+    if not acc.is_main_process:
+        return files
+    excerpt = manifest_excerpt(manifest, CHECKPOINT_EXCERPT_KEYS)
+    files.update({
+        MODEL: lambda p: torch.save(step.raw.state_dict(), p),
+        OPTIMIZER: lambda p: torch.save(step.opt.state_dict(), p),
+        CONFIG: lambda p: p.write_text(cfg.to_yaml()),
+        MANIFEST: lambda p: p.write_text(json.dumps(excerpt, indent=1)),
+    })
+    if step.ema is not None:
+        files[EMA] = lambda p: torch.save(step.ema.state_dict(), p)
+    if step.phema is not None:
+        files[PHEMA_FILE] = lambda p: torch.save(step.phema.state_dict(), p)
+    if acc.scaler is not None:
+        files[SCALER] = lambda p: torch.save(acc.scaler.state_dict(), p)
+    return files
+
+
+def needed_bytes(raw, step=None) -> int:
+    """A checkpoint's size, about: the model, the EMA, Adam's 2 moments and the post-hoc EMAs, in fp32."""
+    params = sum(p.numel() * 4 for p in raw.parameters())
+    return params * (4 + len(step.phema.emas if step is not None and step.phema else []))
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def restore_rank_state(ckpt: Path, saved: dict, rank: int, stats, device: torch.device) -> None:
+    """The saved state that still applies on any world size: this rank's global RNG states when the checkpoint has
+    its file (the step draws from keyed generators alone, so a rank the run did not have needs none), and the
+    unlogged loss window, the same in every rank's file, so the first log line after a resume averages the same
+    steps as an uninterrupted run's (into `stats`, a pipeline.step.StepStats)."""
+    own = ckpt / rng_file(rank)
+    if own.is_file():
+        set_rng_state(load_tensors(own), device)
+    window = load_tensors(own if own.is_file() else ckpt / rng_file(0))["log_window"]
+    stats.loss_sum += window[0].to(device)
+    stats.finite_steps += window[1].to(device)
+    stats.nonfinite_total.fill_(int(saved.get("nonfinite_total", 0)))
+
+
 # ---------------------------------------------------------------------------------------------------- RNG state
 
 
@@ -565,3 +677,98 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
         torch.cuda.set_rng_state(state["cuda_device"], device)
     elif isinstance(state.get("cuda"), list) and (device.index or 0) < len(state["cuda"]):
         torch.cuda.set_rng_state(state["cuda"][device.index or 0], device)  # written before: every device's state
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One set of weights, opened by `open_weights`, and what is known of where they came from."""
+
+    state: dict  # {parameter name: tensor} on the CPU, in the official DiT layout
+    kind: str  # "checkpoint" (ours), "export" (an export folder) or "file" (a bare .pt or .safetensors)
+    source: Path  # the checkpoint folder, the export folder, or the file that was read
+    which: str  # the weights read: "ema" or "model" (a checkpoint); an export's own "weights"; for a file, what of
+    # it: "state dict", "its 'ema' entry", "its 'model' entry", or a .safetensors' recorded "weights" ("unknown")
+    cfg: object | None = None  # the run's Config (checkpoint, export); None for a file
+    manifest: dict = field(default_factory=dict)  # the manifest excerpt (checked latent shape for a checkpoint);
+    # {} when unknown. An export's carries its recorded latent_norm
+    step: int | None = None  # the step the weights were taken at, when recorded
+    meta: dict = field(default_factory=dict)  # an export's (or a .safetensors' sibling) config.json; else {}
+
+
+def open_weights(path: Path, which: str = "ema", *, fallback: bool = True, warn: Callable[[str], None] =
+                 lambda message: None) -> Weights:
+    """The weights at `path`, whatever holds them, as a `Weights`:
+
+    - an export folder, or its model.safetensors (`ditpipe export`, `ditpipe ema --out`): kind "export", its one
+      set of weights (`which` is not consulted: callers that asked for other weights refuse), cfg and manifest from
+      its config.json (pipeline/exported.py `read`);
+    - one of our checkpoint folders, or a run folder (its newest valid checkpoint; damaged newer ones are named
+      through `warn` and skipped): validated (every file's sha256), kind "checkpoint", cfg from config.yaml,
+      manifest from manifest.json (its latent shape checked), step from the state; `which` "ema" reads ema.pt and
+      "model" model.pt; without ema.pt, `fallback` reads model.pt instead (`which` then says "model"), else
+      NoEMAError;
+    - any other `.safetensors` file: kind "file", its tensors, and the config.json beside it when there is one
+      (`meta`, and its "manifest" as `manifest`);
+    - any other file: a bare torch state dict (an official DiT .pt): kind "file"; a training checkpoint's {"ema",
+      "model", ...} gives its "ema" entry for `which` "ema", else its "model" entry.
+
+    Nothing is unpickled (torch.load(weights_only=True), safetensors). A path that does not exist raises
+    CheckpointError; callers that word that themselves check first."""
+    from pipeline import exported
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"'{path}' does not exist")
+    folder = exported.folder_of(path)
+    if folder is not None:
+        ex = exported.read(folder)
+        return Weights(ex.state, "export", folder, ex.meta["weights"], ex.cfg, ex.manifest, ex.meta.get("step"),
+                       ex.meta)
+    if path.is_dir():
+        if not (path / STATE).is_file():
+            path = find_resumable(path, warn)[0]  # a run folder: raises when it has none
+        state = validate(path)
+        name = f"{which}.pt"
+        if name == EMA and not (path / EMA).is_file():
+            if not fallback:
+                raise NoEMAError(f"'{path}' has no {EMA}")
+            name = MODEL
+        return Weights(load_tensors(path / name), "checkpoint", path, name.removesuffix(".pt"), read_config(path),
+                       read_manifest(path), state["step"])
+    if path.suffix == ".safetensors":
+        return _safetensors_file(path)
+    return _torch_file(path, which)
+
+
+def _safetensors_file(path: Path) -> Weights:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # noqa: BLE001 (a truncated or foreign file)
+        raise CheckpointError(f"cannot read '{path}' as safetensors ({e}); export it again with `ditpipe export`") \
+            from None
+    config = path.parent / EXPORT_CONFIG
+    meta = read_json(config) if config.is_file() else {}
+    return Weights(tensors, "file", path, meta.get("weights", "unknown"), None, meta.get("manifest") or {},
+                   meta.get("step"), meta)
+
+
+def _torch_file(path: Path, which: str) -> Weights:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (weights_only refuses pickled objects; or not a torch file at all)
+        raise CheckpointError(f"cannot load '{path}' with torch.load(weights_only=True): {str(e).splitlines()[0]}. "
+                              "ditpipe loads plain state dicts only (the official DiT-XL-2-256x256.pt is one); it "
+                              "never unpickles arbitrary objects") from None
+    what = "state dict"
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict) and which == "ema":
+        obj, what = obj["ema"], "its 'ema' entry"  # the official training script saves {"model", "ema", "opt", ...}
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj, what = obj["model"], "its 'model' entry"
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"'{path}' is not a DiT state dict (a mapping of parameter names to tensors)")
+    return Weights(obj, "file", path, what)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline import safe_yaml
 from pipeline.errors import ConfigError
+from pipeline.samplers import NAMES as SAMPLER_NAMES, SAMPLERS
 
 # The widest power-function EMA profile (γ = 0: the plain running mean); a wider one would weigh old weights more.
 POSTHOC_MAX_SIGMA_REL = 12 ** -0.5
@@ -52,7 +53,7 @@ def _takes_int(annotation) -> bool:
 # Bounds on the sizes a config, a shard manifest or a checkpoint may ask for, checked before anything is allocated:
 # an altered file could otherwise demand any amount of memory (a latent of 30000 x 30000 asks 7.2 GB for pos_embed
 # alone). They are generous: DiT-XL/2 at 512 px has 1,024 tokens, width 1152, depth 28, 16 heads and 675 M
-# parameters. pipeline/model.py checks every model against them; shards.check_latent_shape every manifest.
+# parameters. pipeline/model.py checks every model against them; manifest.check_latent_shape every manifest.
 MAX_IMAGE_SIZE = 4096  # data.image_size, and a manifest's latent side
 MAX_TOKENS = 16_384  # a 128 x 128 patch grid: 2048 px at f8 / patch 2, or 256 px pixel-space at patch 2
 MAX_HIDDEN = 8_192
@@ -65,7 +66,7 @@ MAX_TEXT_DIM = 16_384  # the caption encoder's width (T5-XXL: 4096)
 MAX_PARAMETERS = 8_000_000_000  # about 32 GB in fp32
 MAX_GRID = 256  # validation.num_samples: a 16 x 16 grid, sampled at every validation
 # Seeds: training.seed also seeds numpy's legacy global RNG, which takes 0 .. 2**32 - 1; data.seed is hashed into
-# 64-bit keys (pipeline/loader.py), so a larger one would alias a smaller one.
+# 64-bit keys (pipeline/order.py), so a larger one would alias a smaller one.
 MAX_TRAINING_SEED = 2**32 - 1
 MAX_DATA_SEED = 2**64 - 1
 
@@ -278,7 +279,7 @@ class ValidationConfig(_Section):
     cfg_interval: tuple[float, float] = Field(
         (0.0, 1.0), description="noise levels [low, high] (0 data, 1 noise) where guidance applies; sample's default")
     sampling_steps: int = Field(50, ge=1, description="sampling steps of the grids; `ditpipe sample` defaults to it")
-    sampler: Optional[Literal["ddpm", "ddim", "euler", "heun"]] = Field(
+    sampler: Optional[Literal[SAMPLER_NAMES]] = Field(
         None, description="sampler of the grids and of `ditpipe sample`; null: the objective's own")
     bf16: bool = Field(True, description="CUDA: sample the grids under bf16 autocast (the sampler's arithmetic "
                                          "stays fp32)")
@@ -325,7 +326,7 @@ class Config(_Section):
         problems = []
         if self.data.dataset_name == "shapes" and self.data.num_samples is None:
             problems.append("data.num_samples: the shapes dataset is generated, so it needs a number (got null)")
-        samplers = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}[self.diffusion.objective]
+        samplers = tuple(SAMPLERS[self.diffusion.objective])
         plain = DiffusionConfig()
         for key in ("timestep_mean", "timestep_std"):
             if self.diffusion.objective != "flow" and getattr(self.diffusion, key) != getattr(plain, key):
@@ -468,7 +469,7 @@ SHIPPED_CONFIGS_PACKAGE = "ditpipe_configs"
 # the download and encode keys (vae.batch_size, text.batch_size) are read by `encode` only; max_nonfinite_steps
 # and training.recover* only decide what a failing run does; training.threads changes no result (pipeline/threads.py).
 # training.batch_size and gradient_accumulation_steps change the split of the global batch, never the samples or the
-# draws, and train() refuses any that does not keep the run's global batch (stages/train.py, elastic_split). A key
+# draws, and train() refuses any that does not keep the run's global batch (pipeline/run.py, elastic_split). A key
 # ending in "." stands for its whole section.
 RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "training.max_nonfinite_steps", "training.recover",
                      "training.threads", "training.batch_size", "training.gradient_accumulation_steps",

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from pipeline.config import DiffusionConfig
+from pipeline.samplers import SAMPLERS
 
-DDPM_SAMPLERS = ("ddpm", "ddim")
-FLOW_SAMPLERS = ("euler", "heun")
 OBJECTIVES = ("ddpm", "flow")
 
 
@@ -164,8 +163,8 @@ class DDPM:
     """
 
     name = "ddpm"
-    default_sampler = "ddpm"
-    samplers = DDPM_SAMPLERS
+    samplers = tuple(SAMPLERS["ddpm"])
+    default_sampler = samplers[0]
 
     def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, learn_sigma=True):
         self._setup(linear_beta_schedule(num_timesteps, beta_start, beta_end), learn_sigma,
@@ -417,9 +416,8 @@ class DDPM:
                           model_fn, shape, steps, generator, device, noise, progress)
 
     def sample(self, model_fn, shape, sampler, steps, generator, device, noise=None, progress=None):
-        """Dispatch to "ddpm" (ancestral) or "ddim"; sampler None means the default."""
-        loops = {"ddpm": self.p_sample_loop, "ddim": self.ddim_sample_loop}
-        return _dispatch(loops, sampler or self.default_sampler, model_fn, shape, steps, generator, device, noise,
+        """Run the named sampler: ancestral ("ddpm") or DDIM (pipeline/samplers.py); None means the default."""
+        return _dispatch(self, sampler or self.default_sampler, model_fn, shape, steps, generator, device, noise,
                          progress)
 
 
@@ -431,8 +429,8 @@ class Flow:
     """Rectified flow: x_t = (1 - t) x0 + t ε, the model predicts v = ε - x0; t = 1 is noise, t = 0 data."""
 
     name = "flow"
-    default_sampler = "euler"
-    samplers = FLOW_SAMPLERS
+    samplers = tuple(SAMPLERS["flow"])
+    default_sampler = samplers[0]
     out_channels_factor = 1
     learn_sigma = False
 
@@ -508,17 +506,17 @@ class Flow:
         return self._integrate(model_fn, shape, steps, generator, device, noise, progress, heun=True)
 
     def sample(self, model_fn, shape, sampler, steps, generator, device, noise=None, progress=None):
-        """Dispatch to "euler" or "heun"; sampler None means the default."""
-        loops = {"euler": self.euler_sample, "heun": self.heun_sample}
-        return _dispatch(loops, sampler or self.default_sampler, model_fn, shape, steps, generator, device, noise,
+        """Run the named sampler: Euler or Heun (pipeline/samplers.py); None means the default."""
+        return _dispatch(self, sampler or self.default_sampler, model_fn, shape, steps, generator, device, noise,
                          progress)
 
 
-def _dispatch(loops: dict, sampler, model_fn, shape, steps, generator, device, noise, progress):
-    """Run the named sampler loop, or say which names are valid."""
+def _dispatch(objective, sampler, model_fn, shape, steps, generator, device, noise, progress):
+    """Run the objective's loop that pipeline/samplers.py names for `sampler`, or say which names are valid."""
+    loops = SAMPLERS[objective.name]
     if sampler not in loops:
         raise _unknown_sampler(sampler, tuple(loops))
-    return loops[sampler](model_fn, shape, steps, generator, device, noise=noise, progress=progress)
+    return getattr(objective, loops[sampler])(model_fn, shape, steps, generator, device, noise=noise, progress=progress)
 
 
 def micro_loss(model, objective, x0, labels, conditional: bool, t, noise, drop):

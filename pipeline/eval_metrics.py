@@ -168,12 +168,12 @@ class _Rows(torch.nn.Module):
 
 def kid(real, fake, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
     """(mean, std) of torchmetrics' KID on the pool features, its subsets drawn under a fixed seed."""
-    from pipeline.fid import _torchmetrics
+    from pipeline.fid import import_torchmetrics
 
     n = min(len(real), len(fake))
     if n < 2:
         raise DitpipeError(f"KID needs at least 2 samples per side, got {n}")
-    mod = _torchmetrics("torchmetrics.image.kid")
+    mod = import_torchmetrics("torchmetrics.image.kid")
     with warnings.catch_warnings():  # "will save all extracted features in buffer": that is what KID needs
         warnings.simplefilter("ignore", UserWarning)
         # sync_on_compute=False: rank 0 alone computes it under torchrun; torchmetrics' default all_gather there

@@ -21,12 +21,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline import __version__, atomic, lock
+from pipeline.checkpoint import EXPORT_CONFIG as CONFIG, EXPORT_WEIGHTS as WEIGHTS, manifest_excerpt, read_json, write_trouble
 from pipeline.config import Config, validate_tree
 from pipeline.errors import DitpipeError
 from pipeline.latent_norm import LatentNorm
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 
 
 def architecture(cfg: Config, model) -> dict:
@@ -42,15 +40,7 @@ def metadata(cfg: Config, manifest: dict, model, *, source: str, step: int, weig
     norm = manifest.get("latent_norm") or LatentNorm.from_manifest(manifest, cfg.data.latent_norm).record()
     return {"format": "ditpipe-dit", "written_by": f"ditpipe {__version__}", "checkpoint": source, "step": step,
             "weights": weights, "model": architecture(cfg, model), "objective": cfg.diffusion.objective,
-            "latent_norm": norm, "manifest": _excerpt(manifest), "config": cfg.to_dict(), **extra}
-
-
-def _excerpt(manifest: dict) -> dict:
-    """The manifest sections sampling needs; a bucketed run's buckets too, so `sample` knows its sizes."""
-    excerpt = {k: manifest.get(k) for k in ("codec", "labels", "captions", "latent")}
-    if manifest.get("buckets"):
-        excerpt["buckets"] = manifest["buckets"]
-    return excerpt
+            "latent_norm": norm, "manifest": manifest_excerpt(manifest), "config": cfg.to_dict(), **extra}
 
 
 def write(folder: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
@@ -96,6 +86,22 @@ def replacing(out: Path, overwrite: bool, *, protect: Path, fmt: str, meta: dict
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _say_kept(out, _clear_aside(aside, out, listed))
+
+
+@contextlib.contextmanager
+def written_to(out: Path):
+    """A failed write of the export folder `out` (a full disk: OSError from Python, SafetensorError from
+    safetensors) as one line naming `out`. Put it outside `exported.replacing`, which has then removed the temporary
+    and left an earlier export as it was."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        full, what = write_trouble(out.parent, e)
+        raise DitpipeError(f"could not write '{out}': {what}. Nothing of it was kept (an earlier export there is as "
+                           f"it was); {'free some space' if full else 'fix the cause'} and run the command again") \
+            from None
 
 
 def _as_umask_makes(folder: Path) -> None:
@@ -274,8 +280,8 @@ def read(folder: Path) -> Exported:
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    meta = read_json(folder / CONFIG)  # hostile JSON (nesting past the recursion limit too): one line naming it
     try:
-        meta = json.loads((folder / CONFIG).read_text())
         cfg, manifest = validate_tree(meta["config"]), {**meta["manifest"], "latent_norm": meta["latent_norm"]}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DitpipeError(f"'{folder / CONFIG}' is not an export's config.json ({type(e).__name__}: {e}); write it "

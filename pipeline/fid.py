@@ -44,7 +44,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -215,46 +215,12 @@ def exact_fp32(device: torch.device):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _torchmetrics(module: str):
+def import_torchmetrics(module: str):
+    """A torchmetrics module, or a DitpipeError that says how to install the `eval` extra."""
     try:
         return importlib.import_module(module)
     except ImportError:
         raise _missing_extra("`torchmetrics`") from None
-
-
-def fid_metric(device: torch.device | str | None = None, extractor: torch.nn.Module | None = None):
-    """torchmetrics' FrechetInceptionDistance on the TF-FID extractor; real features are kept across `reset()`.
-    Feed uint8 (N, 3, H, W) images: `m.update(x, real=True/False)`. `set_reference` loads cached statistics."""
-    fid_mod = _torchmetrics("torchmetrics.image.fid")
-    extractor = extractor if extractor is not None else InceptionFeatures(device)
-    metric = fid_mod.FrechetInceptionDistance(feature=extractor, normalize=False, reset_real_features=False)
-    return metric.to(device or "cpu")
-
-
-def kid_metric(num_samples: int, device: torch.device | str | None = None, extractor: torch.nn.Module | None = None,
-               subsets: int = 100, subset_size: int = 1000):
-    """torchmetrics' KernelInceptionDistance on the same extractor. `num_samples` is the smaller of the real and
-    generated counts; `subset_size` is capped to it (torchmetrics refuses subsets larger than the sample)."""
-    if num_samples < 2:
-        raise DitpipeError(f"KID needs at least 2 samples per side, got {num_samples}")
-    kid_mod = _torchmetrics("torchmetrics.image.kid")
-    extractor = extractor if extractor is not None else InceptionFeatures(device)
-    with warnings.catch_warnings():  # "will save all extracted features in buffer": known, and what KID needs
-        warnings.simplefilter("ignore", UserWarning)
-        metric = kid_mod.KernelInceptionDistance(feature=extractor, subsets=subsets,
-                                                 subset_size=min(subset_size, num_samples), normalize=False,
-                                                 reset_real_features=False)
-    return metric.to(device or "cpu")
-
-
-def set_reference(metric, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
-    """Load reference statistics (e.g. from the cache) into a FrechetInceptionDistance as its real side."""
-    dev = metric.real_features_sum.device
-    mu_t = torch.as_tensor(np.asarray(mu, np.float64), device=dev)
-    sigma_t = torch.as_tensor(np.asarray(sigma, np.float64), device=dev)
-    metric.real_features_sum = mu_t * n
-    metric.real_features_cov_sum = sigma_t * (n - 1) + n * torch.outer(mu_t, mu_t)
-    metric.real_features_num_samples = torch.tensor(int(n), dtype=torch.long, device=dev)
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -288,21 +254,6 @@ class StatsAccumulator:
         sigma = (self.outer - self.n * torch.outer(d, d)) / (self.n - 1)
         sigma = (sigma + sigma.T) / 2
         return (d + self.shift).cpu().numpy(), sigma.cpu().numpy(), self.n
-
-
-def image_stats(batches: Iterable[torch.Tensor | np.ndarray], extractor: torch.nn.Module | None = None,
-                device: torch.device | str | None = None,
-                progress: Progress | None = None, total: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mu, sigma, n) of the features of uint8 image batches, (N, 3, H, W) (or (N, H, W, 3) numpy arrays)."""
-    extractor = extractor if extractor is not None else InceptionFeatures(device)
-    acc = StatsAccumulator()
-    for batch in batches:
-        x = as_nchw_uint8(batch)
-        if len(x):
-            acc.update(extractor(x))
-        if progress:
-            progress(acc.n, total)
-    return acc.result()
 
 
 class FeatureStats:
@@ -395,16 +346,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "eigh", eps: float 
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
-def fid_from_images(gen_batches: Iterable[torch.Tensor | np.ndarray], ref_stats,
-                    extractor: torch.nn.Module | None = None, device: torch.device | str | None = None, progress: Progress | None = None,
-                    total: int | None = None) -> float:
-    """FID between generated uint8 image batches and reference statistics `(mu, sigma, n, ...)` (e.g. the result
-    of `reference_stats`), with the same extractor."""
-    mu_r, sigma_r = ref_stats[0], ref_stats[1]
-    mu_g, sigma_g, _ = image_stats(gen_batches, extractor, device, progress, total)
-    return frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
-
-
 # ---------------------------------------------------------------------------------------------------- references
 
 
@@ -460,17 +401,19 @@ def _key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _shard_manifest(folder: Path) -> dict | None:
+def _shard_manifest(folder: Path):
+    """The checked Manifest of a shard folder, or None when `folder` holds none."""
     from pipeline import shards
+    from pipeline.manifest import load_manifest
 
-    return shards.load_manifest(folder) if (folder / shards.MANIFEST).is_file() else None
+    return load_manifest(folder) if (folder / shards.MANIFEST).is_file() else None
 
 
-def _refuse_vae_shards(folder: Path, manifest: dict) -> None:
-    codec = manifest.get("codec") or {}
+def _refuse_vae_shards(folder: Path, manifest) -> None:
+    codec = manifest.codec
     if codec.get("kind") == "pixel":
         return
-    source = manifest.get("source") or {}
+    source = manifest.source
     if source.get("path"):
         where = source["path"] + (f"/{source['split']}2017" if source.get("dataset") == "coco" and
                                   source.get("split") else "")
@@ -482,18 +425,18 @@ def _refuse_vae_shards(folder: Path, manifest: dict) -> None:
                        f"latents (decoded, they are reconstructions), not the real images FID compares against; {fix}")
 
 
-def _pixel_shard_batches(folder: Path, manifest: dict, image_size: int, batch_size: int,
+def _pixel_shard_batches(folder: Path, manifest, image_size: int, batch_size: int,
                          limit: int | None = None) -> Iterator[np.ndarray]:
     """The images of the shards' samples (the first `limit` of them), uint8 (B, 3, H, W) batches."""
     import itertools
 
     from pipeline import shards
 
-    shape = manifest["latent"]["shape"]
+    shape = manifest.latent_shape()
     if shape[-1] != image_size or shape[-2] != image_size:
         raise DitpipeError(f"the reference shards '{folder}' hold {shape[-2]}x{shape[-1]} images but the generated "
                            f"images are {image_size}x{image_size}; use a reference at the model's image size")
-    slices = manifest["latent"].get("slices") or ["image"]
+    slices = manifest.latent.get("slices") or ["image"]
     idx = slices.index("image") if "image" in slices else 0
     buf = []
     for sample in itertools.islice(shards.iter_samples(folder), limit):
@@ -605,7 +548,7 @@ def reference_batches(folder_or_items, image_size: int, batch_size: int = 50, nu
             _refuse_vae_shards(folder, manifest)
             key = _key(base | {"kind": "pixel-shards",
                                "manifest": hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()})
-            total = manifest.get("num_samples")
+            total = manifest.num_samples
             make_batches = lambda: _pixel_shard_batches(folder, manifest, image_size, batch_size)  # noqa: E731
         else:
             files = list_images(folder)

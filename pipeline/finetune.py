@@ -21,7 +21,6 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.errors import ConfigError, DitpipeError
-from pipeline.exported import CONFIG as EXPORT_CONFIG, WEIGHTS as EXPORT_WEIGHTS
 
 TABLE = "y_embedder.embedding_table.weight"
 POS = "pos_embed"
@@ -44,55 +43,18 @@ def load_init(path: str | Path, weights: str = "ema") -> InitSource:
     if not path.exists():
         raise DitpipeError(f"model.init_from: '{path}' does not exist. Pass an official DiT .pt (e.g. "
                            "DiT-XL-2-256x256.pt), a ditpipe checkpoint or run folder, or an exported .safetensors")
-    if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
-        path = path / EXPORT_WEIGHTS
-    if path.is_dir():
-        return _from_checkpoint(path, weights)
-    if path.suffix == ".safetensors":
-        return _from_safetensors(path)
-    return _from_pt(path, weights)
-
-
-def _from_checkpoint(path: Path, weights: str) -> InitSource:
-    if not (path / checkpoint.STATE).is_file():
-        path = checkpoint.find_resumable(path, lambda m: None)[0]  # a run folder: raises when it has none
-    state = checkpoint.validate(path)  # every file's size and sha256
-    name = "ema.pt" if weights == "ema" and (path / "ema.pt").is_file() else "model.pt"
-    why = "" if name == f"{'ema' if weights == 'ema' else 'model'}.pt" else " (it has no ema.pt: use_ema was off)"
-    manifest = checkpoint.read_json(path / "manifest.json") if (path / "manifest.json").is_file() else {}
-    return InitSource(checkpoint.load_tensors(path / name), f"{path} ({name}, step {state['step']}){why}",
-                      (manifest.get("labels") or {}).get("names"), manifest)
-
-
-def _from_safetensors(path: Path) -> InitSource:
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(path)
-    except Exception as e:  # a truncated or foreign file
-        raise DitpipeError(f"cannot read '{path}' as safetensors ({e}); export it again with `ditpipe export`") from None
-    config = path.parent / EXPORT_CONFIG
-    meta = checkpoint.read_json(config) if config.is_file() else {}
-    manifest = meta.get("manifest") or {}
-    return InitSource(tensors, f"{path} ({meta.get('weights', 'unknown')} weights, step {meta.get('step', '?')})",
-                      (manifest.get("labels") or {}).get("names"), manifest)
-
-
-def _from_pt(path: Path, weights: str) -> InitSource:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickled objects; or not a torch file at all
-        raise DitpipeError(f"cannot load '{path}' with torch.load(weights_only=True): {str(e).splitlines()[0]}. "
-                           "ditpipe loads plain state dicts only (the official DiT-XL-2-256x256.pt is one); it never "
-                           "unpickles arbitrary objects") from None
-    what = "state dict"
-    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict) and weights == "ema":
-        obj, what = obj["ema"], "its 'ema' entry"  # the official training script saves {"model", "ema", "opt", ...}
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj, what = obj["model"], "its 'model' entry"
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DitpipeError(f"'{path}' is not a DiT state dict (a mapping of parameter names to tensors)")
-    return InitSource(obj, f"{path} ({what})")
+    if path.is_dir() and (path / checkpoint.EXPORT_WEIGHTS).is_file():
+        path = path / checkpoint.EXPORT_WEIGHTS  # an export: read as its weights file, whatever its config says
+    w = checkpoint.open_weights(path, weights)
+    if w.kind == "checkpoint":
+        why = "" if w.which == weights or weights != "ema" else f" (it has no {checkpoint.EMA}: use_ema was off)"
+        return InitSource(w.state, f"{w.source} ({w.which}.pt, step {w.step}){why}",
+                          (w.manifest.get("labels") or {}).get("names"), w.manifest)
+    if w.kind == "export" or path.suffix == ".safetensors":
+        meta = w.meta
+        return InitSource(w.state, f"{path} ({meta.get('weights', 'unknown')} weights, step {meta.get('step', '?')})",
+                          (w.manifest.get("labels") or {}).get("names"), meta.get("manifest") or {})
+    return InitSource(w.state, f"{path} ({w.which})")
 
 
 # ---------------------------------------------------------------------------------------------------- adapting

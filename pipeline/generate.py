@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.device import autocast_bf16, generator
-from pipeline.loader import sample_key
+from pipeline.order import sample_key
 
 # Epoch slots of `sample_key` for the sampling streams (training's epochs are small, the held-out set's is 1 << 40).
 _NOISE_STREAM, _LABEL_STREAM = 1 << 42, (1 << 42) + 1

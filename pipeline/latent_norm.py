@@ -30,16 +30,19 @@ class LatentNorm:
     scale: tuple[float, ...]  # per channel, multiplied after
 
     @classmethod
-    def from_manifest(cls, manifest: dict, kind: str) -> "LatentNorm":
+    def from_manifest(cls, manifest, kind: str) -> "LatentNorm":
         """The normalisation `kind` with the constants of a shard manifest (its codec section or its stats)."""
-        channels = int(manifest["latent"]["shape"][1])
+        from pipeline.manifest import Manifest
+
+        manifest = Manifest.of(manifest)
+        channels = int(manifest.latent_shape()[1])
         if kind == "scale":
-            codec = manifest["codec"]
+            codec = manifest.codec
             return cls("scale", (float(codec["shift_factor"]),) * channels,
                        (float(codec["scaling_factor"]),) * channels)
         if kind != "channel":
             raise ConfigError([("data.latent_norm", f"unknown normalisation {kind!r}; use one of {', '.join(KINDS)}")])
-        stats = manifest.get("stats")
+        stats = manifest.stats
         if not stats or not stats.get("channel_std"):
             raise ConfigError([("data.latent_norm", "'channel' needs the per-channel mean and std that `ditpipe "
                                                     "encode` stores in the shard manifest (`stats`), and these "

@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from pipeline.manifest import Manifest
+
 GIB = 2 ** 30
 FREQ_DIM = 256  # TimestepEmbedder's frequency embedding width
 # The SD-VAE's decoder (AutoencoderKL, 128-256-512-512): 49.5 M parameters, and its widest activations are 128
@@ -220,13 +222,14 @@ def decoder_bytes(codec: dict, images: int, pixels: int) -> int:
     return size * (VAE_DECODER_PARAMS + images * pixels * VAE_DECODER_LIVE)
 
 
-def max_tokens(manifest: dict, patch: int) -> int:
+def max_tokens(manifest: Manifest | dict, patch: int) -> int:
     """Image tokens of the largest latent the run trains on: every bucket's, or the one square shape."""
-    shapes = [b["latent_shape"] for b in manifest.get("buckets") or []] or [manifest["latent"]["shape"]]
+    manifest = Manifest.of(manifest)
+    shapes = [b["latent_shape"] for b in manifest.buckets] or [manifest.latent_shape()]
     return max((h // patch) * (w // patch) for *_, h, w in shapes)
 
 
-def predict_run(cfg, manifest: dict, model: torch.nn.Module, world_size: int, *, batch_size: int | None = None,
+def predict_run(cfg, manifest: Manifest | dict, model: torch.nn.Module, world_size: int, *, batch_size: int | None = None,
                 checkpointing: bool | None = None) -> Memory:
     """The prediction for a configured run of `model` (the built one, any device); `batch_size` and `checkpointing`
     override the config's, for the preflight's suggestions."""
@@ -236,8 +239,9 @@ def predict_run(cfg, manifest: dict, model: torch.nn.Module, world_size: int, *,
     t, v = cfg.training, cfg.validation
     batch = batch_size or t.batch_size
     ckpt = cfg.model.gradient_checkpointing if checkpointing is None else checkpointing
+    manifest = Manifest.of(manifest)
     tokens = max_tokens(manifest, model.patch_size)
-    context = (manifest.get("captions") or {}).get("max_tokens_seen", 0) if hasattr(model, "text_dim") else 0
+    context = (manifest.captions or {}).get("max_tokens_seen", 0) if hasattr(model, "text_dim") else 0
     guided = 2 if (model.num_classes or context) and v.cfg_scale != 1.0 else 1  # CFG doubles a sampling batch
     evals = [v.num_samples * guided if v.every_steps and v.grid else 0,
              EVAL_BATCH_FACTOR * batch if v.every_steps else 0, batch * guided if v.fid_every_steps else 0]
@@ -247,7 +251,7 @@ def predict_run(cfg, manifest: dict, model: torch.nn.Module, world_size: int, *,
                    use_ema=t.use_ema, posthoc_sigmas=len(t.posthoc_ema_sigmas) if t.posthoc_ema else 0,
                    world_size=world_size, bucket_view=bucket_view,
                    context=context, eval_batch=max(evals), eval_tokens=tokens,
-                   decoder=decoder_bytes(manifest["codec"], images, cfg.data.image_size ** 2) if images else 0)
+                   decoder=decoder_bytes(manifest.codec, images, cfg.data.image_size ** 2) if images else 0)
 
 
 def fix(cfg, manifest: dict, model: torch.nn.Module, world_size: int, device_bytes: int) -> str:

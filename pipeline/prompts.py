@@ -72,8 +72,9 @@ def _coco_prompts(path: Path, num: int | None) -> PromptSet:
 
 def _shard_prompts(folder: Path, num: int | None) -> PromptSet:
     from pipeline import shards
+    from pipeline.manifest import load_manifest
 
-    manifest = shards.load_manifest(folder)
+    manifest = load_manifest(folder)
     prompts = []
     for sample in shards.iter_samples(folder):
         caption = (sample.meta.get("captions") or [None])[0]
@@ -86,7 +87,7 @@ def _shard_prompts(folder: Path, num: int | None) -> PromptSet:
     if num is not None and len(prompts) < num:
         raise DataError(f"--prompts '{folder}' has {len(prompts)} captioned samples, fewer than --num {num}")
     reference = None
-    if (manifest.get("codec") or {}).get("kind") == "pixel":
+    if manifest.codec.get("kind") == "pixel":
         from pipeline.fid import ShardImages
 
         reference = ShardImages(folder, len(prompts))

@@ -55,7 +55,7 @@ class Plan:
 
 
 def protocol_defaults(protocol: str | None, s) -> dict:
-    """The protocol's settings for `s` (a stages.sample.Sampleable), or {} without one; refused for models the
+    """The protocol's settings for `s` (a pipeline.sampleable.Sampleable), or {} without one; refused for models the
     protocol does not describe."""
     if protocol is None:
         return {}

@@ -19,14 +19,10 @@ the loop reads its verdict at log steps.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 
 import torch
 
-# A test hook, never set in real runs: "nan:A:B" or "spike:A:B" makes the micro-batches of data positions (optimizer
-# steps + data_offset) in [A, B) non-finite, or 30× too large, as a corrupt stretch of data would.
-INJECT_ENV = "DITPIPE_TEST_INJECT"
 SPIKE_WARMUP = 20  # finite steps in the history before a spike can be called
 
 
@@ -92,12 +88,3 @@ def _nanmedian(x: torch.Tensor) -> torch.Tensor:
     count = (~torch.isnan(x)).sum()  # () long
     middle = ((count - 1).clamp(min=0) // 2).view(1)  # (1,) a device index
     return torch.where(count > 0, ordered.index_select(0, middle)[0], torch.nan)  # ()
-
-
-def injected(position: int) -> str | None:
-    """The test hook's verdict for a data position: "nan", "spike" or None (always None in real runs)."""
-    spec = os.environ.get(INJECT_ENV)
-    if not spec:
-        return None
-    kind, a, b = spec.split(":")
-    return kind if int(a) <= position < int(b) else None

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import atomic, shards
+from pipeline import atomic, formats, shards
 from pipeline.sources import FILE_CAP_REASON, PIXEL_BUDGET_REASON, Source, over_budget
 
 RACY_NS = 2_000_000_000  # a file hashed less than this after its mtime could change again within the same tick
@@ -130,7 +130,7 @@ class Pool:
         self.stats: dict[str, list[list]] = {}
         self.hashed = 0  # files hashed by `fingerprints`
         in_folder: dict[str, Donor] = {}
-        ext = ".tar" if fmt == "wds" else ".parquet"
+        ext = formats.get(fmt).SUFFIX
         for folder in (self.out, self.out / shards.REUSE_DIR):
             for side_path in sorted(folder.glob("*.meta.json")) if folder.is_dir() else ():
                 try:

@@ -197,7 +197,7 @@ def assign_buckets(source: Source, sizes: list[tuple[int, int]], threads: int = 
     files = [None if it.file is None or it.problem else source.root / it.file for it in source.items]
     with warnings.catch_warnings(), ThreadPoolExecutor(max(1, threads)) as pool:
         warnings.simplefilter("ignore")  # PIL's EXIF and bomb warnings; a bomb fails its decode later
-        dims = list(pool.map(lambda f: None if f is None else _header_size(f, source.max_file_bytes), files))
+        dims = list(pool.map(lambda f: None if f is None else header_size(f, source.max_file_bytes), files))
     square = bucketing.nearest(1, 1, sizes)
     bucket = [square if d is None else bucketing.nearest(*d, sizes) for d in dims]
     order = sorted(range(len(source.items)), key=lambda i: (bucket[i], i))
@@ -207,7 +207,7 @@ def assign_buckets(source: Source, sizes: list[tuple[int, int]], threads: int = 
     return replace(source, items=items, params=params, bucket_sizes=[tuple(b) for b in sizes])
 
 
-def _header_size(path: Path, max_file_bytes: int) -> tuple[int, int] | None:
+def header_size(path: Path, max_file_bytes: int) -> tuple[int, int] | None:
     """(w, h) as displayed (EXIF orientation 5-8 swaps them), from the header alone; None when unreadable."""
     try:
         if os.path.getsize(path) > max_file_bytes:

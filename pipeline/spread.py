@@ -18,7 +18,6 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from pipeline.errors import DitpipeError
 
 TIMEOUT = timedelta(hours=2)  # rank 0 may spend many minutes on reference statistics while the others wait
 
@@ -52,14 +51,6 @@ class Spread:
         if self.world > 1:
             torch.distributed.barrier()
 
-    def all_ok(self, ok: bool) -> bool:
-        """True when every rank says ok; every rank must call it (a failure on one rank stops all of them)."""
-        if self.world == 1:
-            return ok
-        flag = torch.tensor([1 if ok else 0], device=self._comm_device())
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
-
     def gather(self, rows: np.ndarray) -> np.ndarray | None:
         """Every rank's rows (k_r, ...) concatenated in rank order on rank 0 (None elsewhere). Shapes past the first
         and the dtype must agree; the counts may differ (they are padded for the collective and trimmed)."""
@@ -80,10 +71,3 @@ class Spread:
 
     def _comm_device(self) -> torch.device:
         return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-
-    def fail_together(self, error: Exception | None) -> None:
-        """Rank 0's error (e.g. a bad reference) stops every rank: the others raise a short notice."""
-        if not self.all_ok(error is None):
-            if error is not None:
-                raise error
-            raise DitpipeError(f"rank {self.rank}: stopping because another rank failed (its message says why)")

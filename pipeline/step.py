@@ -33,14 +33,10 @@ from pipeline.device import generator
 from pipeline.diffusion import micro_loss
 from pipeline.ema import EMA, ema_decay
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import Plan
+from pipeline.order import Plan
 from pipeline.model import prepare_grids
 from pipeline.phema import PowerEMA
 
-# The optimizer's own execution flags: fixed by this build, never by a checkpoint (one written on a CPU without
-# fused kernels must not switch a GPU run to the unfused AdamW, which cannot skip a step on the device).
-_OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
-PHEMA_FILE = "phema.pt"  # a checkpoint's post-hoc EMA shadows (PowerEMA.state_dict)
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -238,7 +234,7 @@ def build_step(acc, model: torch.nn.Module, objective, plan: Plan, latent_shape:
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
                             betas=(t.adam_beta1, t.adam_beta2), fused=True)  # fused: skips steps on the device
     if resume is not None:
-        load_state(resume, model, ema, opt, acc.scaler, phema)
+        checkpoint.load_state(resume, model, ema, opt, acc.scaler, phema)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model, keep_torch_compile=False)
     if compile:
@@ -258,27 +254,6 @@ def allow_graphs(count: int) -> None:
 
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7's name
     setattr(config, name, max(getattr(config, name), count))
-
-
-def load_state(ckpt: Path, model: torch.nn.Module, ema: EMA | None, opt: torch.optim.Optimizer, scaler,
-               phema: PowerEMA | None = None) -> None:
-    """A checkpoint's model, EMA, optimizer, loss-scaler and post-hoc EMA state, into objects already on their
-    device. The files are memory-mapped: every rank reads them through the page cache instead of holding its own
-    host copy."""
-    model.load_state_dict(checkpoint.load_tensors(ckpt / "model.pt", mmap=True), strict=True)
-    flags = {k: opt.defaults[k] for k in _OPTIMIZER_FLAGS if k in opt.defaults}
-    opt.load_state_dict(checkpoint.load_tensors(ckpt / "optimizer.pt", mmap=True))
-    for group in opt.param_groups:
-        group.update(flags)
-    for p, state in opt.state.items():  # a step count saved by an unfused optimizer lives on the CPU
-        if flags.get("fused") and "step" in state:
-            state["step"] = state["step"].to(p.device, torch.float32)
-    if ema is not None and (ckpt / "ema.pt").is_file():
-        ema.load_state_dict(checkpoint.load_tensors(ckpt / "ema.pt", mmap=True))
-    if phema is not None:  # required: the config cannot switch posthoc_ema on at a resume
-        phema.load_state_dict(checkpoint.load_tensors(ckpt / PHEMA_FILE, mmap=True))
-    if scaler is not None and (ckpt / "scaler.pt").is_file():
-        scaler.load_state_dict(checkpoint.load_tensors(ckpt / "scaler.pt"))
 
 
 # What `train_flops_per_sample` counts, stated beside every MFU (bench JSON, train's closing line): the DiT paper's

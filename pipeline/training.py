@@ -13,7 +13,10 @@ import torch
 from pipeline import shards
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ShardError
-from pipeline.loader import BucketOrder, EpochOrder, Plan, is_url, open_shards
+from pipeline.order import BucketOrder, EpochOrder, Plan
+from pipeline.remote import is_url
+from pipeline.store import open_shards
+from pipeline.manifest import Manifest, load_manifest, manifest_header
 from pipeline.model import build_dit
 
 
@@ -30,9 +33,25 @@ def encode_command(cfg: Config) -> str:
     return shlex.join(parts)
 
 
-def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
+def check_run(cfg: Config, manifest: Manifest, folder: Path) -> None:
+    """Every refusal of a config these shards cannot train, before anything is built: the shards against the
+    config (`check_manifest`), then the combinations not built yet (each raised as its own ConfigError)."""
+    check_manifest(cfg, manifest, folder)
+    if (problem := model_problem(cfg, manifest)) is not None:
+        raise ConfigError([problem])
+    caption = conditioning_for(cfg, manifest) == "caption"
+    if caption and (cfg.validation.shards or cfg.data.val_fraction > 0):  # HeldOut reads labels, not caption records
+        raise ConfigError([("validation.shards" if cfg.validation.shards else "data.val_fraction",
+                            "the held-out loss is not built for caption models yet; drop the key for this run")])
+    if caption and cfg.validation.fid_every_steps:
+        raise ConfigError([("validation.fid_every_steps", "caption models are not scored during training; set "
+                            "it to 0 and score checkpoints with `ditpipe evaluate --prompts`")])
+
+
+def check_manifest(cfg: Config, manifest: Manifest | dict, folder: Path) -> None:
     """Refuse shards that are not what the config asks for, naming both values."""
-    src, codec = manifest["source"], manifest["codec"]
+    manifest = Manifest.of(manifest)
+    src, codec = manifest.source, manifest.codec
     problems = []
     if src.get("dataset") != cfg.data.dataset_name:
         problems.append(("data.dataset_name", f"config says {cfg.data.dataset_name!r}, shards hold {src.get('dataset')!r}"))
@@ -42,9 +61,9 @@ def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
         if Path(cfg.vae.name).exists() else cfg.vae.name
     if codec["name"] != want:
         problems.append(("vae.name", f"config says {cfg.vae.name!r}, shards were encoded with {codec['name']!r}"))
-    if cfg.model.conditioning == "class" and not manifest.get("labels"):
+    if cfg.model.conditioning == "class" and not manifest.labels:
         problems.append(("model.conditioning", "config says 'class', but the shards carry no labels"))
-    enc = shards.text_encoder_of(manifest)
+    enc = manifest.text_encoder
     if cfg.data.captions and enc and enc["name"] != _encoder_name(cfg.text.encoder):
         problems.append(("text.encoder", f"config says {cfg.text.encoder!r}, shards were encoded with {enc['name']!r}"))
     if cfg.model.conditioning == "caption" and not enc:
@@ -55,12 +74,10 @@ def check_manifest(cfg: Config, manifest: dict, folder: Path) -> None:
         raise ConfigError(problems, header=f"the shards in '{folder}' do not match the config")
 
 
-def _bucket_problems(cfg: Config, manifest: dict) -> list[tuple[str, str]]:
+def _bucket_problems(cfg: Config, manifest: Manifest) -> list[tuple[str, str]]:
     """The config's data.buckets against the shards' (auto is recorded as the list it made), and every bucket's
     latent a whole number of the model's patches."""
-    from pipeline.buckets import sizes_of
-
-    have = (manifest.get("source") or {}).get("buckets")
+    have = manifest.source.get("buckets")
     want = cfg.data.buckets
     if (want == "square") != (have is None) or (isinstance(want, list) and [list(b) for b in want] != have):
         return [("data.buckets", f"config says {want!r}, shards hold {'square crops' if have is None else have}; "
@@ -68,8 +85,8 @@ def _bucket_problems(cfg: Config, manifest: dict) -> list[tuple[str, str]]:
     if have is None:
         return []
     problems = []
-    step = manifest["codec"]["downsample"] * cfg.model.patch
-    bad = [f"{w}x{h}" for w, h in sizes_of(manifest) if w % step or h % step]
+    step = manifest.codec["downsample"] * cfg.model.patch
+    bad = [f"{w}x{h}" for w, h in manifest.sizes if w % step or h % step]
     if bad:
         problems.append(("model.patch_size", f"patch {cfg.model.patch} does not tile the latents of bucket(s) "
                                              f"{', '.join(bad)} (sides must be multiples of {step}); encode with "
@@ -80,38 +97,29 @@ def _bucket_problems(cfg: Config, manifest: dict) -> list[tuple[str, str]]:
     return problems
 
 
-def epoch_order(cfg: Config, manifest: dict, counts: list[int], exclude, global_batch: int):
+def epoch_order(cfg: Config, manifest: Manifest | dict, counts: list[int], exclude, global_batch: int):
     """The run's data order (a pure function of training.seed, the epoch and the position): EpochOrder over the
     shards, or with aspect-ratio buckets a BucketOrder, whose global batches are one bucket each."""
-    t = cfg.training
-    if manifest.get("buckets"):
-        return BucketOrder(counts, [s["bucket"] for s in manifest["shards"]], len(manifest["buckets"]), t.seed,
+    t, manifest = cfg.training, Manifest.of(manifest)
+    if manifest.bucketed:
+        return BucketOrder(counts, [s["bucket"] for s in manifest.entries], len(manifest.buckets), t.seed,
                            cfg.data.shuffle_window, global_batch, exclude)
     return EpochOrder(counts, t.seed, cfg.data.shuffle_window, exclude=exclude)
 
 
-def make_plan(cfg: Config, manifest: dict, num_excluded: int, world: int) -> Plan:
+def make_plan(cfg: Config, manifest: Manifest | dict, num_excluded: int, world: int) -> Plan:
     """The run's Plan. An epoch has floor(N / G) global batches G; with buckets, every bucket's floor(n_b / G)."""
-    t = cfg.training
-    n = manifest["num_samples"] - num_excluded
-    if manifest.get("buckets"):
+    t, manifest = cfg.training, Manifest.of(manifest)
+    n = manifest.num_samples - num_excluded
+    if manifest.bucketed:
         g = t.batch_size * t.gradient_accumulation_steps * world
-        n = epoch_order(cfg, manifest, [s["samples"] for s in manifest["shards"]], None, g).usable
+        n = epoch_order(cfg, manifest, [s["samples"] for s in manifest.entries], None, g).usable
         if n == 0:
-            counts = ", ".join(f"{b['size'][0]}x{b['size'][1]}: {b['samples']}" for b in manifest["buckets"])
+            counts = ", ".join(f"{b['size'][0]}x{b['size'][1]}: {b['samples']}" for b in manifest.buckets)
             raise ConfigError([("training.batch_size", f"no bucket holds a whole global batch of {g} (batch × "
                                                        f"accumulation × {world} processes); samples per bucket: "
                                                        f"{counts}. A global batch comes from one bucket")])
     return Plan(n, t.batch_size, t.gradient_accumulation_steps, world)
-
-
-def grid_shape(manifest: dict) -> tuple[int, int, int]:
-    """(C, H, W) that validation grids and `sample` draw by default: the most common bucket's, or the square one."""
-    from pipeline.buckets import most_common
-
-    if manifest.get("buckets"):
-        return tuple(manifest["buckets"][most_common(manifest)]["latent_shape"][1:])
-    return tuple(manifest["latent"]["shape"][1:])
 
 
 def _encoder_name(spec: str) -> str:
@@ -150,15 +158,13 @@ def open_data(cfg: Config, device: torch.device):
         codec = load_codec(cfg.vae.name, cfg.vae.dtype, device, use_slicing=cfg.vae.use_slicing)
         # tuned as encode tunes it, so the baseline is a fair one; cuDNN's timing is a choice deterministic forbids
         tune_for_device(codec, cfg.vae.cudnn_benchmark and not cfg.training.deterministic)
-        manifest = shards.manifest_header(source, codec, cfg.shards.samples_per_shard,
-                                          codec.slices("mean_std", False),
-                                          flip_at_load=cfg.shards.flip)
-        manifest["num_samples"] = len(source)
-        return manifest, Path(f"{cfg.data.dataset_name} images (online {cfg.vae.name})"), None, (source, codec)
+        header = manifest_header(source, codec, cfg.shards.samples_per_shard, codec.slices("mean_std", False),
+                                 flip_at_load=cfg.shards.flip)
+        return Manifest({**header, "num_samples": len(source)}), Path(f"{cfg.data.dataset_name} images (online {cfg.vae.name})"), None, (source, codec)
     if not is_url(folder) and not (folder / shards.MANIFEST).is_file():
         raise missing_shards(cfg, folder)
     store, manifest = open_shards(folder)
-    check_manifest(cfg, manifest, folder)
+    check_run(cfg, manifest, folder)
     return manifest, folder, store, None
 
 
@@ -205,17 +211,17 @@ def _selecting(cfg: Config, sibling: Path) -> list[str] | None:
 
     if sibling.is_symlink() or not sibling.is_dir() or not stat.S_ISREG(os.lstat(sibling / shards.MANIFEST).st_mode):
         return None  # never through a link
-    manifest = shards.load_manifest(sibling)  # the checked reader: a damaged one raises, and is passed over
-    src, d = manifest["source"], cfg.data
+    manifest = load_manifest(sibling)  # the checked reader: a damaged one raises, and is passed over
+    src, d = manifest.source, cfg.data
     if src.get("dataset") != d.dataset_name:
         return None
-    have = {"data.image_size": src.get("image_size"), "vae.name": manifest["codec"]["name"]}
+    have = {"data.image_size": src.get("image_size"), "vae.name": manifest.codec["name"]}
     if d.dataset_name != "shapes" and src.get("path") != str(Path(d.dataset_path).resolve()):
         have["data.dataset_path"] = src.get("path")
     if d.dataset_name == "coco":
         have["data.split"] = src.get("split")
     have |= {"data.num_samples": src.get("num_samples"), "data.seed": src.get("seed")}
-    enc = shards.text_encoder_of(manifest)
+    enc = manifest.text_encoder
     have["data.captions"] = bool(enc)
     if enc:
         have["text.encoder"] = enc["name"]
@@ -261,42 +267,54 @@ def online_latents(codec):
     return lambda batch: codec.encode(batch["pixels"])  # (B, C, h, w) each
 
 
-def conditioning_for(cfg: Config, manifest: dict) -> str:
+def conditioning_for(cfg: Config, manifest: Manifest | dict) -> str:
     """model.conditioning with `auto` resolved from the manifest: caption embeddings → caption (encoding them is
     opt-in, so they win over labels the source also has, as shapes' do), else labels → class, else none."""
     if cfg.model.conditioning != "auto":
         return cfg.model.conditioning
-    if shards.text_encoder_of(manifest):
+    manifest = Manifest.of(manifest)
+    if manifest.text_encoder:
         return "caption"
-    return "class" if manifest.get("labels") else "none"
+    return "class" if manifest.labels else "none"
 
 
-def num_classes_for(cfg: Config, manifest: dict) -> int:
+def num_classes_for(cfg: Config, manifest: Manifest | dict) -> int:
     if conditioning_for(cfg, manifest) != "class":
         return 0
-    return int(manifest["labels"]["num_classes"])
+    return int(Manifest.of(manifest).labels["num_classes"])
 
 
-def build_model(cfg: Config, manifest: dict, num_classes: int) -> torch.nn.Module:
+def model_problem(cfg: Config, manifest: Manifest | dict) -> tuple[str, str] | None:
+    """A caption model (model.name) for shards or a conditioning that is not captions, or None."""
+    from pipeline.model_text import CAPTION_PRESETS
+
+    m = cfg.model
+    if conditioning_for(cfg, manifest) != "caption" and m.name in CAPTION_PRESETS:
+        return ("model.name", f"{m.name} is a caption model; it needs shards with caption embeddings "
+                              f"(encode --captions) and model.conditioning caption or auto, or use "
+                              f"{m.name.replace('DiT-T-', 'DiT-')} for a class model")
+    return None
+
+
+def build_model(cfg: Config, manifest: Manifest | dict, num_classes: int) -> torch.nn.Module:
     """The official-layout DiT for class / unconditional runs, the caption DiT (model_text.py) for caption runs. It
     takes latents of any size its patches tile (every bucket's, and `sample --size`); its pos_embed parameter stays
     the square grid's of data.image_size, so checkpoints keep the official layout. `bucket_grids` lists every
     bucket's patch grid (none for square shards): build_step makes their position embeddings before it compiles."""
-    from pipeline.model_text import CAPTION_PRESETS, build_caption_dit
+    from pipeline.model_text import build_caption_dit
 
-    _, channels, size, _ = manifest["latent"]["shape"]
+    manifest = Manifest.of(manifest)
+    _, channels, size, _ = manifest.latent_shape()
     m = cfg.model
     caption = conditioning_for(cfg, manifest) == "caption"
-    if not caption and m.name in CAPTION_PRESETS:
-        raise ConfigError([("model.name", f"{m.name} is a caption model; it needs shards with caption embeddings "
-                                          f"(encode --captions) and model.conditioning caption or auto, or use "
-                                          f"{m.name.replace('DiT-T-', 'DiT-')} for a class model")])
+    if (problem := model_problem(cfg, manifest)) is not None:  # check_run raised it for a run; sample and export too
+        raise ConfigError([problem])
     arch = dict(input_size=size, in_channels=channels, learn_sigma=m.learn_sigma and cfg.diffusion.objective == "ddpm",
                 qk_norm=m.qk_norm, gradient_checkpointing=m.gradient_checkpointing, hidden_size=m.hidden_size,
                 depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
     try:
         if caption:
-            model = build_caption_dit(m.name, text_dim=shards.text_encoder_of(manifest)["dim"],
+            model = build_caption_dit(m.name, text_dim=manifest.text_encoder["dim"],
                                       caption_dropout_prob=m.class_dropout_prob, **arch)
         else:
             model = build_dit(m.name, num_classes=num_classes,
@@ -304,7 +322,7 @@ def build_model(cfg: Config, manifest: dict, num_classes: int) -> torch.nn.Modul
     except ValueError as e:
         raise ConfigError([("model", str(e))]) from None
     model.any_grid = True
-    p, sizes = model.patch_size, [b["latent_shape"] for b in manifest.get("buckets") or []]  # (1, C, H, W) each
+    p, sizes = model.patch_size, [b["latent_shape"] for b in manifest.buckets]  # (1, C, H, W) each
     model.bucket_grids = [(h // p, w // p) for *_, h, w in sizes]
     return model
 
@@ -319,7 +337,7 @@ def batch_condition(conditioning: str, device: torch.device):
     return lambda batch: batch["labels"].to(device, non_blocking=True)  # (B,); unused when unconditional
 
 
-def training_batches(cfg: Config, manifest: dict, store, online, plan, rank: int, conditioning: str, exclude,
+def training_batches(cfg: Config, manifest: Manifest | dict, store, online, plan, rank: int, conditioning: str, exclude,
                      start_step: int, end_step: int, device: torch.device, num_workers: int):
     """(DataLoader, posterior): this rank's micro-batches from optimizer step `start_step` to `end_step`, read from
     the shards (or, for the online baseline, decoded images), and the function that turns one into the posterior's
@@ -327,9 +345,9 @@ def training_batches(cfg: Config, manifest: dict, store, online, plan, rank: int
     position)."""
     from pipeline.loader import ImageBatches, MicroBatches, make_loader
 
-    t, spp = cfg.training, manifest["samples_per_shard"]
-    counts = store.counts if store is not None else [min(spp, manifest["num_samples"] - i)
-                                                      for i in range(0, manifest["num_samples"], spp)]
+    t, manifest = cfg.training, Manifest.of(manifest)
+    spp, total = manifest.samples_per_shard, manifest.num_samples
+    counts = store.counts if store is not None else [min(spp, total - i) for i in range(0, total, spp)]
     order = epoch_order(cfg, manifest, counts, exclude, plan.global_batch)
     if store is not None:
         dataset = MicroBatches(store, order, plan, rank, t.seed, captions=conditioning == "caption")

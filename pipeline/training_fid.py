@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError, DitpipeError
+from pipeline.errors import ConfigError
+from pipeline.manifest import Manifest
+from pipeline.ranks import torch_group
 from pipeline.spread import Spread
 
 
@@ -36,21 +38,17 @@ class TrainingFID:
         v = cfg.validation
         if not v.fid_every_steps:
             return None
-        if conditioning == "caption":
-            raise ConfigError([("validation.fid_every_steps", "caption models are not scored during training; set "
-                                "it to 0 and score checkpoints with `ditpipe evaluate --prompts`")])
         reference = v.fid_reference or _shard_reference(manifest, shards_folder, v.fid_reference_samples)
         spread = Spread(rank, world, device)
-        ref, error = None, None
-        if spread.main:
+
+        def reference_stats():
             from pipeline import fid
 
-            size = manifest["latent"]["shape"][-1] * manifest["codec"].get("downsample", 1)
-            try:
-                ref = fid.reference_stats(reference, size, None, device, cfg.training.batch_size)
-            except DitpipeError as e:
-                error = e
-        spread.fail_together(error)
+            shards = Manifest.of(manifest)
+            size = shards.latent_shape()[-1] * shards.codec.get("downsample", 1)
+            return fid.reference_stats(reference, size, None, device, cfg.training.batch_size)
+
+        ref = torch_group(rank, world).on_rank0(reference_stats, share=False)  # a bad reference stops every rank
         return cls(cfg, manifest, spread, ref, str(reference.folder if hasattr(reference, "folder") else reference),
                    num_classes)
 
@@ -123,11 +121,12 @@ class TrainingFID:
 def _shard_reference(manifest: dict, folder: Path, count: int):
     from pipeline.fid import ShardImages
 
-    if "shards" not in manifest:
+    manifest = Manifest.of(manifest)
+    if "shards" not in manifest.raw:  # the online baseline's manifest lists no shards
         raise ConfigError([("validation.fid_reference", "data.source: images has no shards to take reference images "
                             "from; set it to the image folder (or an ADM reference batch .npz)")])
-    if (manifest.get("codec") or {}).get("kind") != "pixel":
+    if manifest.codec.get("kind") != "pixel":
         raise ConfigError([("validation.fid_reference", "FID during training needs real images: these training "
                             "data hold VAE latents (decoded, they are reconstructions); set it to an image folder, "
                             "pixel-codec shards or an ADM reference batch .npz")])
-    return ShardImages(folder, min(count, int(manifest["num_samples"])))
+    return ShardImages(folder, min(count, int(manifest.num_samples)))

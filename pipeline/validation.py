@@ -20,10 +20,13 @@ import torch
 from pipeline.diffusion import micro_loss
 from pipeline.errors import ConfigError
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import LatentView, keyed_rng, open_shards, sample_key
+from pipeline.loader import LatentView
+from pipeline.order import keyed_rng, sample_key
+from pipeline.store import open_shards
+from pipeline.manifest import Manifest
 from pipeline.training import build_model
 
-# Tags that keep the held-out set's keyed streams apart from the training ones (loader.py uses 0-2).
+# Tags that keep the held-out set's keyed streams apart from the training ones (order.py uses 0-5).
 _SPLIT, _NOISE = 100, 102
 _HELD_OUT_EPOCH = 1 << 40  # in the epoch slot of sample_key: no training epoch reaches it
 # A no-grad forward keeps no activations for backward, so the held-out loss takes this many times the micro-batch.
@@ -54,7 +57,7 @@ class HeldOut:
             stored, label = store.read(int(g))
             latents.append(view(stored, sample_key(seed, _HELD_OUT_EPOCH, int(g))))  # (C, H, W) float32
             labels.append(label)
-        shape = tuple(store.manifest["latent"]["shape"][1:])
+        shape = Manifest.of(store.manifest).latent_shape()[1:]
         self.latents = torch.from_numpy(np.stack(latents)) if latents else torch.zeros((0, *shape))  # (n, C, H, W)
         self.labels = torch.tensor(labels, dtype=torch.long)  # (n,); -1 without labels
 
@@ -136,28 +139,28 @@ def open_held_out(cfg, train_manifest: dict, train_store) -> HeldOutSpec | None:
     if cfg.validation.shards:
         store, manifest = open_shards(cfg.validation.shards)
         check_compatible(train_manifest, manifest, cfg.validation.shards)
-        idx = np.arange(manifest["num_samples"], dtype=np.int64)
+        idx = np.arange(manifest.num_samples, dtype=np.int64)
         return HeldOutSpec(store, idx[:cap], np.zeros(0, dtype=np.int64),
                            f"{cfg.validation.shards}: {len(idx[:cap]):,} of its {len(idx):,} samples")
-    idx = held_out_indices(train_manifest["num_samples"], cfg.data.val_fraction, cfg.data.seed)
+    idx = held_out_indices(Manifest.of(train_manifest).num_samples, cfg.data.val_fraction, cfg.data.seed)
     return HeldOutSpec(train_store, idx[:cap], idx, f"{len(idx[:cap]):,} of the {len(idx):,} samples held out of the "
                                                     f"training shards (data.val_fraction {cfg.data.val_fraction:g})")
 
 
-def check_compatible(train: dict, val: dict, folder: str | Path) -> None:
+def check_compatible(train: Manifest | dict, val: Manifest | dict, folder: str | Path) -> None:
     """Refuse a held-out folder whose latents the model could not take, or whose labels mean other classes."""
-    problems = []
-    if val["codec"]["hash"] != train["codec"]["hash"]:
-        problems.append(("validation.shards", f"encoded with codec {val['codec']['name']!r} (hash "
-                                              f"{val['codec']['hash'][:12]}), the training shards with "
-                                              f"{train['codec']['name']!r} ({train['codec']['hash'][:12]})"))
-    if val["latent"]["shape"][1:] != train["latent"]["shape"][1:]:
-        problems.append(("validation.shards", f"latents of shape {val['latent']['shape'][1:]}, the training shards "
-                                              f"{train['latent']['shape'][1:]} (another image size?)"))
-    names = lambda m: (m.get("labels") or {}).get("names")  # noqa: E731
-    if names(train) and names(val) != names(train):
-        problems.append(("validation.shards", f"class names {(names(val) or [])[:4]}... differ from the training "
-                                              f"shards' {names(train)[:4]}...; labels would mean other classes"))
+    problems, train, val = [], Manifest.of(train), Manifest.of(val)
+    if val.codec["hash"] != train.codec["hash"]:
+        problems.append(("validation.shards", f"encoded with codec {val.codec['name']!r} (hash "
+                                              f"{val.codec['hash'][:12]}), the training shards with "
+                                              f"{train.codec['name']!r} ({train.codec['hash'][:12]})"))
+    if val.latent["shape"][1:] != train.latent["shape"][1:]:
+        problems.append(("validation.shards", f"latents of shape {val.latent['shape'][1:]}, the training shards "
+                                              f"{train.latent['shape'][1:]} (another image size?)"))
+    if train.class_names and val.class_names != train.class_names:
+        problems.append(("validation.shards", f"class names {(val.class_names or [])[:4]}... differ from the "
+                                              f"training shards' {train.class_names[:4]}...; labels would mean other "
+                                              "classes"))
     if problems:
         raise ConfigError(problems, header=f"the held-out shards in '{folder}' do not fit the training shards. "
                                            "Encode them with the same --vae, --image-size and classes")

@@ -24,10 +24,10 @@ def sizes_from(coco: str | None, folder: str | None) -> list[tuple[int, int]]:
     if coco:
         return [(im["width"], im["height"]) for im in json.loads(Path(coco).read_text())["images"]]
     from pipeline.config import DataConfig
-    from pipeline.sources import _header_size, make_source
+    from pipeline.sources import header_size, make_source
 
     source = make_source(DataConfig(dataset_name="custom", dataset_path=folder, num_samples=None))
-    return [d for it in source.items if (d := _header_size(source.root / it.file, source.max_file_bytes))]
+    return [d for it in source.items if (d := header_size(source.root / it.file, source.max_file_bytes))]
 
 
 def header_rate(folder: str, sizes: list[tuple[int, int]]) -> float:

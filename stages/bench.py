@@ -13,7 +13,7 @@ encode   our real encode stage (`stages.encode.encode`: decode workers, ADM crop
          against the bare VAE forward at the same batch and size, running the same forwards (image and mirror, in
          chunks of the encode batch, as `encode_with_backoff` does; `codec.forward`, the encoder alone). Both rates
          are steady-state: images after the first batch over the time from its end to the last batch's end (the
-         pipeline's batches are stamped by wrapping `stages.encode._encode_batch`); the whole call's rate (codec load
+         pipeline's batches are stamped through encode's `on_batch` callback); the whole call's rate (codec load
          and hash, workers, manifest) is reported beside. Plus JPEG decode with and without PIL's draft mode. VAE
          shapes: `sd` (sd-vae-ft-ema's architecture with random weights: the same cost), `dc-ae` (DC-AE f32c32's,
          Sana's: 32× down, 32 channels, deterministic) or `tiny`; all are built offline and loaded through
@@ -88,6 +88,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline import __version__
+from pipeline.manifest import build_manifest, manifest_header
 from pipeline.workers import usable_cpus
 from pipeline.errors import ConfigError, DitpipeError
 
@@ -419,7 +420,7 @@ def task_prepare_jpegs(o: BenchOptions, folder: str, count: int) -> dict:
 
 
 class _StandInSource:
-    """What `shards.manifest_header` reads from a source, for shards written directly (no encode run)."""
+    """What `manifest.manifest_header` reads from a source, for shards written directly (no encode run)."""
 
     def __init__(self, n: int, image_size: int, dataset: str):
         self.image_size, self.n = image_size, n
@@ -457,7 +458,7 @@ def _write_synthetic(folders: dict[str, str], n: int, image_size: int, codec_kin
     codec = PixelCodec() if codec_kind == "pixel" else _StandInVae(codec_name)
     source = _StandInSource(n, image_size, dataset)
     slices = shards.latent_slices(codec.stores_std, "mean_std", True)
-    header = shards.manifest_header(source, codec, spp, slices, flip_at_load=not codec.stores_std)
+    header = manifest_header(source, codec, spp, slices, flip_at_load=not codec.stores_std)
     shape = tuple(header["latent"]["shape"])
     rng = np.random.default_rng(seed)
     pool = rng.standard_normal((97, *shape), dtype=np.float32)  # content does not matter for speed; bytes do
@@ -497,7 +498,7 @@ def _write_synthetic(folders: dict[str, str], n: int, image_size: int, codec_kin
         for w in writers.values():
             w.close(side)
     for fmt, folder in folders.items():
-        atomic.write_json(Path(folder) / shards.MANIFEST, shards.build_manifest(Path(folder), header, num_shards, fmt))
+        atomic.write_json(Path(folder) / shards.MANIFEST, build_manifest(Path(folder), header, num_shards, fmt))
     return {"samples": n, "shape": list(shape), "shards": num_shards}
 
 
@@ -531,22 +532,15 @@ def _steady(stamps: list[tuple[float, int]]) -> tuple[int, float]:
 
 
 def task_encode_pipeline(o: BenchOptions, vae_dir: str, images_dir: str, out: str) -> dict:
-    """The real encode stage, with a completion stamp after each batch (`_encode_batch` wrapped from outside)."""
+    """The real encode stage, with a completion stamp after each batch (encode's `on_batch` callback)."""
     from rich.console import Console
 
-    import stages.encode as stage
+    from stages.encode import encode
 
     cfg = _encode_config(o, vae_dir, images_dir, out)
-    stamps: list[tuple[float, int]] = []
-    encode_batch = stage._encode_batch
-
-    def stamped(batch, *args, **kwargs):
-        encode_batch(batch, *args, **kwargs)  # ends with .cpu(): the device work is done
-        stamps.append((time.perf_counter(), len(batch)))
-
-    stage._encode_batch = stamped
+    stamps: list[tuple[float, int]] = []  # each after the batch's latents are handed on: the device work is queued
     t0 = time.perf_counter()
-    manifest = stage.encode(cfg, console=Console(stderr=True))
+    manifest = encode(cfg, console=Console(stderr=True), on_batch=lambda n: stamps.append((time.perf_counter(), n)))
     seconds = time.perf_counter() - t0
     images, steady_s = _steady(stamps)
     return {"images": manifest["num_samples"], "seconds": seconds, "steady_images": images, "steady_s": steady_s,
@@ -697,11 +691,16 @@ def _part_encode(o: BenchOptions, work: Path) -> dict:
 
 class NpyStore:
     """fast-DiT's layout: `features/<g>.npy` and `labels/<g>.npy` per sample, read with `np.load` as fast-DiT's
-    dataset does. Quacks like ShardStore (`manifest`, `counts`, `read`), so the same MicroBatches does the rest."""
+    dataset does. Quacks like ShardStore (`manifest`, `counts`, `shape_of`, `read`, `gather`), so the same
+    MicroBatches does the rest: a file a sample, as fast-DiT reads them."""
 
     def __init__(self, folder: str, manifest: dict):
         self.folder, self.manifest = Path(folder), manifest
         self.counts = [s["samples"] for s in manifest["shards"]]
+        self.text = None
+
+    def shape_of(self, g: int) -> tuple[int, ...]:
+        return tuple(self.manifest["latent"]["shape"])
 
     def read(self, g: int):
         import numpy as np
@@ -710,12 +709,24 @@ class NpyStore:
         label = np.load(self.folder / "labels" / f"{g}.npy")
         return latent, int(label[0])
 
+    def gather(self, indices, picks):
+        import numpy as np
+
+        labels = np.empty(len(indices), dtype=np.int64)
+        for j, g in enumerate(indices.tolist()):
+            latent, labels[j] = self.read(g)
+            for slices, out in picks:
+                out[j] = latent[slices[j]]
+        return labels
+
 
 def _loader_dataset(kind: str, folders: dict, seed: int, batch: int):
     from pipeline.config import DataConfig
-    from pipeline.loader import EpochOrder, MicroBatches, Plan, open_shards
+    from pipeline.loader import MicroBatches
+    from pipeline.order import EpochOrder, Plan
+    from pipeline.store import open_shards
 
-    store, manifest = open_shards(folders["parquet" if kind == "parquet" else "wds"])
+    store, manifest = open_shards(folders["wds" if kind == "npy" else kind])  # npy: the tar set's manifest
     if kind == "npy":
         store = NpyStore(folders["npy"], manifest)
     plan = Plan(manifest["num_samples"], batch, 1, 1)
@@ -728,7 +739,8 @@ def task_loader_rates(o: BenchOptions, folders: dict) -> dict:
     Each trial: build the loader, one warm pass (workers start, page cache fills), then time a second pass."""
     import numpy as np
 
-    from pipeline.loader import LatentView, make_loader, sample_key, sample_normal
+    from pipeline.loader import LatentView, make_loader, sample_normal
+    from pipeline.order import sample_key
 
     kinds = ["tar", "parquet", "npy"]
     trials: dict[str, list[float]] = {k: [] for k in kinds}
@@ -833,22 +845,13 @@ def _part_loader(o: BenchOptions, work: Path) -> dict:
 
 
 class _Trainer:
-    """The training set-up exactly as `stages.train.train` makes it, from the same functions (pipeline.device's
-    accelerator, pipeline.training's data, model and batches, pipeline.step's `build_step`), and its step: the
-    `pipeline.step.Step` that `ditpipe train` runs. Logging, checkpoints, validation and signals are left out; they
-    do not run on most steps."""
+    """The training set-up of `ditpipe train`, built by the same code (pipeline/run.py: the accelerator, the data,
+    the plan, the model and the `pipeline.step.Step`), and its step. Logging, checkpoints, validation and signals are
+    left out; they do not run on most steps."""
 
     def __init__(self, o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, workers: int, samples: int):
-        import torch
-
         from pipeline.config import load_config
-        from pipeline.device import make_accelerator
-        from pipeline.diffusion import make_objective
-        from pipeline.latent_norm import LatentNorm
-        from pipeline.loader import Plan
-        from pipeline.step import build_step
-        from pipeline.training import (batch_condition, build_model, conditioning_for, num_classes_for, open_data,
-                                       training_batches)
+        from pipeline.run import Stream, build_model_for, build_step_for, open_run
 
         self.o = o
         self.cfg = cfg = load_config(None, {
@@ -859,32 +862,24 @@ class _Trainer:
             "training.batch_size": o.batch_size,
             "training.gradient_accumulation_steps": o.accum, "training.mixed_precision": o.precision,
             "training.seed": o.seed, "logging.tensorboard": False})
-        t = cfg.training
-        acc, self.precision, _ = make_accelerator(t.mixed_precision, tf32=t.tf32, deterministic=t.deterministic)
-        self.device = device = acc.device
-        manifest, _folder, store, online = open_data(cfg, device)
-        plan = Plan(manifest["num_samples"], t.batch_size, t.gradient_accumulation_steps, 1)
-        conditioning = conditioning_for(cfg, manifest)
-        self.latent_shape = tuple(manifest["latent"]["shape"][1:])
-        torch.manual_seed(t.seed)
-        model = build_model(cfg, manifest, num_classes_for(cfg, manifest)).to(device)
-        objective = make_objective(cfg.diffusion.objective, model.learn_sigma, cfg.diffusion)
-        self.step_fn = build_step(acc, model, objective, plan, self.latent_shape,
-                                  norm=LatentNorm.from_manifest(manifest, cfg.data.latent_norm),
-                                  posterior="std" in manifest["latent"]["slices"], training=t, rank=0,
-                                  drop_prob=cfg.model.class_dropout_prob, conditional=conditioning != "none",
-                                  compile=cfg.model.compile)
+        run = open_run(cfg, threads=False)  # the measuring process chose its threads as train does (_child_main)
+        self.precision, self.device, self.latent_shape = run.precision, run.device, run.latent_shape
+        model, objective, _ = build_model_for(run)
+        self.step_fn = build_step_for(run, model, objective)
         self.total_steps = 10**6
-        self.loader, self.to_latents = training_batches(cfg, manifest, store, online, plan, 0, conditioning, None, 0,
-                                                        self.total_steps, device, workers)
-        self.batches, self.to_y = iter(self.loader), batch_condition(conditioning, device)
+        self.stream = Stream(run, workers, end_step=self.total_steps)
+        self.stream.start(0)
         self.step_index = 0
 
     def next_micro(self):
-        from pipeline.step import Micro
+        return self.stream.next()
 
-        batch = next(self.batches)
-        return Micro(*self.to_latents(batch), self.to_y(batch), batch)
+    def next_batch(self):
+        """The next raw batch (images, for the online mode), not yet encoded."""
+        return next(self.stream.batches)
+
+    def to_latents(self, batch):
+        return self.stream.posterior(batch)
 
     def step(self, feed=None) -> None:
         from pipeline.schedule import lr_at
@@ -905,7 +900,7 @@ class _Trainer:
         return per_sample * len(m.mean) * s.plan.accum
 
     def close(self) -> None:
-        del self.batches, self.loader
+        self.stream.batches = None  # its workers stop
 
 
 def task_train(o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, samples: int) -> dict:
@@ -930,7 +925,7 @@ def task_train(o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, sample
         out["t_step_s"] = secs / n
         out["dit_flops_per_step"] = tr.step_flops(m)
     else:
-        pixels_batch = next(tr.batches)
+        pixels_batch = tr.next_batch()
         with torch.no_grad():
             tr.to_latents(pixels_batch)  # warm
             sync()
@@ -1024,7 +1019,9 @@ def task_loader_memory(o: BenchOptions, folder: str) -> dict:
     number of batches (`memory_large` samples' worth; epochs repeat over the small set), so every worker works in
     both and only the data set's size differs."""
     from pipeline.config import DataConfig
-    from pipeline.loader import EpochOrder, MicroBatches, Plan, make_loader, open_shards
+    from pipeline.loader import MicroBatches, make_loader
+    from pipeline.order import EpochOrder, Plan
+    from pipeline.store import open_shards
 
     store, manifest = open_shards(folder)
     plan = Plan(manifest["num_samples"], o.loader_batch, 1, 1)

@@ -20,6 +20,8 @@ from rich.markup import escape
 
 from pipeline import __version__
 from pipeline.config import resumable_keys
+from pipeline.sample_options import EVALUATE_BATCH, SAMPLE_BATCH, SampleOptions
+from pipeline.samplers import NAMES as SAMPLER_NAMES, SAMPLERS
 from pipeline.errors import DitpipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -150,11 +152,12 @@ def train(
         raise DitpipeError("--init-from starts a new run from given weights; --resume continues a run with its own "
                            "weights and optimizer. Use one of them")
     cfg = build_config(config, {"model.init_from": init_from, "model.init_weights": init_weights}, ctx.args)
+    from pipeline import run
     from stages import train as stage
 
     if resume is not None:
-        ckpt = stage.find_checkpoint(resume, Path(cfg.logging.output_dir), _warn)
-        stage.train(stage.resume_config(ckpt, new=cfg), resume=ckpt, console=err,
+        ckpt = run.find_checkpoint(resume, Path(cfg.logging.output_dir), _warn)
+        stage.train(run.resume_config(ckpt, new=cfg), resume=ckpt, console=err,
                     restretch_schedule=restretch_schedule)
     else:
         if restretch_schedule:
@@ -180,6 +183,7 @@ def resume(
 
     Example: ditpipe resume outputs/train_config --training.num_epochs 80 --restretch-schedule
     """
+    from pipeline import run
     from pipeline.config import parse_overrides
     from stages import train as stage
 
@@ -192,9 +196,9 @@ def resume(
                                "spans its num_epochs: drop --restretch-schedule")
         stage.train(_fresh_start_config(target, parse_overrides(args)), console=err)
         return
-    ckpt = stage.find_checkpoint(target, output_dir, _warn)
+    ckpt = run.find_checkpoint(target, output_dir, _warn)
     err.print(f"resuming from {ckpt}", highlight=False, soft_wrap=True)
-    stage.train(stage.resume_config(ckpt, overrides=parse_overrides(args)), resume=ckpt, console=err,
+    stage.train(run.resume_config(ckpt, overrides=parse_overrides(args)), resume=ckpt, console=err,
                 restretch_schedule=restretch_schedule)
 
 
@@ -203,21 +207,21 @@ def _never_checkpointed(run: Path) -> bool:
     damaged checkpoint is not this: resume falls back past it, or names it)."""
     from pipeline import checkpoint
 
-    return (run.is_dir() and (run / "config.yaml").is_file() and not (run / checkpoint.STATE).exists()
+    return (run.is_dir() and (run / checkpoint.CONFIG).is_file() and not (run / checkpoint.STATE).exists()
             and not (run / checkpoint.LATEST).exists() and not checkpoint.list_checkpoints(run))
 
 
 def _fresh_start_config(run: Path, overrides: dict):
     """The run's saved config.yaml with `overrides` applied (anything may change: no weights were saved), as a new
     run in the same folder; train replaces that failed start's files, or refuses a folder with files of the user's."""
-    from pipeline import safe_yaml
+    from pipeline import checkpoint, safe_yaml
     from pipeline.config import validate_tree
     from pipeline.errors import ConfigError
-    from pipeline.loader import unconfirmed_remote
+    from pipeline.remote import unconfirmed_remote
 
-    saved = safe_yaml.safe_load((run / "config.yaml").read_text())
+    saved = safe_yaml.safe_load((run / checkpoint.CONFIG).read_text())
     if not isinstance(saved, dict):
-        raise DitpipeError(f"'{run / 'config.yaml'}' is not a ditpipe config; start the run with `ditpipe train`")
+        raise DitpipeError(f"'{run / checkpoint.CONFIG}' is not a ditpipe config; start the run with `ditpipe train`")
     if remote := unconfirmed_remote(saved, overrides):
         raise ConfigError(remote, header=f"cannot start '{run}' again from a remote location its config names")
     merged = json.loads(json.dumps(saved))
@@ -275,12 +279,13 @@ def sample(
                                                           "fine detail. " + _run_default("cfg_interval", "0,1")),
     steps: Optional[int] = typer.Option(None, min=1, metavar="N", help="Sampling steps. "
                                         + _run_default("sampling_steps", "250")),
-    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim (ddpm models), euler | heun (flow models). "
+    sampler: Optional[str] = typer.Option(None, help=", ".join(f"{' | '.join(names)} ({objective} models)"
+                                                               for objective, names in SAMPLERS.items()) + ". "
                                                      + _run_default("sampler", "ddpm")),
     seed: int = typer.Option(0, min=0, metavar="N", help="Seed; the same seed gives the same samples."),
     out: Path = typer.Option(Path("grid.png"), help="Grid PNG (one class per column when classes repeat)."),
     out_dir: Optional[Path] = typer.Option(None, help="Also one PNG per sample: <index>_class<k>.png."),
-    batch_size: int = typer.Option(64, min=1, metavar="N", help="Samples per batch."),
+    batch_size: int = typer.Option(SAMPLE_BATCH, min=1, metavar="N", help="Samples per batch."),
     vae: Optional[str] = typer.Option(None, help="Decoder override (default: the checkpoint's codec; "
                                                  "stabilityai/sd-vae-ft-ema for official checkpoints)."),
     model: Optional[str] = typer.Option(None, help="Official checkpoints only: the preset, e.g. DiT-XL/2."),
@@ -315,11 +320,12 @@ def sample(
     if num is not None and num_samples is not None and num != num_samples:
         raise typer.BadParameter(f"--num {num} and --num-samples {num_samples} differ; give one")
     num = num if num is not None else num_samples
-    run_sample(checkpoint_path, use_ema=ema, classes=classes, num=num, cfg_scale=cfg_scale, steps=steps,
-               cfg_interval=_interval(cfg_interval), sampler=sampler, seed=seed, out=out, out_dir=out_dir,
-               batch_size=batch_size, vae=vae, model_name=model, image_size=image_size, prompts=prompt,
-               text_encoder=text_encoder, protocol=protocol, cfg_channels=cfg_channels, precision=precision,
-               npz_out=npz_out, console=err, size=size, decoder=decoder)
+    options = SampleOptions(num=num, seed=seed, use_ema=ema, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                            cfg_interval=_interval(cfg_interval), batch_size=batch_size, vae=vae, model_name=model,
+                            image_size=image_size, text_encoder=text_encoder, protocol=protocol,
+                            cfg_channels=cfg_channels, precision=precision, npz_out=npz_out)
+    run_sample(checkpoint_path, options, classes=classes, prompts=prompt, out=out, out_dir=out_dir, size=size,
+               decoder=decoder, console=err)
 
 
 @app.command()
@@ -338,10 +344,10 @@ def evaluate(
                                                           + _run_default("cfg_interval", "0,1")),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps. "
                                                        + _run_default("sampling_steps", "250")),
-    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim | euler | heun. "
+    sampler: Optional[str] = typer.Option(None, help=" | ".join(SAMPLER_NAMES) + ". "
                                                      + _run_default("sampler", "ddpm")),
     seed: int = typer.Option(0, min=0, help="Seed for the generated samples."),
-    batch_size: int = typer.Option(50, min=1, help="Images per batch, for generation and Inception."),
+    batch_size: int = typer.Option(EVALUATE_BATCH, min=1, help="Images per batch, for generation and Inception."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default, when present)."),
     kid: bool = typer.Option(False, "--kid", help="Also KID (on the reference's features)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
@@ -372,11 +378,12 @@ def evaluate(
     """
     from stages.evaluate import evaluate as run_evaluate
 
-    run_evaluate(checkpoint_path, reference, num=num, cfg_scale=cfg_scale, steps=steps, sampler=sampler, seed=seed,
-                 cfg_interval=_interval(cfg_interval), batch_size=batch_size, use_ema=ema, kid=kid,
-                 json_out=json_out, cache_dir=cache_dir, vae=vae, model_name=model, image_size=image_size,
-                 protocol=protocol, cfg_channels=cfg_channels, precision=precision, npz_out=npz_out,
-                 prompts=prompts, text_encoder=text_encoder, inception_head=inception_head, console=err)
+    options = SampleOptions(num=num, seed=seed, use_ema=ema, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                            cfg_interval=_interval(cfg_interval), batch_size=batch_size, vae=vae, model_name=model,
+                            image_size=image_size, text_encoder=text_encoder, protocol=protocol,
+                            cfg_channels=cfg_channels, precision=precision, npz_out=npz_out)
+    run_evaluate(checkpoint_path, reference, options, kid=kid, json_out=json_out, cache_dir=cache_dir, prompts=prompts,
+                 inception_head=inception_head, console=err)
 
 
 @app.command(context_settings=OVERRIDES, epilog=OVERRIDES_HELP)

@@ -40,8 +40,8 @@ def ema(run: Path, *, sigma_rel: float | None = None, sweep: str | None = None, 
     snapshots = phema.list_snapshots(run / phema.SNAPSHOT_DIR)
     at = phema.pick_step(snapshots, step, run / phema.SNAPSHOT_DIR)
     ckpt, saved = checkpoint.find_resumable(run, lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
-    cfg = validate_tree(safe_yaml.safe_load((ckpt / "config.yaml").read_text()))  # only resumable keys ever differ
-    manifest = json.loads((ckpt / "manifest.json").read_text())
+    cfg = validate_tree(safe_yaml.safe_load((ckpt / checkpoint.CONFIG).read_text()))  # only resumable keys ever differ
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
     shapes = _model_shapes(cfg, manifest)
     phema.check_snapshots([s for s in snapshots if s.step <= at], shapes)  # before the scorer loads any data
     scorer = _Scorer(cfg, manifest, num, console) if held_out else None
@@ -126,10 +126,8 @@ def _write(out: Path, overwrite: bool, cfg, manifest: dict, state: dict, run: Pa
     meta = exported.metadata(cfg, manifest, model, source=str(run), step=at, weights=f"post-hoc EMA σ_rel {sigma:g}",
                              posthoc_ema={"sigma_rel": sigma, "snapshots": len(fit.coefficients),
                                           "condition": fit.condition, "profile_error": fit.profile_error})
-    from stages.export import written_to
-
-    with written_to(Path(out)), exported.replacing(Path(out), overwrite, protect=Path(run), fmt="safetensors",
-                                                   meta=meta, verb="ema") as tmp:
+    with exported.written_to(Path(out)), exported.replacing(Path(out), overwrite, protect=Path(run),
+                                                            fmt="safetensors", meta=meta, verb="ema") as tmp:
         exported.write(tmp, state, meta)
 
 
@@ -211,7 +209,8 @@ def _references(ckpt: Path | None, scorer: _Scorer, console: Console) -> list[di
         console.print("(no checkpoint at that step: the classic EMA and raw weights are not scored beside it)")
         return []
     rows = []
-    for name, label in (("ema.pt", f"classic EMA ({scorer.cfg.training.ema_decay:g})"), ("model.pt", "raw")):
+    for name, label in ((checkpoint.EMA, f"classic EMA ({scorer.cfg.training.ema_decay:g})"),
+                        (checkpoint.MODEL, "raw")):
         if (ckpt / name).is_file():
             rows.append({"sigma_rel": None, "label": label, **scorer(checkpoint.load_tensors(ckpt / name))})
     return rows

@@ -21,8 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline import npz
 from pipeline.errors import DitpipeError
 from pipeline.protocol import conditioner, make_plan, protocol_defaults
+from pipeline.sample_options import EVALUATE_BATCH, SampleOptions
+from pipeline.sampleable import describe_settings, generated, load_sampleable, settings_with
+from pipeline.ranks import torch_group
 from pipeline.spread import Spread
-from stages.sample import describe_settings, generated, load_sampleable, settings_with
 
 DEFAULT_NUM = 10_000
 
@@ -32,14 +34,9 @@ def _bar(console: Console) -> Progress:
                     console=console)
 
 
-def evaluate(checkpoint_path: Path, reference=None, *, num: int | None = None, cfg_scale: float | None = None,
-             steps: int | None = None, sampler: str | None = None, seed: int = 0, batch_size: int = 50,
-             use_ema: bool = True, kid: bool = False, json_out: Path | None = None, cache_dir: Path | None = None,
-             vae: str | None = None, model_name: str | None = None, image_size: int | None = None,
-             cfg_interval: tuple[float, float] | None = None, protocol: str | None = None,
-             cfg_channels: str | None = None, precision: str | None = None, npz_out: Path | None = None,
-             prompts: str | None = None, text_encoder: str | None = None, inception_head: Path | None = None,
-             console: Console | None = None) -> dict | None:
+def evaluate(checkpoint_path: Path, reference=None, o: SampleOptions = SampleOptions(), *, kid: bool = False,
+             json_out: Path | None = None, cache_dir: Path | None = None, prompts: str | None = None,
+             inception_head: Path | None = None, console: Console | None = None) -> dict | None:
     """Generate `num` samples (classes cycled evenly, or uniformly random with `protocol="dit"`; a caption model:
     one per prompt) and score them against `reference`. Returns the results (on rank 0; None on the others).
     Sampling settings left None come from the protocol, the checkpoint (its validation.*), or official DiT's."""
@@ -50,12 +47,13 @@ def evaluate(checkpoint_path: Path, reference=None, *, num: int | None = None, c
     if not spread.main:
         console = Console(stderr=True, quiet=True)
     t0 = time.time()
-    s = load_sampleable(checkpoint_path, use_ema=use_ema, vae=vae, model_name=model_name, image_size=image_size,
-                        warn=lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True),
-                        device=spread.device)
-    base = protocol_defaults(protocol, s)
-    st, given = settings_with(s, "evaluate", base, sampler, steps, cfg_scale, cfg_interval)
-    prompt_set = _prompts(s, prompts, num)
+    batch_size = EVALUATE_BATCH if o.batch_size is None else o.batch_size
+    s = load_sampleable(checkpoint_path, use_ema=o.use_ema, vae=o.vae, model_name=o.model_name,
+                        image_size=o.image_size, device=spread.device,
+                        warn=lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
+    base = protocol_defaults(o.protocol, s)
+    st, given = settings_with(s, "evaluate", base, o.sampler, o.steps, o.cfg_scale, o.cfg_interval)
+    prompt_set = _prompts(s, prompts, o.num)
     if prompt_set is not None:
         labels, n = "prompts", len(prompt_set.prompts)
         reference = reference if reference is not None else prompt_set.reference
@@ -64,13 +62,13 @@ def evaluate(checkpoint_path: Path, reference=None, *, num: int | None = None, c
                                "(an image folder, pixel-codec shards or an ADM .npz)")
     else:
         num_classes = s.model.num_classes if s.model.y_embedder is not None else 0
-        labels = "none" if not num_classes else "random" if protocol else "cycled"
-        n = num or base.get("num", DEFAULT_NUM)
+        labels = "none" if not num_classes else "random" if o.protocol else "cycled"
+        n = o.num or base.get("num", DEFAULT_NUM)
         if reference is None:
             raise DitpipeError("give --reference: an image folder, pixel-codec shards or an ADM reference batch .npz")
-    plan = make_plan(s, official=s.settings is None, protocol=protocol, labels=labels, cfg_channels=cfg_channels,
-                     precision=precision, device=spread.device)
-    console.print(f"sampling {n:,} from {s.description}: {describe_settings(s, st, seed, given)}", highlight=False,
+    plan = make_plan(s, official=s.settings is None, protocol=o.protocol, labels=labels,
+                     cfg_channels=o.cfg_channels, precision=o.precision, device=spread.device)
+    console.print(f"sampling {n:,} from {s.description}: {describe_settings(s, st, o.seed, given)}", highlight=False,
                   soft_wrap=True)
     console.print(f"  {plan.describe(s.guidable and st.cfg_scale != 1.0, s.latent_shape[0], spread.device)}"
                   + (f"; {spread.world} processes" if spread.world > 1 else "")
@@ -78,20 +76,17 @@ def evaluate(checkpoint_path: Path, reference=None, *, num: int | None = None, c
     size = s.latent_shape[1] * s.codec.downsample
     extractor = fid.InceptionFeatures(spread.device)
 
-    ref, head, error = None, None, None
-    if spread.main:  # first, so that a bad reference fails before any sampling
-        try:
-            head = eval_metrics.InceptionHead.load(inception_head, extractor) if inception_head else None
-            ref = _reference(fid, reference, size, cache_dir, spread, batch_size, extractor, console)
-        except DitpipeError as e:
-            error = e
-    spread.fail_together(error)
+    def load_reference():  # first, so that a bad reference fails before any sampling
+        head = eval_metrics.InceptionHead.load(inception_head, extractor) if inception_head else None
+        return _reference(fid, reference, size, cache_dir, spread, batch_size, extractor, console), head
 
-    condition = conditioner(s, labels, seed, prompts=prompt_set.prompts if prompt_set else None,
-                            text_encoder=text_encoder)
-    pools, spatials, part = [], [], npz.PartWriter(npz_out, spread.rank) if npz_out else None
+    ref, head = torch_group(spread.rank, spread.world).on_rank0(load_reference, share=False) or (None, None)
+
+    condition = conditioner(s, labels, o.seed, prompts=prompt_set.prompts if prompt_set else None,
+                            text_encoder=o.text_encoder)
+    pools, spatials, part = [], [], npz.PartWriter(o.npz_out, spread.rank) if o.npz_out else None
     t_gen = time.time()
-    for _, images in generated(s, spread, n, st, seed, batch_size, condition, plan, console, "generate"):
+    for _, images in generated(s, spread, n, st, o.seed, batch_size, condition, plan, console, "generate"):
         pool, spatial = extractor.forward_all(fid.as_nchw_uint8(images))
         pools.append(pool.cpu().numpy())
         spatials.append(spatial.cpu().numpy())
@@ -105,26 +100,27 @@ def evaluate(checkpoint_path: Path, reference=None, *, num: int | None = None, c
         part.close()
         spread.barrier()
         if spread.main:
-            npz.join(npz_out, spread.world, n, (size, size, 3))
+            npz.join(o.npz_out, spread.world, n, (size, size, 3))
     if not spread.main:
         spread.barrier()
         return None
     scores = eval_metrics.score(pool, spatial, ref, head=head, with_kid=kid, device=spread.device,
-                                adm=protocol == "dit")  # the evaluator's IS splits and fp16 distances, said in the JSON
+                                adm=o.protocol == "dit")  # the evaluator's IS splits and fp16 distances, in the JSON
     notes = scores.pop("notes")
     result = {**scores, "num_generated": int(len(pool)), "num_reference": ref.n, "checkpoint": s.description,
               "reference": str(reference), "reference_statistics": "stored" if ref.stored else "computed",
               "sampler": st.sampler, "steps": st.steps, "cfg_scale": st.cfg_scale if s.guidable else None,
               "cfg_interval": list(st.cfg_interval) if s.guidable else None,
               "cfg_channels": plan.cfg_channels_name if s.guidable else None, "sampling_precision": plan.precision,
-              "labels": labels, "protocol": protocol, "seed": seed, "image_size": size, "processes": spread.world,
+              "labels": labels, "protocol": o.protocol, "seed": o.seed, "image_size": size,
+              "processes": spread.world,
               "prompts": prompt_set.description if prompt_set else None, "inception_head": head.source if head else None,
               "samples_per_s": round(n / max(gen_seconds, 1e-9), 3), "seconds": round(time.time() - t0, 1)}
     _report(console, result, notes)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
-    if npz_out is not None:
-        console.print(f"npz: {npz_out} (arr_0: uint8 {n}×{size}×{size}×3)", highlight=False, soft_wrap=True)
+    if o.npz_out is not None:
+        console.print(f"npz: {o.npz_out} (arr_0: uint8 {n}×{size}×{size}×3)", highlight=False, soft_wrap=True)
     spread.barrier()
     return result
 

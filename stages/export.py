@@ -18,7 +18,6 @@ the home folder and the root are refused as --out whatever the flags say. The ou
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -40,7 +39,8 @@ def export(checkpoint_path: Path, fmt: str, out: Path, *, raw: bool = False, vae
         raise DitpipeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     ckpt, cfg, manifest, model, meta = open_checkpoint(Path(checkpoint_path), raw, console)
     out = Path(out)
-    with written_to(out), exported.replacing(out, overwrite, protect=ckpt, fmt=fmt, meta=meta, verb="export") as tmp:
+    with exported.written_to(out), exported.replacing(out, overwrite, protect=ckpt, fmt=fmt, meta=meta,
+                                                      verb="export") as tmp:
         if fmt == "safetensors":
             exported.write(tmp, model.state_dict(), meta)
         else:
@@ -49,55 +49,33 @@ def export(checkpoint_path: Path, fmt: str, out: Path, *, raw: bool = False, vae
     return out
 
 
-@contextlib.contextmanager
-def written_to(out: Path):
-    """A failed write of the export folder `out` (a full disk: OSError from Python, SafetensorError from
-    safetensors) as one line naming `out`. Put it outside `exported.replacing`, which has then removed the temporary
-    and left an earlier export as it was."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (OSError, SafetensorError) as e:
-        full, what = checkpoint.write_trouble(out.parent, e)
-        raise DitpipeError(f"could not write '{out}': {what}. Nothing of it was kept (an earlier export there is as "
-                           f"it was); {'free some space' if full else 'fix the cause'} and run the command again") \
-            from None
-
-
 def open_checkpoint(path: Path, raw: bool, console: Console):
     """(checkpoint folder, config, manifest excerpt, model with the chosen weights, export metadata). An export
     folder (`ditpipe ema --out`, an earlier safetensors export) holds one set of weights and is taken as it is."""
     from pipeline.training import build_model, num_classes_for
 
     folder = exported.folder_of(path)
-    if folder is not None:
-        if raw:
-            raise DitpipeError(f"'{folder}' is an export that holds one set of weights; drop --raw")
-        ex = exported.read(folder)
-        model = build_model(ex.cfg, ex.manifest, num_classes_for(ex.cfg, ex.manifest))
-        model.load_state_dict(ex.state, strict=True)
-        return folder, ex.cfg, ex.manifest, model.eval(), {**ex.meta, "written_by": f"ditpipe {__version__}"}
-    if path.is_file():
+    if folder is not None and raw:
+        raise DitpipeError(f"'{folder}' is an export that holds one set of weights; drop --raw")
+    if folder is None and path.is_file():
         raise DitpipeError(f"'{path}' is a file; `ditpipe export` takes a ditpipe checkpoint folder (or a run folder: "
                            "its newest valid checkpoint). An official DiT .pt is already in the official layout: "
                            "fine-tune it with `ditpipe train --init-from`, then export that run")
-    if not path.is_dir():
+    if folder is None and not path.is_dir():
         raise DitpipeError(f"'{path}' does not exist; pass a checkpoint folder such as outputs/RUN/checkpoint-1000, "
                            "or a run folder")
-    if not (path / checkpoint.STATE).is_file():
-        path = checkpoint.find_resumable(path, lambda m: console.print(f"[yellow]warning:[/] {m}"))[0]
-    state = checkpoint.validate(path)
-    cfg, manifest = checkpoint.read_config(path), checkpoint.read_manifest(path)
-    weights = "raw" if raw else "ema"
-    file = path / ("model.pt" if raw else "ema.pt")
-    if not file.is_file():
-        raise DitpipeError(f"'{path}' has no ema.pt (the run had training.use_ema off); export the raw weights with "
-                           "--raw")
-    model = build_model(cfg, manifest, num_classes_for(cfg, manifest))
-    model.load_state_dict(checkpoint.load_tensors(file), strict=True)
-    meta = exported.metadata(cfg, manifest, model, source=str(path), step=state["step"], weights=weights)
-    return path, cfg, manifest, model.eval(), meta
+    try:
+        w = checkpoint.open_weights(path, "model" if raw else "ema", fallback=False,
+                                    warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
+    except checkpoint.NoEMAError as e:
+        raise DitpipeError(f"{e} (the run had training.use_ema off); export the raw weights with --raw") from None
+    model = build_model(w.cfg, w.manifest, num_classes_for(w.cfg, w.manifest))
+    model.load_state_dict(w.state, strict=True)
+    if w.kind == "export":
+        return w.source, w.cfg, w.manifest, model.eval(), {**w.meta, "written_by": f"ditpipe {__version__}"}
+    meta = exported.metadata(w.cfg, w.manifest, model, source=str(w.source), step=w.step,
+                             weights="raw" if raw else "ema")
+    return w.source, w.cfg, w.manifest, model.eval(), meta
 
 
 def _write_diffusers(folder: Path, model, cfg: Config, manifest: dict, meta: dict, vae: str | None,

@@ -29,6 +29,7 @@ MARKER = "quickstart.json"  # written last, with every file the quickstart wrote
 def quickstart(out: Path = Path("outputs/quickstart"), overrides: dict | None = None,
                console: Console | None = None) -> dict:
     """Run it all; `overrides` (dotted keys) adjust configs/quickstart.yaml, e.g. fewer epochs on a slow machine."""
+    from pipeline.sample_options import SampleOptions
     from stages.encode import encode
     from stages.sample import sample
     from stages.train import train
@@ -45,8 +46,8 @@ def quickstart(out: Path = Path("outputs/quickstart"), overrides: dict | None = 
     run = train(cfg, config_name="quickstart", console=console)
     console.rule("3/3 sample one class per column")
     per_class, samples = 8, out / "samples"
-    images = sample(run, num=per_class * len(SHAPES_CLASS_NAMES), seed=cfg.training.seed, out=out / "grid.png",
-                    out_dir=samples, console=console)  # sampler, steps and guidance: the run's validation.*
+    images = sample(run, SampleOptions(num=per_class * len(SHAPES_CLASS_NAMES), seed=cfg.training.seed),
+                    out=out / "grid.png", out_dir=samples, console=console)  # sampler, steps, guidance: validation.*
     labels = np.arange(len(images)) % len(SHAPES_CLASS_NAMES)
     accuracy = float(np.mean([classify_shape(img) == y for img, y in zip(images, labels)]))
     loss_png = plot_loss(run, out / "loss.png", "quickstart: training loss")

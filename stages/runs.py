@@ -101,7 +101,7 @@ class RunInfo:
 def is_run(path: Path) -> bool:
     path = Path(path)
     return path.is_dir() and not (path / checkpoint.STATE).is_file() and (
-        (path / checkpoint.LATEST).is_file() or (path / "config.yaml").is_file() and (
+        (path / checkpoint.LATEST).is_file() or (path / checkpoint.CONFIG).is_file() and (
             (path / "metrics.jsonl").is_file() or bool(checkpoint.list_checkpoints(path))))
 
 
@@ -123,7 +123,7 @@ def run_info(run_dir: Path, check: bool = False) -> RunInfo:
                default=None)
     state, pid, message = _state(run_dir, newest is not None and end is not None and newest.step is not None
                                  and newest.step >= end)
-    stamps = [p.stat().st_mtime for p in (run_dir / "metrics.jsonl", latest_file, run_dir / "config.yaml")
+    stamps = [p.stat().st_mtime for p in (run_dir / "metrics.jsonl", latest_file, run_dir / checkpoint.CONFIG)
               if p.is_file()]
     return RunInfo(str(run_dir), state, step, end, losses.get(step) if step in losses else _last(losses), latest,
                    time.time() - max(stamps) if stamps else None, pid, checkpoints=ckpts, message=message)
@@ -155,7 +155,7 @@ def _checkpoint_info(path: Path, losses: dict[int, float], check: bool) -> Check
         state, problem, valid = {}, str(e), False
     step = state.get("step")
     logged = [s for s in losses if step is not None and s <= step]
-    return CheckpointInfo(path.name, step, state.get("epoch"), (path / "ema.pt").is_file(), valid, problem,
+    return CheckpointInfo(path.name, step, state.get("epoch"), (path / checkpoint.EMA).is_file(), valid, problem,
                           losses[max(logged)] if logged else None)
 
 
@@ -163,7 +163,7 @@ def _end_step(ckpt: Path) -> int | None:
     """Where the run that wrote `ckpt` ends: its epochs, or training.max_steps when that comes first."""
     try:
         state = checkpoint.read_state(ckpt)
-        t = safe_yaml.safe_load((ckpt / "config.yaml").read_text())["training"]
+        t = safe_yaml.safe_load((ckpt / checkpoint.CONFIG).read_text())["training"]
         end = int(state["steps_per_epoch"]) * int(t["num_epochs"])
         return min(end, int(t["max_steps"])) if t.get("max_steps") else end
     except (checkpoint.CheckpointError, OSError, ValueError, KeyError, TypeError, OverflowError):
@@ -285,7 +285,7 @@ def inspect_checkpoint(ckpt: Path, console: Console, as_json: bool = False) -> d
         state, problem = checkpoint.validate(ckpt), ""
     except checkpoint.CheckpointError as e:
         state, problem = _state_or_nothing(ckpt), str(e)
-    cfg = safe_yaml.safe_load((ckpt / "config.yaml").read_text()) if (ckpt / "config.yaml").is_file() else {}
+    cfg = safe_yaml.safe_load((ckpt / checkpoint.CONFIG).read_text()) if (ckpt / checkpoint.CONFIG).is_file() else {}
     manifest = json.loads((ckpt / "manifest.json").read_text()) if (ckpt / "manifest.json").is_file() else {}
     if as_json:
         console.print_json(json.dumps({"state": state, "valid": not problem, "config": cfg, "manifest": manifest}))

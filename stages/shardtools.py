@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import shards
-from pipeline.buckets import describe
 from pipeline.errors import ShardError
+from pipeline.manifest import load_manifest
 
 
 def inspect(folder: Path, as_json: bool, console: Console) -> None:
@@ -28,11 +28,11 @@ def inspect(folder: Path, as_json: bool, console: Console) -> None:
                          f"training_state.json or checkpoint folders)" + ("; it does not exist" if not
                                                                           Path(folder).exists() else "")
                          + ". Make shards with `ditpipe encode`; list runs with `ditpipe runs`")
-    m = shards.load_manifest(folder)
+    m = load_manifest(folder)
     if as_json:
-        console.print_json(json.dumps(m))
+        console.print_json(json.dumps(m.raw))
         return
-    src, codec, lat = m["source"], m["codec"], m["latent"]
+    src, codec, lat = m.source, m.codec, m.latent
     t = Table(title=f"{folder}", show_header=False, title_justify="left")
     t.add_row("source", ", ".join(f"{k}={v}" for k, v in src.items()))
     t.add_row("codec", f"{codec['name']} ({codec.get('class', codec['kind'])}, {codec['dtype']}, "
@@ -40,40 +40,40 @@ def inspect(folder: Path, as_json: bool, console: Console) -> None:
                        f"scaling {codec['scaling_factor']:g}, shift {codec['shift_factor']:g}, hash {codec['hash'][:12]}")
     t.add_row("latent", f"{lat['dtype']} {tuple(lat['shape'])}: {', '.join(lat['slices'])}"
                         + ("; flipped at load time" if lat.get("flip_at_load") else ""))
-    if m.get("buckets"):  # each shard's latents have its bucket's shape
-        t.add_row("buckets", describe(m))
-    labels = m.get("labels")
+    if m.bucketed:  # each shard's latents have its bucket's shape
+        t.add_row("buckets", m.describe_buckets())
+    labels = m.labels
     t.add_row("labels", "none (unconditional)" if not labels else
               f"{labels['num_classes']} classes: {', '.join(labels['names'][:12])}"
               + (" …" if labels["num_classes"] > 12 else ""))
-    captions, enc = m.get("captions"), shards.text_encoder_of(m)
+    captions, enc = m.captions, m.text_encoder
     t.add_row("captions", "none" if not captions else "as text in each sample's json (not embedded)" if not enc else
               f"{captions['num_captions']:,} embedded with {enc['name']} ({enc['source']}, {enc['dim']}-d, ≤ "
               f"{enc['max_tokens']} tokens, longest {captions['max_tokens_seen']}), hash {enc['hash'][:12]}")
-    t.add_row("samples", f"{m['num_samples']:,} of {m['num_inputs']:,} inputs "
-                         f"({len(m['skipped']):,} skipped, {len(m['converted']):,} converted)")
-    t.add_row("shards", f"{m['num_shards']} × {m['format']}, {sum(s['bytes'] for s in m['shards']):,} bytes, "
-                        f"≤ {m['samples_per_shard']} samples each")
-    if m.get("stats"):
+    t.add_row("samples", f"{m.num_samples:,} of {m.raw['num_inputs']:,} inputs "
+                         f"({len(m.raw['skipped']):,} skipped, {len(m.raw['converted']):,} converted)")
+    t.add_row("shards", f"{m.num_shards} × {m.format}, {sum(s['bytes'] for s in m.entries):,} bytes, "
+                        f"≤ {m.samples_per_shard} samples each")
+    if m.stats:
         fmt = lambda xs: "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"  # noqa: E731
-        t.add_row("channel mean", fmt(m["stats"]["channel_mean"]))
-        t.add_row("channel std", fmt(m["stats"]["channel_std"]))
+        t.add_row("channel mean", fmt(m.stats["channel_mean"]))
+        t.add_row("channel std", fmt(m.stats["channel_std"]))
     console.print(t)
-    for s in m["skipped"][:5]:
+    for s in m.raw["skipped"][:5]:
         console.print(f"  skipped {s['file']}: {s['reason']}")
 
 
 def verify(folder: Path, console: Console) -> None:
-    from stages.encode import progress_bar
+    from stages.progress import progress_bar
 
-    manifest = shards.load_manifest(folder)
+    manifest = load_manifest(folder)
     with progress_bar(console, "sample") as bar:
-        task = bar.add_task(f"verify {folder}", total=manifest["num_samples"])
+        task = bar.add_task(f"verify {folder}", total=manifest.num_samples)
         problems, checked = shards.verify(folder, progress=lambda n: bar.update(task, completed=n))
     if problems:
         for p in problems:
             console.print(f"[red]✗[/] {p}", highlight=False, markup=True)
-        raise ShardError(f"{folder}: {len(problems)} problem(s) in {manifest['num_shards']} shard(s); re-encode the "
+        raise ShardError(f"{folder}: {len(problems)} problem(s) in {manifest.num_shards} shard(s); re-encode the "
                          "damaged shards by deleting them and rerunning the same `ditpipe encode` command")
-    console.print(f"[green]✓[/] {folder}: {manifest['num_shards']} shard(s), {checked:,} samples, every sha256 and "
+    console.print(f"[green]✓[/] {folder}: {manifest.num_shards} shard(s), {checked:,} samples, every sha256 and "
                   "sample checked")

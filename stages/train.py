@@ -9,16 +9,10 @@ nothing and skips nothing.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import random
-import re
 import shlex
-import shutil
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,62 +24,32 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from pipeline import __version__, atomic, checkpoint, lock, shards
-from pipeline.config import CPU_RECIPE, RESUMABLE_CHANGES, Config, override_args, resumable_keys, validate_tree
-from pipeline.device import describe, make_accelerator, peak_tflops
-from pipeline.diffusion import make_objective
+from pipeline import checkpoint, lock, shards
+from pipeline.config import CPU_RECIPE, Config, override_args
+from pipeline.device import describe, peak_tflops
+from pipeline.errors import ConfigError, DitpipeError
 from pipeline.estimate import LONG_ON_CPU_SECONDS, duration, remaining, step_seconds
-from pipeline.errors import ConfigError, DitpipeError, ShardError
-from pipeline.finetune import init_from
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import Plan, unconfirmed_remote
+from pipeline.manifest import Manifest, load_manifest, text_encoder_of
 from pipeline.metrics import MetricsLog
-from pipeline.phema import SNAPSHOT_DIR, clean_temporaries, write_snapshots
-from pipeline.recovery import RecoveryState, SpikeWatch, injected
-from pipeline.schedule import lr_at, restretched_length, schedule_warnings
-from pipeline.threads import Threads
-from pipeline.threads import apply as apply_threads
-from pipeline.step import FLOPS_CONVENTION, PHEMA_FILE, Micro, Step, build_step, load_state
-from pipeline.training import (batch_condition, build_model, conditioning_for, grid_shape, make_plan,
-                               num_classes_for, open_data, shard_folders, training_batches)
-from pipeline.training_fid import TrainingFID
-from pipeline.validation import HeldOut, eval_model, held_out_losses, open_held_out
+from pipeline.order import Plan
+from pipeline.phema import SNAPSHOT_DIR, write_snapshots
+from pipeline.recovery import RecoveryState
+from pipeline.run import (Run, Stream, build_model_for, build_step_for, open_run, prepare_folder, recover, restore,
+                          run_dir_of, spike_watch)
+from pipeline.schedule import lr_at, schedule_warnings
+from pipeline.step import FLOPS_CONVENTION, Micro, Step
+from pipeline.training import conditioning_for, shard_folders
+from pipeline.validation import HeldOut, eval_model, held_out_losses
 from pipeline.workers import capped_workers
 
-# Debugging aid (see _SampleRecord): a path; each rank appends the global sample indices of every micro-batch.
-RECORD_ENV = "DITPIPE_RECORD_SAMPLES"
 MANY_CHECKPOINTS = 20  # the preflight warns when a run would keep more checkpoint folders than this
-
-
-@dataclass
-class RunSpec:
-    """What a run is, derived once from the config and the manifest; printed in the preflight."""
-
-    precision: str
-    notice: str | None
-    num_classes: int  # 0: unconditional or captions
-    plan: Plan
-    total_steps: int
-    run_dir: Path
-    held_out: str | None  # the validation set, described
-    conditioning: str = "class"  # class | none | caption, resolved from model.conditioning and the manifest
-
-
-# ---------------------------------------------------------------------------------------------------- set-up
-
-
-def _run_name(cfg: Config, config_name: str | None) -> str:
-    return cfg.logging.run_name or (Path(config_name).stem if config_name else "run")
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
-def _run_dir(cfg: Config, config_name: str | None, resume: Path | None) -> Path:
-    return Path(resume).parent if resume else Path(cfg.logging.output_dir) / _run_name(cfg, config_name)
-
-
-@lock.holding(lambda cfg, config_name, resume, **_: (_run_dir(cfg, config_name, resume),
+@lock.holding(lambda cfg, config_name, resume, **_: (run_dir_of(cfg, config_name, resume),
                                                       "resume" if resume else "train"), records_end=True)
 @lock.holding(lambda cfg, resume, **_: (shard_folders(cfg), "resume" if resume else "train"), shared=True)
 def train(cfg: Config, config_name: str | None = None, resume: Path | None = None,
@@ -93,204 +57,59 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     """Train (or resume, from the checkpoint folder `resume`) and return the run folder. `restretch_schedule` (on
     resume) stretches the LR schedule over the run's current length (pipeline/schedule.py)."""
     console = console or Console(stderr=True)
-    t = cfg.training
-    acc, precision, notice = make_accelerator(t.mixed_precision, tf32=t.tf32, deterministic=t.deterministic)
-    rank, world, device = acc.process_index, acc.num_processes, acc.device  # the run's only source of devices
-    threads = apply_threads(t.threads, device.type, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    group = _group(acc)
-    manifest, folder, store, online = open_data(cfg, device)
-    norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
-    manifest = {**manifest, "latent_norm": norm.record()}  # so every checkpoint records what sampling must invert
-    held_spec = open_held_out(cfg, manifest, store)  # None without a held-out set
-    excluded = held_spec.exclude if held_spec else np.zeros(0, dtype=np.int64)  # never trained on
-    saved = _validated(group, resume) if resume else None  # rank 0 hashes the files; every rank gets its answer
-    elastic_note = None
-    if saved:  # first: every later check (epoch length, end step) depends on the split of the global batch
-        elastic_note = elastic_split(cfg, saved, world, resume)
-    plan = make_plan(cfg, manifest, len(excluded), world)
-    if plan.steps_per_epoch == 0:
-        raise ConfigError([("training.batch_size", f"the global batch ({plan.global_batch} = batch × accumulation × "
-                                                   f"{world} processes) exceeds the {plan.num_samples} samples")])
-    num_classes, conditioning = num_classes_for(cfg, manifest), conditioning_for(cfg, manifest)
-    if held_spec and conditioning == "caption":  # HeldOut reads labels, not caption records
-        raise ConfigError([("validation.shards" if cfg.validation.shards else "data.val_fraction",
-                            "the held-out loss is not built for caption models yet; drop the key for this run")])
-    # before the run folder exists: a bad reference loses nothing; rank 0 computes it (cached by content)
-    fid_watch = TrainingFID.start(cfg, manifest, folder, rank, world, device, num_classes, conditioning)
-    latent_shape = tuple(manifest["latent"]["shape"][1:])  # (C, H, W)
-    run_dir = _run_dir(cfg, config_name, resume)
-    total_steps = saved["total_steps"] if saved else plan.steps_per_epoch * t.num_epochs
-    end_step = min(plan.steps_per_epoch * t.num_epochs, t.max_steps or math.inf)
-    if saved and end_step < saved["step"]:  # the final save would file this state under an earlier step's name
-        raise ConfigError([("training.max_steps" if t.max_steps and t.max_steps < saved["step"]
-                            else "training.num_epochs",
-                            f"the run would end at step {end_step}, but '{resume}' is already at step "
-                            f"{saved['step']}; resume with an end at or past it")])
-    restretched = list(saved.get("restretched_at", [])) if saved else []  # steps where the schedule was restretched
-    if saved and restretch_schedule:
-        try:
-            total_steps = restretched_length(saved["step"], plan.steps_per_epoch * t.num_epochs)
-        except ValueError as e:
-            raise ConfigError([("training.num_epochs", str(e))]) from None
-        restretched.append(saved["step"])
-    if saved and end_step == saved["step"]:  # a finished run: nothing to do, so say how to extend it
-        if acc.is_main_process:
+    say = lambda line: console.print(line, highlight=False, soft_wrap=True)  # noqa: E731
+    run = open_run(cfg, config_name, resume, restretch_schedule)  # pipeline/run.py: everything a refusal needs
+    cfg, t, acc, plan, device, saved = run.cfg, run.cfg.training, run.acc, run.plan, run.device, run.saved
+    start_step, end_step, run_dir, main = run.start_step, run.end_step, run.run_dir, acc.is_main_process
+    if run.finished:  # a finished run: nothing to do, so say how to extend it
+        if main:
             _finished(console, run_dir, saved, cfg, plan)
         return run_dir
-    spec = RunSpec(precision, notice, num_classes, plan, total_steps, run_dir,
-                   held_spec.description if held_spec else None, conditioning)
-
-    torch.manual_seed(t.seed)  # model init is the one draw from the global RNG, and it is seeded
-    random.seed(t.seed)  # python's and numpy's are unused by the step; seeded so the saved RNG states repeat too
-    np.random.seed(t.seed)
-    model = build_model(cfg, manifest, num_classes).to(device)  # on its device before anything is made from it
-    init_notes = [] if saved or not cfg.model.init_from else init_from(  # a fine-tune; the EMA starts from it too
-        model, cfg.model.init_from, cfg.model.init_weights, (manifest.get("labels") or {}).get("names"), manifest)
-    objective = make_objective(cfg.diffusion.objective, model.learn_sigma, cfg.diffusion)
-    if saved:
-        _check_same_encoders(resume, manifest)
-        if (notice := checkpoint.check_same_shards(saved, manifest, resume, folder)) and acc.is_main_process:
-            console.print(f"[yellow]note:[/] {notice}", highlight=False, soft_wrap=True)
-    else:
-        _refuse_existing_run_dir(run_dir)  # on every rank, before rank 0 makes it: all ranks exit with the message
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            _new_run_dir(run_dir, cfg, console)
-    step_fn = build_step(acc, model, objective, plan, latent_shape, norm=norm, posterior=_posterior(manifest),
-                         training=t, rank=rank, drop_prob=cfg.model.class_dropout_prob,
-                         conditional=conditioning != "none", compile=cfg.model.compile,
-                         resume=resume if saved else None)
-    raw, ema, stats = step_fn.raw, step_fn.ema, step_fn.stats
-    start_step = int(saved["step"]) if saved else 0
-    recovery = RecoveryState.from_state(saved)  # data offset, LR scale, recoveries so far
-    watch = SpikeWatch(device, t.recover_spike_factor, t.recover_window) if t.recover and t.recover_spike_factor \
-        else None
-    if saved and acc.is_main_process:
-        checkpoint.clean_temporaries(run_dir)  # half-written checkpoints of the killed run
-        clean_temporaries(run_dir / SNAPSHOT_DIR)  # and half-written post-hoc EMA snapshots
-
-    log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process,
-                     resume_step=start_step if saved else None)
+    model, objective, init_notes = build_model_for(run)
+    prepare_folder(run, say)
+    step_fn = build_step_for(run, model, objective)
+    raw, stats = step_fn.raw, step_fn.stats
+    recovery, watch = RecoveryState.from_state(saved), spike_watch(run)  # data offset, LR scale, recoveries so far
+    log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=main, resume_step=start_step if saved else None)
     workers, fewer = capped_workers(cfg.data.num_workers)
-
-    def data_from(step: int) -> None:
-        """The data stream from optimizer step `step` on, at data position `step + data_offset`."""
-        data.pop("batches", None)  # a recovery's new stream replaces the old (its workers stop)
-        data.pop("ahead", None)
-        loader, data["posterior"] = training_batches(cfg, manifest, store, online, plan, rank, conditioning,
-                                                     excluded, step + recovery.data_offset,
-                                                     end_step + recovery.data_offset, device, workers)
-        data["batches"] = iter(loader)  # draws a base seed from torch's global RNG: the saved states come after
-
-    data: dict = {}
-    data_from(start_step)
-    if saved:
-        _restore_rank_state(resume, saved, rank, stats, device)
-    to_y = batch_condition(conditioning, device)
-    last: list[Micro] = []  # the latest micro-batch: the closing summary counts FLOPs on one like it
-
-    def next_micro() -> Micro:
-        batch = next(data["batches"])
-        return Micro(*data["posterior"](batch), to_y(batch), batch)  # mean, std (B, C, H, W) on the device, y
-
-    data["ahead"] = next_micro()  # the first micro-batch: the preflight times a step on it, the first step trains on it
+    stream = Stream(run, workers)
+    stream.start(start_step, recovery.data_offset)
+    restore(run, step_fn)  # after the stream drew its base seed: the saved RNG states come after it
+    ahead = stream.read_ahead()  # the preflight times a step on it, the first step trains on it
     with _oom_advice(device, plan):  # the probe takes a step's memory: an out-of-memory shows here, explained
-        seconds = step_seconds(raw, objective, data["ahead"], norm, conditioning != "none", plan.accum, acc.autocast,
+        seconds = step_seconds(raw, objective, ahead, run.norm, run.conditioning != "none", plan.accum, acc.autocast,
                                device) if end_step > start_step else 0.0
-    if acc.is_main_process:
-        _preflight(console, cfg, manifest, folder, raw, spec, device, start_step, end_step,
-                   saved["total_steps"] if saved and restretch_schedule else None,
-                   fid_watch.describe(plan.global_batch, end_step - start_step) if fid_watch else None, threads,
-                   seconds)
-        if elastic_note:
-            console.print(f"[cyan]elastic:[/] {elastic_note}", highlight=False, soft_wrap=True)
-        for note in init_notes:
-            console.print(f"[cyan]init:[/] {note}", highlight=False, soft_wrap=True)
-        if fewer:
-            console.print(f"[yellow]note:[/] {fewer}", highlight=False, soft_wrap=True)
-
-    def feed() -> Micro:
-        m = data.pop("ahead", None) or next_micro()  # the micro-batch the preflight timed comes first
-        if (kind := injected(data["position"])) is not None:  # a test hook; never set in real runs
-            m = m._replace(mean=m.mean * (torch.nan if kind == "nan" else 30.0))
-        last[:] = [m]
-        return m
-
-    record = _SampleRecord.from_env(rank)
+    if main:
+        _preflight(console, run, raw, saved["total_steps"] if saved and restretch_schedule else None, seconds)
+        for line in ([f"[cyan]elastic:[/] {run.elastic_note}"] if run.elastic_note else []) + [
+                f"[cyan]init:[/] {note}" for note in init_notes] + ([f"[yellow]note:[/] {fewer}"] if fewer else []):
+            say(line)
+    record = run.hooks.sample_record(acc.process_index)
     stop = _StopFlag()
-
-    def save(name: str, step: int, also: str | None = None) -> None:
-        """Checkpoint `name` of `step`; `also`, a second name for the same state (an epoch's end on a step
-        checkpoint), is linked to it rather than written again."""
-        checkpoint.save(run_dir, name, _writers(acc, cfg, manifest, step_fn),
-                        {**_ckpt_state(cfg, step, plan, total_steps, int(stats.nonfinite_total), manifest,
-                                       restretched, precision),
-                         **recovery.record()}, group=group, needed_bytes=_needed_bytes(raw, step_fn))
-        if also:
-            checkpoint.link(run_dir, name, also, group=group)
-        if acc.is_main_process:
-            checkpoint.prune(run_dir, cfg.checkpointing.total_limit, cfg.checkpointing.keep_epochs)
-
-    evaluation: dict = {}  # an eval copy of the model and the grids' decoder, built on first use (never for a step)
-    held = HeldOut(held_spec.store, held_spec.evaluate, norm, cfg.data.seed, rank, world) if held_spec else None
-
-    def validate(step: int, grid: bool = True) -> None:
-        if held is not None:
-            weights = {"ema": ema.state_dict()} if ema is not None else {}
-            losses = held_out_losses(acc, cfg, manifest, held, {**weights, "raw": raw.state_dict()}, objective,
-                                     num_classes, evaluation)
-            log.scalars(step, prefix="val", **losses)
-            if acc.is_main_process:
-                bar.console.print(f"Step {step}, held-out loss: " + ", ".join(
-                    f"{losses[f'loss_{w}']:.4f} ({w})" for w in ("ema", "raw") if f"loss_{w}" in losses),
-                    highlight=False)
-        if grid and cfg.validation.grid and acc.is_main_process:
-            path = validation_grid(cfg, manifest, raw, ema, objective, num_classes, step, run_dir, device, evaluation)
-            log.image(step, "samples", np.asarray(Image.open(path).convert("RGB")))
-            bar.console.print(f"samples at step {step}: {path}")
-        _park(evaluation)  # off the GPU until the next validation: the training step needs the memory
-        acc.wait_for_everyone()
-
-    def training_fid(step: int) -> None:  # every rank samples its share (pipeline/training_fid.py)
-        fid_watch(step, (ema if ema is not None else raw).state_dict(), objective, device, evaluation, log,
-                  bar.console)
-        _park(evaluation)
-
-    since_log = 0
+    since_log, last_loss, epoch_task = 0, math.nan, None
     t_log = t_start = time.time()
     t_first = None  # when the first step of this launch ended: the rate for the time left starts there (it skips the
     # first step's one-off costs: compile, allocator, workers starting)
-    last_loss = math.nan
-    bar = _progress(console, acc.is_main_process)
-    epoch_task = None
+    bar = _progress(console, main)
+    work = _Periodic(run, step_fn, objective, recovery, log, bar.console)
 
     with bar, stop.installed(), _oom_advice(device, plan):
-        if held is not None and cfg.validation.every_steps and not saved:
-            validate(0, grid=False)  # where a fine-tune starts from, and a from-scratch run's baseline
+        if work.held is not None and cfg.validation.every_steps and not saved:
+            work.validate(0, grid=False)  # where a fine-tune starts from, and a from-scratch run's baseline
         step = start_step
         while step < end_step:
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
-            if step > start_step and step % cfg.checkpointing.phema_every == 0:
-                _phema_snapshots(group, run_dir, step_fn, step)
-            epoch_end = step > start_step and step_in_epoch == 0 and cfg.checkpointing.every_epoch
-            if step > start_step and step % cfg.checkpointing.steps == 0:  # `latest` names the step checkpoint
-                save(checkpoint.step_name(step), step, also=checkpoint.epoch_name(epoch) if epoch_end else None)
-            elif epoch_end:
-                save(checkpoint.epoch_name(epoch), step)
-            if cfg.validation.every_steps and step > start_step and step % cfg.validation.every_steps == 0:
-                validate(step)
-            if fid_watch is not None and fid_watch.due(step, start_step, end_step):
-                training_fid(step)
+            work.before(step)  # post-hoc EMA snapshots, checkpoints, validation, training FID, as due
             if _stop_requested(acc, stop, step, cfg.logging.steps):
-                save(checkpoint.step_name(step), step)
+                work.save(checkpoint.step_name(step), step)
                 raise _Stopped(run_dir, step)
             if epoch_task is None or step_in_epoch == 0:
                 epoch_task = _epoch_task(bar, epoch, t.num_epochs, plan.steps_per_epoch, step_in_epoch)
 
             lr = recovery.lr_scale * lr_at(step, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,
-                                           total_steps)
-            data["position"] = step + recovery.data_offset  # keys the step's data and draws
-            loss, bad = step_fn(step, lr, feed, record.write if record is not None else None, data["position"])
+                                           run.total_steps)
+            stream.position = step + recovery.data_offset  # keys the step's data and draws
+            loss, bad = step_fn(step, lr, stream.feed, record.write if record is not None else None, stream.position)
             if watch is not None:
                 watch.update(step, loss, bad)  # on the device, like the step
 
@@ -307,7 +126,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                 left = remaining(time.time() - t_first, done - start_step - 1, end_step - done) \
                     if done - start_step > 1 else remaining(time.time() - t_start, 1, end_step - done)
                 bar.update(epoch_task, loss=mean_loss, ips=ips, left=left)
-                if acc.is_main_process:
+                if main:
                     bar.console.print(f"Step {done}, Loss: {mean_loss:.4f}, LR: {lr:.2e}"
                                       + (f", {duration(left)} left" if done < end_step else ""), highlight=False)
                 peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
@@ -322,28 +141,100 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                                        "fp16, or set model.qk_norm: true (or training.recover: true); resume from "
                                        "the last checkpoint")
                 if failure:
-                    step = _recover(failure, done, run_dir, group, step_fn, recovery, t, log, bar.console)
+                    step = recover(failure, done, run_dir, run.group, step_fn, recovery, t, log,
+                                   lambda line: bar.console.print(line, highlight=False, soft_wrap=True))
                     stats.reset_runs()
                     if watch is not None:
                         watch.reset_runs()
-                    data_from(step)
+                    stream.start(step, recovery.data_offset)
 
-        if end_step > start_step:
-            _phema_snapshots(group, run_dir, step_fn, end_step)
-        epoch_end = end_step % plan.steps_per_epoch == 0 and cfg.checkpointing.every_epoch and end_step > start_step
-        save(checkpoint.step_name(end_step), end_step,
-             also=checkpoint.epoch_name(end_step // plan.steps_per_epoch) if epoch_end else None)
-        if cfg.validation.every_steps and end_step > start_step:
-            validate(end_step)
-        if fid_watch is not None and fid_watch.due(end_step, start_step, end_step):
-            training_fid(end_step)
+        work.before(end_step, final=True)  # the final checkpoint, and the end's snapshots, validation and FID
     log.close()
-    if acc.is_main_process:
+    if main:
         seconds = time.time() - t_start
-        flops = _train_flops_per_sample(step_fn, last, device)
         _closing(console, run_dir, last_loss, seconds, (end_step - start_step) * plan.global_batch, end_step,
-                 int(stats.nonfinite_total), world, flops, peak_tflops(device))
+                 int(stats.nonfinite_total), acc.num_processes, _train_flops_per_sample(step_fn, stream.last, device),
+                 peak_tflops(device))
     return run_dir
+
+
+class _Periodic:
+    """The loop's periodic work, due before a step (and at the end): post-hoc EMA snapshots, checkpoints (every
+    `checkpointing.steps` and at an epoch's end), the held-out loss and grid, and training FID. The evaluation copy
+    of the model, the grids' decoder and text encoder are built on first use (never for a step) and kept in `cache`,
+    off the GPU between uses."""
+
+    def __init__(self, run: Run, step: Step, objective, recovery: RecoveryState, log: MetricsLog, console: Console):
+        self.run, self.step, self.objective, self.recovery, self.log, self.console = (run, step, objective, recovery,
+                                                                                      log, console)
+        self.cache: dict = {}
+        h, cfg = run.held_spec, run.cfg
+        self.held = HeldOut(h.store, h.evaluate, run.norm, cfg.data.seed, run.acc.process_index,
+                            run.acc.num_processes) if h else None
+
+    def before(self, step: int, final: bool = False) -> None:
+        """The work due before `step`; `final`: at the run's end, where the checkpoint is always written."""
+        run, c, v = self.run, self.run.cfg.checkpointing, self.run.cfg.validation
+        moved = step > run.start_step
+        if moved and (final or step % c.phema_every == 0):
+            self.snapshots(step)
+        epoch, step_in_epoch = divmod(step, run.plan.steps_per_epoch)
+        epoch_end = moved and step_in_epoch == 0 and c.every_epoch
+        if final or (moved and step % c.steps == 0):  # `latest` names the step checkpoint
+            self.save(checkpoint.step_name(step), step, also=checkpoint.epoch_name(epoch) if epoch_end else None)
+        elif epoch_end:
+            self.save(checkpoint.epoch_name(epoch), step)
+        if v.every_steps and moved and (final or step % v.every_steps == 0):
+            self.validate(step)
+        if run.fid_watch is not None and run.fid_watch.due(step, run.start_step, run.end_step):
+            self.training_fid(step)
+
+    def save(self, name: str, step: int, also: str | None = None) -> None:
+        """Checkpoint `name` of `step`; `also`, a second name for the same state (an epoch's end on a step
+        checkpoint), is linked to it rather than written again."""
+        run, s = self.run, self.step
+        state = checkpoint.state_record(run.cfg, step, run.plan, run.total_steps, int(s.stats.nonfinite_total),
+                                        run.manifest, run.restretched, run.precision)
+        checkpoint.save(run.run_dir, name, checkpoint.writers(run.acc, run.cfg, run.manifest, s),
+                        {**state, **self.recovery.record()}, group=run.group,
+                        needed_bytes=checkpoint.needed_bytes(s.raw, s), pause=run.hooks.checkpoint_pause_s)
+        if also:
+            checkpoint.link(run.run_dir, name, also, group=run.group)
+        if run.acc.is_main_process:
+            checkpoint.prune(run.run_dir, run.cfg.checkpointing.total_limit, run.cfg.checkpointing.keep_epochs)
+
+    def snapshots(self, at: int) -> None:
+        """Rank 0 writes the post-hoc EMA snapshots of step `at`, before that step's checkpoint (so a checkpoint
+        implies its snapshots, and a resume from it need not write them again). Its failure (a full disk) stops every
+        rank with the same message, where the others would wait for rank 0 in the next step's all-reduce (under a
+        launcher that does not kill the rest, until the collective times out)."""
+        if self.step.phema is not None:
+            self.run.group.on_rank0(lambda: write_snapshots(self.run.run_dir / SNAPSHOT_DIR, at, self.step.phema))
+
+    def validate(self, step: int, grid: bool = True) -> None:
+        run, s, cfg, main = self.run, self.step, self.run.cfg, self.run.acc.is_main_process
+        if self.held is not None:
+            weights = {"ema": s.ema.state_dict()} if s.ema is not None else {}
+            losses = held_out_losses(run.acc, cfg, run.manifest, self.held, {**weights, "raw": s.raw.state_dict()},
+                                     self.objective, run.num_classes, self.cache)
+            self.log.scalars(step, prefix="val", **losses)
+            if main:
+                self.console.print(f"Step {step}, held-out loss: " + ", ".join(
+                    f"{losses[f'loss_{w}']:.4f} ({w})" for w in ("ema", "raw") if f"loss_{w}" in losses),
+                    highlight=False)
+        if grid and cfg.validation.grid and main:
+            path = validation_grid(cfg, run.manifest, s.raw, s.ema, self.objective, run.num_classes, step,
+                                   run.run_dir, run.device, self.cache)
+            self.log.image(step, "samples", np.asarray(Image.open(path).convert("RGB")))
+            self.console.print(f"samples at step {step}: {path}")
+        _park(self.cache)  # off the GPU until the next validation: the training step needs the memory
+        run.acc.wait_for_everyone()
+
+    def training_fid(self, step: int) -> None:  # every rank samples its share (pipeline/training_fid.py)
+        s = self.step
+        self.run.fid_watch(step, (s.ema if s.ema is not None else s.raw).state_dict(), self.objective,
+                           self.run.device, self.cache, self.log, self.console)
+        _park(self.cache)
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -375,12 +266,12 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
         from pipeline.text import encode_prompts, load_for_manifest
 
         if "text" not in cache:
-            cache["text"] = load_for_manifest(shards.text_encoder_of(manifest), device)
+            cache["text"] = load_for_manifest(text_encoder_of(manifest), device)
             cache["prompts"] = (v.prompts or _shard_prompts(cfg.shards_path))[:16]
         cache["text"].to(device)
         names = cache["prompts"]
         labels = encode_prompts(cache["text"], [names[i % len(names)] for i in range(n)])
-    z = generate(model, objective, grid_shape(manifest), labels, n, v.sampler, v.sampling_steps, v.cfg_scale,
+    z = generate(model, objective, Manifest.of(manifest).grid, labels, n, v.sampler, v.sampling_steps, v.cfg_scale,
                  cfg.training.seed, device, cfg_interval=v.cfg_interval, bf16=v.bf16)  # bf16 autocast on CUDA
     codec = manifest["codec"]
     if "codec" not in cache:  # the run's codec, or validation.decoder (checked to decode its latents)
@@ -398,7 +289,7 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
 
 def _shard_prompts(folder: Path, count: int = 8) -> list[str]:
     """The first `count` distinct first-captions of the first shard: validation prompts the data really has."""
-    manifest, prompts = shards.load_manifest(folder), []
+    manifest, prompts = load_manifest(folder), []
     for sample in shards.iter_shard(folder, manifest["shards"][0]["name"], manifest):
         caption = (sample.meta.get("captions") or [None])[0]
         if caption and caption not in prompts:
@@ -411,106 +302,6 @@ def _shard_prompts(folder: Path, count: int = 8) -> list[str]:
     return prompts
 
 
-# ---------------------------------------------------------------------------------------------------- state
-
-
-def _ckpt_state(cfg: Config, step: int, plan: Plan, total_steps: int, nonfinite_total: int, manifest: dict,
-                restretched: list[int], precision: str) -> dict:
-    from importlib.metadata import version
-
-    return {"written_by": f"ditpipe {__version__}", "step": step, "epoch": step // plan.steps_per_epoch,
-            "samples_consumed": step * plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
-            "total_steps": total_steps, "world_size": plan.world_size, "global_batch": plan.global_batch,
-            "batch_size": plan.batch_size, "gradient_accumulation_steps": plan.accum, "config_hash": cfg.hash(),
-            "nonfinite_total": nonfinite_total, "shards": checkpoint.shards_record(manifest),
-            "restretched_at": restretched,
-            "precision": precision,  # what ran: the config's fp16 runs as bf16 on a CPU
-            "versions": {name: version(name) for name in ("torch", "accelerate", "numpy", "ditpipe")}}
-
-
-def _writers(acc, cfg: Config, manifest: dict, step: Step) -> dict:
-    """{file: write(path)} for this rank. Every rank saves its RNG states and its unlogged loss window (so the
-    first log line after a resume averages the same steps as an uninterrupted run's)."""
-    rank, stats = acc.process_index, step.stats
-    log_window = torch.stack([stats.loss_sum.double().cpu(), stats.finite_steps.double().cpu()])  # a checkpoint syncs
-    device = acc.device
-    writers = {f"rng-rank{rank}.pt": lambda p: torch.save({**checkpoint.rng_state(device), "log_window": log_window},
-                                                          p)}
-    if not acc.is_main_process:
-        return writers
-    excerpt = {k: manifest.get(k) for k in ("codec", "labels", "captions", "latent", "source", "stats", "latent_norm")}
-    if manifest.get("buckets"):  # so `sample` knows the run's sizes from the checkpoint alone
-        excerpt["buckets"] = manifest["buckets"]
-    writers.update({
-        "model.pt": lambda p: torch.save(step.raw.state_dict(), p),
-        "optimizer.pt": lambda p: torch.save(step.opt.state_dict(), p),
-        "config.yaml": lambda p: p.write_text(cfg.to_yaml()),
-        "manifest.json": lambda p: p.write_text(json.dumps(excerpt, indent=1)),
-    })
-    if step.ema is not None:
-        writers["ema.pt"] = lambda p: torch.save(step.ema.state_dict(), p)
-    if step.phema is not None:
-        writers[PHEMA_FILE] = lambda p: torch.save(step.phema.state_dict(), p)
-    if acc.scaler is not None:
-        writers["scaler.pt"] = lambda p: torch.save(acc.scaler.state_dict(), p)
-    return writers
-
-
-def _needed_bytes(raw, step: Step | None = None) -> int:
-    """A checkpoint's size, about: the model, the EMA, Adam's 2 moments and the post-hoc EMAs, in fp32."""
-    params = sum(p.numel() * 4 for p in raw.parameters())
-    return params * (4 + len(step.phema.emas if step is not None and step.phema else []))
-
-
-def _phema_snapshots(group: checkpoint.Group, run_dir: Path, step: Step, at: int) -> None:
-    """Rank 0 writes the post-hoc EMA snapshots of step `at`, before that step's checkpoint (so a checkpoint implies
-    its snapshots, and a resume from it need not write them again). Its failure (a full disk) stops every rank with
-    the same message, where the others would wait for rank 0 in the next step's all-reduce (under a launcher that
-    does not kill the rest, until the collective times out)."""
-    if step.phema is not None:
-        group.on_rank0(lambda: write_snapshots(run_dir / SNAPSHOT_DIR, at, step.phema))
-
-
-def elastic_split(cfg: Config, saved: dict, world: int, ckpt: Path) -> str | None:
-    """Fit the run's global batch G to this launch's world size, in place on `cfg.training`; a note of what changed.
-
-    Every draw and the data order are keyed on the global batch's positions, so any split of the same G trains the
-    same samples with the same draws. The rule: a split the config already gives (B × A × world = G) is used as it
-    is; otherwise, when the config kept the run's batch_size and accumulation (they were not overridden), keep
-    batch_size and choose the accumulation, else keep the accumulation and choose batch_size; anything else is
-    refused, listing every split that keeps G."""
-    t = cfg.training
-    run_b, run_a = saved.get("batch_size", t.batch_size), saved.get("gradient_accumulation_steps",
-                                                                     t.gradient_accumulation_steps)
-    g = int(saved.get("global_batch") or run_b * run_a * saved["world_size"])
-    if t.batch_size * t.gradient_accumulation_steps * world == g:
-        if world == saved["world_size"]:
-            return None
-        return (f"the run was trained on {saved['world_size']} process(es), this launch has {world}: batch "
-                f"{t.batch_size} × accumulation {t.gradient_accumulation_steps} × {world} keeps its global batch {g}")
-    overridden = (t.batch_size, t.gradient_accumulation_steps) != (run_b, run_a)
-    choice = None
-    if not overridden and g % (t.batch_size * world) == 0:
-        choice = (t.batch_size, g // (t.batch_size * world))
-    elif not overridden and g % (t.gradient_accumulation_steps * world) == 0:
-        choice = (g // (t.gradient_accumulation_steps * world), t.gradient_accumulation_steps)
-    if choice is None:
-        splits = [f"batch_size {b} × gradient_accumulation_steps {g // (b * world)}" for b in range(1, g // world + 1)
-                  if g % world == 0 and (g // world) % b == 0]
-        hint = ("; possible with " + str(world) + " process(es): " + ", ".join(splits[:8])
-                + (" ..." if len(splits) > 8 else "") + " (pass them as --training.batch_size B "
-                "--training.gradient_accumulation_steps A)") if splits else \
-            f"; no split of {g} over {world} process(es) exists: use a world size that divides {g}"
-        raise ConfigError([("world size", f"the run's global batch is {g} (batch {run_b} × accumulation {run_a} × "
-                                          f"{saved['world_size']} process(es)); this launch ({t.batch_size} × "
-                                          f"{t.gradient_accumulation_steps} × {world}) does not keep it{hint}")],
-                          header=f"cannot resume '{ckpt}' on {world} process(es)")
-    t.batch_size, t.gradient_accumulation_steps = choice
-    return (f"the run was trained on {saved['world_size']} process(es) (batch {run_b} × accumulation {run_a}), this "
-            f"launch has {world}: batch {choice[0]} × accumulation {choice[1]} keeps its global batch {g}, so the "
-            "same samples and draws at every step")
-
-
 def _spike(watch, t, done: int) -> tuple[str, int] | None:
     """(what happened, the step it began) when the spike watch saw `recover_spike_steps` spike steps in a row."""
     if watch is None:
@@ -521,183 +312,6 @@ def _spike(watch, t, done: int) -> tuple[str, int] | None:
     return (f"the loss stayed above {t.recover_spike_factor:g}× its running median for {run} steps from step "
             f"{start}", start)
 
-
-def _recover(failure: tuple[str, int], now: int, run_dir: Path, group: checkpoint.Group, step: Step,
-             recovery: RecoveryState, t, log: MetricsLog, console: Console) -> int:
-    """training.recover: back to the newest valid checkpoint from before the failure began, in this process, with
-    the data the failed stretch consumed skipped and the LR scaled; returns the step to go on from. Newer
-    checkpoints (written during the failure) are moved aside as `<name>.abandoned`, never deleted."""
-    what, began = failure
-    chosen = group.broadcast(checkpoint.newest_valid(run_dir, before=began) if group.rank == 0 else None)
-    if chosen is None:
-        raise DitpipeError(f"{what}; training.recover found no valid checkpoint from before step {began} to go back "
-                           f"to in '{run_dir}' (checkpoint more often with checkpointing.steps); stopping")
-    ckpt, state = Path(chosen[0]), chosen[1]
-    load_state(ckpt, step.raw, step.ema, step.opt.optimizer, step.acc.scaler, step.phema)
-    if group.rank == 0:
-        checkpoint.abandon_after(run_dir, int(state["step"]), ckpt.name)
-    back = int(state["step"])
-    recovery.data_offset += now - back  # step `back` now reads what step `now` would have: the stretch is skipped
-    recovery.lr_scale *= t.recover_lr_factor
-    recovery.recoveries += 1
-    log.rewind(back)
-    log.scalars(back, recovered_from=now, reason=what, checkpoint=ckpt.name, **recovery.record())
-    if group.rank == 0:
-        console.print(f"[yellow]recovered:[/] {what}; back to {ckpt.name}, skipping {now - back} steps of data "
-                      f"(data offset {recovery.data_offset}), LR × {recovery.lr_scale:g} "
-                      f"({recovery.recoveries}/{t.recover_max} recoveries)", highlight=False, soft_wrap=True)
-    return back
-
-
-def _restore_rank_state(ckpt: Path, saved: dict, rank: int, stats, device: torch.device) -> None:
-    """The saved state that still applies on any world size: this rank's global RNG states when the checkpoint has
-    its file (the step draws from keyed generators alone, so a rank the run did not have needs none), and the
-    unlogged loss window, the same in every rank's file, so the first log line after a resume averages the same
-    steps as an uninterrupted run's."""
-    own = ckpt / f"rng-rank{rank}.pt"
-    if own.is_file():
-        checkpoint.set_rng_state(checkpoint.load_tensors(own), device)
-    window = checkpoint.load_tensors(own if own.is_file() else ckpt / "rng-rank0.pt")["log_window"]
-    stats.loss_sum += window[0].to(device)
-    stats.finite_steps += window[1].to(device)
-    stats.nonfinite_total.fill_(int(saved.get("nonfinite_total", 0)))
-
-
-def _posterior(manifest: dict) -> bool:
-    """Whether the latents are a posterior with a std (a VAE), for which the step draws ε."""
-    return "std" in manifest["latent"]["slices"]
-
-
-def _check_same_encoders(ckpt: Path, manifest: dict) -> None:
-    """A checkpoint continues only on shards made by the same codec and caption encoder (by weights hash): the
-    same names with other weights would silently train on other latents or embeddings."""
-    path = ckpt / "manifest.json"
-    if not path.is_file():
-        return
-    then = checkpoint.read_json(path)
-    pairs = [("codec", (then.get("codec") or {}).get("hash"), manifest["codec"].get("hash")),
-             ("caption encoder", (shards.text_encoder_of(then) or {}).get("hash"),
-              (shards.text_encoder_of(manifest) or {}).get("hash"))]
-    wrong = [f"{what}: {a[:12] if a else None} in the checkpoint, {b[:12] if b else None} in the shards"
-             for what, a, b in pairs if a != b]
-    if wrong:
-        raise ShardError(f"'{ckpt}' was trained on shards from another encoder ({'; '.join(wrong)}); resume on the "
-                         "shards it was trained on, or re-encode with the same codec and text encoder")
-
-
-def _group(acc) -> checkpoint.Group:
-    """The collectives a checkpoint save across processes needs, from accelerate's process group."""
-    if acc.num_processes == 1:
-        return checkpoint.Group()
-    from accelerate.utils import broadcast_object_list, gather_object
-
-    return checkpoint.Group(acc.process_index, lambda value: broadcast_object_list([value], from_process=0)[0],
-                            lambda value: gather_object([value]))
-
-
-def _validated(group: checkpoint.Group, ckpt: Path) -> dict:
-    """checkpoint.validate(ckpt) on rank 0 alone (it hashes every file: gigabytes for XL/2), its result or its
-    error sent to every rank, so all ranks go on, or stop with the same message, together."""
-    return group.on_rank0(lambda: checkpoint.validate(ckpt), checkpoint.CheckpointError)
-
-
-# What a start that failed before its first checkpoint leaves, every file ditpipe's own by its exact name (and the
-# hidden temporaries a kill leaves of them): the next start of the run replaces them. Anything else is kept.
-def _or_its_temporary(name: str) -> re.Pattern:
-    """`name`, or the hidden temporary pipeline.atomic writes it through (`.<name>.<pid>.tmp`), left by a kill."""
-    return re.compile(rf"(?:{name})|\.(?:{name})\.\d+\.tmp")
-
-
-_FAILED_START_FILES = _or_its_temporary(r"config\.yaml|metrics\.jsonl")
-_FAILED_START_DIRS = {  # sub-folder: its files
-    "samples": _or_its_temporary(r"step-\d{7}\.png"),
-    "tensorboard": re.compile(r"events\.out\.tfevents\.[^/]+"),
-    SNAPSHOT_DIR: _or_its_temporary(r"step-\d{7}-sigma-[\d.e+-]+\.safetensors"),
-}
-_FIRST_SAVE_TMP = re.compile(r"\.checkpoint-(epoch-)?\d+\.tmp")  # the first checkpoint, half written when killed
-
-
-def _failed_start_files(run_dir: Path) -> tuple[list[Path], Path | None]:
-    """(the files of an earlier start that failed before its first checkpoint, the first entry that is not one).
-    Ours are regular files (or our temporary folders), never links: a link planted there is someone else's."""
-    ours: list[Path] = []
-    for p in sorted(run_dir.iterdir()):
-        if lock.is_lock(p):
-            continue
-        if p.is_symlink():
-            return ours, p
-        if (_FAILED_START_FILES.fullmatch(p.name) and p.is_file()) or \
-                (_FIRST_SAVE_TMP.fullmatch(p.name) and p.is_dir()):
-            ours.append(p)
-            continue
-        pattern = _FAILED_START_DIRS.get(p.name)
-        if pattern is None or not p.is_dir():
-            return ours, p
-        for q in sorted(p.iterdir()):
-            if q.is_symlink() or not q.is_file() or not pattern.fullmatch(q.name):
-                return ours, q
-            ours.append(q)
-    return ours, None
-
-
-def _refuse_existing_run_dir(run_dir: Path) -> list[Path]:
-    """The files of an earlier start of this run that failed before its first checkpoint, which this start replaces
-    (none for a new folder). A folder with a checkpoint is resumed, not restarted; one holding anything ditpipe did
-    not write is refused, naming it (nothing of the user's is ever deleted)."""
-    if not run_dir.exists():
-        return []
-    if checkpoint.list_checkpoints(run_dir) or (run_dir / checkpoint.LATEST).exists():
-        raise DitpipeError(f"run folder '{run_dir}' already exists and holds checkpoints. Continue it with "
-                           f"`ditpipe resume {run_dir}`, or start a new run with --logging.run_name NAME")
-    ours, other = _failed_start_files(run_dir)
-    if other is not None:
-        raise DitpipeError(f"run folder '{run_dir}' already exists and holds '{other}', which ditpipe did not write "
-                           "there; move it out and run the same command again, or start a new run with "
-                           "--logging.run_name NAME")
-    return ours
-
-
-def _new_run_dir(run_dir: Path, cfg: Config, console: Console) -> None:
-    """Make the run folder, or start it again where an earlier start failed before its first checkpoint: that
-    start's files (and only they) are replaced, so its metrics, grids and snapshots never mix with this one's."""
-    if ours := _refuse_existing_run_dir(run_dir):  # again on rank 0, under the run's lock: nothing changed since
-        console.print(f"[yellow]note:[/] '{run_dir}' has no checkpoint (an earlier start failed before its first "
-                      f"one): starting it again, replacing that start's {len(ours)} file(s) (config.yaml, metrics, "
-                      "grids, post-hoc EMA snapshots)", highlight=False, soft_wrap=True)
-        for p in ours:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        for sub in _FAILED_START_DIRS:
-            with contextlib.suppress(OSError):  # only an emptied folder goes
-                (run_dir / sub).rmdir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())  # a temporary renamed: no link followed
-
-
-# ---------------------------------------------------------------------------------------------------- debugging
-
-
-class _SampleRecord:
-    """A debugging aid, off unless DITPIPE_RECORD_SAMPLES=PATH is set: every rank appends one JSON line per
-    micro-batch it trains on, `{"rank", "step", "micro", "epoch", "q", "indices", "loss", "t", "noise"}` (global
-    sample indices, this rank's local micro-batch mean loss, and each sample's timestep and diffusion-noise sum),
-    so exactly-once across ranks, the loss reduction and the per-position draws can be checked from outside. Each line is one O_APPEND write, so the ranks may share one file. It costs a device sync per
-    micro-batch; never set it for real runs."""
-
-    def __init__(self, path: str, rank: int):
-        self.fd, self.rank = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644), rank
-
-    @classmethod
-    def from_env(cls, rank: int) -> "_SampleRecord | None":
-        path = os.environ.get(RECORD_ENV)
-        return cls(path, rank) if path else None
-
-    def write(self, step: int, micro: int, m: Micro, loss: torch.Tensor, draws) -> None:
-        batch = m.batch
-        line = {"rank": self.rank, "step": step, "micro": micro, "epoch": int(batch["epoch"]), "q": int(batch["q"]),
-                "indices": [int(g) for g in batch["indices"]], "loss": float(loss.detach().float().item()),
-                "t": [round(float(x), 6) for x in draws.t], "noise": [round(float(x), 4) for x in
-                                                                    draws.noise.flatten(1).sum(1)]}
-        os.write(self.fd, (json.dumps(line) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------------------------- signals
@@ -789,20 +403,20 @@ def _epoch_task(bar: Progress, epoch: int, num_epochs: int, steps: int, done: in
                         left=left)
 
 
-def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, device, start_step, end_step,
-               restretched_from: int | None = None, fid_line: str | None = None, threads: Threads | None = None,
-               step_seconds: float = 0.0) -> None:
-    t, plan = cfg.training, spec.plan
+def _preflight(console, run: Run, raw, restretched_from: int | None = None, step_seconds: float = 0.0) -> None:
+    cfg, manifest, folder, device, threads = run.cfg, run.manifest, run.folder, run.device, run.threads
+    t, plan, start_step, end_step = cfg.training, run.plan, run.start_step, run.end_step
+    fid_line = run.fid_watch.describe(plan.global_batch, end_step - start_step) if run.fid_watch else None
     table = Table(title="ditpipe train", show_header=False, title_justify="left")
     table.add_row("device", f"{describe(device)} × {plan.world_size} process(es)")
     if threads is not None:
         table.add_row("threads", f"{threads.count} per process ({threads.why})")
-    table.add_row("precision", spec.precision + (f"  ({spec.notice})" if spec.notice else ""))
+    table.add_row("precision", run.precision + (f"  ({run.notice})" if run.notice else ""))
     params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     table.add_row("model", f"{cfg.model.name} (hidden {raw.hidden_size}, depth {raw.depth}, patch {raw.patch_size}),"
                            f" {params:,} trainable parameters, {_tokens(manifest, raw.patch_size)}, "
-                           + (f"{spec.num_classes} classes" if spec.num_classes else "unconditional"
-                              if spec.conditioning == "none" else _caption_line(manifest)))
+                           + (f"{run.num_classes} classes" if run.num_classes else "unconditional"
+                              if run.conditioning == "none" else _caption_line(manifest)))
     table.add_row("objective", cfg.diffusion.objective)
     where = (f"{manifest['num_shards']} {manifest['format']} shard(s)" if "shards" in manifest
              else "images, encoded every step (data.source: images)")
@@ -813,22 +427,23 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
     table.add_row("steps", f"{plan.steps_per_epoch:,} optimizer steps per epoch; {end_step - start_step:,} to run"
                            + (f", from step {start_step:,} to {end_step:,}" if start_step else ""))
     lr = lambda step: lr_at(step, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,  # noqa: E731
-                            spec.total_steps)
+                            run.total_steps)
     table.add_row("LR", f"{cfg.lr_scheduler.type}, peak {t.learning_rate:.2e} after {cfg.lr_scheduler.warmup_steps:,}"
-                        f" warm-up steps, over {spec.total_steps:,} steps"
+                        f" warm-up steps, over {run.total_steps:,} steps"
                         + (f" (restretched from {restretched_from:,}: {lr(start_step):.2e} at step {start_step:,})"
                            if restretched_from is not None else f"; {lr(start_step):.2e} now" if start_step else ""))
-    if spec.held_out:
+    if run.held_spec:
         every = (f"every {cfg.validation.every_steps:,} steps" if cfg.validation.every_steps
                  else "never: validation.every_steps is 0")
-        table.add_row("held-out loss", f"{spec.held_out}; at {cfg.validation.loss_timesteps} fixed timesteps, {every}")
+        table.add_row("held-out loss",
+                      f"{run.held_spec.description}; at {cfg.validation.loss_timesteps} fixed timesteps, {every}")
     if fid_line:
         table.add_row("training FID", fid_line)
     if t.posthoc_ema:
         size = 4 * sum(p.numel() for p in raw.state_dict().values()) * len(t.posthoc_ema_sigmas) / 2**20
         table.add_row("post-hoc EMA", f"σ_rel {', '.join(f'{s:g}' for s in t.posthoc_ema_sigmas)}: snapshots every "
                                       f"{cfg.checkpointing.phema_every:,} steps and at the end ({size:,.1f} MiB "
-                                      f"each step) in {spec.run_dir / SNAPSHOT_DIR}; `ditpipe ema` reconstructs")
+                                      f"each step) in {run.run_dir / SNAPSHOT_DIR}; `ditpipe ema` reconstructs")
     from pipeline.memory import preflight as memory_preflight  # the prediction's logic lives there
 
     memory_row, memory_warning = memory_preflight(cfg, manifest, raw, plan.world_size, device)
@@ -837,7 +452,7 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
     total = steps_left * step_seconds
     table.add_row("time", f"about {duration(total)} for {steps_left:,} steps ({step_seconds:.3g} s a step, timed "
                           "on the first batch; the bar and log lines update it)")
-    table.add_row("output", str(spec.run_dir))
+    table.add_row("output", str(run.run_dir))
     console.print(table)
     if device.type == "cpu" and total > LONG_ON_CPU_SECONDS:  # before the first step: a CPU run of days is a mistake
         console.print(f"[bold red]warning:[/] [bold]this run would take about {duration(total)} on this CPU. On a CPU "
@@ -846,18 +461,18 @@ def _preflight(console, cfg: Config, manifest, folder, raw, spec: RunSpec, devic
     if memory_warning:  # before any step: an out-of-memory a minute in wastes the start-up
         console.print(f"[bold red]warning:[/] [bold]{memory_warning}[/]", highlight=False, soft_wrap=True)
     for loud, note in schedule_warnings(t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,
-                                        spec.total_steps, start_step, end_step):
+                                        run.total_steps, start_step, end_step):
         console.print(f"[bold red]warning:[/] [bold]{note}[/]" if loud else f"[yellow]warning:[/] {note}",
                       highlight=False, soft_wrap=True)
-    if start_step and end_step > spec.total_steps:
-        console.print(f"[yellow]note:[/] steps beyond {spec.total_steps:,} continue at the schedule's final LR "
-                      f"({lr(spec.total_steps):.2e}); --restretch-schedule stretches it over the run instead",
+    if start_step and end_step > run.total_steps:
+        console.print(f"[yellow]note:[/] steps beyond {run.total_steps:,} continue at the schedule's final LR "
+                      f"({lr(run.total_steps):.2e}); --restretch-schedule stretches it over the run instead",
                       highlight=False, soft_wrap=True)
     kept = _checkpoints_kept(cfg, plan, start_step, end_step)
     if sum(kept) > MANY_CHECKPOINTS:
         console.print(f"[yellow]warning:[/] this run keeps {sum(kept)} checkpoint folders ({kept[0]} per-epoch, "
-                      f"{kept[1]} per-step), about {sum(kept) * _needed_bytes(raw) / 2**30:,.1f} GiB; keep fewer with "
-                      "--checkpointing.keep_epochs N and --checkpointing.total_limit N, or a larger "
+                      f"{kept[1]} per-step), about {sum(kept) * checkpoint.needed_bytes(raw) / 2**30:,.1f} GiB; keep "
+                      "fewer with --checkpointing.keep_epochs N and --checkpointing.total_limit N, or a larger "
                       "checkpointing.steps", highlight=False, soft_wrap=True)
 
 
@@ -889,20 +504,19 @@ def _checkpoints_kept(cfg: Config, plan: Plan, start_step: int, end_step: int) -
 
 
 def _caption_line(manifest: dict) -> str:
-    enc = shards.text_encoder_of(manifest)
+    enc = text_encoder_of(manifest)
     return (f"captions ({enc['name']}, {enc['dim']}-d, {manifest['captions']['num_captions']:,} captions, up to "
             f"{manifest['captions']['max_tokens_seen']} tokens)")
 
 
-def _train_flops_per_sample(step: Step, last: list, device: torch.device) -> float | None:
+def _train_flops_per_sample(step: Step, m: Micro | None, device: torch.device) -> float | None:
     """Training FLOPs per sample as pipeline.step.FLOPS_CONVENTION states (3 forwards, 4 with gradient
-    checkpointing), counted on the last micro-batch's shapes; only on CUDA, where a peak makes it an MFU (a forward
-    there costs milliseconds)."""
+    checkpointing), counted on the shapes of `m`, the last micro-batch; only on CUDA, where a peak makes it an MFU (a
+    forward there costs milliseconds)."""
     from pipeline.step import train_flops_per_sample
 
-    if device.type != "cuda" or not last:
+    if device.type != "cuda" or m is None:
         return None
-    m = last[0]
     with torch.random.fork_rng(devices=[device]):
         return train_flops_per_sample(step.raw, step.objective, m.mean.float(), m.y, step.conditional)
 
@@ -918,8 +532,8 @@ def _closing(console, run_dir: Path, loss: float, seconds: float, images: int, s
     console.print(f"[green]done[/]: {step:,} steps, final loss {loss:.4f}, {seconds:.1f} s, {speed}"
                   + (f", {nonfinite} non-finite step(s) skipped" if nonfinite else ""), highlight=False,
                   soft_wrap=True)
-    console.print(f"final model: {final}/model.pt (EMA: ema.pt); logs: {run_dir}/metrics.jsonl, {run_dir}/tensorboard",
-                  highlight=False, markup=False, soft_wrap=True)
+    console.print(f"final model: {final}/{checkpoint.MODEL} (EMA: {checkpoint.EMA}); logs: {run_dir}/metrics.jsonl, "
+                  f"{run_dir}/tensorboard", highlight=False, markup=False, soft_wrap=True)
     console.print("next: " + shlex.join(["ditpipe", "sample", "--checkpoint", str(run_dir), "--out",
                                          str(run_dir / "grid.png")]), highlight=False, markup=False, soft_wrap=True)
 
@@ -938,50 +552,3 @@ def _finished(console, run_dir: Path, saved: dict, cfg: Config, plan: Plan) -> N
     console.print("  " + shlex.join(extend), highlight=False, markup=False, soft_wrap=True)
 
 
-# ---------------------------------------------------------------------------------------------------- resume
-
-
-def find_checkpoint(target: Path | None, output_dir: Path, warn) -> Path:
-    """A checkpoint folder from: nothing (the run under `output_dir` whose `latest` changed last), a run folder
-    (its newest valid checkpoint), or a checkpoint folder (validated as it is)."""
-    if target is None:
-        runs = [p.parent for p in Path(output_dir).glob(f"*/{checkpoint.LATEST}")]
-        runs += [Path(output_dir)] if (Path(output_dir) / checkpoint.LATEST).is_file() else []
-        if not runs:
-            raise DitpipeError(f"no run to resume under '{output_dir}' (no '{checkpoint.LATEST}' pointer); name one: "
-                               "`ditpipe resume outputs/RUN`")
-        target = max(runs, key=lambda p: (p / checkpoint.LATEST).stat().st_mtime)
-    target = Path(target)
-    if not target.is_dir():
-        raise DitpipeError(f"'{target}' is not a folder; pass a run folder or a checkpoint folder")
-    if (target / checkpoint.STATE).is_file() or checkpoint._NAME.match(target.name):
-        checkpoint.validate(target)
-        return target
-    return checkpoint.find_resumable(target, warn)[0]
-
-
-def resume_config(ckpt: Path, new: Config | None = None, overrides: dict | None = None) -> Config:
-    """The config to resume with: the run's saved one, with `overrides` (dotted) applied, or `new` as given.
-    Keys outside RESUMABLE_CHANGES that differ from the saved config are refused, each named."""
-    from pipeline import safe_yaml as yaml  # no aliases: the JSON round trip below would expand them
-
-    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
-    if new is None:
-        if remote := unconfirmed_remote(saved, overrides or {}):
-            raise ConfigError(remote, header=f"cannot resume '{ckpt}' from a remote location it names itself")
-        merged = json.loads(json.dumps(saved))
-        for key, value in (overrides or {}).items():
-            section, _, name = key.partition(".")
-            merged.setdefault(section, {})[name] = value
-        new = validate_tree(merged)
-    cfg = new
-    old = validate_tree(saved).to_dict()
-    new = cfg.to_dict()
-    refused = [(f"{s}.{k}", f"was {old[s][k]!r} in the run, now {new[s][k]!r}")
-               for s in new for k in new[s]
-               if new[s][k] != old[s][k] and not f"{s}.{k}".startswith(RESUMABLE_CHANGES)]
-    if refused:
-        raise ConfigError(refused, header=f"cannot resume '{ckpt}' with a different config (only {resumable_keys()} "
-                                          "may change on resume; for anything else start a new run, e.g. with "
-                                          "--init-from this checkpoint)")
-    return cfg

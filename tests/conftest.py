@@ -231,12 +231,12 @@ def train_tiny(tmp: Path, num_samples: int, **over) -> Path:
     from pipeline.config import load_config
     from stages.encode import encode
     from stages.train import train
+    from tiny import TINY_MODEL
 
     data = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": num_samples,
             "vae.name": "pixel", "shards.path": str(tmp / "shards"), "data.num_workers": 0}
     encode(load_config(None, data))
-    run = train(load_config(None, {**data, "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1,
-                                   "model.num_heads": 2, "training.mixed_precision": "no", "training.batch_size": 16,
+    run = train(load_config(None, {**data, **TINY_MODEL, "training.mixed_precision": "no", "training.batch_size": 16,
                                    "training.gradient_accumulation_steps": 1, "logging.output_dir": str(tmp / "out"),
                                    "logging.run_name": "r", "logging.tensorboard": False, **over}))
     AcceleratorState._reset_state(True)

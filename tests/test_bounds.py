@@ -16,6 +16,7 @@ import pytest
 
 from pipeline import npz, shards
 from pipeline.errors import DataError, ShardError
+from pipeline.manifest import check_entries
 from pipeline.safe_yaml import AliasRefused, safe_load
 
 from conftest import resign, train_tiny
@@ -106,16 +107,16 @@ def test_counts_and_widths_that_size_allocations_are_bounded():
         if (Path(__file__).parent / "data" / "manifest-captions.json").exists() else None
     base = {"format": "wds", "num_samples": 0, "num_shards": 0, "shards": [], "latent": {"shape": [1, 3, 16, 16]},
             "captions": {"text": True, "encoder": {"dim": 768, "max_tokens": 77}, "max_tokens_seen": 20}}
-    shards.check_entries(base, "m.json")
+    check_entries(base, "m.json")
     for change in ({"max_tokens_seen": 10**9}, {"encoder": {"dim": 10**7, "max_tokens": 77}},
                    {"encoder": {"dim": 768, "max_tokens": "77"}}):
         with pytest.raises(ShardError, match="captions.encoder dim"):
-            shards.check_entries({**base, "captions": {**base["captions"], **change}}, "m.json")
+            check_entries({**base, "captions": {**base["captions"], **change}}, "m.json")
     entry = {"name": "shard-00000.tar", "sidecar": "shard-00000.meta.json", "samples": 2, "bytes": 2 * 1536}
-    shards.check_entries({**base, "num_samples": 2, "num_shards": 1, "shards": [entry]}, "m.json")
+    check_entries({**base, "num_samples": 2, "num_shards": 1, "shards": [entry]}, "m.json")
     for bad in ({"samples": -1}, {"samples": 2.0}, {"bytes": True}, {"bucket": 0}):
         with pytest.raises(ShardError, match=r"shards\[0\]"):
-            shards.check_entries({**base, "num_samples": 2, "num_shards": 1, "shards": [{**entry, **bad}]}, "m.json")
+            check_entries({**base, "num_samples": 2, "num_shards": 1, "shards": [{**entry, **bad}]}, "m.json")
     assert manifest is None or isinstance(manifest, dict)
 
 

@@ -15,15 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import buckets, checkpoint, shards
+from pipeline import buckets, shards
 from pipeline.config import load_config
-from pipeline.loader import BucketOrder, Plan
+from pipeline.order import BucketOrder, Plan
+from pipeline.sample_options import SampleOptions
 from pipeline.sources import cover_crop, load_image
 from stages.encode import encode
 from stages.sample import sample
-from stages.train import RECORD_ENV, resume_config, train
+from pipeline.hooks import PAUSE_ENV, RECORD_ENV
+from pipeline.run import resume_config
+from stages.train import train
 
 from conftest import assert_common_checkpoints_equal, jpeg_bytes, photo, reset_accelerate
+from tiny import TINY_ARCH, TINY_MODEL, tiny_dit
 from test_distributed import Launch, cli_args  # real CLI launches: one process, or torchrun with gloo
 
 # (w, h) of the test photos, each aspect ratio several times: 1:2, 3:5, 1:1, 5:3, 2:1; and a 1:52 panorama.
@@ -68,7 +72,7 @@ def data_for(kind: str, path: Path, out: Path) -> dict:
 
 
 def run_config(data: dict, outputs: Path, name: str, **over) -> dict:
-    return {**data, "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+    return {**TINY_MODEL, **data,  # data names the preset (data_for's DiT-S/4, or another patch)
             "training.mixed_precision": "no", "training.batch_size": 2, "training.gradient_accumulation_steps": 2,
             "training.num_epochs": 2, "training.learning_rate": 1e-3, "lr_scheduler.warmup_steps": 2,
             "logging.steps": 1, "logging.tensorboard": False, "checkpointing.steps": 2,
@@ -138,10 +142,9 @@ def test_bucket_order_is_keyed_exactly_once_and_one_bucket_a_global_batch():
 
 
 def test_model_takes_any_grid_and_official_checkpoints_still_load_strictly():
-    from pipeline.model import build_dit, get_2d_sincos_pos_embed
+    from pipeline.model import get_2d_sincos_pos_embed
 
-    model = build_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=3, hidden_size=32, depth=1, num_heads=2,
-                      any_grid=True)
+    model = tiny_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=3, any_grid=True)
     assert model.pos_embed.shape == (1, 16, 32)  # the square grid's, as official
     np.testing.assert_array_equal(get_2d_sincos_pos_embed(32, (4, 4)), get_2d_sincos_pos_embed(32, 4))
     t, y = torch.tensor([5, 500]), torch.tensor([0, 2])
@@ -150,7 +153,7 @@ def test_model_takes_any_grid_and_official_checkpoints_still_load_strictly():
     cached = model.__dict__["_grid_pos_embeds"]
     assert len(cached) == 1 and torch.equal(next(iter(cached.values()))[0],
                                             torch.from_numpy(get_2d_sincos_pos_embed(32, (3, 6))).float())
-    strict = build_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=3, hidden_size=32, depth=1, num_heads=2)
+    strict = tiny_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=3)
     strict.load_state_dict(model.state_dict(), strict=True)  # no grid's embedding is state
     with pytest.raises(ValueError, match="expected latents of size 8x8"):  # off by default, as official
         strict(torch.randn(2, 4, 6, 12), t, y)
@@ -240,15 +243,16 @@ def test_bucketed_training_resumes_bitwise_in_process_and_samples_at_two_sizes(c
     train(resume_config(half / "checkpoint-4", overrides={"training.max_steps": 8}), resume=half / "checkpoint-4")
     reset_accelerate()
     assert "checkpoint-8" in assert_common_checkpoints_equal(half, full)
-    wide = sample(full, num=2, steps=2, out=tmp_path / "wide.png", size="20x12", classes="a,b")
-    tall = sample(full, num=2, steps=2, out=None, size="8x16", classes="a,b")
-    default = sample(full, num=2, steps=2, out=None, classes="a,b")  # the most common bucket (the first of equals)
+    wide = sample(full, SampleOptions(num=2, steps=2), out=tmp_path / "wide.png", size="20x12", classes="a,b")
+    tall = sample(full, SampleOptions(num=2, steps=2), out=None, size="8x16", classes="a,b")
+    default = sample(full, SampleOptions(num=2, steps=2), out=None, classes="a,b")  # the most common bucket
     assert wide.shape == (2, 12, 20, 3) and tall.shape == (2, 16, 8, 3) and default.shape == (2, 16, 8, 3)
     from stages.export import export
 
     export(full / "checkpoint-8", "safetensors", tmp_path / "export")  # an export folder keeps the run's buckets
-    assert sample(tmp_path / "export", num=2, steps=2, out=None, classes="a,b").shape == (2, 16, 8, 3)
-    assert sample(tmp_path / "export", num=2, steps=2, out=None, size="20x12", classes="a,b").shape == (2, 12, 20, 3)
+    assert sample(tmp_path / "export", SampleOptions(num=2, steps=2), out=None, classes="a,b").shape == (2, 16, 8, 3)
+    assert sample(tmp_path / "export", SampleOptions(num=2, steps=2), out=None, size="20x12",
+                  classes="a,b").shape == (2, 12, 20, 3)
 
 
 def kill_9_resume_and_sample(data: dict, root: Path) -> None:
@@ -258,7 +262,7 @@ def kill_9_resume_and_sample(data: dict, root: Path) -> None:
     config = run_config(data, root / "outputs", "ref")
     Launch(["train", *cli_args(config)], root / "logs", procs=1).ok()
     killed = Launch(["train", *cli_args({**config, "logging.run_name": "killed"})], root / "logs", procs=1,
-                    **{checkpoint.PAUSE_ENV: "0.05"})  # slow checkpoint writes: the kill lands mid-run
+                    **{PAUSE_ENV: "0.05"})  # slow checkpoint writes: the kill lands mid-run
     run, ref = root / "outputs" / "killed", root / "outputs" / "ref"
     end = max(int(p.name.split("-")[1]) for p in ref.glob("checkpoint-[0-9]*"))
     killed.wait_for("checkpoint-4", lambda: (run / "checkpoint-4" / "training_state.json").is_file())
@@ -290,7 +294,7 @@ def test_caption_model_on_coco_buckets_trains_validates_and_samples_from_prompts
         "validation.sampling_steps": 2})))
     reset_accelerate()
     assert (run / "samples" / "step-0000002.png").is_file()
-    images = sample(run, num=2, steps=2, out=None, prompts=["a 64 by 48 photo"], size="12x20")
+    images = sample(run, SampleOptions(num=2, steps=2), out=None, prompts=["a 64 by 48 photo"], size="12x20")
     assert images.shape == (2, 20, 12, 3)
 
 
@@ -346,7 +350,7 @@ ORDER_BEFORE = [9, 8, 7, 4, 6, 10, 5, 1, 3, 16, 17, 2, 15, 0, 18, 12, 19, 14, 13
 def test_square_default_is_byte_for_byte_the_code_before_buckets(tmp_path):
     import hashlib
 
-    from pipeline.loader import EpochOrder
+    from pipeline.order import EpochOrder
     from pipeline.model import build_dit
 
     photos = mixed_folder(tmp_path / "photos", per_class=1)
@@ -360,7 +364,7 @@ def test_square_default_is_byte_for_byte_the_code_before_buckets(tmp_path):
     order = EpochOrder([s["samples"] for s in manifest["shards"]], 3, 2)
     assert order(1, np.arange(order.num_samples)).tolist() == ORDER_BEFORE
     # The model training builds (any_grid) computes the square grid exactly as the official forward does.
-    arch = dict(input_size=8, in_channels=4, num_classes=3, hidden_size=32, depth=1, num_heads=2)
+    arch = dict(input_size=8, in_channels=4, num_classes=3, **TINY_ARCH)
     torch.manual_seed(0)
     official = build_dit("DiT-S/2", **arch)
     ours = build_dit("DiT-S/2", **arch, any_grid=True)

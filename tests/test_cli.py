@@ -1,11 +1,15 @@
 """The CLI: fast help without torch, --version, every verb's help, and errors as one-line messages."""
 
+import shlex
 import subprocess
 import sys
 
 import pytest
+import typer
 
 from pipeline import __version__
+from pipeline.config import known_keys, parse_overrides
+from stages.cli import app
 
 
 def run(*args, **kw):
@@ -43,11 +47,49 @@ def test_version(cli):
     assert code == 0 and out.strip() == f"ditpipe {__version__}"
 
 
-@pytest.mark.parametrize("verb", ["encode", "inspect", "verify", "runs", "sample", "evaluate", "resume"])
+def registered_verbs() -> dict:
+    """Every command the typer app registers, a sub-command by its full name ("config show"): read from the app, so
+    a new verb is checked without being listed here. (typer carries its own click: its groups have `commands`.)"""
+    def walk(command, words: tuple[str, ...]):
+        if hasattr(command, "commands"):
+            for name, sub in command.commands.items():
+                yield from walk(sub, (*words, name))
+        else:
+            yield " ".join(words), command
+
+    return dict(walk(typer.main.get_command(app), ()))
+
+
+VERBS = registered_verbs()
+
+
+def test_the_verb_list_is_read_from_the_app():
+    assert {"encode", "train", "resume", "sample", "evaluate", "inspect", "verify", "config show"} <= set(VERBS)
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
 def test_every_verb_has_help_with_an_example(cli, verb):
-    code, out, _ = cli(verb, "--help")
+    """`ditpipe VERB --help` shows an `Example: ditpipe VERB ...` line from the verb's docstring, and the example is
+    a command that parses: only the verb's own options and arguments, every required one given, and any dotted
+    override a real config key."""
+    code, out, _ = cli(*verb.split(), "--help")
     assert code == 0
-    assert f"ditpipe {verb}" in out.replace("\n", " ")
+    shown = " ".join(out.split())  # rich wraps the help text at the terminal's width
+    lines = [line.strip() for line in (VERBS[verb].help or "").splitlines()]
+    examples = [one.strip() for line in lines if line.startswith(f"Example: ditpipe {verb}")
+                for one in line.removeprefix("Example:").split(";")]  # `inspect` gives two, `; `-separated
+    assert examples, f"`ditpipe {verb} --help` has no line starting 'Example: ditpipe {verb}'"
+    for example in examples:
+        assert example in shown, f"{example!r} is not in `ditpipe {verb} --help`"
+        words = shlex.split(example)
+        assert words[:1 + len(verb.split())] == ["ditpipe", *verb.split()], example
+        argv = words[1 + len(verb.split()):]  # after `ditpipe VERB`
+        try:
+            ctx = VERBS[verb].make_context(f"ditpipe {verb}", argv)
+        except typer.TyperException as e:  # typer's click's UsageError
+            pytest.fail(f"the example {example!r} does not parse: {e.format_message()}")
+        unknown = set(parse_overrides(ctx.args)) - set(known_keys())
+        assert not unknown, f"the example {example!r} sets unknown config keys {sorted(unknown)}"
 
 
 def test_unknown_option_and_missing_argument_are_usage_errors(cli):

@@ -76,7 +76,7 @@ def _step(precision):
     from pipeline.device import make_accelerator
     from pipeline.diffusion import make_objective
     from pipeline.latent_norm import LatentNorm
-    from pipeline.loader import Plan
+    from pipeline.order import Plan
     from pipeline.model import build_dit
     from pipeline.step import Micro, build_step
 
@@ -197,7 +197,7 @@ def _built_step(precision: str, model, latent_shape: tuple[int, int, int], batch
     from pipeline.device import make_accelerator
     from pipeline.diffusion import make_objective
     from pipeline.latent_norm import LatentNorm
-    from pipeline.loader import Plan
+    from pipeline.order import Plan
     from pipeline.step import Micro, build_step
 
     cfg = load_config(None, {**TINY, "training.mixed_precision": precision, "training.batch_size": batch,

@@ -94,6 +94,7 @@ def test_undecodable_names_and_captions_skip_their_input_with_a_reason(tmp_path,
     as its keys."""
     from conftest import photo
     from pipeline import shards
+    from pipeline.manifest import load_manifest
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -107,7 +108,7 @@ def test_undecodable_names_and_captions_skip_their_input_with_a_reason(tmp_path,
     code, _, err = cli("encode", "--dataset", "custom", "--data-path", folder, "--vae", "pixel", "--image-size", "16",
                        "--num-workers", "0", "--captions", "--out", tmp_path / "s")
     assert code == 0 and "Traceback" not in err, err
-    manifest = shards.load_manifest(tmp_path / "s")
+    manifest = load_manifest(tmp_path / "s")
     skipped = {s["file"]: s["reason"] for s in manifest["skipped"]}
     assert sorted(skipped) == ["caf\\xe9.png", "keys.png", "latin1.png", "numbers.png"], skipped
     assert "not valid UTF-8" in skipped["caf\\xe9.png"] and "rename" in skipped["caf\\xe9.png"]
@@ -220,7 +221,7 @@ def test_two_exports_of_the_same_weights_are_the_same_bytes(run, tmp_path, cli):
 
 def test_the_encode_rate_means_something_at_any_speed():
     """Encode's bar and summary printed 0 img/s below 0.5 img/s (a large VAE on a CPU runs at 0.1 img/s)."""
-    from stages.encode import rate_text
+    from stages.progress import rate_text
 
     assert [rate_text(r) for r in (0.0, 0.0123, 0.1, 0.49, 5.5, 42.17, 99.94, 100.4, 12345.6)] == [
         "0", "0.0123", "0.1", "0.49", "5.5", "42.2", "99.9", "100", "12,346"]

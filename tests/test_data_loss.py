@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import exported, phema, shards
+from pipeline import exported, phema
 from pipeline.checkpoint import validate
 from pipeline.config import load_config
 from pipeline.errors import DitpipeError
-from pipeline.recovery import INJECT_ENV
+from pipeline.manifest import load_manifest
+from pipeline.hooks import INJECT_ENV
 
 from conftest import pixel_shards
+from tiny import TINY_MODEL
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -39,7 +41,7 @@ def test_encode_overwrite_deletes_only_its_own_shard_names(tmp_path, cli):
     code, _, err = cli("encode", "--data.dataset_name", "shapes", "--data.image_size", "32", "--data.num_samples",
                        "64", "--vae.name", "pixel", "--data.num_workers", "0", "--shards.path", out, "--overwrite")
     assert code == 0, err[-2000:]
-    assert shards.load_manifest(out)["source"]["image_size"] == 32  # replaced: the old shards are gone ...
+    assert load_manifest(out)["source"]["image_size"] == 32  # replaced: the old shards are gone ...
     assert {name: (out / name).read_bytes() for name in theirs} == theirs  # ... and only they
 
 
@@ -125,8 +127,7 @@ def test_an_export_killed_between_its_renames_is_put_back(tmp_path, capsys):
 
 
 RUN = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 128, "vae.name": "pixel",
-       "data.num_workers": 0, "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1,
-       "model.num_heads": 2, "diffusion.objective": "flow", "model.learn_sigma": False,
+       "data.num_workers": 0, **TINY_MODEL, "diffusion.objective": "flow", "model.learn_sigma": False,
        "training.mixed_precision": "no", "training.batch_size": 16, "training.gradient_accumulation_steps": 1,
        "training.max_steps": 30, "training.num_epochs": 8, "training.learning_rate": 3e-3,
        "lr_scheduler.warmup_steps": 5, "logging.steps": 5, "logging.tensorboard": False, "checkpointing.steps": 10,

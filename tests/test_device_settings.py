@@ -10,7 +10,7 @@ from pipeline.config import load_config
 from pipeline.device import precision_advice
 from pipeline.training import open_data
 from stages.bench import BenchOptions, bare_codec
-from stages.encode import encode_codec
+from pipeline.encode import encode_codec
 
 
 def test_fp16_on_a_gpu_with_native_bf16_says_what_bf16_saves():

@@ -15,11 +15,12 @@ from conftest import pixel_shards
 from devices import HostReads, on_meta
 from pipeline.config import load_config
 from pipeline.ema import EMA
-from pipeline.model import build_dit
-from stages.train import find_checkpoint, train
+from pipeline.run import find_checkpoint
+from stages.train import train
+from tiny import TINY_MODEL, tiny_dit
 
 LOG, END = 3, 6
-RUN = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+RUN = {**TINY_MODEL,
        "data.num_workers": 0, "training.mixed_precision": "no", "lr_scheduler.warmup_steps": 2,
        "logging.tensorboard": False, "checkpointing.every_epoch": False, "data.dataset_name": "shapes",
        "data.image_size": 16, "data.num_samples": 64, "vae.name": "pixel", "training.batch_size": 4,
@@ -83,15 +84,15 @@ def test_the_steps_parts_and_a_loaded_checkpoint_live_on_the_device(tmp_path, sh
     from pipeline.device import make_accelerator
     from pipeline.diffusion import make_objective
     from pipeline.latent_norm import LatentNorm
-    from pipeline.loader import Plan
+    from pipeline.order import Plan
     from pipeline.recovery import SpikeWatch
-    from pipeline.step import Micro, build_step, load_state
+    from pipeline.checkpoint import load_state
+    from pipeline.step import Micro, build_step
 
     cfg = load_config(None, {**RUN, "shards.path": str(shards)})
 
     def built(acc):
-        model = build_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=8, learn_sigma=False, hidden_size=32,
-                          depth=1, num_heads=2)
+        model = tiny_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=8, learn_sigma=False)
         return build_step(acc, model, make_objective("flow", False), Plan(64, 4, 2, 1), (3, 16, 16),
                           norm=LatentNorm("scale", (0.0,) * 3, (1.0,) * 3), posterior=False,
                           training=cfg.training, drop_prob=0.1, conditional=True, compile=False, rank=0)
@@ -126,8 +127,7 @@ def test_sampling_keeps_every_tensor_on_the_device(objective, cfg_scale):
     from pipeline.generate import SampleNoise, generate
 
     with on_meta() as meta:
-        model = build_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=4, learn_sigma=False, hidden_size=32,
-                          depth=1, num_heads=2).to(meta).eval()
+        model = tiny_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=4, learn_sigma=False).to(meta).eval()
         z = generate(model, make_objective(objective, False), (3, 16, 16), torch.arange(4), 4, None, 3, cfg_scale,
                      0, meta, cfg_interval=(0.3, 0.8), noise=SampleNoise(0, range(4), meta))
     assert z.device == meta and z.shape == (4, 3, 16, 16)
@@ -136,7 +136,7 @@ def test_sampling_keeps_every_tensor_on_the_device(objective, cfg_scale):
 def test_meta_refuses_what_cuda_refuses():
     """The rule the tests above rely on: an EMA made from the model before it moved to the device (the first GPU
     issue's defect) fails its first update on meta, as it did on CUDA; a 0-dim CPU scalar passes, as on CUDA."""
-    model = build_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=4, hidden_size=32, depth=1, num_heads=2)
+    model = tiny_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=4)
     ema = EMA(model)  # shadows on the CPU
     model.to("meta")
     ema._pairs = [(ema.shadow[n], p) for n, p in model.named_parameters()]

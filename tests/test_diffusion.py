@@ -8,6 +8,8 @@ import torch
 
 from pipeline.diffusion import DDPM, Flow, make_objective, space_timesteps
 
+from tiny import TINY_ARCH
+
 T = 1000
 
 
@@ -546,7 +548,7 @@ def test_with_tiny_dit():
     torch.manual_seed(0)  # weight init only; the objectives below draw from explicit generators
     for objective in ("ddpm", "flow"):
         obj = make_objective(objective, learn_sigma=True)
-        model = DiT(input_size=8, patch_size=4, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+        model = DiT(input_size=8, patch_size=4, in_channels=4, **TINY_ARCH,
                     num_classes=0, learn_sigma=obj.out_channels_factor == 2)
         torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)  # leave adaLN-Zero's all-zero output
         g = gen(0)

@@ -34,12 +34,16 @@ from pipeline import checkpoint
 from pipeline.checkpoint import validate
 from pipeline.config import load_config
 from pipeline.errors import ShardError
-from pipeline.loader import EpochOrder, MicroBatches, Plan, open_shards
+from pipeline.loader import MicroBatches
+from pipeline.order import EpochOrder, Plan
+from pipeline.store import open_shards
 from pipeline.metrics import read_metrics
 from stages.encode import encode
-from stages.train import RECORD_ENV, train
+from pipeline.hooks import PAUSE_ENV, RECORD_ENV
+from stages.train import train
 
 from conftest import assert_common_checkpoints_equal, pixel_shards, reset_accelerate
+from tiny import TINY_MODEL
 
 BIN = Path(sys.executable).parent
 ONE = [str(BIN / "ditpipe")]
@@ -57,7 +61,7 @@ END = PLAN.steps_per_epoch * EPOCHS
 
 def env(**extra) -> dict:
     e = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "250"}
-    for key in (checkpoint.PAUSE_ENV, RECORD_ENV):
+    for key in (PAUSE_ENV, RECORD_ENV):
         e.pop(key, None)
     e.update({k: str(v) for k, v in extra.items()})
     return e
@@ -224,8 +228,7 @@ def shards(tmp_path_factory) -> Path:
 
 def run_config(shards: Path, outputs: Path, name: str, precision: str = "no", **over) -> dict:
     return {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": N, "vae.name": "pixel",
-            "shards.path": str(shards), "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1,
-            "model.num_heads": 2, "data.num_workers": 0, "training.mixed_precision": precision,
+            "shards.path": str(shards), **TINY_MODEL, "data.num_workers": 0, "training.mixed_precision": precision,
             "training.batch_size": BATCH, "training.gradient_accumulation_steps": ACCUM,
             "training.num_epochs": EPOCHS, "training.learning_rate": 1e-3, "lr_scheduler.warmup_steps": 4,
             "logging.steps": 1, "logging.tensorboard": False, "checkpointing.steps": 4,
@@ -384,7 +387,7 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_bitwise(shards, refer
     ref, ref_rec = reference(precision)
     run = tmp_path / "outputs" / "cut"
     # a pause per checkpoint file keeps the run inside its next checkpoint write while the test kills it
-    launch = start_train(shards, tmp_path, "cut", precision, **{checkpoint.PAUSE_ENV: 0.05,
+    launch = start_train(shards, tmp_path, "cut", precision, **{PAUSE_ENV: 0.05,
                                                                RECORD_ENV: tmp_path / "cut.jsonl"})
     launch.wait_for("checkpoint-8", lambda: (run / "checkpoint-8").is_dir())
     launch.kill_all()
@@ -449,7 +452,7 @@ def test_a_run_killed_on_2_processes_resumes_on_1_and_on_4(shards, reference, tm
     ends at its weights up to float summation order."""
     ref, ref_rec = reference("no")
     cut = tmp_path / "cut" / "outputs" / "cut"
-    launch = start_train(shards, tmp_path / "cut", "cut", "no", **{checkpoint.PAUSE_ENV: 0.05})
+    launch = start_train(shards, tmp_path / "cut", "cut", "no", **{PAUSE_ENV: 0.05})
     launch.wait_for("checkpoint-8", lambda: (cut / "checkpoint-8").is_dir())
     launch.kill_all()
     want = draws_by_step(ref_rec)

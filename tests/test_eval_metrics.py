@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import torchmetrics_reference
 from conftest import photo
 from pipeline import eval_metrics, fid, npz
 from pipeline.diffusion import make_objective
@@ -105,8 +106,9 @@ def test_the_spatial_pass_gives_the_networks_own_pool_features(feats):
 def test_fid_and_kid_match_torchmetrics_on_the_same_network(feats):
     ext, real, fake, ref, pool, spatial = feats
     ours = eval_metrics.score(pool, spatial, ref, with_kid=True)
-    metric = fid.fid_metric("cpu", extractor=ext)
-    kid = fid.kid_metric(10, "cpu", extractor=ext, subsets=100, subset_size=10)  # as eval_metrics.kid's
+    metric = torchmetrics_reference.fid_metric("cpu", extractor=ext)
+    kid = torchmetrics_reference.kid_metric(10, "cpu", extractor=ext, subsets=100,
+                                            subset_size=10)  # as eval_metrics.kid's
     for m in (metric, kid):
         m.update(nchw(real), real=True)
         m.update(nchw(fake), real=False)

@@ -8,6 +8,7 @@ import pytest
 from pipeline.config import load_config
 from stages.encode import encode
 from conftest import train_tiny
+from tiny import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +121,8 @@ def test_a_caption_model_is_evaluated_on_prompts_against_their_images(tmp_path, 
                        "--num-workers", "0", "--captions", "--out", shards)
     assert code == 0, err[-2000:]
     over = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 32, "vae.name": "pixel",
-            "shards.path": shards, "data.captions": "true", "model.name": "DiT-T-S/4", "model.hidden_size": 32,
-            "model.depth": 1, "model.num_heads": 2, "training.mixed_precision": "no", "training.batch_size": 8,
+            "shards.path": shards, "data.captions": "true", **TINY_MODEL, "model.name": "DiT-T-S/4",
+            "training.mixed_precision": "no", "training.batch_size": 8,
             "training.gradient_accumulation_steps": 1, "logging.tensorboard": "false", "data.num_workers": 0,
             "training.max_steps": 2, "logging.output_dir": tmp_path / "runs", "logging.run_name": "cap"}
     code, _, err = cli("train", *[str(a) for k, v in over.items() for a in (f"--{k}", v)])

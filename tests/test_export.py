@@ -18,6 +18,7 @@ from stages.export import export
 from stages.train import train
 
 from conftest import train_tiny
+from tiny import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +181,8 @@ def test_a_1000_class_model_becomes_a_dit_pipeline_that_samples_offline(tmp_path
             "data.num_samples": None, "vae.name": str(tiny_vae), "shards.path": str(tmp_path / "s"),
             "data.num_workers": 0, "vae.batch_size": 250}
     encode(load_config(None, data))
-    run = train(load_config(None, {**data, "model.name": "DiT-S/2", "model.hidden_size": 32, "model.depth": 1,
-                                   "model.num_heads": 2, "training.mixed_precision": "no", "training.batch_size": 8,
+    run = train(load_config(None, {**data, **TINY_MODEL, "model.name": "DiT-S/2",
+                                   "training.mixed_precision": "no", "training.batch_size": 8,
                                    "training.gradient_accumulation_steps": 1, "training.max_steps": 2,
                                    "logging.tensorboard": False, "logging.output_dir": str(tmp_path / "out")}))
     export(run, "diffusers", tmp_path / "pipe")

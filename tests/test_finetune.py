@@ -13,15 +13,15 @@ from pipeline.config import ConfigError, load_config
 from pipeline.errors import DitpipeError
 from pipeline.finetune import InitSource, adapt, load_init
 from pipeline.metrics import read_metrics
-from pipeline.model import build_dit
 from stages.encode import encode
 from stages.train import train
 
 from conftest import train_tiny
+from tiny import TINY_MODEL, tiny_dit
 
-TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
-        "training.mixed_precision": "no", "training.batch_size": 16, "training.gradient_accumulation_steps": 1,
-        "logging.tensorboard": False, "data.num_workers": 0, "logging.steps": 1, "lr_scheduler.warmup_steps": 0}
+TINY = {**TINY_MODEL, "training.mixed_precision": "no", "training.batch_size": 16,
+        "training.gradient_accumulation_steps": 1, "logging.tensorboard": False, "data.num_workers": 0,
+        "logging.steps": 1, "lr_scheduler.warmup_steps": 0}
 
 
 def three_classes(folder, n=20, size=16):
@@ -77,8 +77,8 @@ def test_fine_tune_onto_another_class_count_starts_lower_and_trains(tmp_path, so
 def official_like(num_classes=1000, input_size=8, hidden=32, learn_sigma=True):
     """A DiT in the official layout (1,000 ImageNet classes + null), as torch.save(model.state_dict()) writes it."""
     torch.manual_seed(1)
-    model = build_dit("DiT-S/2", input_size=input_size, in_channels=4, num_classes=num_classes, hidden_size=hidden,
-                      depth=2, num_heads=2, learn_sigma=learn_sigma)
+    model = tiny_dit("DiT-S/2", input_size=input_size, in_channels=4, num_classes=num_classes, hidden_size=hidden,
+                     depth=2, learn_sigma=learn_sigma)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -90,7 +90,7 @@ def test_official_checkpoint_onto_8_classes_at_another_size(tmp_path):
     src = official_like()
     torch.save(src.state_dict(), tmp_path / "DiT-tiny-1000.pt")
     torch.manual_seed(0)
-    dst = build_dit("DiT-S/2", input_size=4, in_channels=4, num_classes=8, hidden_size=32, depth=2, num_heads=2)
+    dst = tiny_dit("DiT-S/2", input_size=4, in_channels=4, num_classes=8, depth=2)
     fresh = dst.state_dict()
     state, notes = adapt(load_init(tmp_path / "DiT-tiny-1000.pt"), dst, [f"c{i}" for i in range(8)])
     dst.load_state_dict(state, strict=True)
@@ -105,7 +105,7 @@ def test_official_checkpoint_onto_8_classes_at_another_size(tmp_path):
         if k not in ("pos_embed", "y_embedder.embedding_table.weight"):
             assert torch.equal(dst.state_dict()[k], v), k
     # so the unconditional (null-class) prediction carries over exactly at the checkpoint's own size
-    same = build_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=8, hidden_size=32, depth=2, num_heads=2)
+    same = tiny_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=8, depth=2)
     same.load_state_dict(adapt(load_init(tmp_path / "DiT-tiny-1000.pt"), same, None)[0])
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_official_checkpoint_onto_8_classes_at_another_size(tmp_path):
 
 def test_an_unconditional_run_keeps_the_checkpoints_unconditional_model():
     src = official_like()
-    dst = build_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=0, hidden_size=32, depth=2, num_heads=2)
+    dst = tiny_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=0, depth=2)
     state, notes = adapt(InitSource(src.state_dict(), "src"), dst, None)
     dst.load_state_dict(state, strict=True)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([0, 500])
@@ -125,8 +125,7 @@ def test_an_unconditional_run_keeps_the_checkpoints_unconditional_model():
 
 def test_other_mismatches_name_every_key_and_shape(tmp_path):
     src = official_like(hidden=48)
-    dst = build_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=1000, hidden_size=32, depth=1, num_heads=2,
-                    learn_sigma=False)
+    dst = tiny_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=1000, learn_sigma=False)
     with pytest.raises(ConfigError) as err:
         adapt(InitSource(src.state_dict(), "DiT-XL-2-256x256.pt"), dst, None)
     text = str(err.value)

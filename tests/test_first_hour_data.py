@@ -17,6 +17,7 @@ from conftest import photo, write_coco
 from pipeline import shards
 from pipeline.config import load_config, parse_overrides, shipped_configs
 from pipeline.errors import DataError, ShardError
+from pipeline.manifest import load_manifest
 from pipeline.training import check_manifest, open_data
 
 CUSTOM = ["--dataset", "custom", "--data-path", "imgs", "--vae", "pixel", "--image-size", "16", "--num-workers", "0"]
@@ -43,7 +44,7 @@ def _selected(args: list[str], keys: dict):
     """The config train builds from `keys` plus the pointer's `args`, and the folder it trains on (checked as train
     checks it: the manifest there must match)."""
     cfg = load_config(None, {**keys, **parse_overrides(args)})
-    check_manifest(cfg, shards.load_manifest(cfg.shards_path), cfg.shards_path)
+    check_manifest(cfg, load_manifest(cfg.shards_path), cfg.shards_path)
     return cfg.shards_path
 
 
@@ -163,7 +164,7 @@ def test_coco_without_its_captions_file_says_the_shards_get_no_captions(coco_wit
     flat = " ".join(err.split())
     assert f"note: COCO's captions file '{Path('coco/annotations/captions_val2017.json')}' does not exist: these " \
            "shards get no captions" in flat, err
-    assert shards.load_manifest(Path("s"))["num_samples"] == 3  # the images are encoded all the same
+    assert load_manifest(Path("s"))["num_samples"] == 3  # the images are encoded all the same
 
 
 def test_coco_without_its_captions_file_refuses_captions_naming_the_file(coco_without_captions, cli):

@@ -27,7 +27,7 @@ from PIL import Image
 from pipeline import lock, shards
 from pipeline.config import load_config
 from pipeline.errors import ShardError
-from pipeline.loader import open_shards
+from pipeline.store import open_shards
 from stages.encode import encode
 from test_lock import DATA, TRAIN, args, kill_9, refused_here, start
 

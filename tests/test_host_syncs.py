@@ -19,9 +19,10 @@ from devices import HostReads
 from pipeline.config import load_config
 from pipeline.metrics import read_metrics
 from stages.train import train
+from tiny import TINY_MODEL, tiny_dit
 
 LOG, END = 4, 10  # log and checkpoint every 4 steps, end at 10 (not a multiple: the end is a log step too)
-TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+TINY = {**TINY_MODEL,
         "data.num_workers": 0, "training.mixed_precision": "bf16", "lr_scheduler.warmup_steps": 2,
         "training.learning_rate": 1e-3, "logging.tensorboard": False, "checkpointing.every_epoch": False,
         "training.batch_size": 4, "training.gradient_accumulation_steps": 2, "training.max_steps": END,
@@ -104,11 +105,9 @@ def test_sampling_reads_nothing_back_inside_its_loop(objective, sampler, cfg_sca
     per-sample noise as `sample`, `evaluate` and FID during training draw it."""
     from pipeline.diffusion import make_objective
     from pipeline.generate import SampleNoise, generate
-    from pipeline.model import build_dit
 
     torch.manual_seed(0)
-    model = build_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=4, learn_sigma=objective == "ddpm",
-                      hidden_size=32, depth=1, num_heads=2).eval()
+    model = tiny_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=4, learn_sigma=objective == "ddpm").eval()
     mode = HostReads()
     with mode:
         z = generate(model, make_objective(objective, objective == "ddpm"), (3, 16, 16), torch.arange(4), 4, sampler,
@@ -134,10 +133,9 @@ def test_fid_during_training_reads_nothing_back_inside_its_sampling_loops(shards
     """TrainingFID.score (every rank's share of keyed, guided samples, decoded and put through Inception): its
     sampling steps read nothing back; what it reads is per batch of features and the gather at the end."""
     pytest.importorskip("torchmetrics", reason="the `eval` extra is not installed")
-    from pipeline import shards as shard_format
+    from pipeline.manifest import load_manifest
     from pipeline.diffusion import make_objective
     from pipeline.latent_norm import LatentNorm
-    from pipeline.model import build_dit
     from pipeline.training_fid import TrainingFID
 
     cfg = load_config(None, {**TINY, "data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 128,
@@ -145,12 +143,11 @@ def test_fid_during_training_reads_nothing_back_inside_its_sampling_loops(shards
                              "validation.fid_samples": 4, "validation.fid_reference_samples": 8,
                              "validation.sampling_steps": 3, "validation.cfg_scale": 4.0,
                              "validation.cfg_interval": [0.3, 0.8]})
-    manifest = shard_format.load_manifest(shards)
+    manifest = load_manifest(shards)
     manifest = {**manifest, "latent_norm": LatentNorm.from_manifest(manifest, cfg.data.latent_norm).record()}
     watch = TrainingFID.start(cfg, manifest, shards, 0, 1, torch.device("cpu"), 8, "class")
     torch.manual_seed(0)
-    model = build_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=8, learn_sigma=True, hidden_size=32,
-                      depth=1, num_heads=2).eval()
+    model = tiny_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=8, learn_sigma=True).eval()
     mode = HostReads()
     with mode:
         value, n, _ = watch.score(model, make_objective("ddpm", True), torch.device("cpu"), {})

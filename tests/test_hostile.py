@@ -24,13 +24,13 @@ from pipeline.config import load_config
 from pipeline.errors import ShardError
 
 from conftest import resign, train_tiny
+from tiny import TINY_FLAGS
 
 DEEP = 100_000  # nesting far past Python's recursion limit (1,000)
 DATA = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 32, "vae.name": "pixel",
         "data.num_workers": 0}
-TINY = ["--model.name", "DiT-S/4", "--model.hidden_size", "32", "--model.depth", "1", "--model.num_heads", "2",
-        "--training.mixed_precision", "no", "--training.batch_size", "16", "--training.gradient_accumulation_steps",
-        "1", "--training.max_steps", "1", "--logging.tensorboard", "false"]
+TINY = [*TINY_FLAGS, "--training.mixed_precision", "no", "--training.batch_size", "16",
+        "--training.gradient_accumulation_steps", "1", "--training.max_steps", "1", "--logging.tensorboard", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ class Payload:
 
 
 def test_a_forged_latent_shape_is_refused_before_anything_is_allocated(shard_folder, tmp_path, cli):
-    from pipeline.shards import check_latent_shape
+    from pipeline.manifest import check_latent_shape
 
     # the shapes manifest says image_size 16 and the pixel codec's downsample 1: a latent side of 16
     edit_json(shard_folder / "manifest.json", lambda m: m["latent"].update(shape=[1, 3, 300000, 300000]))

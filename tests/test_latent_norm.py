@@ -11,9 +11,13 @@ from pipeline.config import ConfigError, load_config
 from pipeline.generate import SampleNoise, decode, generate
 from pipeline.images import to_uint8
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import LatentView, open_shards, sample_key
+from pipeline.loader import LatentView
+from pipeline.order import sample_key
+from pipeline.store import open_shards
 from stages.encode import encode
-from stages.sample import load_sampleable, sample
+from pipeline.sample_options import SampleOptions
+from pipeline.sampleable import load_sampleable
+from stages.sample import sample
 
 from conftest import train_tiny
 
@@ -73,7 +77,7 @@ def test_training_records_channel_norm_and_sample_inverts_it(tmp_path):
 
     s = load_sampleable(run)
     assert s.norm == LatentNorm.from_record(record)
-    images = sample(run, classes="0,5", steps=3, seed=7, out=None)
+    images = sample(run, SampleOptions(steps=3, seed=7), classes="0,5", out=None)
     z = generate(s.model, s.objective, s.latent_shape, torch.tensor([0, 5]), 2, None, 3, 4.0, 7, torch.device("cpu"),
                  noise=SampleNoise(7, [0, 1], torch.device("cpu")))  # sample i's noise keyed on (seed, i), as sample's
     mean = torch.tensor(record["shift"]).view(1, 3, 1, 1)

@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import load_config
-from pipeline.loader import (EpochOrder, LatentView, MicroBatches, Plan, RunKeys, ShardStore, make_loader, open_shards,
-                             sample_flip, sample_key, sample_normal)
+from pipeline.loader import LatentView, MicroBatches, RunKeys, make_loader, sample_normal
+from pipeline.order import EpochOrder, Plan, sample_flip, sample_key
+from pipeline.store import ShardStore, open_shards
 from stages.encode import encode
 
 
@@ -102,6 +103,10 @@ class CountingStore(ShardStore):
     def read(self, g):
         self.reads.append(g)
         return super().read(g)
+
+    def gather(self, indices, picks):  # a micro-batch's reads, as one call
+        self.reads += [int(g) for g in indices]
+        return super().gather(indices, picks)
 
 
 def test_resume_starts_at_the_position_without_reading_earlier_samples(pixel_shards):

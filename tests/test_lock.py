@@ -16,9 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checkpoint, lock, shards
+from pipeline import checkpoint, lock
+from pipeline.hooks import PAUSE_ENV
+from pipeline.manifest import load_manifest
 from pipeline.config import load_config
 from stages.encode import encode
+
+from tiny import TINY_MODEL
 
 CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
 # Holds a folder's lock as encode/export/train would, until killed (stands in for a long encode or export).
@@ -26,7 +30,7 @@ HOLDER = [sys.executable, "-c", "import sys, time; from pipeline import lock\n"
           "with lock.hold(sys.argv[1], sys.argv[2]):\n    print('locked', flush=True); time.sleep(600)"]
 DATA = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 64, "vae.name": "pixel",
         "data.num_workers": 0}
-TRAIN = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+TRAIN = {**TINY_MODEL,
          "training.mixed_precision": "no", "training.batch_size": 16, "training.gradient_accumulation_steps": 1,
          "logging.tensorboard": False, "logging.steps": 1, "checkpointing.steps": 2}
 
@@ -34,7 +38,7 @@ TRAIN = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "mo
 def env(**extra) -> dict:
     e = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "250", **extra}
     e.pop("RANK", None)
-    e.pop(checkpoint.PAUSE_ENV, None)
+    e.pop(PAUSE_ENV, None)
     return {**e, **extra}
 
 
@@ -89,7 +93,7 @@ def test_second_train_or_resume_is_refused_with_the_pid_and_kill_9_frees_the_run
     run = outputs / "r"
     over = {**DATA, **TRAIN, "shards.path": shard_folder, "logging.output_dir": outputs, "logging.run_name": "r",
             "training.max_steps": 400}
-    slow = {checkpoint.PAUSE_ENV: "0.05"}  # 0.05 s after each file of a checkpoint: a run that lasts
+    slow = {PAUSE_ENV: "0.05"}  # 0.05 s after each file of a checkpoint: a run that lasts
     first, first_err = start([*CLI, "train", *args(over)], logs, **slow)
     deadline = time.monotonic() + 120
     while not (run / "checkpoint-2" / checkpoint.STATE).is_file():
@@ -121,7 +125,7 @@ def test_second_encode_and_export_are_refused_and_a_stale_lock_blocks_nothing(tm
     kill_9(holder)
     code, _, err = cli(*argv)  # the folder holds only the dead holder's .lock: not "not a ditpipe shard folder"
     assert code == 0, err
-    assert shards.load_manifest(folder)["num_samples"] == 64
+    assert load_manifest(folder)["num_samples"] == 64
 
     out = tmp_path / "exports" / "x"
     holder = hold_in_subprocess(out, "export", logs)

@@ -14,11 +14,13 @@ from pipeline.config import load_config
 from pipeline.device import make_accelerator
 from pipeline.diffusion import make_objective
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import Plan
+from pipeline.order import Plan
 from pipeline.model import build_dit
 from pipeline.model_text import build_caption_dit
 from pipeline.step import Micro, build_step
 from pipeline.text import Caption
+
+from tiny import tiny_dit
 
 TOLERANCE = 0.15
 
@@ -108,8 +110,8 @@ def test_the_persistent_parts_equal_the_real_objects(tmp_path):
                              "training.batch_size": 4, "training.gradient_accumulation_steps": 1})
     acc, _, _ = make_accelerator(cfg.training.mixed_precision)
     torch.manual_seed(0)
-    model = build_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=8, learn_sigma=False, hidden_size=32,
-                      depth=2, num_heads=2, class_dropout_prob=0.1)
+    model = tiny_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=8, learn_sigma=False, depth=2,
+                     class_dropout_prob=0.1)
     step = build_step(acc, model, make_objective("flow", False), Plan(128, 4, 1, 1), (3, 16, 16),
                       norm=LatentNorm("scale", (0.0,) * 3, (1.0,) * 3), posterior=False, training=cfg.training,
                       drop_prob=0.1, conditional=True, compile=False, rank=0)

@@ -8,11 +8,10 @@ import subprocess
 import sys
 import warnings
 
-from PIL import Image
 
 from conftest import photo, train_tiny
-from pipeline import shards
 from pipeline.config import load_config, parse_overrides
+from pipeline.manifest import load_manifest
 from pipeline.workers import usable_cpus
 
 
@@ -37,12 +36,12 @@ def test_num_samples_null_means_all_and_names_the_folder_so(tmp_path, monkeypatc
     code, _, err = cli("encode", "--dataset", "custom", "--data-path", "imgs", "--vae", "pixel", "--image-size", "16",
                        "--num-samples", "null", "--num-workers", "0")
     assert code == 0, err
-    assert shards.load_manifest(tmp_path / "shards" / "custom-imgs-16px-pixel-all")["num_samples"] == 3
+    assert load_manifest(tmp_path / "shards" / "custom-imgs-16px-pixel-all")["num_samples"] == 3
     code, _, err = cli("encode", "--dataset", "custom", "--data-path", "imgs", "--vae", "pixel", "--image-size", "16",
                        "--num-workers", "0")  # the default num_samples, 5000: the name says what was asked for
     assert code == 0, err
     assert "note: data.num_samples 5,000 asks for more than the 3 inputs there" in " ".join(err.split())
-    assert shards.load_manifest(tmp_path / "shards" / "custom-imgs-16px-pixel-5000")["num_samples"] == 3
+    assert load_manifest(tmp_path / "shards" / "custom-imgs-16px-pixel-5000")["num_samples"] == 3
 
 
 def test_encode_ends_with_the_train_command_that_finds_its_shards(tmp_path, monkeypatch, cli):
@@ -59,7 +58,7 @@ def test_encode_ends_with_the_train_command_that_finds_its_shards(tmp_path, monk
     cfg = load_config(config, parse_overrides(argv[4:] if config else argv[2:]))
     assert cfg.shards_path == tmp_path / "my shards" or str(cfg.shards_path) == "my shards"
     assert cfg.shards.flip is False and cfg.data.num_samples == 40
-    check_manifest(cfg, shards.load_manifest(cfg.shards_path), cfg.shards_path)  # train accepts these shards
+    check_manifest(cfg, load_manifest(cfg.shards_path), cfg.shards_path)  # train accepts these shards
 
 
 def test_the_encode_bar_and_summary_show_one_rate(tmp_path, monkeypatch, cli):
@@ -74,7 +73,6 @@ def test_the_encode_bar_and_summary_show_one_rate(tmp_path, monkeypatch, cli):
 
 def test_workers_are_capped_at_the_cpus_with_a_notice(tmp_path, capsys):
     from stages.encode import encode
-    from stages.train import train
 
     many = usable_cpus() + 3
     data = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 64, "vae.name": "pixel",

@@ -25,6 +25,7 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 
 from conftest import assert_common_checkpoints_equal, train_tiny
+from tiny import TINY_MODEL, tiny_dit
 
 SIGMAS = [0.05, 0.10, 0.08]  # EDM2's two, and a third tracked directly to check its reconstruction from the two
 END, EVERY = 48, 4  # steps, and steps between snapshots: 12 snapshot steps
@@ -156,11 +157,11 @@ CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
 
 def _train_args(shards: Path, outputs: Path, name: str) -> list[str]:
     over = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 128, "vae.name": "pixel",
-            "shards.path": shards, "data.num_workers": 0, "model.name": "DiT-S/4", "model.hidden_size": 32,
-            "model.depth": 1, "model.num_heads": 2, "training.mixed_precision": "no", "training.batch_size": 16,
-            "training.gradient_accumulation_steps": 1, "training.max_steps": 24, "training.learning_rate": 1e-2,
-            "logging.tensorboard": "false", "logging.output_dir": outputs, "logging.run_name": name,
-            "training.posthoc_ema": "true", "checkpointing.phema_every": 2, "checkpointing.steps": 4}
+            "shards.path": shards, "data.num_workers": 0, **TINY_MODEL, "training.mixed_precision": "no",
+            "training.batch_size": 16, "training.gradient_accumulation_steps": 1, "training.max_steps": 24,
+            "training.learning_rate": 1e-2, "logging.tensorboard": "false", "logging.output_dir": outputs,
+            "logging.run_name": name, "training.posthoc_ema": "true", "checkpointing.phema_every": 2,
+            "checkpointing.steps": 4}
     return ["train", *[a for k, v in over.items() for a in (f"--{k}", str(v))]]
 
 
@@ -249,7 +250,7 @@ def test_a_snapshot_that_cannot_be_written_stops_every_rank_with_the_same_messag
 
 def test_ema_writes_weights_that_sample_export_and_init_from_load(run, tmp_path, cli, capsys):
     from pipeline.finetune import load_init
-    from stages.sample import load_sampleable
+    from pipeline.sampleable import load_sampleable
 
     out = tmp_path / "ema008"
     code, _, err = cli("ema", run, "--sigma-rel", "0.08", "--out", out)
@@ -325,10 +326,9 @@ def test_the_ema_update_in_chunks_equals_one_update_of_the_whole_model(monkeypat
     """The tensor-weighted update works through chunks of parameters (no model-sized temporary): the same bits as
     one update over all of them."""
     import pipeline.ema as ema_module
-    from pipeline.model import build_dit
 
     torch.manual_seed(0)
-    model = build_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=4, hidden_size=32, depth=2, num_heads=2)
+    model = tiny_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=4, depth=2)
     whole, chunked = ema_module.EMA(model), ema_module.EMA(model)
     with torch.no_grad():
         for p in model.parameters():

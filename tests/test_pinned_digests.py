@@ -8,10 +8,8 @@ the test's folders (config.yaml, the autoencoder's path in the manifest) are has
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
-import pytest
 
 from conftest import reset_accelerate
 

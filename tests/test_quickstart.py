@@ -77,6 +77,7 @@ def test_quickstart_never_replaces_a_folder_it_did_not_make(tmp_path, monkeypatc
 def test_full_quickstart_samples_are_recognisable(tmp_path, monkeypatch, cli):
     """The learned result, not the code path: the quickstart's own 64 PNGs, then 512 more from its checkpoint with
     the same sampler settings, judged by the classifier from pixels alone."""
+    from pipeline.sample_options import SampleOptions
     from stages.sample import sample
 
     monkeypatch.chdir(tmp_path)
@@ -87,8 +88,8 @@ def test_full_quickstart_samples_are_recognisable(tmp_path, monkeypatch, cli):
     assert accuracy >= 0.90, f"only {accuracy:.1%} of the samples show their class ({SHAPES_CLASS_NAMES})"
     v = yaml.safe_load((out / "config.yaml").read_text())["validation"]  # the sampler settings the run used
     more = tmp_path / "more"  # the PNGs: `sample` returns the grid's first 256 only
-    sample(out, num=512, cfg_scale=v["cfg_scale"], steps=v["sampling_steps"], sampler=v["sampler"], seed=7,
-           cfg_interval=tuple(v["cfg_interval"]), out=None, out_dir=more)
+    sample(out, SampleOptions(num=512, cfg_scale=v["cfg_scale"], steps=v["sampling_steps"], sampler=v["sampler"],
+                              seed=7, cfg_interval=tuple(v["cfg_interval"])), out=None, out_dir=more)
     files = sorted(more.glob("*_class*.png"))
     labels = np.array([int(f.stem.split("_class")[1]) for f in files])
     assert len(files) == 512 and np.array_equal(labels, np.arange(512) % len(SHAPES_CLASS_NAMES))

@@ -114,10 +114,9 @@ def test_a_deterministic_4_process_run_resumed_halfway_ends_bitwise_equal(tmp_pa
 
 DOWNLOAD = """
     import json, sys
-    from rich.console import Console
     from pipeline import download
     from pipeline.config import load_config
-    from stages.encode import _distributed, _source_once_per_node
+    from pipeline.encode import Observer, _distributed, _source_once_per_node
 
     for rel, pin in json.loads(sys.argv[1]).items():  # the test site's archives are the "official" ones
         download.COCO_ARCHIVES[rel].update(pin)
@@ -125,7 +124,7 @@ DOWNLOAD = """
     cfg = load_config(None, {"data.dataset_name": "coco", "data.split": "val", "data.dataset_path": sys.argv[2],
                              "data.download": True, "data.download_url": sys.argv[3], "data.num_samples": None})
     try:
-        print(json.dumps({"rank": rank, "inputs": len(_source_once_per_node(cfg, Console(stderr=True), world))}))
+        print(json.dumps({"rank": rank, "inputs": len(_source_once_per_node(cfg, Observer(), world))}))
     except Exception as e:
         print(json.dumps({"rank": rank, "error": f"{type(e).__name__}: {e}"}))
 """

@@ -21,17 +21,17 @@ from pipeline.config import load_config
 from pipeline.device import make_accelerator
 from pipeline.diffusion import make_objective
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import Plan
+from pipeline.order import Plan
 from pipeline.metrics import read_metrics
-from pipeline.model import build_dit
 from pipeline.step import Micro, build_step
 from pipeline.training import build_model
 from stages.encode import encode
 from stages.train import train
 
 from conftest import jpeg_bytes, photo, pixel_shards
+from tiny import TINY_MODEL, tiny_dit
 
-TINY = {"model.name": "DiT-S/2", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+TINY = {**TINY_MODEL, "model.name": "DiT-S/2",
         "model.compile": True, "model.class_dropout_prob": 0.1, "training.mixed_precision": "bf16",
         "data.num_workers": 0, "logging.tensorboard": False, "checkpointing.every_epoch": False,
         "lr_scheduler.warmup_steps": 2, "training.learning_rate": 1e-3}
@@ -84,7 +84,7 @@ def test_the_step_makes_one_graph_per_auto_bucket_at_256px_and_none_on_the_next_
         step(11 + i, 1e-3, lambda m=m: m)
     assert compiles() == (11, 11, 11, [])
     assert torch.isfinite(step.stats.loss_sum) and int(step.stats.finite_steps) == 22
-    plain = build_dit("DiT-S/2", input_size=32, in_channels=4, num_classes=8, hidden_size=32, depth=1, num_heads=2)
+    plain = tiny_dit("DiT-S/2", input_size=32, in_channels=4, num_classes=8)
     assert list(step.raw.state_dict()) == list(plain.state_dict())  # the tables are no state: official layout
 
 
@@ -126,8 +126,7 @@ def test_prepared_tables_are_the_ones_an_eager_forward_makes(dynamo):
     """prepare_grids makes what the forward would: numpy's exact sincos values, on the model's device and dtype."""
     from pipeline.model import get_2d_sincos_pos_embed, grid_pos_embed, prepare_grids
 
-    model = build_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=3, hidden_size=32, depth=1, num_heads=2,
-                      any_grid=True).to(torch.bfloat16)
+    model = tiny_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=3, any_grid=True).to(torch.bfloat16)
     prepare_grids(model, [(3, 6), (4, 4)])
     assert grid_pos_embed(model, (4, 4)) is model.pos_embed  # the square grid is the parameter, as official
     table = grid_pos_embed(model, (3, 6))  # (1, 18, 32)

@@ -47,13 +47,14 @@ from pipeline.checkpoint import validate  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.errors import DitpipeError  # noqa: E402
 from pipeline.metrics import read_metrics  # noqa: E402
-from pipeline.recovery import INJECT_ENV  # noqa: E402
+from pipeline.hooks import INJECT_ENV  # noqa: E402
 from stages.encode import encode  # noqa: E402
 from stages.train import train  # noqa: E402
+from tiny import TINY_MODEL  # noqa: E402
 
 RUN = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 256, "vae.name": "pixel",
-       "data.num_workers": 0, "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1,
-       "model.num_heads": 2, "diffusion.objective": "flow", "model.learn_sigma": False,
+       "data.num_workers": 0, **TINY_MODEL,
+       "diffusion.objective": "flow", "model.learn_sigma": False,
        "training.mixed_precision": "no", "training.batch_size": 16, "training.gradient_accumulation_steps": 1,
        "training.max_steps": 60, "training.num_epochs": 4, "training.learning_rate": 3e-3,
        "lr_scheduler.warmup_steps": 5, "logging.steps": 5, "logging.tensorboard": False, "checkpointing.steps": 10,

@@ -9,12 +9,13 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline import loader, shards
+from pipeline import remote, shards
 from pipeline.config import load_config
 from pipeline.errors import ShardError
-from pipeline.loader import open_shards
+from pipeline.store import open_shards
 
 from conftest import pixel_shards, reset_accelerate
+from tiny import TINY_MODEL
 
 N, PER_SHARD = 32, 16
 
@@ -71,7 +72,7 @@ def test_a_shard_larger_than_the_manifest_says_is_refused_without_reading_it_who
 
 def test_an_oversized_remote_manifest_or_sidecar_is_refused(memory_copy, monkeypatch):
     url, grow = memory_copy
-    monkeypatch.setattr(loader, "MAX_META_BYTES", 64 << 10)
+    monkeypatch.setattr(remote, "MAX_META_BYTES", 64 << 10)
     grow(shards.sidecar_name("shard-00000.tar"), 128 << 10)
     store, _ = open_shards(url)
     with pytest.raises(ShardError, match="larger than"):
@@ -86,8 +87,8 @@ def test_resume_refuses_a_remote_location_only_the_checkpoint_names(folder, tmp_
 
     url = folder.resolve().as_uri()
     over = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": N, "vae.name": "pixel",
-            "shards.path": url, "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1,
-            "model.num_heads": 2, "data.num_workers": 0, "training.mixed_precision": "no",
+            "shards.path": url, **TINY_MODEL,
+            "data.num_workers": 0, "training.mixed_precision": "no",
             "training.batch_size": 8, "training.gradient_accumulation_steps": 1, "training.max_steps": 2,
             "checkpointing.steps": 2, "logging.output_dir": str(tmp_path / "out"), "logging.run_name": "r",
             "logging.tensorboard": False}

@@ -15,9 +15,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline import loader, shards
+from pipeline import remote, shards
 from pipeline.errors import ShardError
-from pipeline.loader import open_shards
+from pipeline.store import open_shards
 
 from conftest import pixel_shards
 
@@ -63,7 +63,7 @@ def test_a_read_that_returns_more_than_asked_is_refused_at_once(monkeypatch):
     endless = _Endless()
     monkeypatch.setattr(fsspec, "open", lambda url, mode="rb", **kw: endless)
     with pytest.raises(ShardError, match="larger than|more than") as err:
-        loader._read_url("memory://x/manifest.json", 64 << 10)
+        remote.read_url("memory://x/manifest.json", 64 << 10)
     assert "memory://x/manifest.json" in str(err.value) and "\n" not in str(err.value)
     assert endless.handed <= 1 << 20  # refused at the first read, not read on
 
@@ -136,7 +136,7 @@ def test_an_http_folder_is_read(http_folder):
 @pytest.mark.parametrize("name", [shards.MANIFEST, "shard-00001.tar"])
 def test_an_endless_http_body_is_refused_at_the_cap(http_folder, monkeypatch, name):
     url, endless, sent = http_folder
-    monkeypatch.setattr(loader, "MAX_META_BYTES", 64 << 10)
+    monkeypatch.setattr(remote, "MAX_META_BYTES", 64 << 10)
     endless.add(name)
     tracemalloc.start()
     try:

@@ -29,12 +29,15 @@ import yaml
 from pipeline import checkpoint
 from pipeline.checkpoint import CheckpointError, validate
 from pipeline.config import load_config, validate_tree
+from pipeline.hooks import PAUSE_ENV
 from pipeline.metrics import read_metrics
 from pipeline.schedule import lr_at
 from stages.encode import encode
-from stages.train import find_checkpoint, resume_config, train
+from pipeline.run import find_checkpoint, resume_config
+from stages.train import train
 
 from conftest import assert_common_checkpoints_equal, resign
+from tiny import TINY_MODEL
 
 CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
 STEPS_PER_EPOCH, EPOCHS = 16, 3  # 256 samples / batch 16
@@ -46,8 +49,8 @@ SEED = int(os.environ.get("DITPIPE_TEST_SEED") or random.SystemRandom().randrang
 def run_config(shards: Path, outputs: Path, precision: str = "no", **over) -> dict:
     """A tiny DiT on 16 px pixel-codec shapes: 3 epochs × 16 steps, a checkpoint every 4 steps, a log line each."""
     return {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 256, "vae.name": "pixel",
-            "shards.path": str(shards), "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1,
-            "model.num_heads": 2, "data.num_workers": 0, "training.mixed_precision": precision,
+            "shards.path": str(shards), **TINY_MODEL,
+            "data.num_workers": 0, "training.mixed_precision": precision,
             "training.batch_size": 16, "training.gradient_accumulation_steps": 1, "training.num_epochs": EPOCHS,
             "training.learning_rate": 1e-3, "lr_scheduler.warmup_steps": 4, "logging.steps": 1,
             "logging.tensorboard": False, "checkpointing.steps": 4, "logging.output_dir": str(outputs), **over}
@@ -61,9 +64,9 @@ def cli_args(over: dict) -> list[str]:
 
 def env(pause: float = 0.0) -> dict:
     e = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "250"}
-    e.pop(checkpoint.PAUSE_ENV, None)
+    e.pop(PAUSE_ENV, None)
     if pause:
-        e[checkpoint.PAUSE_ENV] = str(pause)
+        e[PAUSE_ENV] = str(pause)
     return e
 
 

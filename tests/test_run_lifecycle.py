@@ -13,6 +13,8 @@ from pipeline.metrics import read_metrics
 from pipeline.schedule import lr_at, restretched_length, schedule_warnings
 from stages.encode import encode
 
+from tiny import TINY_MODEL
+
 SPE = 8  # steps per epoch: 128 samples / batch 16
 
 
@@ -30,8 +32,8 @@ def shards(tmp_path_factory):
 def args(shards, outputs, name, **over) -> list[str]:
     """`train` arguments for a 1-block DiT on the shards: 2 epochs of 8 steps, a checkpoint every 4."""
     cfg = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 128, "vae.name": "pixel",
-           "shards.path": str(shards), "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1,
-           "model.num_heads": 2, "data.num_workers": 0, "training.mixed_precision": "no", "training.batch_size": 16,
+           "shards.path": str(shards), **TINY_MODEL,
+           "data.num_workers": 0, "training.mixed_precision": "no", "training.batch_size": 16,
            "training.gradient_accumulation_steps": 1, "training.num_epochs": 2, "training.learning_rate": 1e-3,
            "lr_scheduler.warmup_steps": 2, "logging.steps": 1, "logging.tensorboard": False,
            "checkpointing.steps": 4, "logging.output_dir": str(outputs), "logging.run_name": name, **over}

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,9 @@ from pipeline.estimate import duration
 from stages.encode import encode
 from stages.train import train
 
-TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+from tiny import TINY_MODEL, tiny_dit
+
+TINY = {**TINY_MODEL,
         "data.num_workers": 0, "training.mixed_precision": "no", "lr_scheduler.warmup_steps": 0,
         "training.learning_rate": 1e-3, "logging.steps": 4, "logging.tensorboard": False,
         "checkpointing.steps": 1000, "training.batch_size": 16, "training.gradient_accumulation_steps": 1,
@@ -209,8 +210,7 @@ def probe_leaves_no_trace(precision: str) -> float:
     from pipeline.diffusion import make_objective
     from pipeline.estimate import step_seconds
     from pipeline.latent_norm import LatentNorm
-    from pipeline.loader import Plan
-    from pipeline.model import build_dit
+    from pipeline.order import Plan
     from pipeline.step import Micro, build_step
 
     cfg = load_config(None, {**TINY, "training.mixed_precision": precision, "training.gradient_accumulation_steps": 2})
@@ -219,8 +219,7 @@ def probe_leaves_no_trace(precision: str) -> float:
         reset_accelerate()
         acc, _, _ = make_accelerator(precision)
         torch.manual_seed(0)
-        model = build_dit("DiT-S/2", input_size=16, in_channels=3, num_classes=8, hidden_size=32, depth=1,
-                          num_heads=2, class_dropout_prob=0.1)
+        model = tiny_dit("DiT-S/2", input_size=16, in_channels=3, num_classes=8, class_dropout_prob=0.1)
         steps.append(build_step(acc, model, make_objective("ddpm", True), Plan(64, 8, 2, 1), (3, 16, 16),
                                 norm=LatentNorm("scale", (0.0,) * 3, (1.0,) * 3), posterior=False,
                                 training=cfg.training, drop_prob=0.1, conditional=True, compile=False, rank=0))

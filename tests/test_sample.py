@@ -9,7 +9,9 @@ from pipeline.diffusion import make_objective
 from pipeline.errors import DitpipeError
 from pipeline.generate import SampleNoise, generate
 from pipeline.model import build_dit
-from stages.sample import OFFICIAL_SETTINGS, class_list, load_sampleable, resolve_settings, sample
+from pipeline.sample_options import SampleOptions
+from pipeline.sampleable import OFFICIAL_SETTINGS, load_sampleable, resolve_settings
+from stages.sample import class_list, sample
 
 from conftest import train_tiny
 
@@ -22,7 +24,8 @@ def run_dir(tmp_path_factory):
 
 
 def test_grid_and_per_sample_files(run_dir, tmp_path):
-    images = sample(run_dir, num=16, steps=5, out=tmp_path / "grid.png", out_dir=tmp_path / "each", batch_size=6)
+    images = sample(run_dir, SampleOptions(num=16, steps=5, batch_size=6), out=tmp_path / "grid.png",
+                    out_dir=tmp_path / "each")
     assert images.shape == (16, 16, 16, 3) and images.dtype == np.uint8
     names = sorted(p.name for p in (tmp_path / "each").iterdir())
     assert names[:3] == ["0000_class0.png", "0001_class1.png", "0002_class2.png"] and len(names) == 16
@@ -33,12 +36,12 @@ def test_grid_and_per_sample_files(run_dir, tmp_path):
 
 
 def test_same_seed_same_samples_and_ema_choice(run_dir, tmp_path):
-    a = sample(run_dir, num=8, steps=4, seed=3, out=None)
-    b = sample(run_dir, num=8, steps=4, seed=3, out=None)
-    c = sample(run_dir, num=8, steps=4, seed=4, out=None)
-    raw = sample(run_dir, num=8, steps=4, seed=3, out=None, use_ema=False)
+    a = sample(run_dir, SampleOptions(num=8, steps=4, seed=3), out=None)
+    b = sample(run_dir, SampleOptions(num=8, steps=4, seed=3), out=None)
+    c = sample(run_dir, SampleOptions(num=8, steps=4, seed=4), out=None)
+    raw = sample(run_dir, SampleOptions(num=8, steps=4, seed=3, use_ema=False), out=None)
     assert np.array_equal(a, b) and not np.array_equal(a, c) and not np.array_equal(a, raw)
-    assert sample(run_dir, num=8, steps=4, seed=3, out=None, sampler="ddim").shape == a.shape
+    assert sample(run_dir, SampleOptions(num=8, steps=4, seed=3, sampler="ddim"), out=None).shape == a.shape
 
 
 def test_cfg_scale_one_is_plain_conditional_sampling(run_dir):
@@ -102,8 +105,8 @@ def test_official_layout_state_dict_loads_strictly_and_samples(tmp_path, tiny_va
     s = load_sampleable(tmp_path / "DiT-S-8-32x32.pt", model_name="DiT-S/8", image_size=32, vae=str(tiny_vae))
     assert s.latent_shape == (4, 16, 16) and s.norm.scale == (pytest.approx(0.18215),) * 4
     assert all(torch.equal(a, b) for a, b in zip(s.model.state_dict().values(), model.state_dict().values()))
-    images = sample(tmp_path / "DiT-S-8-32x32.pt", model_name="DiT-S/8", image_size=32, vae=str(tiny_vae),
-                    classes="1,207,980", steps=3, out=tmp_path / "g.png")
+    images = sample(tmp_path / "DiT-S-8-32x32.pt", SampleOptions(model_name="DiT-S/8", image_size=32, vae=str(tiny_vae),
+                                                                 steps=3), classes="1,207,980", out=tmp_path / "g.png")
     assert images.shape == (3, 32, 32, 3)
     # the same weights through our own generate() give the same pixels: each sample's noise keyed on (seed,
     # index), and official DiT's guidance of the first 3 channels (the default for an official checkpoint)
@@ -176,7 +179,8 @@ def test_sampling_defaults_to_the_runs_validation_settings_and_prints_every_valu
                        "--out-dir", tmp_path / "a")
     assert code == 0, err
     assert "heun × 3 steps, cfg 2.5 at noise 0.5–1, seed 0 (defaults from the run's validation settings)" in err
-    explicit = sample(run, num=8, sampler="heun", steps=3, cfg_scale=2.5, cfg_interval=(0.5, 1.0), out=None)
+    explicit = sample(run, SampleOptions(num=8, sampler="heun", steps=3, cfg_scale=2.5, cfg_interval=(0.5, 1.0)),
+                      out=None)
     assert np.array_equal(np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "a").iterdir())]), explicit)
     code, _, err = cli("sample", "--checkpoint", run, "--num", "8", "--sampler", "euler", "--cfg-scale", "1",
                        "--out", tmp_path / "b.png")

@@ -25,6 +25,7 @@ from pipeline import shards
 from pipeline.codec import load_codec
 from pipeline.config import load_config
 from pipeline.errors import ShardError
+from pipeline.manifest import load_manifest
 from pipeline.sources import SHAPES_CLASS_NAMES, make_source
 from stages.cli import main as cli_main
 
@@ -215,7 +216,7 @@ def test_pixel_codec_ignores_store_and_flip_flags_except_flip_at_load(tmp_path):
 
 
 def test_fast_tar_reader_equals_plain_tarfile_and_np_load(vae_wds):
-    manifest = shards.load_manifest(vae_wds)
+    manifest = load_manifest(vae_wds)
     shape = tuple(manifest["latent"]["shape"])
     fast = list(shards.iter_samples(vae_wds))
     plain = []
@@ -265,7 +266,7 @@ def test_fast_parquet_reader_equals_plain_pyarrow(tmp_path, tiny_vae):
 def test_tar_shards_are_plain_webdataset_and_tar(vae_wds):
     import webdataset as wds
 
-    manifest = shards.load_manifest(vae_wds)
+    manifest = load_manifest(vae_wds)
     urls = [str(vae_wds / e["name"]) for e in manifest["shards"]]
     fast = list(shards.iter_samples(vae_wds))
     # Plain webdataset, no .decode() (its default decoders unpickle); .npy decoded by us, without pickle.
@@ -352,7 +353,7 @@ def test_manifest_records_skips_and_pixel_stats(tmp_path, cli):
     code, _, err = cli("encode", "--dataset", "custom", "--data-path", folder, "--vae", "pixel", "--image-size",
                        SIZE, "--samples-per-shard", 4, "--num-workers", 0, "--out", tmp_path / "s")
     assert code == 0, err
-    m = shards.load_manifest(tmp_path / "s")
+    m = load_manifest(tmp_path / "s")
     assert m["num_inputs"] == 6 and m["num_samples"] == 4 and m["labels"] is None
     assert m["source"]["dataset"] == "custom" and m["source"]["path"] == str(folder.resolve())
     skipped = {s["file"]: s for s in m["skipped"]}
@@ -620,7 +621,7 @@ def set_label(folder: Path, shard: str, position: int, label) -> None:
 
 @pytest.mark.parametrize("label", [8, 9, -2, 1.5, "red_circle"])
 def test_a_label_outside_the_class_range_is_refused_by_verify_and_the_loader(copy_of, cli, label):
-    from pipeline.loader import open_shards
+    from pipeline.store import open_shards
 
     folder = copy_of("wds")
     set_label(folder, "shard-00001.tar", 2, label)  # shapes has 8 classes: 8 would train as the null class
@@ -635,7 +636,7 @@ def test_a_label_outside_the_class_range_is_refused_by_verify_and_the_loader(cop
 
 
 def test_labels_at_the_edges_of_the_range_are_accepted(copy_of):
-    from pipeline.loader import open_shards
+    from pipeline.store import open_shards
 
     folder = copy_of("wds")
     set_label(folder, "shard-00001.tar", 0, 7)

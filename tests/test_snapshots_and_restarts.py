@@ -21,6 +21,7 @@ from pipeline.metrics import read_metrics
 from pipeline.sources import make_source
 
 from conftest import pixel_shards, train_tiny, write_coco
+from tiny import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
@@ -102,8 +103,8 @@ def shards(tmp_path_factory):
 def _args(shards, outputs, **over) -> list[str]:
     """`train` for a tiny DiT: 2 epochs of 2 steps, a checkpoint only at the end, a grid and snapshots each step."""
     cfg = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 32, "vae.name": "pixel",
-           "shards.path": str(shards), "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1,
-           "model.num_heads": 2, "data.num_workers": 0, "training.mixed_precision": "no", "training.batch_size": 16,
+           "shards.path": str(shards), **TINY_MODEL,
+           "data.num_workers": 0, "training.mixed_precision": "no", "training.batch_size": 16,
            "training.gradient_accumulation_steps": 1, "training.num_epochs": 2, "logging.steps": 1,
            "checkpointing.steps": 100, "validation.every_steps": 1, "validation.num_samples": 4,
            "validation.sampling_steps": 2, "training.posthoc_ema": True, "checkpointing.phema_every": 1,

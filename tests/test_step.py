@@ -12,12 +12,14 @@ from pipeline.config import load_config
 from pipeline.device import make_accelerator
 from pipeline.diffusion import make_objective
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import Plan
-from pipeline.model import build_dit
-from pipeline.step import Micro, build_step, load_state
+from pipeline.order import Plan
+from pipeline.checkpoint import load_state
+from pipeline.step import Micro, build_step
 from stages.encode import encode
 
-TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+from tiny import TINY_MODEL, tiny_dit
+
+TINY = {**TINY_MODEL,
         "data.num_workers": 0, "training.mixed_precision": "bf16", "lr_scheduler.warmup_steps": 2,
         "training.learning_rate": 1e-3, "logging.tensorboard": False, "checkpointing.every_epoch": False,
         "data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 128, "vae.name": "pixel"}
@@ -36,8 +38,8 @@ def built(tmp_path, shards, **over):
                              "training.gradient_accumulation_steps": 1, **over})
     acc, _, _ = make_accelerator(cfg.training.mixed_precision)
     torch.manual_seed(0)
-    model = build_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=8, learn_sigma=False, hidden_size=32,
-                      depth=1, num_heads=2, class_dropout_prob=0.1)
+    model = tiny_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=8, learn_sigma=False,
+                     class_dropout_prob=0.1)
     step = build_step(acc, model, make_objective("flow", False), Plan(128, 4, 1, 1), (3, 16, 16),
                       norm=LatentNorm("scale", (0.0,) * 3, (1.0,) * 3), posterior=False, training=cfg.training,
                       drop_prob=0.1, conditional=True, compile=False, rank=0)

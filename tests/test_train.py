@@ -24,8 +24,9 @@ from pipeline.device import effective_precision
 from stages.train import train
 
 from conftest import reset_accelerate
+from tiny import TINY_ARCH, TINY_MODEL
 
-TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+TINY = {**TINY_MODEL,
         "data.num_workers": 0, "training.mixed_precision": "no", "lr_scheduler.warmup_steps": 0,
         "training.learning_rate": 1e-3, "logging.steps": 5, "logging.tensorboard": False,
         "checkpointing.steps": 1000}
@@ -111,8 +112,7 @@ def test_checkpoint_layout_and_official_state_dict(tmp_path, pixel_shards):
     state = json.loads((ckpt / "training_state.json").read_text())
     assert set(state["files"]) == names - {"training_state.json"}
     assert state["epoch"] == 1 and state["world_size"] == 1 and state["config_hash"]
-    model = DiT(input_size=16, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=8,
-                learn_sigma=True)
+    model = DiT(input_size=16, patch_size=4, in_channels=3, **TINY_ARCH, num_classes=8, learn_sigma=True)
     model.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True), strict=True)
     model.load_state_dict(torch.load(ckpt / "ema.pt", weights_only=True), strict=True)
     manifest = json.loads((ckpt / "manifest.json").read_text())
@@ -245,10 +245,9 @@ def test_training_from_shards_never_builds_the_vae_unless_validation_decodes(tmp
         train(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 64,
               "vae.name": %r, "shards.path": "shards", "data.num_workers": 0, "training.max_steps": 2,
               "training.batch_size": 8, "training.gradient_accumulation_steps": 1, "logging.output_dir": "out",
-              "logging.run_name": "bare", "logging.tensorboard": False, "model.name": "DiT-S/4",
-              "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2}))
+              "logging.run_name": "bare", "logging.tensorboard": False, **%r}))
         print("diffusers" in sys.modules)
-    """ % str(tiny_vae)
+    """ % (str(tiny_vae), TINY_MODEL)
     proc = run_py(code, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"

@@ -11,6 +11,7 @@ import pytest
 from conftest import train_tiny
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from tiny import TINY_MODEL
 
 pytest.importorskip("torchmetrics", reason="the `eval` extra is not installed")
 
@@ -53,7 +54,7 @@ def test_vae_shards_need_a_fid_reference_and_nothing_is_created(tmp_path, tiny_v
     data = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 16, "vae.name": str(tiny_vae),
             "shards.path": str(tmp_path / "vae"), "data.num_workers": 0}
     encode(load_config(None, data))
-    cfg = {**data, "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+    cfg = {**data, **TINY_MODEL,
            "training.mixed_precision": "no", "training.batch_size": 8, "training.gradient_accumulation_steps": 1,
            "training.max_steps": 1,
            "logging.output_dir": str(tmp_path / "out"), "logging.run_name": "r", "logging.tensorboard": False,
@@ -75,7 +76,7 @@ def test_every_rank_takes_part_under_torchrun(tmp_path):
     data = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 32, "vae.name": "pixel",
             "shards.path": str(tmp_path / "shards"), "data.num_workers": 0}
     encode(load_config(None, data))
-    over = {**data, "model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+    over = {**data, **TINY_MODEL,
             "training.mixed_precision": "no", "training.batch_size": 4, "training.gradient_accumulation_steps": 1,
             "training.max_steps": 2, "logging.output_dir": str(tmp_path / "out"), "logging.run_name": "r",
             "logging.tensorboard": "false", "validation.fid_every_steps": 1, "validation.fid_samples": 7,

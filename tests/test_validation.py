@@ -11,14 +11,17 @@ import torch
 from pipeline.config import ConfigError, load_config
 from pipeline.diffusion import make_objective
 from pipeline.latent_norm import LatentNorm
-from pipeline.loader import EpochOrder, open_shards
+from pipeline.order import EpochOrder
+from pipeline.store import open_shards
 from pipeline.metrics import read_metrics
-from pipeline.model import build_dit
 from pipeline.validation import HeldOut, held_out_indices, loss_sums
 from stages.encode import encode
-from stages.train import RECORD_ENV, train
+from pipeline.hooks import RECORD_ENV
+from stages.train import train
 
-TINY = {"model.name": "DiT-S/4", "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+from tiny import TINY_MODEL, tiny_dit
+
+TINY = {**TINY_MODEL,
         "data.num_workers": 0, "training.mixed_precision": "no", "lr_scheduler.warmup_steps": 0,
         "training.learning_rate": 3e-3, "logging.steps": 4, "logging.tensorboard": False,
         "checkpointing.steps": 1000, "training.batch_size": 16, "training.gradient_accumulation_steps": 1,
@@ -89,8 +92,7 @@ def test_the_held_out_loss_depends_on_the_weights_alone(train_shards, objective)
     norm = LatentNorm.from_manifest(manifest, "scale")
     idx = held_out_indices(128, 0.25, 0)
     torch.manual_seed(0)
-    model = build_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=8, hidden_size=32, depth=1,
-                      num_heads=2, learn_sigma=objective == "ddpm").eval()
+    model = tiny_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=8, learn_sigma=objective == "ddpm").eval()
     with torch.no_grad():
         for p in model.final_layer.parameters():
             p.normal_(0, 0.05)  # not zero-init, so the loss depends on the inputs

@@ -17,10 +17,13 @@ from pipeline.config import load_config
 from pipeline.errors import CodecError
 from stages.encode import encode
 from stages.export import export
+from pipeline.sample_options import SampleOptions
 from stages.sample import sample
-from stages.train import resume_config, train
+from pipeline.run import resume_config
+from stages.train import train
 
 from conftest import assert_common_checkpoints_equal, reset_accelerate
+from tiny import TINY_MODEL
 
 CPU = torch.device("cpu")
 
@@ -80,8 +83,8 @@ def data(vae: Path, shards_path: Path, n: int = 32) -> dict:
 
 
 def run_over(base: dict, out: Path, name: str, patch: int, **over) -> dict:
-    return {**base, "model.name": "DiT-S/2", "model.patch_size": patch, "model.hidden_size": 32, "model.depth": 1,
-            "model.num_heads": 2, "training.mixed_precision": "no", "training.batch_size": 8,
+    return {**base, **TINY_MODEL, "model.name": "DiT-S/2", "model.patch_size": patch,
+            "training.mixed_precision": "no", "training.batch_size": 8,
             "training.gradient_accumulation_steps": 1, "training.max_steps": 4, "checkpointing.steps": 2,
             "logging.output_dir": str(out), "logging.run_name": name, "logging.tensorboard": False,
             "lr_scheduler.warmup_steps": 1, **over}
@@ -102,7 +105,9 @@ def test_autoencoder_through_encode_verify_train_resume_sample_export(tmp_path, 
     assert shards.verify(tmp_path / "shards") == ([], 32)
 
     # A deterministic codec ships no std, so the step has no posterior noise to draw.
-    from pipeline.loader import EpochOrder, MicroBatches, Plan, open_shards
+    from pipeline.loader import MicroBatches
+    from pipeline.order import EpochOrder, Plan
+    from pipeline.store import open_shards
 
     store, _ = open_shards(tmp_path / "shards")
     batch = MicroBatches(store, EpochOrder(store.counts, 0, 8), Plan(32, 8, 1, 1), 0, 0)[(0, 0)]
@@ -121,7 +126,7 @@ def test_autoencoder_through_encode_verify_train_resume_sample_export(tmp_path, 
     reset_accelerate()
     assert "checkpoint-4" in assert_common_checkpoints_equal(half, full)  # the resumed run is the uninterrupted one
 
-    images = sample(full, num=2, steps=2, out=tmp_path / "grid.png", out_dir=None)
+    images = sample(full, SampleOptions(num=2, steps=2), out=tmp_path / "grid.png", out_dir=None)
     assert images.shape == (2, 16, 16, 3) and (tmp_path / "grid.png").is_file()
 
     export(full / "checkpoint-4", "safetensors", tmp_path / "export")
@@ -165,11 +170,11 @@ def test_validation_decoder_and_sample_decoder_use_the_other_autoencoder(tmp_pat
         "validation.sampling_steps": 2, "validation.decoder": str(taesd)})))
     reset_accelerate()
     assert (run / "samples" / "step-0000002.png").is_file()
-    ours = sample(run, num=2, steps=2, out=None, decoder=str(taesd))
-    theirs = sample(run, num=2, steps=2, out=None)
+    ours = sample(run, SampleOptions(num=2, steps=2), out=None, decoder=str(taesd))
+    theirs = sample(run, SampleOptions(num=2, steps=2), out=None)
     assert ours.shape == theirs.shape == (2, 16, 16, 3) and not (ours == theirs).all()  # another decoder decoded
     with pytest.raises(CodecError, match="cannot decode"):
-        sample(run, num=2, steps=2, out=None, decoder=str(autoencoders["dc-ae"]))
+        sample(run, SampleOptions(num=2, steps=2), out=None, decoder=str(autoencoders["dc-ae"]))
 
 
 @pytest.mark.slow  # builds and saves DC-AE f32c32's real architecture (random weights, 1.2 GB): about 80 s here

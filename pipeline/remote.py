@@ -1,0 +1,116 @@
+"""Shard folders at URLs. A shard folder is a local path, or a URL of one of REMOTE_PROTOCOLS (`file://`, `s3://`
+with s3fs installed, `gs://`, `https://`, `hf://`, ...). URLs are read-only and the slower path: each shard is
+fetched whole into memory when the loader first needs it (at most `max_open` at a time per process, pipeline/store.py),
+never more than the manifest's size for it, and checked against the manifest's sha256. `pipe:` commands are refused:
+the loader reads samples by index, not as a stream. On resume, a URL that only the checkpoint's config names is
+refused (`unconfirmed_remote`).
+"""
+
+from __future__ import annotations
+
+from pipeline import shards
+from pipeline.errors import ShardError
+from pipeline.manifest import parse_manifest
+
+
+def is_url(location) -> bool:
+    """A shard location that is not a local path: `scheme://...` (fsspec) or a `pipe:` command."""
+    text = str(location)
+    return "://" in text or text.startswith("pipe:")
+
+
+def url_join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
+
+
+def refuse_pipe(location) -> None:
+    if str(location).startswith("pipe:"):
+        raise ShardError(f"'{location}': pipe: shard locations are not supported (the loader reads samples by index, "
+                         "not as a stream, and a pipe: location would run a shell command); copy the shards to a "
+                         "local or shared folder, or give an fsspec URL (s3://..., gs://..., file://...)")
+
+
+# The fsspec protocols a shard location may name: local files, object stores, HTTP(S), the Hugging Face hub, and
+# fsspec's in-process `memory` filesystem. Anything else (ssh, ftp, smb, git, chained `a::b` URLs, ...) is refused:
+# a location is data, and other protocols reach hosts and credentials nobody meant to hand a shard folder.
+REMOTE_PROTOCOLS = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "hf", "memory")
+MAX_META_BYTES = shards.MAX_META_BYTES  # a manifest or sidecar, local or read from a URL
+REMOTE_KEYS = ("shards.path", "validation.shards")  # config keys that name shard locations
+
+
+def check_location(location) -> None:
+    """Refuse a `pipe:` command and any URL whose protocol is not in REMOTE_PROTOCOLS; local paths pass."""
+    refuse_pipe(location)
+    text = str(location)
+    if not is_url(text):
+        return
+    protocol = text.split("://", 1)[0].lower()
+    if "::" in text or protocol not in REMOTE_PROTOCOLS:
+        raise ShardError(f"'{text}': shard locations may use only the protocols {', '.join(REMOTE_PROTOCOLS)} "
+                         "(no chained '::' URLs); copy the shards to one of those, or to a local folder")
+
+
+READ_CHUNK = 1 << 20  # one read of a remote object: the most held beyond the cap while it is read
+# Protocols whose fsspec file would fetch each block with one range request and keep the whole reply, whatever its
+# length (fsspec's HTTPFile: `await r.read()` on a 206): opened as their streaming file (block_size=0) instead, whose
+# read(n) returns at most n bytes, so an endless body is refused at the cap instead of read whole.
+_STREAMED = ("http", "https", "hf")
+
+
+def read_url(url: str, limit: int) -> bytes:
+    """The object at an fsspec URL (read-only; never a `pipe:` command), at most `limit` bytes, read in chunks of at
+    most READ_CHUNK: one byte past `limit`, or a read that returns more than it asked for, and it is refused, so an
+    object larger than it should be (or an endless HTTP body) is never held in memory whole."""
+    check_location(url)
+    import fsspec
+
+    streamed = url.split("://", 1)[0].lower() in _STREAMED
+    try:
+        with fsspec.open(url, "rb", **({"block_size": 0} if streamed else {})) as f:
+            parts, held = [], 0
+            while held <= limit:
+                want = min(READ_CHUNK, limit + 1 - held)
+                part = f.read(want)
+                if len(part) > want:
+                    raise ShardError(f"'{url}': a read of {want:,} bytes returned {len(part):,}, more than asked; the "
+                                     "remote location does not answer range reads as asked (refused: it could send "
+                                     "without end)")
+                if not part:
+                    break
+                parts.append(part)
+                held += len(part)
+            data = b"".join(parts)
+    except ImportError as e:  # the protocol's package (s3fs, gcsfs, aiohttp for http, ...) is not installed
+        raise ShardError(f"cannot read '{url}': {e}") from None
+    except (OSError, ValueError) as e:
+        raise ShardError(f"cannot read '{url}': {e}") from None
+    if len(data) > limit:
+        raise ShardError(f"'{url}' is larger than the {limit:,} bytes expected (the manifest's size for a shard); it "
+                         "was changed at the remote location or is not ours; re-upload the shard folder")
+    return data
+
+
+def unconfirmed_remote(saved: dict, given: dict) -> list[tuple[str, str]]:
+    """(key, message) for every shard location that a checkpoint's saved config (`saved`, the YAML tree) makes a
+    URL while the command line (`given`, dotted overrides) does not name it again: on resume a checkpoint found on
+    disk must not choose where data is fetched from."""
+    problems = []
+    for key in REMOTE_KEYS:
+        section, name = key.split(".")
+        value = (saved.get(section) or {}).get(name)
+        if value is not None and is_url(value) and given.get(key) != value:
+            problems.append((key, f"the checkpoint's config reads shards from the remote location '{value}'; a "
+                                  f"config found on disk does not choose remote locations: name it on the command "
+                                  f"line to confirm (--{key} {value})"))
+    return problems
+
+
+def load_url_manifest(url: str) -> dict:
+    """`manifest.load_manifest` for an fsspec URL folder."""
+    where = url_join(url, shards.MANIFEST)
+    try:
+        raw = read_url(where, MAX_META_BYTES)
+    except ShardError as e:
+        raise ShardError(f"no readable {shards.MANIFEST} at '{url}' ({e}); the URL must name a finished ditpipe "
+                         "shard folder, uploaded whole") from None
+    return parse_manifest(raw, where, remote=True)  # refused as from a path, in the same words
