@@ -1,1 +1,1 @@
-"""The YAML configs that ship with ditpipe, installed as `ditpipe_configs` so `--config NAME` works anywhere."""
+"""The YAML configs that ship with ditpipe, installed as `ditpipe.configs` so `--config NAME` works anywhere."""

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import reuse, shards
-from pipeline.manifest import latent_shape_of
-from pipeline.sources import Loaded
+from ditpipe.pipeline import reuse, shards
+from ditpipe.pipeline.manifest import latent_shape_of
+from ditpipe.pipeline.sources import Loaded
 
 _STOP = object()
 

@@ -5,7 +5,7 @@
 model's patch size, with aspect ratios from 1:2 to 2:1: for each height h from image_size down (in steps of that
 multiple), the width nearest image_size² / h, at most 2h; and each landscape bucket's portrait mirror. At 256 px with
 an f8 codec and patch 2 (multiple 16) that is 256x256, 272x240, 288x224, 320x208, 336x192, 352x176 and their
-mirrors (README, "Aspect-ratio buckets").
+mirrors (docs/codecs-and-buckets.md, "Aspect-ratio buckets").
 
 An image goes to the bucket nearest its aspect ratio (in log ratio, ties to the earlier bucket), is resized to
 cover it and centre-cropped (pipeline/sources.py). The fraction of its pixels kept is min(r, rb) / max(r, rb) for

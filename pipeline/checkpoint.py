@@ -30,9 +30,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline import atomic, safe_yaml
-from pipeline.errors import DitpipeError
-from pipeline.ranks import Group
+from ditpipe.pipeline import atomic, safe_yaml
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.ranks import Group
 
 # Every file name of a run, a checkpoint and an export: the one place they are spelled.
 STATE = "training_state.json"
@@ -348,7 +348,7 @@ def read_json(path: Path) -> dict:
 def read_manifest(ckpt: Path) -> dict:
     """A checkpoint's manifest.json (the shard manifest's codec, labels, latent... sections), its latent shape
     checked as a shard manifest's is: sample and export size their model from it."""
-    from pipeline.manifest import check_latent_shape
+    from ditpipe.pipeline.manifest import check_latent_shape
 
     manifest = read_json(Path(ckpt) / MANIFEST)
     check_latent_shape(manifest, Path(ckpt) / MANIFEST)
@@ -364,14 +364,14 @@ CHECKPOINT_EXCERPT_KEYS = EXCERPT_KEYS + ("source", "stats", "latent_norm")
 def manifest_excerpt(manifest: dict, keys: tuple[str, ...] = EXCERPT_KEYS) -> dict:
     """The manifest excerpt a checkpoint (`keys` CHECKPOINT_EXCERPT_KEYS) or an export (EXCERPT_KEYS) records, in
     `keys`' order; a bucketed run's buckets last, so `sample` knows the run's sizes from it alone."""
-    from pipeline.manifest import Manifest
+    from ditpipe.pipeline.manifest import Manifest
 
     return Manifest.of(manifest).excerpt(keys)
 
 
 def read_config(ckpt: Path):
     """A checkpoint's config.yaml as a Config; problems name the file."""
-    from pipeline.config import load_saved_config
+    from ditpipe.pipeline.config import load_saved_config
 
     return load_saved_config(Path(ckpt) / CONFIG)
 
@@ -380,7 +380,7 @@ def _uses_ema(config: Path) -> bool:
     """training.use_ema of a checkpoint's config.yaml (already checked against its sha256)."""
     import yaml
 
-    from pipeline.config import TrainingConfig
+    from ditpipe.pipeline.config import TrainingConfig
 
     try:
         tree = safe_yaml.safe_load(config.read_text())
@@ -488,7 +488,7 @@ def abandon_after(run_dir: Path, step: int, keep: str) -> list[Path]:
     """Move every checkpoint of ours after `step` aside as `<name>.abandoned` (training.recover went back to
     `keep`: they hold the failure's state), and the post-hoc EMA snapshots after `step` with them, and point
     `latest` at `keep`. Nothing is deleted."""
-    from pipeline import phema  # imported here, as pipeline.config is above: checkpoint loads without pydantic
+    from ditpipe.pipeline import phema  # imported here, as pipeline.config is above: checkpoint loads without pydantic
 
     moved = phema.abandon_after(Path(run_dir) / phema.SNAPSHOT_DIR, step)
     for s, _, path in list_checkpoints(run_dir):
@@ -587,7 +587,7 @@ def state_record(cfg, step: int, plan, total_steps: int, nonfinite_total: int, m
     for the state after `step` optimizer steps of the run `cfg` (a Config), `plan` (a pipeline.order.Plan)."""
     from importlib.metadata import version
 
-    from pipeline import __version__
+    from ditpipe.pipeline import __version__
 
     return {"written_by": f"ditpipe {__version__}", "step": step, "epoch": step // plan.steps_per_epoch,
             "samples_consumed": step * plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
@@ -717,7 +717,7 @@ def open_weights(path: Path, which: str = "ema", *, fallback: bool = True, warn:
 
     Nothing is unpickled (torch.load(weights_only=True), safetensors). A path that does not exist raises
     CheckpointError; callers that word that themselves check first."""
-    from pipeline import exported
+    from ditpipe.pipeline import exported
 
     path = Path(path)
     if not path.exists():

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from pipeline.errors import CodecError
+from ditpipe.pipeline.errors import CodecError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -71,7 +71,7 @@ class PixelCodec:
                 "downsample": self.downsample, "latent_channels": self.latent_channels}
 
     def slices(self, store: str, flip: bool) -> list[str]:
-        from pipeline.shards import latent_slices
+        from ditpipe.pipeline.shards import latent_slices
 
         return latent_slices(False, store, flip, image=True)
 
@@ -116,7 +116,7 @@ class VaeCodec:
 
     def slices(self, store: str, flip: bool) -> list[str]:
         """The named slices its shards store (docs/design.md, Shards): a deterministic latent has no std."""
-        from pipeline.shards import latent_slices
+        from ditpipe.pipeline.shards import latent_slices
 
         return latent_slices(self.stores_std, store, flip, image=False)
 

@@ -22,9 +22,9 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline import safe_yaml
-from pipeline.errors import ConfigError
-from pipeline.samplers import NAMES as SAMPLER_NAMES, SAMPLERS
+from ditpipe.pipeline import safe_yaml
+from ditpipe.pipeline.errors import ConfigError
+from ditpipe.pipeline.samplers import NAMES as SAMPLER_NAMES, SAMPLERS
 
 # The widest power-function EMA profile (γ = 0: the plain running mean); a wider one would weigh old weights more.
 POSTHOC_MAX_SIGMA_REL = 12 ** -0.5
@@ -402,7 +402,7 @@ def _encoded_from(folder: Path, dataset_path: str) -> bool:
     """Whether `folder` is a shard folder encoded from the images at `dataset_path`, by the encode record written
     first into it (pipeline/shards.py PARAMS; its source.path is resolved): read-only, bounded, never through a link,
     and False for anything damaged or absent."""
-    from pipeline.shards import PARAMS
+    from ditpipe.pipeline.shards import PARAMS
 
     try:
         if folder.is_symlink():
@@ -461,7 +461,7 @@ def _is_gpu_recipe(config: str | None) -> bool:
         return False
 
 
-SHIPPED_CONFIGS_PACKAGE = "ditpipe_configs"
+SHIPPED_CONFIGS_PACKAGE = "ditpipe.configs"
 
 # Keys that may differ between a run's saved config and the one it resumes with (docs/design.md, Config):
 # where and how long it runs, and keys the trained weights never see: the data order and every random draw are

@@ -64,7 +64,7 @@ def make_accelerator(requested_precision: str, *, tf32: bool = True, determinist
     (this rank's GPU under torchrun, else cuda:0, else the CPU); the precision is resolved for it."""
     from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 
-    from pipeline.spread import TIMEOUT
+    from ditpipe.pipeline.spread import TIMEOUT
 
     cpu = not torch.cuda.is_available()
     if deterministic:

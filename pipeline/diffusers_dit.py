@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.model import DiT
+from ditpipe.pipeline.model import DiT
 
 _LINEAR = ("weight", "bias")
 

@@ -19,8 +19,8 @@ import math
 import numpy as np
 import torch
 
-from pipeline.config import DiffusionConfig
-from pipeline.samplers import SAMPLERS
+from ditpipe.pipeline.config import DiffusionConfig
+from ditpipe.pipeline.samplers import SAMPLERS
 
 OBJECTIVES = ("ddpm", "flow")
 

@@ -24,8 +24,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Callable
 
-from pipeline.atomic import sha256_file, write_bytes
-from pipeline.errors import DataError
+from ditpipe.pipeline.atomic import sha256_file, write_bytes
+from ditpipe.pipeline.errors import DataError
 
 COCO_BASE_URL = "https://images.cocodataset.org"
 

@@ -26,17 +26,17 @@ import numpy as np
 import torch
 from rich.markup import escape
 
-from pipeline import atomic, lock, reuse, shards
-from pipeline.assemble import Assembler, DonorCache, Encoded
-from pipeline.buckets import resolve
-from pipeline.codec import encode_with_backoff, load_codec, tune_for_device, with_class
-from pipeline.config import Config
-from pipeline.errors import ConfigError, DataError, ShardError
-from pipeline.manifest import build_manifest, load_manifest, manifest_header, text_encoder_of
-from pipeline.remote import is_url
-from pipeline.sources import BadImage, Loaded, Source, assign_buckets, make_source, missing_captions_note
-from pipeline.spread import TIMEOUT
-from pipeline.workers import capped_workers
+from ditpipe.pipeline import atomic, lock, reuse, shards
+from ditpipe.pipeline.assemble import Assembler, DonorCache, Encoded
+from ditpipe.pipeline.buckets import resolve
+from ditpipe.pipeline.codec import encode_with_backoff, load_codec, tune_for_device, with_class
+from ditpipe.pipeline.config import Config
+from ditpipe.pipeline.errors import ConfigError, DataError, ShardError
+from ditpipe.pipeline.manifest import build_manifest, load_manifest, manifest_header, text_encoder_of
+from ditpipe.pipeline.remote import is_url
+from ditpipe.pipeline.sources import BadImage, Loaded, Source, assign_buckets, make_source, missing_captions_note
+from ditpipe.pipeline.spread import TIMEOUT
+from ditpipe.pipeline.workers import capped_workers
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ def _text_encoder(cfg: Config, source: Source):
                  "custom": "metadata.jsonl at the folder's root, or a <stem>.txt beside each image"}
         raise DataError(f"--captions, but no input has a caption; {source.name} captions come from "
                         f"{where.get(source.name, 'the source')}")
-    from pipeline.text import load_text_encoder
+    from ditpipe.pipeline.text import load_text_encoder
 
     return load_text_encoder(cfg.text.encoder, _local_device(), cfg.text.max_tokens)
 

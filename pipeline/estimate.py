@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.diffusion import micro_loss
+from ditpipe.pipeline.diffusion import micro_loss
 
 LONG_ON_CPU_SECONDS = 3 * 3600  # the preflight warns when a CPU run is estimated past this
 QUICK_PROBE_SECONDS = 0.5  # a probe faster than this is timed again: the first call pays one-off set-up

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import DitpipeError
-from pipeline.fid import StatsAccumulator, frechet_distance
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.fid import StatsAccumulator, frechet_distance
 
 IS_SPLITS, PR_K = 10, 3
 ADM_SPLIT_SIZE = 5000  # the ADM evaluator's compute_inception_score(split_size=5000)
@@ -168,7 +168,7 @@ class _Rows(torch.nn.Module):
 
 def kid(real, fake, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
     """(mean, std) of torchmetrics' KID on the pool features, its subsets drawn under a fixed seed."""
-    from pipeline.fid import import_torchmetrics
+    from ditpipe.pipeline.fid import import_torchmetrics
 
     n = min(len(real), len(fake))
     if n < 2:

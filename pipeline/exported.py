@@ -20,11 +20,12 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline import __version__, atomic, lock
-from pipeline.checkpoint import EXPORT_CONFIG as CONFIG, EXPORT_WEIGHTS as WEIGHTS, manifest_excerpt, read_json, write_trouble
-from pipeline.config import Config, validate_tree
-from pipeline.errors import DitpipeError
-from pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline import __version__, atomic, lock
+from ditpipe.pipeline.checkpoint import (EXPORT_CONFIG as CONFIG, EXPORT_WEIGHTS as WEIGHTS, manifest_excerpt,
+                                         read_json, write_trouble)
+from ditpipe.pipeline.config import Config, validate_tree
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.latent_norm import LatentNorm
 
 
 def architecture(cfg: Config, model) -> dict:
@@ -47,7 +48,7 @@ def write(folder: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
     """The two files into `folder` (a temporary one the caller renames: see `replacing`)."""
     from safetensors.torch import save_file
 
-    from pipeline.phema import sort_metadata
+    from ditpipe.pipeline.phema import sort_metadata
 
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     save_file(state, str(Path(folder) / WEIGHTS), metadata={"format": "pt", "ditpipe": json.dumps(

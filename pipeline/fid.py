@@ -49,8 +49,8 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from pipeline import atomic, npz
-from pipeline.errors import DataError, DitpipeError
+from ditpipe.pipeline import atomic, npz
+from ditpipe.pipeline.errors import DataError, DitpipeError
 
 NUM_FEATURES = 2048
 INCEPTION_SIZE = 299
@@ -403,8 +403,8 @@ def _key(parts: dict) -> str:
 
 def _shard_manifest(folder: Path):
     """The checked Manifest of a shard folder, or None when `folder` holds none."""
-    from pipeline import shards
-    from pipeline.manifest import load_manifest
+    from ditpipe.pipeline import shards
+    from ditpipe.pipeline.manifest import load_manifest
 
     return load_manifest(folder) if (folder / shards.MANIFEST).is_file() else None
 
@@ -430,7 +430,7 @@ def _pixel_shard_batches(folder: Path, manifest, image_size: int, batch_size: in
     """The images of the shards' samples (the first `limit` of them), uint8 (B, 3, H, W) batches."""
     import itertools
 
-    from pipeline import shards
+    from ditpipe.pipeline import shards
 
     shape = manifest.latent_shape()
     if shape[-1] != image_size or shape[-2] != image_size:
@@ -457,7 +457,7 @@ class _Folder(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from pipeline.sources import BadImage, load_image
+        from ditpipe.pipeline.sources import BadImage, load_image
 
         rel, sha = self.files[i]
         try:
@@ -477,7 +477,7 @@ class _SourceItems(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i):
-        from pipeline.sources import BadImage
+        from ditpipe.pipeline.sources import BadImage
 
         try:
             return self.source.load(i).pixels, self.source.items[i].key, None

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint
-from pipeline.errors import ConfigError, DitpipeError
+from ditpipe.pipeline import checkpoint
+from ditpipe.pipeline.errors import ConfigError, DitpipeError
 
 TABLE = "y_embedder.embedding_table.weight"
 POS = "pos_embed"

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.device import autocast_bf16, generator
-from pipeline.order import sample_key
+from ditpipe.pipeline.device import autocast_bf16, generator
+from ditpipe.pipeline.order import sample_key
 
 # Epoch slots of `sample_key` for the sampling streams (training's epochs are small, the held-out set's is 1 << 40).
 _NOISE_STREAM, _LABEL_STREAM = 1 << 42, (1 << 42) + 1
@@ -160,7 +160,7 @@ def sample_batches(model, objective, latent_shape: tuple[int, int, int], codec, 
     """Yield (indices, uint8 images (B, H, W, 3)) for the samples `indices`, `batch_size` at a time, each sample's
     noise keyed on (seed, index). `condition(indices)` gives the batch's `y` (labels, a Caption, or None);
     `progress(step, steps)` is called after every sampling step."""
-    from pipeline.images import to_uint8
+    from ditpipe.pipeline.images import to_uint8
 
     indices = list(indices)
     for start in range(0, len(indices), batch_size):

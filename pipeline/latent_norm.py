@@ -18,7 +18,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError
+from ditpipe.pipeline.errors import ConfigError
 
 KINDS = ("scale", "channel")
 
@@ -32,7 +32,7 @@ class LatentNorm:
     @classmethod
     def from_manifest(cls, manifest, kind: str) -> "LatentNorm":
         """The normalisation `kind` with the constants of a shard manifest (its codec section or its stats)."""
-        from pipeline.manifest import Manifest
+        from ditpipe.pipeline.manifest import Manifest
 
         manifest = Manifest.of(manifest)
         channels = int(manifest.latent_shape()[1])

@@ -22,10 +22,10 @@ import math
 import numpy as np
 import torch
 
-from pipeline.errors import ShardError
-from pipeline.latent_norm import LatentNorm
-from pipeline.order import CAPTION, EpochOrder, Plan, keyed_rng, sample_flip, sample_key
-from pipeline.store import ShardStore
+from ditpipe.pipeline.errors import ShardError
+from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.order import CAPTION, EpochOrder, Plan, keyed_rng, sample_flip, sample_key
+from ditpipe.pipeline.store import ShardStore
 
 
 def sample_normal(key: int, shape: tuple[int, ...], generator: torch.Generator) -> np.ndarray:
@@ -164,8 +164,8 @@ class ImageBatches(torch.utils.data.Dataset):
         self.flip = flip
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        from pipeline.errors import DataError
-        from pipeline.sources import BadImage
+        from ditpipe.pipeline.errors import DataError
+        from ditpipe.pipeline.sources import BadImage
 
         epoch, q = key
         indices = self.order(epoch, self.plan.positions(q, self.rank))

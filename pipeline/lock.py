@@ -58,8 +58,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline import atomic
-from pipeline.errors import DitpipeError
+from ditpipe.pipeline import atomic
+from ditpipe.pipeline.errors import DitpipeError
 
 NAME = ".lock"
 END = "ended.json"  # how the last holder of a run folder's lock ended (`hold(..., records_end=True)`)

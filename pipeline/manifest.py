@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import __version__
-from pipeline.errors import ShardError
+from ditpipe.pipeline import __version__
+from ditpipe.pipeline.errors import ShardError
 
 MAX_TOKENS = 4096  # a caption record's tokens (CLIP 77, T5 up to 512 in practice)
 
@@ -180,7 +180,7 @@ def manifest_header(source, codec, samples_per_shard: int, slices: list[str], fl
                     text_encoder: dict | None = None) -> dict:
     """Everything the manifest says besides the shards: source, codec, latent layout, labels, captions.
     `text_encoder`: the caption encoder's identity when the captions are embedded (`<key>.text.npy`)."""
-    from pipeline.shards import LATENT_DTYPE
+    from ditpipe.pipeline.shards import LATENT_DTYPE
 
     side, f = source.image_size // codec.downsample, codec.downsample
     sizes = getattr(source, "bucket_sizes", None)  # aspect-ratio buckets (w, h), or None: square
@@ -210,7 +210,7 @@ TEXT_RECORD = ("<key>.text.npy (Parquet: column 'text'): a (K,) array, K = the i
 
 def build_manifest(folder: Path, header: dict, num_shards: int, fmt: str) -> dict:
     """Merge the sidecars, in shard order, under `header` (source, codec, latent, labels, ...)."""
-    from pipeline.shards import FORMAT_VERSION, shard_name, sidecar_name
+    from ditpipe.pipeline.shards import FORMAT_VERSION, shard_name, sidecar_name
 
     shards, skipped, converted = [], [], []
     total, sums, sumsq, count = 0, None, None, 0
@@ -263,7 +263,7 @@ def latent_shape_of(manifest: dict, bucket: int | None) -> tuple[int, ...]:
 
 
 def load_manifest(folder: Path) -> Manifest:
-    from pipeline.shards import MANIFEST, read_meta
+    from ditpipe.pipeline.shards import MANIFEST, read_meta
 
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -275,7 +275,7 @@ def load_manifest(folder: Path) -> Manifest:
 def parse_manifest(raw: bytes, where, remote: bool = False) -> Manifest:
     """A manifest's bytes, parsed and checked (version, latent shape, names, counts) before any of it is used: the
     same refusals, in the same words, for a shard folder on disk and at a URL (`remote`: the fix is a re-upload)."""
-    from pipeline.shards import FORMAT_VERSION
+    from ditpipe.pipeline.shards import FORMAT_VERSION
 
     redo = "re-encode and re-upload the shard folder" if remote else "re-encode with `ditpipe encode ... --overwrite`"
     try:
@@ -297,7 +297,7 @@ def check_entries(manifest: dict, where) -> None:
     that do not add up. Names become paths and counts become allocations (the loader's order holds an index per
     sample), so a forged one could otherwise read outside the folder, or allocate gigabytes before anything fails.
     `check_files` then holds the recorded bytes to the files' own sizes."""
-    from pipeline import formats
+    from ditpipe.pipeline import formats
 
     fmt, entries = manifest.get("format"), manifest.get("shards")
     if fmt not in formats.FORMATS or not isinstance(entries, list):
@@ -316,7 +316,7 @@ def check_entries(manifest: dict, where) -> None:
 
 def _check_captions(manifest: dict, where) -> None:
     """The caption encoder's width and token counts, which size every batch's caption arrays."""
-    from pipeline.config import MAX_TEXT_DIM
+    from ditpipe.pipeline.config import MAX_TEXT_DIM
 
     captions = manifest.get("captions") or {}
     enc = captions.get("encoder") if isinstance(captions, dict) else None
@@ -332,8 +332,8 @@ def _check_captions(manifest: dict, where) -> None:
 
 
 def _check_entry(manifest: dict, entry, i: int, seen: set, where) -> None:
-    from pipeline import formats
-    from pipeline.shards import LATENT_DTYPE, sidecar_name
+    from ditpipe.pipeline import formats
+    from ditpipe.pipeline.shards import LATENT_DTYPE, sidecar_name
 
     fm = formats.FORMATS[manifest["format"]]  # the only names a manifest may give its shards: NAME_RE, fullmatch
     name = entry.get("name") if isinstance(entry, dict) else None
@@ -364,7 +364,7 @@ def check_files(folder: Path, manifest: dict) -> None:
     import os
     import stat
 
-    from pipeline.shards import MANIFEST
+    from ditpipe.pipeline.shards import MANIFEST
 
     for entry in manifest["shards"]:
         path = Path(folder) / entry["name"]
@@ -383,7 +383,7 @@ def check_latent_shape(manifest: dict, where) -> None:
     """Refuse a latent shape that the manifest's own source and codec do not give: (k <= 4 slices, C, side, side)
     with side = source.image_size / codec.downsample. Training sizes its model from this shape, so an altered one
     could otherwise make it allocate any amount of memory."""
-    from pipeline.config import MAX_IMAGE_SIZE
+    from ditpipe.pipeline.config import MAX_IMAGE_SIZE
 
     latent, source, codec = (manifest.get(k) if isinstance(manifest.get(k), dict) else {}
                              for k in ("latent", "source", "codec"))
@@ -402,7 +402,7 @@ def check_latent_shape(manifest: dict, where) -> None:
 def _check_buckets(manifest: dict, shape: list, down, where) -> None:
     """Each bucket's latent shape is its size / the downsample factor, with the manifest's slices and channels, and
     each shard names one of the buckets: the loader and the model size themselves from these."""
-    from pipeline.config import MAX_IMAGE_SIZE
+    from ditpipe.pipeline.config import MAX_IMAGE_SIZE
 
     buckets, entries = manifest.get("buckets"), manifest.get("shards")
     if not (isinstance(buckets, list) and buckets and all(isinstance(b, dict) for b in buckets)):

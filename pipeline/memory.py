@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from pipeline.manifest import Manifest
+from ditpipe.pipeline.manifest import Manifest
 
 GIB = 2 ** 30
 FREQ_DIM = 256  # TimestepEmbedder's frequency embedding width
@@ -233,8 +233,8 @@ def predict_run(cfg, manifest: Manifest | dict, model: torch.nn.Module, world_si
                 checkpointing: bool | None = None) -> Memory:
     """The prediction for a configured run of `model` (the built one, any device); `batch_size` and `checkpointing`
     override the config's, for the preflight's suggestions."""
-    from pipeline.device import ddp_options
-    from pipeline.validation import EVAL_BATCH_FACTOR
+    from ditpipe.pipeline.device import ddp_options
+    from ditpipe.pipeline.validation import EVAL_BATCH_FACTOR
 
     t, v = cfg.training, cfg.validation
     batch = batch_size or t.batch_size
@@ -298,14 +298,14 @@ def preflight(cfg, manifest: dict, model: torch.nn.Module, world_size: int, devi
                  f"{fix(cfg, manifest, model, world_size, device_bytes)}")
 
 
-# ---------------------------------------------------------------------------------------------------- the README table
+# ---------------------------------------------------------------------------------------- the table in docs/gpu.md
 
 
 def table(device_gib: float = 80.0) -> str:
     """DiT-B/2 and DiT-XL/2 at 256 px (latent 4×32×32, 256 tokens), bf16, EMA on, one GPU, without validation,
-    at micro-batch 32, 128 and 256, with and without gradient checkpointing: the README's table. The models are
-    built on the meta device, so XL/2 costs nothing."""
-    from pipeline.model import build_dit
+    at micro-batch 32, 128 and 256, with and without gradient checkpointing: docs/gpu.md's "Memory per GPU" table.
+    The models are built on the meta device, so XL/2 costs nothing."""
+    from ditpipe.pipeline.model import build_dit
 
     rows = ["| model | batch | checkpointing | activations (saved) | step peak | fits 80 GB? |",
             "|---|---:|---|---:|---:|---|"]

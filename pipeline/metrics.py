@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.atomic import write_bytes
+from ditpipe.pipeline.atomic import write_bytes
 
 
 class MetricsLog:
@@ -102,7 +102,7 @@ def _append(path: Path):
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as e:
-        from pipeline.errors import DitpipeError
+        from ditpipe.pipeline.errors import DitpipeError
 
         raise DitpipeError(f"cannot append to '{path}' ({e.strerror}): it must be a regular file of this run, not "
                            "a link; move it out and run the command again") from None

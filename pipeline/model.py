@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import (MAX_CHANNELS, MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_HIDDEN, MAX_PARAMETERS, MAX_PATCH,
-                             MAX_TOKENS)
+from ditpipe.pipeline.config import (MAX_CHANNELS, MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_HIDDEN, MAX_PARAMETERS,
+                                     MAX_PATCH, MAX_TOKENS)
 
 
 def modulate(x, shift, scale):

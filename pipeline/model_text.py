@@ -17,11 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import MAX_TEXT_DIM
-from pipeline.model import (DIT_PRESETS, DiT, DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, check_size,
+from ditpipe.pipeline.config import MAX_TEXT_DIM
+from ditpipe.pipeline.model import (DIT_PRESETS, DiT, DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, check_size,
                             get_2d_sincos_pos_embed, grid_pos_embed, modulate, patch_grid)
 
-from pipeline.text import Caption
+from ditpipe.pipeline.text import Caption
 
 CAPTION_PRESETS = {name.replace("DiT-", "DiT-T-"): arch for name, arch in DIT_PRESETS.items()}
 

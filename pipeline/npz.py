@@ -18,8 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import atomic
-from pipeline.errors import DataError
+from ditpipe.pipeline import atomic
+from ditpipe.pipeline.errors import DataError
 
 STATS = {"mu": 1, "sigma": 2, "mu_s": 1, "sigma_s": 2}  # stored statistics and their ranks
 MAX_FEATURES = 8192  # a statistic's feature width (Inception pool 2048, ADM spatial 2023): sigma at most 512 MB

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.atomic import TMP_SUFFIX, atomic_path, new_file_mode
-from pipeline.config import POSTHOC_MAX_SIGMA_REL as MAX_SIGMA_REL
-from pipeline.ema import EMA
-from pipeline.errors import DitpipeError
+from ditpipe.pipeline.atomic import TMP_SUFFIX, atomic_path, new_file_mode
+from ditpipe.pipeline.config import POSTHOC_MAX_SIGMA_REL as MAX_SIGMA_REL
+from ditpipe.pipeline.ema import EMA
+from ditpipe.pipeline.errors import DitpipeError
 
 SNAPSHOT_DIR = "phema"  # outputs/<run>/phema/: written by training, read by `ditpipe ema`; retention never touches it
 

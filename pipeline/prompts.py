@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from pipeline.errors import DataError
+from ditpipe.pipeline.errors import DataError
 
 
 class PromptSet(NamedTuple):
@@ -63,7 +63,7 @@ def _coco_prompts(path: Path, num: int | None) -> PromptSet:
     folder = path.parent.parent / split
     reference = None
     if folder.is_dir():
-        from pipeline.fid import ImageList
+        from ditpipe.pipeline.fid import ImageList
 
         reference = ImageList(folder, sorted({name for name, _ in chosen}))
     return PromptSet([c for _, c in chosen], reference,
@@ -71,8 +71,8 @@ def _coco_prompts(path: Path, num: int | None) -> PromptSet:
 
 
 def _shard_prompts(folder: Path, num: int | None) -> PromptSet:
-    from pipeline import shards
-    from pipeline.manifest import load_manifest
+    from ditpipe.pipeline import shards
+    from ditpipe.pipeline.manifest import load_manifest
 
     manifest = load_manifest(folder)
     prompts = []
@@ -88,7 +88,7 @@ def _shard_prompts(folder: Path, num: int | None) -> PromptSet:
         raise DataError(f"--prompts '{folder}' has {len(prompts)} captioned samples, fewer than --num {num}")
     reference = None
     if manifest.codec.get("kind") == "pixel":
-        from pipeline.fid import ShardImages
+        from ditpipe.pipeline.fid import ShardImages
 
         reference = ShardImages(folder, len(prompts))
     return PromptSet(prompts, reference, f"{folder} (the first caption of {len(prompts):,} samples)")

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.device import bf16_native, configure
-from pipeline.errors import DitpipeError
-from pipeline.generate import random_labels
+from ditpipe.pipeline.device import bf16_native, configure
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.generate import random_labels
 
 PROTOCOLS = ("dit",)
 DIT = {"sampler": "ddpm", "steps": 250, "cfg_scale": 1.5, "cfg_interval": (0.0, 1.0), "num": 50_000,
@@ -92,7 +92,7 @@ def conditioner(s, labels: str, seed: int, given: list[int] | None = None, promp
     """idx → the model's `y` for those sample indices: class ids cycled over the classes, drawn at random (keyed
     on seed and index), taken from `given` (one per sample), encoded prompts (one per sample), or None."""
     if labels == "prompts":
-        from pipeline.text import encode_prompts, load_for_manifest
+        from ditpipe.pipeline.text import encode_prompts, load_for_manifest
 
         enc = load_for_manifest(s.text_encoder, next(s.model.parameters()).device, text_encoder)
         return lambda idx: encode_prompts(enc, [prompts[i] for i in idx])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from pipeline.errors import DitpipeError
+from ditpipe.pipeline.errors import DitpipeError
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ refused (`unconfirmed_remote`).
 
 from __future__ import annotations
 
-from pipeline import shards
-from pipeline.errors import ShardError
-from pipeline.manifest import parse_manifest
+from ditpipe.pipeline import shards
+from ditpipe.pipeline.errors import ShardError
+from ditpipe.pipeline.manifest import parse_manifest
 
 
 def is_url(location) -> bool:

@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import atomic, formats, shards
-from pipeline.sources import FILE_CAP_REASON, PIXEL_BUDGET_REASON, Source, over_budget
+from ditpipe.pipeline import atomic, formats, shards
+from ditpipe.pipeline.sources import FILE_CAP_REASON, PIXEL_BUDGET_REASON, Source, over_budget
 
 RACY_NS = 2_000_000_000  # a file hashed less than this after its mtime could change again within the same tick
 BUDGET_REASONS = (PIXEL_BUDGET_REASON, FILE_CAP_REASON)  # skips a changed data.max_pixels / max_file_bytes can lift

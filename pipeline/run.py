@@ -30,27 +30,28 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline import atomic, checkpoint, hooks, lock
-from pipeline.config import RESUMABLE_CHANGES, Config, resumable_keys, validate_tree
-from pipeline.device import make_accelerator
-from pipeline.diffusion import make_objective
-from pipeline.errors import ConfigError, DitpipeError, ShardError
-from pipeline.finetune import init_from
-from pipeline.latent_norm import LatentNorm
-from pipeline.manifest import text_encoder_of
-from pipeline.order import Plan
-from pipeline.phema import SNAPSHOT_DIR, clean_temporaries
-from pipeline.ranks import Group, group_of
-from pipeline.remote import unconfirmed_remote
-from pipeline.recovery import RecoveryState, SpikeWatch
-from pipeline.schedule import restretched_length
-from pipeline.step import Micro, Step, build_step
-from pipeline.threads import Threads
-from pipeline.threads import apply as apply_threads
-from pipeline.training import batch_condition, build_model, conditioning_for, make_plan, num_classes_for, open_data
-from pipeline.training import training_batches
-from pipeline.training_fid import TrainingFID
-from pipeline.validation import HeldOutSpec, open_held_out
+from ditpipe.pipeline import atomic, checkpoint, hooks, lock
+from ditpipe.pipeline.config import RESUMABLE_CHANGES, Config, resumable_keys, validate_tree
+from ditpipe.pipeline.device import make_accelerator
+from ditpipe.pipeline.diffusion import make_objective
+from ditpipe.pipeline.errors import ConfigError, DitpipeError, ShardError
+from ditpipe.pipeline.finetune import init_from
+from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.manifest import text_encoder_of
+from ditpipe.pipeline.order import Plan
+from ditpipe.pipeline.phema import SNAPSHOT_DIR, clean_temporaries
+from ditpipe.pipeline.ranks import Group, group_of
+from ditpipe.pipeline.remote import unconfirmed_remote
+from ditpipe.pipeline.recovery import RecoveryState, SpikeWatch
+from ditpipe.pipeline.schedule import restretched_length
+from ditpipe.pipeline.step import Micro, Step, build_step
+from ditpipe.pipeline.threads import Threads
+from ditpipe.pipeline.threads import apply as apply_threads
+from ditpipe.pipeline.training import (batch_condition, build_model, conditioning_for, make_plan, num_classes_for,
+                                       open_data)
+from ditpipe.pipeline.training import training_batches
+from ditpipe.pipeline.training_fid import TrainingFID
+from ditpipe.pipeline.validation import HeldOutSpec, open_held_out
 
 
 @dataclass
@@ -268,7 +269,7 @@ def find_checkpoint(target: Path | None, output_dir: Path, warn) -> Path:
 def resume_config(ckpt: Path, new: Config | None = None, overrides: dict | None = None) -> Config:
     """The config to resume with: the run's saved one, with `overrides` (dotted) applied, or `new` as given.
     Keys outside RESUMABLE_CHANGES that differ from the saved config are refused, each named."""
-    from pipeline import safe_yaml as yaml  # no aliases: the JSON round trip below would expand them
+    from ditpipe.pipeline import safe_yaml as yaml  # no aliases: the JSON round trip below would expand them
 
     saved = yaml.safe_load((ckpt / checkpoint.CONFIG).read_text())
     if new is None:

@@ -18,14 +18,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline import checkpoint, exported
-from pipeline.codec import default_device, load_codec, load_decoder
-from pipeline.diffusion import make_objective
-from pipeline.errors import DitpipeError
-from pipeline.generate import Settings, sample_batches
-from pipeline.latent_norm import LatentNorm
-from pipeline.model import build_dit
-from pipeline.spread import Spread
+from ditpipe.pipeline import checkpoint, exported
+from ditpipe.pipeline.codec import default_device, load_codec, load_decoder
+from ditpipe.pipeline.diffusion import make_objective
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.generate import Settings, sample_batches
+from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.model import build_dit
+from ditpipe.pipeline.spread import Spread
 
 OFFICIAL_DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
@@ -71,8 +71,8 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
     folder = exported.folder_of(path)  # an export (`ditpipe export --format safetensors`, `ditpipe ema --out`)
     if path.is_file() and folder is None:
         return _official(path, model_name, image_size, vae or OFFICIAL_DEFAULT_VAE, device)
-    from pipeline.manifest import Manifest, text_encoder_of
-    from pipeline.training import build_model, conditioning_for, num_classes_for
+    from ditpipe.pipeline.manifest import Manifest, text_encoder_of
+    from ditpipe.pipeline.training import build_model, conditioning_for, num_classes_for
 
     if folder is not None and not use_ema:
         raise DitpipeError(f"'{folder}' is an export that holds one set of weights; drop --no-ema")
@@ -118,7 +118,7 @@ def _official(path: Path, model_name: str | None, image_size: int | None, vae: s
     if not model_name or not image_size:
         raise DitpipeError(f"'{path}' is a bare state dict (an official DiT checkpoint?): pass --model (e.g. "
                            "DiT-XL/2) and --image-size (e.g. 256) so ditpipe knows its shape")
-    from pipeline.finetune import describe
+    from ditpipe.pipeline.finetune import describe
 
     state = checkpoint.open_weights(path, "ema").state  # weights_only; an official training checkpoint's "ema" entry
     if not {"x_embedder.proj.weight", "final_layer.linear.weight"} <= set(state):

@@ -25,9 +25,9 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import atomic, formats
-from pipeline.errors import ShardError
-from pipeline.manifest import (label_problem, latent_shape_of, load_manifest, num_classes,
+from ditpipe.pipeline import atomic, formats
+from ditpipe.pipeline.errors import ShardError
+from ditpipe.pipeline.manifest import (label_problem, latent_shape_of, load_manifest, num_classes,
                                text_encoder_of)
 
 FORMAT_VERSION = 1
@@ -191,7 +191,7 @@ class Sample:
 
 
 def _read_text(data, manifest: dict) -> np.ndarray:
-    from pipeline.text import read_record
+    from ditpipe.pipeline.text import read_record
 
     enc = text_encoder_of(manifest)
     return read_record(data, enc["dim"], enc["max_tokens"])
@@ -303,7 +303,7 @@ def check_sample(where: str, key: str, latent_bytes: bytes | None, meta_text: st
 
 def check_text(where: str, key: str, data: bytes | None, meta_text: str | None, enc: dict, problems) -> bool:
     """A caption record: present, pickle-free, the manifest's encoder layout, finite, one row per caption."""
-    from pipeline.text import read_record
+    from ditpipe.pipeline.text import read_record
 
     if data is None:
         problems.append(f"{where}: sample '{key}' lacks its {TEXT_MEMBER} member (the manifest says captions are "

@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from pipeline import buckets as bucketing
-from pipeline.atomic import sha256_file
-from pipeline.config import DataConfig
-from pipeline.download import download_coco, recorded_archives
-from pipeline.errors import DataError
+from ditpipe.pipeline import buckets as bucketing
+from ditpipe.pipeline.atomic import sha256_file
+from ditpipe.pipeline.config import DataConfig
+from ditpipe.pipeline.download import download_coco, recorded_archives
+from ditpipe.pipeline.errors import DataError
 
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # scaled to 8-bit, never clipped
 PIXEL_BUDGET_REASON, FILE_CAP_REASON = "over the pixel budget", "file over the size cap"  # skip reasons' prefixes

@@ -28,14 +28,14 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from pipeline import checkpoint
-from pipeline.device import generator
-from pipeline.diffusion import micro_loss
-from pipeline.ema import EMA, ema_decay
-from pipeline.latent_norm import LatentNorm
-from pipeline.order import Plan
-from pipeline.model import prepare_grids
-from pipeline.phema import PowerEMA
+from ditpipe.pipeline import checkpoint
+from ditpipe.pipeline.device import generator
+from ditpipe.pipeline.diffusion import micro_loss
+from ditpipe.pipeline.ema import EMA, ema_decay
+from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.order import Plan
+from ditpipe.pipeline.model import prepare_grids
+from ditpipe.pipeline.phema import PowerEMA
 
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import formats, remote, shards
-from pipeline.errors import ShardError
-from pipeline.manifest import check_files, checked_labels, latent_shape_of, load_manifest, num_classes, text_encoder_of
+from ditpipe.pipeline import formats, remote, shards
+from ditpipe.pipeline.errors import ShardError
+from ditpipe.pipeline.manifest import (check_files, checked_labels, latent_shape_of, load_manifest, num_classes,
+                                       text_encoder_of)
 
 _RELEASE_EVERY = 64  # reads between ShardStore.release() calls: bounds the mapped pages a process holds
 
@@ -133,7 +134,7 @@ class ShardStore:
 
     def read_text(self, g: int) -> np.ndarray:
         """The caption record (K,) of global sample g (pipeline/text.py's layout, checked, never unpickled)."""
-        from pipeline.text import read_record
+        from ditpipe.pipeline.text import read_record
 
         s = int(np.searchsorted(self.starts, g, side="right") - 1)
         blob = self._shard(s)[0].text(g - int(self.starts[s]))

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pipeline.errors import DitpipeError
+from ditpipe.pipeline.errors import DitpipeError
 
 MAX_TOKENS = 77  # the cap per caption (CLIP's context; PixArt-α uses 120 with T5, we keep one number)
 ALIASES = {"clip": "openai/clip-vit-large-patch14", "t5": "google/t5-v1_1-xxl"}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.workers import usable_cpus
+from ditpipe.pipeline.workers import usable_cpus
 
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read in this order; torch itself reads the first at start-up
 SAMPLE_SECONDS = 0.25  # how long the CPU's busy time is sampled: 25 clock ticks a core, enough to tell 0 from 1

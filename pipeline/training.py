@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline import shards
-from pipeline.config import Config
-from pipeline.errors import ConfigError, ShardError
-from pipeline.order import BucketOrder, EpochOrder, Plan
-from pipeline.remote import is_url
-from pipeline.store import open_shards
-from pipeline.manifest import Manifest, load_manifest, manifest_header
-from pipeline.model import build_dit
+from ditpipe.pipeline import shards
+from ditpipe.pipeline.config import Config
+from ditpipe.pipeline.errors import ConfigError, ShardError
+from ditpipe.pipeline.order import BucketOrder, EpochOrder, Plan
+from ditpipe.pipeline.remote import is_url
+from ditpipe.pipeline.store import open_shards
+from ditpipe.pipeline.manifest import Manifest, load_manifest, manifest_header
+from ditpipe.pipeline.model import build_dit
 
 
 def encode_command(cfg: Config) -> str:
@@ -124,7 +124,7 @@ def make_plan(cfg: Config, manifest: Manifest | dict, num_excluded: int, world: 
 
 def _encoder_name(spec: str) -> str:
     """text.encoder as the manifest records it: an alias as is, a local folder resolved."""
-    from pipeline.text import ALIASES
+    from ditpipe.pipeline.text import ALIASES
 
     return spec if spec == "minilm" or spec in ALIASES or not Path(spec).exists() else str(Path(spec).resolve())
 
@@ -151,8 +151,8 @@ def open_data(cfg: Config, device: torch.device):
         if cfg.model.conditioning == "caption":
             raise ConfigError([("model.conditioning", "the online baseline (data.source: images) embeds no captions; "
                                                       "encode shards with --captions and train on those")])
-        from pipeline.codec import load_codec, tune_for_device
-        from pipeline.sources import make_source
+        from ditpipe.pipeline.codec import load_codec, tune_for_device
+        from ditpipe.pipeline.sources import make_source
 
         source = make_source(cfg.data)
         codec = load_codec(cfg.vae.name, cfg.vae.dtype, device, use_slicing=cfg.vae.use_slicing)
@@ -207,7 +207,7 @@ def _selecting(cfg: Config, sibling: Path) -> list[str] | None:
     import os
     import stat
 
-    from pipeline.config import override_args, validate_tree
+    from ditpipe.pipeline.config import override_args, validate_tree
 
     if sibling.is_symlink() or not sibling.is_dir() or not stat.S_ISREG(os.lstat(sibling / shards.MANIFEST).st_mode):
         return None  # never through a link
@@ -286,7 +286,7 @@ def num_classes_for(cfg: Config, manifest: Manifest | dict) -> int:
 
 def model_problem(cfg: Config, manifest: Manifest | dict) -> tuple[str, str] | None:
     """A caption model (model.name) for shards or a conditioning that is not captions, or None."""
-    from pipeline.model_text import CAPTION_PRESETS
+    from ditpipe.pipeline.model_text import CAPTION_PRESETS
 
     m = cfg.model
     if conditioning_for(cfg, manifest) != "caption" and m.name in CAPTION_PRESETS:
@@ -301,7 +301,7 @@ def build_model(cfg: Config, manifest: Manifest | dict, num_classes: int) -> tor
     takes latents of any size its patches tile (every bucket's, and `sample --size`); its pos_embed parameter stays
     the square grid's of data.image_size, so checkpoints keep the official layout. `bucket_grids` lists every
     bucket's patch grid (none for square shards): build_step makes their position embeddings before it compiles."""
-    from pipeline.model_text import build_caption_dit
+    from ditpipe.pipeline.model_text import build_caption_dit
 
     manifest = Manifest.of(manifest)
     _, channels, size, _ = manifest.latent_shape()
@@ -329,7 +329,7 @@ def build_model(cfg: Config, manifest: Manifest | dict, num_classes: int) -> tor
 
 def batch_condition(conditioning: str, device: torch.device):
     """batch → the model's `y`: class labels, a Caption, or None (unconditional). Chosen once per run."""
-    from pipeline.text import Caption
+    from ditpipe.pipeline.text import Caption
 
     if conditioning == "caption":
         return lambda batch: Caption(batch["caption"]["tokens"], batch["caption"]["mask"],
@@ -343,7 +343,7 @@ def training_batches(cfg: Config, manifest: Manifest | dict, store, online, plan
     the shards (or, for the online baseline, decoded images), and the function that turns one into the posterior's
     (mean, std or None) on `device`. The order is EpochOrder's: a pure function of (training.seed, epoch,
     position)."""
-    from pipeline.loader import ImageBatches, MicroBatches, make_loader
+    from ditpipe.pipeline.loader import ImageBatches, MicroBatches, make_loader
 
     t, manifest = cfg.training, Manifest.of(manifest)
     spp, total = manifest.samples_per_shard, manifest.num_samples

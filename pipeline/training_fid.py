@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError
-from pipeline.manifest import Manifest
-from pipeline.ranks import torch_group
-from pipeline.spread import Spread
+from ditpipe.pipeline.errors import ConfigError
+from ditpipe.pipeline.manifest import Manifest
+from ditpipe.pipeline.ranks import torch_group
+from ditpipe.pipeline.spread import Spread
 
 
 class TrainingFID:
@@ -42,7 +42,7 @@ class TrainingFID:
         spread = Spread(rank, world, device)
 
         def reference_stats():
-            from pipeline import fid
+            from ditpipe.pipeline import fid
 
             shards = Manifest.of(manifest)
             size = shards.latent_shape()[-1] * shards.codec.get("downsample", 1)
@@ -73,7 +73,7 @@ class TrainingFID:
     def __call__(self, step: int, weights: dict, objective, device: torch.device, cache: dict, log, console) -> None:
         """Score `weights` (the EMA's state dict) at `step`: to the console, metrics.jsonl (`val_fid`) and
         TensorBoard (`val/fid`). Every rank must call it; `cache` is the validation's (eval model, decoder)."""
-        from pipeline.validation import eval_model
+        from ditpipe.pipeline.validation import eval_model
 
         model = eval_model(self.cfg, self.manifest, self.num_classes, weights, device, cache)
         scored = self.score(model, objective, device, cache)
@@ -86,10 +86,10 @@ class TrainingFID:
     def score(self, model, objective, device: torch.device, cache: dict) -> tuple[float, int, float] | None:
         """(FID, samples, seconds) on rank 0, None on the others; every rank must call it. `model` holds the EMA
         weights in eval mode; `cache` keeps the decoder between calls."""
-        from pipeline import fid
-        from pipeline.codec import load_codec
-        from pipeline.generate import Settings, sample_batches
-        from pipeline.latent_norm import LatentNorm
+        from ditpipe.pipeline import fid
+        from ditpipe.pipeline.codec import load_codec
+        from ditpipe.pipeline.generate import Settings, sample_batches
+        from ditpipe.pipeline.latent_norm import LatentNorm
 
         t0, v, m = time.time(), self.cfg.validation, self.manifest
         if self.extractor is None:
@@ -119,7 +119,7 @@ class TrainingFID:
 
 
 def _shard_reference(manifest: dict, folder: Path, count: int):
-    from pipeline.fid import ShardImages
+    from ditpipe.pipeline.fid import ShardImages
 
     manifest = Manifest.of(manifest)
     if "shards" not in manifest.raw:  # the online baseline's manifest lists no shards

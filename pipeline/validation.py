@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.diffusion import micro_loss
-from pipeline.errors import ConfigError
-from pipeline.latent_norm import LatentNorm
-from pipeline.loader import LatentView
-from pipeline.order import keyed_rng, sample_key
-from pipeline.store import open_shards
-from pipeline.manifest import Manifest
-from pipeline.training import build_model
+from ditpipe.pipeline.diffusion import micro_loss
+from ditpipe.pipeline.errors import ConfigError
+from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.loader import LatentView
+from ditpipe.pipeline.order import keyed_rng, sample_key
+from ditpipe.pipeline.store import open_shards
+from ditpipe.pipeline.manifest import Manifest
+from ditpipe.pipeline.training import build_model
 
 # Tags that keep the held-out set's keyed streams apart from the training ones (order.py uses 0-5).
 _SPLIT, _NOISE = 100, 102

@@ -17,14 +17,14 @@ import json
 import time
 from pathlib import Path
 
-from pipeline import buckets
+from ditpipe.pipeline import buckets
 
 
 def sizes_from(coco: str | None, folder: str | None) -> list[tuple[int, int]]:
     if coco:
         return [(im["width"], im["height"]) for im in json.loads(Path(coco).read_text())["images"]]
-    from pipeline.config import DataConfig
-    from pipeline.sources import header_size, make_source
+    from ditpipe.pipeline.config import DataConfig
+    from ditpipe.pipeline.sources import header_size, make_source
 
     source = make_source(DataConfig(dataset_name="custom", dataset_path=folder, num_samples=None))
     return [d for it in source.items if (d := header_size(source.root / it.file, source.max_file_bytes))]
@@ -32,8 +32,8 @@ def sizes_from(coco: str | None, folder: str | None) -> list[tuple[int, int]]:
 
 def header_rate(folder: str, sizes: list[tuple[int, int]]) -> float:
     """Files a second that encode's bucket assignment reads headers at (`assign_buckets`, 4 threads)."""
-    from pipeline.config import DataConfig
-    from pipeline.sources import assign_buckets, make_source
+    from ditpipe.pipeline.config import DataConfig
+    from ditpipe.pipeline.sources import assign_buckets, make_source
 
     source = make_source(DataConfig(dataset_name="custom", dataset_path=folder, num_samples=None))
     t0 = time.perf_counter()

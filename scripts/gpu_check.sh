@@ -57,7 +57,7 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
     exit 2
 }
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-DITPIPE=(python3 -c "from stages.cli import entry; entry()")
+DITPIPE=(python3 -c "from ditpipe.stages.cli import entry; entry()")
 
 note() { echo "$*" | tee -a "$OUT/summary.md"; }
 

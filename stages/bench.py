@@ -3,8 +3,8 @@
     ditpipe bench [encode|loader|train|memory|all] [--device cpu|cuda] [--json out.json] [size options]
     (several parts as a comma-separated list: `ditpipe bench encode,train`)
 
-Every measurement runs in a fresh subprocess (`python -c "from stages.bench import _child_main; ..."`), so its peak
-memory and its imports are its own, and the parts that a ratio compares are measured in the same invocation.
+Every measurement runs in a fresh subprocess (`python -c "from ditpipe.stages.bench import _child_main; ..."`), so
+its peak memory and its imports are its own, and the parts that a ratio compares are measured in the same invocation.
 Progress goes to stderr; one JSON object goes to stdout (and to `--json`).
 
 Parts
@@ -87,10 +87,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline import __version__
-from pipeline.manifest import build_manifest, manifest_header
-from pipeline.workers import usable_cpus
-from pipeline.errors import ConfigError, DitpipeError
+from ditpipe.pipeline import __version__
+from ditpipe.pipeline.manifest import build_manifest, manifest_header
+from ditpipe.pipeline.workers import usable_cpus
+from ditpipe.pipeline.errors import ConfigError, DitpipeError
 
 SCHEMA = "ditpipe-bench/1"
 PARTS = ("encode", "loader", "train", "memory")
@@ -136,7 +136,7 @@ class BenchOptions:
     seed: int = 0
 
     def resolved(self) -> "BenchOptions":
-        from pipeline.config import DataConfig
+        from ditpipe.pipeline.config import DataConfig
 
         cuda = self.device == "cuda"
         o = BenchOptions(**asdict(self))
@@ -150,8 +150,8 @@ class BenchOptions:
         return o
 
     def check(self) -> None:
-        from pipeline.codec import SHAPES as VAE_SHAPES  # sd-vae-ft-ema's architecture, tiny, DC-AE f32c32's
-        from pipeline.model import DIT_PRESETS
+        from ditpipe.pipeline.codec import SHAPES as VAE_SHAPES  # sd-vae-ft-ema's architecture, tiny, DC-AE f32c32's
+        from ditpipe.pipeline.model import DIT_PRESETS
 
         problems = []
         if self.device not in ("cpu", "cuda"):
@@ -263,7 +263,7 @@ def _child(task: str, o: BenchOptions, **args) -> dict:
     if o.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the stages pick CUDA whenever they see it
     spec = json.dumps({"task": task, "opts": asdict(o), "args": args})
-    proc = subprocess.run([sys.executable, "-c", "from stages.bench import _child_main; _child_main()", spec],
+    proc = subprocess.run([sys.executable, "-c", "from ditpipe.stages.bench import _child_main; _child_main()", spec],
                           stdout=subprocess.PIPE, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
     if proc.returncode != 0 or not lines:
@@ -279,7 +279,7 @@ def _child_main() -> None:
     real_stdout, sys.stdout = sys.stdout, sys.stderr  # whatever a library prints stays off the result channel
     import torch
 
-    from pipeline.threads import apply as apply_threads
+    from ditpipe.pipeline.threads import apply as apply_threads
 
     # as `train` chooses them (pipeline/threads.py): --threads N, else OMP_NUM_THREADS, else the free cores
     apply_threads(o.threads or None, "cuda" if torch.cuda.is_available() else "cpu")
@@ -357,7 +357,7 @@ def _r(x, nd=4):
 def _peak_tflops(o: BenchOptions) -> float | None:
     import torch
 
-    from pipeline.device import peak_tflops
+    from ditpipe.pipeline.device import peak_tflops
 
     return peak_tflops(torch.device(o.device), o.peak_tflops)
 
@@ -379,7 +379,7 @@ def task_machine(o: BenchOptions) -> dict:
 
 def task_prepare_vae(o: BenchOptions, path: str) -> dict:
     """A random-init autoencoder of the chosen shape, saved with save_pretrained (loaded later for real)."""
-    from pipeline.codec import save_random_autoencoder
+    from ditpipe.pipeline.codec import save_random_autoencoder
 
     return save_random_autoencoder(o.vae_shape, Path(path), sample_size=o.image_size)
 
@@ -452,8 +452,8 @@ def _write_synthetic(folders: dict[str, str], n: int, image_size: int, codec_kin
     build_manifest, and optionally fast-DiT's layout (npy/features/<g>.npy + npy/labels/<g>.npy)."""
     import numpy as np
 
-    from pipeline import atomic, shards
-    from pipeline.codec import PixelCodec
+    from ditpipe.pipeline import atomic, shards
+    from ditpipe.pipeline.codec import PixelCodec
 
     codec = PixelCodec() if codec_kind == "pixel" else _StandInVae(codec_name)
     source = _StandInSource(n, image_size, dataset)
@@ -511,7 +511,7 @@ def task_prepare_shards(o: BenchOptions, folders: dict, n: int, image_size: int,
 
 
 def _encode_config(o: BenchOptions, vae_dir: str, images_dir: str, out: str):
-    from pipeline.config import load_config
+    from ditpipe.pipeline.config import load_config
 
     over = {"data.image_size": o.image_size, "data.num_samples": o.encode_images, "vae.name": vae_dir,
             "vae.dtype": o.vae_dtype, "vae.batch_size": o.encode_batch, "shards.path": out,
@@ -535,7 +535,7 @@ def task_encode_pipeline(o: BenchOptions, vae_dir: str, images_dir: str, out: st
     """The real encode stage, with a completion stamp after each batch (encode's `on_batch` callback)."""
     from rich.console import Console
 
-    from stages.encode import encode
+    from ditpipe.stages.encode import encode
 
     cfg = _encode_config(o, vae_dir, images_dir, out)
     stamps: list[tuple[float, int]] = []  # each after the batch's latents are handed on: the device work is queued
@@ -553,8 +553,8 @@ def bare_codec(o: BenchOptions, vae_dir: str):
     kernels on CUDA, at encode's default vae.cudnn_benchmark), so the bare rate is the one encode could reach."""
     import torch
 
-    from pipeline.codec import load_codec, tune_for_device
-    from pipeline.config import VaeConfig
+    from ditpipe.pipeline.codec import load_codec, tune_for_device
+    from ditpipe.pipeline.config import VaeConfig
 
     codec = load_codec(vae_dir, o.vae_dtype, device=torch.device(o.device))
     tune_for_device(codec, VaeConfig().cudnn_benchmark)
@@ -608,7 +608,7 @@ def task_jpeg_decode(o: BenchOptions, images_dir: str) -> dict:
 
     from PIL import Image
 
-    from pipeline.sources import center_crop, load_image, to_rgb
+    from ditpipe.pipeline.sources import center_crop, load_image, to_rgb
 
     files = sorted(Path(images_dir).glob("*.jpg"))[: o.jpeg_count]
     blobs = [f.read_bytes() for f in files]
@@ -721,10 +721,10 @@ class NpyStore:
 
 
 def _loader_dataset(kind: str, folders: dict, seed: int, batch: int):
-    from pipeline.config import DataConfig
-    from pipeline.loader import MicroBatches
-    from pipeline.order import EpochOrder, Plan
-    from pipeline.store import open_shards
+    from ditpipe.pipeline.config import DataConfig
+    from ditpipe.pipeline.loader import MicroBatches
+    from ditpipe.pipeline.order import EpochOrder, Plan
+    from ditpipe.pipeline.store import open_shards
 
     store, manifest = open_shards(folders["wds" if kind == "npy" else kind])  # npy: the tar set's manifest
     if kind == "npy":
@@ -739,8 +739,8 @@ def task_loader_rates(o: BenchOptions, folders: dict) -> dict:
     Each trial: build the loader, one warm pass (workers start, page cache fills), then time a second pass."""
     import numpy as np
 
-    from pipeline.loader import LatentView, make_loader, sample_normal
-    from pipeline.order import sample_key
+    from ditpipe.pipeline.loader import LatentView, make_loader, sample_normal
+    from ditpipe.pipeline.order import sample_key
 
     kinds = ["tar", "parquet", "npy"]
     trials: dict[str, list[float]] = {k: [] for k in kinds}
@@ -850,8 +850,8 @@ class _Trainer:
     left out; they do not run on most steps."""
 
     def __init__(self, o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, workers: int, samples: int):
-        from pipeline.config import load_config
-        from pipeline.run import Stream, build_model_for, build_step_for, open_run
+        from ditpipe.pipeline.config import load_config
+        from ditpipe.pipeline.run import Stream, build_model_for, build_step_for, open_run
 
         self.o = o
         self.cfg = cfg = load_config(None, {
@@ -882,7 +882,7 @@ class _Trainer:
         return self.stream.posterior(batch)
 
     def step(self, feed=None) -> None:
-        from pipeline.schedule import lr_at
+        from ditpipe.pipeline.schedule import lr_at
 
         cfg, t = self.cfg, self.cfg.training
         lr = lr_at(self.step_index, t.learning_rate, cfg.lr_scheduler.type, cfg.lr_scheduler.warmup_steps,
@@ -893,7 +893,7 @@ class _Trainer:
     def step_flops(self, m) -> float:
         """FLOPs of one optimizer step (`accum` micro-batches like m), counted as `ditpipe train`'s closing MFU
         counts them (pipeline.step.train_flops_per_sample: 3 forwards, 4 with gradient checkpointing)."""
-        from pipeline.step import train_flops_per_sample
+        from ditpipe.pipeline.step import train_flops_per_sample
 
         s = self.step_fn
         per_sample = train_flops_per_sample(s.raw, s.objective, m.mean.float(), m.y, s.conditional)
@@ -952,7 +952,7 @@ def _train_samples(o: BenchOptions) -> int:
 
 
 def _part_train(o: BenchOptions, work: Path) -> dict:
-    from pipeline.step import FLOPS_CONVENTION
+    from ditpipe.pipeline.step import FLOPS_CONVENTION
 
     vae_dir = _prepare_vae(o, work)
     samples = _train_samples(o)
@@ -1018,10 +1018,10 @@ def task_loader_memory(o: BenchOptions, folder: str) -> dict:
     """Peak RSS while streaming through make_loader: this process and each worker. Both shard sets stream the same
     number of batches (`memory_large` samples' worth; epochs repeat over the small set), so every worker works in
     both and only the data set's size differs."""
-    from pipeline.config import DataConfig
-    from pipeline.loader import MicroBatches, make_loader
-    from pipeline.order import EpochOrder, Plan
-    from pipeline.store import open_shards
+    from ditpipe.pipeline.config import DataConfig
+    from ditpipe.pipeline.loader import MicroBatches, make_loader
+    from ditpipe.pipeline.order import EpochOrder, Plan
+    from ditpipe.pipeline.store import open_shards
 
     store, manifest = open_shards(folder)
     plan = Plan(manifest["num_samples"], o.loader_batch, 1, 1)
@@ -1126,7 +1126,7 @@ def targets(result: dict) -> list[dict]:
 
 
 def _default_workers() -> int:
-    from pipeline.config import DataConfig
+    from ditpipe.pipeline.config import DataConfig
 
     return DataConfig().num_workers
 

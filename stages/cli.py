@@ -18,11 +18,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline import __version__
-from pipeline.config import resumable_keys
-from pipeline.sample_options import EVALUATE_BATCH, SAMPLE_BATCH, SampleOptions
-from pipeline.samplers import NAMES as SAMPLER_NAMES, SAMPLERS
-from pipeline.errors import DitpipeError
+from ditpipe.pipeline import __version__
+from ditpipe.pipeline.config import resumable_keys
+from ditpipe.pipeline.sample_options import EVALUATE_BATCH, SAMPLE_BATCH, SampleOptions
+from ditpipe.pipeline.samplers import NAMES as SAMPLER_NAMES, SAMPLERS
+from ditpipe.pipeline.errors import DitpipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ditpipe: encode images to latent shards once, then train DiT models on them.")
@@ -50,7 +50,7 @@ def _quiet_third_party_warnings() -> None:
     VAE) are for their callers' authors, not for our users; printed in front of our own messages they bury them."""
     import warnings
 
-    theirs = r"(?!pipeline|stages)"  # the module a warning is attributed to
+    theirs = r"(?!ditpipe\.)"  # the module a warning is attributed to
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category, module=theirs)
     warnings.filterwarnings("ignore", message=r"(?s).*\bdeprecated\b", category=UserWarning, module=theirs)
@@ -58,7 +58,7 @@ def _quiet_third_party_warnings() -> None:
 
 def build_config(config: Optional[str], shorthands: dict[str, Any], extra: list[str]):
     """Defaults ← --config file ← shorthand flags ← dotted overrides (the most specific wins)."""
-    from pipeline.config import load_config, parse_overrides
+    from ditpipe.pipeline.config import load_config, parse_overrides
 
     overrides = {k: v for k, v in shorthands.items() if v is not None}
     overrides.update(parse_overrides(extra))
@@ -110,13 +110,13 @@ def encode(
     # --num-samples null means all, as --data.num_samples null does: it goes in as a dotted override (read as YAML)
     extra = (["--data.num_samples", num_samples] if num_samples is not None else []) + list(ctx.args)
     cfg = build_config(config, shorthands, extra)
-    from stages.encode import encode as run_encode
+    from ditpipe.stages.encode import encode as run_encode
 
     run_encode(cfg, overwrite=overwrite, console=err)
     # what comes next: train on these shards (on a CPU with the small recipe: pipeline.config.train_command)
     import torch
 
-    from pipeline.config import parse_overrides, train_command
+    from ditpipe.pipeline.config import parse_overrides, train_command
 
     given = {k: v for k, v in shorthands.items() if v is not None} | parse_overrides(extra)
     argv, why = train_command(cfg, config, given, "cuda" if torch.cuda.is_available() else "cpu")
@@ -152,8 +152,8 @@ def train(
         raise DitpipeError("--init-from starts a new run from given weights; --resume continues a run with its own "
                            "weights and optimizer. Use one of them")
     cfg = build_config(config, {"model.init_from": init_from, "model.init_weights": init_weights}, ctx.args)
-    from pipeline import run
-    from stages import train as stage
+    from ditpipe.pipeline import run
+    from ditpipe.stages import train as stage
 
     if resume is not None:
         ckpt = run.find_checkpoint(resume, Path(cfg.logging.output_dir), _warn)
@@ -183,9 +183,9 @@ def resume(
 
     Example: ditpipe resume outputs/train_config --training.num_epochs 80 --restretch-schedule
     """
-    from pipeline import run
-    from pipeline.config import parse_overrides
-    from stages import train as stage
+    from ditpipe.pipeline import run
+    from ditpipe.pipeline.config import parse_overrides
+    from ditpipe.stages import train as stage
 
     args = list(ctx.args)
     if target is not None and str(target).startswith("--"):  # `resume --training.num_epochs 80`: no target given
@@ -205,7 +205,7 @@ def resume(
 def _never_checkpointed(run: Path) -> bool:
     """A run folder whose start failed before its first checkpoint: its config.yaml and no checkpoint at all (a
     damaged checkpoint is not this: resume falls back past it, or names it)."""
-    from pipeline import checkpoint
+    from ditpipe.pipeline import checkpoint
 
     return (run.is_dir() and (run / checkpoint.CONFIG).is_file() and not (run / checkpoint.STATE).exists()
             and not (run / checkpoint.LATEST).exists() and not checkpoint.list_checkpoints(run))
@@ -214,10 +214,10 @@ def _never_checkpointed(run: Path) -> bool:
 def _fresh_start_config(run: Path, overrides: dict):
     """The run's saved config.yaml with `overrides` applied (anything may change: no weights were saved), as a new
     run in the same folder; train replaces that failed start's files, or refuses a folder with files of the user's."""
-    from pipeline import checkpoint, safe_yaml
-    from pipeline.config import validate_tree
-    from pipeline.errors import ConfigError
-    from pipeline.remote import unconfirmed_remote
+    from ditpipe.pipeline import checkpoint, safe_yaml
+    from ditpipe.pipeline.config import validate_tree
+    from ditpipe.pipeline.errors import ConfigError
+    from ditpipe.pipeline.remote import unconfirmed_remote
 
     saved = safe_yaml.safe_load((run / checkpoint.CONFIG).read_text())
     if not isinstance(saved, dict):
@@ -315,7 +315,7 @@ def sample(
     The DiT paper's 50,000 on 8 GPUs: torchrun --nproc_per_node 8 $(which ditpipe) sample --checkpoint
     DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 --protocol dit --batch-size 256 --npz samples.npz
     """
-    from stages.sample import sample as run_sample
+    from ditpipe.stages.sample import sample as run_sample
 
     if num is not None and num_samples is not None and num != num_samples:
         raise typer.BadParameter(f"--num {num} and --num-samples {num_samples} differ; give one")
@@ -376,7 +376,7 @@ def evaluate(
     The DiT paper's table: torchrun --nproc_per_node 8 $(which ditpipe) evaluate --checkpoint DiT-XL-2-256x256.pt
     --model DiT-XL/2 --image-size 256 --protocol dit --reference VIRTUAL_imagenet256_labeled.npz --batch-size 256
     """
-    from stages.evaluate import evaluate as run_evaluate
+    from ditpipe.stages.evaluate import evaluate as run_evaluate
 
     options = SampleOptions(num=num, seed=seed, use_ema=ema, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                             cfg_interval=_interval(cfg_interval), batch_size=batch_size, vae=vae, model_name=model,
@@ -393,8 +393,8 @@ def quickstart(ctx: typer.Context,
 
     Example: ditpipe quickstart
     """
-    from pipeline.config import parse_overrides
-    from stages.quickstart import quickstart as run_quickstart
+    from ditpipe.pipeline.config import parse_overrides
+    from ditpipe.stages.quickstart import quickstart as run_quickstart
 
     run_quickstart(out, parse_overrides(ctx.args), console=err)
 
@@ -439,7 +439,7 @@ def bench(
 
     Example: ditpipe bench all --json bench.json
     """
-    from stages.bench import BenchOptions, run as run_bench
+    from ditpipe.stages.bench import BenchOptions, run as run_bench
 
     opts = BenchOptions(device=device, vae_shape=vae_shape, vae_dtype=vae_dtype, image_size=image_size, model=model,
                         precision=precision, compile=compile_model, gradient_checkpointing=gradient_checkpointing,
@@ -468,7 +468,7 @@ def export(
 
     Example: ditpipe export outputs/quickstart --format diffusers --out exports/quickstart-diffusers
     """
-    from stages.export import export as run_export
+    from ditpipe.stages.export import export as run_export
 
     run_export(checkpoint_path, fmt, out_dir, raw=raw, vae=vae, overwrite=overwrite, console=err)
 
@@ -494,7 +494,7 @@ def ema(
 
     Then: ditpipe ema outputs/quickstart --sigma-rel 0.1 --out exports/quickstart-ema010
     """
-    from stages.ema import ema as run_ema
+    from ditpipe.stages.ema import ema as run_ema
 
     run_ema(run, sigma_rel=sigma_rel, sweep=sweep, step=step, out=out_dir, held_out=held_out, num=num,
             overwrite=overwrite, console=err)
@@ -508,7 +508,7 @@ def inspect(path: Path = typer.Argument(..., metavar="PATH", help="A shard folde
 
     Example: ditpipe inspect shards/shapes; ditpipe inspect outputs/quickstart
     """
-    from stages.shardtools import inspect as run_inspect
+    from ditpipe.stages.shardtools import inspect as run_inspect
 
     run_inspect(path, as_json, out)
 
@@ -522,7 +522,7 @@ def runs(output_dir: Path = typer.Argument(Path("./outputs"), metavar="[OUTPUT_D
 
     Example: ditpipe runs outputs
     """
-    from stages.runs import list_runs
+    from ditpipe.stages.runs import list_runs
 
     list_runs(output_dir, out, as_json)
 
@@ -533,7 +533,7 @@ def verify(shards_dir: Path = typer.Argument(..., metavar="SHARDS", help="A shar
 
     Example: ditpipe verify shards/shapes
     """
-    from stages.shardtools import verify as run_verify
+    from ditpipe.stages.shardtools import verify as run_verify
 
     run_verify(shards_dir, err)
 
@@ -550,7 +550,7 @@ def config_show(ctx: typer.Context,
 
     Example: ditpipe config show --config quickstart --training.num_epochs 20
     """
-    from pipeline.config import key_table
+    from ditpipe.pipeline.config import key_table
 
     rows = [(key, _show(value), _show(default), meaning, value != default)
             for key, value, default, meaning in key_table(build_config(config, {}, ctx.args))]
@@ -607,7 +607,7 @@ def _unhandled(e: BaseException) -> str:
 def entry() -> None:
     rv = main()
     if rv == 0:  # after an error a rank's peers may still wait in a collective: leave that teardown to the launcher
-        from pipeline.device import leave_process_group
+        from ditpipe.pipeline.device import leave_process_group
 
         leave_process_group()
     sys.exit(rv)

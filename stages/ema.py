@@ -23,9 +23,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import checkpoint, exported, phema, safe_yaml
-from pipeline.config import validate_tree
-from pipeline.errors import DitpipeError
+from ditpipe.pipeline import checkpoint, exported, phema, safe_yaml
+from ditpipe.pipeline.config import validate_tree
+from ditpipe.pipeline.errors import DitpipeError
 
 POOR_FIT = 0.05  # a profile fit error above this gets a warning: the snapshots cannot make that EMA well
 
@@ -97,7 +97,7 @@ def _run_folder(path: Path) -> Path:
 
 def _model_shapes(cfg, manifest: dict) -> dict[str, tuple[int, ...]]:
     """The keys and shapes of the run's model state dict, built on the meta device (nothing is allocated)."""
-    from pipeline.training import build_model, num_classes_for
+    from ditpipe.pipeline.training import build_model, num_classes_for
 
     with torch.device("meta"):
         model = build_model(cfg, manifest, num_classes_for(cfg, manifest))
@@ -119,7 +119,7 @@ def _checkpoint_at(run: Path, step: int) -> Path | None:
 def _write(out: Path, overwrite: bool, cfg, manifest: dict, state: dict, run: Path, at: int, sigma: float,
            fit: phema.Fit) -> None:
     """The reconstruction as an export folder; loading it into the run's model first checks every key and shape."""
-    from pipeline.training import build_model, num_classes_for
+    from ditpipe.pipeline.training import build_model, num_classes_for
 
     model = build_model(cfg, manifest, num_classes_for(cfg, manifest))
     model.load_state_dict(state, strict=True)
@@ -135,8 +135,8 @@ class _Scorer:
     """Scores weights: the held-out loss where the run has a held-out set, the class accuracy on shapes."""
 
     def __init__(self, cfg, manifest: dict, num: int, console: Console):
-        from pipeline.device import make_accelerator
-        from pipeline.training import conditioning_for, num_classes_for
+        from ditpipe.pipeline.device import make_accelerator
+        from ditpipe.pipeline.training import conditioning_for, num_classes_for
 
         if conditioning_for(cfg, manifest) == "caption":  # as in training: HeldOut reads labels, not captions
             raise DitpipeError("--held-out scores class and unconditional models; caption models are not supported "
@@ -154,9 +154,9 @@ class _Scorer:
         console.print(f"scoring by {' and '.join(what)} on {self.acc.device}", highlight=False)
 
     def _held_out(self):
-        from pipeline.latent_norm import LatentNorm
-        from pipeline.training import open_data
-        from pipeline.validation import HeldOut, open_held_out
+        from ditpipe.pipeline.latent_norm import LatentNorm
+        from ditpipe.pipeline.training import open_data
+        from ditpipe.pipeline.validation import HeldOut, open_held_out
 
         if not (self.cfg.validation.shards or self.cfg.data.val_fraction > 0):
             return None
@@ -166,8 +166,8 @@ class _Scorer:
         return HeldOut(spec.store, spec.evaluate, norm, self.cfg.data.seed, 0, 1)
 
     def __call__(self, state: dict) -> dict:
-        from pipeline.diffusion import make_objective
-        from pipeline.validation import eval_model, held_out_losses
+        from ditpipe.pipeline.diffusion import make_objective
+        from ditpipe.pipeline.validation import eval_model, held_out_losses
 
         model = eval_model(self.cfg, self.manifest, self.num_classes, state, self.acc.device, self.cache)
         objective = make_objective(self.cfg.diffusion.objective, model.learn_sigma, self.cfg.diffusion)
@@ -183,11 +183,11 @@ class _Scorer:
     def _accuracy(self, model, objective) -> float:
         """The share of `num` samples (classes cycled, the run's validation sampler) that `classify_shape` judges
         to show their class; the same seed for every candidate, so they are compared on the same noise."""
-        from pipeline.codec import load_codec
-        from pipeline.generate import decode, generate
-        from pipeline.images import to_uint8
-        from pipeline.latent_norm import LatentNorm
-        from pipeline.sources import classify_shape
+        from ditpipe.pipeline.codec import load_codec
+        from ditpipe.pipeline.generate import decode, generate
+        from ditpipe.pipeline.images import to_uint8
+        from ditpipe.pipeline.latent_norm import LatentNorm
+        from ditpipe.pipeline.sources import classify_shape
 
         v, device = self.cfg.validation, self.acc.device
         codec = load_codec(self.manifest["codec"]["name"], self.manifest["codec"]["dtype"], device)

@@ -13,12 +13,12 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from pipeline import encode as engine
-from pipeline import shards
-from pipeline.config import Config
-from pipeline.encode import Run
-from pipeline.manifest import Manifest
-from stages.progress import mean_rate, progress_bar, rate_text
+from ditpipe.pipeline import encode as engine
+from ditpipe.pipeline import shards
+from ditpipe.pipeline.config import Config
+from ditpipe.pipeline.encode import Run
+from ditpipe.pipeline.manifest import Manifest
+from ditpipe.stages.progress import mean_rate, progress_bar, rate_text
 
 
 def encode(cfg: Config, overwrite: bool = False, console: Console | None = None,

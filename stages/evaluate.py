@@ -18,13 +18,13 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline import npz
-from pipeline.errors import DitpipeError
-from pipeline.protocol import conditioner, make_plan, protocol_defaults
-from pipeline.sample_options import EVALUATE_BATCH, SampleOptions
-from pipeline.sampleable import describe_settings, generated, load_sampleable, settings_with
-from pipeline.ranks import torch_group
-from pipeline.spread import Spread
+from ditpipe.pipeline import npz
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.protocol import conditioner, make_plan, protocol_defaults
+from ditpipe.pipeline.sample_options import EVALUATE_BATCH, SampleOptions
+from ditpipe.pipeline.sampleable import describe_settings, generated, load_sampleable, settings_with
+from ditpipe.pipeline.ranks import torch_group
+from ditpipe.pipeline.spread import Spread
 
 DEFAULT_NUM = 10_000
 
@@ -40,7 +40,7 @@ def evaluate(checkpoint_path: Path, reference=None, o: SampleOptions = SampleOpt
     """Generate `num` samples (classes cycled evenly, or uniformly random with `protocol="dit"`; a caption model:
     one per prompt) and score them against `reference`. Returns the results (on rank 0; None on the others).
     Sampling settings left None come from the protocol, the checkpoint (its validation.*), or official DiT's."""
-    from pipeline import eval_metrics, fid
+    from ditpipe.pipeline import eval_metrics, fid
 
     spread = Spread.start()
     console = console or Console(stderr=True)
@@ -126,7 +126,7 @@ def evaluate(checkpoint_path: Path, reference=None, o: SampleOptions = SampleOpt
 
 
 def _prompts(s, prompts: str | None, num: int | None):
-    from pipeline.prompts import load_prompts
+    from ditpipe.pipeline.prompts import load_prompts
 
     if s.text_encoder is None:
         if prompts:

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from pipeline import __version__, checkpoint, exported
-from pipeline.config import Config
-from pipeline.errors import DitpipeError
+from ditpipe.pipeline import __version__, checkpoint, exported
+from ditpipe.pipeline.config import Config
+from ditpipe.pipeline.errors import DitpipeError
 
 FORMATS = ("safetensors", "diffusers")
 PIPELINE_CLASSES = 1000  # diffusers' DiTPipeline hard-codes class 1000 as the null class
@@ -52,7 +52,7 @@ def export(checkpoint_path: Path, fmt: str, out: Path, *, raw: bool = False, vae
 def open_checkpoint(path: Path, raw: bool, console: Console):
     """(checkpoint folder, config, manifest excerpt, model with the chosen weights, export metadata). An export
     folder (`ditpipe ema --out`, an earlier safetensors export) holds one set of weights and is taken as it is."""
-    from pipeline.training import build_model, num_classes_for
+    from ditpipe.pipeline.training import build_model, num_classes_for
 
     folder = exported.folder_of(path)
     if folder is not None and raw:
@@ -83,7 +83,7 @@ def _write_diffusers(folder: Path, model, cfg: Config, manifest: dict, meta: dic
     """Into `folder` (a temporary); `out` is the final folder, as the command named it, for the messages."""
     from diffusers import DiTTransformer2DModel
 
-    from pipeline.diffusers_dit import diffusers_config, to_diffusers
+    from ditpipe.pipeline.diffusers_dit import diffusers_config, to_diffusers
 
     _check_diffusers_fit(model, cfg)
     transformer = DiTTransformer2DModel(**diffusers_config(model))
@@ -132,8 +132,8 @@ def _no_pipeline_reason(model, cfg: Config, manifest: dict, norm: dict) -> str |
 def _write_pipeline(folder: Path, transformer, cfg: Config, manifest: dict, vae: str | None, console: Console) -> None:
     from diffusers import DDIMScheduler, DiTPipeline
 
-    from pipeline.codec import load_codec
-    from pipeline.diffusion import DDPM
+    from ditpipe.pipeline.codec import load_codec
+    from ditpipe.pipeline.diffusion import DDPM
 
     codec_info = manifest["codec"]
     try:

@@ -17,11 +17,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import atomic, lock
-from pipeline.config import load_config
-from pipeline.errors import DitpipeError
-from pipeline.metrics import plot_loss
-from pipeline.sources import SHAPES_CLASS_NAMES, classify_shape
+from ditpipe.pipeline import atomic, lock
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.metrics import plot_loss
+from ditpipe.pipeline.sources import SHAPES_CLASS_NAMES, classify_shape
 
 MARKER = "quickstart.json"  # written last, with every file the quickstart wrote: what the next one may replace
 
@@ -29,10 +29,10 @@ MARKER = "quickstart.json"  # written last, with every file the quickstart wrote
 def quickstart(out: Path = Path("outputs/quickstart"), overrides: dict | None = None,
                console: Console | None = None) -> dict:
     """Run it all; `overrides` (dotted keys) adjust configs/quickstart.yaml, e.g. fewer epochs on a slow machine."""
-    from pipeline.sample_options import SampleOptions
-    from stages.encode import encode
-    from stages.sample import sample
-    from stages.train import train
+    from ditpipe.pipeline.sample_options import SampleOptions
+    from ditpipe.stages.encode import encode
+    from ditpipe.stages.sample import sample
+    from ditpipe.stages.train import train
 
     console = console or Console(stderr=True)
     t0 = time.time()

@@ -26,8 +26,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from pipeline import checkpoint, lock, safe_yaml
-from pipeline.errors import DitpipeError
+from ditpipe.pipeline import checkpoint, lock, safe_yaml
+from ditpipe.pipeline.errors import DitpipeError
 
 LOCK = lock.NAME  # held (flock LOCK_EX) by the train/resume process of a run, its record (pid, verb) inside
 

@@ -14,20 +14,20 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from pipeline import checkpoint, npz
-from pipeline.atomic import atomic_path
-from pipeline.errors import DitpipeError
-from pipeline.images import make_grid
-from pipeline.protocol import conditioner, make_plan, protocol_defaults
-from pipeline.sample_options import SAMPLE_BATCH, SampleOptions
-from pipeline.sampleable import Sampleable, describe_settings, generated, load_sampleable, settings_with
-from pipeline.spread import Spread
+from ditpipe.pipeline import checkpoint, npz
+from ditpipe.pipeline.atomic import atomic_path
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.images import make_grid
+from ditpipe.pipeline.protocol import conditioner, make_plan, protocol_defaults
+from ditpipe.pipeline.sample_options import SAMPLE_BATCH, SampleOptions
+from ditpipe.pipeline.sampleable import Sampleable, describe_settings, generated, load_sampleable, settings_with
+from ditpipe.pipeline.spread import Spread
 
 
 def sized_latent(s: Sampleable, size: str, warn) -> tuple[int, int, int]:
     """The latent shape (C, H/f, W/f) of `--size WxH`: any size whose latent the model's patches tile; a size the
     run never trained on (not one of its buckets) is allowed, with a warning."""
-    from pipeline.buckets import parse_size
+    from ditpipe.pipeline.buckets import parse_size
 
     try:
         w, h = parse_size(size)

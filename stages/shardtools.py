@@ -9,13 +9,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import shards
-from pipeline.errors import ShardError
-from pipeline.manifest import load_manifest
+from ditpipe.pipeline import shards
+from ditpipe.pipeline.errors import ShardError
+from ditpipe.pipeline.manifest import load_manifest
 
 
 def inspect(folder: Path, as_json: bool, console: Console) -> None:
-    from stages import runs
+    from ditpipe.stages import runs
 
     if runs.is_checkpoint(folder):  # checked first: a checkpoint holds a manifest.json excerpt too
         runs.inspect_checkpoint(folder, console, as_json)
@@ -64,7 +64,7 @@ def inspect(folder: Path, as_json: bool, console: Console) -> None:
 
 
 def verify(folder: Path, console: Console) -> None:
-    from stages.progress import progress_bar
+    from ditpipe.stages.progress import progress_bar
 
     manifest = load_manifest(folder)
     with progress_bar(console, "sample") as bar:

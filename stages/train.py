@@ -24,24 +24,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from pipeline import checkpoint, lock, shards
-from pipeline.config import CPU_RECIPE, Config, override_args
-from pipeline.device import describe, peak_tflops
-from pipeline.errors import ConfigError, DitpipeError
-from pipeline.estimate import LONG_ON_CPU_SECONDS, duration, remaining, step_seconds
-from pipeline.latent_norm import LatentNorm
-from pipeline.manifest import Manifest, load_manifest, text_encoder_of
-from pipeline.metrics import MetricsLog
-from pipeline.order import Plan
-from pipeline.phema import SNAPSHOT_DIR, write_snapshots
-from pipeline.recovery import RecoveryState
-from pipeline.run import (Run, Stream, build_model_for, build_step_for, open_run, prepare_folder, recover, restore,
-                          run_dir_of, spike_watch)
-from pipeline.schedule import lr_at, schedule_warnings
-from pipeline.step import FLOPS_CONVENTION, Micro, Step
-from pipeline.training import conditioning_for, shard_folders
-from pipeline.validation import HeldOut, eval_model, held_out_losses
-from pipeline.workers import capped_workers
+from ditpipe.pipeline import checkpoint, lock, shards
+from ditpipe.pipeline.config import CPU_RECIPE, Config, override_args
+from ditpipe.pipeline.device import describe, peak_tflops
+from ditpipe.pipeline.errors import ConfigError, DitpipeError
+from ditpipe.pipeline.estimate import LONG_ON_CPU_SECONDS, duration, remaining, step_seconds
+from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.manifest import Manifest, load_manifest, text_encoder_of
+from ditpipe.pipeline.metrics import MetricsLog
+from ditpipe.pipeline.order import Plan
+from ditpipe.pipeline.phema import SNAPSHOT_DIR, write_snapshots
+from ditpipe.pipeline.recovery import RecoveryState
+from ditpipe.pipeline.run import (Run, Stream, build_model_for, build_step_for, open_run, prepare_folder, recover,
+                                  restore, run_dir_of, spike_watch)
+from ditpipe.pipeline.schedule import lr_at, schedule_warnings
+from ditpipe.pipeline.step import FLOPS_CONVENTION, Micro, Step
+from ditpipe.pipeline.training import conditioning_for, shard_folders
+from ditpipe.pipeline.validation import HeldOut, eval_model, held_out_losses
+from ditpipe.pipeline.workers import capped_workers
 
 MANY_CHECKPOINTS = 20  # the preflight warns when a run would keep more checkpoint folders than this
 
@@ -252,10 +252,10 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
                     device: torch.device, cache: dict) -> Path:
     """A grid of `validation.num_samples` samples (EMA weights when kept), one class per column cycle, written to
     samples/step-NNNNNNN.png. The same seed every time, so grids compare across steps."""
-    from pipeline import atomic
-    from pipeline.codec import load_decoder
-    from pipeline.generate import decode, generate
-    from pipeline.images import make_grid, to_uint8
+    from ditpipe.pipeline import atomic
+    from ditpipe.pipeline.codec import load_decoder
+    from ditpipe.pipeline.generate import decode, generate
+    from ditpipe.pipeline.images import make_grid, to_uint8
 
     model = eval_model(cfg, manifest, num_classes, ema.state_dict() if ema is not None else raw.state_dict(), device,
                        cache)
@@ -263,7 +263,7 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
     labels = torch.arange(n) % num_classes if num_classes else None
     names = manifest["labels"]["names"][:num_classes] if 0 < num_classes <= 16 else None
     if conditioning_for(cfg, manifest) == "caption":  # one prompt per column
-        from pipeline.text import encode_prompts, load_for_manifest
+        from ditpipe.pipeline.text import encode_prompts, load_for_manifest
 
         if "text" not in cache:
             cache["text"] = load_for_manifest(text_encoder_of(manifest), device)
@@ -444,7 +444,7 @@ def _preflight(console, run: Run, raw, restretched_from: int | None = None, step
         table.add_row("post-hoc EMA", f"σ_rel {', '.join(f'{s:g}' for s in t.posthoc_ema_sigmas)}: snapshots every "
                                       f"{cfg.checkpointing.phema_every:,} steps and at the end ({size:,.1f} MiB "
                                       f"each step) in {run.run_dir / SNAPSHOT_DIR}; `ditpipe ema` reconstructs")
-    from pipeline.memory import preflight as memory_preflight  # the prediction's logic lives there
+    from ditpipe.pipeline.memory import preflight as memory_preflight  # the prediction's logic lives there
 
     memory_row, memory_warning = memory_preflight(cfg, manifest, raw, plan.world_size, device)
     table.add_row("memory", memory_row)
@@ -513,7 +513,7 @@ def _train_flops_per_sample(step: Step, m: Micro | None, device: torch.device) -
     """Training FLOPs per sample as pipeline.step.FLOPS_CONVENTION states (3 forwards, 4 with gradient
     checkpointing), counted on the shapes of `m`, the last micro-batch; only on CUDA, where a peak makes it an MFU (a
     forward there costs milliseconds)."""
-    from pipeline.step import train_flops_per_sample
+    from ditpipe.pipeline.step import train_flops_per_sample
 
     if device.type != "cuda" or m is None:
         return None

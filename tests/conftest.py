@@ -49,8 +49,8 @@ def one_thread(monkeypatch):
 
 def pixel_shards(folder: Path, num_samples: int, **over) -> Path:
     """Pixel-codec shapes shards (16 px) encoded into `folder`; `over` adds dotted keys (e.g. samples_per_shard)."""
-    from pipeline.config import load_config
-    from stages.encode import encode
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.stages.encode import encode
 
     encode(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": num_samples,
                               "vae.name": "pixel", "data.num_workers": 0, "shards.path": str(folder), **over}))
@@ -201,7 +201,7 @@ def coco_root(tmp_path) -> Path:
 @pytest.fixture
 def cli(capsys):
     """Run `ditpipe ARGS` in this process through the real entry point; returns (exit code, stdout, stderr)."""
-    from stages.cli import main
+    from ditpipe.stages.cli import main
 
     def run(*args: str) -> tuple[int, str, str]:
         code = main([str(a) for a in args])
@@ -214,7 +214,7 @@ def cli(capsys):
 def assert_common_checkpoints_equal(run: Path, ref: Path, note: str = "") -> set[str]:
     """Every checkpoint folder both runs hold has the same model, EMA and optimizer bytes (by the sha256 the
     checkpoint records; torch.save is deterministic). Returns the common folder names."""
-    from pipeline.checkpoint import validate
+    from ditpipe.pipeline.checkpoint import validate
 
     common = {p.name for p in ref.glob("checkpoint-*")} & {p.name for p in run.glob("checkpoint-*")}
     for name in sorted(common):
@@ -228,9 +228,9 @@ def train_tiny(tmp: Path, num_samples: int, **over) -> Path:
     """Encode `num_samples` 16 px shapes with the pixel codec and train a 1-block DiT on them; returns the run."""
     from accelerate.state import AcceleratorState
 
-    from pipeline.config import load_config
-    from stages.encode import encode
-    from stages.train import train
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.stages.encode import encode
+    from ditpipe.stages.train import train
     from tiny import TINY_MODEL
 
     data = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": num_samples,

@@ -138,7 +138,7 @@ if __name__ == "__main__":  # `torchrun … tests/devices.py OUT ARGS…`: `ditp
     import os
     import sys
 
-    from stages.cli import entry
+    from ditpipe.stages.cli import entry
 
     out, sys.argv = sys.argv[1], ["ditpipe", *sys.argv[2:]]
     mode = HostReads()

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from pipeline.step import FLOPS_CONVENTION, forward_flops, train_flops_per_sample
-from stages.bench import PARTS, SCHEMA, BenchOptions, command_line, targets
+from ditpipe.pipeline.step import FLOPS_CONVENTION, forward_flops, train_flops_per_sample
+from ditpipe.stages.bench import PARTS, SCHEMA, BenchOptions, command_line, targets
 
 TINY = ["--vae-shape", "tiny", "--image-size", "32", "--encode-images", "4", "--encode-batch", "2", "--jpeg-count",
         "4", "--loader-samples", "512", "--loader-batch", "64", "--repeats", "1", "--steps", "1", "--warmup", "1",
@@ -19,7 +19,7 @@ TINY = ["--vae-shape", "tiny", "--image-size", "32", "--encode-images", "4", "--
 
 
 def ditpipe(*args, timeout=900):
-    return subprocess.run([sys.executable, "-c", "from stages.cli import entry; entry()", *args],
+    return subprocess.run([sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()", *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -174,8 +174,8 @@ def test_gpu_targets_apply_only_to_their_models():
 
 
 def test_training_flops_count_the_forward_that_gradient_checkpointing_recomputes():
-    from pipeline.diffusion import make_objective
-    from pipeline.model import build_dit
+    from ditpipe.pipeline.diffusion import make_objective
+    from ditpipe.pipeline.model import build_dit
 
     model = build_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=8, hidden_size=64, depth=2, num_heads=4)
     objective, x, y = make_objective("ddpm", True), torch.zeros(2, 4, 8, 8), torch.zeros(2, dtype=torch.long)
@@ -190,8 +190,8 @@ def test_training_flops_count_the_forward_that_gradient_checkpointing_recomputes
 def test_dit_xl2_at_256px_counts_twice_the_papers_multiply_adds():
     """The DiT paper gives DiT-XL/2 at 256 px 118.6 Gflops a forward, counting multiply-adds; the flop counter
     counts 2 FLOPs each. Built on the meta device: the count needs shapes, not 675M initialised weights."""
-    from pipeline.diffusion import make_objective
-    from pipeline.model import build_dit
+    from ditpipe.pipeline.diffusion import make_objective
+    from ditpipe.pipeline.model import build_dit
 
     with torch.device("meta"):
         model = build_dit("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000)

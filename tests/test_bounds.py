@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import npz, shards
-from pipeline.errors import DataError, ShardError
-from pipeline.manifest import check_entries
-from pipeline.safe_yaml import AliasRefused, safe_load
+from ditpipe.pipeline import npz, shards
+from ditpipe.pipeline.errors import DataError, ShardError
+from ditpipe.pipeline.manifest import check_entries
+from ditpipe.pipeline.safe_yaml import AliasRefused, safe_load
 
 from conftest import resign, train_tiny
 from test_hostile import edit_json, on_shards, one_error
@@ -151,7 +151,7 @@ def test_yaml_aliases_are_refused_in_every_file_we_read(run, tmp_path, cli):
     with pytest.raises(ValueError):  # readers that treat a bad value as a damaged file catch it too
         safe_load("<<: &base {a: 1}\n")
     assert safe_load("a: [1, {b: 2}]\n") == {"a": [1, {"b": 2}]}
-    from pipeline.config import parse_value
+    from ditpipe.pipeline.config import parse_value
 
     assert parse_value("&x 1") == "&x 1"  # a command-line value with an anchor stays text
 

@@ -15,16 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import buckets, shards
-from pipeline.config import load_config
-from pipeline.order import BucketOrder, Plan
-from pipeline.sample_options import SampleOptions
-from pipeline.sources import cover_crop, load_image
-from stages.encode import encode
-from stages.sample import sample
-from pipeline.hooks import PAUSE_ENV, RECORD_ENV
-from pipeline.run import resume_config
-from stages.train import train
+from ditpipe.pipeline import buckets, shards
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.order import BucketOrder, Plan
+from ditpipe.pipeline.sample_options import SampleOptions
+from ditpipe.pipeline.sources import cover_crop, load_image
+from ditpipe.stages.encode import encode
+from ditpipe.stages.sample import sample
+from ditpipe.pipeline.hooks import PAUSE_ENV, RECORD_ENV
+from ditpipe.pipeline.run import resume_config
+from ditpipe.stages.train import train
 
 from conftest import assert_common_checkpoints_equal, jpeg_bytes, photo, reset_accelerate
 from tiny import TINY_ARCH, TINY_MODEL, tiny_dit
@@ -142,7 +142,7 @@ def test_bucket_order_is_keyed_exactly_once_and_one_bucket_a_global_batch():
 
 
 def test_model_takes_any_grid_and_official_checkpoints_still_load_strictly():
-    from pipeline.model import get_2d_sincos_pos_embed
+    from ditpipe.pipeline.model import get_2d_sincos_pos_embed
 
     model = tiny_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=3, any_grid=True)
     assert model.pos_embed.shape == (1, 16, 32)  # the square grid's, as official
@@ -207,7 +207,7 @@ def test_verify_checks_each_shard_against_its_own_buckets_shape(custom_shards, t
 
 
 def test_a_wrong_config_for_bucketed_shards_is_refused_naming_the_key(custom_shards, tmp_path):
-    from pipeline.errors import ConfigError
+    from ditpipe.pipeline.errors import ConfigError
 
     data, _ = custom_shards
     with pytest.raises(ConfigError, match="data.buckets"):
@@ -247,7 +247,7 @@ def test_bucketed_training_resumes_bitwise_in_process_and_samples_at_two_sizes(c
     tall = sample(full, SampleOptions(num=2, steps=2), out=None, size="8x16", classes="a,b")
     default = sample(full, SampleOptions(num=2, steps=2), out=None, classes="a,b")  # the most common bucket
     assert wide.shape == (2, 12, 20, 3) and tall.shape == (2, 16, 8, 3) and default.shape == (2, 16, 8, 3)
-    from stages.export import export
+    from ditpipe.stages.export import export
 
     export(full / "checkpoint-8", "safetensors", tmp_path / "export")  # an export folder keeps the run's buckets
     assert sample(tmp_path / "export", SampleOptions(num=2, steps=2), out=None, classes="a,b").shape == (2, 16, 8, 3)
@@ -350,8 +350,8 @@ ORDER_BEFORE = [9, 8, 7, 4, 6, 10, 5, 1, 3, 16, 17, 2, 15, 0, 18, 12, 19, 14, 13
 def test_square_default_is_byte_for_byte_the_code_before_buckets(tmp_path):
     import hashlib
 
-    from pipeline.order import EpochOrder
-    from pipeline.model import build_dit
+    from ditpipe.pipeline.order import EpochOrder
+    from ditpipe.pipeline.model import build_dit
 
     photos = mixed_folder(tmp_path / "photos", per_class=1)
     manifest = encode(load_config(None, {"data.dataset_name": "custom", "data.dataset_path": str(photos),

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import shards
-from pipeline.manifest import load_manifest
-from pipeline.text import Caption, TextEncoderError, pack, read_record, record_bytes
+from ditpipe.pipeline import shards
+from ditpipe.pipeline.manifest import load_manifest
+from ditpipe.pipeline.text import Caption, TextEncoderError, pack, read_record, record_bytes
 
 from conftest import jpeg_bytes, photo, reset_accelerate
 from tiny import TINY_MODEL
@@ -33,8 +33,8 @@ TINY = {**TINY_MODEL, "model.name": "DiT-T-S/4",
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory) -> Path:
     """128 16-px shapes with their captions embedded (pixel codec), in two tar shards."""
-    from pipeline.config import load_config
-    from stages.encode import encode
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.stages.encode import encode
 
     out = tmp_path_factory.mktemp("cap") / "shapes"
     encode(load_config(None, shapes_data(out)))
@@ -47,8 +47,8 @@ def shapes_data(out: Path, n: int = 128) -> dict:
 
 
 def train_run(shards_dir: Path, out: Path, name: str = "r", **over) -> Path:
-    from pipeline.config import load_config
-    from stages.train import train
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.stages.train import train
 
     n = load_manifest(shards_dir)["num_samples"]
     cfg = {**shapes_data(shards_dir, n), **TINY, "logging.output_dir": str(out), "logging.run_name": name,
@@ -80,7 +80,7 @@ def test_record_round_trips_without_pickle_and_refuses_other_layouts():
 
 
 def test_shapes_captions_name_the_class_and_paraphrase_it():
-    from pipeline.sources import shape_captions, shape_params
+    from ditpipe.pipeline.sources import shape_captions, shape_params
 
     for i in range(50):
         color, kind = shape_params(3, i, 16)[:2]
@@ -136,7 +136,7 @@ def test_coco_captions_encode_verify_and_read_back(tmp_path, coco_root, cli, fmt
     assert samples[2].meta["captions"] == [f"image {i} caption {k}" for k in range(5)]
     if fmt == "parquet":
         return
-    # ... and train a caption model on them and sample it, through the CLI, as the README's recipe does
+    # ... and train a caption model on them and sample it, through the CLI, as docs/captions.md's recipe does
     over = {"data.dataset_name": "coco", "data.dataset_path": coco_root, "data.split": "val", "data.image_size": 16,
             "data.num_samples": 6, "vae.name": "pixel", "shards.path": out, "data.captions": "true",
             **{**TINY, "training.batch_size": 2}, "training.max_steps": 2, "logging.output_dir": tmp_path / "runs",
@@ -218,9 +218,9 @@ def test_verify_checks_the_text_member(shapes_dir, tmp_path, cli):
 
 
 def test_caption_choice_is_keyed_per_sample_and_leaves_the_latent_draws_alone(shapes_dir):
-    from pipeline.loader import MicroBatches
-    from pipeline.order import EpochOrder, Plan
-    from pipeline.store import open_shards
+    from ditpipe.pipeline.loader import MicroBatches
+    from ditpipe.pipeline.order import EpochOrder, Plan
+    from ditpipe.pipeline.store import open_shards
 
     store, _ = open_shards(shapes_dir)
     order = EpochOrder(store.counts, seed=5, window=2)
@@ -247,7 +247,7 @@ def test_caption_choice_is_keyed_per_sample_and_leaves_the_latent_draws_alone(sh
 
 
 def _tiny_caption_dit(**kw):
-    from pipeline.model_text import build_caption_dit
+    from ditpipe.pipeline.model_text import build_caption_dit
 
     torch.manual_seed(0)
     return build_caption_dit("DiT-T-S/4", input_size=8, in_channels=3, text_dim=12, hidden_size=32, depth=2,
@@ -300,8 +300,8 @@ def test_caption_dit_starts_as_zero_and_checkpointing_changes_nothing():
 
 
 def test_presets_are_separate_from_the_official_ones():
-    from pipeline.model import DIT_PRESETS, build_dit
-    from pipeline.model_text import CAPTION_PRESETS, build_caption_dit
+    from ditpipe.pipeline.model import DIT_PRESETS, build_dit
+    from ditpipe.pipeline.model_text import CAPTION_PRESETS, build_caption_dit
 
     assert set(CAPTION_PRESETS) == {n.replace("DiT-", "DiT-T-") for n in DIT_PRESETS}
     with pytest.raises(ValueError, match="DiT-T-S/2"):
@@ -340,8 +340,8 @@ def test_class_training_on_the_same_shards_still_works(shapes_dir, tmp_path):
 
 
 def test_resume_with_captions_is_bitwise(shapes_dir, tmp_path):
-    from pipeline.run import find_checkpoint, resume_config
-    from stages.train import train
+    from ditpipe.pipeline.run import find_checkpoint, resume_config
+    from ditpipe.stages.train import train
 
     whole = train_run(shapes_dir, tmp_path, "whole", **{"checkpointing.steps": 2})
     half = train_run(shapes_dir, tmp_path, "half", **{"training.max_steps": 2})
@@ -374,8 +374,8 @@ def test_prompt_to_a_class_model_is_refused(shapes_dir, tmp_path, cli):
 
 
 def test_encoder_identity_is_enforced(shapes_dir, caption_run):
-    from pipeline.text import load_for_manifest
-    from pipeline.run import check_same_encoders
+    from ditpipe.pipeline.text import load_for_manifest
+    from ditpipe.pipeline.run import check_same_encoders
 
     identity = dict(load_manifest(shapes_dir)["captions"]["encoder"])
     assert load_for_manifest(identity).weights_hash() == identity["hash"]
@@ -389,15 +389,15 @@ def test_encoder_identity_is_enforced(shapes_dir, caption_run):
 
 
 def test_caption_config_errors(shapes_dir, tmp_path):
-    from pipeline.errors import ConfigError
+    from ditpipe.pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="caption model"):
         train_run(shapes_dir, tmp_path, **{"model.conditioning": "class"})  # DiT-T-* with labels
     with pytest.raises(ConfigError, match="text.encoder"):
         train_run(shapes_dir, tmp_path, **{"text.encoder": "clip"})  # shards of another encoder
     plain = tmp_path / "plain"
-    from pipeline.config import load_config
-    from stages.encode import encode
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.stages.encode import encode
 
     encode(load_config(None, {**shapes_data(plain, 32), "data.captions": False}))
     with pytest.raises(ConfigError, match="no caption embeddings"):
@@ -409,9 +409,9 @@ def test_caption_config_errors(shapes_dir, tmp_path):
 
 def prompt_accuracy(run: Path, out_dir: Path, per_prompt: int = 8, **kw) -> float:
     """Sample `per_prompt` images for each of the eight prompts and judge colour and shape from the pixels."""
-    from pipeline.sources import classify_shape
-    from pipeline.sample_options import SampleOptions
-    from stages.sample import sample
+    from ditpipe.pipeline.sources import classify_shape
+    from ditpipe.pipeline.sample_options import SampleOptions
+    from ditpipe.stages.sample import sample
 
     images = sample(run, SampleOptions(num=per_prompt * len(PROMPTS), **kw), prompts=PROMPTS, out=out_dir / "grid.png",
                     out_dir=out_dir)
@@ -421,9 +421,9 @@ def prompt_accuracy(run: Path, out_dir: Path, per_prompt: int = 8, **kw) -> floa
 @pytest.mark.slow
 def test_caption_model_draws_what_the_prompt_says(tmp_path, monkeypatch):
     """configs/shapes_captions.yaml, as a user runs it: encode, train, then 256 samples for the eight prompts."""
-    from pipeline.config import load_config
-    from stages.encode import encode
-    from stages.train import train
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.stages.encode import encode
+    from ditpipe.stages.train import train
 
     config = Path(__file__).resolve().parents[1] / "configs" / "shapes_captions.yaml"
     monkeypatch.chdir(tmp_path)

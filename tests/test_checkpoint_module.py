@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
+from ditpipe.pipeline import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # The names only a checkpoint or an export has (manifest.json and config.json are also a shard folder's and a
@@ -44,7 +44,7 @@ def test_the_two_manifest_excerpts_are_one_function_with_the_keys_each_writes():
 def trained(tmp_path_factory):
     """A tiny run (EMA kept), its raw-only twin, and an export of the first."""
     from conftest import train_tiny
-    from stages.export import export
+    from ditpipe.stages.export import export
 
     tmp = tmp_path_factory.mktemp("weights")
     run = train_tiny(tmp / "a", 32, **{"training.max_steps": 2, "checkpointing.steps": 2})
@@ -99,8 +99,8 @@ def test_fine_tune_and_export_read_through_open_weights(trained):
     """The two converted readers give what they gave: the same weights and descriptions."""
     from rich.console import Console
 
-    from pipeline.finetune import load_init
-    from stages.export import open_checkpoint
+    from ditpipe.pipeline.finetune import load_init
+    from ditpipe.stages.export import open_checkpoint
 
     run, _, out = trained
     ckpt = run / "checkpoint-2"

@@ -7,18 +7,18 @@ import sys
 import pytest
 import typer
 
-from pipeline import __version__
-from pipeline.config import known_keys, parse_overrides
-from stages.cli import app
+from ditpipe.pipeline import __version__
+from ditpipe.pipeline.config import known_keys, parse_overrides
+from ditpipe.stages.cli import app
 
 
 def run(*args, **kw):
-    return subprocess.run([sys.executable, "-c", "from stages.cli import entry; entry()", *args],
+    return subprocess.run([sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()", *args],
                           capture_output=True, text=True, timeout=120, **kw)
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys\nfrom stages.cli import main\nrc = main(['--help'])\n"
+    code = ("import sys\nfrom ditpipe.stages.cli import main\nrc = main(['--help'])\n"
             "assert 'torch' not in sys.modules, 'ditpipe --help imported torch'\nsys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -35,7 +35,7 @@ def test_a_finished_command_leaves_the_process_group(tmp_path, backend, args, rc
             + ("torch.cuda.set_device(0)\n" if backend == "nccl" else "")  # NCCL's group on the GPU, as a rank's
             + f"dist.init_process_group({backend!r}, init_method='file://{tmp_path}/group', rank=0, world_size=1)\n"
             f"sys.argv = ['ditpipe', *{args!r}]\n"
-            "from stages.cli import entry\n"
+            "from ditpipe.stages.cli import entry\n"
             "try:\n    entry()\nexcept SystemExit as e:\n    print('exit', e.code, dist.is_initialized())\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

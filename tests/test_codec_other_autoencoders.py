@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import shards
-from pipeline.codec import CrossDecoder, load_codec, load_decoder
-from pipeline.config import load_config
-from pipeline.errors import CodecError
-from stages.encode import encode
-from stages.export import export
-from pipeline.sample_options import SampleOptions
-from stages.sample import sample
-from pipeline.run import resume_config
-from stages.train import train
+from ditpipe.pipeline import shards
+from ditpipe.pipeline.codec import CrossDecoder, load_codec, load_decoder
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.errors import CodecError
+from ditpipe.stages.encode import encode
+from ditpipe.stages.export import export
+from ditpipe.pipeline.sample_options import SampleOptions
+from ditpipe.stages.sample import sample
+from ditpipe.pipeline.run import resume_config
+from ditpipe.stages.train import train
 
 from conftest import assert_common_checkpoints_equal, reset_accelerate
 from tiny import TINY_MODEL
@@ -105,9 +105,9 @@ def test_autoencoder_through_encode_verify_train_resume_sample_export(tmp_path, 
     assert shards.verify(tmp_path / "shards") == ([], 32)
 
     # A deterministic codec ships no std, so the step has no posterior noise to draw.
-    from pipeline.loader import MicroBatches
-    from pipeline.order import EpochOrder, Plan
-    from pipeline.store import open_shards
+    from ditpipe.pipeline.loader import MicroBatches
+    from ditpipe.pipeline.order import EpochOrder, Plan
+    from ditpipe.pipeline.store import open_shards
 
     store, _ = open_shards(tmp_path / "shards")
     batch = MicroBatches(store, EpochOrder(store.counts, 0, 8), Plan(32, 8, 1, 1), 0, 0)[(0, 0)]

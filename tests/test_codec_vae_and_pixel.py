@@ -13,8 +13,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from pipeline.codec import PixelCodec, VaeCodec, encode_with_backoff, is_oom, load_codec
-from pipeline.errors import CodecError
+from ditpipe.pipeline.codec import PixelCodec, VaeCodec, encode_with_backoff, is_oom, load_codec
+from ditpipe.pipeline.errors import CodecError
 
 CPU = torch.device("cpu")
 

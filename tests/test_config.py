@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Config, ConfigError, known_keys, load_config, parse_overrides, resolve_config_path
+from ditpipe.pipeline.config import Config, ConfigError, known_keys, load_config, parse_overrides, resolve_config_path
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = {  # the training guide's keys and defaults (shared/reference/training_guide.md)
@@ -160,7 +160,7 @@ def test_yaml_that_is_not_a_mapping_is_refused(tmp_path):
 
 def test_cli_config_errors_exit_2_without_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", "from stages.cli import entry; entry()", "encode",
+    proc = subprocess.run([sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()", "encode",
                            "--dataset", "shapes", "--training.batchsize", "3", "--data.image_size", "abc"],
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import load_config, shipped_configs
-from pipeline.sources import SHAPES_CLASS_NAMES, classify_shape, render_shape, shape_params
+from ditpipe.pipeline.config import load_config, shipped_configs
+from ditpipe.pipeline.sources import SHAPES_CLASS_NAMES, classify_shape, render_shape, shape_params
 from conftest import photo
 
 
@@ -24,7 +24,7 @@ def _pair(cli, folder: Path, *train_over: str) -> tuple[int, str]:
 
 
 def test_the_cpu_recipe_ships_and_every_key_it_sets_says_why():
-    assert "cpu" in shipped_configs()  # `--config cpu` from any folder: packaged as ditpipe_configs/*.yaml
+    assert "cpu" in shipped_configs()  # `--config cpu` from any folder: packaged as ditpipe.configs/*.yaml
     cfg = load_config("cpu")
     assert (cfg.data.dataset_name, cfg.vae.name, cfg.data.num_samples) == ("custom", "pixel", None)  # offline, all
     assert cfg.data.image_size == 32 and cfg.model.conditioning == "auto"  # class folders: labels; flat: none

@@ -15,14 +15,14 @@ import sys
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.metrics import read_metrics
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.metrics import read_metrics
 
 from conftest import reset_accelerate
 
 pytestmark = pytest.mark.cuda
 
-CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
+CLI = [sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()"]
 TINY = {"model.name": "DiT-S/2", "model.hidden_size": 64, "model.depth": 2, "model.num_heads": 4,
         "data.num_workers": 2, "lr_scheduler.warmup_steps": 5, "training.learning_rate": 1e-3,
         "logging.steps": 10, "logging.tensorboard": False, "checkpointing.every_epoch": False,
@@ -32,7 +32,7 @@ TINY = {"model.name": "DiT-S/2", "model.hidden_size": 64, "model.depth": 2, "mod
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from stages.encode import encode
+    from ditpipe.stages.encode import encode
 
     folder = tmp_path_factory.mktemp("px") / "shards"
     encode(load_config(None, {**TINY, "shards.samples_per_shard": 128, "shards.path": str(folder)}))
@@ -52,8 +52,8 @@ def config(tmp_path, shards, **over):
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("variant", ["plain", "compile", "checkpointing"])
 def test_30_steps_train_and_their_checkpoint_loads_strictly(tmp_path, shards, precision, variant):
-    from pipeline.checkpoint import validate
-    from stages.train import train
+    from ditpipe.pipeline.checkpoint import validate
+    from ditpipe.stages.train import train
 
     over = {"plain": {}, "compile": {"model.compile": True}, "checkpointing": {"model.gradient_checkpointing": True}}
     run = train(config(tmp_path, shards, **{"training.mixed_precision": precision, "training.max_steps": 30,
@@ -73,12 +73,12 @@ def test_30_steps_train_and_their_checkpoint_loads_strictly(tmp_path, shards, pr
 
 
 def _step(precision):
-    from pipeline.device import make_accelerator
-    from pipeline.diffusion import make_objective
-    from pipeline.latent_norm import LatentNorm
-    from pipeline.order import Plan
-    from pipeline.model import build_dit
-    from pipeline.step import Micro, build_step
+    from ditpipe.pipeline.device import make_accelerator
+    from ditpipe.pipeline.diffusion import make_objective
+    from ditpipe.pipeline.latent_norm import LatentNorm
+    from ditpipe.pipeline.order import Plan
+    from ditpipe.pipeline.model import build_dit
+    from ditpipe.pipeline.step import Micro, build_step
 
     cfg = load_config(None, {**TINY, "training.mixed_precision": precision})
     acc, _, _ = make_accelerator(precision)
@@ -125,8 +125,8 @@ def test_every_part_of_the_step_is_on_the_gpu_and_a_nan_skips_it(precision):
 
 
 def test_resume_is_bitwise_with_training_deterministic(tmp_path, shards):
-    from pipeline.checkpoint import validate
-    from stages.train import train
+    from ditpipe.pipeline.checkpoint import validate
+    from ditpipe.stages.train import train
 
     common = {"training.mixed_precision": "bf16", "training.deterministic": True, "checkpointing.steps": 10}
     whole = train(config(tmp_path, shards, **common, **{"training.max_steps": 20, "logging.run_name": "whole"}))
@@ -157,7 +157,7 @@ def test_a_cpu_written_checkpoint_resumes_on_the_gpu_in_fp16(tmp_path, shards):
 
 
 def test_validation_grids_sample_in_bf16_and_the_copies_leave_the_gpu(tmp_path, shards):
-    from stages.train import _park, eval_model, train
+    from ditpipe.stages.train import _park, eval_model, train
 
     run = train(config(tmp_path, shards, **{"training.mixed_precision": "bf16", "training.max_steps": 10,
                                             "validation.every_steps": 5, "validation.num_samples": 8,
@@ -175,7 +175,7 @@ def test_validation_grids_sample_in_bf16_and_the_copies_leave_the_gpu(tmp_path, 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_process_ddp_run(tmp_path, shards):
-    args = ["--standalone", "--nproc_per_node", "2", "-m", "stages.cli", "train",
+    args = ["--standalone", "--nproc_per_node", "2", "-m", "ditpipe.stages.cli", "train",
             *flags({**TINY, "shards.path": shards, "logging.output_dir": tmp_path / "out", "logging.run_name": "ddp",
                     "training.max_steps": 20, "training.mixed_precision": "bf16"})]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True, text=True,
@@ -194,11 +194,11 @@ def test_two_process_ddp_run(tmp_path, shards):
 def _built_step(precision: str, model, latent_shape: tuple[int, int, int], batch: int, **training):
     """The training step of `model` as train builds it, with the config's training section plus `training`
     overrides (dotted keys without the `training.` prefix), and one fixed micro-batch of class labels."""
-    from pipeline.device import make_accelerator
-    from pipeline.diffusion import make_objective
-    from pipeline.latent_norm import LatentNorm
-    from pipeline.order import Plan
-    from pipeline.step import Micro, build_step
+    from ditpipe.pipeline.device import make_accelerator
+    from ditpipe.pipeline.diffusion import make_objective
+    from ditpipe.pipeline.latent_norm import LatentNorm
+    from ditpipe.pipeline.order import Plan
+    from ditpipe.pipeline.step import Micro, build_step
 
     cfg = load_config(None, {**TINY, "training.mixed_precision": precision, "training.batch_size": batch,
                              **{f"training.{k}": v for k, v in training.items()}})
@@ -215,7 +215,7 @@ def _built_step(precision: str, model, latent_shape: tuple[int, int, int], batch
 
 
 def _tiny_dit(**over):
-    from pipeline.model import build_dit
+    from ditpipe.pipeline.model import build_dit
 
     return build_dit("DiT-S/2", input_size=16, in_channels=3, num_classes=8, learn_sigma=True, hidden_size=64,
                      depth=2, num_heads=4, class_dropout_prob=0.1, **over)
@@ -226,9 +226,9 @@ def test_compile_with_gradient_checkpointing_and_buckets_trains_without_hitting_
     past torch's limit would fall back to eager silently; here it fails the run instead."""
     import torch._dynamo
 
-    from pipeline.checkpoint import validate
-    from stages.encode import encode
-    from stages.train import train
+    from ditpipe.pipeline.checkpoint import validate
+    from ditpipe.stages.encode import encode
+    from ditpipe.stages.train import train
     from test_buckets import data_for, mixed_folder, run_config
 
     data = data_for("custom", mixed_folder(tmp_path / "photos"), tmp_path / "shards")
@@ -247,7 +247,7 @@ def test_compile_with_gradient_checkpointing_and_buckets_trains_without_hitting_
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_post_hoc_ema_and_the_spike_watch_never_sync_with_the_host(precision):
-    from pipeline.recovery import SpikeWatch
+    from ditpipe.pipeline.recovery import SpikeWatch
 
     step, micro = _built_step(precision, _tiny_dit(), (3, 16, 16), 16, posthoc_ema=True, recover=True)
     watch = SpikeWatch(step.acc.device, 3.0, 20)
@@ -270,8 +270,8 @@ def test_post_hoc_ema_and_the_spike_watch_never_sync_with_the_host(precision):
 def test_the_caption_models_masked_cross_attention_in_bf16_ignores_padding():
     """bf16 SDPA with a boolean mask on the GPU (the kernel differs from the CPU's): padded caption tokens change
     nothing, an empty mask (no caption) is finite, and bf16 stays close to fp32."""
-    from pipeline.model_text import build_caption_dit
-    from pipeline.text import Caption
+    from ditpipe.pipeline.model_text import build_caption_dit
+    from ditpipe.pipeline.text import Caption
 
     torch.manual_seed(0)
     model = build_caption_dit("DiT-T-S/2", input_size=16, in_channels=4, text_dim=32, hidden_size=64, depth=2,
@@ -298,8 +298,8 @@ def test_the_caption_models_masked_cross_attention_in_bf16_ignores_padding():
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_sampling_runs_the_model_in_bf16_and_the_sampler_in_fp32(bf16):
-    from pipeline.diffusion import make_objective
-    from pipeline.generate import generate
+    from ditpipe.pipeline.diffusion import make_objective
+    from ditpipe.pipeline.generate import generate
 
     model = _tiny_dit().cuda().eval()
     seen = set()
@@ -361,8 +361,8 @@ def test_two_processes_on_one_gpu_train_with_gradients_as_views_into_ddps_bucket
 def test_the_preflights_memory_prediction_matches_the_allocators_peak(checkpointing):
     """DiT-B/2 at 256 px (256 tokens), batch 32, bf16, EMA: the step's peak as torch's caching allocator counts it
     (max_memory_allocated, after the optimizer state exists) against pipeline.memory.predict."""
-    from pipeline.memory import predict
-    from pipeline.model import build_dit
+    from ditpipe.pipeline.memory import predict
+    from ditpipe.pipeline.model import build_dit
 
     torch.manual_seed(0)
     model = build_dit("DiT-B/2", input_size=32, in_channels=4, num_classes=8, gradient_checkpointing=checkpointing)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.spread import TIMEOUT
+from ditpipe.pipeline.spread import TIMEOUT
 
 from conftest import reset_accelerate
 from test_device_settings import the_three_vaes
@@ -24,7 +24,7 @@ def test_every_vae_path_runs_the_vae_channels_last_with_cudnn_benchmark(tiny_vae
 
 @pytest.mark.cuda
 def test_the_preflight_says_what_bf16_saves_where_the_gpu_has_it():
-    from pipeline.device import bf16_native, make_accelerator
+    from ditpipe.pipeline.device import bf16_native, make_accelerator
 
     reset_accelerate()
     _, precision, notice = make_accelerator("fp16")
@@ -37,7 +37,7 @@ def test_the_preflight_says_what_bf16_saves_where_the_gpu_has_it():
 
 NCCL = """
     import json, torch
-    from pipeline.device import make_accelerator
+    from ditpipe.pipeline.device import make_accelerator
 
     acc, _, _ = make_accelerator("bf16")
     torch.manual_seed(0)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import shards
-from pipeline.codec import encode_with_backoff, load_codec
-from pipeline.config import load_config
-from pipeline.sources import make_source
-from stages.encode import encode
+from ditpipe.pipeline import shards
+from ditpipe.pipeline.codec import encode_with_backoff, load_codec
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.sources import make_source
+from ditpipe.stages.encode import encode
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda", 0)
@@ -29,7 +29,7 @@ def sd_vae(tmp_path_factory) -> Path:
     """sd-vae-ft-ema's architecture (stages/bench.py's VAE_SHAPES["sd"]) with random weights: the same cost."""
     from diffusers import AutoencoderKL
 
-    from stages.bench import VAE_SHAPES
+    from ditpipe.stages.bench import VAE_SHAPES
 
     torch.manual_seed(0)
     shape = VAE_SHAPES["sd"]

@@ -75,7 +75,7 @@ def test_a_damaged_training_state_is_skipped_by_every_verb_for_the_newest_valid(
 def test_every_field_of_a_training_state_is_checked(run, tmp_path):
     """The rule beyond the instance: every count is a non-negative whole number (not a bool, float or string),
     lr_scale a positive finite number, files a table of sizes and hashes; each problem names the file and key."""
-    from pipeline import checkpoint
+    from ditpipe.pipeline import checkpoint
 
     good = checkpoint.validate(run / "checkpoint-1")
     for key, value in [("step", True), ("step", -1), ("step", 2.0), ("epoch", "0"), ("samples_consumed", None),
@@ -93,8 +93,8 @@ def test_undecodable_names_and_captions_skip_their_input_with_a_reason(tmp_path,
     input with its reason (as a broken image does); the other inputs are encoded. A caption object is never read
     as its keys."""
     from conftest import photo
-    from pipeline import shards
-    from pipeline.manifest import load_manifest
+    from ditpipe.pipeline import shards
+    from ditpipe.pipeline.manifest import load_manifest
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -119,7 +119,7 @@ def test_undecodable_names_and_captions_skip_their_input_with_a_reason(tmp_path,
 
 
 def _problems(over: dict) -> str:
-    from pipeline.config import ConfigError, load_config
+    from ditpipe.pipeline.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as info:
         load_config(None, over)
@@ -129,7 +129,7 @@ def _problems(over: dict) -> str:
 def test_a_seed_every_rng_cannot_take_is_refused_by_validation():
     """H17: training.seed seeds torch, python and numpy's legacy RNG (at most 2³² − 1); data.seed is hashed into
     64-bit keys. A larger one is a config error naming the key, not a crash in training."""
-    from pipeline.config import load_config
+    from ditpipe.pipeline.config import load_config
 
     assert load_config(None, {"training.seed": 2**32 - 1, "data.seed": 2**64 - 1}).training.seed == 2**32 - 1
     said = _problems({"training.seed": 2**64, "data.seed": 2**64})
@@ -139,7 +139,7 @@ def test_a_seed_every_rng_cannot_take_is_refused_by_validation():
 def test_every_number_in_the_config_is_finite_every_count_a_number_and_grids_bounded():
     """H25, and the rule beyond it: no float key takes .inf or .nan, no int key takes a bool, and the validation
     grid's size is bounded."""
-    from pipeline.config import Config, known_keys, load_config
+    from ditpipe.pipeline.config import Config, known_keys, load_config
 
     said = _problems({"training.learning_rate": float("inf"), "training.weight_decay": float("inf"),
                       "training.max_grad_norm": float("inf"), "validation.cfg_scale": float("inf"),
@@ -164,7 +164,7 @@ def ditpipe_with_small_files(limit: int, *argv) -> tuple[int, str]:
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, "-c", "from stages.cli import entry; entry()", *map(str, argv)],
+    proc = subprocess.run([sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()", *map(str, argv)],
                           capture_output=True, text=True, timeout=120, preexec_fn=small_files,
                           env={**os.environ, "COLUMNS": "250", "HF_HUB_OFFLINE": "1"})
     return proc.returncode, proc.stderr
@@ -221,7 +221,7 @@ def test_two_exports_of_the_same_weights_are_the_same_bytes(run, tmp_path, cli):
 
 def test_the_encode_rate_means_something_at_any_speed():
     """Encode's bar and summary printed 0 img/s below 0.5 img/s (a large VAE on a CPU runs at 0.1 img/s)."""
-    from stages.progress import rate_text
+    from ditpipe.stages.progress import rate_text
 
     assert [rate_text(r) for r in (0.0, 0.0123, 0.1, 0.49, 5.5, 42.17, 99.94, 100.4, 12345.6)] == [
         "0", "0.0123", "0.1", "0.49", "5.5", "42.2", "99.9", "100", "12,346"]

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import exported, phema
-from pipeline.checkpoint import validate
-from pipeline.config import load_config
-from pipeline.errors import DitpipeError
-from pipeline.manifest import load_manifest
-from pipeline.hooks import INJECT_ENV
+from ditpipe.pipeline import exported, phema
+from ditpipe.pipeline.checkpoint import validate
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.manifest import load_manifest
+from ditpipe.pipeline.hooks import INJECT_ENV
 
 from conftest import pixel_shards
 from tiny import TINY_MODEL
@@ -142,7 +142,7 @@ def test_a_recovery_moves_the_abandoned_stretchs_snapshots_aside_and_ema_never_u
     checkpoint-10 and skips 14 steps of data, meets the same failure again at step 16 and stops (recover_max 1).
     Snapshots of steps 12-24 from before the recovery held the failed stretch; 12 and 16 are written again after
     it, 20 and 24 never: `ditpipe ema` must not find them."""
-    from stages.train import train
+    from ditpipe.stages.train import train
 
     shards_dir = pixel_shards(tmp_path / "shards", 128)
     monkeypatch.setenv(INJECT_ENV, "nan:18:60")

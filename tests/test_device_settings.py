@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import load_config
-from pipeline.device import precision_advice
-from pipeline.training import open_data
-from stages.bench import BenchOptions, bare_codec
-from pipeline.encode import encode_codec
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.device import precision_advice
+from ditpipe.pipeline.training import open_data
+from ditpipe.stages.bench import BenchOptions, bare_codec
+from ditpipe.pipeline.encode import encode_codec
 
 
 def test_fp16_on_a_gpu_with_native_bf16_says_what_bf16_saves():

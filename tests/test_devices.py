@@ -13,10 +13,10 @@ import torch
 
 from conftest import pixel_shards
 from devices import HostReads, on_meta
-from pipeline.config import load_config
-from pipeline.ema import EMA
-from pipeline.run import find_checkpoint
-from stages.train import train
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.ema import EMA
+from ditpipe.pipeline.run import find_checkpoint
+from ditpipe.stages.train import train
 from tiny import TINY_MODEL, tiny_dit
 
 LOG, END = 3, 6
@@ -53,7 +53,7 @@ def test_a_run_and_its_resume_keep_every_tensor_on_the_device(tmp_path, shards):
 def test_a_recovery_reloads_its_checkpoint_onto_the_device(tmp_path, shards):
     """training.recover on meta: the loop is told (by the served reads) of non-finite steps from step 5 on, goes back
     to checkpoint-3, loads it onto the device and trains on, and stops when it is told again (recover_max 1)."""
-    from pipeline.errors import DitpipeError
+    from ditpipe.pipeline.errors import DitpipeError
 
     cfg = {**RUN, "shards.path": str(shards), "logging.output_dir": str(tmp_path / "out"), "logging.run_name": "r",
            "training.max_nonfinite_steps": 1, "training.recover_max": 1, "training.max_steps": 9}
@@ -81,13 +81,13 @@ def test_the_steps_parts_and_a_loaded_checkpoint_live_on_the_device(tmp_path, sh
     """build_step on meta, two steps, then a checkpoint written on the CPU loaded into a second step made there:
     every part is on the device. (meta's `module.to` makes new parameters where CUDA's keeps them, so a part made
     from the model before it moved keeps stale CPU tensors here instead of failing: this test catches that.)"""
-    from pipeline.device import make_accelerator
-    from pipeline.diffusion import make_objective
-    from pipeline.latent_norm import LatentNorm
-    from pipeline.order import Plan
-    from pipeline.recovery import SpikeWatch
-    from pipeline.checkpoint import load_state
-    from pipeline.step import Micro, build_step
+    from ditpipe.pipeline.device import make_accelerator
+    from ditpipe.pipeline.diffusion import make_objective
+    from ditpipe.pipeline.latent_norm import LatentNorm
+    from ditpipe.pipeline.order import Plan
+    from ditpipe.pipeline.recovery import SpikeWatch
+    from ditpipe.pipeline.checkpoint import load_state
+    from ditpipe.pipeline.step import Micro, build_step
 
     cfg = load_config(None, {**RUN, "shards.path": str(shards)})
 
@@ -123,8 +123,8 @@ def test_the_steps_parts_and_a_loaded_checkpoint_live_on_the_device(tmp_path, sh
 @pytest.mark.parametrize("objective,cfg_scale", [("flow", 4.0), ("ddpm", 4.0), ("flow", 1.0)])
 def test_sampling_keeps_every_tensor_on_the_device(objective, cfg_scale):
     """Labels made on the host (as `sample` makes them) and keyed noise; guided within an interval and not."""
-    from pipeline.diffusion import make_objective
-    from pipeline.generate import SampleNoise, generate
+    from ditpipe.pipeline.diffusion import make_objective
+    from ditpipe.pipeline.generate import SampleNoise, generate
 
     with on_meta() as meta:
         model = tiny_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=4, learn_sigma=False).to(meta).eval()

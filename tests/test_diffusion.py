@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.diffusion import DDPM, Flow, make_objective, space_timesteps
+from ditpipe.pipeline.diffusion import DDPM, Flow, make_objective, space_timesteps
 
 from tiny import TINY_ARCH
 
@@ -395,7 +395,7 @@ def test_flow_logit_normal_timesteps():
 
 
 def test_flow_timestep_mean_and_std_shape_the_draws_and_the_defaults_keep_the_old_ones():
-    from pipeline.config import DiffusionConfig
+    from ditpipe.pipeline.config import DiffusionConfig
 
     plain = make_objective("flow", False, DiffusionConfig(objective="flow"))
     # The defaults draw exactly sigmoid(N(0, 1)), the draws of every flow run from before the two keys existed.
@@ -543,7 +543,7 @@ def test_make_objective_and_sampler_names():
 
 
 def test_with_tiny_dit():
-    from pipeline.model import DiT
+    from ditpipe.pipeline.model import DiT
 
     torch.manual_seed(0)  # weight init only; the objectives below draw from explicit generators
     for objective in ("ddpm", "flow"):

@@ -30,17 +30,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.checkpoint import validate
-from pipeline.config import load_config
-from pipeline.errors import ShardError
-from pipeline.loader import MicroBatches
-from pipeline.order import EpochOrder, Plan
-from pipeline.store import open_shards
-from pipeline.metrics import read_metrics
-from stages.encode import encode
-from pipeline.hooks import PAUSE_ENV, RECORD_ENV
-from stages.train import train
+from ditpipe.pipeline import checkpoint
+from ditpipe.pipeline.checkpoint import validate
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.errors import ShardError
+from ditpipe.pipeline.loader import MicroBatches
+from ditpipe.pipeline.order import EpochOrder, Plan
+from ditpipe.pipeline.store import open_shards
+from ditpipe.pipeline.metrics import read_metrics
+from ditpipe.stages.encode import encode
+from ditpipe.pipeline.hooks import PAUSE_ENV, RECORD_ENV
+from ditpipe.stages.train import train
 
 from conftest import assert_common_checkpoints_equal, pixel_shards, reset_accelerate
 from tiny import TINY_MODEL

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.config import Config, key_table
+from ditpipe.pipeline.config import Config, key_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "tests" / "README.md"]

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import download
-from pipeline.download import COCO_ARCHIVES, download_coco
-from pipeline.errors import DataError
+from ditpipe.pipeline import download
+from ditpipe.pipeline.download import COCO_ARCHIVES, download_coco
+from ditpipe.pipeline.errors import DataError
 
 VAL_ZIP = "zips/val2017.zip"
 ANN_ZIP = "annotations/annotations_trainval2017.zip"
@@ -246,7 +246,7 @@ def test_unknown_split(root):
 
 
 def test_the_official_archives_are_fetched_over_https_with_pinned_sizes_and_hashes():
-    from pipeline.config import DataConfig
+    from ditpipe.pipeline.config import DataConfig
 
     assert download.COCO_BASE_URL.startswith("https://") and DataConfig().download_url == download.COCO_BASE_URL
     for rel, spec in COCO_ARCHIVES.items():

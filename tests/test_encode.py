@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import shards
+from ditpipe.pipeline import shards
 
 
 def shapes(out: Path, *extra, vae="pixel", size=16, n=300, per_shard=100) -> list[str]:
@@ -123,7 +123,7 @@ def test_coco_fixture_keeps_all_five_captions(tmp_path, cli, coco_root):
 def run_encode_process(out: Path, vae: Path, *, kill_when_partial: bool = False) -> tuple[int, str]:
     """`ditpipe encode` as a real subprocess (its own session, so a kill takes its decode workers too). With
     `kill_when_partial`, SIGKILL it as soon as a shard is complete but the manifest is not written yet."""
-    cmd = [sys.executable, "-c", "from stages.cli import entry; entry()",
+    cmd = [sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()",
            *shapes(out, "--batch-size", 16, vae=vae, size=32, n=800, per_shard=50)]
     cmd[cmd.index("--num-workers") + 1] = "1"
     log = out.with_name(out.name + ".log")  # a file, not a pipe: nobody reads a pipe while we poll
@@ -175,8 +175,8 @@ def test_killed_encode_resumes_to_the_same_bytes(tmp_path, tiny_vae):
         assert (st.st_ino, st.st_mtime_ns) == (before[n].st_ino, before[n].st_mtime_ns), n
         assert (killed / shards.sidecar_name(n)).read_bytes() == before_sidecars[n]
     assert not [p.name for p in killed.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
-    assert subprocess.run([sys.executable, "-c", "from stages.cli import entry; entry()", "verify", str(killed)],
-                          capture_output=True).returncode == 0
+    assert subprocess.run([sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()", "verify",
+                           str(killed)], capture_output=True).returncode == 0
 
 
 def test_a_deleted_or_damaged_shard_is_re_encoded_and_nothing_else(tmp_path, cli):

@@ -17,19 +17,22 @@ STAGES = sorted((ROOT / "stages").glob("*.py"))
 
 
 def _stage_imports(path: Path) -> list[tuple[str, str]]:
-    """(stage module, name) of every name a stage takes from another stage: `from stages.x import n`, and
-    `stage.n` on a module bound by `import stages.x as stage` / `from stages import x`."""
+    """(stage module, name) of every name a stage takes from another stage: `from ditpipe.stages.x import n`, and
+    `stage.n` on a module bound by `import ditpipe.stages.x as stage` / `from ditpipe.stages import x`; modules are
+    named by folder (`stages.x`)."""
     me = f"stages.{path.stem}"
     tree = ast.parse(path.read_text())
+    named = lambda module: (module or "").removeprefix("ditpipe.")  # noqa: E731 (the installed name, by folder)
     modules: dict[str, str] = {}  # local name -> stage module
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages."):
-            found += [(node.module, a.name) for a in node.names if node.module != me]
-        elif isinstance(node, ast.ImportFrom) and node.module == "stages":
+        if isinstance(node, ast.ImportFrom) and named(node.module).startswith("stages."):
+            found += [(named(node.module), a.name) for a in node.names if named(node.module) != me]
+        elif isinstance(node, ast.ImportFrom) and named(node.module) == "stages":
             modules.update({a.asname or a.name: f"stages.{a.name}" for a in node.names})
         elif isinstance(node, ast.Import):
-            modules.update({a.asname: a.name for a in node.names if a.name.startswith("stages.") and a.asname})
+            modules.update({a.asname: named(a.name) for a in node.names
+                            if named(a.name).startswith("stages.") and a.asname})
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
             if modules[node.value.id] != me:
@@ -46,7 +49,8 @@ def test_no_stage_imports_another_stages_private_name(path):
 def test_evaluate_imports_nothing_from_sample():
     assert not [m for m, _ in _stage_imports(ROOT / "stages" / "evaluate.py") if m == "stages.sample"]
     tree = ast.parse((ROOT / "stages" / "evaluate.py").read_text())
-    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "stages" for a in n.names}
+    names = {a.name for n in ast.walk(tree)
+             if isinstance(n, ast.ImportFrom) and n.module in ("stages", "ditpipe.stages") for a in n.names}
     assert "sample" not in names
 
 
@@ -56,7 +60,7 @@ def test_bench_hooks_encode_through_its_callback_not_by_swapping_a_function():
 
 
 def test_the_encode_engine_lives_in_pipeline_and_pipeline_imports_no_stage():
-    from pipeline import encode
+    from ditpipe.pipeline import encode
 
     assert callable(encode.encode) and issubclass(encode.Observer, object)
     for path in (ROOT / "pipeline").rglob("*.py"):
@@ -71,8 +75,8 @@ def test_the_encode_engine_lives_in_pipeline_and_pipeline_imports_no_stage():
 
 
 def _config_accepts(objective: str, sampler: str) -> bool:
-    from pipeline.config import load_config
-    from pipeline.errors import ConfigError
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.pipeline.errors import ConfigError
 
     try:
         load_config(None, {"diffusion.objective": objective, "validation.sampler": sampler})
@@ -96,8 +100,8 @@ def _dispatches(objective, sampler: str) -> bool:
 def test_config_validation_and_the_dispatch_accept_the_same_samplers_per_objective():
     from typing import get_args
 
-    from pipeline.config import ValidationConfig
-    from pipeline.diffusion import OBJECTIVES, make_objective
+    from ditpipe.pipeline.config import ValidationConfig
+    from ditpipe.pipeline.diffusion import OBJECTIVES, make_objective
 
     literal = next(a for a in get_args(ValidationConfig.model_fields["sampler"].annotation) if get_args(a))
     names = set(get_args(literal)) | {"no-such-sampler"}
@@ -111,7 +115,7 @@ def test_config_validation_and_the_dispatch_accept_the_same_samplers_per_objecti
 
 def test_sampler_names_are_written_in_one_file():
     """The names appear as string literals in pipeline/samplers.py alone: config, CLI help and dispatch read it."""
-    from pipeline.samplers import NAMES
+    from ditpipe.pipeline.samplers import NAMES
 
     holders = {}
     for path in [*(ROOT / "pipeline").rglob("*.py"), *STAGES]:
@@ -129,9 +133,9 @@ def test_sampler_names_are_written_in_one_file():
 
 
 def test_sample_and_evaluate_take_the_one_options_object():
-    from pipeline.sample_options import SampleOptions
-    from stages.evaluate import evaluate
-    from stages.sample import sample
+    from ditpipe.pipeline.sample_options import SampleOptions
+    from ditpipe.stages.evaluate import evaluate
+    from ditpipe.stages.sample import sample
 
     shared = {f.name for f in fields(SampleOptions)}
     for verb in (sample, evaluate):
@@ -147,8 +151,8 @@ def test_sample_and_evaluate_take_the_one_options_object():
 
 
 def test_the_encode_observer_sees_every_batch(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.encode import Observer, encode
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.pipeline.encode import Observer, encode
 
     class Count(Observer):
         def __init__(self):
@@ -173,7 +177,7 @@ def test_the_encode_observer_sees_every_batch(tmp_path):
     again = Count()
     assert encode(config("engine"), observer=again)["shards"] == manifest["shards"] and again.batches == []  # kept
 
-    from stages.encode import encode as verb
+    from ditpipe.stages.encode import encode as verb
 
     stamped = []
     assert verb(config("verb"), on_batch=stamped.append)["num_samples"] == sum(stamped) == 10  # bench's hook

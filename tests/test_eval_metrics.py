@@ -14,11 +14,11 @@ import torch
 
 import torchmetrics_reference
 from conftest import photo
-from pipeline import eval_metrics, fid, npz
-from pipeline.diffusion import make_objective
-from pipeline.errors import DataError
-from pipeline.generate import SampleNoise, generate
-from pipeline.model import build_dit
+from ditpipe.pipeline import eval_metrics, fid, npz
+from ditpipe.pipeline.diffusion import make_objective
+from ditpipe.pipeline.errors import DataError
+from ditpipe.pipeline.generate import SampleNoise, generate
+from ditpipe.pipeline.model import build_dit
 
 pytest.importorskip("torchmetrics", reason="the `eval` extra is not installed")
 
@@ -122,7 +122,7 @@ def test_inception_score_matches_torchmetrics_with_the_same_classifier(feats):
     from torchmetrics.image.inception import InceptionScore
 
     ext, real, fake, _, pool, _ = feats
-    # the TF graph's real classifier weights are not in the offline extractor (the README says where to get
+    # the TF graph's real classifier weights are not in the offline extractor (docs/evaluation.md says where to get
     # them); the formula is checked with a random classifier layer of the same shape on the same features
     head = eval_metrics.InceptionHead(torch.randn(1008, 2048, generator=torch.Generator().manual_seed(0)) * 0.05,
                                       "synthetic")

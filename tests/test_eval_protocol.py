@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipeline import eval_metrics
+from ditpipe.pipeline import eval_metrics
 
 
 # ------------------------------------------------------------- the evaluator, transcribed in numpy

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from pipeline.config import load_config
-from stages.encode import encode
+from ditpipe.pipeline.config import load_config
+from ditpipe.stages.encode import encode
 from conftest import train_tiny
 from tiny import TINY_MODEL
 
@@ -91,7 +91,7 @@ def test_an_official_checkpoint_is_scored_with_official_guidance_and_the_protoco
     import numpy as np
     import torch
 
-    from pipeline.model import build_dit
+    from ditpipe.pipeline.model import build_dit
 
     torch.manual_seed(0)
     model = build_dit("DiT-S/8", input_size=16, in_channels=4, num_classes=1000)  # the preset's shape, as official

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import load_config
-from pipeline.diffusers_dit import match_official_timesteps
-from pipeline.errors import DitpipeError
-from pipeline.finetune import load_init
-from pipeline.model import DiT, TimestepEmbedder
-from stages.encode import encode
-from stages.export import export
-from stages.train import train
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.diffusers_dit import match_official_timesteps
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.finetune import load_init
+from ditpipe.pipeline.model import DiT, TimestepEmbedder
+from ditpipe.stages.encode import encode
+from ditpipe.stages.export import export
+from ditpipe.stages.train import train
 
 from conftest import train_tiny
 from tiny import TINY_MODEL
@@ -94,7 +94,7 @@ def _diffusers_freqs(t, dim, max_period=10000):
 
 
 def rebuild_from_checkpoint(run):
-    from stages.export import open_checkpoint
+    from ditpipe.stages.export import open_checkpoint
     from rich.console import Console
 
     _, _, _, model, meta = open_checkpoint(run, False, Console(stderr=True))

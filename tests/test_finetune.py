@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.config import ConfigError, load_config
-from pipeline.errors import DitpipeError
-from pipeline.finetune import InitSource, adapt, load_init
-from pipeline.metrics import read_metrics
-from stages.encode import encode
-from stages.train import train
+from ditpipe.pipeline.config import ConfigError, load_config
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.finetune import InitSource, adapt, load_init
+from ditpipe.pipeline.metrics import read_metrics
+from ditpipe.stages.encode import encode
+from ditpipe.stages.train import train
 
 from conftest import train_tiny
 from tiny import TINY_MODEL, tiny_dit

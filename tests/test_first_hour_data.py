@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from conftest import photo, write_coco
-from pipeline import shards
-from pipeline.config import load_config, parse_overrides, shipped_configs
-from pipeline.errors import DataError, ShardError
-from pipeline.manifest import load_manifest
-from pipeline.training import check_manifest, open_data
+from ditpipe.pipeline import shards
+from ditpipe.pipeline.config import load_config, parse_overrides, shipped_configs
+from ditpipe.pipeline.errors import DataError, ShardError
+from ditpipe.pipeline.manifest import load_manifest
+from ditpipe.pipeline.training import check_manifest, open_data
 
 CUSTOM = ["--dataset", "custom", "--data-path", "imgs", "--vae", "pixel", "--image-size", "16", "--num-workers", "0"]
 
@@ -181,7 +181,7 @@ def test_coco_without_its_captions_file_refuses_captions_naming_the_file(coco_wi
 
 
 def test_a_failed_download_leaves_no_folder_it_made_and_keeps_what_was_there(tmp_path):
-    from pipeline.download import download_coco
+    from ditpipe.pipeline.download import download_coco
 
     fresh = tmp_path / "data" / "coco"  # neither exists: both made by the download, both gone after it fails
     with pytest.raises(DataError, match="could not download"):
@@ -215,7 +215,7 @@ def test_encode_download_offline_leaves_no_empty_downloads_folder(tmp_path, monk
 
 
 def test_the_next_line_names_the_small_recipe_on_a_cpu_and_the_same_folder():
-    from pipeline.config import train_command
+    from ditpipe.pipeline.config import train_command
 
     over = {"data.dataset_name": "custom", "data.dataset_path": "imgs", "vae.name": "pixel", "data.image_size": 16,
             "data.num_samples": None, "data.download": False}

@@ -19,7 +19,7 @@ import pytest
 from conftest import train_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
+CLI = [sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()"]
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # vae.name's default
 FIX = f"`hf download {DEFAULT_VAE} --local-dir /models/sd-vae-ft-mse`"
 
@@ -40,7 +40,8 @@ def closed_port() -> int:
 
 # Loads the default VAE in a fresh process (the hub client reads its settings at import) and prints how long the
 # load took (diffusers imported before the clock starts) and what it raised.
-LOAD = [sys.executable, "-c", "import json, sys, time\nimport diffusers\nfrom pipeline.codec import load_codec\n"
+LOAD = [sys.executable, "-c", "import json, sys, time\nimport diffusers\n"
+        "from ditpipe.pipeline.codec import load_codec\n"
         "t = time.perf_counter()\ntry:\n    load_codec(sys.argv[1])\n    error = None\n"
         "except Exception as e:\n    error = f'{type(e).__name__}: {e}'\n"
         "print(json.dumps({'seconds': time.perf_counter() - t, 'error': error}))", DEFAULT_VAE]
@@ -96,7 +97,7 @@ def flat(text: str) -> str:
 def test_inspect_shows_the_precision_that_ran_and_the_version_once(fp16_run, tmp_path, cli):
     import shutil
 
-    from pipeline import __version__
+    from ditpipe.pipeline import __version__
 
     ckpt = fp16_run / "checkpoint-4"
     code, out, err = cli("inspect", ckpt)
@@ -193,8 +194,8 @@ def test_posthoc_ema_snapshots_take_the_umask_mode_too(tmp_path):
 
     import torch
 
-    from pipeline.atomic import new_file_mode
-    from pipeline.phema import PowerEMA, write_snapshots
+    from ditpipe.pipeline.atomic import new_file_mode
+    from ditpipe.pipeline.phema import PowerEMA, write_snapshots
 
     old = os.umask(0o022)
     try:

@@ -24,14 +24,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import lock, shards
-from pipeline.config import load_config
-from pipeline.errors import ShardError
-from pipeline.store import open_shards
-from stages.encode import encode
+from ditpipe.pipeline import lock, shards
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.errors import ShardError
+from ditpipe.pipeline.store import open_shards
+from ditpipe.stages.encode import encode
 from test_lock import DATA, TRAIN, args, kill_9, refused_here, start
 
-READER = [sys.executable, "-c", "import sys, time; from pipeline import lock\n"
+READER = [sys.executable, "-c", "import sys, time; from ditpipe.pipeline import lock\n"
           "with lock.hold(sys.argv[1], sys.argv[2], shared=sys.argv[3] == 'shared'):\n"
           "    print('locked', flush=True); time.sleep(600)"]
 

@@ -16,9 +16,9 @@ import torch
 
 from conftest import pixel_shards
 from devices import HostReads
-from pipeline.config import load_config
-from pipeline.metrics import read_metrics
-from stages.train import train
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.metrics import read_metrics
+from ditpipe.stages.train import train
 from tiny import TINY_MODEL, tiny_dit
 
 LOG, END = 4, 10  # log and checkpoint every 4 steps, end at 10 (not a multiple: the end is a log step too)
@@ -61,7 +61,7 @@ def test_a_run_reads_nothing_back_between_log_steps(tmp_path, shards, variant):
 
 def test_a_bucketed_run_reads_nothing_back_between_log_steps(tmp_path):
     from test_buckets import data_for, mixed_folder
-    from stages.encode import encode
+    from ditpipe.stages.encode import encode
 
     data = data_for("custom", mixed_folder(tmp_path / "photos"), tmp_path / "shards")
     encode(load_config(None, data))
@@ -70,7 +70,7 @@ def test_a_bucketed_run_reads_nothing_back_between_log_steps(tmp_path):
 
 def test_a_caption_run_reads_nothing_back_between_log_steps(tmp_path):
     from test_captions import shapes_data
-    from stages.encode import encode
+    from ditpipe.stages.encode import encode
 
     encode(load_config(None, shapes_data(tmp_path / "shards", 64)))
     checked_run({**shapes_data(tmp_path / "shards", 64), **TINY, "model.name": "DiT-T-S/4"}, tmp_path / "out")
@@ -103,8 +103,8 @@ def test_two_processes_read_nothing_back_between_log_steps(tmp_path, shards):
 def test_sampling_reads_nothing_back_inside_its_loop(objective, sampler, cfg_scale):
     """Guided (within a noise interval, so both the guided and the plain branch run) and unguided, with keyed
     per-sample noise as `sample`, `evaluate` and FID during training draw it."""
-    from pipeline.diffusion import make_objective
-    from pipeline.generate import SampleNoise, generate
+    from ditpipe.pipeline.diffusion import make_objective
+    from ditpipe.pipeline.generate import SampleNoise, generate
 
     torch.manual_seed(0)
     model = tiny_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=4, learn_sigma=objective == "ddpm").eval()
@@ -133,10 +133,10 @@ def test_fid_during_training_reads_nothing_back_inside_its_sampling_loops(shards
     """TrainingFID.score (every rank's share of keyed, guided samples, decoded and put through Inception): its
     sampling steps read nothing back; what it reads is per batch of features and the gather at the end."""
     pytest.importorskip("torchmetrics", reason="the `eval` extra is not installed")
-    from pipeline.manifest import load_manifest
-    from pipeline.diffusion import make_objective
-    from pipeline.latent_norm import LatentNorm
-    from pipeline.training_fid import TrainingFID
+    from ditpipe.pipeline.manifest import load_manifest
+    from ditpipe.pipeline.diffusion import make_objective
+    from ditpipe.pipeline.latent_norm import LatentNorm
+    from ditpipe.pipeline.training_fid import TrainingFID
 
     cfg = load_config(None, {**TINY, "data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 128,
                              "vae.name": "pixel", "shards.path": str(shards), "validation.fid_every_steps": 2,

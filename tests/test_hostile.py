@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import model as dit
-from pipeline.config import load_config
-from pipeline.errors import ShardError
+from ditpipe.pipeline import model as dit
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.errors import ShardError
 
 from conftest import resign, train_tiny
 from tiny import TINY_FLAGS
@@ -88,7 +88,7 @@ class Payload:
 
 
 def test_a_forged_latent_shape_is_refused_before_anything_is_allocated(shard_folder, tmp_path, cli):
-    from pipeline.manifest import check_latent_shape
+    from ditpipe.pipeline.manifest import check_latent_shape
 
     # the shapes manifest says image_size 16 and the pixel codec's downsample 1: a latent side of 16
     edit_json(shard_folder / "manifest.json", lambda m: m["latent"].update(shape=[1, 3, 300000, 300000]))
@@ -135,7 +135,7 @@ def test_model_bounds_admit_real_models_and_refuse_absurd_ones():
             model = dit.build_dit(name, input_size=latent, in_channels=4, num_classes=1000)  # 512 px .. 4096 px
             assert sum(p.numel() for p in model.parameters()) < dit.MAX_PARAMETERS
         dit.build_dit("DiT-XL/2", input_size=64, in_channels=32, num_classes=21_841)  # DC-AE latents, IN-21k
-        from pipeline.model_text import build_caption_dit
+        from ditpipe.pipeline.model_text import build_caption_dit
 
         build_caption_dit("DiT-T-XL/2", input_size=64, in_channels=4, text_dim=4096)  # T5-XXL captions
     too_big = [(dict(input_size=30000 // 4, patch_size=4), "3,515,625 tokens"),  # the latent, patch 4

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import jpeg_bytes, photo
-from pipeline import shards
+from ditpipe.pipeline import shards
 
 PER_SHARD = 4
 # Reused latents were encoded in other batches than a fresh encode puts them in, and a convolution's kernel (and so its
@@ -258,7 +258,7 @@ def test_a_folder_from_before_source_records_is_upgraded_without_decoding(folder
 def encode_process(folder: Path, out: Path, vae: Path, kill_after: str | None = None) -> int:
     """`ditpipe encode` in a subprocess of its own session; with `kill_after`, SIGKILL it once that sidecar has been
     rewritten (its inode changed) while the manifest is still the old one."""
-    cmd = [sys.executable, "-c", "from stages.cli import entry; entry()",
+    cmd = [sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()",
            *map(str, encode_args(folder, out, vae))]
     log = out.with_name(out.name + ".log")
     side = out / shards.sidecar_name(kill_after) if kill_after else None

@@ -16,7 +16,7 @@ import pytest
 
 from test_resume import assert_same_run, env, start_resume, start_train
 
-CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
+CLI = [sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()"]
 
 
 def children(pid: int) -> list[int]:

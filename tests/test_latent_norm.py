@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config
-from pipeline.generate import SampleNoise, decode, generate
-from pipeline.images import to_uint8
-from pipeline.latent_norm import LatentNorm
-from pipeline.loader import LatentView
-from pipeline.order import sample_key
-from pipeline.store import open_shards
-from stages.encode import encode
-from pipeline.sample_options import SampleOptions
-from pipeline.sampleable import load_sampleable
-from stages.sample import sample
+from ditpipe.pipeline.config import ConfigError, load_config
+from ditpipe.pipeline.generate import SampleNoise, decode, generate
+from ditpipe.pipeline.images import to_uint8
+from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.loader import LatentView
+from ditpipe.pipeline.order import sample_key
+from ditpipe.pipeline.store import open_shards
+from ditpipe.stages.encode import encode
+from ditpipe.pipeline.sample_options import SampleOptions
+from ditpipe.pipeline.sampleable import load_sampleable
+from ditpipe.stages.sample import sample
 
 from conftest import train_tiny
 
@@ -89,7 +89,7 @@ def test_training_records_channel_norm_and_sample_inverts_it(tmp_path):
 
 
 def test_channel_norm_refuses_the_online_images_mode(tmp_path):
-    from stages.train import train
+    from ditpipe.stages.train import train
 
     cfg = load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 32,
                              "vae.name": "pixel", "data.source": "images", "data.latent_norm": "channel",

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from pipeline import atomic
-from pipeline.errors import DitpipeError
-from pipeline.metrics import MetricsLog
+from ditpipe.pipeline import atomic
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.metrics import MetricsLog
 
 
 def test_a_link_planted_at_the_temporary_name_is_neither_written_through_nor_deleted(tmp_path):

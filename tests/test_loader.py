@@ -6,11 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import load_config
-from pipeline.loader import LatentView, MicroBatches, RunKeys, make_loader, sample_normal
-from pipeline.order import EpochOrder, Plan, sample_flip, sample_key
-from pipeline.store import ShardStore, open_shards
-from stages.encode import encode
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.loader import LatentView, MicroBatches, RunKeys, make_loader, sample_normal
+from ditpipe.pipeline.order import EpochOrder, Plan, sample_flip, sample_key
+from ditpipe.pipeline.store import ShardStore, open_shards
+from ditpipe.stages.encode import encode
 
 
 def _encode(folder, **over):

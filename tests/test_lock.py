@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checkpoint, lock
-from pipeline.hooks import PAUSE_ENV
-from pipeline.manifest import load_manifest
-from pipeline.config import load_config
-from stages.encode import encode
+from ditpipe.pipeline import checkpoint, lock
+from ditpipe.pipeline.hooks import PAUSE_ENV
+from ditpipe.pipeline.manifest import load_manifest
+from ditpipe.pipeline.config import load_config
+from ditpipe.stages.encode import encode
 
 from tiny import TINY_MODEL
 
-CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
+CLI = [sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()"]
 # Holds a folder's lock as encode/export/train would, until killed (stands in for a long encode or export).
-HOLDER = [sys.executable, "-c", "import sys, time; from pipeline import lock\n"
+HOLDER = [sys.executable, "-c", "import sys, time; from ditpipe.pipeline import lock\n"
           "with lock.hold(sys.argv[1], sys.argv[2]):\n    print('locked', flush=True); time.sleep(600)"]
 DATA = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 64, "vae.name": "pixel",
         "data.num_workers": 0}
@@ -154,7 +154,7 @@ def test_lock_files_are_never_data(tmp_path, shard_folder, cli):
     run = tmp_path / "run"
     holder = hold_in_subprocess(run, "train", logs)
     kill_9(holder)  # a stale .lock, alone in the folder: a new run may start there
-    from stages.train import train
+    from ditpipe.stages.train import train
 
     cfg = load_config(None, {**DATA, **TRAIN, "shards.path": str(shard_folder), "logging.output_dir": str(tmp_path),
                              "logging.run_name": "run", "training.max_steps": 4, "checkpointing.total_limit": 1})
@@ -189,7 +189,7 @@ def test_only_global_rank_0_takes_the_lock(tmp_path, monkeypatch):
 # two forked workers; each item takes a minute, so once the first batch is out both workers are busy for a long time.
 WORKERS = [sys.executable, "-c", """
 import os, sys, time, torch
-from pipeline import lock
+from ditpipe.pipeline import lock
 
 class Slow(torch.utils.data.Dataset):
     def __len__(self):

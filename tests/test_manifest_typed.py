@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import jpeg_bytes, photo, pixel_shards
-from pipeline import atomic, shards
-from pipeline.errors import ConfigError
-from pipeline.manifest import Manifest, load_manifest, parse_manifest
+from ditpipe.pipeline import atomic, shards
+from ditpipe.pipeline.errors import ConfigError
+from ditpipe.pipeline.manifest import Manifest, load_manifest, parse_manifest
 from tiny import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,8 +28,8 @@ def plain(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bucketed(tmp_path_factory) -> Path:
     """A custom folder of 6 square photos and 4 of 2:1, in two classes: 6 in bucket 16x16, 4 in 16x8."""
-    from pipeline.config import load_config
-    from stages.encode import encode
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.stages.encode import encode
 
     root = tmp_path_factory.mktemp("buckets")
     for c in ("a", "b"):
@@ -51,13 +51,13 @@ def captioned(tmp_path_factory) -> Path:
 
 
 def config(folder: Path, **over):
-    from pipeline.config import load_config
+    from ditpipe.pipeline.config import load_config
 
     return load_config(None, {**SHAPES, **TINY_MODEL, "shards.path": str(folder), **over})
 
 
 def bucketed_config(folder: Path, **over):
-    from pipeline.config import load_config
+    from ditpipe.pipeline.config import load_config
 
     data = load_manifest(folder).source["path"]
     return load_config(None, {**BUCKETED, **TINY_MODEL, "data.dataset_path": data, "shards.path": str(folder), **over})
@@ -116,7 +116,7 @@ def test_a_captioned_manifest_names_its_encoder(captioned):
 
 
 def refusal(cfg, folder: Path) -> str:
-    from pipeline.training import check_run
+    from ditpipe.pipeline.training import check_run
 
     with pytest.raises(ConfigError) as e:
         check_run(cfg, load_manifest(folder), folder)
@@ -124,7 +124,7 @@ def refusal(cfg, folder: Path) -> str:
 
 
 def test_check_run_accepts_what_train_accepts(plain, bucketed):
-    from pipeline.training import check_run
+    from ditpipe.pipeline.training import check_run
 
     check_run(config(plain), load_manifest(plain), plain)
     check_run(bucketed_config(bucketed), load_manifest(bucketed), bucketed)

@@ -9,16 +9,16 @@ import re
 import pytest
 import torch
 
-from pipeline import memory
-from pipeline.config import load_config
-from pipeline.device import make_accelerator
-from pipeline.diffusion import make_objective
-from pipeline.latent_norm import LatentNorm
-from pipeline.order import Plan
-from pipeline.model import build_dit
-from pipeline.model_text import build_caption_dit
-from pipeline.step import Micro, build_step
-from pipeline.text import Caption
+from ditpipe.pipeline import memory
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.device import make_accelerator
+from ditpipe.pipeline.diffusion import make_objective
+from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.order import Plan
+from ditpipe.pipeline.model import build_dit
+from ditpipe.pipeline.model_text import build_caption_dit
+from ditpipe.pipeline.step import Micro, build_step
+from ditpipe.pipeline.text import Caption
 
 from tiny import tiny_dit
 

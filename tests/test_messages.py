@@ -10,9 +10,9 @@ import warnings
 
 
 from conftest import photo, train_tiny
-from pipeline.config import load_config, parse_overrides
-from pipeline.manifest import load_manifest
-from pipeline.workers import usable_cpus
+from ditpipe.pipeline.config import load_config, parse_overrides
+from ditpipe.pipeline.manifest import load_manifest
+from ditpipe.pipeline.workers import usable_cpus
 
 
 def test_encode_with_no_usable_image_exits_1_and_says_why(bad_corpus, tmp_path, cli):
@@ -45,7 +45,7 @@ def test_num_samples_null_means_all_and_names_the_folder_so(tmp_path, monkeypatc
 
 
 def test_encode_ends_with_the_train_command_that_finds_its_shards(tmp_path, monkeypatch, cli):
-    from pipeline.training import check_manifest
+    from ditpipe.pipeline.training import check_manifest
 
     monkeypatch.chdir(tmp_path)
     code, _, err = cli("encode", "--dataset", "shapes", "--vae", "pixel", "--image-size", "16", "--num-samples", "40",
@@ -72,7 +72,7 @@ def test_the_encode_bar_and_summary_show_one_rate(tmp_path, monkeypatch, cli):
 
 
 def test_workers_are_capped_at_the_cpus_with_a_notice(tmp_path, capsys):
-    from stages.encode import encode
+    from ditpipe.stages.encode import encode
 
     many = usable_cpus() + 3
     data = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 64, "vae.name": "pixel",
@@ -97,7 +97,7 @@ def test_help_keeps_bracketed_words(cli):
 
 def test_third_party_deprecation_warnings_stay_out_of_our_errors(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", "from stages.cli import entry; entry()", "encode", "--dataset",
+    proc = subprocess.run([sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()", "encode", "--dataset",
                            "shapes", "--num-samples", "4", "--out", str(tmp_path / "s")],
                           capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert proc.returncode == 1

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pipeline.model as model_mod
-from pipeline.model import DIT_PRESETS, DiT, TimestepEmbedder, build_dit, drop_labels, get_2d_sincos_pos_embed
+import ditpipe.pipeline.model as model_mod
+from ditpipe.pipeline.model import DIT_PRESETS, DiT, TimestepEmbedder, build_dit, drop_labels, get_2d_sincos_pos_embed
 
 LAYOUT = json.loads((Path(__file__).parent / "data" / "official_dit_state_dict_layout.json").read_text())
 PAPER_PARAMS = {"DiT-S/2": 32_963_360, "DiT-B/4": 130_475_648, "DiT-XL/2": 675_129_632}

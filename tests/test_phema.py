@@ -20,9 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline import phema
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from ditpipe.pipeline import phema
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.errors import ConfigError
 
 from conftest import assert_common_checkpoints_equal, train_tiny
 from tiny import TINY_MODEL, tiny_dit
@@ -152,7 +152,7 @@ def test_an_untracked_sigma_matches_its_directly_tracked_ema_within_the_measured
 
 # ---------------------------------------------------------------------------------------------------- resume
 
-CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
+CLI = [sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()"]
 
 
 def _train_args(shards: Path, outputs: Path, name: str) -> list[str]:
@@ -178,7 +178,7 @@ def _sha(path: Path) -> str:
 
 
 def test_kill_9_then_resume_continues_the_emas_and_rewrites_identical_snapshots(tmp_path):
-    from stages.encode import encode
+    from ditpipe.stages.encode import encode
 
     shards, outputs = tmp_path / "shards", tmp_path / "outputs"
     encode(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 128,
@@ -215,7 +215,7 @@ def test_a_snapshot_that_cannot_be_written_stops_every_rank_with_the_same_messag
     next step's all-reduce without its peer. No checkpoint is written, nothing is half-written."""
     import resource
 
-    from stages.encode import encode
+    from ditpipe.stages.encode import encode
 
     shards, outputs = tmp_path / "shards", tmp_path / "outputs"
     encode(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 128,
@@ -249,8 +249,8 @@ def test_a_snapshot_that_cannot_be_written_stops_every_rank_with_the_same_messag
 
 
 def test_ema_writes_weights_that_sample_export_and_init_from_load(run, tmp_path, cli, capsys):
-    from pipeline.finetune import load_init
-    from pipeline.sampleable import load_sampleable
+    from ditpipe.pipeline.finetune import load_init
+    from ditpipe.pipeline.sampleable import load_sampleable
 
     out = tmp_path / "ema008"
     code, _, err = cli("ema", run, "--sigma-rel", "0.08", "--out", out)
@@ -279,7 +279,7 @@ def test_ema_writes_weights_that_sample_export_and_init_from_load(run, tmp_path,
 
 
 def test_sweep_scores_each_sigma_beside_the_classic_ema_and_names_the_best(run, capsys):
-    from stages.ema import ema
+    from ditpipe.stages.ema import ema
 
     rows = ema(run, sweep="0.05,0.1,0.2", held_out=True, num=16)  # what `ditpipe ema RUN --sweep ... --held-out` runs
     err = capsys.readouterr().err
@@ -325,7 +325,7 @@ def test_bad_input_is_one_line_naming_the_fix(run, tmp_path, cli):
 def test_the_ema_update_in_chunks_equals_one_update_of_the_whole_model(monkeypatch):
     """The tensor-weighted update works through chunks of parameters (no model-sized temporary): the same bits as
     one update over all of them."""
-    import pipeline.ema as ema_module
+    import ditpipe.pipeline.ema as ema_module
 
     torch.manual_seed(0)
     model = tiny_dit("DiT-S/4", input_size=16, in_channels=3, num_classes=4, depth=2)

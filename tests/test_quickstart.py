@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.sources import SHAPES_CLASS_NAMES, classify_shape, render_shape, shape_params
+from ditpipe.pipeline.sources import SHAPES_CLASS_NAMES, classify_shape, render_shape, shape_params
 
 SHORT = {"training.num_epochs": 1, "data.num_samples": 512, "validation.every_steps": 4,
          "validation.sampling_steps": 4}
@@ -77,8 +77,8 @@ def test_quickstart_never_replaces_a_folder_it_did_not_make(tmp_path, monkeypatc
 def test_full_quickstart_samples_are_recognisable(tmp_path, monkeypatch, cli):
     """The learned result, not the code path: the quickstart's own 64 PNGs, then 512 more from its checkpoint with
     the same sampler settings, judged by the classifier from pixels alone."""
-    from pipeline.sample_options import SampleOptions
-    from stages.sample import sample
+    from ditpipe.pipeline.sample_options import SampleOptions
+    from ditpipe.stages.sample import sample
 
     monkeypatch.chdir(tmp_path)
     code, _, err = cli("quickstart")

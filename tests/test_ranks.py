@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checkpoint
-from pipeline.checkpoint import validate
-from pipeline.device import ddp_options
-from pipeline.spread import TIMEOUT
+from ditpipe.pipeline import checkpoint
+from ditpipe.pipeline.checkpoint import validate
+from ditpipe.pipeline.device import ddp_options
+from ditpipe.pipeline.spread import TIMEOUT
 
 from conftest import assert_common_checkpoints_equal, pixel_shards
 from test_distributed import BIN, Launch, cli_args, env, run_config
@@ -28,7 +28,8 @@ def torchrun_script(tmp_path: Path, code: str, procs: int, *args: str, timeout: 
     object, returned in rank order. The ranks share torchrun's stdout, so their lines can interleave: the objects
     are read wherever they start, not line by line."""
     script = tmp_path / "worker.py"  # ends as a CLI command does: the group left and freed (no abort at exit)
-    script.write_text(textwrap.dedent(code) + "\nfrom pipeline.device import leave_process_group\nleave_process_group()\n")
+    script.write_text(textwrap.dedent(code)
+                      + "\nfrom ditpipe.pipeline.device import leave_process_group\nleave_process_group()\n")
     p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(procs), str(script), *args],
                        capture_output=True, text=True, timeout=timeout, env=env(PYTHONPATH=ROOT), cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -43,7 +44,7 @@ def torchrun_script(tmp_path: Path, code: str, procs: int, *args: str, timeout: 
 
 ACCELERATOR = """
     import json, sys, torch
-    from pipeline.device import make_accelerator
+    from ditpipe.pipeline.device import make_accelerator
 
     acc, _, _ = make_accelerator("no", deterministic=sys.argv[1] == "1")
     torch.manual_seed(0)
@@ -114,9 +115,9 @@ def test_a_deterministic_4_process_run_resumed_halfway_ends_bitwise_equal(tmp_pa
 
 DOWNLOAD = """
     import json, sys
-    from pipeline import download
-    from pipeline.config import load_config
-    from pipeline.encode import Observer, _distributed, _source_once_per_node
+    from ditpipe.pipeline import download
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.pipeline.encode import Observer, _distributed, _source_once_per_node
 
     for rel, pin in json.loads(sys.argv[1]).items():  # the test site's archives are the "official" ones
         download.COCO_ARCHIVES[rel].update(pin)

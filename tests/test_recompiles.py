@@ -16,17 +16,17 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from pipeline import buckets
-from pipeline.config import load_config
-from pipeline.device import make_accelerator
-from pipeline.diffusion import make_objective
-from pipeline.latent_norm import LatentNorm
-from pipeline.order import Plan
-from pipeline.metrics import read_metrics
-from pipeline.step import Micro, build_step
-from pipeline.training import build_model
-from stages.encode import encode
-from stages.train import train
+from ditpipe.pipeline import buckets
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.device import make_accelerator
+from ditpipe.pipeline.diffusion import make_objective
+from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.order import Plan
+from ditpipe.pipeline.metrics import read_metrics
+from ditpipe.pipeline.step import Micro, build_step
+from ditpipe.pipeline.training import build_model
+from ditpipe.stages.encode import encode
+from ditpipe.stages.train import train
 
 from conftest import jpeg_bytes, photo, pixel_shards
 from tiny import TINY_MODEL, tiny_dit
@@ -59,9 +59,10 @@ def compiles() -> tuple[int, int, int, list[str]]:
 
 
 def test_the_step_makes_one_graph_per_auto_bucket_at_256px_and_none_on_the_next_pass(dynamo):
-    """The 11 auto buckets of an f8 codec at 256 px, patch 2 (the README's list), through the real set-up: the
-    model of a bucketed manifest (training.build_model), build_step with compile on, two passes of optimizer steps
-    over every bucket's shape. Each bucket compiles once, at its first step; the second pass compiles nothing."""
+    """The 11 auto buckets of an f8 codec at 256 px, patch 2 (docs/codecs-and-buckets.md lists them), through the
+    real set-up: the model of a bucketed manifest (training.build_model), build_step with compile on, two passes of
+    optimizer steps over every bucket's shape. Each bucket compiles once, at its first step; the second pass compiles
+    nothing."""
     sizes = buckets.auto_buckets(256, 16)
     shapes = [(4, h // 8, w // 8) for w, h in sizes]  # (C, H, W) latents of each bucket
     assert len(set(shapes)) == 11
@@ -124,7 +125,7 @@ def test_a_compiled_bucketed_train_makes_one_graph_per_bucket_over_two_epochs(dy
 
 def test_prepared_tables_are_the_ones_an_eager_forward_makes(dynamo):
     """prepare_grids makes what the forward would: numpy's exact sincos values, on the model's device and dtype."""
-    from pipeline.model import get_2d_sincos_pos_embed, grid_pos_embed, prepare_grids
+    from ditpipe.pipeline.model import get_2d_sincos_pos_embed, grid_pos_embed, prepare_grids
 
     model = tiny_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=3, any_grid=True).to(torch.bfloat16)
     prepare_grids(model, [(3, 6), (4, 4)])

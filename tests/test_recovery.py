@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.recovery import SPIKE_WARMUP, RecoveryState, SpikeWatch
+from ditpipe.pipeline.recovery import SPIKE_WARMUP, RecoveryState, SpikeWatch
 
 
 def feed(watch: SpikeWatch, losses: list[float], start: int = 0) -> None:
@@ -43,13 +43,13 @@ def test_recovery_state_round_trips_through_a_training_state():
 
 import pytest  # noqa: E402
 
-from pipeline.checkpoint import validate  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import DitpipeError  # noqa: E402
-from pipeline.metrics import read_metrics  # noqa: E402
-from pipeline.hooks import INJECT_ENV  # noqa: E402
-from stages.encode import encode  # noqa: E402
-from stages.train import train  # noqa: E402
+from ditpipe.pipeline.checkpoint import validate  # noqa: E402
+from ditpipe.pipeline.config import load_config  # noqa: E402
+from ditpipe.pipeline.errors import DitpipeError  # noqa: E402
+from ditpipe.pipeline.metrics import read_metrics  # noqa: E402
+from ditpipe.pipeline.hooks import INJECT_ENV  # noqa: E402
+from ditpipe.stages.encode import encode  # noqa: E402
+from ditpipe.stages.train import train  # noqa: E402
 from tiny import TINY_MODEL  # noqa: E402
 
 RUN = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 256, "vae.name": "pixel",

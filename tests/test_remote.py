@@ -9,10 +9,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline import remote, shards
-from pipeline.config import load_config
-from pipeline.errors import ShardError
-from pipeline.store import open_shards
+from ditpipe.pipeline import remote, shards
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.errors import ShardError
+from ditpipe.pipeline.store import open_shards
 
 from conftest import pixel_shards, reset_accelerate
 from tiny import TINY_MODEL
@@ -83,7 +83,7 @@ def test_an_oversized_remote_manifest_or_sidecar_is_refused(memory_copy, monkeyp
 
 
 def test_resume_refuses_a_remote_location_only_the_checkpoint_names(folder, tmp_path, cli):
-    from stages.train import train
+    from ditpipe.stages.train import train
 
     url = folder.resolve().as_uri()
     over = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": N, "vae.name": "pixel",

@@ -15,9 +15,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline import remote, shards
-from pipeline.errors import ShardError
-from pipeline.store import open_shards
+from ditpipe.pipeline import remote, shards
+from ditpipe.pipeline.errors import ShardError
+from ditpipe.pipeline.store import open_shards
 
 from conftest import pixel_shards
 

@@ -26,20 +26,20 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpoint
-from pipeline.checkpoint import CheckpointError, validate
-from pipeline.config import load_config, validate_tree
-from pipeline.hooks import PAUSE_ENV
-from pipeline.metrics import read_metrics
-from pipeline.schedule import lr_at
-from stages.encode import encode
-from pipeline.run import find_checkpoint, resume_config
-from stages.train import train
+from ditpipe.pipeline import checkpoint
+from ditpipe.pipeline.checkpoint import CheckpointError, validate
+from ditpipe.pipeline.config import load_config, validate_tree
+from ditpipe.pipeline.hooks import PAUSE_ENV
+from ditpipe.pipeline.metrics import read_metrics
+from ditpipe.pipeline.schedule import lr_at
+from ditpipe.stages.encode import encode
+from ditpipe.pipeline.run import find_checkpoint, resume_config
+from ditpipe.stages.train import train
 
 from conftest import assert_common_checkpoints_equal, resign
 from tiny import TINY_MODEL
 
-CLI = [sys.executable, "-c", "from stages.cli import entry; entry()"]
+CLI = [sys.executable, "-c", "from ditpipe.stages.cli import entry; entry()"]
 STEPS_PER_EPOCH, EPOCHS = 16, 3  # 256 samples / batch 16
 END = STEPS_PER_EPOCH * EPOCHS
 PAUSE_S = 0.03  # DITPIPE_CHECKPOINT_PAUSE_S: per file, so a kill can land inside a checkpoint write
@@ -582,7 +582,7 @@ def test_a_full_disk_during_torch_save_keeps_the_previous_checkpoint(tmp_path):
     code = textwrap.dedent(f"""
         import resource, torch
         from pathlib import Path
-        from pipeline import checkpoint
+        from ditpipe.pipeline import checkpoint
         run = Path({str(run)!r})
         state = {SAVED_STATE!r}
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MiB files at most; Python ignores SIGXFSZ

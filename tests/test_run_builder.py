@@ -44,8 +44,8 @@ def test_bench_builds_its_trainer_with_the_run_builder():
 
 
 def test_elastic_split_returns_a_new_config_and_leaves_the_given_one():
-    from pipeline.config import load_config
-    from pipeline.run import elastic_split
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.pipeline.run import elastic_split
 
     cfg = load_config(None, {"training.batch_size": 8, "training.gradient_accumulation_steps": 1})
     saved = {"batch_size": 8, "gradient_accumulation_steps": 1, "global_batch": 16, "world_size": 2}
@@ -56,7 +56,7 @@ def test_elastic_split_returns_a_new_config_and_leaves_the_given_one():
 
 def test_the_hooks_are_read_once_in_one_module(monkeypatch):
     """The environment is read when the run starts; what changes later (every micro-batch read it) does nothing."""
-    from pipeline import hooks
+    from ditpipe.pipeline import hooks
 
     monkeypatch.setenv(hooks.INJECT_ENV, "nan:3:5")
     monkeypatch.setenv(hooks.PAUSE_ENV, "0.5")
@@ -76,10 +76,10 @@ def test_train_and_the_builder_take_the_same_first_step(tmp_path, one_thread):
     import torch
 
     from conftest import pixel_shards, reset_accelerate
-    from pipeline.config import load_config
-    from pipeline.run import Stream, build_model_for, build_step_for, open_run
-    from pipeline.schedule import lr_at
-    from stages.train import train
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.pipeline.run import Stream, build_model_for, build_step_for, open_run
+    from ditpipe.pipeline.schedule import lr_at
+    from ditpipe.stages.train import train
     from tiny import TINY_MODEL
 
     shards = pixel_shards(tmp_path / "shards", 32)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import atomic, lock
-from pipeline.errors import DitpipeError
-from stages.runs import run_info
+from ditpipe.pipeline import atomic, lock
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.stages.runs import run_info
 from test_resume import CLI, END as END_STEP, env, last_step, start_resume, start_train
 
 END = "ended.json"  # spelled out: the name is what other tools (and the listings that skip it) see

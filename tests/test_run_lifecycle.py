@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from pipeline import checkpoint
-from pipeline.config import load_config
-from pipeline.metrics import read_metrics
-from pipeline.schedule import lr_at, restretched_length, schedule_warnings
-from stages.encode import encode
+from ditpipe.pipeline import checkpoint
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.metrics import read_metrics
+from ditpipe.pipeline.schedule import lr_at, restretched_length, schedule_warnings
+from ditpipe.stages.encode import encode
 
 from tiny import TINY_MODEL
 
@@ -163,7 +163,7 @@ def test_preflight_warns_before_a_run_goes_wrong(shards, tmp_path, cli):
 def test_the_progress_bar_shows_dashes_until_the_first_log_step():
     from rich.console import Console
 
-    from stages.train import _epoch_task, _progress
+    from ditpipe.stages.train import _epoch_task, _progress
 
     bar = _progress(Console(file=open("/dev/null", "w")), True)
     task = _epoch_task(bar, 0, 1, 10, 0)

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from pipeline import threads
-from pipeline.checkpoint import validate
-from pipeline.config import load_config
-from pipeline.estimate import duration
-from stages.encode import encode
-from stages.train import train
+from ditpipe.pipeline import threads
+from ditpipe.pipeline.checkpoint import validate
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.estimate import duration
+from ditpipe.stages.encode import encode
+from ditpipe.stages.train import train
 
 from tiny import TINY_MODEL, tiny_dit
 
@@ -108,7 +108,7 @@ def test_the_thread_count_changes_no_result(tmp_path, shards):
 
 
 def test_threads_may_change_on_resume():
-    from pipeline.config import RESUMABLE_CHANGES
+    from ditpipe.pipeline.config import RESUMABLE_CHANGES
 
     assert "training.threads" in RESUMABLE_CHANGES
 
@@ -154,7 +154,7 @@ def test_a_cpu_run_of_hours_is_warned_about_before_its_first_step_and_names_the_
     own = {**TINY, "data.dataset_name": "custom", "data.dataset_path": str(photos), "data.num_samples": None}
     encode(load_config(None, {**{k: v for k, v in own.items() if k.startswith(("data.", "vae."))},
                               "shards.path": str(tmp_path / "own")}))
-    cmd = [sys.executable, "-m", "stages.cli", "train", "--shards.path", str(tmp_path / "own"),
+    cmd = [sys.executable, "-m", "ditpipe.stages.cli", "train", "--shards.path", str(tmp_path / "own"),
            "--logging.output_dir", str(tmp_path / "outputs"), "--logging.run_name", "long",
            *[a for k, v in own.items() for a in (f"--{k}", "null" if v is None else str(v))],
            "--training.num_epochs", "10000000"]
@@ -206,12 +206,12 @@ def probe_leaves_no_trace(precision: str) -> float:
     on one: afterwards every RNG, the weights and the gradients (none) are as they were, and one real step on each
     gives bitwise the same weights. Returns the probe's seconds."""
     from conftest import reset_accelerate
-    from pipeline.device import make_accelerator
-    from pipeline.diffusion import make_objective
-    from pipeline.estimate import step_seconds
-    from pipeline.latent_norm import LatentNorm
-    from pipeline.order import Plan
-    from pipeline.step import Micro, build_step
+    from ditpipe.pipeline.device import make_accelerator
+    from ditpipe.pipeline.diffusion import make_objective
+    from ditpipe.pipeline.estimate import step_seconds
+    from ditpipe.pipeline.latent_norm import LatentNorm
+    from ditpipe.pipeline.order import Plan
+    from ditpipe.pipeline.step import Micro, build_step
 
     cfg = load_config(None, {**TINY, "training.mixed_precision": precision, "training.gradient_accumulation_steps": 2})
     steps = []

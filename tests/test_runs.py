@@ -9,11 +9,11 @@ import sys
 import pytest
 
 from conftest import train_tiny
-from pipeline import lock
-from stages.runs import LOCK, lock_holder, run_info
+from ditpipe.pipeline import lock
+from ditpipe.stages.runs import LOCK, lock_holder, run_info
 
 # Holds a run's lock through the real pipeline/lock.py, as `ditpipe train` does, until killed.
-HOLDER = [sys.executable, "-c", "import sys, time; from pipeline import lock\n"
+HOLDER = [sys.executable, "-c", "import sys, time; from ditpipe.pipeline import lock\n"
           "with lock.hold(sys.argv[1], 'train'):\n    print('locked', flush=True); time.sleep(600)"]
 
 

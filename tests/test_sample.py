@@ -5,13 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.diffusion import make_objective
-from pipeline.errors import DitpipeError
-from pipeline.generate import SampleNoise, generate
-from pipeline.model import build_dit
-from pipeline.sample_options import SampleOptions
-from pipeline.sampleable import OFFICIAL_SETTINGS, load_sampleable, resolve_settings
-from stages.sample import class_list, sample
+from ditpipe.pipeline.diffusion import make_objective
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.generate import SampleNoise, generate
+from ditpipe.pipeline.model import build_dit
+from ditpipe.pipeline.sample_options import SampleOptions
+from ditpipe.pipeline.sampleable import OFFICIAL_SETTINGS, load_sampleable, resolve_settings
+from ditpipe.stages.sample import class_list, sample
 
 from conftest import train_tiny
 
@@ -112,8 +112,8 @@ def test_official_layout_state_dict_loads_strictly_and_samples(tmp_path, tiny_va
     # index), and official DiT's guidance of the first 3 channels (the default for an official checkpoint)
     z = generate(model.eval(), make_objective("ddpm", True), (4, 16, 16), torch.tensor([1, 207, 980]), 3, "ddpm", 3,
                  4.0, 0, torch.device("cpu"), cfg_channels=3, noise=SampleNoise(0, range(3), torch.device("cpu")))
-    from pipeline.generate import decode
-    from pipeline.images import to_uint8
+    from ditpipe.pipeline.generate import decode
+    from ditpipe.pipeline.images import to_uint8
 
     assert np.array_equal(to_uint8(decode(z, s.codec, s.norm)), images)
 
@@ -143,7 +143,7 @@ def test_class_list():
 
 
 def test_classes_by_name_and_every_bad_value_is_a_one_line_error(run_dir, tmp_path, cli):
-    from pipeline.sources import SHAPES_CLASS_NAMES
+    from ditpipe.pipeline.sources import SHAPES_CLASS_NAMES
 
     names = list(SHAPES_CLASS_NAMES)
     assert class_list("red_circle, 3,yellow_square", None, 8, names) == [0, 3, 7]
@@ -223,7 +223,7 @@ def test_cli_sample(run_dir, tmp_path, cli):
 
 
 def test_grid_column_labels_wrap_instead_of_being_cut():
-    from pipeline.images import _wrap, make_grid
+    from ditpipe.pipeline.images import _wrap, make_grid
 
     assert _wrap("yellow_square", 11) == ["yellow", "square"] and _wrap("red_circle", 11) == ["red circle"]
     images = np.zeros((4, 16, 16, 3), np.uint8)

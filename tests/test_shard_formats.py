@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import formats, shards
-from pipeline.loader import LatentView, MicroBatches
-from pipeline.order import EpochOrder, Plan, sample_key
-from pipeline.store import ShardStore, open_shards
+from ditpipe.pipeline import formats, shards
+from ditpipe.pipeline.loader import LatentView, MicroBatches
+from ditpipe.pipeline.order import EpochOrder, Plan, sample_key
+from ditpipe.pipeline.store import ShardStore, open_shards
 from conftest import pixel_shards
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,13 +21,13 @@ import pytest
 import torch
 
 from conftest import jpeg_bytes, photo
-from pipeline import shards
-from pipeline.codec import load_codec
-from pipeline.config import load_config
-from pipeline.errors import ShardError
-from pipeline.manifest import load_manifest
-from pipeline.sources import SHAPES_CLASS_NAMES, make_source
-from stages.cli import main as cli_main
+from ditpipe.pipeline import shards
+from ditpipe.pipeline.codec import load_codec
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.errors import ShardError
+from ditpipe.pipeline.manifest import load_manifest
+from ditpipe.pipeline.sources import SHAPES_CLASS_NAMES, make_source
+from ditpipe.stages.cli import main as cli_main
 
 SIZE = 16
 
@@ -621,7 +621,7 @@ def set_label(folder: Path, shard: str, position: int, label) -> None:
 
 @pytest.mark.parametrize("label", [8, 9, -2, 1.5, "red_circle"])
 def test_a_label_outside_the_class_range_is_refused_by_verify_and_the_loader(copy_of, cli, label):
-    from pipeline.store import open_shards
+    from ditpipe.pipeline.store import open_shards
 
     folder = copy_of("wds")
     set_label(folder, "shard-00001.tar", 2, label)  # shapes has 8 classes: 8 would train as the null class
@@ -636,7 +636,7 @@ def test_a_label_outside_the_class_range_is_refused_by_verify_and_the_loader(cop
 
 
 def test_labels_at_the_edges_of_the_range_are_accepted(copy_of):
-    from pipeline.store import open_shards
+    from ditpipe.pipeline.store import open_shards
 
     folder = copy_of("wds")
     set_label(folder, "shard-00001.tar", 0, 7)

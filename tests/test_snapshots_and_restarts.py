@@ -14,11 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline import phema, safe_yaml
-from pipeline.config import load_config
-from pipeline.errors import DitpipeError
-from pipeline.metrics import read_metrics
-from pipeline.sources import make_source
+from ditpipe.pipeline import phema, safe_yaml
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.metrics import read_metrics
+from ditpipe.pipeline.sources import make_source
 
 from conftest import pixel_shards, train_tiny, write_coco
 from tiny import TINY_MODEL

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from conftest import BAD_CORPUS, jpeg_bytes, photo, png_chunks, write_coco
-from pipeline.config import DataConfig
-from pipeline.errors import DataError
-from pipeline.sources import (
+from ditpipe.pipeline.config import DataConfig
+from ditpipe.pipeline.errors import DataError
+from ditpipe.pipeline.sources import (
     SHAPES_CLASS_NAMES,
     BadImage,
     center_crop,

@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.device import make_accelerator
-from pipeline.diffusion import make_objective
-from pipeline.latent_norm import LatentNorm
-from pipeline.order import Plan
-from pipeline.checkpoint import load_state
-from pipeline.step import Micro, build_step
-from stages.encode import encode
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.device import make_accelerator
+from ditpipe.pipeline.diffusion import make_objective
+from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.order import Plan
+from ditpipe.pipeline.checkpoint import load_state
+from ditpipe.pipeline.step import Micro, build_step
+from ditpipe.stages.encode import encode
 
 from tiny import TINY_MODEL, tiny_dit
 
@@ -106,7 +106,7 @@ def test_an_unfused_optimizer_state_loads_into_the_fused_step(tmp_path, shards):
 def test_the_online_codec_is_made_on_the_device_it_is_given(tmp_path, tiny_vae):
     """data.source: images loads the VAE on the run's device (the Accelerator's, passed in), never on a device of
     its own choosing: given the meta device, every VAE weight is on it."""
-    from pipeline.training import open_data
+    from ditpipe.pipeline.training import open_data
 
     cfg = load_config(None, {**TINY, "vae.name": str(tiny_vae), "data.source": "images", "data.num_samples": 8})
     manifest, _, store, (source, codec) = open_data(cfg, torch.device("meta"))

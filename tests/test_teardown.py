@@ -51,7 +51,7 @@ def _run(tmp_path: Path, leave: str) -> dict[str, list[str]]:
 
 
 def test_leaving_the_process_group_joins_every_gloo_thread(tmp_path):
-    out = _run(tmp_path, "from pipeline.device import leave_process_group\nleave_process_group()\n"
+    out = _run(tmp_path, "from ditpipe.pipeline.device import leave_process_group\nleave_process_group()\n"
                          "print('initialized', dist.is_initialized())")
     assert all(name in out["before"] for name in GLOO), out  # the group had threads to stop
     assert not [t for t in out["after"] if t in GLOO], out  # and none is left for exit to tear down

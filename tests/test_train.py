@@ -12,16 +12,16 @@ import textwrap
 import pytest
 import torch
 
-from pipeline.checkpoint import validate
-from pipeline.config import ConfigError, load_config
-from pipeline.ema import EMA, ema_decay
-from pipeline.errors import DitpipeError, ShardError
-from pipeline.metrics import read_metrics
-from pipeline.model import DiT
-from pipeline.schedule import lr_at
-from stages.encode import encode
-from pipeline.device import effective_precision
-from stages.train import train
+from ditpipe.pipeline.checkpoint import validate
+from ditpipe.pipeline.config import ConfigError, load_config
+from ditpipe.pipeline.ema import EMA, ema_decay
+from ditpipe.pipeline.errors import DitpipeError, ShardError
+from ditpipe.pipeline.metrics import read_metrics
+from ditpipe.pipeline.model import DiT
+from ditpipe.pipeline.schedule import lr_at
+from ditpipe.stages.encode import encode
+from ditpipe.pipeline.device import effective_precision
+from ditpipe.stages.train import train
 
 from conftest import reset_accelerate
 from tiny import TINY_ARCH, TINY_MODEL
@@ -212,9 +212,9 @@ def test_training_from_shards_never_builds_the_vae_unless_validation_decodes(tmp
     from_pretrained, to decode them."""
     code = f"""
         import sys
-        from pipeline.config import load_config
-        from stages.encode import encode
-        from stages.train import train
+        from ditpipe.pipeline.config import load_config
+        from ditpipe.stages.encode import encode
+        from ditpipe.stages.train import train
         data = {{"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 64,
                 "vae.name": {str(tiny_vae)!r}, "shards.path": "shards", "data.num_workers": 0}}
         encode(load_config(None, data))
@@ -240,8 +240,8 @@ def test_training_from_shards_never_builds_the_vae_unless_validation_decodes(tmp
     # and no diffusers module at all in a shards-only run
     code = """
         import sys
-        from pipeline.config import load_config
-        from stages.train import train
+        from ditpipe.pipeline.config import load_config
+        from ditpipe.stages.train import train
         train(load_config(None, {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 64,
               "vae.name": %r, "shards.path": "shards", "data.num_workers": 0, "training.max_steps": 2,
               "training.batch_size": 8, "training.gradient_accumulation_steps": 1, "logging.output_dir": "out",

@@ -9,8 +9,8 @@ import math
 import pytest
 
 from conftest import train_tiny
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from ditpipe.pipeline.config import load_config
+from ditpipe.pipeline.errors import ConfigError
 from tiny import TINY_MODEL
 
 pytest.importorskip("torchmetrics", reason="the `eval` extra is not installed")
@@ -48,8 +48,8 @@ def tensorboard_scalars(folder, tag: str) -> list[tuple[int, float]]:
 
 
 def test_vae_shards_need_a_fid_reference_and_nothing_is_created(tmp_path, tiny_vae):
-    from stages.encode import encode
-    from stages.train import train
+    from ditpipe.stages.encode import encode
+    from ditpipe.stages.train import train
 
     data = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 16, "vae.name": str(tiny_vae),
             "shards.path": str(tmp_path / "vae"), "data.num_workers": 0}
@@ -71,7 +71,7 @@ def test_every_rank_takes_part_under_torchrun(tmp_path):
     import sys
     from pathlib import Path
 
-    from stages.encode import encode
+    from ditpipe.stages.encode import encode
 
     data = {"data.dataset_name": "shapes", "data.image_size": 16, "data.num_samples": 32, "vae.name": "pixel",
             "shards.path": str(tmp_path / "shards"), "data.num_workers": 0}

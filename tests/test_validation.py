@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config
-from pipeline.diffusion import make_objective
-from pipeline.latent_norm import LatentNorm
-from pipeline.order import EpochOrder
-from pipeline.store import open_shards
-from pipeline.metrics import read_metrics
-from pipeline.validation import HeldOut, held_out_indices, loss_sums
-from stages.encode import encode
-from pipeline.hooks import RECORD_ENV
-from stages.train import train
+from ditpipe.pipeline.config import ConfigError, load_config
+from ditpipe.pipeline.diffusion import make_objective
+from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.order import EpochOrder
+from ditpipe.pipeline.store import open_shards
+from ditpipe.pipeline.metrics import read_metrics
+from ditpipe.pipeline.validation import HeldOut, held_out_indices, loss_sums
+from ditpipe.stages.encode import encode
+from ditpipe.pipeline.hooks import RECORD_ENV
+from ditpipe.stages.train import train
 
 from tiny import TINY_MODEL, tiny_dit
 

@@ -15,6 +15,6 @@ TINY_FLAGS = [a for k, v in TINY_MODEL.items() for a in (f"--{k}", str(v))]  # t
 def tiny_dit(name: str = "DiT-S/4", **kw):
     """build_dit(name, **kw) with the tiny width, depth and heads; `kw` gives the data's shape (input_size,
     in_channels, num_classes) and any deliberate difference (depth=2), which wins."""
-    from pipeline.model import build_dit
+    from ditpipe.pipeline.model import build_dit
 
     return build_dit(name, **{**TINY_ARCH, **kw})

@@ -9,8 +9,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from pipeline.errors import DitpipeError
-from pipeline.fid import (InceptionFeatures, Progress, StatsAccumulator, as_nchw_uint8, frechet_distance,
+from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.fid import (InceptionFeatures, Progress, StatsAccumulator, as_nchw_uint8, frechet_distance,
                           import_torchmetrics)
 
 

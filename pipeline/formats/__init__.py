@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from types import ModuleType
 
-from pipeline.errors import ShardError
-from pipeline.formats import parquet, wds
+from ditpipe.pipeline.errors import ShardError
+from ditpipe.pipeline.formats import parquet, wds
 
 FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (wds, parquet)}
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline import shards
+from ditpipe.pipeline import shards
 
 NAME, PREFIX, SUFFIX = "parquet", "part", ".parquet"
 NAME_RE = re.compile(r"part-[0-9]{5,9}\.parquet")  # a manifest's shard names (fullmatch): 5 digits, more past 99,999
@@ -80,7 +80,7 @@ class Reader:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from pipeline.errors import ShardError
+        from ditpipe.pipeline.errors import ShardError
 
         remote = isinstance(source, (bytes, bytearray))
         if remote:

@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline import shards
-from pipeline.errors import ShardError
+from ditpipe.pipeline import shards
+from ditpipe.pipeline.errors import ShardError
 
 NAME, PREFIX, SUFFIX = "wds", "shard", ".tar"
 NAME_RE = re.compile(r"shard-[0-9]{5,9}\.tar")  # a manifest's shard names (fullmatch): 5 digits, more past 99,999
