@@ -445,9 +445,12 @@ def shards_record(manifest: dict) -> dict:
     of the manifest's canonical JSON (its SHARD_KEYS sections, keys sorted, no whitespace: json.dumps(...,
     sort_keys=True, separators=(",", ":"), ensure_ascii=False)), a digest of each section, and the counts, so a
     refusal can say what changed."""
-    body = {k: manifest[k] for k in SHARD_KEYS if k in manifest}
+    from ditpipe.pipeline.manifest import Manifest
+
+    raw = Manifest.of(manifest).raw  # the JSON as written: the digest is of its sections, byte for byte
+    body = {k: raw[k] for k in SHARD_KEYS if k in raw}
     return {"manifest_sha256": _digest(body), "sections": {k: _digest(v)[:16] for k, v in body.items()},
-            "num_samples": manifest.get("num_samples"), "num_shards": manifest.get("num_shards")}
+            "num_samples": raw.get("num_samples"), "num_shards": raw.get("num_shards")}
 
 
 def check_same_shards(saved: dict, manifest: dict, ckpt: Path, folder) -> str | None:

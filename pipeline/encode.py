@@ -32,7 +32,7 @@ from ditpipe.pipeline.buckets import resolve
 from ditpipe.pipeline.codec import encode_with_backoff, load_codec, tune_for_device, with_class
 from ditpipe.pipeline.config import Config
 from ditpipe.pipeline.errors import ConfigError, DataError, ShardError
-from ditpipe.pipeline.manifest import build_manifest, load_manifest, manifest_header, text_encoder_of
+from ditpipe.pipeline.manifest import Manifest, build_manifest, load_manifest, manifest_header, text_encoder_of
 from ditpipe.pipeline.remote import is_url
 from ditpipe.pipeline.sources import BadImage, Loaded, Source, assign_buckets, make_source, missing_captions_note
 from ditpipe.pipeline.spread import TIMEOUT
@@ -45,7 +45,7 @@ class Run:
     over ranks (shards' inputs kept, latents reused, inputs decoded, files hashed, shards rewritten) and this rank's
     codec batch (`batch`, and `halvings` when an out-of-memory error halved it)."""
 
-    manifest: dict
+    manifest: Manifest
     out: Path
     seconds: float
     kept: int
@@ -190,11 +190,12 @@ def encode(cfg: Config, overwrite: bool = False, observer: Observer | None = Non
     if rank == 0:
         _finish(out, header, num_shards, fmt, baseline)
     barrier()
-    manifest = load_manifest(out).raw  # the JSON written, as encode returns it
+    parsed = load_manifest(out)
+    manifest = parsed.raw  # the JSON written, as encode returns it
     if rank == 0:
-        observer.summary(Run(manifest, out, time.time() - t0, *counts, state))
-    if manifest["num_samples"] == 0:
-        raise DataError(f"no usable image: all {manifest['num_inputs']:,} input(s) were skipped (the reasons are above"
+        observer.summary(Run(parsed, out, time.time() - t0, *counts, state))
+    if parsed.num_samples == 0:
+        raise DataError(f"no usable image: all {parsed.num_inputs:,} input(s) were skipped (the reasons are above"
                         f" and in {out / shards.MANIFEST}); fix or replace them, delete '{out}' and encode again")
     return manifest
 
@@ -407,11 +408,12 @@ def _baseline(out: Path, pool: reuse.Pool) -> tuple[dict, str, dict] | None:
     anything is replaced: what an update reports its changes against."""
     try:
         blob = (out / shards.MANIFEST).read_bytes()
-        manifest = load_manifest(out).raw  # compared with, and reported against, the new one as JSON
+        parsed = load_manifest(out)
     except (OSError, ShardError):
         return None
+    manifest = parsed.raw  # compared with, and reported against, the new one as JSON
     by_sha = {h.donor.sidecar_sha: h.donor for copies in pool.held.values() for h in copies}
-    records = [r for s in manifest["shards"] if s["sidecar_sha256"] in by_sha
+    records = [r for s in parsed.entries if s["sidecar_sha256"] in by_sha
                for r in by_sha[s["sidecar_sha256"]].records]
     return manifest, hashlib.sha256(blob).hexdigest(), reuse.records_by_file(records)
 

@@ -26,6 +26,7 @@ from ditpipe.pipeline.checkpoint import (EXPORT_CONFIG as CONFIG, EXPORT_WEIGHTS
 from ditpipe.pipeline.config import Config, validate_tree
 from ditpipe.pipeline.errors import DitpipeError
 from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.manifest import Manifest
 
 
 def architecture(cfg: Config, model) -> dict:
@@ -38,7 +39,7 @@ def architecture(cfg: Config, model) -> dict:
 
 def metadata(cfg: Config, manifest: dict, model, *, source: str, step: int, weights: str, **extra) -> dict:
     """config.json's content for `model` (holding `weights`, e.g. "ema") taken at `step` from `source`."""
-    norm = manifest.get("latent_norm") or LatentNorm.from_manifest(manifest, cfg.data.latent_norm).record()
+    norm = Manifest.of(manifest).latent_norm or LatentNorm.from_manifest(manifest, cfg.data.latent_norm).record()
     return {"format": "ditpipe-dit", "written_by": f"ditpipe {__version__}", "checkpoint": source, "step": step,
             "weights": weights, "model": architecture(cfg, model), "objective": cfg.diffusion.objective,
             "latent_norm": norm, "manifest": manifest_excerpt(manifest), "config": cfg.to_dict(), **extra}

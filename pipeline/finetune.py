@@ -21,6 +21,7 @@ import torch
 
 from ditpipe.pipeline import checkpoint
 from ditpipe.pipeline.errors import ConfigError, DitpipeError
+from ditpipe.pipeline.manifest import Manifest
 
 TABLE = "y_embedder.embedding_table.weight"
 POS = "pos_embed"
@@ -49,11 +50,11 @@ def load_init(path: str | Path, weights: str = "ema") -> InitSource:
     if w.kind == "checkpoint":
         why = "" if w.which == weights or weights != "ema" else f" (it has no {checkpoint.EMA}: use_ema was off)"
         return InitSource(w.state, f"{w.source} ({w.which}.pt, step {w.step}){why}",
-                          (w.manifest.get("labels") or {}).get("names"), w.manifest)
+                          Manifest.of(w.manifest).class_names, w.manifest)
     if w.kind == "export" or path.suffix == ".safetensors":
         meta = w.meta
         return InitSource(w.state, f"{path} ({meta.get('weights', 'unknown')} weights, step {meta.get('step', '?')})",
-                          (w.manifest.get("labels") or {}).get("names"), meta.get("manifest") or {})
+                          Manifest.of(w.manifest).class_names, meta.get("manifest") or {})
     return InitSource(w.state, f"{path} ({w.which})")
 
 
@@ -152,11 +153,12 @@ def init_from(model: torch.nn.Module, path: str | Path, weights: str, class_name
     state, notes = adapt(source, model, class_names)
     model.load_state_dict(state, strict=True)
     notes.insert(0, f"weights from {source.description}; step count and optimizer start fresh")
-    codec, other = manifest.get("codec") or {}, source.manifest.get("codec") or {}
+    manifest, before = Manifest.of(manifest), Manifest.of(source.manifest)
+    codec, other = manifest.codec, before.codec
     if other.get("hash") and codec.get("hash") and other["hash"] != codec["hash"]:
         notes.append(f"warning: the checkpoint was trained on latents of codec {other.get('name')!r}, this run uses "
                      f"{codec.get('name')!r}: the model must learn another latent space")
-    norm, other_norm = manifest.get("latent_norm"), source.manifest.get("latent_norm")
+    norm, other_norm = manifest.latent_norm, before.latent_norm
     if norm and other_norm and norm != other_norm:
         notes.append(f"warning: the checkpoint's latents were normalised with {other_norm['kind']!r} constants that "
                      f"differ from this run's {norm['kind']!r} ones; consider the same data.latent_norm")

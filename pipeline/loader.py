@@ -24,6 +24,7 @@ import torch
 
 from ditpipe.pipeline.errors import ShardError
 from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.manifest import Manifest
 from ditpipe.pipeline.order import CAPTION, EpochOrder, Plan, keyed_rng, sample_flip, sample_key
 from ditpipe.pipeline.store import ShardStore
 
@@ -38,8 +39,9 @@ class LatentView:
     """Turns a stored latent into a training sample: slice choice, flip, ε, then the latent normalisation (the
     codec's scale and shift from the manifest unless `norm` says otherwise; see pipeline/latent_norm.py)."""
 
-    def __init__(self, manifest: dict, norm: LatentNorm | None = None):
-        lat = manifest["latent"]
+    def __init__(self, manifest: Manifest | dict, norm: LatentNorm | None = None):
+        manifest = Manifest.of(manifest)
+        lat = manifest.latent
         names = lat["slices"]
         self.mean, self.std = names.index(names[0]), (names.index("std") if "std" in names else None)
         self.mean_flip = names.index("mean_flip") if "mean_flip" in names else None
@@ -140,7 +142,7 @@ class MicroBatches(torch.utils.data.Dataset):
     def _captions(self, epoch: int, indices: np.ndarray) -> dict:
         """One caption per sample, chosen by its own keyed stream; an image without captions gets an empty mask,
         which the caption model reads as the null caption."""
-        enc, width = self.store.text, self.store.manifest["captions"]["max_tokens_seen"]
+        enc, width = self.store.text, self.store.manifest.captions["max_tokens_seen"]
         tokens = np.zeros((len(indices), width, enc["dim"]), np.float16)  # (B, L, D)
         mask = np.zeros((len(indices), width), bool)  # (B, L)
         pooled = np.zeros((len(indices), enc["dim"]), np.float16)  # (B, D)

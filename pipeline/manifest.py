@@ -128,6 +128,11 @@ class Manifest:
         return self.raw["num_samples"]
 
     @property
+    def num_inputs(self) -> int:
+        """The inputs encode was given, skipped ones included (a shard folder's manifest only)."""
+        return self.raw["num_inputs"]
+
+    @property
     def num_shards(self) -> int:
         return self.raw["num_shards"]
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ditpipe.pipeline import atomic, formats, shards
+from ditpipe.pipeline.manifest import Manifest
 from ditpipe.pipeline.sources import FILE_CAP_REASON, PIXEL_BUDGET_REASON, Source, over_budget
 
 RACY_NS = 2_000_000_000  # a file hashed less than this after its mtime could change again within the same tick
@@ -336,12 +337,14 @@ def records_by_file(records: list[list]) -> dict[str, str | None]:
     return {r[0]: r[1] for r in records if r[0] is not None}
 
 
-def update_section(old_manifest: dict, old_sha: str, old_files: dict, new_manifest: dict, new_files: dict) -> dict:
+def update_section(old_manifest: Manifest | dict, old_sha: str, old_files: dict, new_manifest: Manifest | dict,
+                   new_files: dict) -> dict:
     """What an update changed against the manifest it started from: inputs changed, added, removed; shards."""
-    before = {(s["name"], s["sha256"]) for s in old_manifest["shards"]}
-    new_names = {s["name"] for s in new_manifest["shards"]}
+    old, new = Manifest.of(old_manifest).entries, Manifest.of(new_manifest).entries
+    before = {(s["name"], s["sha256"]) for s in old}
+    new_names = {s["name"] for s in new}
     return {"changed": sum(1 for f, sha in new_files.items() if f in old_files and old_files[f] != sha),
             "added": len(new_files.keys() - old_files.keys()), "removed": len(old_files.keys() - new_files.keys()),
-            "shards_rewritten": sum((s["name"], s["sha256"]) not in before for s in new_manifest["shards"]),
-            "shards_removed": sum(s["name"] not in new_names for s in old_manifest["shards"]),
+            "shards_rewritten": sum((s["name"], s["sha256"]) not in before for s in new),
+            "shards_removed": sum(s["name"] not in new_names for s in old),
             "from_manifest_sha256": old_sha}

@@ -37,7 +37,7 @@ from ditpipe.pipeline.diffusion import make_objective
 from ditpipe.pipeline.errors import ConfigError, DitpipeError, ShardError
 from ditpipe.pipeline.finetune import init_from
 from ditpipe.pipeline.latent_norm import LatentNorm
-from ditpipe.pipeline.manifest import text_encoder_of
+from ditpipe.pipeline.manifest import Manifest
 from ditpipe.pipeline.order import Plan
 from ditpipe.pipeline.phema import SNAPSHOT_DIR, clean_temporaries
 from ditpipe.pipeline.ranks import Group, group_of
@@ -64,7 +64,7 @@ class Run:
     notice: str | None  # why the precision differs from the config's
     group: Group
     hooks: hooks.Hooks
-    manifest: dict  # the shard manifest, with the latent normalisation the run trains with
+    manifest: Manifest  # the shard manifest, with the latent normalisation the run trains with
     folder: Path | str  # the shards (a URL stays a string)
     store: object | None  # the shard store; None for the online-VAE baseline
     online: object | None  # (source, codec) of the online-VAE baseline
@@ -99,12 +99,12 @@ class Run:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["latent"]["shape"][1:])  # (C, H, W)
+        return tuple(self.manifest.latent["shape"][1:])  # (C, H, W)
 
     @property
     def posterior(self) -> bool:
         """Whether the latents are a posterior with a std (a VAE), for which the step draws ε."""
-        return "std" in self.manifest["latent"]["slices"]
+        return "std" in self.manifest.latent["slices"]
 
 
 def run_dir_of(cfg: Config, config_name: str | None, resume: Path | None) -> Path:
@@ -127,7 +127,7 @@ def open_run(cfg: Config, config_name: str | None = None, resume: Path | None = 
     group = group_of(acc)
     manifest, folder, store, online = open_data(cfg, device)
     norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
-    manifest = {**manifest, "latent_norm": norm.record()}  # so every checkpoint records what sampling must invert
+    manifest = manifest.with_latent_norm(norm.record())  # so every checkpoint records what sampling must invert
     held_spec = open_held_out(cfg, manifest, store)  # None without a held-out set
     excluded = held_spec.exclude if held_spec else np.zeros(0, dtype=np.int64)  # never trained on
     saved = validated(group, resume) if resume else None  # rank 0 hashes the files; every rank gets its answer
@@ -170,7 +170,7 @@ def build_model_for(run: Run) -> tuple[torch.nn.Module, object, list[str]]:
     np.random.seed(t.seed)
     model = build_model(cfg, run.manifest, run.num_classes).to(run.device)  # on its device before anything else
     notes = [] if run.saved or not cfg.model.init_from else init_from(
-        model, cfg.model.init_from, cfg.model.init_weights, (run.manifest.get("labels") or {}).get("names"),
+        model, cfg.model.init_from, cfg.model.init_weights, run.manifest.class_names,
         run.manifest)
     return model, make_objective(cfg.diffusion.objective, model.learn_sigma, cfg.diffusion), notes
 
@@ -336,16 +336,15 @@ def elastic_split(cfg: Config, saved: dict, world: int, ckpt: Path) -> tuple[Con
         "same samples and draws at every step")
 
 
-def check_same_encoders(ckpt: Path, manifest: dict) -> None:
+def check_same_encoders(ckpt: Path, manifest: Manifest | dict) -> None:
     """A checkpoint continues only on shards made by the same codec and caption encoder (by weights hash): the
     same names with other weights would silently train on other latents or embeddings."""
     path = ckpt / checkpoint.MANIFEST
     if not path.is_file():
         return
-    then = checkpoint.read_json(path)
-    pairs = [("codec", (then.get("codec") or {}).get("hash"), manifest["codec"].get("hash")),
-             ("caption encoder", (text_encoder_of(then) or {}).get("hash"),
-              (text_encoder_of(manifest) or {}).get("hash"))]
+    then, manifest = Manifest.of(checkpoint.read_json(path)), Manifest.of(manifest)
+    pairs = [("codec", then.codec.get("hash"), manifest.codec.get("hash")),
+             ("caption encoder", (then.text_encoder or {}).get("hash"), (manifest.text_encoder or {}).get("hash"))]
     wrong = [f"{what}: {a[:12] if a else None} in the checkpoint, {b[:12] if b else None} in the shards"
              for what, a, b in pairs if a != b]
     if wrong:

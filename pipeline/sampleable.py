@@ -24,6 +24,7 @@ from ditpipe.pipeline.diffusion import make_objective
 from ditpipe.pipeline.errors import DitpipeError
 from ditpipe.pipeline.generate import Settings, sample_batches
 from ditpipe.pipeline.latent_norm import LatentNorm
+from ditpipe.pipeline.manifest import Manifest
 from ditpipe.pipeline.model import build_dit
 from ditpipe.pipeline.spread import Spread
 
@@ -71,13 +72,13 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
     folder = exported.folder_of(path)  # an export (`ditpipe export --format safetensors`, `ditpipe ema --out`)
     if path.is_file() and folder is None:
         return _official(path, model_name, image_size, vae or OFFICIAL_DEFAULT_VAE, device)
-    from ditpipe.pipeline.manifest import Manifest, text_encoder_of
+    from ditpipe.pipeline.manifest import Manifest
     from ditpipe.pipeline.training import build_model, conditioning_for, num_classes_for
 
     if folder is not None and not use_ema:
         raise DitpipeError(f"'{folder}' is an export that holds one set of weights; drop --no-ema")
     w = checkpoint.open_weights(path, "ema" if use_ema else "model", warn=warn)
-    cfg, manifest, state = w.cfg, w.manifest, w.state
+    cfg, manifest, state = w.cfg, Manifest.of(w.manifest), w.state
     if w.kind == "export":
         description = f"{w.source} ({w.which} weights, step {w.step})"
     else:
@@ -86,15 +87,15 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
     num_classes = num_classes_for(cfg, manifest)
     model = build_model(cfg, manifest, num_classes)
     model.load_state_dict(state, strict=True)
-    codec = load_decoder(vae or manifest["codec"]["name"], manifest["codec"], manifest["codec"]["dtype"], device)
-    labels = manifest.get("labels")
+    codec = load_decoder(vae or manifest.codec["name"], manifest.codec, manifest.codec["dtype"], device)
+    labels = manifest.labels
     caption = conditioning_for(cfg, manifest) == "caption"
     objective, v = make_objective(cfg.diffusion.objective, model.learn_sigma, cfg.diffusion), cfg.validation
-    return Sampleable(model.to(device).eval(), objective, Manifest.of(manifest).grid, codec, checkpoint_norm(cfg, manifest),
+    return Sampleable(model.to(device).eval(), objective, manifest.grid, codec, checkpoint_norm(cfg, manifest),
                       labels["names"] if labels and num_classes else None, description,
-                      text_encoder_of(manifest) if caption else None,
+                      manifest.text_encoder if caption else None,
                       Settings(v.sampler or objective.default_sampler, v.sampling_steps, v.cfg_scale,
-                               tuple(v.cfg_interval)), "the run's validation settings", Manifest.of(manifest).sizes)
+                               tuple(v.cfg_interval)), "the run's validation settings", manifest.sizes)
 
 
 def _warn_if_young(w: checkpoint.Weights, warn) -> None:
@@ -106,11 +107,11 @@ def _warn_if_young(w: checkpoint.Weights, warn) -> None:
              "Use --no-ema for the raw weights")
 
 
-def checkpoint_norm(cfg, manifest: dict) -> LatentNorm:
+def checkpoint_norm(cfg, manifest: Manifest) -> LatentNorm:
     """The latent normalisation a checkpoint was trained with: as recorded (`latent_norm` in its manifest.json),
     or, for checkpoints from before it was recorded, the codec's factors. Another decoder (`--decoder`) takes the
     run codec's raw latents and maps them into its own space itself (pipeline/codec.py, CrossDecoder)."""
-    return (LatentNorm.from_record(manifest["latent_norm"]) if manifest.get("latent_norm")
+    return (LatentNorm.from_record(manifest.latent_norm) if manifest.latent_norm
             else LatentNorm.from_manifest(manifest, cfg.data.latent_norm))
 
 

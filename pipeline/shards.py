@@ -27,8 +27,7 @@ import numpy as np
 
 from ditpipe.pipeline import atomic, formats
 from ditpipe.pipeline.errors import ShardError
-from ditpipe.pipeline.manifest import (label_problem, latent_shape_of, load_manifest, num_classes,
-                               text_encoder_of)
+from ditpipe.pipeline.manifest import Manifest, label_problem, load_manifest
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -190,25 +189,26 @@ class Sample:
     text: np.ndarray | None = None  # (K,) caption record (pipeline/text.py) when the captions are embedded
 
 
-def _read_text(data, manifest: dict) -> np.ndarray:
+def _read_text(data, manifest: Manifest) -> np.ndarray:
     from ditpipe.pipeline.text import read_record
 
-    enc = text_encoder_of(manifest)
+    enc = manifest.text_encoder
     return read_record(data, enc["dim"], enc["max_tokens"])
 
 
-def iter_shard(folder: Path, shard: str, manifest: dict, sidecar: dict | None = None) -> Iterator[Sample]:
+def iter_shard(folder: Path, shard: str, manifest: Manifest | dict, sidecar: dict | None = None) -> Iterator[Sample]:
     """Fast read of one shard, in order, by its format's iterator (tar: offset index + mmap; Parquet: columns)."""
     folder = Path(folder)
     sidecar = sidecar or json.loads(read_meta(folder / sidecar_name(shard)))
-    shape = latent_shape_of(manifest, sidecar.get("bucket"))
-    read_text = (lambda data: _read_text(data, manifest)) if text_encoder_of(manifest) else None
-    yield from formats.get(manifest["format"]).iter_shard(folder / shard, sidecar, shape, read_text)
+    manifest = Manifest.of(manifest)
+    shape = manifest.latent_shape(sidecar.get("bucket"))
+    read_text = (lambda data: _read_text(data, manifest)) if manifest.text_encoder else None
+    yield from formats.get(manifest.format).iter_shard(folder / shard, sidecar, shape, read_text)
 
 
 def iter_samples(folder: Path) -> Iterator[Sample]:
     manifest = load_manifest(folder)
-    for shard in manifest["shards"]:
+    for shard in manifest.entries:
         yield from iter_shard(folder, shard["name"], manifest)
 
 
@@ -223,14 +223,14 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
     manifest = load_manifest(folder)
     problems: list[str] = []
     checked = 0
-    enc = text_encoder_of(manifest)
-    n_classes = num_classes(manifest)
+    enc = manifest.text_encoder
+    n_classes = manifest.num_classes
     allowed = set(SAMPLE_MEMBERS) | ({TEXT_MEMBER} if enc else set())
-    listed = {s["name"] for s in manifest["shards"]}
+    listed = {s["name"] for s in manifest.entries}
     for p in sorted(folder.iterdir()):
         if formats.SHARD_FILE_RE.match(p.name) and p.name not in listed:
             problems.append(f"{p.name}: shard file not listed in the manifest")
-    for entry in manifest["shards"]:
+    for entry in manifest.entries:
         name, path = entry["name"], folder / entry["name"]
         if not path.is_file():
             problems.append(f"{name}: missing")
@@ -252,9 +252,9 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
             if side.get("bucket") != entry.get("bucket"):
                 problems.append(f"{entry['sidecar']}: bucket {side.get('bucket')!r}, the manifest says "
                                 f"{entry.get('bucket')!r}")
-        shape = latent_shape_of(manifest, entry.get("bucket"))  # each bucket's latents have their own shape
+        shape = manifest.latent_shape(entry.get("bucket"))  # each bucket's latents have their own shape
         try:
-            n = formats.get(manifest["format"]).decode(path, shape, allowed, side, problems, enc, n_classes)
+            n = formats.get(manifest.format).decode(path, shape, allowed, side, problems, enc, n_classes)
         except Exception as e:  # a truncated or garbled file: report it, check the rest
             problems.append(f"{name}: cannot be read ({type(e).__name__}: {e})")
             n = 0
@@ -263,8 +263,8 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
         checked += n
         if progress:
             progress(checked)
-    if checked != manifest["num_samples"] and not any("missing" in p for p in problems):
-        problems.append(f"{checked} samples in all, the manifest says {manifest['num_samples']}")
+    if checked != manifest.num_samples and not any("missing" in p for p in problems):
+        problems.append(f"{checked} samples in all, the manifest says {manifest.num_samples}")
     return problems, checked
 
 

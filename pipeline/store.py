@@ -17,8 +17,7 @@ import numpy as np
 
 from ditpipe.pipeline import formats, remote, shards
 from ditpipe.pipeline.errors import ShardError
-from ditpipe.pipeline.manifest import (check_files, checked_labels, latent_shape_of, load_manifest, num_classes,
-                                       text_encoder_of)
+from ditpipe.pipeline.manifest import Manifest, check_files, checked_labels, load_manifest
 
 _RELEASE_EVERY = 64  # reads between ShardStore.release() calls: bounds the mapped pages a process holds
 
@@ -26,20 +25,21 @@ _RELEASE_EVERY = 64  # reads between ShardStore.release() calls: bounds the mapp
 class ShardStore:
     """Sample g of a shard folder: `read` one, `gather` a batch, `read_text` one's caption record."""
 
-    def __init__(self, folder: Path | str, manifest: dict, max_open: int = 16):
+    def __init__(self, folder: Path | str, manifest: Manifest | dict, max_open: int = 16):
         self.url = str(folder) if remote.is_url(folder) else None
+        manifest = Manifest.of(manifest)
         self.folder, self.manifest = (folder if self.url else Path(folder)), manifest
-        formats.get(manifest["format"])  # an unknown format is refused before any worker starts
+        formats.get(manifest.format)  # an unknown format is refused before any worker starts
         # Each shard's latent shape: the manifest's, or its aspect-ratio bucket's (one bucket a shard).
-        self.buckets = [s.get("bucket") for s in manifest["shards"]]
-        self.shapes = [latent_shape_of(manifest, b) for b in self.buckets]
-        self.counts = [s["samples"] for s in manifest["shards"]]
+        self.buckets = [s.get("bucket") for s in manifest.entries]
+        self.shapes = [manifest.latent_shape(b) for b in self.buckets]
+        self.counts = [s["samples"] for s in manifest.entries]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.max_open = max_open
         self._open: dict[int, tuple] = {}  # shard → (its format's Reader, its labels)
         self._reads = 0
-        self.text = text_encoder_of(manifest)
-        self.num_classes = num_classes(manifest)
+        self.text = manifest.text_encoder
+        self.num_classes = manifest.num_classes
 
     def __getstate__(self):  # worker processes open their own maps
         return {**self.__dict__, "_open": {}, "_reads": 0}
@@ -48,14 +48,14 @@ class ShardStore:
         if s not in self._open:
             if len(self._open) >= self.max_open:
                 self._open.pop(next(iter(self._open)))
-            entry = self.manifest["shards"][s]
+            entry = self.manifest.entries[s]
             fetched = self._fetch(entry) if self.url else None
             side = json.loads(fetched[1] if fetched else self._local_sidecar(entry))
             where = self._where(entry["name"])
             shards.check_sidecar(side, entry, where)  # reads below index by the manifest's count
             labels = np.array(checked_labels(side["labels"], self.num_classes, str(where)), dtype=np.int64)
             source = fetched[0] if fetched else self.folder / entry["name"]
-            reader = formats.get(self.manifest["format"]).Reader
+            reader = formats.get(self.manifest.format).Reader
             self._open[s] = (reader(source, side, self.shapes[s], bool(self.text), where), labels)
         return self._open[s]
 
@@ -156,6 +156,6 @@ def open_shards(folder: Path | str) -> tuple[ShardStore, dict]:
     manifest = remote.load_url_manifest(str(folder)) if remote.is_url(folder) else load_manifest(folder)
     if not remote.is_url(folder):
         check_files(folder, manifest)  # the order allocates by the counts: they must fit the files
-    if manifest["num_samples"] == 0:
+    if manifest.num_samples == 0:
         raise ShardError(f"'{folder}' holds no samples (every input was skipped); see its manifest's 'skipped'")
     return ShardStore(folder, manifest), manifest

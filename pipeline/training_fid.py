@@ -91,21 +91,21 @@ class TrainingFID:
         from ditpipe.pipeline.generate import Settings, sample_batches
         from ditpipe.pipeline.latent_norm import LatentNorm
 
-        t0, v, m = time.time(), self.cfg.validation, self.manifest
+        t0, v, m = time.time(), self.cfg.validation, Manifest.of(self.manifest)
         if self.extractor is None:
             self.extractor = fid.InceptionFeatures(device)
         self.extractor.to(device)
-        codec = m["codec"]
+        codec = m.codec
         if "codec" not in cache:
             cache["codec"] = load_codec(codec["name"], codec["dtype"], device)
         cache["codec"].to(device)
-        _, channels, size, _ = m["latent"]["shape"]
+        _, channels, size, _ = m.latent["shape"]
         k, seed = self.num_classes, self.cfg.training.seed
         condition = (lambda idx: torch.tensor(list(idx)) % k) if k else (lambda idx: None)  # classes cycled
         settings = Settings(v.sampler, v.sampling_steps, v.cfg_scale if k else 1.0, v.cfg_interval)
         pools = [np.zeros((0, fid.NUM_FEATURES), np.float32)]
         for _, images in sample_batches(model, objective, (channels, size, size), cache["codec"],
-                                        LatentNorm.from_record(m["latent_norm"]), self.spread.share(v.fid_samples),
+                                        LatentNorm.from_record(m.latent_norm), self.spread.share(v.fid_samples),
                                         self.cfg.training.batch_size, settings, seed, device, condition, bf16=v.bf16):
             pools.append(self.extractor(fid.as_nchw_uint8(images)).cpu().numpy())  # (B, 2048)
         self.extractor.to("cpu")  # off the GPU until the next FID: the training step needs the memory

@@ -88,7 +88,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ditpipe.pipeline import __version__
-from ditpipe.pipeline.manifest import build_manifest, manifest_header
+from ditpipe.pipeline.manifest import Manifest, build_manifest, manifest_header
 from ditpipe.pipeline.workers import usable_cpus
 from ditpipe.pipeline.errors import ConfigError, DitpipeError
 
@@ -540,12 +540,13 @@ def task_encode_pipeline(o: BenchOptions, vae_dir: str, images_dir: str, out: st
     cfg = _encode_config(o, vae_dir, images_dir, out)
     stamps: list[tuple[float, int]] = []  # each after the batch's latents are handed on: the device work is queued
     t0 = time.perf_counter()
-    manifest = encode(cfg, console=Console(stderr=True), on_batch=lambda n: stamps.append((time.perf_counter(), n)))
+    manifest = Manifest.of(encode(cfg, console=Console(stderr=True),
+                                  on_batch=lambda n: stamps.append((time.perf_counter(), n))))
     seconds = time.perf_counter() - t0
     images, steady_s = _steady(stamps)
-    return {"images": manifest["num_samples"], "seconds": seconds, "steady_images": images, "steady_s": steady_s,
+    return {"images": manifest.num_samples, "seconds": seconds, "steady_images": images, "steady_s": steady_s,
             "workers": min(cfg.data.num_workers, usable_cpus()),
-            "bytes": sum(s["bytes"] for s in manifest["shards"])}
+            "bytes": sum(s["bytes"] for s in manifest.entries)}
 
 
 def bare_codec(o: BenchOptions, vae_dir: str):
@@ -694,13 +695,13 @@ class NpyStore:
     dataset does. Quacks like ShardStore (`manifest`, `counts`, `shape_of`, `read`, `gather`), so the same
     MicroBatches does the rest: a file a sample, as fast-DiT reads them."""
 
-    def __init__(self, folder: str, manifest: dict):
+    def __init__(self, folder: str, manifest: Manifest):
         self.folder, self.manifest = Path(folder), manifest
-        self.counts = [s["samples"] for s in manifest["shards"]]
+        self.counts = [s["samples"] for s in manifest.entries]
         self.text = None
 
     def shape_of(self, g: int) -> tuple[int, ...]:
-        return tuple(self.manifest["latent"]["shape"])
+        return tuple(self.manifest.latent["shape"])
 
     def read(self, g: int):
         import numpy as np
@@ -729,7 +730,7 @@ def _loader_dataset(kind: str, folders: dict, seed: int, batch: int):
     store, manifest = open_shards(folders["wds" if kind == "npy" else kind])  # npy: the tar set's manifest
     if kind == "npy":
         store = NpyStore(folders["npy"], manifest)
-    plan = Plan(manifest["num_samples"], batch, 1, 1)
+    plan = Plan(manifest.num_samples, batch, 1, 1)
     order = EpochOrder(store.counts, seed, DataConfig().shuffle_window)
     return MicroBatches(store, order, plan, 0, seed), plan
 
@@ -1024,7 +1025,7 @@ def task_loader_memory(o: BenchOptions, folder: str) -> dict:
     from ditpipe.pipeline.store import open_shards
 
     store, manifest = open_shards(folder)
-    plan = Plan(manifest["num_samples"], o.loader_batch, 1, 1)
+    plan = Plan(manifest.num_samples, o.loader_batch, 1, 1)
     ds = MicroBatches(store, EpochOrder(store.counts, o.seed, DataConfig().shuffle_window), plan, 0, o.seed)
     loader = make_loader(ds, plan, 0, max(1, o.memory_large // o.loader_batch), o.num_workers)
     it = iter(loader)
@@ -1035,7 +1036,7 @@ def task_loader_memory(o: BenchOptions, folder: str) -> dict:
     peaks = [_vm_hwm_mib(pid) for pid in workers]
     main = _vm_hwm_mib()
     del it, loader
-    return {"samples": manifest["num_samples"], "streamed": n, "main_peak_mib": main,
+    return {"samples": manifest.num_samples, "streamed": n, "main_peak_mib": main,
             "workers_peak_mib": sum(p or 0 for p in peaks), "total_peak_mib": main + sum(p or 0 for p in peaks),
             "workers": len(workers)}
 

@@ -26,6 +26,7 @@ from rich.table import Table
 from ditpipe.pipeline import checkpoint, exported, phema, safe_yaml
 from ditpipe.pipeline.config import validate_tree
 from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.manifest import Manifest
 
 POOR_FIT = 0.05  # a profile fit error above this gets a warning: the snapshots cannot make that EMA well
 
@@ -134,14 +135,14 @@ def _write(out: Path, overwrite: bool, cfg, manifest: dict, state: dict, run: Pa
 class _Scorer:
     """Scores weights: the held-out loss where the run has a held-out set, the class accuracy on shapes."""
 
-    def __init__(self, cfg, manifest: dict, num: int, console: Console):
+    def __init__(self, cfg, manifest, num: int, console: Console):
         from ditpipe.pipeline.device import make_accelerator
         from ditpipe.pipeline.training import conditioning_for, num_classes_for
 
         if conditioning_for(cfg, manifest) == "caption":  # as in training: HeldOut reads labels, not captions
             raise DitpipeError("--held-out scores class and unconditional models; caption models are not supported "
                                "yet (reconstruct with --sigma-rel and evaluate the result)")
-        self.cfg, self.manifest, self.num, self.cache = cfg, manifest, num, {}
+        self.cfg, self.manifest, self.num, self.cache = cfg, Manifest.of(manifest), num, {}
         self.acc = make_accelerator(cfg.training.mixed_precision, tf32=cfg.training.tf32)[0]
         self.num_classes = num_classes_for(cfg, manifest)
         self.held = self._held_out()
@@ -190,13 +191,13 @@ class _Scorer:
         from ditpipe.pipeline.sources import classify_shape
 
         v, device = self.cfg.validation, self.acc.device
-        codec = load_codec(self.manifest["codec"]["name"], self.manifest["codec"]["dtype"], device)
-        norm = LatentNorm.from_record(self.manifest["latent_norm"])
+        codec = load_codec(self.manifest.codec["name"], self.manifest.codec["dtype"], device)
+        norm = LatentNorm.from_record(self.manifest.latent_norm)
         labels = np.arange(self.num) % self.num_classes
         images = []
         for b, start in enumerate(range(0, self.num, 64)):
             y = torch.from_numpy(labels[start:start + 64])
-            z = generate(model, objective, tuple(self.manifest["latent"]["shape"][1:]), y, len(y), v.sampler,
+            z = generate(model, objective, tuple(self.manifest.latent["shape"][1:]), y, len(y), v.sampler,
                          v.sampling_steps, v.cfg_scale, self.cfg.training.seed + b, device,
                          cfg_interval=tuple(v.cfg_interval), bf16=v.bf16)
             images.append(to_uint8(decode(z, codec, norm)))

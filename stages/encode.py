@@ -67,16 +67,17 @@ class _Console(engine.Observer):
 
 
 def _summary(console: Console, run: Run, rate: float) -> None:
-    manifest, out, seconds, state = run.manifest, run.out, run.seconds, run.state
+    manifest, out, seconds, state = Manifest.of(run.manifest), run.out, run.seconds, run.state
+    skipped = manifest.raw["skipped"]  # encode's own sections: what it skipped, converted, and what an update did
     kept, reused, encoded, hashed, rewritten = run.kept, run.reused, run.encoded, run.hashed, run.rewritten
     table = Table(title=f"encoded into {out}", show_header=False)
-    table.add_row("encoded", f"{manifest['num_samples']:,}")
-    table.add_row("skipped", f"{len(manifest['skipped']):,}")
-    table.add_row("converted", f"{len(manifest['converted']):,}")
-    table.add_row("shards", f"{manifest['num_shards']} ({manifest['format']})")
-    if Manifest.of(manifest).bucketed:
-        table.add_row("buckets", Manifest.of(manifest).describe_buckets())
-    table.add_row("bytes", f"{sum(s['bytes'] for s in manifest['shards']):,}")
+    table.add_row("encoded", f"{manifest.num_samples:,}")
+    table.add_row("skipped", f"{len(skipped):,}")
+    table.add_row("converted", f"{len(manifest.raw['converted']):,}")
+    table.add_row("shards", f"{manifest.num_shards} ({manifest.format})")
+    if manifest.bucketed:
+        table.add_row("buckets", manifest.describe_buckets())
+    table.add_row("bytes", f"{sum(s['bytes'] for s in manifest.entries):,}")
     table.add_row("time", f"{seconds:.1f} s" + (f" ({kept:,} inputs reused from complete shards)" if kept else ""))
     table.add_row("rate", f"{rate_text(rate)} img/s (this run's encoded inputs / its encoding seconds, as the bar)")
     if state.get("halvings"):
@@ -85,19 +86,19 @@ def _summary(console: Console, run: Run, rate: float) -> None:
     console.print(f"this run: {encoded:,} inputs decoded, {reused:,} latents reused, {hashed:,} files hashed, "
                   f"{rewritten:,} shards written", soft_wrap=True)
     if rewritten == 0 and not encoded:
-        console.print(f"up to date: {manifest['num_inputs']:,} inputs unchanged (size, mtime, ctime, inode and "
+        console.print(f"up to date: {manifest.num_inputs:,} inputs unchanged (size, mtime, ctime, inode and "
                       "device, or sha256 where they moved); nothing decoded", soft_wrap=True)
-    elif manifest.get("update") and rewritten:
-        u = manifest["update"]
+    elif manifest.raw.get("update") and rewritten:
+        u = manifest.raw["update"]
         console.print(f"updated: {u['changed']:,} changed, {u['added']:,} added, {u['removed']:,} removed; "
-                      f"{u['shards_rewritten']:,} of {manifest['num_shards']} shards rewritten"
+                      f"{u['shards_rewritten']:,} of {manifest.num_shards} shards rewritten"
                       + (f", {u['shards_removed']} removed" if u["shards_removed"] else ""), soft_wrap=True)
-    if manifest["skipped"]:
+    if skipped:
         reasons: dict[str, int] = {}
-        for s in manifest["skipped"]:
+        for s in skipped:
             reasons[s["reason"].split(":")[0]] = reasons.get(s["reason"].split(":")[0], 0) + 1
         console.print("[yellow]skipped:[/] " + ", ".join(f"{n} × {r}" for r, n in sorted(reasons.items())))
-        for s in manifest["skipped"][:10]:
+        for s in skipped[:10]:
             console.print(f"  {s['file']}: {s['reason']}")
-        if len(manifest["skipped"]) > 10:
-            console.print(f"  … and {len(manifest['skipped']) - 10} more in {out / shards.MANIFEST}")
+        if len(skipped) > 10:
+            console.print(f"  … and {len(skipped) - 10} more in {out / shards.MANIFEST}")

@@ -27,6 +27,7 @@ from rich.console import Console
 from ditpipe.pipeline import __version__, checkpoint, exported
 from ditpipe.pipeline.config import Config
 from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.manifest import Manifest
 
 FORMATS = ("safetensors", "diffusers")
 PIPELINE_CLASSES = 1000  # diffusers' DiTPipeline hard-codes class 1000 as the null class
@@ -121,7 +122,7 @@ def _no_pipeline_reason(model, cfg: Config, manifest: dict, norm: dict) -> str |
                 f"class, so only {PIPELINE_CLASSES}-class models get a pipeline folder")
     if cfg.diffusion.objective != "ddpm":
         return f"a {cfg.diffusion.objective} model: DiTPipeline samples DDPM-ε models only"
-    if manifest["codec"]["kind"] != "vae":
+    if Manifest.of(manifest).codec["kind"] != "vae":
         return "a pixel-space model: DiTPipeline decodes with a VAE"
     if norm["kind"] != "scale" or any(norm["shift"]):
         return "its latents are shifted or normalised per channel, and DiTPipeline only divides by the VAE's scaling " \
@@ -135,7 +136,8 @@ def _write_pipeline(folder: Path, transformer, cfg: Config, manifest: dict, vae:
     from ditpipe.pipeline.codec import load_codec
     from ditpipe.pipeline.diffusion import DDPM
 
-    codec_info = manifest["codec"]
+    manifest = Manifest.of(manifest)
+    codec_info = manifest.codec
     try:
         codec = load_codec(vae or codec_info["name"], "fp32", torch.device("cpu"))
     except DitpipeError as e:
@@ -151,7 +153,7 @@ def _write_pipeline(folder: Path, transformer, cfg: Config, manifest: dict, vae:
                               timestep_spacing="trailing")
     DiTPipeline(transformer=transformer, vae=codec.vae, scheduler=scheduler).save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())
-    names = (manifest.get("labels") or {}).get("names") or [str(i) for i in range(PIPELINE_CLASSES)]
+    names = manifest.class_names or [str(i) for i in range(PIPELINE_CLASSES)]
     index["id2label"] = {str(i): name for i, name in enumerate(names)}  # DiTPipeline.get_label_ids reads it
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     console.print(f"DiTPipeline folder with the run's VAE ({codec_info['name']}) and a DDIM scheduler; "

@@ -28,6 +28,7 @@ from rich.text import Text
 
 from ditpipe.pipeline import checkpoint, lock, safe_yaml
 from ditpipe.pipeline.errors import DitpipeError
+from ditpipe.pipeline.manifest import Manifest
 
 LOCK = lock.NAME  # held (flock LOCK_EX) by the train/resume process of a run, its record (pid, verb) inside
 
@@ -313,9 +314,10 @@ def inspect_checkpoint(ckpt: Path, console: Console, as_json: bool = False) -> d
     v = cfg.get("validation", {})
     t.add_row("sampling", f"{v.get('sampler') or 'the objective default'} × {v.get('sampling_steps')}, cfg "
                           f"{v.get('cfg_scale')} at noise {v.get('cfg_interval')} (what `ditpipe sample` uses)")
-    codec, labels, latent = manifest.get("codec") or {}, manifest.get("labels"), manifest.get("latent") or {}
+    m = Manifest.of(manifest)  # as read, unchecked: a damaged checkpoint is shown, not refused
+    codec, labels, latent = m.codec, m.labels, m.raw.get("latent") or {}
     t.add_row("codec", f"{codec.get('name')} ({codec.get('kind')}, hash {str(codec.get('hash'))[:12]})")
-    t.add_row("latent", f"{tuple(latent.get('shape', ()))}, normalised by {(manifest.get('latent_norm') or {}).get('kind')}")
+    t.add_row("latent", f"{tuple(latent.get('shape', ()))}, normalised by {(m.latent_norm or {}).get('kind')}")
     t.add_row("labels", "none" if not labels else f"{labels['num_classes']} classes: "
               + ", ".join(labels["names"][:12]) + (" …" if labels["num_classes"] > 12 else ""))
     console.print(t)

@@ -30,7 +30,7 @@ from ditpipe.pipeline.device import describe, peak_tflops
 from ditpipe.pipeline.errors import ConfigError, DitpipeError
 from ditpipe.pipeline.estimate import LONG_ON_CPU_SECONDS, duration, remaining, step_seconds
 from ditpipe.pipeline.latent_norm import LatentNorm
-from ditpipe.pipeline.manifest import Manifest, load_manifest, text_encoder_of
+from ditpipe.pipeline.manifest import Manifest, load_manifest
 from ditpipe.pipeline.metrics import MetricsLog
 from ditpipe.pipeline.order import Plan
 from ditpipe.pipeline.phema import SNAPSHOT_DIR, write_snapshots
@@ -248,8 +248,8 @@ def _park(cache: dict) -> None:
             cache[key].to(torch.device("cpu"))
 
 
-def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classes: int, step: int, run_dir: Path,
-                    device: torch.device, cache: dict) -> Path:
+def validation_grid(cfg: Config, manifest: Manifest | dict, raw, ema, objective, num_classes: int, step: int,
+                    run_dir: Path, device: torch.device, cache: dict) -> Path:
     """A grid of `validation.num_samples` samples (EMA weights when kept), one class per column cycle, written to
     samples/step-NNNNNNN.png. The same seed every time, so grids compare across steps."""
     from ditpipe.pipeline import atomic
@@ -257,27 +257,28 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
     from ditpipe.pipeline.generate import decode, generate
     from ditpipe.pipeline.images import make_grid, to_uint8
 
+    manifest = Manifest.of(manifest)
     model = eval_model(cfg, manifest, num_classes, ema.state_dict() if ema is not None else raw.state_dict(), device,
                        cache)
     n, v = cfg.validation.num_samples, cfg.validation
     labels = torch.arange(n) % num_classes if num_classes else None
-    names = manifest["labels"]["names"][:num_classes] if 0 < num_classes <= 16 else None
+    names = manifest.class_names[:num_classes] if 0 < num_classes <= 16 else None
     if conditioning_for(cfg, manifest) == "caption":  # one prompt per column
         from ditpipe.pipeline.text import encode_prompts, load_for_manifest
 
         if "text" not in cache:
-            cache["text"] = load_for_manifest(text_encoder_of(manifest), device)
+            cache["text"] = load_for_manifest(manifest.text_encoder, device)
             cache["prompts"] = (v.prompts or _shard_prompts(cfg.shards_path))[:16]
         cache["text"].to(device)
         names = cache["prompts"]
         labels = encode_prompts(cache["text"], [names[i % len(names)] for i in range(n)])
-    z = generate(model, objective, Manifest.of(manifest).grid, labels, n, v.sampler, v.sampling_steps, v.cfg_scale,
+    z = generate(model, objective, manifest.grid, labels, n, v.sampler, v.sampling_steps, v.cfg_scale,
                  cfg.training.seed, device, cfg_interval=v.cfg_interval, bf16=v.bf16)  # bf16 autocast on CUDA
-    codec = manifest["codec"]
+    codec = manifest.codec
     if "codec" not in cache:  # the run's codec, or validation.decoder (checked to decode its latents)
         cache["codec"] = load_decoder(v.decoder or codec["name"], codec, codec["dtype"], device)
     cache["codec"].to(device)
-    images = to_uint8(decode(z, cache["codec"], LatentNorm.from_record(manifest["latent_norm"])))
+    images = to_uint8(decode(z, cache["codec"], LatentNorm.from_record(manifest.latent_norm)))
     path = run_dir / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(exist_ok=True)
     grid = make_grid(images, ncols=len(names) if names else int(math.ceil(n ** 0.5)), column_labels=names, min_cell=64)
@@ -290,7 +291,7 @@ def validation_grid(cfg: Config, manifest: dict, raw, ema, objective, num_classe
 def _shard_prompts(folder: Path, count: int = 8) -> list[str]:
     """The first `count` distinct first-captions of the first shard: validation prompts the data really has."""
     manifest, prompts = load_manifest(folder), []
-    for sample in shards.iter_shard(folder, manifest["shards"][0]["name"], manifest):
+    for sample in shards.iter_shard(folder, manifest.entries[0]["name"], manifest):
         caption = (sample.meta.get("captions") or [None])[0]
         if caption and caption not in prompts:
             prompts.append(caption)
@@ -418,10 +419,10 @@ def _preflight(console, run: Run, raw, restretched_from: int | None = None, step
                            + (f"{run.num_classes} classes" if run.num_classes else "unconditional"
                               if run.conditioning == "none" else _caption_line(manifest)))
     table.add_row("objective", cfg.diffusion.objective)
-    where = (f"{manifest['num_shards']} {manifest['format']} shard(s)" if "shards" in manifest
+    where = (f"{manifest.num_shards} {manifest.format} shard(s)" if "shards" in manifest.raw  # online: none
              else "images, encoded every step (data.source: images)")
-    table.add_row("data", f"{folder}: {manifest['num_samples']:,} samples in {where}, latent "
-                          f"{tuple(manifest['latent']['shape'])}")
+    table.add_row("data", f"{folder}: {manifest.num_samples:,} samples in {where}, latent "
+                          f"{tuple(manifest.latent['shape'])}")
     table.add_row("batch", f"{t.batch_size} × {t.gradient_accumulation_steps} accumulation × {plan.world_size} = "
                            f"{plan.global_batch} per optimizer step")
     table.add_row("steps", f"{plan.steps_per_epoch:,} optimizer steps per epoch; {end_step - start_step:,} to run"
@@ -487,9 +488,9 @@ def _small_recipe(cfg: Config) -> str:
             + shlex.join(["ditpipe", "train", "--config", CPU_RECIPE, *train]))
 
 
-def _tokens(manifest: dict, patch: int) -> str:
+def _tokens(manifest: Manifest, patch: int) -> str:
     """Tokens per image: `256 tokens per image`, or per bucket's image, from the fewest to the most."""
-    shapes = [b["latent_shape"] for b in manifest.get("buckets") or []] or [manifest["latent"]["shape"]]
+    shapes = [b["latent_shape"] for b in manifest.buckets] or [manifest.latent["shape"]]
     counts = sorted({(h // patch) * (w // patch) for _, _, h, w in shapes})
     return f"{counts[0]:,} tokens per image" if len(counts) == 1 else \
         f"{counts[0]:,}–{counts[-1]:,} tokens per image over {len(shapes)} buckets"
@@ -503,10 +504,10 @@ def _checkpoints_kept(cfg: Config, plan: Plan, start_step: int, end_step: int) -
     return min(epochs, c.keep_epochs or epochs), min(steps, c.total_limit or steps)
 
 
-def _caption_line(manifest: dict) -> str:
-    enc = text_encoder_of(manifest)
-    return (f"captions ({enc['name']}, {enc['dim']}-d, {manifest['captions']['num_captions']:,} captions, up to "
-            f"{manifest['captions']['max_tokens_seen']} tokens)")
+def _caption_line(manifest: Manifest) -> str:
+    enc = manifest.text_encoder
+    return (f"captions ({enc['name']}, {enc['dim']}-d, {manifest.captions['num_captions']:,} captions, up to "
+            f"{manifest.captions['max_tokens_seen']} tokens)")
 
 
 def _train_flops_per_sample(step: Step, m: Micro | None, device: torch.device) -> float | None:
