@@ -72,7 +72,6 @@ def load_sampleable(path: Path, *, use_ema: bool = True, vae: str | None = None,
     folder = exported.folder_of(path)  # an export (`ditpipe export --format safetensors`, `ditpipe ema --out`)
     if path.is_file() and folder is None:
         return _official(path, model_name, image_size, vae or OFFICIAL_DEFAULT_VAE, device)
-    from ditpipe.pipeline.manifest import Manifest
     from ditpipe.pipeline.training import build_model, conditioning_for, num_classes_for
 
     if folder is not None and not use_ema:

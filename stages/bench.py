@@ -1080,7 +1080,7 @@ def targets(result: dict) -> list[dict]:
     """The project's performance targets (issue 8), checked against this run. `applies` says whether the run used
     the settings a target is stated for (e.g. the encode ratio is stated for the sd-shaped VAE at 256 px)."""
     out = []
-    s, device = result["settings"], result["settings"]["device"]
+    device = result["settings"]["device"]
 
     def add(name, part, target, value, met, applies):
         out.append({"name": name, "part": part, "target": target, "value": value,
