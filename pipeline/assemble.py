@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ditpipe.pipeline import reuse, shards
-from ditpipe.pipeline.manifest import latent_shape_of
+from ditpipe.pipeline.manifest import Manifest, latent_shape_of
 from ditpipe.pipeline.sources import Loaded
 
 _STOP = object()
@@ -59,6 +59,7 @@ class Encoded:
     good: list[tuple[int, Loaded]]
     texts: list
     failed: list[tuple[int, str, str | None, int | None, tuple | None]]  # (index, reason, sha256, pixels, stat)
+    targets: np.ndarray | None = None  # (G, m, T, D) float32: the target encoder's tokens (pipeline/targets.py)
 
 
 class DonorCache:
@@ -136,7 +137,8 @@ class Assembler:
         self._plan, self._texts, self._next, self._done = plan, texts, 0, {}
         self._tally = ShardTally()
         shape = latent_shape_of(self.header, plan.bucket)  # the manifest's, or the shard's bucket's
-        self._writer = shards.ShardWriter(self.out / plan.name, self.fmt, shape, text=self.text)
+        self._layout = Manifest.of(self.header).target_layout(plan.bucket)  # None without targets
+        self._writer = shards.ShardWriter(self.out / plan.name, self.fmt, shape, text=self.text, target=self._layout)
 
     def _on_batch(self, batch: Encoded) -> None:
         for index, reason, sha, pixels, stat in batch.failed:
@@ -146,8 +148,9 @@ class Assembler:
                 batch.ready.synchronize()  # the device → host copy has landed
             half = batch.latents.numpy().astype(np.float16)  # (G, k, C, h, w)
             finite = np.isfinite(half).reshape(len(half), -1).all(axis=1)
-            for (index, loaded), latent, ok, text in zip(batch.good, half, finite, batch.texts):
-                self._done[index] = ("latent", latent, ok, loaded, text)
+            targets = [None] * len(half) if batch.targets is None else [self._layout.pack(x) for x in batch.targets]
+            for (index, loaded), latent, ok, text, target in zip(batch.good, half, finite, batch.texts, targets):
+                self._done[index] = ("latent", latent, ok, loaded, text, target)
         self._flush()
 
     def _on_end(self) -> None:
@@ -174,7 +177,7 @@ class Assembler:
                 donor_sample = self.donors.sample(entry.held)
                 text = self._texts.get(entry.index, donor_sample.text)
                 self._add(entry, meta, donor_sample.latent, donor_sample.meta["sha256"],
-                          donor_sample.meta.get("notes"), text)
+                          donor_sample.meta.get("notes"), text, donor_sample.target)
             else:
                 self._encoded(entry, meta, self._done.pop(entry.index))
             self._next += 1
@@ -185,21 +188,21 @@ class Assembler:
             entry.record, entry.stat = [meta["file"], sha, pixels], stat
             self._skip(entry, meta, reason)
             return
-        _, latent, ok, loaded, text = done
+        _, latent, ok, loaded, text, target = done
         entry.record, entry.stat = [meta["file"], loaded.sha256, loaded.source_pixels], loaded.stat
         if not ok:
             self._skip(entry, meta, "non-finite latent (codec overflow)")
             return
-        self._add(entry, meta, latent, loaded.sha256, loaded.notes, text)
+        self._add(entry, meta, latent, loaded.sha256, loaded.notes, text, target)
 
     def _skip(self, entry: reuse.Entry, meta: dict, reason: str) -> None:
         entry.reason = reason
         self._tally.skipped.append({"index": entry.index, "file": meta["file"], "reason": reason})
 
-    def _add(self, entry: reuse.Entry, meta: dict, latent: np.ndarray, sha: str, notes, text) -> None:
+    def _add(self, entry: reuse.Entry, meta: dict, latent: np.ndarray, sha: str, notes, text, target=None) -> None:
         meta = {**meta, "sha256": sha}
         if notes:
             meta["notes"] = notes
             self._tally.converted.append({"index": entry.index, "file": meta["file"], "notes": notes})
         self._tally.add_stats(latent[0])
-        self._writer.add(meta["key"], latent, meta, text if self.text else None)
+        self._writer.add(meta["key"], latent, meta, text if self.text else None, target)

@@ -42,6 +42,7 @@ EMA = "ema.pt"
 OPTIMIZER = "optimizer.pt"
 SCALER = "scaler.pt"
 PHEMA_FILE = "phema.pt"  # the post-hoc EMA shadows (PowerEMA.state_dict)
+PROJECTOR = "projector.pt"  # REPA's projector (training.repa.weight > 0; pipeline/repa.py): training state only
 CONFIG = "config.yaml"  # the resolved config; also in the run folder, from its start
 MANIFEST = "manifest.json"  # the shard manifest's excerpt (manifest_excerpt)
 EXPORT_WEIGHTS = "model.safetensors"  # an export folder's weights (pipeline/exported.py)
@@ -262,7 +263,7 @@ def validate(ckpt: Path) -> dict:
             raise CheckpointError(f"'{ckpt}' is missing {fname}")
         if path.stat().st_size != size or atomic.sha256_file(path) != sha:
             raise CheckpointError(f"'{ckpt}/{fname}' does not match its recorded size and sha256 (damaged)")
-    required = REQUIRED_FILES + ((EMA,) if CONFIG in files and _uses_ema(ckpt / CONFIG) else ())
+    required = REQUIRED_FILES + (_required_by_config(ckpt / CONFIG) if CONFIG in files else ())
     unlisted = [f for f in required if f not in files]
     if unlisted:
         raise CheckpointError(f"'{ckpt}/{STATE}' does not list {', '.join(unlisted)}, which every checkpoint holds; "
@@ -376,20 +377,23 @@ def read_config(ckpt: Path):
     return load_saved_config(Path(ckpt) / CONFIG)
 
 
-def _uses_ema(config: Path) -> bool:
-    """training.use_ema of a checkpoint's config.yaml (already checked against its sha256)."""
+def _required_by_config(config: Path) -> tuple[str, ...]:
+    """The files a checkpoint's config.yaml (already checked against its sha256) makes required: ema.pt when
+    training.use_ema, projector.pt when training.repa.weight > 0."""
     import yaml
 
     from ditpipe.pipeline.config import TrainingConfig
 
     try:
         tree = safe_yaml.safe_load(config.read_text())
-        value = (tree.get("training") or {}).get("use_ema", TrainingConfig.model_fields["use_ema"].default)
+        training = tree.get("training") or {}
+        ema = training.get("use_ema", TrainingConfig.model_fields["use_ema"].default)
+        repa = float((training.get("repa") or {}).get("weight", 0.0)) > 0
     except (yaml.YAMLError, *UNREADABLE) as e:
         why = str(e).splitlines()[0][:200] if isinstance(e, safe_yaml.AliasRefused) else type(e).__name__
         raise CheckpointError(f"'{config}' is not a readable config ({why}); the checkpoint is damaged or not "
                               "ditpipe's") from None
-    return bool(value)
+    return ((EMA,) if ema else ()) + ((PROJECTOR,) if repa else ())
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, bool, Path]]:
@@ -432,7 +436,7 @@ def find_resumable(run_dir: Path, warn: Callable[[str], None]) -> tuple[Path, di
 # `latent_norm` (derived from the config) and anything an encode adds to describe itself are left out, so that
 # re-encoding the same data, or checking it again, is not "other shards".
 SHARD_KEYS = ("format_version", "source", "codec", "latent", "labels", "captions", "format", "samples_per_shard",
-              "num_inputs", "num_samples", "num_shards", "shards", "skipped", "converted", "stats")
+              "num_inputs", "num_samples", "num_shards", "shards", "skipped", "converted", "stats", "targets")
 
 
 def _digest(value) -> str:
@@ -561,11 +565,13 @@ OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
 def load_state(ckpt: Path, model: torch.nn.Module, ema, opt: torch.optim.Optimizer, scaler,  # ema: pipeline.ema.EMA
-               phema=None) -> None:  # phema: pipeline.phema.PowerEMA
+               phema=None, projector: torch.nn.Module | None = None) -> None:  # phema: pipeline.phema.PowerEMA
     """A checkpoint's model, EMA, optimizer, loss-scaler and post-hoc EMA state, into objects already on their
     device. The files are memory-mapped: every rank reads them through the page cache instead of holding its own
     host copy."""
     model.load_state_dict(load_tensors(ckpt / MODEL, mmap=True), strict=True)
+    if projector is not None:  # required: the config cannot switch REPA on at a resume
+        projector.load_state_dict(load_tensors(ckpt / PROJECTOR, mmap=True), strict=True)
     flags = {k: opt.defaults[k] for k in OPTIMIZER_FLAGS if k in opt.defaults}
     opt.load_state_dict(load_tensors(ckpt / OPTIMIZER, mmap=True))
     for group in opt.param_groups:
@@ -607,7 +613,8 @@ def writers(acc, cfg, manifest: dict, step) -> dict:
     RNG states and its unlogged loss window (so the first log line after a resume averages the same steps as an
     uninterrupted run's); rank 0 the model, optimizer, config, manifest excerpt, EMAs and loss scaler."""
     rank, stats = acc.process_index, step.stats
-    log_window = torch.stack([stats.loss_sum.double().cpu(), stats.finite_steps.double().cpu()])  # a checkpoint syncs
+    window = [stats.loss_sum, stats.finite_steps] + ([stats.align_sum] if step.projector is not None else [])
+    log_window = torch.stack([x.double().cpu() for x in window])  # a checkpoint syncs
     device = acc.device
     files = {rng_file(rank): lambda p: torch.save({**rng_state(device), "log_window": log_window}, p)}
     if not acc.is_main_process:
@@ -623,6 +630,8 @@ def writers(acc, cfg, manifest: dict, step) -> dict:
         files[EMA] = lambda p: torch.save(step.ema.state_dict(), p)
     if step.phema is not None:
         files[PHEMA_FILE] = lambda p: torch.save(step.phema.state_dict(), p)
+    if step.projector is not None:
+        files[PROJECTOR] = lambda p: torch.save(step.projector.state_dict(), p)
     if acc.scaler is not None:
         files[SCALER] = lambda p: torch.save(acc.scaler.state_dict(), p)
     return files
@@ -648,6 +657,8 @@ def restore_rank_state(ckpt: Path, saved: dict, rank: int, stats, device: torch.
     window = load_tensors(own if own.is_file() else ckpt / rng_file(0))["log_window"]
     stats.loss_sum += window[0].to(device)
     stats.finite_steps += window[1].to(device)
+    if len(window) > 2:  # REPA's alignment loss window
+        stats.align_sum += window[2].to(device)
     stats.nonfinite_total.fill_(int(saved.get("nonfinite_total", 0)))
 
 

@@ -133,6 +133,16 @@ class TextConfig(_Section):
     batch_size: int = Field(256, ge=1, description="captions per text-encoder call (encode)")
 
 
+class TargetsConfig(_Section):
+    encoder: Optional[str] = Field(None, description="representation targets stored with the latents (REPA/REG): "
+                                                     "dinov2 (facebook/dinov2-base), inception (offline, the eval "
+                                                     "extra's), a transformers hub id or local folder; null: none")
+    class_token: bool = Field(False, description="also store the encoder's class token, first (REG)")
+    dtype: Literal["fp16", "int8"] = Field("fp16", description="fp16, or int8 (a symmetric scale per token: half "
+                                                               "the bytes)")
+    batch_size: int = Field(64, ge=1, description="images per target-encoder call (encode)")
+
+
 class VaeConfig(_Section):
     name: str = Field("stabilityai/sd-vae-ft-ema", description="a diffusers autoencoder's id or local folder (its "
                                                                "class from its config.json), or pixel (no VAE)")
@@ -181,6 +191,18 @@ class DiffusionConfig(_Section):
                                                                  "trains mid-noise harder (the quickstart: 0.6)")
 
 
+REPA_WEIGHT = 0.5  # the paper's λ (proj_coeff): what encode's `next:` line proposes after --targets
+
+
+class RepaConfig(_Section):
+    weight: float = Field(0.0, ge=0.0, description="REPA: the alignment loss's weight (the paper's 0.5); 0 turns it "
+                                                   "off; needs shards encoded with --targets")
+    depth: int = Field(8, ge=1, le=MAX_DEPTH, description="the DiT block (1-based) whose output is aligned (REPA: 8 "
+                                                          "of 28)")
+    projector_dim: int = Field(2048, ge=1, le=MAX_HIDDEN, description="the projector's width: a 3-layer SiLU MLP, "
+                                                                      "as official")
+
+
 class TrainingConfig(_Section):
     seed: int = Field(0, ge=0, le=MAX_TRAINING_SEED, description="model init, data order, flips, noise and "
                                                                 "timesteps")
@@ -221,6 +243,7 @@ class TrainingConfig(_Section):
                                                    "bit (slower); off: equal only statistically")
     tf32: bool = Field(True, description="CUDA: fp32 matmuls and convolutions on tensor cores (off when "
                                          "deterministic)")
+    repa: RepaConfig = RepaConfig()
     threads: Optional[int] = Field(None, ge=1, le=1024, description="CPU threads for torch's operators, per "
                                                                     "process; null: OMP_NUM_THREADS if set, else on "
                                                                     "a CPU the cores other work leaves free")
@@ -313,6 +336,7 @@ class Config(_Section):
     shards: ShardsConfig = ShardsConfig()
     vae: VaeConfig = VaeConfig()
     text: TextConfig = TextConfig()
+    targets: TargetsConfig = TargetsConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     training: TrainingConfig = TrainingConfig()
@@ -372,6 +396,9 @@ class Config(_Section):
         stem = f"{self.data.dataset_name}{folder}{split}-{self.data.image_size}px-{self.codec_short_name}-{n}"
         if self.data.captions:  # embeddings of another encoder are other shards
             stem += f"-{Path(self.text.encoder.rstrip('/')).name.lower()}"
+        if self.targets.encoder:  # other representation targets are other shards
+            stem += f"-{target_short_name(self.targets.encoder)}" + ("-cls" if self.targets.class_token else "") + (
+                "-int8" if self.targets.dtype == "int8" else "")
         if self.data.buckets != "square":  # other crops are other shards
             listed = hashlib.sha256(json.dumps(self.data.buckets).encode()).hexdigest()[:8]
             stem += "-auto" if self.data.buckets == "auto" else f"-buckets{listed}"
@@ -385,6 +412,19 @@ class Config(_Section):
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Target encoders by short name (pipeline/targets.py): REPA's DINOv2, and the offline Inception of the eval extra.
+TARGET_ALIASES = {"dinov2": "facebook/dinov2-base"}
+TARGET_INCEPTION = "inception"
+
+
+def target_short_name(name: str) -> str:
+    """The target encoder's part of a default shard folder name: `dinov2`, `inception`, a folder's or id's last
+    component."""
+    if name in TARGET_ALIASES or name == TARGET_INCEPTION:
+        return name
+    return folder_slug(name.rstrip("/\\")) if Path(name).exists() else name.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
 def folder_slug(path: str) -> str:
@@ -436,6 +476,8 @@ def train_command(cfg: Config, config: str | None, overrides: dict[str, Any],
     CPU recipe, and the folder by `--shards.path` with every key train checks against its manifest at the encode's
     values, so that the recipe's own data keys cannot name another folder or refuse these shards."""
     keys = {k: v for k, v in overrides.items() if k != "data.download"}  # a key of encode's alone
+    if cfg.targets.encoder and "training.repa.weight" not in keys:  # targets are encoded to be aligned with
+        keys["training.repa.weight"] = REPA_WEIGHT
     if device_type == "cuda" or not _is_gpu_recipe(config):
         return ["ditpipe", "train", *(["--config", config] if config else []), *override_args(keys)], None
     d = cfg.data
@@ -444,6 +486,9 @@ def train_command(cfg: Config, config: str | None, overrides: dict[str, Any],
              "model.conditioning": cfg.model.conditioning}  # auto: class only where the folder has labels
     if d.captions:
         keys |= {"data.captions": True, "text.encoder": cfg.text.encoder}
+    if cfg.targets.encoder:  # they are in the folder's name; cut for this patch; REPA's depth 8 of 28 is a third
+        keys |= {"targets.encoder": cfg.targets.encoder, "model.patch_size": cfg.model.patch}
+        keys.setdefault("training.repa.depth", max(1, (load_config(CPU_RECIPE).model.depth or 1) // 3))
     if d.buckets != "square":  # the buckets were cut for this patch size
         keys |= {"data.buckets": d.buckets, "model.patch_size": cfg.model.patch}
     why = (f"(on a CPU: the small recipe configs/{CPU_RECIPE}.yaml; on a GPU: --config {config or GPU_RECIPE} with "
@@ -499,12 +544,17 @@ def known_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
 
 def key_table(cfg: Config) -> list[tuple[str, Any, Any, str]]:
     """(dotted key, value in `cfg`, default, one line of meaning) for every key, in schema order: `config show`."""
-    rows = []
-    for section, sfield in Config.model_fields.items():
-        values = getattr(cfg, section)
+    def walk(values: BaseModel, prefix: str) -> list[tuple[str, Any, Any, str]]:
+        rows = []
         for name, field in type(values).model_fields.items():
-            rows.append((f"{section}.{name}", getattr(values, name), field.default, field.description or ""))
-    return rows
+            value = getattr(values, name)
+            if isinstance(value, BaseModel):  # a subsection (training.repa): its keys, dotted
+                rows += walk(value, f"{prefix}{name}.")
+            else:
+                rows.append((f"{prefix}{name}", value, field.default, field.description or ""))
+        return rows
+
+    return walk(cfg, "")
 
 
 def shipped_configs() -> dict[str, Path]:

@@ -519,14 +519,21 @@ def _dispatch(objective, sampler, model_fn, shape, steps, generator, device, noi
     return getattr(objective, loops[sampler])(model_fn, shape, steps, generator, device, noise=noise, progress=progress)
 
 
-def micro_loss(model, objective, x0, labels, conditional: bool, t, noise, drop):
+def micro_loss(model, objective, x0, labels, conditional: bool, t, noise, drop, tokens: list | None = None):
     """Per-sample loss (N,) of a DiT on x0 (N, C, H, W) at timesteps t (N,), with the given noise and dropout mask
     (N,): the training step and the held-out loss both go through here. `labels` is the model's `y` (class labels
-    or a Caption), used when `conditional`."""
-    if conditional:
-        model_fn = lambda xt, tt: model(xt, tt, labels, force_drop_ids=drop)  # noqa: E731
-    else:
-        model_fn = lambda xt, tt: model(xt, tt)  # noqa: E731
+    or a Caption), used when `conditional`. With `tokens`, the model is REPA's `Aligned` (pipeline/repa.py): it
+    returns (output, projected tokens), and the tokens (N, T, Z) are appended to the list."""
+    call = (lambda xt, tt: model(xt, tt, labels, force_drop_ids=drop)) if conditional else (  # noqa: E731
+        lambda xt, tt: model(xt, tt))
+
+    def model_fn(xt, tt):
+        out = call(xt, tt)
+        if tokens is None:
+            return out
+        tokens.append(out[1])
+        return out[0]
+
     return objective.training_losses(model_fn, x0, t, noise)["loss"]  # (N,)
 
 

@@ -151,9 +151,13 @@ def encode(cfg: Config, overwrite: bool = False, observer: Observer | None = Non
     out = cfg.shards_path
     n_per, fmt = cfg.shards.samples_per_shard, cfg.shards.format
     text_encoder = _text_encoder(cfg, source)
+    target_encoder = _target_encoder(cfg, codec)
     slices = codec.slices(cfg.shards.store, cfg.shards.flip)
     header = manifest_header(source, codec, n_per, slices, flip_at_load=codec.kind == "pixel" and cfg.shards.flip,
-                                    text_encoder=text_encoder.identity() if text_encoder else None)
+                             text_encoder=text_encoder.identity() if text_encoder else None,
+                             targets=_targets_section(cfg, codec, target_encoder))
+    if target_encoder is not None and rank == 0:
+        observer.note(escape(_targets_note(header)))
     _prepare_folder(out, header, fmt, overwrite, write=False)  # every rank refuses the same folder the same way
     barrier()
     if rank == 0:
@@ -183,7 +187,7 @@ def encode(cfg: Config, overwrite: bool = False, observer: Observer | None = Non
     with observer.encoding(f"encode → {out}" + (f" (rank 0 of {world})" if world > 1 else ""),
                            sum(len(p.to_encode()) for p in plans if not p.kept), rank == 0):
         _write_shards([p for p in plans if not p.kept], source, codec, text_encoder, cfg, pool, header, state,
-                      observer.batch)
+                      observer.batch, target_encoder)
     counts = _sum_over_ranks([kept, state["reused"], state["encoded"], pool.hashed,
                               sum(not p.kept for p in plans)], world)
     barrier()
@@ -201,7 +205,7 @@ def encode(cfg: Config, overwrite: bool = False, observer: Observer | None = Non
 
 
 def _write_shards(plans: list, source: Source, codec, text_encoder, cfg: Config, pool: reuse.Pool, header: dict,
-                  state: dict, advance) -> None:
+                  state: dict, advance, target_encoder=None) -> None:
     """Rewrite the shards `plans` name: one DataLoader decodes every input to encode, batches never cross a shard,
     and a writer thread assembles each shard (reused latents, new ones, skips) while the next batch is encoded."""
     size = cfg.vae.batch_size
@@ -218,7 +222,7 @@ def _write_shards(plans: list, source: Source, codec, text_encoder, cfg: Config,
             state["reused"] += sum(e.action == "reuse" for e in plan.entries)
             for _ in chunks[plan.index]:
                 batch = next(batches)
-                _encode_batch(batch, source, codec, text_encoder, cfg, writer, state, text_cache)
+                _encode_batch(batch, source, codec, text_encoder, cfg, writer, state, text_cache, target_encoder)
                 advance(len(batch))
             writer.put("end")
 
@@ -347,6 +351,8 @@ def _params(header: dict, fmt: str) -> dict:
     params["source"] = {k: v for k, v in params["source"].items() if k not in _CONTENT_KEYS}
     if text_encoder_of(header):  # other caption embeddings are other shards
         params["text_encoder"] = text_encoder_of(header)
+    if header.get("targets"):  # other representation targets are other shards: stale ones are never mixed in
+        params["targets"] = header["targets"]
     params["format_version"] = shards.FORMAT_VERSION
     params["format"] = fmt  # a wds folder re-encoded as parquet would keep stale tars that verify then rejects
     return params
@@ -439,7 +445,7 @@ def _finish(out: Path, header: dict, num_shards: int, fmt: str, baseline) -> Non
 
 
 def _encode_batch(batch: Decoded, source: Source, codec, text_encoder, cfg: Config, writer: Assembler, state: dict,
-                  text_cache: dict) -> None:
+                  text_cache: dict, target_encoder=None) -> None:
     """Encode one decoded batch and hand the latents to the writer thread. The uint8 pixels go to the device as they
     are (from pinned memory, asynchronously) and become floats there; the latents come back through an asynchronous
     copy the writer thread waits for, so the next batch's forward is queued while this one is written."""
@@ -462,7 +468,63 @@ def _encode_batch(batch: Decoded, source: Source, codec, text_encoder, cfg: Conf
     if text_encoder is not None:  # every caption of the batch in one go: the encoder runs once per caption, ever
         texts = text_encoder.encode_records([list(source.items[i].captions) for i, _ in batch.good],
                                             cfg.text.batch_size, text_cache)
-    writer.put("batch", Encoded(latents, ready, batch.good, texts, batch.failed))
+    targets = None
+    if target_encoder is not None:  # the frozen image encoder runs once per image (and mirror), ever
+        targets = _targets(target_encoder, batch.pixels, codec.downsample * cfg.model.patch, cfg)
+    writer.put("batch", Encoded(latents, ready, batch.good, texts, batch.failed, targets))
+
+
+def _targets(encoder, pixels: torch.Tensor, step: int, cfg: Config) -> np.ndarray:
+    """(N, m, T, D) float32 on the host: the target encoder's tokens of each image (and of its mirror, second, when
+    training flips), on the DiT's token grid: (H, W) / (codec downsample × model patch)."""
+    pixels = pixels.to(encoder.device, non_blocking=True)  # (N, H, W, 3) uint8
+    grid = (pixels.shape[1] // step, pixels.shape[2] // step)
+    views = [pixels, pixels.flip(2)] if cfg.shards.flip else [pixels]  # the mirror along W, as the latents'
+    size = cfg.targets.batch_size
+    out = [torch.cat([encoder(v[i : i + size], grid, cfg.targets.class_token) for i in range(0, len(v), size)])
+           for v in views]  # m × (N, T, D)
+    return torch.stack(out, dim=1).cpu().numpy()  # (N, m, T, D)
+
+
+def _target_encoder(cfg: Config, codec):
+    """The target encoder when `targets.encoder` asks for one, on this rank's device."""
+    if not cfg.targets.encoder:
+        return None
+    from ditpipe.pipeline.targets import load_target_encoder
+
+    step = codec.downsample * cfg.model.patch
+    if cfg.data.image_size % step:
+        raise ConfigError([("targets.encoder", f"targets are one a DiT token: data.image_size {cfg.data.image_size} "
+                                               f"must be a multiple of the codec's downsample {codec.downsample} × "
+                                               f"model patch {cfg.model.patch}")])
+    return load_target_encoder(cfg.targets.encoder, _local_device())
+
+
+def _targets_section(cfg: Config, codec, encoder) -> dict | None:
+    """The manifest's `targets` (pipeline/targets.py): the encoder, the grid it was cut for, the record's layout."""
+    if encoder is None:
+        return None
+    from ditpipe.pipeline.targets import RECORD, Layout
+
+    side = cfg.data.image_size // codec.downsample // cfg.model.patch
+    slices = ["target", "target_flip"] if cfg.shards.flip else ["target"]
+    tokens = side * side + int(cfg.targets.class_token)
+    layout = Layout(len(slices), tokens, encoder.dim, cfg.targets.dtype)
+    return {"encoder": encoder.identity(), "model_patch": cfg.model.patch, "class_token": cfg.targets.class_token,
+            "slices": slices, "dtype": cfg.targets.dtype, "grid": [side, side],
+            "resolution": encoder.resolution((side, side)), "bytes_per_sample": layout.data_bytes, "record": RECORD}
+
+
+def _targets_note(header: dict) -> str:
+    """The preflight line: what the targets are and what they cost a sample, beside the latent."""
+    t, latent = header["targets"], header["latent"]
+    latent_bytes = int(np.prod(latent["shape"])) * 2
+    side = t["grid"]
+    return (f"targets: {t['encoder']['name']} ({t['encoder']['layer']}), {side[0]}x{side[1]} tokens"
+            f"{' + class token' if t['class_token'] else ''} x {t['encoder']['dim']}, {t['dtype']}"
+            f"{', with the mirror' if len(t['slices']) == 2 else ''}: {t['bytes_per_sample'] / 1024:,.0f} KiB a sample "
+            f"(the latent: {latent_bytes / 1024:,.0f} KiB)" + (f"; the encoder sees {t['resolution'][0]} px"
+                                                                if t.get("resolution") else ""))
 
 
 def _to_host(latents: torch.Tensor) -> tuple[torch.Tensor, object]:

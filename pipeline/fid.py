@@ -159,7 +159,8 @@ class InceptionFeatures(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def _input(self, images: torch.Tensor) -> torch.Tensor:
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) images → the network's input (N, 3, 299, 299) in [-1, 1), as FID reads them."""
         if images.dtype != torch.uint8:
             raise TypeError(f"InceptionFeatures takes uint8 images in [0, 255], got {images.dtype} (use the metric "
                             "with normalize=False, or convert [-1, 1] images with pipeline.images.to_uint8)")
@@ -170,7 +171,7 @@ class InceptionFeatures(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), exact_fp32(self.device):
-            return self.net(self._input(images)).to(torch.float32)  # (N, 2048)
+            return self.net(self.prepare(images)).to(torch.float32)  # (N, 2048)
 
     def forward_all(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pool (N, 2048), spatial (N, 2023)) in one pass: the pool features as `forward`, and the ADM evaluator's
@@ -179,7 +180,7 @@ class InceptionFeatures(torch.nn.Module):
         the `mu_s`/`sigma_s` of an ADM reference batch."""
         layers = self.net.net.layers  # the file holds a wrapper around the network (`net`)
         with torch.no_grad(), exact_fp32(self.device):
-            x = self._input(images)
+            x = self.prepare(images)
             for name in SPATIAL_BEFORE:
                 x = getattr(layers, name)(x)
             block = layers.mixed_6

@@ -110,12 +110,18 @@ class MicroBatches(torch.utils.data.Dataset):
     With `captions`, also one of each image's captions (tokens padded to the manifest's longest caption).
     The latents are read as a batch (`store.gather`: one array index a shard), in the order's sequence."""
 
-    def __init__(self, store: ShardStore, order: EpochOrder, plan: Plan, rank: int, seed: int, captions: bool = False):
+    def __init__(self, store: ShardStore, order: EpochOrder, plan: Plan, rank: int, seed: int, captions: bool = False,
+                 targets: bool = False):
         self.store, self.order, self.plan, self.rank, self.seed = store, order, plan, rank, seed
         self.view = LatentView(store.manifest)
         if captions and not store.text:
             raise ShardError(f"{store.folder}: these shards carry no caption embeddings; encode with --captions")
+        if targets and not store.manifest.targets:
+            raise ShardError(f"{store.folder}: these shards carry no representation targets; encode with --targets")
         self.captions = captions
+        # REPA's targets: a flipped sample takes the mirror's (encoded from the flipped image), the second slice
+        self.targets = targets
+        self.target_mirror = targets and len(store.manifest.targets["slices"]) == 2
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, q = key
@@ -137,7 +143,18 @@ class MicroBatches(torch.utils.data.Dataset):
             batch["std"] = std  # (B, C, H, W) float16
         if self.captions:
             batch["caption"] = self._captions(epoch, indices)
+        if self.targets:
+            batch["target"] = self._targets(indices, keys)
         return batch
+
+    def _targets(self, indices: np.ndarray, keys: list[int]) -> torch.Tensor:
+        """(B, T, D) float16: each sample's stored targets, the mirror's where its flip bit says so."""
+        flip = self.target_mirror and self.view.can_flip
+        slices = np.array([int(flip and sample_flip(k)) for k in keys], dtype=np.int64)  # (B,)
+        layout = self.store.layouts[int(np.searchsorted(self.store.starts, indices[0], side="right") - 1)]
+        out = _batch_tensor((len(indices), layout.tokens, layout.dim))  # one bucket a batch: one layout
+        self.store.gather_targets(indices, slices, out.numpy())
+        return out
 
     def _captions(self, epoch: int, indices: np.ndarray) -> dict:
         """One caption per sample, chosen by its own keyed stream; an image without captions gets an empty mask,

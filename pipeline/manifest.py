@@ -98,6 +98,17 @@ class Manifest:
         return text_encoder_of(self.raw)
 
     @property
+    def targets(self) -> dict | None:
+        """The representation targets' section (encoder, model_patch, class_token, slices, dtype), or None."""
+        return self.raw.get("targets")
+
+    def target_layout(self, bucket: int | None = None):
+        """The stored targets' `targets.Layout` for a shard's bucket (its token grid), or None without targets."""
+        from ditpipe.pipeline.targets import layout_of
+
+        return None if self.targets is None else layout_of(self.targets, self.latent_shape(bucket))
+
+    @property
     def captions(self) -> dict | None:
         return self.raw.get("captions")
 
@@ -182,9 +193,10 @@ class Manifest:
 
 
 def manifest_header(source, codec, samples_per_shard: int, slices: list[str], flip_at_load: bool,
-                    text_encoder: dict | None = None) -> dict:
-    """Everything the manifest says besides the shards: source, codec, latent layout, labels, captions.
-    `text_encoder`: the caption encoder's identity when the captions are embedded (`<key>.text.npy`)."""
+                    text_encoder: dict | None = None, targets: dict | None = None) -> dict:
+    """Everything the manifest says besides the shards: source, codec, latent layout, labels, captions, targets.
+    `text_encoder`: the caption encoder's identity when the captions are embedded (`<key>.text.npy`); `targets`:
+    the representation targets' section when they are stored (`<key>.target.npy`, pipeline/targets.py)."""
     from ditpipe.pipeline.shards import LATENT_DTYPE
 
     side, f = source.image_size // codec.downsample, codec.downsample
@@ -205,6 +217,7 @@ def manifest_header(source, codec, samples_per_shard: int, slices: list[str], fl
         "samples_per_shard": samples_per_shard,
         "num_inputs": len(source),
         **({"buckets": buckets} if buckets else {}),  # absent for square: its manifest is as before, byte for byte
+        **({"targets": targets} if targets else {}),  # absent without targets, likewise
     }
 
 
@@ -292,6 +305,7 @@ def parse_manifest(raw: bytes, where, remote: bool = False) -> Manifest:
         raise ShardError(f"'{where}' has format_version {version!r}; this ditpipe reads {FORMAT_VERSION}. Re-encode "
                          f"with this version{'' if remote else ' (`--overwrite`)'}")
     check_latent_shape(manifest, where)
+    check_targets(manifest, where)  # sizes every batch's target arrays
     check_entries(manifest, where)  # names become paths or URLs: `../` must not leave the folder
     return Manifest(manifest)
 
@@ -382,6 +396,12 @@ def check_files(folder: Path, manifest: dict) -> None:
             raise ShardError(f"{path}: {st.st_size:,} bytes, the manifest ({MANIFEST}) says {entry['bytes']:,}; the "
                              "shard was truncated or altered (run `ditpipe verify`, re-encode it)")
 
+
+
+def check_targets(manifest: dict, where) -> None:
+    from ditpipe.pipeline.targets import check_section
+
+    check_section(manifest, where)
 
 
 def check_latent_shape(manifest: dict, where) -> None:

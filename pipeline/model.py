@@ -313,11 +313,13 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, h, p, w, p)
         return x.reshape(x.shape[0], c, h * p, w * p)  # (N, C, H, W)
 
-    def forward(self, x, t, y=None, force_drop_ids=None):
+    def forward(self, x, t, y=None, force_drop_ids=None, hidden_at=None):
         """
         x: (N, C, H, W) latents; t: (N,) diffusion timesteps; y: (N,) class labels, or None when num_classes=0.
         force_drop_ids: optional (N,) bool/0-1 mask of labels to replace by the null class (no random draw);
         if None, labels are dropped at random with class_dropout_prob in training mode only, as official.
+        hidden_at: a block number (1-based): also return that block's output tokens (N, T, D), for REPA
+        (pipeline/repa.py), as (output, tokens).
         """
         grid = patch_grid(self, x)
         if (y is None) != (self.y_embedder is None):
@@ -328,11 +330,15 @@ class DiT(nn.Module):
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        hidden = None
+        for i, block in enumerate(self.blocks):
             # Checkpointing trades compute for memory: activations are recomputed in backward.
             x = checkpoint(block, x, c, use_reentrant=False) if use_checkpoint else block(x, c)  # (N, T, D)
+            if i + 1 == hidden_at:
+                hidden = x  # (N, T, D): REPA's `zs` are taken here, inside the loop
         x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
-        return self.unpatchify(x, grid)  # (N, out_channels, H, W)
+        out = self.unpatchify(x, grid)  # (N, out_channels, H, W)
+        return out if hidden_at is None else (out, hidden)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=None):
         """

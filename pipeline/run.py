@@ -178,10 +178,13 @@ def build_model_for(run: Run) -> tuple[torch.nn.Module, object, list[str]]:
 def build_step_for(run: Run, model: torch.nn.Module, objective) -> Step:
     """The run's step (pipeline/step.py) made from `model`, with a resume's model, EMA, optimizer and scaler state
     loaded."""
-    cfg = run.cfg
+    cfg, targets = run.cfg, run.manifest.targets
+    aligned = cfg.training.repa.weight > 0  # check_run refused REPA without targets
     return build_step(run.acc, model, objective, run.plan, run.latent_shape, norm=run.norm, posterior=run.posterior,
                       training=cfg.training, rank=run.acc.process_index, drop_prob=cfg.model.class_dropout_prob,
-                      conditional=run.conditioning != "none", compile=cfg.model.compile, resume=run.resume)
+                      conditional=run.conditioning != "none", compile=cfg.model.compile, resume=run.resume,
+                      target_dim=targets["encoder"]["dim"] if aligned else 0,
+                      target_skip=int(targets["class_token"]) if aligned else 0)
 
 
 def spike_watch(run: Run) -> SpikeWatch | None:
@@ -223,7 +226,9 @@ class Stream:
 
     def next(self) -> Micro:
         batch = next(self.batches)
-        return Micro(*self.posterior(batch), self.to_y(batch), batch)  # mean, std (B, C, H, W) on the device, y
+        target = batch.get("target")  # (B, T, D) float16: REPA's, from the shards
+        target = None if target is None else target.to(self.run.device, non_blocking=True)
+        return Micro(*self.posterior(batch), self.to_y(batch), batch, target)  # mean, std (B, C, H, W), y, target
 
     def read_ahead(self) -> Micro:
         """The first micro-batch, read now: the preflight times a step on it, the first step trains on it."""

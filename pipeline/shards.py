@@ -35,6 +35,7 @@ PARAMS = "encode-params.json"  # written first, so even a half-finished folder r
 LATENT_DTYPE = "float16"
 SAMPLE_MEMBERS = ("latent.npy", "json")  # the only tar members a sample may have (+ TEXT_MEMBER with captions)
 TEXT_MEMBER = "text.npy"
+TARGET_MEMBER = "target.npy"  # representation targets (pipeline/targets.py), with `encode --targets`
 MAX_META_BYTES = 64 << 20  # a manifest or sidecar: far above any real one (~100 KB a shard)
 
 
@@ -94,19 +95,26 @@ class ShardWriter:
     """Writes one shard under a temporary name through its format's Writer (pipeline/formats/); `close()` fsyncs,
     renames, then writes the sidecar."""
 
-    def __init__(self, path: Path, fmt: str, latent_shape: tuple[int, ...], text: bool = False):
+    def __init__(self, path: Path, fmt: str, latent_shape: tuple[int, ...], text: bool = False, target=None):
+        """`target`: the targets' Layout (pipeline/targets.py) when every sample carries representation targets."""
         self.path, self.fmt, self.latent_shape, self.text = Path(path), fmt, tuple(latent_shape), text
+        self.target = target
         self._ctx = atomic.atomic_path(self.path)
         self.tmp = self._ctx.__enter__()
         self.keys: list[str] = []
         self.labels: list[int | None] = []
         self.text_stats = {"captions": 0, "max_tokens": 0}  # merged into the manifest's caption section
-        self._writer = formats.get(fmt).Writer(self.tmp, self.latent_shape, text)
+        self._writer = formats.get(fmt).Writer(self.tmp, self.latent_shape, text, target)
 
-    def add(self, key: str, latent: np.ndarray, meta: dict, text: np.ndarray | None = None) -> None:
-        """`text`: the image's caption record (pipeline/text.py), required exactly when the writer has captions."""
+    def add(self, key: str, latent: np.ndarray, meta: dict, text: np.ndarray | None = None,
+            target: np.ndarray | None = None) -> None:
+        """`text`: the image's caption record (pipeline/text.py), required exactly when the writer has captions;
+        `target`: its stored targets (the Layout's array), exactly when it has targets."""
         assert latent.dtype == np.float16 and latent.shape == self.latent_shape, (latent.dtype, latent.shape)
         assert (text is not None) == self.text, "caption records go with every sample of a caption shard, or none"
+        assert (target is not None) == (self.target is not None), "targets go with every sample, or none"
+        assert target is None or (target.dtype == self.target.np_dtype and target.shape == self.target.shape), (
+            target.dtype, target.shape, self.target)
         self.keys.append(key)
         self.labels.append(meta.get("label"))
         text_npy = None
@@ -114,7 +122,7 @@ class ShardWriter:
             text_npy = npy_bytes(text)
             self.text_stats["captions"] += len(text)
             self.text_stats["max_tokens"] = max(self.text_stats["max_tokens"], int(text["mask"].sum(-1).max(initial=0)))
-        self._writer.add(key, latent, json_bytes(meta), text_npy)
+        self._writer.add(key, latent, json_bytes(meta), text_npy, target)
 
     def close(self, sidecar: dict) -> dict:
         """Finish the shard atomically, then its sidecar (which marks it complete). Returns the sidecar."""
@@ -125,6 +133,8 @@ class ShardWriter:
                    "keys": self.keys, "labels": self.labels, **sidecar, **self._writer.sidecar()}
         if self.text:
             sidecar["text"] = {**self.text_stats, **self._writer.text_sidecar()}
+        if self.target is not None and self._writer.target_sidecar():
+            sidecar["target"] = self._writer.target_sidecar()
         atomic.write_json(self.path.parent / sidecar_name(self.path.name), sidecar)
         return sidecar
 
@@ -187,6 +197,7 @@ class Sample:
     latent: np.ndarray  # (k, C, H, W) float16, read-only view
     meta: dict
     text: np.ndarray | None = None  # (K,) caption record (pipeline/text.py) when the captions are embedded
+    target: np.ndarray | None = None  # the stored targets (pipeline/targets.py Layout) when there are any
 
 
 def _read_text(data, manifest: Manifest) -> np.ndarray:
@@ -203,7 +214,8 @@ def iter_shard(folder: Path, shard: str, manifest: Manifest | dict, sidecar: dic
     manifest = Manifest.of(manifest)
     shape = manifest.latent_shape(sidecar.get("bucket"))
     read_text = (lambda data: _read_text(data, manifest)) if manifest.text_encoder else None
-    yield from formats.get(manifest.format).iter_shard(folder / shard, sidecar, shape, read_text)
+    yield from formats.get(manifest.format).iter_shard(folder / shard, sidecar, shape, read_text,
+                                                       manifest.target_layout(sidecar.get("bucket")))
 
 
 def iter_samples(folder: Path) -> Iterator[Sample]:
@@ -225,7 +237,8 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
     checked = 0
     enc = manifest.text_encoder
     n_classes = manifest.num_classes
-    allowed = set(SAMPLE_MEMBERS) | ({TEXT_MEMBER} if enc else set())
+    allowed = set(SAMPLE_MEMBERS) | ({TEXT_MEMBER} if enc else set()) | (
+        {TARGET_MEMBER} if manifest.targets else set())
     listed = {s["name"] for s in manifest.entries}
     for p in sorted(folder.iterdir()):
         if formats.SHARD_FILE_RE.match(p.name) and p.name not in listed:
@@ -254,7 +267,8 @@ def verify(folder: Path, progress=None) -> tuple[list[str], int]:
                                 f"{entry.get('bucket')!r}")
         shape = manifest.latent_shape(entry.get("bucket"))  # each bucket's latents have their own shape
         try:
-            n = formats.get(manifest.format).decode(path, shape, allowed, side, problems, enc, n_classes)
+            n = formats.get(manifest.format).decode(path, shape, allowed, side, problems, enc, n_classes,
+                                                    manifest.target_layout(entry.get("bucket")))
         except Exception as e:  # a truncated or garbled file: report it, check the rest
             problems.append(f"{name}: cannot be read ({type(e).__name__}: {e})")
             n = 0
@@ -323,5 +337,27 @@ def check_text(where: str, key: str, data: bytes | None, meta_text: str | None, 
         return False
     if len(rec) and not rec["mask"].any(axis=1).all():
         problems.append(f"{where}: sample '{key}' has a caption embedding without any token")
+        return False
+    return True
+
+
+def check_target(where: str, key: str, data: bytes | None, layout, problems, from_npy: bool) -> bool:
+    """A sample's stored targets: present, pickle-free, exactly the manifest's layout (dtype and shape), finite."""
+    if data is None:
+        problems.append(f"{where}: sample '{key}' lacks its {TARGET_MEMBER} member (the manifest says targets are "
+                        "stored)")
+        return False
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False) if from_npy else layout.view(data)
+    except (ValueError, OSError) as e:
+        problems.append(f"{where}: sample '{key}' targets do not decode ({e})")
+        return False
+    if arr.dtype != layout.np_dtype or tuple(arr.shape) != layout.shape:
+        problems.append(f"{where}: sample '{key}' targets are {arr.dtype}{tuple(arr.shape)}, the manifest says "
+                        f"{layout.np_dtype}{layout.shape}")
+        return False
+    values = arr if layout.dtype == "fp16" else arr["scale"]
+    if not np.isfinite(values).all():
+        problems.append(f"{where}: sample '{key}' targets have NaN or Inf")
         return False
     return True

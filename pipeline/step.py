@@ -36,6 +36,7 @@ from ditpipe.pipeline.latent_norm import LatentNorm
 from ditpipe.pipeline.order import Plan
 from ditpipe.pipeline.model import prepare_grids
 from ditpipe.pipeline.phema import PowerEMA
+from ditpipe.pipeline.repa import Aligned, alignment_loss, check_depth
 
 
 
@@ -80,6 +81,7 @@ class Micro(NamedTuple):
     std: torch.Tensor | None
     y: object
     batch: dict | None = None
+    target: torch.Tensor | None = None  # (B, T, D) float16: REPA's targets, from the shards (pipeline/targets.py)
 
 
 @dataclass
@@ -96,10 +98,12 @@ class StepStats:
     nonfinite_start: torch.Tensor = None  # () long: the first step of the current run
     nonfinite_worst_start: torch.Tensor = None  # () long: the first step of the longest one
     grad_norm: torch.Tensor = None  # () float32: the last step's gradient norm before clipping
+    align_sum: torch.Tensor = None  # () float32: REPA's alignment losses of finite steps since the last read
 
     def __post_init__(self):
         zero = lambda dtype: torch.zeros((), dtype=dtype, device=self.device)  # noqa: E731
         self.loss_sum, self.finite_steps, self.grad_norm = (zero(torch.float32) for _ in range(3))
+        self.align_sum = zero(torch.float32)
         self.nonfinite_run, self.nonfinite_total, self.nonfinite_worst = (zero(torch.long) for _ in range(3))
         self.nonfinite_start, self.nonfinite_worst_start = zero(torch.long), zero(torch.long)
 
@@ -108,6 +112,13 @@ class StepStats:
         out = self.loss_sum.clone(), self.finite_steps.clone()
         self.loss_sum.zero_()
         self.finite_steps.zero_()
+        return out
+
+    def take_align(self) -> torch.Tensor:
+        """REPA's alignment loss summed over the window's finite steps (divide by its `finite_steps`), and reset:
+        read right after `take_window`."""
+        out = self.align_sum.clone()
+        self.align_sum.zero_()
         return out
 
     def take_worst_run(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +132,7 @@ class StepStats:
     def reset_runs(self) -> None:
         """After a recovery: the loss window and the runs start again (the total stays)."""
         for t in (self.loss_sum, self.finite_steps, self.nonfinite_run, self.nonfinite_worst, self.nonfinite_start,
-                  self.nonfinite_worst_start):
+                  self.nonfinite_worst_start, self.align_sum):
             t.zero_()
 
 
@@ -147,10 +158,15 @@ class Step:
     ema_decay: float
     ema_warmup: bool
     phema: PowerEMA | None = None  # the post-hoc EMAs (training.posthoc_ema), updated beside the classic EMA
+    projector: torch.nn.Module | None = None  # REPA's projector (plain), trained beside `raw`; None without REPA
+    repa_weight: float = 0.0
+    target_skip: int = 0  # leading stored target tokens the alignment does not use (a class token)
     stats: StepStats = field(init=False)
 
     def __post_init__(self):
         self.stats = StepStats(self.acc.device)
+        self.params = list(self.raw.parameters()) + ([] if self.projector is None else
+                                                     list(self.projector.parameters()))  # what is clipped
 
     def __call__(self, step: int, lr: float, feed: Callable[[], Micro],
                  observe: Callable[[int, int, Micro, torch.Tensor, Draws], None] | None = None,
@@ -167,6 +183,7 @@ class Step:
         draws = step_draws(self.objective, step_generator(self.seed, step if position is None else position, device),
                            plan.global_batch, tuple(m.mean.shape[1:]), self.drop_prob, self.posterior, device)
         step_loss = torch.zeros((), device=device)
+        step_align = torch.zeros((), device=device)  # stays 0 without REPA
         for micro in range(plan.accum):
             m = m if micro == 0 else feed()
             start = (micro * plan.world_size + self.rank) * plan.batch_size  # this rank's block of the micro-batch
@@ -175,17 +192,22 @@ class Step:
             x0 = self.norm.normalize(z)  # (B, C, H, W) float32, in the model's space
             last = micro == plan.accum - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                tokens = None if self.projector is None else []
                 loss = micro_loss(self.model, self.objective, x0, m.y, self.conditional, mine.t, mine.noise,
-                                  mine.drop).mean()
+                                  mine.drop, tokens).mean()
                 step_loss += loss.detach() / plan.accum
+                if tokens is not None:  # REPA: + weight · alignment with the stored targets
+                    align = alignment_loss(tokens[0], m.target[:, self.target_skip:]).mean()  # ()
+                    step_align += align.detach() / plan.accum
+                    loss = loss + self.repa_weight * align
                 if last:  # a non-finite loss anywhere makes every rank's gradient NaN (the all-reduce spreads it)
-                    bad = ~torch.isfinite(step_loss)
+                    bad = ~torch.isfinite(step_loss + step_align)
                     loss = loss * torch.where(bad, torch.nan, 1.0)
                 acc.backward(loss / plan.accum)
             if observe is not None:
                 observe(step, micro, m, loss, mine)
-        global_loss, bad = _over_ranks(acc, step_loss)  # () mean over the ranks, () bool: any rank non-finite
-        grad_norm = acc.clip_grad_norm_(self.raw.parameters(), self.max_grad_norm or math.inf)  # unscales first
+        global_loss, bad, global_align = _over_ranks(acc, step_loss, step_align)  # () means over the ranks, () bool
+        grad_norm = acc.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)  # unscales first
         applied = torch.isfinite(grad_norm)  # () bool: false for a poisoned step and for an fp16 overflow
         inner = self.opt.optimizer
         if acc.scaler is None:  # under fp16, GradScaler found the NaN/inf itself when it unscaled
@@ -198,6 +220,8 @@ class Step:
             self.phema.update(step, applied)
         self.opt.zero_grad(set_to_none=True)
         stats.loss_sum += torch.where(bad, 0.0, global_loss)
+        if self.projector is not None:
+            stats.align_sum += torch.where(bad, 0.0, global_align)
         stats.finite_steps += (~bad).float()
         stats.nonfinite_run.copy_(torch.where(bad, stats.nonfinite_run + 1, 0))
         stats.nonfinite_start.copy_(torch.where(bad & (stats.nonfinite_run == 1), step, stats.nonfinite_start))
@@ -209,39 +233,51 @@ class Step:
         return global_loss, bad
 
 
-def _over_ranks(acc, step_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the step loss averaged over the ranks, whether any rank's was non-finite), on the device and the same on
-    every rank: one all-reduce that the host never waits for (NCCL enqueues it)."""
-    bad = ~torch.isfinite(step_loss)
+def _over_ranks(acc, step_loss: torch.Tensor, step_align: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the step loss averaged over the ranks, whether any rank's loss or alignment loss was non-finite, the
+    alignment loss averaged), on the device and the same on every rank: one all-reduce that the host never waits for
+    (NCCL enqueues it)."""
+    bad = ~torch.isfinite(step_loss + step_align)
     if acc.num_processes == 1:
-        return step_loss, bad
-    both = acc.reduce(torch.stack([bad.float(), torch.nan_to_num(step_loss, nan=0.0, posinf=0.0, neginf=0.0)]), "sum")
-    return both[1] / acc.num_processes, both[0] > 0
+        return step_loss, bad, step_align
+    finite = lambda x: torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # noqa: E731
+    both = acc.reduce(torch.stack([bad.float(), finite(step_loss), finite(step_align)]), "sum")
+    return both[1] / acc.num_processes, both[0] > 0, both[2] / acc.num_processes
 
 
 def build_step(acc, model: torch.nn.Module, objective, plan: Plan, latent_shape: tuple[int, int, int], *,
                norm: LatentNorm, posterior: bool, training, drop_prob: float, conditional: bool, compile: bool,
-               rank: int, resume: Path | None = None) -> Step:
+               rank: int, resume: Path | None = None, target_dim: int = 0, target_skip: int = 0) -> Step:
     """The step's parts in the order docs/design.md prescribes (A step; the module docstring). `training` is the
     config's TrainingConfig; `resume` a validated checkpoint folder to load the model, EMA, optimizer and scaler from.
-    The model's `bucket_grids` (training.build_model; none for square shards) are the patch grids its batches take."""
+    The model's `bucket_grids` (training.build_model; none for square shards) are the patch grids its batches take.
+    `target_dim`: the REPA targets' width when training.repa.weight > 0 (the projector is built, trained beside the
+    model, saved and loaded as `projector.pt`)."""
     t = training
     model = model.to(acc.device)  # first: the EMA, the optimizer and loaded state are made from these parameters
     grids = sorted(set(getattr(model, "bucket_grids", ())))  # the run's buckets' patch grids (training.build_model)
     prepare_grids(model, grids)  # on the device, before compile: the compiled forward only looks them up
-    ema = EMA(model) if t.use_ema else None
+    ema = EMA(model) if t.use_ema else None  # the DiT's: sampling never runs REPA's projector
     phema = PowerEMA(model, t.posthoc_ema_sigmas) if t.posthoc_ema else None
-    opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
+    trained = model
+    if t.repa.weight > 0:
+        check_depth(model, t.repa.depth)
+        trained = Aligned(model, t.repa.depth, t.repa.projector_dim, target_dim).to(acc.device)
+    opt = torch.optim.AdamW(trained.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
                             betas=(t.adam_beta1, t.adam_beta2), fused=True)  # fused: skips steps on the device
+    projector = trained.projector if trained is not model else None
     if resume is not None:
-        checkpoint.load_state(resume, model, ema, opt, acc.scaler, phema)
-    model, opt = acc.prepare(model, opt)
-    raw = acc.unwrap_model(model, keep_torch_compile=False)
+        checkpoint.load_state(resume, model, ema, opt, acc.scaler, phema, projector)
+    trained, opt = acc.prepare(trained, opt)
+    raw = acc.unwrap_model(trained, keep_torch_compile=False)
+    raw, projector = (raw.dit, raw.projector) if projector is not None else (raw, None)
     if compile:
         allow_graphs(len(grids))
-        model = torch.compile(model, dynamic=False)  # one graph per bucket shape, each made at its first step
-    return Step(acc, model, raw, opt, ema, objective, plan, latent_shape, norm, posterior, t.seed, rank, drop_prob,
-                conditional, t.max_grad_norm, t.ema_decay, t.ema_warmup, phema)
+        trained = torch.compile(trained, dynamic=False)  # one graph per bucket shape, each made at its first step
+    return Step(acc, trained, raw, opt, ema, objective, plan, latent_shape, norm, posterior, t.seed, rank, drop_prob,
+                conditional, t.max_grad_norm, t.ema_decay, t.ema_warmup, phema, projector, t.repa.weight,
+                target_skip)
 
 
 def allow_graphs(count: int) -> None:

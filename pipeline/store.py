@@ -33,6 +33,7 @@ class ShardStore:
         # Each shard's latent shape: the manifest's, or its aspect-ratio bucket's (one bucket a shard).
         self.buckets = [s.get("bucket") for s in manifest.entries]
         self.shapes = [manifest.latent_shape(b) for b in self.buckets]
+        self.layouts = [manifest.target_layout(b) for b in self.buckets]  # the targets' (None without)
         self.counts = [s["samples"] for s in manifest.entries]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.max_open = max_open
@@ -56,7 +57,7 @@ class ShardStore:
             labels = np.array(checked_labels(side["labels"], self.num_classes, str(where)), dtype=np.int64)
             source = fetched[0] if fetched else self.folder / entry["name"]
             reader = formats.get(self.manifest.format).Reader
-            self._open[s] = (reader(source, side, self.shapes[s], bool(self.text), where), labels)
+            self._open[s] = (reader(source, side, self.shapes[s], bool(self.text), where, self.layouts[s]), labels)
         return self._open[s]
 
     def _local_sidecar(self, entry: dict) -> bytes:
@@ -131,6 +132,15 @@ class ShardStore:
             labels[at] = shard_labels[rows]
             self._counted(len(at))
         return labels
+
+    def gather_targets(self, indices: np.ndarray, slices: np.ndarray, out: np.ndarray) -> None:
+        """out[j] = slice slices[j] of sample indices[j]'s stored targets, as float16 (out: (B, T, D)); a shard at a
+        time, as `gather`."""
+        indices = np.asarray(indices, dtype=np.int64)
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
+        for s in np.unique(shard_of).tolist():
+            at = np.flatnonzero(shard_of == s)
+            self._shard(s)[0].targets(indices[at] - self.starts[s], at, slices, out)
 
     def read_text(self, g: int) -> np.ndarray:
         """The caption record (K,) of global sample g (pipeline/text.py's layout, checked, never unpickled)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ditpipe.pipeline import shards
-from ditpipe.pipeline.config import Config
+from ditpipe.pipeline.config import TARGET_ALIASES, TARGET_INCEPTION, Config
 from ditpipe.pipeline.errors import ConfigError, ShardError
 from ditpipe.pipeline.order import BucketOrder, EpochOrder, Plan
 from ditpipe.pipeline.remote import is_url
@@ -46,6 +46,25 @@ def check_run(cfg: Config, manifest: Manifest, folder: Path) -> None:
     if caption and cfg.validation.fid_every_steps:
         raise ConfigError([("validation.fid_every_steps", "caption models are not scored during training; set "
                             "it to 0 and score checkpoints with `ditpipe evaluate --prompts`")])
+    if cfg.training.repa.weight > 0:
+        repa_problems(cfg, manifest, caption)
+
+
+def repa_problems(cfg: Config, manifest: Manifest, caption: bool) -> None:
+    """REPA (training.repa.weight > 0) needs targets in the shards, on the DiT's token grid (pipeline/targets.py)."""
+    t = manifest.targets
+    if t is None:
+        raise ConfigError([("training.repa.weight", "REPA aligns with representation targets stored in the shards, "
+                            "and these hold none; encode them once with `ditpipe encode ... --targets dinov2` (or a "
+                            "folder), or set training.repa.weight 0")])
+    if caption:
+        raise ConfigError([("training.repa.weight", "REPA is built for class and unconditional DiTs; a caption "
+                            "model does not align yet; set training.repa.weight 0")])
+    if t["model_patch"] != cfg.model.patch:
+        raise ConfigError([("model.patch_size", f"the targets were encoded on the token grid of patch "
+                            f"{t['model_patch']} (one target a DiT token, as REPA), and this model has patch "
+                            f"{cfg.model.patch}; use --model.patch_size {t['model_patch']}, or encode targets for "
+                            "this patch")])
 
 
 def check_manifest(cfg: Config, manifest: Manifest | dict, folder: Path) -> None:
@@ -70,8 +89,28 @@ def check_manifest(cfg: Config, manifest: Manifest | dict, folder: Path) -> None
         problems.append(("model.conditioning", "config says 'caption', but the shards carry no caption embeddings; "
                                                "encode with `ditpipe encode ... --captions`"))
     problems += _bucket_problems(cfg, manifest)
+    problems += _target_problems(cfg, manifest)
     if problems:
         raise ConfigError(problems, header=f"the shards in '{folder}' do not match the config")
+
+
+def _target_problems(cfg: Config, manifest: Manifest) -> list[tuple[str, str]]:
+    """The config's targets.* (when it names an encoder) against the targets the shards hold."""
+    want, have = cfg.targets, manifest.targets
+    if not want.encoder:
+        return []
+    if have is None:
+        return [("targets.encoder", f"config says {want.encoder!r}, but the shards hold no targets; encode with "
+                                    f"`ditpipe encode ... --targets {want.encoder}`")]
+    name = want.encoder if want.encoder in TARGET_ALIASES or want.encoder == TARGET_INCEPTION or not \
+        Path(want.encoder).exists() else str(Path(want.encoder).resolve())
+    problems = []
+    for key, ours, theirs in (("targets.encoder", name, have["encoder"]["name"]),
+                              ("targets.class_token", want.class_token, have["class_token"]),
+                              ("targets.dtype", want.dtype, have["dtype"])):
+        if ours != theirs:
+            problems.append((key, f"config says {ours!r}, the shards' targets have {theirs!r}"))
+    return problems
 
 
 def _bucket_problems(cfg: Config, manifest: Manifest) -> list[tuple[str, str]]:
@@ -350,7 +389,8 @@ def training_batches(cfg: Config, manifest: Manifest | dict, store, online, plan
     counts = store.counts if store is not None else [min(spp, total - i) for i in range(0, total, spp)]
     order = epoch_order(cfg, manifest, counts, exclude, plan.global_batch)
     if store is not None:
-        dataset = MicroBatches(store, order, plan, rank, t.seed, captions=conditioning == "caption")
+        dataset = MicroBatches(store, order, plan, rank, t.seed, captions=conditioning == "caption",
+                               targets=t.repa.weight > 0)
         posterior = precomputed_latents(device)
     else:
         source, codec = online

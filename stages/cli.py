@@ -93,6 +93,8 @@ def encode(
                                             "with the text encoder (data.captions; needs ditpipe\\[text])"),
     text_encoder: Optional[str] = typer.Option(None, help="minilm (offline) | clip | t5 | hub id | local folder "
                                                           "(text.encoder)"),
+    targets: Optional[str] = typer.Option(None, help="Also store a frozen image encoder's tokens for REPA: dinov2 | "
+                                                     "inception (offline) | hub id | local folder (targets.encoder)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards made with other parameters."),
 ) -> None:
     """Encode images once through the VAE (or the pixel codec) into latent shards plus a manifest.
@@ -100,13 +102,16 @@ def encode(
     Example: ditpipe encode --dataset shapes --vae pixel --image-size 32 --num-samples 2000 --out shards/shapes
 
     Text-to-image: ditpipe encode --dataset coco --data-path data/coco --captions --text-encoder minilm
+
+    REPA targets: ditpipe encode --dataset custom --data-path data/photos --targets models/dinov2-base
     """
     shorthands = {
         "data.dataset_name": dataset, "data.dataset_path": data_path, "data.split": split, "shards.path": out_dir,
         "data.image_size": image_size, "data.seed": seed, "vae.name": vae,
         "vae.dtype": vae_dtype, "vae.batch_size": batch_size, "shards.format": fmt, "shards.store": store,
         "shards.flip": flip, "shards.samples_per_shard": samples_per_shard, "data.num_workers": num_workers,
-        "data.download": download, "data.captions": captions, "text.encoder": text_encoder}
+        "data.download": download, "data.captions": captions, "text.encoder": text_encoder,
+        "targets.encoder": targets}
     # --num-samples null means all, as --data.num_samples null does: it goes in as a dotted override (read as YAML)
     extra = (["--data.num_samples", num_samples] if num_samples is not None else []) + list(ctx.args)
     cfg = build_config(config, shorthands, extra)

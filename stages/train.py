@@ -120,6 +120,8 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             if done % cfg.logging.steps == 0 or done == end_step:  # the one place the loop reads the device
                 loss_sum, finite = (float(x) for x in step_fn.stats.take_window())  # the same on every rank
                 mean_loss = loss_sum / finite if finite else math.nan
+                align = {} if step_fn.projector is None else {  # REPA's alignment loss, beside the denoising one
+                    "align_loss": float(stats.take_align()) / finite if finite else math.nan}
                 worst, worst_start = (int(x) for x in stats.take_worst_run())
                 ips = since_log * plan.global_batch / max(time.time() - t_log, 1e-9)
                 last_loss = mean_loss
@@ -128,10 +130,11 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
                 bar.update(epoch_task, loss=mean_loss, ips=ips, left=left)
                 if main:
                     bar.console.print(f"Step {done}, Loss: {mean_loss:.4f}, LR: {lr:.2e}"
+                                      + "".join(f", Align: {v:.4f}" for v in align.values())
                                       + (f", {duration(left)} left" if done < end_step else ""), highlight=False)
                 peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
                 log.scalars(done, loss=mean_loss, lr=lr, grad_norm=float(stats.grad_norm), img_per_s=ips,
-                            peak_mem_gib=peak, epoch=epoch + 1, nonfinite_total=int(stats.nonfinite_total))
+                            peak_mem_gib=peak, epoch=epoch + 1, nonfinite_total=int(stats.nonfinite_total), **align)
                 since_log, t_log = 0, time.time()
                 # rank-consistent: every rank counted the same steps
                 failure = (f"{worst} non-finite losses in a row by step {done}", worst_start) \

@@ -1,6 +1,7 @@
 """Parquet shards: columns key (string), latent (fixed_size_binary: the fp16 (k, C, H, W) bytes), json (string)
-(+ text: the caption record's .npy bytes), uncompressed plain pages, one row group per 256 rows; the latent shape
-and dtype are in the schema's metadata."""
+(+ text: the caption record's .npy bytes; + target: fixed_size_binary, the targets' record without its .npy header),
+uncompressed plain pages, one row group per 256 rows; the latent and target shapes and dtypes are in the schema's
+metadata."""
 
 from __future__ import annotations
 
@@ -26,22 +27,30 @@ def shard_name(i: int) -> str:
 
 
 class Writer:
-    def __init__(self, path: Path, latent_shape: tuple[int, ...], text: bool):
+    def __init__(self, path: Path, latent_shape: tuple[int, ...], text: bool, target=None):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.text = text
+        self.text, self.target = text, target
         nbytes = int(np.prod(latent_shape)) * np.dtype(shards.LATENT_DTYPE).itemsize
         meta = {"ditpipe.latent_shape": json.dumps(list(latent_shape)), "ditpipe.latent_dtype": shards.LATENT_DTYPE}
         cols = [("key", pa.string()), ("latent", pa.binary(nbytes)), ("json", pa.string())]
-        self._schema = pa.schema(cols + ([("text", pa.binary())] if text else []), metadata=meta)
+        if text:
+            cols.append(("text", pa.binary()))
+        if target is not None:
+            cols.append(("target", pa.binary(target.data_bytes)))
+            meta |= {"ditpipe.target_shape": json.dumps(list(target.shape)), "ditpipe.target_dtype": target.dtype}
+        self._schema = pa.schema(cols, metadata=meta)
         # Plain pages: every latent is unique, so a dictionary page only costs a decode pass at read time.
         self._pq = pq.ParquetWriter(path, self._schema, compression="none", use_dictionary=False)
         self._rows: list[tuple] = []
 
-    def add(self, key: str, latent: np.ndarray, meta: bytes, text: bytes | None) -> None:
+    def add(self, key: str, latent: np.ndarray, meta: bytes, text: bytes | None,
+            target: np.ndarray | None = None) -> None:
         row = (key, np.ascontiguousarray(latent).tobytes(), meta.decode())
-        self._rows.append(row + ((text,) if self.text else ()))
+        row += (text,) if self.text else ()
+        row += (np.ascontiguousarray(target).tobytes(),) if self.target is not None else ()
+        self._rows.append(row)
         if len(self._rows) >= ROWS_PER_GROUP:
             self._flush_rows()
 
@@ -67,6 +76,9 @@ class Writer:
     def text_sidecar(self) -> dict:
         return {}
 
+    def target_sidecar(self) -> dict:
+        return {}
+
 
 class Reader:
     """Random access to the rows of one Parquet shard. Our files (uncompressed PLAIN pages of a fixed-size column)
@@ -76,7 +88,7 @@ class Reader:
     that opened it (every shard of its window: peak memory grew with the data set) and cost 30 ms an open of 33 MB.
     A file laid out otherwise (or a fetched URL shard's bytes that are) is decoded by pyarrow as before."""
 
-    def __init__(self, source: Path | bytes, side: dict, shape: tuple[int, ...], text: bool, where):
+    def __init__(self, source: Path | bytes, side: dict, shape: tuple[int, ...], text: bool, where, target=None):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -92,7 +104,7 @@ class Reader:
         per = int(np.prod(shape))
         meta = pq.ParquetFile(pa.BufferReader(self.data) if remote else source).metadata
         nbytes = per * np.dtype(shards.LATENT_DTYPE).itemsize
-        pages = _latent_pages(np.frombuffer(self.data, dtype=np.uint8), meta, nbytes)
+        pages = _latent_pages(np.frombuffer(self.data, dtype=np.uint8), meta, nbytes, "latent")
         if pages is not None:
             num_rows = meta.num_rows
             self.chunks = [np.frombuffer(self.data, dtype=shards.LATENT_DTYPE, count=n * per, offset=at)
@@ -112,6 +124,43 @@ class Reader:
         if text:
             self.texts = pq.read_table(pa.BufferReader(self.data) if remote else source, columns=["text"],
                                        memory_map=not remote).column(0)
+        self.target, self.target_chunks, self.target_starts = target, None, None
+        if target is not None:
+            self._open_targets(source, meta, num_rows, remote, where)
+
+    def _open_targets(self, source, meta, num_rows: int, remote: bool, where) -> None:
+        """The target column as (rows, record bytes) views of the map (our layout), else decoded by pyarrow."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from ditpipe.pipeline.errors import ShardError
+
+        size = self.target.data_bytes
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        schema = meta.schema.to_arrow_schema()
+        if "target" not in names or schema.field("target").type != pa.binary(size):
+            raise ShardError(f"{where}: no target column of {size:,}-byte records (the manifest's layout "
+                             f"{self.target.shape} {self.target.dtype}); the shard is damaged (run `ditpipe verify`)")
+        pages = _latent_pages(np.frombuffer(self.data, dtype=np.uint8), meta, size, "target")
+        if pages is not None:
+            self.target_chunks = [np.frombuffer(self.data, dtype=np.uint8, count=n * size, offset=at).reshape(n, size)
+                                  for at, n in pages if n]
+        else:
+            table = pq.read_table(pa.BufferReader(self.data) if remote else source, columns=["target"],
+                                  memory_map=not remote)
+            self.target_chunks = [np.frombuffer(c.buffers()[1], dtype=np.uint8)[c.offset * size :][: len(c) * size]
+                                  .reshape(len(c), size) for c in table.column(0).chunks if len(c)]
+        self.target_starts = np.cumsum([0] + [len(c) for c in self.target_chunks])
+        if self.target_starts[-1] != num_rows:
+            raise ShardError(f"{where}: {int(self.target_starts[-1]):,} target rows for {num_rows:,} samples; the "
+                             "shard is damaged (run `ditpipe verify`)")
+
+    def targets(self, rows: np.ndarray, at: np.ndarray, slices: np.ndarray, out: np.ndarray) -> None:
+        """out[at[j]] = row rows[j]'s targets, slice slices[at[j]], as float16 (out: (B, T, D))."""
+        chunk = np.searchsorted(self.target_starts, rows, side="right") - 1
+        for j, r, k in zip(at.tolist(), rows.tolist(), chunk.tolist()):
+            stored = self.target.view(self.target_chunks[k][r - int(self.target_starts[k])])
+            self.target.decode_into(stored[slices[j]], out[j])
 
     def row(self, i: int) -> np.ndarray:
         """Row i's stored latent (k, C, H, W) float16, a read-only view."""
@@ -148,13 +197,14 @@ class Reader:
         self.touched = None
 
 
-def _latent_pages(buf: np.ndarray, meta, nbytes: int) -> list[tuple[int, int]] | None:
-    """(file offset of the first value, rows) of each data page of the `latent` column, in row order; None unless
+def _latent_pages(buf: np.ndarray, meta, nbytes: int, column: str) -> list[tuple[int, int]] | None:
+    """(file offset of the first value, rows) of each data page of a fixed-size column (`latent`, `target`), in row
+    order; None unless
     every page is an uncompressed PLAIN v1 data page whose values, `nbytes` each, fill it to its end (no nulls), all
     inside the file: the layout our Writer makes. Every number is checked before it is used as an offset."""
     try:
         names = [meta.schema.column(i).name for i in range(meta.num_columns)]
-        col = names.index("latent")
+        col = names.index(column)
         nullable = meta.schema.column(col).max_definition_level > 0
         pages = []
         for g in range(meta.num_row_groups):
@@ -261,29 +311,31 @@ class _Thrift:
 
 
 def iter_shard(path: Path, sidecar: dict, shape: tuple[int, ...],
-               read_text: Callable[[bytes], np.ndarray] | None) -> Iterator[shards.Sample]:
-    """Every sample of a Parquet shard in order, through its binary columns."""
+               read_text: Callable[[bytes], np.ndarray] | None, target=None) -> Iterator[shards.Sample]:
+    """Every sample of a Parquet shard in order, through its binary columns (`target`: the targets' Layout)."""
     import pyarrow.parquet as pq
 
-    cols = ["key", "latent", "json"] + (["text"] if read_text else [])
+    cols = ["key", "latent", "json"] + (["text"] if read_text else []) + (["target"] if target is not None else [])
     nper = int(np.prod(shape))
     for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_GROUP, columns=cols):
         keys, jsons = batch.column(0).to_pylist(), batch.column(2).to_pylist()
-        texts = batch.column(3).to_pylist() if len(cols) == 4 else [None] * len(keys)
+        texts = batch.column("text").to_pylist() if read_text else [None] * len(keys)
+        targets = batch.column("target").to_pylist() if target is not None else [None] * len(keys)
         flat = np.frombuffer(batch.column(1).buffers()[1], dtype=shards.LATENT_DTYPE)
         start = batch.column(1).offset * nper
         for i, key in enumerate(keys):
             yield shards.Sample(key, flat[start + i * nper : start + (i + 1) * nper].reshape(shape).copy(),
-                                json.loads(jsons[i]), None if texts[i] is None else read_text(texts[i]))
+                                json.loads(jsons[i]), None if texts[i] is None else read_text(texts[i]),
+                                None if targets[i] is None else target.view(targets[i]).copy())
 
 
 def decode(path: Path, shape, allowed, side: dict | None, problems: list[str], enc: dict | None,
-           n_classes: int) -> int:
+           n_classes: int, target=None) -> int:
     """`ditpipe verify`'s read: the whole table, each value decoded on its own; returns the good samples."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    columns = ["key", "latent", "json"] + (["text"] if enc else [])
+    columns = ["key", "latent", "json"] + (["text"] if enc else []) + (["target"] if target is not None else [])
     if table.column_names != columns:
         problems.append(f"{path.name}: columns {table.column_names}, expected {columns}")
         return 0
@@ -293,10 +345,12 @@ def decode(path: Path, shape, allowed, side: dict | None, problems: list[str], e
     good = 0
     keys = table.column("key").to_pylist()
     texts = table.column("text").to_pylist() if enc else [None] * len(keys)
-    for key, latent, meta, text in zip(keys, table.column("latent").to_pylist(), table.column("json").to_pylist(),
-                                       texts):
+    targets = table.column("target").to_pylist() if target is not None else [None] * len(keys)
+    for key, latent, meta, text, tgt in zip(keys, table.column("latent").to_pylist(),
+                                            table.column("json").to_pylist(), texts, targets):
         ok = shards.check_sample(path.name, key, latent, meta, shape, problems, False, n_classes)
-        good += (shards.check_text(path.name, key, text, meta, enc, problems) and ok) if enc else ok
+        ok = (shards.check_text(path.name, key, text, meta, enc, problems) and ok) if enc else ok
+        good += (shards.check_target(path.name, key, tgt, target, problems, False) and ok) if target else ok
     if side is not None and side.get("keys") != keys:
         problems.append(f"{path.name}: keys differ from its sidecar's")
     return good

@@ -1,6 +1,7 @@
-"""WebDataset tar shards: `<key>.latent.npy` (fp16 (k, C, H, W)) + `<key>.json` (+ `<key>.text.npy` with captions),
-one sample's members consecutive. The sidecar's offset index (`index`: [latent offset, size, json offset, size] a
-sample, `text.index`: [offset, size]) lets the reader map the file and copy a latent without parsing the tar."""
+"""WebDataset tar shards: `<key>.latent.npy` (fp16 (k, C, H, W)) + `<key>.json` (+ `<key>.text.npy` with captions,
++ `<key>.target.npy` with representation targets), one sample's members consecutive. The sidecar's offset index
+(`index`: [latent offset, size, json offset, size] a sample, `text.index` and `target.index`: [offset, size]) lets
+the reader map the file and copy a latent or targets without parsing the tar."""
 
 from __future__ import annotations
 
@@ -30,17 +31,21 @@ def shard_name(i: int) -> str:
 class Writer:
     """Appends samples to an open tar and records where each member's data starts."""
 
-    def __init__(self, path: Path, latent_shape: tuple[int, ...], text: bool):
+    def __init__(self, path: Path, latent_shape: tuple[int, ...], text: bool, target=None):
         self._file = open(path, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self.index: list[list[int]] = []  # [latent offset, latent size, json offset, json size]
         self.text_index: list[list[int]] = []  # with captions: [text.npy offset, size]
+        self.target_index: list[list[int]] = []  # with targets: [target.npy offset, size]
 
-    def add(self, key: str, latent: np.ndarray, meta: bytes, text: bytes | None) -> None:
+    def add(self, key: str, latent: np.ndarray, meta: bytes, text: bytes | None,
+            target: np.ndarray | None = None) -> None:
         self.index.append(self._member(f"{key}.latent.npy", shards.npy_bytes(latent))
                           + self._member(f"{key}.json", meta))
         if text is not None:
             self.text_index.append(self._member(f"{key}.{shards.TEXT_MEMBER}", text))
+        if target is not None:
+            self.target_index.append(self._member(f"{key}.{shards.TARGET_MEMBER}", shards.npy_bytes(target)))
 
     def _member(self, name: str, data: bytes) -> list[int]:
         info = tarfile.TarInfo(name)
@@ -63,6 +68,9 @@ class Writer:
     def text_sidecar(self) -> dict:
         return {"index": self.text_index}
 
+    def target_sidecar(self) -> dict:
+        return {"index": self.target_index}
+
 
 class Reader:
     """Random access to the rows of one tar: mmap (or a fetched URL shard's bytes) + the sidecar's offset index. No
@@ -70,7 +78,7 @@ class Reader:
     (checking every header here touched every page of the shard in each worker that opens it: 3.6 ms of CPU an
     open, 14 µs a sample)."""
 
-    def __init__(self, source: Path | bytes, side: dict, shape: tuple[int, ...], text: bool, where):
+    def __init__(self, source: Path | bytes, side: dict, shape: tuple[int, ...], text: bool, where, target=None):
         if isinstance(source, (bytes, bytearray)):
             self.data = source
         else:
@@ -108,6 +116,16 @@ class Reader:
             if len(self.texts) != len(index) or (self.texts.sum(1) > len(self.data)).any():
                 raise ShardError(f"{where}: its caption index does not fit the shard; the shard is damaged (run "
                                  "`ditpipe verify`)")
+        self.target, self.target_at = target, None  # targets.Layout; where each record's data starts
+        if target is not None:
+            at = np.asarray((side.get("target") or {}).get("index") or [], dtype=np.int64).reshape(-1, 2)
+            head = len(target.header)
+            if len(at) != len(index) or (at[:, 1] != head + target.data_bytes).any() or (at[:, 0] < 0).any() or (
+                    at.sum(1) > len(self.data)).any():
+                raise ShardError(f"{where}: its target index does not fit the shard or the manifest's target layout "
+                                 f"{target.shape} {target.dtype}; the shard is damaged (run `ditpipe verify`)")
+            self.target_at = at[:, 0]
+            self.target_header = np.frombuffer(target.header, dtype=np.uint8)
 
     def _check(self, rows: np.ndarray) -> None:
         """Each row's .npy header is exactly the float16 `shape` one (the page the read touches anyway)."""
@@ -146,6 +164,21 @@ class Reader:
         offset, size = (int(x) for x in self.texts[i])
         return self.data[offset : offset + size]
 
+    def targets(self, rows: np.ndarray, at: np.ndarray, slices: np.ndarray, out: np.ndarray) -> None:
+        """out[at[j]] = row rows[j]'s targets, slice slices[at[j]], as float16 (out: (B, T, D)); each record's .npy
+        header checked against the manifest's layout first."""
+        lay, head = self.target, len(self.target_header)
+        for j, r in zip(at.tolist(), rows.tolist()):
+            start = int(self.target_at[r])
+            if not np.array_equal(self.buf[start : start + head], self.target_header):
+                raise ShardError(f"{self.where}: sample {r}'s targets are not a {lay.dtype} {lay.shape} record; the "
+                                 "shard is damaged (run `ditpipe verify`)")
+            stored = lay.view(self.buf[start + head : start + head + lay.data_bytes])
+            lay.decode_into(stored[slices[j]], out[j])
+        if len(rows):
+            lo, hi = int(self.target_at[rows].min()), int(self.target_at[rows].max()) + head + lay.data_bytes
+            self.touched = (lo, hi) if self.touched is None else (min(lo, self.touched[0]), max(hi, self.touched[1]))
+
     def release(self) -> None:
         """Unmap the pages reads touched (they stay in the page cache, and a later read maps them again): without it
         every page touched (the kernel maps 64 KiB around each) of up to `max_open` shards stayed resident, so a
@@ -166,12 +199,13 @@ def _npy_header_len(buf, offset: int) -> int:
 
 
 def iter_shard(path: Path, sidecar: dict, shape: tuple[int, ...],
-               read_text: Callable[[bytes], np.ndarray] | None) -> Iterator[shards.Sample]:
-    """Every sample of a tar in order, through its offset index + mmap."""
+               read_text: Callable[[bytes], np.ndarray] | None, target=None) -> Iterator[shards.Sample]:
+    """Every sample of a tar in order, through its offset index + mmap (`target`: the targets' Layout)."""
     expected = shards.npy_bytes(np.zeros(shape, shards.LATENT_DTYPE))  # every latent member is this header + data
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         texts = (sidecar.get("text") or {}).get("index") or [None] * len(sidecar["keys"])
-        for key, (lo, ln, jo, jn), where in zip(sidecar["keys"], sidecar["index"], texts):
+        targets = (sidecar.get("target") or {}).get("index") if target is not None else None
+        for i, (key, (lo, ln, jo, jn), where) in enumerate(zip(sidecar["keys"], sidecar["index"], texts)):
             header = _npy_header_len(mm, lo)
             if ln != len(expected) or mm[lo : lo + header] != expected[:header]:
                 # another dtype (an object-array pickle, say) or shape: refuse it, never reinterpret its bytes
@@ -180,11 +214,18 @@ def iter_shard(path: Path, sidecar: dict, shape: tuple[int, ...],
             # copy at once: a view still alive when the mmap closes raises BufferError ("exported pointers")
             latent = np.frombuffer(mm, dtype=shards.LATENT_DTYPE, count=int(np.prod(shape)), offset=lo + header).copy()
             text = None if where is None else read_text(mm[where[0] : where[0] + where[1]])
-            yield shards.Sample(key, latent.reshape(shape), json.loads(bytes(mm[jo : jo + jn])), text)
+            tgt = None
+            if target is not None:
+                to, tn = targets[i]
+                if tn != len(target.header) + target.data_bytes or mm[to : to + len(target.header)] != target.header:
+                    raise ShardError(f"{path}: sample '{key}' targets are not a {target.dtype} {target.shape} record;"
+                                     " the shard is damaged or tampered (run `ditpipe verify`)")
+                tgt = target.view(mm[to + len(target.header) : to + tn]).copy()
+            yield shards.Sample(key, latent.reshape(shape), json.loads(bytes(mm[jo : jo + jn])), text, tgt)
 
 
 def decode(path: Path, shape, allowed: set[str], side: dict | None, problems: list[str],
-           enc: dict | None, n_classes: int) -> int:
+           enc: dict | None, n_classes: int, target=None) -> int:
     """`ditpipe verify`'s read: plain tar parsing, deliberately not our offset index; returns the good samples."""
     samples: dict[str, dict[str, tuple[int, bytes]]] = {}
     order: list[str] = []
@@ -192,9 +233,9 @@ def decode(path: Path, shape, allowed: set[str], side: dict | None, problems: li
         for info in tar:
             key, _, ext = info.name.partition(".")
             if not info.isfile() or ext not in allowed or "/" in info.name:
+                extra = [m for m, on in ((shards.TEXT_MEMBER, enc), (shards.TARGET_MEMBER, target)) if on]
                 problems.append(f"{path.name}: unexpected member '{info.name}' (only <key>.latent.npy, <key>.json"
-                                f"{' and <key>.' + shards.TEXT_MEMBER if enc else ''} belong in a shard; it was not "
-                                "read)")
+                                f"{''.join(' and <key>.' + m for m in extra)} belong in a shard; it was not read)")
                 continue
             if key not in samples:
                 samples[key] = {}
@@ -213,6 +254,9 @@ def decode(path: Path, shape, allowed: set[str], side: dict | None, problems: li
         if enc is not None:
             text = members.get(shards.TEXT_MEMBER)
             ok = shards.check_text(path.name, key, text and text[1], meta_text, enc, problems) and ok
+        if target is not None:
+            tgt = members.get(shards.TARGET_MEMBER)
+            ok = shards.check_target(path.name, key, tgt and tgt[1], target, problems, True) and ok
         good += ok
     if side is not None:
         if side.get("keys") != order:
@@ -228,4 +272,10 @@ def decode(path: Path, shape, allowed: set[str], side: dict | None, problems: li
                           for k in order]
                 if (side.get("text") or {}).get("index") != actual:
                     problems.append(f"{path.name}: sidecar caption index is missing or wrong")
+            if target is not None:  # the loader reads targets through this index, so it must be exact
+                member = shards.TARGET_MEMBER
+                actual = [[samples[k][member][0], len(samples[k][member][1])] if member in samples[k] else None
+                          for k in order]
+                if (side.get("target") or {}).get("index") != actual:
+                    problems.append(f"{path.name}: sidecar target index is missing or wrong")
     return good
