@@ -511,14 +511,15 @@ SHIPPED_CONFIGS_PACKAGE = "ditpipe.configs"
 # Keys that may differ between a run's saved config and the one it resumes with (docs/design.md, Config):
 # where and how long it runs, and keys the trained weights never see: the data order and every random draw are
 # keyed on (seed, epoch, sample, step), not on the worker count; validation runs on a copy under a forked RNG;
-# the download and encode keys (vae.batch_size, text.batch_size) are read by `encode` only; max_nonfinite_steps
+# the download and encode keys (vae.batch_size, text.batch_size, targets.batch_size) are read by `encode` only; max_nonfinite_steps
 # and training.recover* only decide what a failing run does; training.threads changes no result (pipeline/threads.py).
 # training.batch_size and gradient_accumulation_steps change the split of the global batch, never the samples or the
 # draws, and train() refuses any that does not keep the run's global batch (pipeline/run.py, elastic_split). A key
 # ending in "." stands for its whole section.
 RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "training.max_nonfinite_steps", "training.recover",
                      "training.threads", "training.batch_size", "training.gradient_accumulation_steps",
-                     "data.num_workers", "data.download", "vae.batch_size", "text.batch_size", "logging.",
+                     "data.num_workers", "data.download", "vae.batch_size", "text.batch_size", "targets.batch_size",
+                     "logging.",
                      "checkpointing.", "validation.")
 
 
@@ -579,7 +580,15 @@ def resolve_config_path(spec: str) -> Path:
     )
 
 
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
+def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A config tree as {dotted key: value}, subsections (training.repa) included."""
+    out = {}
+    for k, v in tree.items():
+        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
     for part in parts[:-1]:
@@ -648,7 +657,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         tree = read_yaml(resolve_config_path(str(path)))
     for key, value in (overrides or {}).items():
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return validate_tree(tree)
 
 

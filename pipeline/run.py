@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ditpipe.pipeline import atomic, checkpoint, hooks, lock
-from ditpipe.pipeline.config import RESUMABLE_CHANGES, Config, resumable_keys, validate_tree
+from ditpipe.pipeline.config import RESUMABLE_CHANGES, Config, flat, resumable_keys, set_dotted, validate_tree
 from ditpipe.pipeline.device import make_accelerator
 from ditpipe.pipeline.diffusion import make_objective
 from ditpipe.pipeline.errors import ConfigError, DitpipeError, ShardError
@@ -282,15 +282,12 @@ def resume_config(ckpt: Path, new: Config | None = None, overrides: dict | None 
             raise ConfigError(remote, header=f"cannot resume '{ckpt}' from a remote location it names itself")
         merged = json.loads(json.dumps(saved))
         for key, value in (overrides or {}).items():
-            section, _, name = key.partition(".")
-            merged.setdefault(section, {})[name] = value
+            set_dotted(merged, key, value)
         new = validate_tree(merged)
     cfg = new
-    old = validate_tree(saved).to_dict()
-    new = cfg.to_dict()
-    refused = [(f"{s}.{k}", f"was {old[s][k]!r} in the run, now {new[s][k]!r}")
-               for s in new for k in new[s]
-               if new[s][k] != old[s][k] and not f"{s}.{k}".startswith(RESUMABLE_CHANGES)]
+    old, new = flat(validate_tree(saved).to_dict()), flat(cfg.to_dict())
+    refused = [(key, f"was {old[key]!r} in the run, now {value!r}") for key, value in new.items()
+               if value != old[key] and not key.startswith(RESUMABLE_CHANGES)]
     if refused:
         raise ConfigError(refused, header=f"cannot resume '{ckpt}' with a different config (only {resumable_keys()} "
                                           "may change on resume; for anything else start a new run, e.g. with "
@@ -369,7 +366,7 @@ def recover(failure: tuple[str, int], now: int, run_dir: Path, group: Group, ste
         raise DitpipeError(f"{what}; training.recover found no valid checkpoint from before step {began} to go back "
                            f"to in '{run_dir}' (checkpoint more often with checkpointing.steps); stopping")
     ckpt, state = Path(chosen[0]), chosen[1]
-    checkpoint.load_state(ckpt, step.raw, step.ema, step.opt.optimizer, step.acc.scaler, step.phema)
+    checkpoint.load_state(ckpt, step.raw, step.ema, step.opt.optimizer, step.acc.scaler, step.phema, step.projector)
     if group.rank == 0:
         checkpoint.abandon_after(run_dir, int(state["step"]), ckpt.name)
     back = int(state["step"])

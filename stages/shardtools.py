@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -50,6 +51,13 @@ def inspect(folder: Path, as_json: bool, console: Console) -> None:
     t.add_row("captions", "none" if not captions else "as text in each sample's json (not embedded)" if not enc else
               f"{captions['num_captions']:,} embedded with {enc['name']} ({enc['source']}, {enc['dim']}-d, ≤ "
               f"{enc['max_tokens']} tokens, longest {captions['max_tokens_seen']}), hash {enc['hash'][:12]}")
+    if (tg := m.targets) is not None:  # REPA's representation targets (pipeline/targets.py)
+        enc, lay = tg["encoder"], m.target_layout()
+        latent_bytes = int(np.prod(m.latent_shape())) * 2
+        t.add_row("targets", f"{enc['name']} ({enc['class']}, {enc['layer']}), {lay.tokens} tokens"
+                             f"{' (class token first)' if tg['class_token'] else ''} × {enc['dim']}, {tg['dtype']}, "
+                             f"{', '.join(tg['slices'])}; {lay.data_bytes:,} bytes a sample (the latent "
+                             f"{latent_bytes:,}); grid of patch {tg['model_patch']}, hash {enc['hash'][:12]}")
     t.add_row("samples", f"{m.num_samples:,} of {m.raw['num_inputs']:,} inputs "
                          f"({len(m.raw['skipped']):,} skipped, {len(m.raw['converted']):,} converted)")
     t.add_row("shards", f"{m.num_shards} × {m.format}, {sum(s['bytes'] for s in m.entries):,} bytes, "

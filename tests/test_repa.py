@@ -9,7 +9,6 @@ facebook/dinov2-base; nothing reaches the hub."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -305,9 +304,13 @@ def test_a_repa_run_holds_no_image_encoder_and_logs_the_alignment(tmp_path, shar
     assert not any("projector" in k for k in model)  # the official layout: sample and export never see it
 
 
-def test_sample_and_export_ignore_the_projector(tmp_path, shards, dino, cli):
+def test_sample_and_export_ignore_the_projector_and_resume_refuses_other_repa_keys(tmp_path, shards, dino, cli):
     cfg = run_config(shards, dino, tmp_path / "out", "r", **{"training.max_steps": 2})
     run = train(load_config(None, cfg), config_name="r")
+    code, _, err = cli("resume", run, "--training.repa.weight", "0.3", "--training.max_steps", "4")
+    assert code == 2 and "training.repa.weight: was 0.5 in the run, now 0.3" in " ".join(err.split()), err
+    code, out, err = cli("inspect", shards)
+    assert code == 0 and "6,144 bytes a sample" in " ".join((out + err).split()), out + err
     code, _, err = cli("sample", "--checkpoint", run, "--num-samples", "4", "--steps", "2", "--out",
                        tmp_path / "grid.png")
     assert code == 0, err
@@ -422,3 +425,38 @@ def test_buckets_carry_targets_on_each_buckets_grid_and_train(tmp_path, dino):
            "logging.output_dir": str(tmp_path / "out"), "logging.run_name": "b", "lr_scheduler.warmup_steps": 1}
     run = train(load_config(None, cfg), config_name="b")
     assert all(np.isfinite(x["align_loss"]) for x in read_metrics(run))
+
+
+def test_a_repa_run_and_its_resume_keep_every_tensor_on_the_device(tmp_path, shards, dino):
+    """On the meta device (tests/devices.py on_meta refuses a CPU tensor among device ones, as CUDA does): the
+    targets, the projector and its optimizer state live on the run's device, through a resume too."""
+    from devices import HostReads, on_meta
+
+    cfg = load_config(None, run_config(shards, dino, tmp_path / "out", "m", **{"training.max_steps": 4}))
+    mode = HostReads(serve=True)
+    with on_meta(), mode:
+        run = train(cfg, config_name="m")
+    assert mode.between_log_steps(LOG, 4) == [], "\n".join(map(str, mode.between_log_steps(LOG, 4)[:3]))
+    resumed = HostReads(serve=True)
+    with on_meta(), resumed:
+        train(load_config(None, run_config(shards, dino, tmp_path / "out", "m", **{"training.max_steps": 6})),
+              resume=run / checkpoint.step_name(4))
+    assert resumed.between_log_steps(LOG, 6) == []
+
+
+def test_a_compiled_repa_run_makes_one_graph(tmp_path, shards, dino, monkeypatch):
+    from test_recompiles import BACKEND, compiles
+    import functools
+
+    from torch._dynamo import config
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=BACKEND))
+    with config.patch(recompile_limit=config.recompile_limit):
+        run = train(load_config(None, run_config(shards, dino, tmp_path / "out", "c", **{"model.compile": True})),
+                    config_name="c")
+        assert read_metrics(run)[-1]["step"] == END
+        assert compiles() == (1, 1, 1, [])
+    torch._dynamo.reset()
