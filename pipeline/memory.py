@@ -7,6 +7,11 @@ what autograd saves in a DiT block (`block_saved_bytes`), checked on the CPU aga
 forward under autocast (tests/test_memory.py: within 15 %). Under autocast the fp32 weights stay and each matmul
 weight gets a half copy, cached until the forward ends and saved for backward by the matmul that used it.
 
+REPA (training.repa.weight > 0, pipeline/repa.py) adds its projector (hidden → projector_dim → projector_dim →
+the targets' width, fp32: weights, gradients, AdamW's moments, DDP's buckets; no EMA tracks it), its half copies and
+saved activations over the micro-batch's image tokens (`projector_saved_bytes`, checked the same way), and the
+micro-batch's targets on the device ((B, T, D) fp16, a class token included where stored).
+
 Validation and training FID run between steps (gradients are freed by zero_grad(set_to_none=True) then, activations
 too) and bring an fp32 eval copy of the model, the decoder and their forward's transients.
 """
@@ -42,6 +47,7 @@ class Memory:
     activations: int  # what autograd saves for backward (the part checked against torch on the CPU)
     workspace: int  # backward's transient gradients of one block, and the loss
     evaluation: int  # validation / FID only: the eval model, its half copies, the decoder, their transients
+    targets: int = 0  # REPA: the micro-batch's stored targets on the device, (B, T, D) fp16
 
     @property
     def step(self) -> int:
@@ -149,6 +155,28 @@ def forward_workspace(batch: int, tokens: int, hidden: int, mlp_ratio: float, ha
     return int(2 * 4 * a + (1 + 2 * mlp_ratio) * half * a)
 
 
+def projector_params(hidden: int, projector_dim: int, z_dim: int) -> int:
+    """Parameters of REPA's projector (repa.build_mlp): three Linear layers with biases."""
+    return (hidden + 1) * projector_dim + (projector_dim + 1) * projector_dim + (projector_dim + 1) * z_dim
+
+
+def projector_saved_bytes(batch: int, tokens: int, hidden: int, projector_dim: int, z_dim: int, half: int) -> int:
+    """Bytes autograd saves for REPA's projector and alignment loss (repa.Aligned, repa.alignment_loss) over
+    `tokens` image tokens: the block's output cast to half (the first Linear's input), the two hidden layers' outputs
+    and their SiLUs' (half; the last Linear's output is only cast to fp32, which saves nothing), the projected tokens
+    in fp32 (normalize's input, saved by its norm and division) and the normalised targets (fp32, saved by the
+    product), and the per-token norms (fp32, two). Measured exact on the CPU (tests/test_bench_repa.py)."""
+    n = batch * tokens
+    return int(n * (half * (hidden + 4 * projector_dim) + 2 * 4 * z_dim + 2 * 4))
+
+
+def projector_workspace(batch: int, tokens: int, projector_dim: int, z_dim: int, half: int) -> int:
+    """Transients of the projector's backward: the gradient of the projected tokens (fp32, and its half cast) and of
+    one hidden layer (half, two). An estimate, not measured."""
+    n = batch * tokens
+    return int(n * ((4 + half) * z_dim + 2 * half * projector_dim))
+
+
 # ---------------------------------------------------------------------------------------------------- the model
 
 
@@ -162,12 +190,15 @@ def _matmul_params(model: torch.nn.Module, blocks_only: int | None = None) -> in
 
 def predict(model: torch.nn.Module, *, batch_size: int, tokens: int, precision: str, checkpointing: bool,
             use_ema: bool, posthoc_sigmas: int, world_size: int, bucket_view: bool, context: int = 0,
-            eval_batch: int = 0, eval_tokens: int = 0, decoder: int = 0) -> Memory:
+            eval_batch: int = 0, eval_tokens: int = 0, decoder: int = 0, projector_dim: int = 0, target_dim: int = 0,
+            target_tokens: int = 0) -> Memory:
     """The peak of one training step of `model` (a DiT or caption DiT, on any device, meta included) per GPU at
     micro-batch `batch_size` and `tokens` image tokens. `precision`: training.mixed_precision. `posthoc_sigmas`:
     the number of post-hoc EMAs. `bucket_view`: DDP's gradient_as_bucket_view. `context`: caption tokens.
     `eval_batch`: the largest evaluation forward (0: no validation or FID) at `eval_tokens`; `decoder`: the
-    decoder's weights and activations (`decoder_bytes`)."""
+    decoder's weights and activations (`decoder_bytes`). `projector_dim` > 0: REPA's projector to `target_dim`
+    (training.repa), trained beside the model, and the micro-batch's targets of `target_tokens` tokens a sample
+    (default `tokens`; one more with a stored class token)."""
     half = HALF[precision]
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -182,6 +213,14 @@ def predict(model: torch.nn.Module, *, batch_size: int, tokens: int, precision: 
     act = activation_bytes(batch_size, tokens, hidden, heads, depth, mlp_ratio, half, patch_in, checkpointing, context,
                            text_dim)
     copies = 2 * _matmul_params(model) if half == 2 else 0
+    extra = 0  # REPA's projector: its fp32 parameters (and so gradients, moments), none of it in an EMA
+    workspace = backward_workspace(batch_size, tokens, hidden, mlp_ratio, half, patch_out)
+    if projector_dim:
+        extra = 4 * projector_params(hidden, projector_dim, target_dim)
+        act += projector_saved_bytes(batch_size, tokens, hidden, projector_dim, target_dim, half)
+        copies += extra // 2 if half == 2 else 0  # every projector parameter is a Linear's, cast to half
+        # its backward runs first (its nodes are the forward's last), while every DiT activation is still held
+        workspace = max(workspace, projector_workspace(batch_size, tokens, projector_dim, target_dim, half))
     if checkpointing and copies:
         # The forward ends holding every half copy (autocast's cache) and only the blocks' inputs; the backward of
         # the last block holds the copies outside the blocks, that block's, and its recomputed activations.
@@ -196,17 +235,19 @@ def predict(model: torch.nn.Module, *, batch_size: int, tokens: int, precision: 
     if eval_batch:
         evaluation = (4 * sum(p.numel() for p in params) + (2 * _matmul_params(model) if half == 2 else 0)
                       + forward_workspace(eval_batch, eval_tokens or tokens, hidden, mlp_ratio, half) + decoder)
+    tensors = len(trainable) + (6 if projector_dim else 0)  # the fused AdamW's step count: one float a tensor
     return Memory(
-        weights=weights,
-        gradients=grads,
-        optimizer=2 * grads + 4 * len(trainable),
+        weights=weights + extra,
+        gradients=grads + extra,
+        optimizer=2 * (grads + extra) + 4 * tensors,
         ema=shadow if use_ema else 0,
         posthoc_ema=shadow * posthoc_sigmas,
-        ddp_buckets=grads if world_size > 1 and not bucket_view else 0,
+        ddp_buckets=grads + extra if world_size > 1 and not bucket_view else 0,
         autocast=copies,
         activations=act,
-        workspace=backward_workspace(batch_size, tokens, hidden, mlp_ratio, half, patch_out),
+        workspace=workspace,
         evaluation=evaluation,
+        targets=2 * batch_size * (target_tokens or tokens) * target_dim if projector_dim else 0,
     )
 
 
@@ -247,11 +288,15 @@ def predict_run(cfg, manifest: Manifest | dict, model: torch.nn.Module, world_si
              EVAL_BATCH_FACTOR * batch if v.every_steps else 0, batch * guided if v.fid_every_steps else 0]
     images = max(v.num_samples if v.every_steps and v.grid else 0, batch if v.fid_every_steps else 0)
     bucket_view = ddp_options(t.deterministic, world_size)["gradient_as_bucket_view"]  # what the run's DDP gets
+    targets = manifest.targets if t.repa.weight > 0 else None  # check_run refuses REPA without them
     return predict(model, batch_size=batch, tokens=tokens, precision=t.mixed_precision, checkpointing=ckpt,
                    use_ema=t.use_ema, posthoc_sigmas=len(t.posthoc_ema_sigmas) if t.posthoc_ema else 0,
                    world_size=world_size, bucket_view=bucket_view,
                    context=context, eval_batch=max(evals), eval_tokens=tokens,
-                   decoder=decoder_bytes(manifest.codec, images, cfg.data.image_size ** 2) if images else 0)
+                   decoder=decoder_bytes(manifest.codec, images, cfg.data.image_size ** 2) if images else 0,
+                   projector_dim=t.repa.projector_dim if targets else 0,
+                   target_dim=targets["encoder"]["dim"] if targets else 0,
+                   target_tokens=tokens + int(targets["class_token"]) if targets else 0)
 
 
 def fix(cfg, manifest: dict, model: torch.nn.Module, world_size: int, device_bytes: int) -> str:

@@ -133,6 +133,7 @@ def check_section(manifest: dict, where) -> None:
     """A manifest's `targets` section, which sizes every batch's target arrays: bounded, consistent, ours."""
     from ditpipe.pipeline.config import MAX_PATCH, MAX_TOKENS
     from ditpipe.pipeline.errors import ShardError
+    from ditpipe.pipeline.manifest import Manifest
 
     t = manifest.get("targets")
     if t is None:
@@ -144,7 +145,7 @@ def check_section(manifest: dict, where) -> None:
     ok = ok and t.get("slices") in (["target"], ["target", "target_flip"])
     if ok:
         shape = manifest["latent"]["shape"]
-        shapes = [shape] + [b["latent_shape"] for b in manifest.get("buckets") or []]
+        shapes = [shape] + [b["latent_shape"] for b in Manifest(manifest).buckets]
         ok = all(s[-2] % t["model_patch"] == 0 and s[-1] % t["model_patch"] == 0
                  and (s[-2] // t["model_patch"]) * (s[-1] // t["model_patch"]) <= MAX_TOKENS for s in shapes)
     if not ok:

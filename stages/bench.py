@@ -30,6 +30,11 @@ train    steps/s with precomputed latents against the online-VAE mode (`data.sou
          achieved fraction of it. FLOPs as `pipeline.step.FLOPS_CONVENTION` states (2 per multiply-add; 3 forwards
          a step, 4 with gradient checkpointing; `torch.utils.flop_counter`), as train's closing MFU; the JSON
          carries that statement. MFU needs a peak (known GPUs, or `--peak-tflops`).
+         With `--repa`: the precomputed step again with REPA (`training.repa.weight` 0.5, its default depth and
+         `--repa-projector-dim`), on the same shards, which then carry random targets of REPA's shape for the
+         model's token grid (`--repa-target-dim` wide, DINOv2-B's 768; one a DiT token; fp16; the mirror's too, as
+         the latents' flips); the step's seconds and img/s with and without, their ratios, and the bytes a sample
+         of latents and of targets.
 memory   peak memory of a training process (precomputed vs online, DataLoader in-process, a few steps): VmHWM on
          CPU, `torch.cuda.max_memory_allocated` on CUDA; whether the process imported diffusers / built an
          AutoencoderKL. And the loader's peak RSS (main process + workers' peaks) streaming over pixel-codec shards
@@ -62,7 +67,13 @@ JSON (schema "ditpipe-bench/1"; rates per second of wall time, times in seconds,
         precomputed{steps, seconds, steps_per_s, images_per_s}, online{...}, speedup, t_step_s, t_vae_s,
         ideal_ratio, achieved_fraction, gradient_checkpointing, flops_convention, dit_gflops_per_step,
         vae_gflops_per_step, mfu_precomputed, mfu_online,
-        extrapolate{images, precomputed_s, online_s}}
+        extrapolate{images, precomputed_s, online_s},
+        repa{weight, depth, projector_dim, projector_params, projector_gflops_per_step, target_dim, target_tokens,
+             target_slices, latent_bytes_per_sample, target_bytes_per_sample, target_over_latent,
+             shard_bytes_per_sample,     (on disk, tar: latents, targets and metadata)
+             without{steps, seconds, steps_per_s, images_per_s, step_seconds, t_step_s}, with{...},  (step_seconds:
+                                         through the loader, 1 / steps_per_s; t_step_s: the step alone)
+             step_seconds_ratio, t_step_ratio, images_per_s_ratio}}   (with / without; only with --repa)
   memory{train{steps, batch_size, precomputed{peak_mib, cuda_peak_mib, diffusers_imported, vae_constructed},
                online{...}, online_over_precomputed},
          loader{image_size, batch_size, num_workers, small_samples, large_samples,
@@ -134,6 +145,9 @@ class BenchOptions:
     extrapolate_images: int = 250000  # 50 epochs × 5,000 images
     workdir: str = ""  # default: a temporary folder, removed afterwards
     seed: int = 0
+    repa: bool = False  # bench train: the precomputed step with REPA too, on the same shards (with targets)
+    repa_projector_dim: int = 2048  # training.repa.projector_dim (REPA's)
+    repa_target_dim: int = 768  # the synthetic targets' width (DINOv2-B's, REPA's encoder)
 
     def resolved(self) -> "BenchOptions":
         from ditpipe.pipeline.config import DataConfig
@@ -170,7 +184,8 @@ class BenchOptions:
             problems.append(("--image-size", f"{self.image_size}: a multiple of 32 for --vae-shape dc-ae (32× down)"))
         if self.encode_source not in ("jpeg", "shapes"):
             problems.append(("--encode-source", f"{self.encode_source!r}: use jpeg or shapes"))
-        for name in ("repeats", "loader_batch", "memory_steps", "jpeg_count", "accum"):
+        for name in ("repeats", "loader_batch", "memory_steps", "jpeg_count", "accum", "repa_projector_dim",
+                     "repa_target_dim"):
             if getattr(self, name) < 1:
                 problems.append((f"--{name.replace('_', '-')}", "must be at least 1"))
         if self.loader_samples < self.loader_batch:
@@ -183,6 +198,9 @@ class BenchOptions:
                                                f"({self.loader_batch}); lower --loader-batch"))
         if self.memory_image_size < 8:
             problems.append(("--memory-image-size", "at least 8"))
+        if self.repa and self.model in DIT_PRESETS and (self.image_size // 8) % DIT_PRESETS[self.model]["patch_size"]:
+            problems.append(("--repa", f"the latent side {self.image_size // 8} is not a whole number of "
+                                       f"{self.model}'s patches: no token grid for the targets"))
         if problems:
             raise ConfigError(problems, header="invalid bench options")
 
@@ -192,7 +210,7 @@ class BenchOptions:
 
 def command_line(parts: list[str], opts: BenchOptions) -> str:
     """The `ditpipe bench` command that reproduces these options (defaults left out)."""
-    flags = {"compile": "--compile", "gradient_checkpointing": "--gradient-checkpointing"}
+    flags = {"compile": "--compile", "gradient_checkpointing": "--gradient-checkpointing", "repa": "--repa"}
     args = ["ditpipe", "bench", ",".join(parts)]
     for key, value in asdict(opts).items():
         if value == getattr(BenchOptions, key):
@@ -446,10 +464,30 @@ class _StandInVae:
                 "scaling_factor": 0.18215, "shift_factor": 0.0, "downsample": 8, "latent_channels": 4}
 
 
+def _targets_section(latent_shape: tuple[int, ...], dim: int, model_patch: int, mirror: bool):
+    """A manifest `targets` section (as pipeline/encode.py writes one) for random stand-in targets of `dim` values a
+    DiT token on the latent's grid at `model_patch`, no class token, fp16; and their Layout."""
+    from ditpipe.pipeline.targets import RECORD, Layout
+
+    side = latent_shape[-1] // model_patch
+    slices = ["target", "target_flip"] if mirror else ["target"]
+    layout = Layout(len(slices), side * side, dim, "fp16")
+    encoder = {"kind": "bench", "name": "bench-synthetic-targets", "source": "random (bench)", "class": "none",
+               "hash": "bench-synthetic-targets", "layer": "none", "dim": dim, "patch": 14,
+               "normalize": None, "resize": None, "dtype": "float32"}
+    section = {"encoder": encoder, "model_patch": model_patch, "class_token": False, "slices": slices,
+               "dtype": "fp16", "grid": [side, side], "resolution": [side * 14, side * 14],
+               "bytes_per_sample": layout.data_bytes, "record": RECORD}
+    return section, layout
+
+
 def _write_synthetic(folders: dict[str, str], n: int, image_size: int, codec_kind: str, codec_name: str,
-                     dataset: str, spp: int, seed: int, npy: str | None = None) -> dict:
+                     dataset: str, spp: int, seed: int, npy: str | None = None, target_dim: int = 0,
+                     model_patch: int = 0) -> dict:
     """The same n synthetic samples as tar and/or Parquet shards ({fmt: folder}) through the real ShardWriter and
-    build_manifest, and optionally fast-DiT's layout (npy/features/<g>.npy + npy/labels/<g>.npy)."""
+    build_manifest, and optionally fast-DiT's layout (npy/features/<g>.npy + npy/labels/<g>.npy). `target_dim`:
+    each sample also carries random REPA targets of that width on the grid of `model_patch` (with the mirror's
+    when the latents store their flips, as encode --targets writes them)."""
     import numpy as np
 
     from ditpipe.pipeline import atomic, shards
@@ -458,7 +496,10 @@ def _write_synthetic(folders: dict[str, str], n: int, image_size: int, codec_kin
     codec = PixelCodec() if codec_kind == "pixel" else _StandInVae(codec_name)
     source = _StandInSource(n, image_size, dataset)
     slices = shards.latent_slices(codec.stores_std, "mean_std", True)
-    header = manifest_header(source, codec, spp, slices, flip_at_load=not codec.stores_std)
+    shape = (len(slices), codec.latent_channels, image_size // codec.downsample, image_size // codec.downsample)
+    section, layout = _targets_section(shape, target_dim, model_patch, "mean_flip" in slices) if target_dim \
+        else (None, None)
+    header = manifest_header(source, codec, spp, slices, flip_at_load=not codec.stores_std, targets=section)
     shape = tuple(header["latent"]["shape"])
     rng = np.random.default_rng(seed)
     pool = rng.standard_normal((97, *shape), dtype=np.float32)  # content does not matter for speed; bytes do
@@ -469,6 +510,8 @@ def _write_synthetic(folders: dict[str, str], n: int, image_size: int, codec_kin
     else:
         pool = np.tanh(pool)
     pool = pool.astype(np.float16)
+    target_pool = None if layout is None else rng.standard_normal(  # (7, m, T, D): the bytes are what matter
+        (7, *layout.shape), dtype=np.float32).astype(np.float16)
     labels = rng.integers(0, NUM_CLASSES, n)
     num_shards = max(1, math.ceil(n / spp))
     for fmt, folder in folders.items():
@@ -478,7 +521,7 @@ def _write_synthetic(folders: dict[str, str], n: int, image_size: int, codec_kin
             (Path(npy) / sub).mkdir(parents=True, exist_ok=True)
     for s in range(num_shards):
         start, stop = s * spp, min((s + 1) * spp, n)
-        writers = {fmt: shards.ShardWriter(Path(folder) / shards.shard_name(fmt, s), fmt, shape)
+        writers = {fmt: shards.ShardWriter(Path(folder) / shards.shard_name(fmt, s), fmt, shape, target=layout)
                    for fmt, folder in folders.items()}
         first = pool[np.arange(start, stop) % len(pool), 0].astype(np.float64)  # (n, C, H, W)
         side = {"inputs": [start, stop], "skipped": [], "converted": [], "sum": first.sum(axis=(0, 2, 3)).tolist(),
@@ -490,8 +533,9 @@ def _write_synthetic(folders: dict[str, str], n: int, image_size: int, codec_kin
             latent.reshape(-1)[:3] = [g % 2039, g // 2039 % 2039, g // 2039**2]
             meta = {"key": f"{g:08d}", "index": g, "file": f"synthetic:{g}", "label": label,
                     "class_name": f"class{label}"}
+            target = None if target_pool is None else target_pool[g % len(target_pool)]  # (m, T, D) float16
             for w in writers.values():
-                w.add(meta["key"], latent, meta)
+                w.add(meta["key"], latent, meta, target=target)
             if npy:
                 np.save(Path(npy) / "features" / f"{g}.npy", latent)
                 np.save(Path(npy) / "labels" / f"{g}.npy", np.array([label], dtype=np.int64))
@@ -503,8 +547,10 @@ def _write_synthetic(folders: dict[str, str], n: int, image_size: int, codec_kin
 
 
 def task_prepare_shards(o: BenchOptions, folders: dict, n: int, image_size: int, codec_kind: str,
-                        codec_name: str = "", spp: int = 1000, npy: str | None = None) -> dict:
-    return _write_synthetic(folders, n, image_size, codec_kind, codec_name, "shapes", spp, o.seed, npy)
+                        codec_name: str = "", spp: int = 1000, npy: str | None = None, target_dim: int = 0,
+                        model_patch: int = 0) -> dict:
+    return _write_synthetic(folders, n, image_size, codec_kind, codec_name, "shapes", spp, o.seed, npy, target_dim,
+                            model_patch)
 
 
 # ---------------------------------------------------------------------------------------------------- encode
@@ -850,11 +896,14 @@ class _Trainer:
     the plan, the model and the `pipeline.step.Step`), and its step. Logging, checkpoints, validation and signals are
     left out; they do not run on most steps."""
 
-    def __init__(self, o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, workers: int, samples: int):
-        from ditpipe.pipeline.config import load_config
+    def __init__(self, o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, workers: int, samples: int,
+                 repa: bool = False):
+        from ditpipe.pipeline.config import REPA_WEIGHT, load_config
         from ditpipe.pipeline.run import Stream, build_model_for, build_step_for, open_run
 
         self.o = o
+        repa_keys = {"training.repa.weight": REPA_WEIGHT, "training.repa.projector_dim": o.repa_projector_dim} \
+            if repa else {}  # the depth: training.repa.depth's default (REPA's 8)
         self.cfg = cfg = load_config(None, {
             "data.dataset_name": "shapes", "data.image_size": o.image_size, "data.num_samples": samples,
             "data.source": "images" if mode == "online" else "shards", "data.num_workers": workers,
@@ -862,9 +911,10 @@ class _Trainer:
             "model.compile": o.compile, "model.gradient_checkpointing": o.gradient_checkpointing,
             "training.batch_size": o.batch_size,
             "training.gradient_accumulation_steps": o.accum, "training.mixed_precision": o.precision,
-            "training.seed": o.seed, "logging.tensorboard": False})
+            "training.seed": o.seed, "logging.tensorboard": False, **repa_keys})
         run = open_run(cfg, threads=False)  # the measuring process chose its threads as train does (_child_main)
         self.precision, self.device, self.latent_shape = run.precision, run.device, run.latent_shape
+        self.manifest = run.manifest
         model, objective, _ = build_model_for(run)
         self.step_fn = build_step_for(run, model, objective)
         self.total_steps = 10**6
@@ -904,23 +954,33 @@ class _Trainer:
         self.stream.batches = None  # its workers stop
 
 
-def task_train(o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, samples: int) -> dict:
+def task_train(o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, samples: int, repa: bool = False) -> dict:
     """Steps/s of one mode through the loader; then, alone, the training step (precomputed) or the VAE encode of a
-    batch (online); and their FLOPs."""
+    batch (online); and their FLOPs. `repa`: the precomputed step with REPA's alignment (the shards' targets)."""
+    import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    tr = _Trainer(o, mode, shards_dir, vae_dir, o.num_workers, samples)
+    tr = _Trainer(o, mode, shards_dir, vae_dir, o.num_workers, samples, repa)
     sync = lambda: _sync(tr.device)  # noqa: E731
+    mode = f"{mode} + REPA" if repa else mode
     _say(f"train {mode}: {o.model}, batch {o.batch_size}×{o.accum}, {tr.precision}; {o.warmup} warm-up step(s)")
     for _ in range(o.warmup):
         tr.step()
     sync()
-    steps, seconds = _timed(tr.step, o.steps, o.min_seconds if mode == "precomputed" else 0.0, sync, every=o.steps)
+    steps, seconds = _timed(tr.step, o.steps, o.min_seconds if mode != "online" else 0.0, sync, every=o.steps)
     _say(f"train {mode}: {steps / seconds:.3f} steps/s over {steps} steps")
     out = {"mode": mode, "steps": steps, "seconds": seconds, "precision": tr.precision,
            "latent_shape": list(tr.latent_shape)}
-    if mode == "precomputed":
+    if repa:  # what a sample stores, from the manifest the run trains on
+        manifest, layout = tr.manifest, tr.manifest.target_layout()
+        out.update({"latent_bytes_per_sample": int(np.prod(manifest.latent["shape"])) * 2,  # fp16, every slice
+                    "target_bytes_per_sample": layout.data_bytes, "target_layout": [layout.slices, layout.tokens,
+                                                                                   layout.dim],
+                    "shard_bytes_per_sample": sum(e["bytes"] for e in manifest.entries) / manifest.num_samples,
+                    "projector_params": sum(p.numel() for p in tr.step_fn.projector.parameters()),
+                    "repa_depth": tr.cfg.training.repa.depth})
+    if mode != "online":
         m = tr.next_micro()
         n, secs = _timed(lambda: tr.step(lambda: m), max(2, o.steps), o.min_seconds, sync, every=max(2, o.steps))
         out["t_step_s"] = secs / n
@@ -940,11 +1000,19 @@ def task_train(o: BenchOptions, mode: str, shards_dir: str, vae_dir: str, sample
 
 
 def _prepare_train_shards(o: BenchOptions, work: Path, vae_dir: str, samples: int) -> str:
-    folder = work / f"train-latents-{o.image_size}-{samples}"
+    """The train and memory parts' shards; with --repa they also carry REPA's targets (every mode reads the same
+    shards; only the REPA step reads the targets)."""
+    from ditpipe.pipeline.model import DIT_PRESETS
+
+    patch = DIT_PRESETS[o.model]["patch_size"]
+    tail = f"-targets{o.repa_target_dim}p{patch}" if o.repa else ""
+    folder = work / f"train-latents-{o.image_size}-{samples}{tail}"
     if not (folder / "manifest.json").is_file():
-        _say(f"writing {samples} synthetic latents for {o.image_size}px → {folder}")
+        _say(f"writing {samples} synthetic latents for {o.image_size}px" + (
+            f" with {o.repa_target_dim}-d targets a token" if o.repa else "") + f" → {folder}")
         _child("prepare_shards", o, folders={"wds": str(folder)}, n=samples, image_size=o.image_size,
-               codec_kind="vae", codec_name=str(Path(vae_dir).resolve()))
+               codec_kind="vae", codec_name=str(Path(vae_dir).resolve()),
+               target_dim=o.repa_target_dim if o.repa else 0, model_patch=patch)
     return str(folder)
 
 
@@ -959,6 +1027,8 @@ def _part_train(o: BenchOptions, work: Path) -> dict:
     samples = _train_samples(o)
     shards_dir = _prepare_train_shards(o, work, vae_dir, samples)
     pre = _child("train", o, mode="precomputed", shards_dir=shards_dir, vae_dir=vae_dir, samples=samples)
+    aligned = _child("train", o, mode="precomputed", shards_dir=shards_dir, vae_dir=vae_dir, samples=samples,
+                     repa=True) if o.repa else None  # right after its baseline, on the same shards
     onl = _child("train", o, mode="online", shards_dir=shards_dir, vae_dir=vae_dir, samples=samples)
     peak = _child("machine", o)["peak_tflops"] if o.device == "cuda" or o.peak_tflops else None
     images_per_step = o.batch_size * o.accum
@@ -987,7 +1057,45 @@ def _part_train(o: BenchOptions, work: Path) -> dict:
     mfu = f"MFU {res['mfu_precomputed']:.1%} of {peak:g} TFLOP/s" if peak else "MFU n/a (no known peak)"
     _say(f"train {o.model}: {res['precomputed']['images_per_s']:,.1f} img/s precomputed, {mfu}; "
          f"{res['dit_gflops_per_step']:,.1f} GFLOP a step, {FLOPS_CONVENTION}")
+    if aligned is not None:
+        res["repa"] = _repa_summary(o, pre, aligned)
+        r = res["repa"]
+        _say(f"train {o.model} with REPA: {r['with']['images_per_s']:,.1f} img/s against "
+             f"{r['without']['images_per_s']:,.1f} without (step × {r['step_seconds_ratio']}, the step alone × "
+             f"{r['t_step_ratio']}); targets {r['target_bytes_per_sample'] / 1024:,.1f} KiB a sample, the latents "
+             f"{r['latent_bytes_per_sample'] / 1024:,.1f} KiB")
     return res
+
+
+def _repa_summary(o: BenchOptions, pre: dict, aligned: dict) -> dict:
+    """The precomputed step without REPA (`pre`) and with it (`aligned`), on the same shards, in the same run:
+    their costs, ratios (with / without) and the bytes a sample of latents and of targets."""
+    from ditpipe.pipeline.config import REPA_WEIGHT
+    from ditpipe.pipeline.model import DIT_PRESETS
+
+    images_per_step = o.batch_size * o.accum
+    rates, out = {}, {}
+    for name, r in (("without", pre), ("with", aligned)):
+        rates[name] = sps = _rate(r["steps"], r["seconds"])
+        out[name] = {"steps": r["steps"], "seconds": _r(r["seconds"], 3), "steps_per_s": _r(sps, 4),
+                     "images_per_s": _r(sps * images_per_step, 3), "step_seconds": _r(1 / sps, 5),
+                     "t_step_s": _r(r["t_step_s"], 5)}
+    slices, tokens, dim = aligned["target_layout"]
+    hidden, p = DIT_PRESETS[o.model]["hidden_size"], o.repa_projector_dim
+    # forward + backward = 3 forwards of its three matmuls (2 FLOPs a multiply-add), every image token of the step
+    projector_flops = 3 * 2 * (hidden * p + p * p + p * dim) * tokens * images_per_step
+    return {"weight": REPA_WEIGHT, "depth": aligned["repa_depth"], "projector_dim": p,
+            "projector_params": aligned["projector_params"],
+            "projector_gflops_per_step": _r(projector_flops / 1e9, 3),
+            "target_dim": dim, "target_tokens": tokens, "target_slices": slices,
+            "latent_bytes_per_sample": aligned["latent_bytes_per_sample"],
+            "target_bytes_per_sample": aligned["target_bytes_per_sample"],
+            "target_over_latent": _r(_ratio(aligned["target_bytes_per_sample"], aligned["latent_bytes_per_sample"]), 3),
+            "shard_bytes_per_sample": _r(aligned["shard_bytes_per_sample"], 1),
+            **out,
+            "step_seconds_ratio": _r(_ratio(rates["without"], rates["with"]), 4),
+            "t_step_ratio": _r(_ratio(aligned["t_step_s"], pre["t_step_s"]), 4),
+            "images_per_s_ratio": _r(_ratio(rates["with"], rates["without"]), 4)}
 
 
 # ---------------------------------------------------------------------------------------------------- memory

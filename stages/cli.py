@@ -439,10 +439,16 @@ def bench(
     peak_tflops: float = typer.Option(0.0, help="Device peak for MFU (0: known GPUs, e.g. H200 989 bf16)."),
     threads: int = typer.Option(0, help="torch threads in each measuring process (0: as train chooses them)."),
     workdir: Optional[Path] = typer.Option(None, help="Keep generated data here and reuse it (default: a temp dir)."),
+    repa: bool = typer.Option(False, "--repa", help="train: also time the step with REPA (training.repa.weight 0.5) "
+                                                    "on the same shards, with random targets a token."),
+    repa_projector_dim: int = typer.Option(2048, help="REPA's projector width (training.repa.projector_dim)."),
+    repa_target_dim: int = typer.Option(768, help="The synthetic targets' width (DINOv2-B: 768)."),
 ) -> None:
     """Measure encode, loader, train and memory on this machine; print one JSON object (stdout, and --json).
 
     Example: ditpipe bench all --json bench.json
+
+    REPA's cost: ditpipe bench train --repa --json repa.json
     """
     from ditpipe.stages.bench import BenchOptions, run as run_bench
 
@@ -454,7 +460,8 @@ def bench(
                         loader_samples=loader_samples, loader_batch=loader_batch, num_workers=num_workers,
                         repeats=repeats, memory_small=memory_small, memory_large=memory_large,
                         memory_image_size=memory_image_size, memory_steps=memory_steps, peak_tflops=peak_tflops,
-                        threads=threads, workdir=str(workdir) if workdir else "")
+                        threads=threads, workdir=str(workdir) if workdir else "", repa=repa,
+                        repa_projector_dim=repa_projector_dim, repa_target_dim=repa_target_dim)
     run_bench(part.split(","), opts, json_out)
 
 

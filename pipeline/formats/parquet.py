@@ -142,9 +142,11 @@ class Reader:
             raise ShardError(f"{where}: no target column of {size:,}-byte records (the manifest's layout "
                              f"{self.target.shape} {self.target.dtype}); the shard is damaged (run `ditpipe verify`)")
         pages = _latent_pages(np.frombuffer(self.data, dtype=np.uint8), meta, size, "target")
+        self.target_page_at = None
         if pages is not None:
             self.target_chunks = [np.frombuffer(self.data, dtype=np.uint8, count=n * size, offset=at).reshape(n, size)
                                   for at, n in pages if n]
+            self.target_page_at = [at for at, n in pages if n]  # so `release` lets go of the pages targets touch
         else:
             table = pq.read_table(pa.BufferReader(self.data) if remote else source, columns=["target"],
                                   memory_map=not remote)
@@ -158,9 +160,15 @@ class Reader:
     def targets(self, rows: np.ndarray, at: np.ndarray, slices: np.ndarray, out: np.ndarray) -> None:
         """out[at[j]] = row rows[j]'s targets, slice slices[at[j]], as float16 (out: (B, T, D))."""
         chunk = np.searchsorted(self.target_starts, rows, side="right") - 1
+        size = self.target.data_bytes
         for j, r, k in zip(at.tolist(), rows.tolist(), chunk.tolist()):
-            stored = self.target.view(self.target_chunks[k][r - int(self.target_starts[k])])
+            local = r - int(self.target_starts[k])
+            stored = self.target.view(self.target_chunks[k][local])
             self.target.decode_into(stored[slices[j]], out[j])
+            if self.target_page_at is not None:
+                lo = self.target_page_at[k] + local * size
+                self.touched = (lo, lo + size) if self.touched is None else (min(lo, self.touched[0]),
+                                                                             max(lo + size, self.touched[1]))
 
     def row(self, i: int) -> np.ndarray:
         """Row i's stored latent (k, C, H, W) float16, a read-only view."""
