@@ -7,7 +7,8 @@
 #   scripts/gpu_check.sh tests-a      pytest -m cuda, the 30-step runs in fp16/bf16 and the compile tests
 #   scripts/gpu_check.sh tests-b      pytest -m cuda, every other CUDA test
 #   scripts/gpu_check.sh bench-b2     ditpipe bench encode,train, DiT-B/2 at batch 256 (bf16, sd-shaped VAE)
-#   scripts/gpu_check.sh bench-xl2    ditpipe bench train, DiT-XL/2 at batch $XL_BATCH (128: fits 80 GB)
+#   scripts/gpu_check.sh bench-xl2    ditpipe bench train --repa, DiT-XL/2 at batch $XL_BATCH (128: fits 80 GB), with and
+#                                     without REPA
 #   scripts/gpu_check.sh all          install and every part in turn (over 10 minutes: not for a lent machine)
 #
 # Every part after `install` checks the install is there and makes it if not, since a lent machine may be a fresh
@@ -135,7 +136,7 @@ run_part() {
         tests-a) run_tests tests-a -k "30_steps or compile" ;;  # the 30-step runs and every compile
         tests-b) run_tests tests-b -k "not (30_steps or compile)" ;;
         bench-b2) bench bench-b2 encode,train --model DiT-B/2 --batch-size 256 ;;
-        bench-xl2) bench bench-xl2 train --model DiT-XL/2 --batch-size "${XL_BATCH:-128}" ;;
+        bench-xl2) bench bench-xl2 train --model DiT-XL/2 --batch-size "${XL_BATCH:-128}" --repa ;;
     esac || rc=1
 }
 do_install || exit $?

@@ -460,3 +460,17 @@ def test_a_compiled_repa_run_makes_one_graph(tmp_path, shards, dino, monkeypatch
         assert read_metrics(run)[-1]["step"] == END
         assert compiles() == (1, 1, 1, [])
     torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+def test_targets_encoded_on_cuda_equal_the_cpu_ones_and_a_repa_run_trains_there(tmp_path, shards, dino):
+    """The CUDA branches: the encoder on the GPU (pinned uint8 pixels copied there, fp32 maths), and the step with
+    the targets moved to the device without blocking."""
+    encoder = load_target_encoder(str(dino), torch.device("cuda"))
+    pixels = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    on_gpu = encoder(pixels.cuda(), (8, 8), False).cpu()
+    on_cpu = load_target_encoder(str(dino))(pixels, (8, 8), False)
+    assert torch.allclose(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)
+    run = train(load_config(None, run_config(shards, dino, tmp_path / "out", "g",
+                                             **{"training.mixed_precision": "bf16"})), config_name="g")
+    assert all(np.isfinite(m["align_loss"]) for m in read_metrics(run))

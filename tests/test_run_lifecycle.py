@@ -122,7 +122,8 @@ def test_keys_that_cannot_change_the_weights_may_change_on_resume(shards, tmp_pa
     assert cli(*args(shards, outputs, "ref"))[0] == 0
     assert cli(*args(shards, outputs, "cut", **{"training.max_steps": 8}))[0] == 0
     code, _, err = cli("resume", outputs / "cut", "--training.max_steps", "null", "--data.num_workers", "2",
-                       "--vae.batch_size", "7", "--text.batch_size", "3", "--training.max_nonfinite_steps", "4",
+                       "--vae.batch_size", "7", "--text.batch_size", "3", "--targets.batch_size", "5",
+                       "--training.max_nonfinite_steps", "4",
                        "--data.download_url", "http://127.0.0.1:9", "--logging.steps", "3")
     assert code == 0, err
     a, b = (checkpoint.validate(outputs / n / "checkpoint-16") for n in ("ref", "cut"))
@@ -133,7 +134,8 @@ def test_keys_that_cannot_change_the_weights_may_change_on_resume(shards, tmp_pa
     flat = " ".join(err.split())
     assert ("only training.num_epochs, training.max_steps, training.max_nonfinite_steps, training.recover*, training.threads, "
             "training.batch_size, training.gradient_accumulation_steps, data.num_workers, data.download*, "
-            "vae.batch_size, text.batch_size, logging.*, checkpointing.* and validation.* may change on resume") in flat
+            "vae.batch_size, text.batch_size, targets.batch_size, logging.*, checkpointing.* and validation.* may "
+            "change on resume") in flat
 
 
 def test_preflight_warns_before_a_run_goes_wrong(shards, tmp_path, cli):
