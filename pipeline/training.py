@@ -53,6 +53,9 @@ def check_run(cfg: Config, manifest: Manifest, folder: Path) -> None:
 def repa_problems(cfg: Config, manifest: Manifest, caption: bool) -> None:
     """REPA (training.repa.weight > 0) needs targets in the shards, on the DiT's token grid (pipeline/targets.py)."""
     t = manifest.targets
+    if cfg.data.source == "images":
+        raise ConfigError([("training.repa.weight", "REPA reads its targets from the shards, and the online baseline "
+                            "(data.source: images) has none; train on shards encoded with --targets")])
     if t is None:
         raise ConfigError([("training.repa.weight", "REPA aligns with representation targets stored in the shards, "
                             "and these hold none; encode them once with `ditpipe encode ... --targets dinov2` (or a "

@@ -474,3 +474,27 @@ def test_targets_encoded_on_cuda_equal_the_cpu_ones_and_a_repa_run_trains_there(
     run = train(load_config(None, run_config(shards, dino, tmp_path / "out", "g",
                                              **{"training.mixed_precision": "bf16"})), config_name="g")
     assert all(np.isfinite(m["align_loss"]) for m in read_metrics(run))
+
+
+@pytest.mark.parametrize("fmt", ["wds", "parquet"])
+def test_targets_read_from_a_url_equal_the_local_ones(request, fmt):
+    """A shard folder at a URL (fsspec's memory filesystem here) is read shard by shard into memory, checked against
+    the manifest's sha256: its targets come out as the local folder's."""
+    import fsspec
+
+    local = request.getfixturevalue("shards" if fmt == "wds" else "parquet_shards")
+    mem, root = fsspec.filesystem("memory"), f"/repa-{fmt}"
+    for p in local.iterdir():
+        if p.is_file():
+            mem.pipe_file(f"{root}/{p.name}", p.read_bytes())
+    try:
+        idx, slices = np.array([3, 40, 7, 63]), np.array([0, 1, 1, 0])
+        outs = []
+        for where in (local, f"memory://{root}"):
+            store, _ = open_shards(where)
+            out = np.zeros((4, 64, 24), np.float16)
+            store.gather_targets(idx, slices, out)
+            outs.append(out)
+        assert np.array_equal(outs[0], outs[1]) and np.abs(outs[0]).sum() > 0
+    finally:
+        mem.rm(root, recursive=True)
