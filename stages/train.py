@@ -426,6 +426,11 @@ def _preflight(console, run: Run, raw, restretched_from: int | None = None, step
              else "images, encoded every step (data.source: images)")
     table.add_row("data", f"{folder}: {manifest.num_samples:,} samples in {where}, latent "
                           f"{tuple(manifest.latent['shape'])}")
+    if t.repa.weight > 0:  # check_run refused REPA without targets
+        enc, lay, r = manifest.targets["encoder"], manifest.target_layout(), t.repa
+        table.add_row("REPA", f"block {r.depth} → projector {r.projector_dim} → {enc['dim']}, weight {r.weight:g}; "
+                              f"targets {enc['name']} ({lay.tokens} tokens × {enc['dim']}, {lay.dtype}, "
+                              f"{lay.data_bytes / 1024:,.0f} KiB a sample), read from the shards")
     table.add_row("batch", f"{t.batch_size} × {t.gradient_accumulation_steps} accumulation × {plan.world_size} = "
                            f"{plan.global_batch} per optimizer step")
     table.add_row("steps", f"{plan.steps_per_epoch:,} optimizer steps per epoch; {end_step - start_step:,} to run"
