@@ -380,6 +380,7 @@ def _flat(state) -> object:
     return repr(state)
 
 
+@pytest.mark.slow  # torchrun's start and three tiny runs: ~18 s on 2 busy cores; CI runs it with -m slow
 def test_a_repa_run_on_two_processes_resumes_on_one(tmp_path, parquet_shards, dino):
     """Global batch 8: 2 processes × batch 4 to step 2, then `resume` on 1 process (accumulation 2, as elastic
     resume chooses) to the end; the weights and the projector equal a 1-process run's up to float summation order,
