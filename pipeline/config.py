@@ -479,6 +479,7 @@ def train_command(cfg: Config, config: str | None, overrides: dict[str, Any],
     if cfg.targets.encoder and "training.repa.weight" not in keys:  # targets are encoded to be aligned with
         keys["training.repa.weight"] = REPA_WEIGHT
     if device_type == "cuda" or not _is_gpu_recipe(config):
+        _repa_depth(keys, cfg)
         return ["ditpipe", "train", *(["--config", config] if config else []), *override_args(keys)], None
     d = cfg.data
     keys |= {"shards.path": str(cfg.shards_path), "data.dataset_name": d.dataset_name,
@@ -488,12 +489,21 @@ def train_command(cfg: Config, config: str | None, overrides: dict[str, Any],
         keys |= {"data.captions": True, "text.encoder": cfg.text.encoder}
     if cfg.targets.encoder:  # they are in the folder's name; cut for this patch; REPA's depth 8 of 28 is a third
         keys |= {"targets.encoder": cfg.targets.encoder, "model.patch_size": cfg.model.patch}
-        keys.setdefault("training.repa.depth", max(1, (load_config(CPU_RECIPE).model.depth or 1) // 3))
+        _repa_depth(keys, load_config(CPU_RECIPE))
     if d.buckets != "square":  # the buckets were cut for this patch size
         keys |= {"data.buckets": d.buckets, "model.patch_size": cfg.model.patch}
     why = (f"(on a CPU: the small recipe configs/{CPU_RECIPE}.yaml; on a GPU: --config {config or GPU_RECIPE} with "
            "the same keys)")
     return ["ditpipe", "train", "--config", CPU_RECIPE, *override_args(keys)], why
+
+
+def _repa_depth(keys: dict[str, Any], trained: Config) -> None:
+    """With REPA proposed, a block the model `trained` has: REPA's depth 8 (of DiT-XL's 28), or a third of a model
+    with fewer than 8 blocks (configs/cpu.yaml's 4: block 1). A preset's depth (None here) is 12 or more."""
+    depth = keys.get("model.depth", trained.model.depth)
+    default = RepaConfig.model_fields["depth"].default
+    if "training.repa.weight" in keys and "training.repa.depth" not in keys and depth and depth < default:
+        keys["training.repa.depth"] = max(1, depth // 3)
 
 
 def _is_gpu_recipe(config: str | None) -> bool:

@@ -500,3 +500,18 @@ def test_targets_read_from_a_url_equal_the_local_ones(request, fmt):
         assert np.array_equal(outs[0], outs[1]) and np.abs(outs[0]).sum() > 0
     finally:
         mem.rm(root, recursive=True)
+
+
+@pytest.mark.parametrize("config, device", [("cpu", "cpu"), (None, "cpu"), (None, "cuda")])
+def test_encodes_next_line_proposes_repa_on_a_block_the_model_has(config, device):
+    """After `encode --targets`, the printed train command turns REPA on, at REPA's depth 8 where the model has 8
+    blocks or more, else a third of its blocks (configs/cpu.yaml's 4: block 1); and it validates."""
+    from ditpipe.pipeline.config import parse_overrides, train_command
+
+    over = {"data.dataset_name": "shapes", "data.num_samples": 10, "targets.encoder": "inception"}
+    argv, _ = train_command(load_config(config, over), config, over, device)
+    given = parse_overrides(argv[argv.index("--config") + 2:] if "--config" in argv else argv[2:])
+    cfg = load_config(argv[argv.index("--config") + 1] if "--config" in argv else None, given)
+    assert cfg.training.repa.weight == 0.5 and cfg.targets.encoder == "inception"
+    blocks = cfg.model.depth or 12  # the presets have 12 blocks or more
+    assert 1 <= cfg.training.repa.depth <= blocks
