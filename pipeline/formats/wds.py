@@ -266,16 +266,11 @@ def decode(path: Path, shape, allowed: set[str], side: dict | None, problems: li
                 if samples[key].get("latent.npy", (None,))[0] != lo or samples[key].get("json", (None,))[0] != jo:
                     problems.append(f"{path.name}: sidecar offset index is wrong for '{key}'")
                     break
-            if enc is not None:  # the loader reads captions through this index, so it must be exact
-                member = shards.TEXT_MEMBER
+            # the loader reads captions and targets through these indices, so they must be exact
+            for on, member, field, what in ((enc, shards.TEXT_MEMBER, "text", "caption"),
+                                            (target, shards.TARGET_MEMBER, "target", "target")):
                 actual = [[samples[k][member][0], len(samples[k][member][1])] if member in samples[k] else None
                           for k in order]
-                if (side.get("text") or {}).get("index") != actual:
-                    problems.append(f"{path.name}: sidecar caption index is missing or wrong")
-            if target is not None:  # the loader reads targets through this index, so it must be exact
-                member = shards.TARGET_MEMBER
-                actual = [[samples[k][member][0], len(samples[k][member][1])] if member in samples[k] else None
-                          for k in order]
-                if (side.get("target") or {}).get("index") != actual:
-                    problems.append(f"{path.name}: sidecar target index is missing or wrong")
+                if on is not None and (side.get(field) or {}).get("index") != actual:
+                    problems.append(f"{path.name}: sidecar {what} index is missing or wrong")
     return good
