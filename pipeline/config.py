@@ -143,6 +143,20 @@ class TargetsConfig(_Section):
     batch_size: int = Field(64, ge=1, description="images per target-encoder call (encode)")
 
 
+class StorageConfig(_Section):
+    endpoint_url: Optional[str] = Field(None, description="s3:// locations: an S3-compatible endpoint (MinIO, a local "
+                                                          "server); null: AWS_ENDPOINT_URL or AWS. Credentials come "
+                                                          "only from the environment, never the config")
+    cache_dir: str = Field("~/.cache/ditpipe", description="node-local cache of remote shards (and the staging of "
+                                                           "remote encodes and runs); one per node")
+    cache_limit_gb: float = Field(50.0, gt=0.0, description="remote shards kept in cache_dir at most; the least "
+                                                            "recently used are evicted first")
+    prefetch_shards: int = Field(4, ge=0, le=1024, description="remote shards fetched ahead of the loader, in the "
+                                                               "order it will read them; 0 fetches on first need")
+    retries: int = Field(5, ge=0, le=100, description="a lost connection or a 5xx is retried this many times, with "
+                                                      "exponential back-off from 0.5 s")
+
+
 class VaeConfig(_Section):
     name: str = Field("stabilityai/sd-vae-ft-ema", description="a diffusers autoencoder's id or local folder (its "
                                                                "class from its config.json), or pixel (no VAE)")
@@ -244,6 +258,11 @@ class TrainingConfig(_Section):
     tf32: bool = Field(True, description="CUDA: fp32 matmuls and convolutions on tensor cores (off when "
                                          "deterministic)")
     repa: RepaConfig = RepaConfig()
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="ddp (a full copy of the model per process) or fsdp "
+                                                              "(PyTorch's FSDP2 `fully_shard`: parameters, gradients, "
+                                                              "optimizer and EMAs sharded per DiT block)")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep the sharded parameters, gradients and optimizer "
+                                                      "state in CPU memory between uses (slower; fits larger models)")
     threads: Optional[int] = Field(None, ge=1, le=1024, description="CPU threads for torch's operators, per "
                                                                     "process; null: OMP_NUM_THREADS if set, else on "
                                                                     "a CPU the cores other work leaves free")
@@ -334,6 +353,7 @@ class ValidationConfig(_Section):
 class Config(_Section):
     data: DataConfig = DataConfig()
     shards: ShardsConfig = ShardsConfig()
+    storage: StorageConfig = StorageConfig()
     vae: VaeConfig = VaeConfig()
     text: TextConfig = TextConfig()
     targets: TargetsConfig = TargetsConfig()
@@ -528,7 +548,7 @@ SHIPPED_CONFIGS_PACKAGE = "ditpipe.configs"
 # ending in "." stands for its whole section.
 RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "training.max_nonfinite_steps", "training.recover",
                      "training.threads", "training.batch_size", "training.gradient_accumulation_steps",
-                     "data.num_workers", "data.download", "vae.batch_size", "text.batch_size", "targets.batch_size",
+                     "data.num_workers", "data.download", "storage.", "vae.batch_size", "text.batch_size", "targets.batch_size",
                      "logging.",
                      "checkpointing.", "validation.")
 

@@ -254,3 +254,26 @@ def resign(ckpt: Path) -> None:
         data = (ckpt / name).read_bytes()
         state["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     state_file.write_text(json.dumps(state))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server in its own process, tests/s3server.py) for the whole test session."""
+    from s3server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """The S3 server's environment set for this test (the endpoint and dummy credentials, as for AWS), and a fresh
+    bucket: returns (server, 's3://<bucket>')."""
+    import re
+    import uuid
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return s3_server, s3_server.bucket(f"{name}-{uuid.uuid4().hex[:8]}")
