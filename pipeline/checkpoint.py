@@ -8,10 +8,15 @@ the one place that says what a checkpoint holds, how it is read back, and where 
         rng-rank0.pt ...                  each rank's global RNG states and unlogged loss window
         config.yaml  manifest.json        the resolved config; the shard manifest's excerpt (manifest_excerpt)
         training_state.json               step, epoch, samples consumed, config hash, versions, every file's sha256
+        shard-00001-model-00001-of-00001.safetensors ...
+                                          training.parallel fsdp: each rank's shards of the model, EMAs, projector
+                                          and optimizer (torch.distributed.checkpoint's HF storage) in place of the
+                                          .pt files; open_weights assembles model/EMA whole (pipeline/fsdp.py)
     outputs/<run>/latest                  the name of the newest complete checkpoint
 
 A checkpoint is written into `.checkpoint-500.tmp/`, fsynced, hashed, then renamed; a crash at any point leaves the
-previous checkpoints as they were. Everything loads with `torch.load(weights_only=True)` or JSON: nothing unpickles.
+previous checkpoints as they were. Everything loads with `torch.load(weights_only=True)`, safetensors or JSON:
+nothing unpickles.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ditpipe.pipeline import atomic, safe_yaml
+from ditpipe.pipeline import atomic, fsdp, safe_yaml
 from ditpipe.pipeline.errors import DitpipeError
 from ditpipe.pipeline.ranks import Group
 
@@ -263,7 +269,7 @@ def validate(ckpt: Path) -> dict:
             raise CheckpointError(f"'{ckpt}' is missing {fname}")
         if path.stat().st_size != size or atomic.sha256_file(path) != sha:
             raise CheckpointError(f"'{ckpt}/{fname}' does not match its recorded size and sha256 (damaged)")
-    required = REQUIRED_FILES + (_required_by_config(ckpt / CONFIG) if CONFIG in files else ())
+    required = _required_by_config(ckpt / CONFIG, state["world_size"]) if CONFIG in files else REQUIRED_FILES
     unlisted = [f for f in required if f not in files]
     if unlisted:
         raise CheckpointError(f"'{ckpt}/{STATE}' does not list {', '.join(unlisted)}, which every checkpoint holds; "
@@ -377,9 +383,10 @@ def read_config(ckpt: Path):
     return load_saved_config(Path(ckpt) / CONFIG)
 
 
-def _required_by_config(config: Path) -> tuple[str, ...]:
-    """The files a checkpoint's config.yaml (already checked against its sha256) makes required: ema.pt when
-    training.use_ema, projector.pt when training.repa.weight > 0."""
+def _required_by_config(config: Path, world_size: int) -> tuple[str, ...]:
+    """The files a checkpoint's config.yaml (already checked against its sha256) makes required: REQUIRED_FILES,
+    ema.pt when training.use_ema, projector.pt when training.repa.weight > 0; under training.parallel fsdp, each of
+    the `world_size` ranks' shard files instead of the .pt files (the EMAs and projector are in them)."""
     import yaml
 
     from ditpipe.pipeline.config import TrainingConfig
@@ -389,11 +396,14 @@ def _required_by_config(config: Path) -> tuple[str, ...]:
         training = tree.get("training") or {}
         ema = training.get("use_ema", TrainingConfig.model_fields["use_ema"].default)
         repa = float((training.get("repa") or {}).get("weight", 0.0)) > 0
+        sharded = training.get("parallel", TrainingConfig.model_fields["parallel"].default) == "fsdp"
     except (yaml.YAMLError, *UNREADABLE) as e:
         why = str(e).splitlines()[0][:200] if isinstance(e, safe_yaml.AliasRefused) else type(e).__name__
         raise CheckpointError(f"'{config}' is not a readable config ({why}); the checkpoint is damaged or not "
                               "ditpipe's") from None
-    return ((EMA,) if ema else ()) + ((PROJECTOR,) if repa else ())
+    if sharded:
+        return (rng_file(0), CONFIG) + tuple(fsdp.shard_file(r) for r in range(world_size))
+    return REQUIRED_FILES + ((EMA,) if ema else ()) + ((PROJECTOR,) if repa else ())
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, bool, Path]]:
@@ -568,7 +578,11 @@ def load_state(ckpt: Path, model: torch.nn.Module, ema, opt: torch.optim.Optimiz
                phema=None, projector: torch.nn.Module | None = None) -> None:  # phema: pipeline.phema.PowerEMA
     """A checkpoint's model, EMA, optimizer, loss-scaler and post-hoc EMA state, into objects already on their
     device. The files are memory-mapped: every rank reads them through the page cache instead of holding its own
-    host copy."""
+    host copy. A sharded model (training.parallel fsdp) loads the checkpoint's shards instead, resharded for this
+    run's number of processes (pipeline/fsdp.py; every rank calls it)."""
+    if fsdp.is_sharded(model):
+        fsdp.load(ckpt, SimpleNamespace(raw=model, projector=projector, ema=ema, phema=phema, opt=opt))
+        return
     model.load_state_dict(load_tensors(ckpt / MODEL, mmap=True), strict=True)
     if projector is not None:  # required: the config cannot switch REPA on at a resume
         projector.load_state_dict(load_tensors(ckpt / PROJECTOR, mmap=True), strict=True)
@@ -617,14 +631,20 @@ def writers(acc, cfg, manifest: dict, step) -> dict:
     log_window = torch.stack([x.double().cpu() for x in window])  # a checkpoint syncs
     device = acc.device
     files = {rng_file(rank): lambda p: torch.save({**rng_state(device), "log_window": log_window}, p)}
+    sharded = getattr(step, "sharded", False)
+    if sharded:  # every rank writes its shard file (a collective: at the same place in every rank's writers)
+        files[fsdp.shard_file(rank)] = lambda p: fsdp.save(step, p.parent)
     if not acc.is_main_process:
         return files
     excerpt = manifest_excerpt(manifest, CHECKPOINT_EXCERPT_KEYS)
+    described = {CONFIG: lambda p: p.write_text(cfg.to_yaml()),
+                 MANIFEST: lambda p: p.write_text(json.dumps(excerpt, indent=1))}
+    if sharded:  # the model, EMAs, projector and optimizer are in the shards; fp16's scaler is refused
+        return {**files, **described}
     files.update({
         MODEL: lambda p: torch.save(step.raw.state_dict(), p),
         OPTIMIZER: lambda p: torch.save(step.opt.state_dict(), p),
-        CONFIG: lambda p: p.write_text(cfg.to_yaml()),
-        MANIFEST: lambda p: p.write_text(json.dumps(excerpt, indent=1)),
+        **described,
     })
     if step.ema is not None:
         files[EMA] = lambda p: torch.save(step.ema.state_dict(), p)
@@ -745,6 +765,8 @@ def open_weights(path: Path, which: str = "ema", *, fallback: bool = True, warn:
         if not (path / STATE).is_file():
             path = find_resumable(path, warn)[0]  # a run folder: raises when it has none
         state = validate(path)
+        if shards := fsdp.shard_files(state["files"]):  # training.parallel fsdp: consolidated from the shards
+            return _sharded_weights(path, state, shards, which, fallback)
         name = f"{which}.pt"
         if name == EMA and not (path / EMA).is_file():
             if not fallback:
@@ -755,6 +777,26 @@ def open_weights(path: Path, which: str = "ema", *, fallback: bool = True, warn:
     if path.suffix == ".safetensors":
         return _safetensors_file(path)
     return _torch_file(path, which)
+
+
+def _sharded_weights(path: Path, state: dict, shards: list[str], which: str, fallback: bool) -> Weights:
+    """An fsdp checkpoint's (validated) weights as one state dict in the official layout, as ema.pt / model.pt would
+    hold them: the EMA shadows (or, without them and with `fallback`, the model) assembled from every rank's
+    shards."""
+    try:
+        tensors = fsdp.consolidate(path, shards, fsdp.EMA if which == "ema" else fsdp.MODEL)
+        if not tensors and which == "ema":
+            if not fallback:
+                raise NoEMAError(f"'{path}' has no EMA (training.use_ema was off)")
+            which, tensors = "model", fsdp.consolidate(path, shards, fsdp.MODEL)
+    except NoEMAError:
+        raise
+    except Exception as e:  # noqa: BLE001 (a foreign or altered shard: one line naming the checkpoint)
+        raise CheckpointError(f"cannot read the fsdp shards of '{path}' ({_describe(e)}); it is damaged or not "
+                              "ditpipe's") from None
+    if not tensors:
+        raise CheckpointError(f"'{path}' holds no {which} weights in its shards; it is damaged or not ditpipe's")
+    return Weights(tensors, "checkpoint", path, which, read_config(path), read_manifest(path), state["step"])
 
 
 def _safetensors_file(path: Path) -> Weights:

@@ -28,7 +28,8 @@ def _chunks(sizes: list[int]) -> list[tuple[int, int]]:
 
 class EMA:
     def __init__(self, model: torch.nn.Module):
-        # A float32 copy of every floating-point entry of the state dict (buffers too, e.g. pos_embed).
+        # A float32 copy of every floating-point entry of the state dict (buffers too, e.g. pos_embed). Of a sharded
+        # model (FSDP2), DTensors sharded like its parameters: each rank keeps and updates its shard.
         self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
         self._pairs = [(self.shadow[n], p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -37,7 +38,9 @@ class EMA:
         """shadow ← shadow + (1 − decay)·(param − shadow). `applied` (a () bool on the parameters' device) says whether
         the optimizer really updated the parameters this step; where it did not (an fp16 overflow, a non-finite
         loss), the weight is 0 and the shadow stays, decided on the device without a host sync."""
-        shadows, params = (list(x) for x in zip(*self._pairs))
+        from ditpipe.pipeline.fsdp import local  # sharded (training.parallel fsdp): the local shards, as views
+
+        shadows, params = ([local(t) for t in x] for x in zip(*self._pairs))
         params = [p.detach().float() for p in params]  # the fp32 master weights themselves, or fp32 copies
         if applied is None:
             torch._foreach_lerp_(shadows, params, 1.0 - decay)  # a Python weight: a kernel argument, no read

@@ -191,14 +191,16 @@ def _matmul_params(model: torch.nn.Module, blocks_only: int | None = None) -> in
 def predict(model: torch.nn.Module, *, batch_size: int, tokens: int, precision: str, checkpointing: bool,
             use_ema: bool, posthoc_sigmas: int, world_size: int, bucket_view: bool, context: int = 0,
             eval_batch: int = 0, eval_tokens: int = 0, decoder: int = 0, projector_dim: int = 0, target_dim: int = 0,
-            target_tokens: int = 0) -> Memory:
+            target_tokens: int = 0, fsdp: bool = False) -> Memory:
     """The peak of one training step of `model` (a DiT or caption DiT, on any device, meta included) per GPU at
     micro-batch `batch_size` and `tokens` image tokens. `precision`: training.mixed_precision. `posthoc_sigmas`:
     the number of post-hoc EMAs. `bucket_view`: DDP's gradient_as_bucket_view. `context`: caption tokens.
     `eval_batch`: the largest evaluation forward (0: no validation or FID) at `eval_tokens`; `decoder`: the
     decoder's weights and activations (`decoder_bytes`). `projector_dim` > 0: REPA's projector to `target_dim`
     (training.repa), trained beside the model, and the micro-batch's targets of `target_tokens` tokens a sample
-    (default `tokens`; one more with a stored class token)."""
+    (default `tokens`; one more with a stored class token). `fsdp` (training.parallel fsdp): the parameters,
+    gradients, optimizer state and EMAs are sharded over the `world_size` GPUs (activations are not), plus the
+    gathered full parameters in flight (`_gathered`)."""
     half = HALF[precision]
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -236,19 +238,31 @@ def predict(model: torch.nn.Module, *, batch_size: int, tokens: int, precision: 
         evaluation = (4 * sum(p.numel() for p in params) + (2 * _matmul_params(model) if half == 2 else 0)
                       + forward_workspace(eval_batch, eval_tokens or tokens, hidden, mlp_ratio, half) + decoder)
     tensors = len(trainable) + (6 if projector_dim else 0)  # the fused AdamW's step count: one float a tensor
+    shards, gathered = (world_size, _gathered(model, half)) if fsdp else (1, 0)
+    if fsdp:
+        copies = 0  # FSDP's gathered parameters are already in the compute dtype: autocast makes no copies
     return Memory(
-        weights=weights + extra,
-        gradients=grads + extra,
-        optimizer=2 * (grads + extra) + 4 * tensors,
-        ema=shadow if use_ema else 0,
-        posthoc_ema=shadow * posthoc_sigmas,
-        ddp_buckets=grads + extra if world_size > 1 and not bucket_view else 0,
+        weights=(weights + extra) // shards + gathered,
+        gradients=(grads + extra) // shards,
+        optimizer=2 * (grads + extra) // shards + 4 * tensors,
+        ema=shadow // shards if use_ema else 0,
+        posthoc_ema=shadow // shards * posthoc_sigmas,
+        ddp_buckets=grads + extra if world_size > 1 and not bucket_view and not fsdp else 0,
         autocast=copies,
         activations=act,
         workspace=workspace,
         evaluation=evaluation,
         targets=2 * batch_size * (target_tokens or tokens) * target_dim if projector_dim else 0,
     )
+
+
+def _gathered(model: torch.nn.Module, half: int) -> int:
+    """FSDP's full parameters in flight, in the compute dtype (`half` bytes, 4 for fp32): the root's (its
+    embedders and final layer stay gathered through the step) and two blocks' (the one running and the next,
+    prefetched)."""
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    root = sum(p.numel() for p in model.parameters()) - block * len(model.blocks)
+    return (half or 4) * (root + 2 * block)
 
 
 # ---------------------------------------------------------------------------------------------------- a run
@@ -296,7 +310,8 @@ def predict_run(cfg, manifest: Manifest | dict, model: torch.nn.Module, world_si
                    decoder=decoder_bytes(manifest.codec, images, cfg.data.image_size ** 2) if images else 0,
                    projector_dim=t.repa.projector_dim if targets else 0,
                    target_dim=targets["encoder"]["dim"] if targets else 0,
-                   target_tokens=tokens + int(targets["class_token"]) if targets else 0)
+                   target_tokens=tokens + int(targets["class_token"]) if targets else 0,
+                   fsdp=t.parallel == "fsdp")
 
 
 def fix(cfg, manifest: dict, model: torch.nn.Module, world_size: int, device_bytes: int) -> str:

@@ -139,6 +139,17 @@ class PowerEMA:
         for ema, exp in zip(self.emas, self.exps):
             ema.update(power_beta(exp, step + 1), applied)
 
+    def gathered(self) -> list[dict[str, torch.Tensor]] | None:
+        """Each shadow whole on the CPU, gathered from its shards (training.parallel fsdp: a collective every rank
+        calls, one tensor at a time on the device); None when the shadows are not sharded (write_snapshots reads
+        them itself)."""
+        from torch.distributed.tensor import DTensor
+
+        if not any(isinstance(v, DTensor) for v in self.emas[0].shadow.values()):
+            return None
+        return [{k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in ema.shadow.items()}
+                for ema in self.emas]
+
     def state_dict(self) -> dict:
         return {"sigma_rels": list(self.sigma_rels), "emas": [ema.state_dict() for ema in self.emas]}
 
@@ -164,16 +175,19 @@ def snapshot_path(folder: Path, step: int, sigma_rel: float) -> Path:
     return Path(folder) / f"step-{step:07d}-sigma-{sigma_rel:g}.safetensors"
 
 
-def write_snapshots(folder: Path, step: int, phema: PowerEMA) -> list[Path]:
+def write_snapshots(folder: Path, step: int, phema: PowerEMA,
+                    gathered: list[dict[str, torch.Tensor]] | None = None) -> list[Path]:
     """Every tracked EMA at `step`, each atomically (temporary name, fsync, rename). The same state always gives
-    the same bytes, so a step run again after a resume rewrites its snapshots unchanged."""
+    the same bytes, so a step run again after a resume rewrites its snapshots unchanged. `gathered`: the shadows
+    whole (PowerEMA.gathered, for sharded ones), else they are read from `phema`."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     written = []
-    for sigma, ema in zip(phema.sigma_rels, phema.emas):
+    shadows = gathered if gathered is not None else [ema.state_dict() for ema in phema.emas]
+    for sigma, shadow in zip(phema.sigma_rels, shadows):
         path = snapshot_path(folder, step, sigma)
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in ema.state_dict().items()}
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in shadow.items()}
         try:
             folder.mkdir(parents=True, exist_ok=True)  # in the try: a folder that cannot be made is the same failure
             with atomic_path(path) as tmp:

@@ -7,6 +7,9 @@ Set-up order (`build_step`), the rule that keeps every CUDA path right by constr
     `torch.compile` (of the prepared module, so DDP's all-reduce overlaps the backward and no `_orig_mod.` prefix
     reaches a checkpoint: `raw` is the plain module; static shapes, one graph per bucket, each made at its first
     step, and dynamo allowed one per bucket: `allow_graphs`).
+Under training.parallel fsdp the model is sharded (`fsdp.shard`, FSDP2) right after it is on its device, so the
+EMAs and the optimizer are made from the shards; there is no DDP (accelerate wraps only the optimizer), each
+micro-batch reduce-scatters, and the gradient norm is the sharded one (pipeline/fsdp.py).
 
 The step reads nothing back to the host. Everything it decides, it decides on the device:
 - a non-finite loss on any rank poisons that rank's last backward (loss × NaN), so the all-reduced gradient norm is
@@ -28,7 +31,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from ditpipe.pipeline import checkpoint
+from ditpipe.pipeline import checkpoint, fsdp
 from ditpipe.pipeline.device import generator
 from ditpipe.pipeline.diffusion import micro_loss
 from ditpipe.pipeline.ema import EMA, ema_decay
@@ -161,6 +164,7 @@ class Step:
     projector: torch.nn.Module | None = None  # REPA's projector (plain), trained beside `raw`; None without REPA
     repa_weight: float = 0.0
     target_skip: int = 0  # leading stored target tokens the alignment does not use (a class token)
+    sharded: bool = False  # training.parallel fsdp: `model` and `raw` are FSDP2 modules (pipeline/fsdp.py)
     stats: StepStats = field(init=False)
 
     def __post_init__(self):
@@ -191,7 +195,8 @@ class Step:
             z = m.mean.float() if m.std is None else m.mean.float() + m.std.float() * mine.eps  # (B, C, H, W)
             x0 = self.norm.normalize(z)  # (B, C, H, W) float32, in the model's space
             last = micro == plan.accum - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+            # fsdp reduce-scatters every micro-batch, so gradients stay sharded between them (pipeline/fsdp.py)
+            with contextlib.nullcontext() if last or self.sharded else acc.no_sync(self.model):
                 tokens = None if self.projector is None else []
                 loss = micro_loss(self.model, self.objective, x0, m.y, self.conditional, mine.t, mine.noise,
                                   mine.drop, tokens).mean()
@@ -207,7 +212,8 @@ class Step:
             if observe is not None:
                 observe(step, micro, m, loss, mine)
         global_loss, bad, global_align = _over_ranks(acc, step_loss, step_align)  # () means over the ranks, () bool
-        grad_norm = acc.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)  # unscales first
+        clip = fsdp.clip_grad_norm_ if self.sharded else acc.clip_grad_norm_  # accelerate's unscales first
+        grad_norm = clip(self.params, self.max_grad_norm or math.inf)
         applied = torch.isfinite(grad_norm)  # () bool: false for a poisoned step and for an fp16 overflow
         inner = self.opt.optimizer
         if acc.scaler is None:  # under fp16, GradScaler found the NaN/inf itself when it unscaled
@@ -258,26 +264,32 @@ def build_step(acc, model: torch.nn.Module, objective, plan: Plan, latent_shape:
     model = model.to(acc.device)  # first: the EMA, the optimizer and loaded state are made from these parameters
     grids = sorted(set(getattr(model, "bucket_grids", ())))  # the run's buckets' patch grids (training.build_model)
     prepare_grids(model, grids)  # on the device, before compile: the compiled forward only looks them up
-    ema = EMA(model) if t.use_ema else None  # the DiT's: sampling never runs REPA's projector
-    phema = PowerEMA(model, t.posthoc_ema_sigmas) if t.posthoc_ema else None
     trained = model
     if t.repa.weight > 0:
         check_depth(model, t.repa.depth)
         trained = Aligned(model, t.repa.depth, t.repa.projector_dim, target_dim).to(acc.device)
+    sharded = t.parallel == "fsdp"
+    if sharded:  # FSDP2 (pipeline/fsdp.py): before the EMAs and the optimizer, which are made from the shards
+        fsdp.shard(acc, model, trained, acc.mixed_precision, t.fsdp_cpu_offload)
+    ema = EMA(model) if t.use_ema else None  # the DiT's: sampling never runs REPA's projector
+    phema = PowerEMA(model, t.posthoc_ema_sigmas) if t.posthoc_ema else None
     opt = torch.optim.AdamW(trained.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
                             betas=(t.adam_beta1, t.adam_beta2), fused=True)  # fused: skips steps on the device
     projector = trained.projector if trained is not model else None
     if resume is not None:
         checkpoint.load_state(resume, model, ema, opt, acc.scaler, phema, projector)
-    trained, opt = acc.prepare(trained, opt)
-    raw = acc.unwrap_model(trained, keep_torch_compile=False)
-    raw, projector = (raw.dit, raw.projector) if projector is not None else (raw, None)
+    if sharded:  # no DDP: FSDP reduces the gradients; accelerate only wraps the optimizer, where it is
+        opt, raw = acc.prepare_optimizer(opt, device_placement=False), model
+    else:
+        trained, opt = acc.prepare(trained, opt)
+        raw = acc.unwrap_model(trained, keep_torch_compile=False)
+        raw, projector = (raw.dit, raw.projector) if projector is not None else (raw, None)
     if compile:
         allow_graphs(len(grids))
         trained = torch.compile(trained, dynamic=False)  # one graph per bucket shape, each made at its first step
     return Step(acc, trained, raw, opt, ema, objective, plan, latent_shape, norm, posterior, t.seed, rank, drop_prob,
                 conditional, t.max_grad_norm, t.ema_decay, t.ema_warmup, phema, projector, t.repa.weight,
-                target_skip)
+                target_skip, sharded)
 
 
 def allow_graphs(count: int) -> None:
