@@ -779,6 +779,19 @@ def open_weights(path: Path, which: str = "ema", *, fallback: bool = True, warn:
     return _torch_file(path, which)
 
 
+def has_ema(ckpt: Path, state: dict) -> bool:
+    """Whether checkpoint `ckpt` (its training_state.json: `state`) keeps an EMA: its ema.pt, or under training.parallel
+    fsdp its config's training.use_ema (the shadows are in the shards)."""
+    if (Path(ckpt) / EMA).is_file():
+        return True
+    if not fsdp.shard_files(state.get("files") or {}):
+        return False
+    try:
+        return bool(read_config(ckpt).training.use_ema)
+    except (DitpipeError, OSError, ValueError):
+        return False
+
+
 def _sharded_weights(path: Path, state: dict, shards: list[str], which: str, fallback: bool) -> Weights:
     """An fsdp checkpoint's (validated) weights as one state dict in the official layout, as ema.pt / model.pt would
     hold them: the EMA shadows (or, without them and with `fallback`, the model) assembled from every rank's

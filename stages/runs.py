@@ -156,7 +156,7 @@ def _checkpoint_info(path: Path, losses: dict[int, float], check: bool) -> Check
         state, problem, valid = {}, str(e), False
     step = state.get("step")
     logged = [s for s in losses if step is not None and s <= step]
-    return CheckpointInfo(path.name, step, state.get("epoch"), (path / checkpoint.EMA).is_file(), valid, problem,
+    return CheckpointInfo(path.name, step, state.get("epoch"), checkpoint.has_ema(path, state), valid, problem,
                           losses[max(logged)] if logged else None)
 
 

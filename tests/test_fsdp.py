@@ -182,6 +182,12 @@ def test_export_and_sample_read_the_shards_in_the_official_layout(runs, tmp_path
     code, _, err = cli("sample", "--checkpoint", runs["fsdp"], "--num", "2", "--steps", "2", "--out",
                        tmp_path / "grid.png")
     assert code == 0 and (tmp_path / "grid.png").is_file(), err
+    # `ditpipe runs` / `inspect` see the EMA inside the shards (there is no ema.pt to find)
+    from ditpipe.stages.runs import run_info
+
+    assert [c.ema for c in run_info(runs["fsdp"], check=True).checkpoints] == \
+           [c.ema for c in run_info(runs["ddp"], check=True).checkpoints] != []
+    assert all(c.ema for c in run_info(runs["fsdp"]).checkpoints)
 
 
 def test_the_memory_prediction_shards_parameters_gradients_optimizer_and_emas():
