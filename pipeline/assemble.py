@@ -88,9 +88,11 @@ class Assembler:
     """The writer thread. `put` blocks while a few messages wait (the decode and VAE cannot run far ahead), and
     raises the thread's error, if it failed, in the encode loop."""
 
-    def __init__(self, out: Path, fmt: str, header: dict, text: bool, donors: DonorCache):
-        """`header`: the manifest header, whose latent shape (or a shard's bucket's) each shard is written in."""
+    def __init__(self, out: Path, fmt: str, header: dict, text: bool, donors: DonorCache, written=None):
+        """`header`: the manifest header, whose latent shape (or a shard's bucket's) each shard is written in;
+        `written(path)`, if given, is called (in this thread) once each shard and its sidecar are complete."""
         self.out, self.fmt, self.header, self.text, self.donors = Path(out), fmt, header, text, donors
+        self.written = written
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ditpipe-shard-writer", daemon=True)
@@ -162,6 +164,8 @@ class Assembler:
         self._writer.close(sidecar)
         self._writer = None
         reuse.write_stat_cache(self.out, plan.name, plan.entries)
+        if self.written is not None:
+            self.written(self.out / plan.name)
 
     def _flush(self) -> None:
         """Write every input whose turn has come and whose data is here, in input order."""

@@ -502,9 +502,9 @@ def train_command(cfg: Config, config: str | None, overrides: dict[str, Any],
         _repa_depth(keys, cfg)
         return ["ditpipe", "train", *(["--config", config] if config else []), *override_args(keys)], None
     d = cfg.data
-    keys |= {"shards.path": str(cfg.shards_path), "data.dataset_name": d.dataset_name,
-             "data.image_size": d.image_size, "vae.name": cfg.vae.name,
-             "model.conditioning": cfg.model.conditioning}  # auto: class only where the folder has labels
+    where = cfg.shards.path if "://" in str(cfg.shards.path) else str(cfg.shards_path)  # a URL is not a Path
+    keys |= {"shards.path": where, "data.dataset_name": d.dataset_name, "data.image_size": d.image_size,
+             "vae.name": cfg.vae.name, "model.conditioning": cfg.model.conditioning}  # auto: class only where the folder has labels
     if d.captions:
         keys |= {"data.captions": True, "text.encoder": cfg.text.encoder}
     if cfg.targets.encoder:  # they are in the folder's name; cut for this patch; REPA's depth 8 of 28 is a third

@@ -74,6 +74,11 @@ class Observer:
     def batch(self, n: int) -> None:
         """After each batch is encoded and handed to the writer thread: `n` more inputs done."""
 
+    def shard(self, path: Path) -> None:
+        """In the writer thread, once a shard this run rewrote and its sidecar are complete in the folder: its path
+        (on every rank; a remote encode uploads it then, pipeline/remote_encode.py). Keep it short: the next shard
+        waits."""
+
     def summary(self, run: Run) -> None:
         """Once the manifest is merged, before a result without a single usable image is refused."""
 
@@ -128,10 +133,10 @@ def encode(cfg: Config, overwrite: bool = False, observer: Observer | None = Non
     observer = observer or Observer()
     t0 = time.time()
     if "://" in str(cfg.shards.path or "") or str(cfg.shards.path or "").startswith("pipe:"):
-        raise ConfigError([("shards.path", f"{cfg.shards.path!r} is a URL; encode writes a local (or shared) folder "
-                                           "only. Encode there, then copy the folder to the object store (training "
-                                           "reads fsspec URLs read-only)")])
-    rank, world, barrier = _distributed()
+        raise ConfigError([("shards.path", f"{cfg.shards.path!r} is a URL; this engine writes a local (or shared) "
+                                           "folder: encode to a URL through pipeline.remote_encode (as `ditpipe "
+                                           "encode --out s3://...` does), which stages the folder and uploads it")])
+    rank, world, barrier = distributed()
     fewer_workers = capped_workers(cfg.data.num_workers)[1]
     if fewer_workers and rank == 0:
         observer.note(fewer_workers)
@@ -187,7 +192,7 @@ def encode(cfg: Config, overwrite: bool = False, observer: Observer | None = Non
     with observer.encoding(f"encode → {out}" + (f" (rank 0 of {world})" if world > 1 else ""),
                            sum(len(p.to_encode()) for p in plans if not p.kept), rank == 0):
         _write_shards([p for p in plans if not p.kept], source, codec, text_encoder, cfg, pool, header, state,
-                      observer.batch, target_encoder)
+                      observer.batch, target_encoder, observer.shard)
     counts = _sum_over_ranks([kept, state["reused"], state["encoded"], pool.hashed,
                               sum(not p.kept for p in plans)], world)
     barrier()
@@ -205,9 +210,10 @@ def encode(cfg: Config, overwrite: bool = False, observer: Observer | None = Non
 
 
 def _write_shards(plans: list, source: Source, codec, text_encoder, cfg: Config, pool: reuse.Pool, header: dict,
-                  state: dict, advance, target_encoder=None) -> None:
+                  state: dict, advance, target_encoder=None, written=None) -> None:
     """Rewrite the shards `plans` name: one DataLoader decodes every input to encode, batches never cross a shard,
-    and a writer thread assembles each shard (reused latents, new ones, skips) while the next batch is encoded."""
+    and a writer thread assembles each shard (reused latents, new ones, skips) while the next batch is encoded;
+    `written(path)` is told of each shard once it is complete."""
     size = cfg.vae.batch_size
     chunks = {p.index: [p.to_encode()[k : k + size] for k in range(0, len(p.to_encode()), size)] for p in plans}
     order = [c for p in plans for c in chunks[p.index]]
@@ -215,7 +221,7 @@ def _write_shards(plans: list, source: Source, codec, text_encoder, cfg: Config,
         _Decode(source), batch_sampler=order, collate_fn=_collate, pin_memory=codec.device.type == "cuda",
         num_workers=min(capped_workers(cfg.data.num_workers)[0], len(order)))) if order else iter(())
     donors = DonorCache(pool)
-    with Assembler(pool.out, cfg.shards.format, header, text_encoder is not None, donors) as writer:
+    with Assembler(pool.out, cfg.shards.format, header, text_encoder is not None, donors, written) as writer:
         for plan in plans:
             text_cache: dict = {}  # per shard, so a shard's bytes depend only on its own inputs (resume gives the same)
             writer.put("shard", plan, _changed_caption_texts(plan, donors, text_encoder, cfg, text_cache))
@@ -249,7 +255,7 @@ def _bucket_sizes(cfg: Config, codec) -> list[tuple[int, int]] | None:
                                             f"{cfg.model.name}: patch {cfg.model.patch})")]) from None
 
 
-def _distributed():
+def distributed():
     """(rank, world size, barrier) from torchrun's / accelerate's environment; one process needs no group. On CUDA
     each rank selects its own GPU before the process group exists, so NCCL's collectives (the barriers) run on it
     rather than on whichever device a rank happens to have current."""
@@ -265,6 +271,9 @@ def _distributed():
         # sample/evaluate's long timeout: the other ranks wait in a collective while one per node downloads COCO
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     return dist.get_rank(), world, dist.barrier
+
+
+_distributed = distributed  # its older name (tests/test_ranks.py)
 
 
 def _sum_over_ranks(values: list[int], world: int) -> list[int]:

@@ -14,18 +14,23 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from ditpipe.pipeline import encode as engine
-from ditpipe.pipeline import shards
+from ditpipe.pipeline import remote_encode, shards
 from ditpipe.pipeline.config import Config
 from ditpipe.pipeline.encode import Run
 from ditpipe.pipeline.manifest import Manifest
+from ditpipe.pipeline.remote import is_url
 from ditpipe.stages.progress import mean_rate, progress_bar, rate_text
 
 
 def encode(cfg: Config, overwrite: bool = False, console: Console | None = None,
            on_batch: Callable[[int], None] | None = None) -> dict:
-    """Encode what `cfg.data` describes into `cfg.shards_path` (pipeline.encode.encode), on the console. Returns the
-    manifest. `on_batch(n)` is called after each encoded batch of `n` inputs (bench stamps the batches with it)."""
-    return engine.encode(cfg, overwrite, _Console(console or Console(stderr=True), on_batch))
+    """Encode what `cfg.data` describes into `cfg.shards_path` (pipeline.encode.encode), or into the folder URL
+        `cfg.shards.path` (pipeline.remote_encode.encode), on the console. Returns the manifest. `on_batch(n)` is called
+    after each encoded batch of `n` inputs (bench stamps the batches with it)."""
+    observer = _Console(console or Console(stderr=True), on_batch)
+    if is_url(cfg.shards.path or ""):  # staged on this node, uploaded shard by shard, the manifest last
+        return remote_encode.encode(cfg, overwrite, observer)
+    return engine.encode(cfg, overwrite, observer)
 
 
 class _Console(engine.Observer):

@@ -234,6 +234,9 @@ def test_the_next_line_names_the_small_recipe_on_a_cpu_and_the_same_folder():
     assert train_command(cfg, "quickstart", over, "cpu") == (["ditpipe", "train", "--config", "quickstart", *gpu[2:]],
                                                              None)
     assert load_config(None, parse_overrides(gpu[2:])).shards_path == cfg.shards_path  # the same folder by name
+    # a bucket folder is named as given (a Path would make s3://b/p into s3:/b/p)
+    remote = load_config(None, {**over, "shards.path": "s3://bucket/prefix/shards"})
+    assert parse_overrides(train_command(remote, None, over, "cpu")[0][4:])["shards.path"] == "s3://bucket/prefix/shards"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's next line; a GPU machine prints the GPU recipe's")
