@@ -9,7 +9,8 @@ the timestep, the diffusion noise and the label dropout; the latent normalisatio
 too. So a worker only reads and collates, and no draw depends on which rank or micro-batch a position lands on. With
 caption embeddings, which of the image's captions a sample uses is drawn from its own keyed stream (seed, epoch,
 CAPTION, index), so resume stays exact. Which sample a position reads is pipeline/order.py's; the shard reads are
-pipeline/store.py's; URLs are pipeline/remote.py's.
+pipeline/store.py's; URLs are pipeline/remote.py's, their shard cache and prefetching pipeline/cache.py's (a URL
+folder's loader keeps the next `storage.prefetch_shards` shards of this rank's order downloading ahead: `make_loader`).
 
 `LatentView.__call__` still makes a whole sample on the CPU (keyed ε from a reseeded torch generator, then the
 normalisation): the held-out validation set (pipeline/validation.py) is made that way, once.
@@ -147,6 +148,15 @@ class MicroBatches(torch.utils.data.Dataset):
             batch["target"] = self._targets(indices, keys)
         return batch
 
+    def shards_of(self, u: int) -> list[int]:
+        """The shards run micro-batch u (epoch · micro_per_epoch + q) of this rank reads, in the order it reaches
+        them: what the prefetcher fetches ahead (the same order and positions as `__getitem__`)."""
+        epoch, q = divmod(u, self.plan.micro_per_epoch)
+        shard_of = np.searchsorted(self.store.starts, self.order(epoch, self.plan.positions(q, self.rank)),
+                                   side="right") - 1
+        _, first = np.unique(shard_of, return_index=True)
+        return shard_of[np.sort(first)].tolist()
+
     def _targets(self, indices: np.ndarray, keys: list[int]) -> torch.Tensor:
         """(B, T, D) float16: each sample's stored targets, the mirror's where its flip bit says so."""
         flip = self.target_mirror and self.view.can_flip
@@ -217,11 +227,57 @@ class RunKeys(torch.utils.data.Sampler):
         return self.end - self.start
 
 
+_PREFETCH_FACTOR = 4  # micro-batches each loader worker prepares ahead
+
+
+class PrefetchingLoader(torch.utils.data.DataLoader):
+    """The DataLoader of a URL folder's MicroBatches: each iteration runs a `cache.Prefetcher` in this (the rank's
+    main) process from the sampler's first micro-batch on, told of every micro-batch taken, stopped when the
+    iteration ends or is dropped. Its first error is raised here as it was raised there (one line naming the object),
+    also when a worker met the same problem first."""
+
+    def __iter__(self):
+        return self._prefetched(super().__iter__())  # the workers' base seed is drawn now, as a plain loader draws it
+
+    def _prefetched(self, batches):
+        from ditpipe.pipeline.cache import Prefetcher
+
+        ds, keys = self.dataset, self.sampler
+        inflight = (self.num_workers * _PREFETCH_FACTOR if self.num_workers else 0) + 1
+        fetcher = Prefetcher(ds.store.cache, ds.store.manifest.entries, ds.shards_of, keys.start, keys.end,
+                             ahead=ds.store.cache.prefetch, inflight=inflight).begin()
+        try:
+            for u, batch in enumerate(batches, keys.start):
+                fetcher.check()
+                fetcher.advance(u)
+                yield batch
+            fetcher.check()
+        except ShardError as e:
+            fetcher.check()  # the prefetcher's own line rather than a worker's wrapped traceback of the same
+            raise _unwrapped(e) from None
+        finally:
+            fetcher.stop()
+
+
+def _unwrapped(error: ShardError) -> ShardError:
+    """A worker's ShardError as its own line: torch re-raises it in this process as "Caught ShardError in DataLoader
+    worker process 0. Original Traceback ...", whose last line is the message."""
+    text = str(error)
+    last = text.rstrip().rsplit("\n", 1)[-1]
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    if text.startswith("Caught ") and last.startswith(prefix):
+        return type(error)(last[len(prefix):])
+    return error
+
+
 def make_loader(dataset: torch.utils.data.Dataset, plan: Plan, start_step: int, end_step: int, num_workers: int,
                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """The whole run's micro-batches of `dataset` (MicroBatches or ImageBatches), starting at `start_step` without
-    reading what came before."""
-    return torch.utils.data.DataLoader(
-        dataset, sampler=RunKeys(plan, start_step, end_step), batch_size=None,
-        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None)
+    reading what came before. Over a URL folder (with storage.prefetch_shards > 0) the shards are fetched ahead into
+    the node's cache in the order this rank reads them (`PrefetchingLoader`)."""
+    cache = getattr(getattr(dataset, "store", None), "cache", None)
+    kind = PrefetchingLoader if isinstance(dataset, MicroBatches) and cache is not None and cache.prefetch > 0 \
+        else torch.utils.data.DataLoader
+    return kind(dataset, sampler=RunKeys(plan, start_step, end_step), batch_size=None,
+                num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                prefetch_factor=_PREFETCH_FACTOR if num_workers > 0 else None)

@@ -1,8 +1,10 @@
 """Shard folders at URLs. A shard folder is a local path, or a URL of one of REMOTE_PROTOCOLS (`file://`, `s3://`
-with s3fs installed, `gs://`, `https://`, `hf://`, ...). URLs are read-only and the slower path: each shard is
-fetched whole into memory when the loader first needs it (at most `max_open` at a time per process, pipeline/store.py),
-never more than the manifest's size for it, and checked against the manifest's sha256. `pipe:` commands are refused:
-the loader reads samples by index, not as a stream. On resume, a URL that only the checkpoint's config names is
+with s3fs installed, `gs://`, `https://`, `hf://`, ...). URLs are read-only: each shard is downloaded once per node
+into the shard cache (pipeline/cache.py), ahead of need, never more than the manifest's size for it, checked against
+the manifest's sha256, and then read as a local shard is. Every read goes through pipeline/objstore.py (a lost
+connection or a 5xx is retried with back-off). `pipe:` commands are refused: the loader reads samples by index, not as
+a stream. Credentials in a URL (`s3://KEY:SECRET@bucket/...`) are refused: they come from the environment only, so no
+message, manifest, config or checkpoint carries them. On resume, a URL that only the checkpoint's config names is
 refused (`unconfirmed_remote`).
 """
 
@@ -38,16 +40,32 @@ MAX_META_BYTES = shards.MAX_META_BYTES  # a manifest or sidecar, local or read f
 REMOTE_KEYS = ("shards.path", "validation.shards")  # config keys that name shard locations
 
 
+def redacted(location) -> str:
+    """`location` for a message: any user information of a URL (`KEY:SECRET@`) replaced by `<credentials>@`."""
+    text = str(location)
+    if "://" not in text:
+        return text
+    scheme, rest = text.split("://", 1)
+    host, sep, path = rest.partition("/")
+    return f"{scheme}://<credentials>@{host.rsplit('@', 1)[1]}{sep}{path}" if "@" in host else text
+
+
 def check_location(location) -> None:
-    """Refuse a `pipe:` command and any URL whose protocol is not in REMOTE_PROTOCOLS; local paths pass."""
+    """Refuse a `pipe:` command, any URL whose protocol is not in REMOTE_PROTOCOLS and any URL with credentials
+    (user information before the host); local paths pass. Messages never repeat the credentials."""
     refuse_pipe(location)
     text = str(location)
     if not is_url(text):
         return
     protocol = text.split("://", 1)[0].lower()
     if "::" in text or protocol not in REMOTE_PROTOCOLS:
-        raise ShardError(f"'{text}': shard locations may use only the protocols {', '.join(REMOTE_PROTOCOLS)} "
-                         "(no chained '::' URLs); copy the shards to one of those, or to a local folder")
+        raise ShardError(f"'{redacted(text)}': shard locations may use only the protocols "
+                         f"{', '.join(REMOTE_PROTOCOLS)} (no chained '::' URLs); copy the shards to one of those, or "
+                         "to a local folder")
+    if redacted(text) != text:
+        raise ShardError(f"'{redacted(text)}' has credentials in the URL, refused (they would reach configs, "
+                         "checkpoints and logs): take them out and give them through the environment instead "
+                         "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role)")
 
 
 READ_CHUNK = 1 << 20  # one read of a remote object: the most held beyond the cap while it is read
@@ -57,16 +75,28 @@ READ_CHUNK = 1 << 20  # one read of a remote object: the most held beyond the ca
 _STREAMED = ("http", "https", "hf")
 
 
+def streamed(url: str) -> bool:
+    """Whether `url` is opened as its protocol's streaming file (block_size=0; see _STREAMED)."""
+    return url.split("://", 1)[0].lower() in _STREAMED
+
+
 def read_url(url: str, limit: int) -> bytes:
     """The object at an fsspec URL (read-only; never a `pipe:` command), at most `limit` bytes, read in chunks of at
     most READ_CHUNK: one byte past `limit`, or a read that returns more than it asked for, and it is refused, so an
-    object larger than it should be (or an endless HTTP body) is never held in memory whole."""
+    object larger than it should be (or an endless HTTP body) is never held in memory whole. Through
+    `objstore.retrying`: a lost connection or a 5xx is tried again; a missing object is one line naming it."""
     check_location(url)
-    import fsspec
+    from ditpipe.pipeline import objstore
 
-    streamed = url.split("://", 1)[0].lower() in _STREAMED
+    return objstore.retrying(f"reading '{url}'", lambda: _read_once(url, limit))
+
+
+def _read_once(url: str, limit: int) -> bytes:
+    from ditpipe.pipeline import objstore
+
+    fs, path = objstore.filesystem(url)
     try:
-        with fsspec.open(url, "rb", **({"block_size": 0} if streamed else {})) as f:
+        with fs.open(path, "rb", **({"block_size": 0} if streamed(url) else {})) as f:
             parts, held = [], 0
             while held <= limit:
                 want = min(READ_CHUNK, limit + 1 - held)
@@ -80,9 +110,10 @@ def read_url(url: str, limit: int) -> bytes:
                 parts.append(part)
                 held += len(part)
             data = b"".join(parts)
-    except ImportError as e:  # the protocol's package (s3fs, gcsfs, aiohttp for http, ...) is not installed
-        raise ShardError(f"cannot read '{url}': {e}") from None
-    except (OSError, ValueError) as e:
+    except FileNotFoundError:
+        raise ShardError(f"{url} is missing at the remote location; upload it (a shard folder whole, manifest last) "
+                         "or name the right location") from None
+    except ValueError as e:
         raise ShardError(f"cannot read '{url}': {e}") from None
     if len(data) > limit:
         raise ShardError(f"'{url}' is larger than the {limit:,} bytes expected (the manifest's size for a shard); it "

@@ -1,7 +1,8 @@
 """Random access to the samples of a shard folder, by global index: each shard opened lazily (per process) through
 its format's Reader (pipeline/formats/), at most `max_open` at a time, and checked against the manifest before a
-byte of it is read. A URL folder (fsspec, pipeline/remote.py) is read shard by shard into memory instead of mmap,
-each shard checked against the manifest's sha256.
+byte of it is read. A URL folder (fsspec, pipeline/remote.py) is read from the node's shard cache (pipeline/cache.py):
+each shard's verified local copy (size and sha256 held to the manifest when it was downloaded), mapped exactly as a
+local shard is.
 
 `gather` reads a whole micro-batch: its indices grouped by shard (in the order the batch first reaches each), each
 shard's rows copied with one array index, so the bytes land in the batch's order as one read a sample would put
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ditpipe.pipeline import formats, remote, shards
+from ditpipe.pipeline.cache import ShardCache
 from ditpipe.pipeline.errors import ShardError
 from ditpipe.pipeline.manifest import Manifest, check_files, checked_labels, load_manifest
 
@@ -25,8 +27,9 @@ _RELEASE_EVERY = 64  # reads between ShardStore.release() calls: bounds the mapp
 class ShardStore:
     """Sample g of a shard folder: `read` one, `gather` a batch, `read_text` one's caption record."""
 
-    def __init__(self, folder: Path | str, manifest: Manifest | dict, max_open: int = 16):
+    def __init__(self, folder: Path | str, manifest: Manifest | dict, max_open: int = 16, storage=None):
         self.url = str(folder) if remote.is_url(folder) else None
+        self.cache = ShardCache(self.url, storage) if self.url else None  # storage: a StorageConfig, else configured
         manifest = Manifest.of(manifest)
         self.folder, self.manifest = (folder if self.url else Path(folder)), manifest
         formats.get(manifest.format)  # an unknown format is refused before any worker starts
@@ -50,26 +53,38 @@ class ShardStore:
             if len(self._open) >= self.max_open:
                 self._open.pop(next(iter(self._open)))
             entry = self.manifest.entries[s]
-            fetched = self._fetch(entry) if self.url else None
-            side = json.loads(fetched[1] if fetched else self._local_sidecar(entry))
-            where = self._where(entry["name"])
-            shards.check_sidecar(side, entry, where)  # reads below index by the manifest's count
-            labels = np.array(checked_labels(side["labels"], self.num_classes, str(where)), dtype=np.int64)
-            source = fetched[0] if fetched else self.folder / entry["name"]
-            reader = formats.get(self.manifest.format).Reader
-            self._open[s] = (reader(source, side, self.shapes[s], bool(self.text), where, self.layouts[s]), labels)
+            for attempt in range(3):  # a cached copy evicted between its download and its open is fetched again
+                try:
+                    self._open[s] = self._open_shard(s, entry)
+                    break
+                except FileNotFoundError:
+                    if self.cache is None or attempt == 2:
+                        raise
         return self._open[s]
 
-    def _local_sidecar(self, entry: dict) -> bytes:
-        """A local shard's sidecar bytes, once the shard is checked against the manifest it was planned by: its size
-        (one stat, `manifest.check_files`) and its sidecar's sha256 (which records the shard's own sha256; ~0.1 ms for
-        a 1,000-sample sidecar). A shard that an `encode` rewrote since the manifest was read (one that did not
-        respect the run's lock, or a copy) is refused, never read with the old manifest's counts."""
-        check_files(self.folder, {"shards": [entry]})
-        data = shards.read_meta(self.folder / entry["sidecar"])
+    def _open_shard(self, s: int, entry: dict) -> tuple:
+        if self.cache is not None:  # the cached copies, verified against the manifest when they were downloaded;
+            source, side_path = self.cache.local(entry)  # held to its size and its sidecar's sha256 as local ones
+            side = json.loads(self._checked_sidecar(shards.read_meta(side_path), entry))
+        else:
+            check_files(self.folder, {"shards": [entry]})
+            source = self.folder / entry["name"]
+            side = json.loads(self._checked_sidecar(shards.read_meta(self.folder / entry["sidecar"]), entry))
+        where = self._where(entry["name"])
+        shards.check_sidecar(side, entry, where)  # reads below index by the manifest's count
+        labels = np.array(checked_labels(side["labels"], self.num_classes, str(where)), dtype=np.int64)
+        reader = formats.get(self.manifest.format).Reader
+        return reader(source, side, self.shapes[s], bool(self.text), where, self.layouts[s]), labels
+
+    def _checked_sidecar(self, data: bytes, entry: dict) -> bytes:
+        """A shard's sidecar bytes, once checked against the manifest it was planned by: the shard's size is checked
+        by the caller (one stat: `manifest.check_files`, or the cache's), the sidecar's sha256 here (it records the
+        shard's own sha256; ~0.1 ms for a 1,000-sample sidecar). A shard that an `encode` rewrote since the manifest
+        was read (one that did not respect the run's lock, or a copy) is refused, never read with the old manifest's
+        counts."""
         want = entry.get("sidecar_sha256")  # absent only in manifests from before it was recorded
         if want is not None and hashlib.sha256(data).hexdigest() != want:
-            raise ShardError(f"{self.folder / entry['name']}: its sidecar {entry['sidecar']} does not match the "
+            raise ShardError(f"{self._where(entry['name'])}: its sidecar {entry['sidecar']} does not match the "
                              f"manifest's sha256; the shard was rewritten or altered since the run read "
                              f"{shards.MANIFEST} (run `ditpipe verify`, re-encode it)")
         return data
@@ -77,27 +92,6 @@ class ShardStore:
     def _where(self, name: str):
         """A shard file's location for messages: its URL, or its path."""
         return remote.url_join(self.url, name) if self.url else self.folder / name
-
-    def _fetch(self, entry: dict) -> tuple[bytes, bytes]:
-        """(shard bytes, sidecar bytes) of a remote shard: the shard of exactly the manifest's size (what
-        `manifest.check_files` holds a local shard to) and sha256, its sidecar of its sha256 where the manifest
-        records one (as a local sidecar)."""
-        where = remote.url_join(self.url, entry["name"])
-        data = remote.read_url(where, int(entry["bytes"]))
-        if len(data) != entry["bytes"]:
-            raise ShardError(f"{where}: {len(data):,} bytes, the manifest ({shards.MANIFEST}) says "
-                             f"{entry['bytes']:,}; the shard was truncated or altered at the remote location; "
-                             "re-upload the shard folder")
-        if not entry.get("sha256"):
-            raise ShardError(f"{where}: the manifest records no sha256 for it, and a remote shard is read only once "
-                             "checked by it; the manifest is damaged or was altered (re-encode, re-upload)")
-        side = remote.read_url(remote.url_join(self.url, entry["sidecar"]), remote.MAX_META_BYTES)
-        for what, blob, want in ((entry["name"], data, entry["sha256"]), (entry["sidecar"], side,
-                                                                          entry.get("sidecar_sha256"))):
-            if want is not None and hashlib.sha256(blob).hexdigest() != want:
-                raise ShardError(f"{remote.url_join(self.url, what)} does not match the manifest's sha256 (changed or "
-                                 "damaged at the remote location); re-upload the shard folder")
-        return data, side
 
     def _counted(self, n: int) -> None:
         self._reads += n
@@ -161,11 +155,13 @@ class ShardStore:
             reader.release()
 
 
-def open_shards(folder: Path | str) -> tuple[ShardStore, dict]:
+def open_shards(folder: Path | str, storage=None) -> tuple[ShardStore, dict]:
+    """(store, manifest) of a local or URL shard folder; `storage` (StorageConfig) places a URL folder's cache, else
+    what `cache.configure` applied, else the defaults."""
     remote.check_location(folder)
     manifest = remote.load_url_manifest(str(folder)) if remote.is_url(folder) else load_manifest(folder)
     if not remote.is_url(folder):
         check_files(folder, manifest)  # the order allocates by the counts: they must fit the files
     if manifest.num_samples == 0:
         raise ShardError(f"'{folder}' holds no samples (every input was skipped); see its manifest's 'skipped'")
-    return ShardStore(folder, manifest), manifest
+    return ShardStore(folder, manifest, storage=storage), manifest

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ditpipe.pipeline import shards
+from ditpipe.pipeline import cache, shards
 from ditpipe.pipeline.config import TARGET_ALIASES, TARGET_INCEPTION, Config
 from ditpipe.pipeline.errors import ConfigError, ShardError
 from ditpipe.pipeline.order import BucketOrder, EpochOrder, Plan
@@ -186,6 +186,7 @@ def open_data(cfg: Config, device: torch.device):
     (`data.source: images`) the source and the codec, on the run's `device` (the Accelerator's), with the manifest
     encode would have written (minus the shards)."""
     folder = cfg.shards.path if is_url(cfg.shards.path or "") else cfg.shards_path  # a URL stays a string
+    cache.configure(cfg.storage)  # storage.*: objstore's endpoint and retries, the shard cache (pipeline/cache.py)
     if cfg.data.source == "images":
         if cfg.data.buckets != "square":
             raise ConfigError([("data.buckets", "the online baseline (data.source: images) takes square crops only; "

@@ -63,6 +63,10 @@ JSON (schema "ditpipe-bench/1"; rates per second of wall time, times in seconds,
                                                                unlike the rate, barely moved by other load),
          cpu_bound_samples_per_s{tar, parquet, npy}           (cores / that: the rate on an otherwise idle machine),
          eps_ceiling_samples_per_s}                           (cores / ε draw alone: the old loader's bound)
+  loader with --shards URL (instead of the above): {shards, samples, num_shards, shard_bytes, batch_size,
+         num_workers, repeats, remote{local_samples_per_s, cold_samples_per_s, warm_samples_per_s, cold_ratio,
+         warm_ratio, mb_per_s{local, cold, warm}, prefetch_shards, open_s{...}, trials{local, cold, warm}}}
+         (one epoch through make_loader from a local copy, from the URL with an empty shard cache and with a full one)
   train{model, vae_shape, vae_dtype, image_size, latent_shape, batch_size, accum, precision, num_workers,
         precomputed{steps, seconds, steps_per_s, images_per_s}, online{...}, speedup, t_step_s, t_vae_s,
         ideal_ratio, achieved_fraction, gradient_checkpointing, flops_convention, dit_gflops_per_step,
@@ -148,6 +152,7 @@ class BenchOptions:
     repa: bool = False  # bench train: the precomputed step with REPA too, on the same shards (with targets)
     repa_projector_dim: int = 2048  # training.repa.projector_dim (REPA's)
     repa_target_dim: int = 768  # the synthetic targets' width (DINOv2-B's, REPA's encoder)
+    shards: str = ""  # bench loader: a URL shard folder (s3://...) read cold, warm and from a local copy instead
 
     def resolved(self) -> "BenchOptions":
         from ditpipe.pipeline.config import DataConfig
@@ -201,6 +206,12 @@ class BenchOptions:
         if self.repa and self.model in DIT_PRESETS and (self.image_size // 8) % DIT_PRESETS[self.model]["patch_size"]:
             problems.append(("--repa", f"the latent side {self.image_size // 8} is not a whole number of "
                                        f"{self.model}'s patches: no token grid for the targets"))
+        if self.shards:
+            from ditpipe.pipeline import remote
+
+            if not remote.is_url(self.shards):
+                problems.append(("--shards", f"{self.shards!r}: a URL shard folder (s3://bucket/prefix); a local "
+                                             "folder is what the loader part measures without it"))
         if problems:
             raise ConfigError(problems, header="invalid bench options")
 
@@ -859,6 +870,8 @@ def task_loader_rates(o: BenchOptions, folders: dict) -> dict:
 
 
 def _part_loader(o: BenchOptions, work: Path) -> dict:
+    if o.shards:
+        return _part_loader_remote(o, work)
     base = work / f"loader-{o.loader_samples}"
     folders = {"wds": str(base / "wds"), "parquet": str(base / "parquet"), "npy": str(base / "npy")}
     latent = o.image_size // 8
@@ -886,6 +899,85 @@ def _part_loader(o: BenchOptions, work: Path) -> dict:
             "cpu_bound_samples_per_s": {k: _r(cores * 1e6 / statistics.median(v), 1) if v else None
                                         for k, v in res["loader_cpu_us"].items()},
             "eps_ceiling_samples_per_s": _r(cores * 1e6 / us["eps_draw"], 1)}
+
+
+def _copy_shards(url: str, local: Path) -> None:
+    """The shard folder at `url` downloaded whole into `local` (every file its manifest lists, the manifest last),
+    checked as any local folder is when opened."""
+    from ditpipe.pipeline import objstore, remote, shards
+
+    manifest = remote.load_url_manifest(url)
+    local.mkdir(parents=True, exist_ok=True)
+    names = [n for entry in manifest.entries for n in (entry["name"], entry["sidecar"])] + [shards.MANIFEST]
+    for name in names:
+        objstore.get_file(remote.url_join(url, name), local / f".{name}.tmp")
+        (local / f".{name}.tmp").rename(local / name)
+
+
+def task_loader_remote(o: BenchOptions, url: str, local: str, cache_dir: str) -> dict:
+    """Samples/s of one training epoch through make_loader (MicroBatches, o.num_workers workers), the same shards
+    three ways: the local copy, the URL with an empty shard cache (cold: every shard downloaded, fetched ahead by
+    the prefetcher), and the URL again with the cache full (warm). Each pass is a fresh loader, timed from its
+    creation to its last batch (worker start-up included, for all three alike; opening the folder, which reads the
+    manifest once a run, is timed apart); trials repeat cold, warm, local, and warm and local each time a second
+    pass after an untimed one (whatever the cold pass leaves settling, it settles then)."""
+    import shutil
+
+    from ditpipe.pipeline.config import DataConfig, StorageConfig
+    from ditpipe.pipeline.loader import MicroBatches, make_loader
+    from ditpipe.pipeline.order import EpochOrder, Plan
+    from ditpipe.pipeline.store import open_shards
+
+    storage = StorageConfig(cache_dir=cache_dir)
+    trials: dict[str, list[float]] = {"local": [], "cold": [], "warm": []}
+    opens: dict[str, list[float]] = {"local": [], "cold": [], "warm": []}
+    shard_bytes = 0
+    for rep in range(o.repeats):
+        for kind, timed in (("cold", True), ("warm", False), ("warm", True), ("local", False), ("local", True)):
+            if kind == "cold":
+                shutil.rmtree(Path(cache_dir), ignore_errors=True)  # the bench's own folder under its workdir
+            t0 = time.perf_counter()
+            store, manifest = open_shards(local if kind == "local" else url, storage)
+            opens[kind].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            plan = Plan(manifest.num_samples, o.loader_batch, 1, 1)
+            ds = MicroBatches(store, EpochOrder(store.counts, o.seed, DataConfig().shuffle_window), plan, 0, o.seed)
+            n = sum(len(batch["mean"]) for batch in make_loader(ds, plan, 0, plan.steps_per_epoch, o.num_workers))
+            seconds = time.perf_counter() - t0
+            if not timed:
+                continue
+            trials[kind].append(n / seconds)
+            shard_bytes = sum(int(e["bytes"]) for e in manifest.entries)
+            _say(f"loader {kind}: {n / seconds:,.0f} samples/s ({n:,} samples in {seconds:.2f} s; trial "
+                 f"{rep + 1}/{o.repeats})")
+    return {"trials": trials, "open_s": opens, "samples": n, "shard_bytes": shard_bytes,
+            "num_samples": manifest.num_samples,
+            "num_shards": len(manifest.entries), "prefetch_shards": storage.prefetch_shards}
+
+
+def _part_loader_remote(o: BenchOptions, work: Path) -> dict:
+    """bench loader --shards URL: the same run over the same shards on local disk, from the URL cold and warm."""
+    from ditpipe.pipeline import cache, remote
+
+    remote.check_location(o.shards)
+    local = work / "remote-copy" / cache.folder_digest(o.shards)
+    if not (local / "manifest.json").is_file():
+        _say(f"copying {o.shards} to {local} (the local-disk baseline)")
+        _copy_shards(o.shards, local)
+    res = _child("loader_remote", o, url=o.shards, local=str(local), cache_dir=str(work / "remote-cache"))
+    med = {k: statistics.median(v) for k, v in res["trials"].items()}
+    return {"shards": o.shards, "samples": res["samples"], "num_shards": res["num_shards"],
+            "shard_bytes": res["shard_bytes"], "batch_size": o.loader_batch, "num_workers": o.num_workers,
+            "repeats": o.repeats,
+            "remote": {"local_samples_per_s": _r(med["local"], 1), "cold_samples_per_s": _r(med["cold"], 1),
+                       "warm_samples_per_s": _r(med["warm"], 1), "cold_ratio": _r(_ratio(med["cold"], med["local"]), 3),
+                       "warm_ratio": _r(_ratio(med["warm"], med["local"]), 3),
+                       # bytes a second each pass moved: cold is bounded by what the object store serves
+                       "mb_per_s": {k: _r(v * res["shard_bytes"] / res["num_samples"] / 1e6, 1)
+                                    for k, v in med.items()},
+                       "prefetch_shards": res["prefetch_shards"],
+                       "open_s": {k: _r(statistics.median(v), 3) for k, v in res["open_s"].items()},
+                       "trials": {k: [_r(x, 1) for x in v] for k, v in res["trials"].items()}}}
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -1199,7 +1291,13 @@ def targets(result: dict) -> list[dict]:
         e = result["encode"]
         add("encode ratio to the bare VAE", "encode", ">= 0.90", e["ratio"], (e["ratio"] or 0) >= 0.90,
             cpu and e["vae_shape"] == "sd" and e["image_size"] == 256)
-    if "loader" in result:
+    if "loader" in result and "remote" in result["loader"]:  # --shards URL: the cache's targets (issue 29)
+        r = result["loader"]["remote"]
+        add("loader from the URL, warm cache / local disk", "loader", ">= 0.95", r["warm_ratio"],
+            (r["warm_ratio"] or 0) >= 0.95, cpu)
+        add("loader from the URL, cold cache / local disk", "loader", ">= 0.80", r["cold_ratio"],
+            (r["cold_ratio"] or 0) >= 0.80, cpu)
+    elif "loader" in result:
         lo = result["loader"]
         stated = cpu and lo["sample_shape"] == [4, 4, 32, 32] and lo["num_workers"] == _default_workers()
         add("loader tar samples/s", "loader", ">= 25000", lo["tar_samples_per_s"], lo["tar_samples_per_s"] >= 25000,
@@ -1243,4 +1341,5 @@ def _default_workers() -> int:
 TASKS = {"machine": task_machine, "prepare_vae": task_prepare_vae, "prepare_jpegs": task_prepare_jpegs,
          "prepare_shards": task_prepare_shards, "encode_pipeline": task_encode_pipeline,
          "encode_bare": task_encode_bare, "jpeg_decode": task_jpeg_decode, "loader_rates": task_loader_rates,
+         "loader_remote": task_loader_remote,
          "train": task_train, "train_memory": task_train_memory, "loader_memory": task_loader_memory}

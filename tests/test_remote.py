@@ -25,6 +25,16 @@ def folder(tmp_path_factory) -> Path:
     return pixel_shards(tmp_path_factory.mktemp("remote") / "shards", N, **{"shards.samples_per_shard": PER_SHARD})
 
 
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    """A URL folder is read through the node's shard cache (pipeline/cache.py): each test starts with an empty one,
+    so a copy verified by an earlier test does not stand in for the object a test changes."""
+    from ditpipe.pipeline import cache
+    from ditpipe.pipeline.config import StorageConfig
+
+    monkeypatch.setattr(cache, "_configured", StorageConfig(cache_dir=str(tmp_path / "cache")))
+
+
 @pytest.fixture
 def memory_copy(folder):
     """The shard folder uploaded to fsspec's in-process memory filesystem; `grow` appends bytes to one file there."""

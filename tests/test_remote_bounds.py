@@ -29,6 +29,15 @@ def folder(tmp_path_factory) -> Path:
     return pixel_shards(tmp_path_factory.mktemp("bounds") / "shards", N, **{"shards.samples_per_shard": PER_SHARD})
 
 
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    """A URL folder is read through the node's shard cache (pipeline/cache.py): an empty one for each test."""
+    from ditpipe.pipeline import cache
+    from ditpipe.pipeline.config import StorageConfig
+
+    monkeypatch.setattr(cache, "_configured", StorageConfig(cache_dir=str(tmp_path / "cache")))
+
+
 @pytest.fixture
 def memory(folder):
     """The shard folder copied to fsspec's in-process memory filesystem: (url, put(name, bytes))."""
@@ -61,7 +70,9 @@ class _Endless:
 
 def test_a_read_that_returns_more_than_asked_is_refused_at_once(monkeypatch):
     endless = _Endless()
-    monkeypatch.setattr(fsspec, "open", lambda url, mode="rb", **kw: endless)
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", lambda self, path, mode="rb", **kw: endless)
     with pytest.raises(ShardError, match="larger than|more than") as err:
         remote.read_url("memory://x/manifest.json", 64 << 10)
     assert "memory://x/manifest.json" in str(err.value) and "\n" not in str(err.value)
