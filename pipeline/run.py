@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ditpipe.pipeline import atomic, checkpoint, hooks, lock
+from ditpipe.pipeline import atomic, checkpoint, hooks, lock, run_store
 from ditpipe.pipeline.config import RESUMABLE_CHANGES, Config, flat, resumable_keys, set_dotted, validate_tree
 from ditpipe.pipeline.device import make_accelerator
 from ditpipe.pipeline.diffusion import make_objective
@@ -108,10 +108,16 @@ class Run:
 
 
 def run_dir_of(cfg: Config, config_name: str | None, resume: Path | None) -> Path:
-    """The run folder: a resumed checkpoint's parent, or output_dir / run_name (else the config's name, else run)."""
+    """The run folder: a resumed checkpoint's parent, or output_dir / run_name (else the config's name, else run);
+    for an output_dir in object storage, this node's staging folder of it (pipeline/run_store.py)."""
     if resume:
         return Path(resume).parent
-    return Path(cfg.logging.output_dir) / (cfg.logging.run_name or (Path(config_name).stem if config_name else "run"))
+    name = cfg.logging.run_name or (Path(config_name).stem if config_name else "run")
+    if run_store.is_remote(cfg.logging.output_dir):
+        run_dir = run_store.staging_dir(cfg.storage.cache_dir, cfg.logging.output_dir, name)
+        run_store.RemoteRun.of(cfg, run_dir)  # refuses what a run in object storage cannot do, before anything runs
+        return run_dir
+    return Path(cfg.logging.output_dir) / name
 
 
 def open_run(cfg: Config, config_name: str | None = None, resume: Path | None = None,
@@ -179,6 +185,10 @@ def build_step_for(run: Run, model: torch.nn.Module, objective) -> Step:
     """The run's step (pipeline/step.py) made from `model`, with a resume's model, EMA, optimizer and scaler state
     loaded."""
     cfg, targets = run.cfg, run.manifest.targets
+    if cfg.training.parallel == "fsdp":
+        from ditpipe.pipeline.fsdp import refuse_unbuilt
+
+        refuse_unbuilt(cfg)
     aligned = cfg.training.repa.weight > 0  # check_run refused REPA without targets
     return build_step(run.acc, model, objective, run.plan, run.latent_shape, norm=run.norm, posterior=run.posterior,
                       training=cfg.training, rank=run.acc.process_index, drop_prob=cfg.model.class_dropout_prob,
@@ -269,6 +279,34 @@ def find_checkpoint(target: Path | None, output_dir: Path, warn) -> Path:
         checkpoint.validate(target)
         return target
     return checkpoint.find_resumable(target, warn)[0]
+
+
+def auto_resume(cfg: Config, config_name: str | None, warn) -> Path | None:
+    """`train --resume auto` (what an elastic agent's restart reruns): the checkpoint to resume the run `cfg` names
+    from, or None to start it. A local (or shared) run folder resumes from its newest valid checkpoint when it holds
+    any; a run in object storage from the checkpoint its `latest` names in the bucket, fetched into this node's
+    staging folder. A staging folder whose checkpoints never reached the bucket is moved aside (by one process per
+    node), so the start is a clean one."""
+    run_dir = run_dir_of(cfg, config_name, None)
+    remote_run = run_store.RemoteRun.of(cfg, run_dir)
+    if remote_run is not None:
+        if remote_run.latest() is not None:
+            return remote_run.fetch()
+        if os.environ.get("LOCAL_RANK", "0") == "0" and (aside := remote_run.set_aside_unpublished()):
+            warn(f"'{run_dir}' held checkpoints never published to '{remote_run.url}'; moved to '{aside}', starting "
+                 "the run again")
+        return None
+    if (run_dir / checkpoint.LATEST).exists() or checkpoint.list_checkpoints(run_dir):
+        return find_checkpoint(run_dir, run_dir.parent, warn)
+    return None  # a new run, or one whose start failed before its first checkpoint: started (again)
+
+
+def fetch_remote(url: str, cache_dir: str) -> tuple[Path, dict]:
+    """`resume s3://…/run[/checkpoint-N]`: (the checkpoint, fetched and validated into this node's staging folder
+    under `cache_dir`, the logging keys that keep the resumed run publishing to `url`'s run folder)."""
+    remote_run, name = run_store.RemoteRun.from_url(url, cache_dir)
+    return remote_run.fetch(name), {"logging.output_dir": remote_run.output_dir,
+                                    "logging.run_name": remote_run.local.name}
 
 
 def resume_config(ckpt: Path, new: Config | None = None, overrides: dict | None = None) -> Config:
@@ -400,6 +438,8 @@ def prepare_folder(run: Run, say: Callable[[str], None]) -> None:
             checkpoint.clean_temporaries(run_dir)  # half-written checkpoints of the killed run
             clean_temporaries(run_dir / SNAPSHOT_DIR)  # and half-written post-hoc EMA snapshots
         return
+    if (remote_run := run_store.RemoteRun.of(run.cfg, run_dir)) is not None:  # the bucket's run folder, by rank 0
+        run.group.on_rank0(remote_run.refuse_published)
     refuse_existing_run_dir(run_dir)  # on every rank, before rank 0 makes it: all ranks exit with the message
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -139,8 +139,10 @@ RESTRETCH_HELP = ("On resume: stretch the LR schedule (same peak, warm-up and ty
 def train(
     ctx: typer.Context,
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped name)."),
-    resume: Optional[Path] = typer.Option(None, help="Continue from this checkpoint or run folder (the guide's "
-                                                     "--resume ./outputs/checkpoint-1000)."),
+    resume: Optional[str] = typer.Option(None, help="Continue from this checkpoint or run folder (the guide's "
+                                                    "--resume ./outputs/checkpoint-1000; s3://… too), or 'auto': "
+                                                    "resume the run this command names when it has a checkpoint, "
+                                                    "else start it (for torchrun's elastic restarts)."),
     init_from: Optional[str] = typer.Option(None, help="Fine-tune: start from these weights (an official DiT .pt, a "
                                                        "checkpoint or run folder, an exported .safetensors); a new "
                                                        "run, step 0, fresh optimizer (model.init_from)."),
@@ -153,15 +155,34 @@ def train(
     Example: ditpipe train --config configs/train_config.yaml --data.dataset_name shapes --vae.name pixel
     Fine-tune: ditpipe train --config my.yaml --init-from DiT-XL-2-256x256.pt --model.name DiT-XL/2
     """
-    if resume is not None and init_from is not None:
+    if resume not in (None, "auto") and init_from is not None:  # auto: a fine-tune's restart resumes it
         raise DitpipeError("--init-from starts a new run from given weights; --resume continues a run with its own "
                            "weights and optimizer. Use one of them")
     cfg = build_config(config, {"model.init_from": init_from, "model.init_weights": init_weights}, ctx.args)
     from ditpipe.pipeline import run
     from ditpipe.stages import train as stage
 
-    if resume is not None:
-        ckpt = run.find_checkpoint(resume, Path(cfg.logging.output_dir), _warn)
+    ckpt = None
+    if resume == "auto":  # a folder named auto: ./auto/ (a path with a separator)
+        from ditpipe.pipeline import objstore
+
+        objstore.configure(cfg.storage)
+        ckpt = run.auto_resume(cfg, config, _warn)
+        if ckpt is None and restretch_schedule:
+            raise DitpipeError("--restretch-schedule changes a resumed run's LR schedule, and this run has no "
+                               "checkpoint yet: drop it")
+        err.print(f"resuming from {ckpt}" if ckpt else "no checkpoint yet: starting the run", highlight=False,
+                  soft_wrap=True)
+    elif resume is not None and _is_url(resume):
+        from ditpipe.pipeline import objstore
+
+        objstore.configure(cfg.storage)
+        ckpt, where = run.fetch_remote(resume, cfg.storage.cache_dir)
+        cfg = cfg.model_copy(update={"logging": cfg.logging.model_copy(update={
+            "output_dir": where["logging.output_dir"], "run_name": where["logging.run_name"]})})
+    elif resume is not None:
+        ckpt = run.find_checkpoint(Path(resume), Path(cfg.logging.output_dir), _warn)
+    if ckpt is not None:
         stage.train(run.resume_config(ckpt, new=cfg), resume=ckpt, console=err,
                     restretch_schedule=restretch_schedule)
     else:
@@ -178,8 +199,10 @@ RESUME_EPILOG = (f"Only the keys that cannot change the trained weights may diff
 @app.command(context_settings=OVERRIDES, epilog=RESUME_EPILOG)
 def resume(
     ctx: typer.Context,
-    target: Optional[Path] = typer.Argument(None, metavar="[RUN_DIR_OR_CHECKPOINT]",
-                                            help="Default: the run under ./outputs whose latest checkpoint is newest."),
+    target: Optional[str] = typer.Argument(None, metavar="[RUN_DIR_OR_CHECKPOINT]",
+                                           help="Default: the run under ./outputs whose latest checkpoint is newest. "
+                                                "A run in object storage: s3://BUCKET/PREFIX/RUN (its latest "
+                                                "checkpoint, fetched into storage.cache_dir)."),
     output_dir: Path = typer.Option(Path("./outputs"), help="Where to look for runs when no target is given."),
     restretch_schedule: bool = typer.Option(False, "--restretch-schedule", help=RESTRETCH_HELP),
 ) -> None:
@@ -195,6 +218,10 @@ def resume(
     args = list(ctx.args)
     if target is not None and str(target).startswith("--"):  # `resume --training.num_epochs 80`: no target given
         args, target = [str(target), *args], None
+    if target is not None and _is_url(target):
+        _resume_remote(target, parse_overrides(args), restretch_schedule)
+        return
+    target = Path(target) if target is not None else None
     if target is not None and _never_checkpointed(target):
         if restretch_schedule:
             raise DitpipeError(f"'{target}' has no checkpoint, so it starts again, and a new run's schedule already "
@@ -204,6 +231,27 @@ def resume(
     ckpt = run.find_checkpoint(target, output_dir, _warn)
     err.print(f"resuming from {ckpt}", highlight=False, soft_wrap=True)
     stage.train(run.resume_config(ckpt, overrides=parse_overrides(args)), resume=ckpt, console=err,
+                restretch_schedule=restretch_schedule)
+
+
+def _is_url(target: str) -> bool:
+    from ditpipe.pipeline.remote import is_url
+
+    return is_url(target)
+
+
+def _resume_remote(url: str, overrides: dict, restretch_schedule: bool) -> None:
+    """`resume s3://…/run[/checkpoint-N]`: the checkpoint fetched into this node's staging folder (storage.* from
+    the command line, else the defaults), then resumed, publishing to the same run folder."""
+    from ditpipe.pipeline import objstore, run
+    from ditpipe.pipeline.config import load_config
+    from ditpipe.stages import train as stage
+
+    storage = load_config(None, {k: v for k, v in overrides.items() if k.startswith("storage.")}).storage
+    objstore.configure(storage)
+    ckpt, where = run.fetch_remote(url, storage.cache_dir)
+    err.print(f"resuming from {url} (fetched into {ckpt})", highlight=False, soft_wrap=True)
+    stage.train(run.resume_config(ckpt, overrides={**overrides, **where}), resume=ckpt, console=err,
                 restretch_schedule=restretch_schedule)
 
 
@@ -443,12 +491,16 @@ def bench(
                                                     "on the same shards, with random targets a token."),
     repa_projector_dim: int = typer.Option(2048, help="REPA's projector width (training.repa.projector_dim)."),
     repa_target_dim: int = typer.Option(768, help="The synthetic targets' width (DINOv2-B: 768)."),
+    shards: str = typer.Option("", help="loader: a URL shard folder (s3://bucket/prefix), read from a local copy, "
+                                        "cold (empty cache) and warm, same run; storage.* from the environment."),
 ) -> None:
     """Measure encode, loader, train and memory on this machine; print one JSON object (stdout, and --json).
 
     Example: ditpipe bench all --json bench.json
 
     REPA's cost: ditpipe bench train --repa --json repa.json
+
+    Shards in object storage: ditpipe bench loader --shards s3://bucket/shards --json s3.json
     """
     from ditpipe.stages.bench import BenchOptions, run as run_bench
 
@@ -461,7 +513,7 @@ def bench(
                         repeats=repeats, memory_small=memory_small, memory_large=memory_large,
                         memory_image_size=memory_image_size, memory_steps=memory_steps, peak_tflops=peak_tflops,
                         threads=threads, workdir=str(workdir) if workdir else "", repa=repa,
-                        repa_projector_dim=repa_projector_dim, repa_target_dim=repa_target_dim)
+                        repa_projector_dim=repa_projector_dim, repa_target_dim=repa_target_dim, shards=shards)
     run_bench(part.split(","), opts, json_out)
 
 

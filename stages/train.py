@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from ditpipe.pipeline import checkpoint, lock, shards
+from ditpipe.pipeline import checkpoint, lock, objstore, run_store, shards
 from ditpipe.pipeline.config import CPU_RECIPE, Config, override_args
 from ditpipe.pipeline.device import describe, peak_tflops
 from ditpipe.pipeline.errors import ConfigError, DitpipeError
@@ -58,6 +58,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
     resume) stretches the LR schedule over the run's current length (pipeline/schedule.py)."""
     console = console or Console(stderr=True)
     say = lambda line: console.print(line, highlight=False, soft_wrap=True)  # noqa: E731
+    objstore.configure(cfg.storage)  # the endpoint and retries of s3:// shards and run folders
     run = open_run(cfg, config_name, resume, restretch_schedule)  # pipeline/run.py: everything a refusal needs
     cfg, t, acc, plan, device, saved = run.cfg, run.cfg.training, run.acc, run.plan, run.device, run.saved
     start_step, end_step, run_dir, main = run.start_step, run.end_step, run.run_dir, acc.is_main_process
@@ -102,7 +103,7 @@ def train(cfg: Config, config_name: str | None = None, resume: Path | None = Non
             work.before(step)  # post-hoc EMA snapshots, checkpoints, validation, training FID, as due
             if _stop_requested(acc, stop, step, cfg.logging.steps):
                 work.save(checkpoint.step_name(step), step)
-                raise _Stopped(run_dir, step)
+                raise _Stopped(work.remote.url if work.remote else run_dir, step)
             if epoch_task is None or step_in_epoch == 0:
                 epoch_task = _epoch_task(bar, epoch, t.num_epochs, plan.steps_per_epoch, step_in_epoch)
 
@@ -171,6 +172,7 @@ class _Periodic:
         self.run, self.step, self.objective, self.recovery, self.log, self.console = (run, step, objective, recovery,
                                                                                       log, console)
         self.cache: dict = {}
+        self.remote = run_store.RemoteRun.of(run.cfg, run.run_dir)  # None: the run folder is a (shared) folder
         h, cfg = run.held_spec, run.cfg
         self.held = HeldOut(h.store, h.evaluate, run.norm, cfg.data.seed, run.acc.process_index,
                             run.acc.num_processes) if h else None
@@ -195,16 +197,25 @@ class _Periodic:
     def save(self, name: str, step: int, also: str | None = None) -> None:
         """Checkpoint `name` of `step`; `also`, a second name for the same state (an epoch's end on a step
         checkpoint), is linked to it rather than written again."""
-        run, s = self.run, self.step
+        run, s, main = self.run, self.step, self.run.acc.is_main_process
         state = checkpoint.state_record(run.cfg, step, run.plan, run.total_steps, int(s.stats.nonfinite_total),
                                         run.manifest, run.restretched, run.precision)
-        checkpoint.save(run.run_dir, name, checkpoint.writers(run.acc, run.cfg, run.manifest, s),
-                        {**state, **self.recovery.record()}, group=run.group,
+        writers = checkpoint.writers(run.acc, run.cfg, run.manifest, s)
+        if self.remote is not None:  # nodes stage apart: rank 0 writes every rank's files (pipeline/run_store.py)
+            writers = run_store.gathered_writers(run.group, writers, main)
+        checkpoint.save(run.run_dir, name, writers, {**state, **self.recovery.record()}, group=run.group,
                         needed_bytes=checkpoint.needed_bytes(s.raw, s), pause=run.hooks.checkpoint_pause_s)
         if also:
             checkpoint.link(run.run_dir, name, also, group=run.group)
-        if run.acc.is_main_process:
-            checkpoint.prune(run.run_dir, run.cfg.checkpointing.total_limit, run.cfg.checkpointing.keep_epochs)
+        pruned = checkpoint.prune(run.run_dir, run.cfg.checkpointing.total_limit,
+                                  run.cfg.checkpointing.keep_epochs) if main else []
+        if self.remote is not None:  # rank 0's, and its failure every rank's
+            run.group.on_rank0(lambda: self.publish(name, also, [p.name for p in pruned]))
+
+    def publish(self, name: str, also: str | None, pruned: list[str]) -> None:
+        """A run in object storage: the checkpoint's objects, then `latest`, then retention's deletes."""
+        self.remote.publish(name, also)
+        self.remote.remove(pruned)
 
     def snapshots(self, at: int) -> None:
         """Rank 0 writes the post-hoc EMA snapshots of step `at`, before that step's checkpoint (so a checkpoint
@@ -212,7 +223,9 @@ class _Periodic:
         rank with the same message, where the others would wait for rank 0 in the next step's all-reduce (under a
         launcher that does not kill the rest, until the collective times out)."""
         if self.step.phema is not None:
-            self.run.group.on_rank0(lambda: write_snapshots(self.run.run_dir / SNAPSHOT_DIR, at, self.step.phema))
+            whole = self.step.phema.gathered()  # every rank: fsdp's sharded shadows gathered (None under ddp)
+            self.run.group.on_rank0(lambda: write_snapshots(self.run.run_dir / SNAPSHOT_DIR, at, self.step.phema,
+                                                            whole))
 
     def validate(self, step: int, grid: bool = True) -> None:
         run, s, cfg, main = self.run, self.step, self.run.cfg, self.run.acc.is_main_process

@@ -133,7 +133,7 @@ def test_keys_that_cannot_change_the_weights_may_change_on_resume(shards, tmp_pa
     assert code == 2 and "training.seed: was 0 in the run, now 3" in err and "shards.flip" in err
     flat = " ".join(err.split())
     assert ("only training.num_epochs, training.max_steps, training.max_nonfinite_steps, training.recover*, training.threads, "
-            "training.batch_size, training.gradient_accumulation_steps, data.num_workers, data.download*, "
+            "training.batch_size, training.gradient_accumulation_steps, data.num_workers, data.download*, storage.*, "
             "vae.batch_size, text.batch_size, targets.batch_size, logging.*, checkpointing.* and validation.* may "
             "change on resume") in flat
 
