@@ -3,9 +3,10 @@
 training from shards in a real S3 server (moto, tests/s3server.py) through the real CLI, on CPU with gloo.
 
 - every sample exactly once per epoch across the nodes (DITPIPE_RECORD_SAMPLES);
-- checkpoints straight to s3://: a reader polling the bucket never sees `latest` name a partial checkpoint,
+- (slow) checkpoints straight to s3://: a reader polling the bucket never sees `latest` name a partial checkpoint,
   retention deletes the pruned checkpoints' objects, `ditpipe resume s3://…/run` on two fresh nodes (empty caches:
   both download) ends bitwise equal to the uninterrupted run, and the dummy credentials reach no log or object;
+- the bucket side alone (pipeline/run_store.py): a fetched checkpoint is validated, retention deletes only ours;
 - (slow) SIGKILL of rank 0's worker: both agents restart the workers (`--max-restarts 1`), which rerun the same
   `train --resume auto` and end bitwise equal to the uninterrupted run, the restarted rank 0 taking the run's lock;
 - (slow) shrink: both nodes killed after a checkpoint, the same command on one node continues with the global batch
@@ -38,6 +39,8 @@ from ditpipe.pipeline.order import Plan
 
 from conftest import pixel_shards
 from s3server import ACCESS_KEY, SECRET_KEY
+from test_distributed import cli_args
+from test_distributed import env as one_machine_env
 from tiny import TINY_MODEL
 
 BIN = Path(sys.executable).parent
@@ -61,18 +64,8 @@ AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def env(server, **extra) -> dict:
-    e = {**os.environ, **server.env, **AGENT_ENV, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-         "MKL_NUM_THREADS": "1", "COLUMNS": "250"}
-    for key in (PAUSE_ENV, RECORD_ENV):
-        e.pop(key, None)
-    e.update({k: str(v) for k, v in extra.items()})
-    return e
-
-
-def cli_args(over: dict) -> list[str]:
-    text = {True: "true", False: "false", None: "null"}
-    return [a for k, v in over.items() for a in (f"--{k}", text.get(v, v) if isinstance(v, (bool, type(None)))
-                                                 else str(v))]
+    """test_distributed's launch environment, with the S3 server's endpoint and credentials and AGENT_ENV."""
+    return one_machine_env(**server.env, **AGENT_ENV, **extra)
 
 
 class Node:
@@ -294,6 +287,7 @@ class LatestWatcher(threading.Thread):
             time.sleep(0.02)
 
 
+@pytest.mark.slow  # two 2-node launches (~20 s); the bucket side alone is the default run's (below)
 def test_checkpoints_straight_to_s3_publish_latest_last_and_resume_bitwise(s3_server, s3_shards, bucket, reference,
                                                                           tmp_path):
     ref, _, _ = reference

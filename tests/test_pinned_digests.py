@@ -16,7 +16,7 @@ from conftest import reset_accelerate
 PINNED = {
     "checkpoints": {
         "checkpoint-2": {
-            "config.yaml": "44352af44ce59587",  # issue 28: + targets.*, training.repa.*
+            "config.yaml": "cff48dcd3b157e66",  # issue 29: + storage.*, training.parallel, training.fsdp_cpu_offload
             "ema.pt": "5398cd4f8f021fab",
             "manifest.json": "ab54e55eab56de72",
             "model.pt": "2f164859691acb6d",
@@ -24,7 +24,7 @@ PINNED = {
             "rng-rank0.pt": "d5045881d8ab23d8"
         },
         "checkpoint-4": {
-            "config.yaml": "44352af44ce59587",  # issue 28: + targets.*, training.repa.*
+            "config.yaml": "cff48dcd3b157e66",  # issue 29: + storage.*, training.parallel, training.fsdp_cpu_offload
             "ema.pt": "3d5425c66211534a",
             "manifest.json": "ab54e55eab56de72",
             "model.pt": "aaddff1178963d14",
@@ -32,7 +32,7 @@ PINNED = {
             "rng-rank0.pt": "d5045881d8ab23d8"
         },
         "checkpoint-5": {
-            "config.yaml": "44352af44ce59587",  # issue 28: + targets.*, training.repa.*
+            "config.yaml": "cff48dcd3b157e66",  # issue 29: + storage.*, training.parallel, training.fsdp_cpu_offload
             "ema.pt": "93a79e2385dd61ee",
             "manifest.json": "ab54e55eab56de72",
             "model.pt": "f3dbc445fa0c8781",
@@ -40,7 +40,7 @@ PINNED = {
             "rng-rank0.pt": "d5045881d8ab23d8"
         },
         "checkpoint-epoch-1": {
-            "config.yaml": "44352af44ce59587",  # issue 28: + targets.*, training.repa.*
+            "config.yaml": "cff48dcd3b157e66",  # issue 29: + storage.*, training.parallel, training.fsdp_cpu_offload
             "ema.pt": "3ad39e8777d3e329",
             "manifest.json": "ab54e55eab56de72",
             "model.pt": "0e0b9fb2711a0205",
