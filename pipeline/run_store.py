@@ -5,6 +5,7 @@ checkpoints, fetched back on resume.
         config.yaml  metrics.jsonl       published at every checkpoint (best effort)
         checkpoint-8/<files>             every file its training_state.json lists, then training_state.json
         latest                           the name of the newest complete checkpoint: always written last
+        phema/<snapshot>.safetensors     post-hoc EMA snapshots, each uploaded whole once (never deleted)
     <storage.cache_dir>/runs/<digest>/<run>/   the node-local staging folder (digest: of the output_dir URL)
 
 Training writes, checks and retains checkpoints in the staging folder exactly as in a local run folder
@@ -26,6 +27,7 @@ the node wait for it and use the same copy.
     RemoteRun.from_url(url, cache_dir)         (the run, the checkpoint name the URL names or None) of a URL
     run.latest()                               the name `latest` holds in the bucket, or None
     run.publish(name, also, logs)              upload a checkpoint (and its second name `also`), then `latest`
+    run.publish_snapshots()                    upload the post-hoc EMA snapshots the bucket lacks
     run.remove(names)                          delete pruned checkpoints' objects (ours only)
     run.fetch(name)                            the checkpoint, downloaded and validated into the staging folder
     run.set_aside_unpublished()                a staging folder whose checkpoints never reached the bucket, moved
@@ -49,6 +51,7 @@ from typing import Callable
 
 from ditpipe.pipeline import atomic, checkpoint, objstore
 from ditpipe.pipeline.errors import ConfigError, DitpipeError, ShardError
+from ditpipe.pipeline.phema import SNAPSHOT_DIR
 from ditpipe.pipeline.ranks import Group
 from ditpipe.pipeline.remote import is_url, url_join
 
@@ -239,14 +242,34 @@ class RemoteRun:
 
     def publish(self, name: str, also: str | None = None, logs: bool = True) -> None:
         """Upload checkpoint `name` from the staging folder (and `also`, its second name), then `latest` last; then
+        the post-hoc EMA snapshots the bucket lacks (written before this checkpoint: a node lost later loses none),
         config.yaml and metrics.jsonl (`logs`; best effort: a failure there loses no checkpoint)."""
         for folder in [name] + ([also] if also else []):
             self._upload_checkpoint(folder)
         latest = self.local / checkpoint.LATEST
         if latest.is_file():
             self._put(latest.read_bytes(), checkpoint.LATEST)
+        self.publish_snapshots()
         if logs:
             self.publish_logs()
+
+    def publish_snapshots(self) -> list[str]:
+        """Upload the staged post-hoc EMA snapshots (phema/, training.posthoc_ema) that the bucket does not hold at
+        their size, each whole; temporaries are skipped. Snapshots are never pruned, so none is ever deleted here.
+        Returns the names uploaded. `ditpipe ema` reads a local run folder: copy phema/ and a checkpoint down."""
+        folder = self.local / SNAPSHOT_DIR
+        if folder.is_symlink() or not folder.is_dir():
+            return []
+        staged = {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))
+                  if p.is_file() and not p.is_symlink() and not p.name.startswith(".")
+                  and not p.name.endswith(atomic.TMP_SUFFIX)}
+        if not staged:
+            return []
+        held = objstore.listing(self._url(SNAPSHOT_DIR))
+        sent = [n for n, size in staged.items() if held.get(n) != size]
+        for n in sent:
+            self._put(folder / n, SNAPSHOT_DIR, n)
+        return sent
 
     def publish_logs(self) -> None:
         for extra in (checkpoint.CONFIG, METRICS):

@@ -463,7 +463,16 @@ def test_the_bucket_side_refuses_damage_and_deletes_only_its_own_objects(s3, ref
     staged = tmp_path / "node0" / "r"
     shutil.copytree(ref / "checkpoint-4", staged / "checkpoint-4")
     (staged / "latest").write_text("checkpoint-4\n")
+    snaps = staged / "phema"
+    snaps.mkdir()
+    (snaps / "step-0000004-sigma-0.05.safetensors").write_bytes(b"a snapshot's bytes")
+    (snaps / ".step-0000008-sigma-0.05.safetensors.123.tmp").write_bytes(b"half written")
     RemoteRun(url, staged).publish("checkpoint-4")
+    # post-hoc EMA snapshots go up with the checkpoint, whole and once; temporaries never
+    assert objstore.listing(f"{url}/phema") == {"step-0000004-sigma-0.05.safetensors": 18}
+    (snaps / "step-0000008-sigma-0.05.safetensors").write_bytes(b"the next one")
+    assert RemoteRun(url, staged).publish_snapshots() == ["step-0000008-sigma-0.05.safetensors"]
+    assert RemoteRun(url, staged).publish_snapshots() == []
     fs, root = objstore.filesystem(url)
     fs.pipe_file(f"{root}/checkpoint-4/notes.txt", b"the user's")  # not listed by our state
     fs.pipe_file(f"{root}/checkpoint-2/training_state.json", json.dumps({"written_by": "someone", "files": {
