@@ -144,9 +144,27 @@ def _no_strays():
 def two_nodes(args: list[str], root: Path, server, caches=("node0", "node1"), **options) -> list[Node]:
     """Two nodes of one job on a fresh rendezvous endpoint, each with its own storage.cache_dir under `root`;
     `options`: Node's."""
-    endpoint, run_id = f"127.0.0.1:{_free_port()}", uuid.uuid4().hex[:8]
-    return [Node([*args, "--storage.cache_dir", root / cache], root / "logs", endpoint, run_id, server, **options)
-            for cache in caches]
+    port, run_id = _free_port(), uuid.uuid4().hex[:8]
+    endpoint = f"127.0.0.1:{port}"
+    nodes = []
+    for cache in caches:
+        nodes.append(Node([*args, "--storage.cache_dir", root / cache], root / "logs", endpoint, run_id, server,
+                          **options))
+        if len(nodes) == 1:  # node 0's agent hosts the rendezvous store (the first to bind the endpoint does): a
+            _listening(port, nodes[0])  # test that loses node 1 must not lose the store with it
+    return nodes
+
+
+def _listening(port: int, node: Node, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if node.p.poll() is not None:
+            pytest.fail(f"node 0 exited before its rendezvous store listened:\n{node.output()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    pytest.fail(f"node 0's rendezvous store never listened on 127.0.0.1:{port}")
 
 
 def wait_for(nodes: list[Node], what: str, predicate, timeout: float = 120) -> None:
